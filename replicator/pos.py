@@ -1,0 +1,129 @@
+"""Positions and object keys.
+
+A replica is a tree of *generations*. A generation is one unbroken lineage of the database: it
+starts with a snapshot at txid 0 and continues with WAL segments, each holding whole committed
+transactions ``start_txid..end_txid``. Periodic snapshots inside a generation are taken at the txid
+of the last transaction they contain. Every key is built and parsed here and nowhere else::
+
+    generations/<gen>/snapshots/<txid:016x>-<ts_ms:012x>.snap
+    generations/<gen>/wal/<start:016x>-<end:016x>-<first_ms:012x>-<last_ms:012x>.seg
+
+``ts_ms`` values are the wall-clock times (ms since the Unix epoch) at which the replicator observed
+the transactions; the object header carries the same times in nanoseconds, per transaction.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+GENERATIONS_DIR = "generations"
+_GEN_RE = re.compile(r"^[0-9a-f]{16}$")
+_SNAP_RE = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{12})\.snap$")
+_SEG_RE = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{12})-([0-9a-f]{12})\.seg$")
+
+Kind = Literal["snapshot", "wal"]
+
+
+def new_generation_id(now_ns: int | None = None) -> str:
+    """A new generation id: 12 hex digits of milliseconds since the epoch, 4 random hex digits.
+
+    Ids sort in creation order, so the newest generation is the greatest.
+    """
+    ms = (now_ns if now_ns is not None else time.time_ns()) // 1_000_000
+    return f"{ms & 0xFFFFFFFFFFFF:012x}{int.from_bytes(os.urandom(2), 'big'):04x}"
+
+
+def is_generation_id(name: str) -> bool:
+    """Whether ``name`` has the form of a generation id."""
+    return bool(_GEN_RE.match(name))
+
+
+def generation_time_ms(gen: str) -> int:
+    """The creation time (ms since the epoch) encoded in a generation id."""
+    return int(gen[:12], 16)
+
+
+@dataclass(frozen=True, order=True)
+class ObjectInfo:
+    """One snapshot or WAL segment, as named by its key.
+
+    For a snapshot ``start_txid == end_txid`` is the txid of the last transaction it contains and
+    ``first_ms == last_ms`` its observation time.
+    """
+
+    generation: str
+    end_txid: int
+    kind_order: int  # 0 = wal, 1 = snapshot: at equal end_txid a segment sorts before a snapshot
+    start_txid: int
+    first_ms: int
+    last_ms: int
+    size: int = 0
+
+    @property
+    def kind(self) -> Kind:
+        """``"snapshot"`` or ``"wal"``."""
+        return "snapshot" if self.kind_order == 1 else "wal"
+
+    @property
+    def key(self) -> str:
+        """The object's key relative to the replica root."""
+        if self.kind == "snapshot":
+            return snapshot_key(self.generation, self.end_txid, self.last_ms)
+        return segment_key(
+            self.generation, self.start_txid, self.end_txid, self.first_ms, self.last_ms
+        )
+
+    @property
+    def name(self) -> str:
+        """The last path component of the key."""
+        return self.key.rsplit("/", 1)[1]
+
+
+def snapshot_info(gen: str, txid: int, ts_ms: int, size: int = 0) -> ObjectInfo:
+    """The ObjectInfo of a snapshot."""
+    return ObjectInfo(gen, txid, 1, txid, ts_ms, ts_ms, size)
+
+
+def segment_info(
+    gen: str, start: int, end: int, first_ms: int, last_ms: int, size: int = 0
+) -> ObjectInfo:
+    """The ObjectInfo of a WAL segment."""
+    return ObjectInfo(gen, end, 0, start, first_ms, last_ms, size)
+
+
+def generation_prefix(gen: str) -> str:
+    """The key prefix of a generation."""
+    return f"{GENERATIONS_DIR}/{gen}/"
+
+
+def snapshot_key(gen: str, txid: int, ts_ms: int) -> str:
+    """The key of a snapshot."""
+    return f"{GENERATIONS_DIR}/{gen}/snapshots/{txid:016x}-{ts_ms:012x}.snap"
+
+
+def segment_key(gen: str, start: int, end: int, first_ms: int, last_ms: int) -> str:
+    """The key of a WAL segment."""
+    return f"{GENERATIONS_DIR}/{gen}/wal/{start:016x}-{end:016x}-{first_ms:012x}-{last_ms:012x}.seg"
+
+
+def parse_key(key: str, size: int = 0) -> ObjectInfo | None:
+    """Parse a key (relative to the replica root); None for a key that is not an object."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[0] != GENERATIONS_DIR or not is_generation_id(parts[1]):
+        return None
+    gen, folder, name = parts[1], parts[2], parts[3]
+    if folder == "snapshots":
+        m = _SNAP_RE.match(name)
+        if m:
+            return snapshot_info(gen, int(m[1], 16), int(m[2], 16), size)
+    elif folder == "wal":
+        m = _SEG_RE.match(name)
+        if m:
+            return segment_info(
+                gen, int(m[1], 16), int(m[2], 16), int(m[3], 16), int(m[4], 16), size
+            )
+    return None

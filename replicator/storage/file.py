@@ -1,0 +1,176 @@
+"""A local directory backend.
+
+Layout under the root directory is exactly the key space of :mod:`replicator.pos`. Writes go to a
+temp file in the target directory, are fsynced, renamed into place, and the directory is fsynced.
+Blocking file work runs in threads (``aiofiles`` and ``asyncio.to_thread``), never on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import shutil
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+
+import aiofiles
+import aiofiles.os
+
+from ..errors import NotFoundError, StorageError
+from ..fsutil import TMP_SUFFIX, fsync_dir, makedirs_durable, temp_path
+from ..pos import GENERATIONS_DIR, ObjectInfo, is_generation_id, parse_key
+from .base import DEFAULT_CHUNK_SIZE
+
+
+def _describe(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.EROFS:
+        return "read-only file system"
+    return exc.strerror or str(exc)
+
+
+class FileStorage:
+    """Objects as files below a root directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.url = f"file://{self.root}"
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *key.split("/"))
+
+    def _error(self, what: str, exc: OSError) -> StorageError:
+        return StorageError(f"{self.url}: {what}: {_describe(exc)}")
+
+    async def init(self) -> None:
+        """Create the root directory if needed and check it is writable."""
+
+        def check() -> None:
+            makedirs_durable(self.root)
+            probe = temp_path(os.path.join(self.root, ".probe"))
+            with open(probe, "xb") as f:
+                f.write(b"ok")
+                f.flush()
+                os.fsync(f.fileno())
+            os.unlink(probe)
+
+        try:
+            await asyncio.to_thread(check)
+        except OSError as exc:
+            raise self._error("cannot write replica directory", exc) from None
+
+    async def generations(self) -> list[str]:
+        """Generation ids present, oldest first."""
+        try:
+            names = await aiofiles.os.listdir(os.path.join(self.root, GENERATIONS_DIR))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise self._error("cannot list generations", exc) from None
+        return sorted(n for n in names if is_generation_id(n))
+
+    async def objects(self, generation: str) -> list[ObjectInfo]:
+        """Objects of a generation, sorted; temp files are ignored."""
+
+        def scan() -> list[ObjectInfo]:
+            out: list[ObjectInfo] = []
+            for folder in ("snapshots", "wal"):
+                d = os.path.join(self.root, GENERATIONS_DIR, generation, folder)
+                try:
+                    entries = list(os.scandir(d))
+                except FileNotFoundError:
+                    continue
+                for e in entries:
+                    if e.name.endswith(TMP_SUFFIX):
+                        continue
+                    key = f"{GENERATIONS_DIR}/{generation}/{folder}/{e.name}"
+                    try:
+                        size = e.stat().st_size
+                    except FileNotFoundError:
+                        continue
+                    info = parse_key(key, size)
+                    if info is not None:
+                        out.append(info)
+            return sorted(out)
+
+        try:
+            return await asyncio.to_thread(scan)
+        except OSError as exc:
+            raise self._error(f"cannot list generation {generation}", exc) from None
+
+    async def write_object(self, info: ObjectInfo, data: AsyncIterable[bytes]) -> int:
+        """Write to a temp file, fsync, rename, fsync the directory."""
+        path = self._path(info.key)
+        tmp = temp_path(path)
+        total = 0
+        try:
+            await asyncio.to_thread(makedirs_durable, os.path.dirname(path))
+            async with aiofiles.open(tmp, "xb") as f:
+                async for chunk in data:
+                    await f.write(chunk)
+                    total += len(chunk)
+                await f.flush()
+                await asyncio.to_thread(os.fsync, f.fileno())
+            await aiofiles.os.replace(tmp, path)
+            await asyncio.to_thread(fsync_dir, os.path.dirname(path))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise self._error(f"cannot write {info.key}", exc) from None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return total
+
+    async def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
+        """Stream a file in chunks."""
+        try:
+            f = await aiofiles.open(self._path(info.key), "rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"{self.url}: {info.key}: object not found") from None
+        except OSError as exc:
+            raise self._error(f"cannot read {info.key}", exc) from None
+        try:
+            while True:
+                chunk = await f.read(DEFAULT_CHUNK_SIZE)
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            await f.close()
+
+    async def delete_objects(self, infos: Sequence[ObjectInfo]) -> None:
+        """Unlink files; absent ones are ignored."""
+
+        def rm() -> None:
+            dirs = set()
+            for info in infos:
+                path = self._path(info.key)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    dirs.add(os.path.dirname(path))
+            for d in dirs:
+                fsync_dir(d)
+
+        try:
+            await asyncio.to_thread(rm)
+        except OSError as exc:
+            raise self._error("cannot delete objects", exc) from None
+
+    async def delete_generation(self, generation: str) -> None:
+        """Remove a generation's directory tree."""
+        path = os.path.join(self.root, GENERATIONS_DIR, generation)
+        try:
+            await asyncio.to_thread(shutil.rmtree, path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise self._error(f"cannot delete generation {generation}", exc) from None
+
+    async def aclose(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,1 @@
+"""Shared fixtures. Server fixtures live in their own modules and are re-exported here."""
