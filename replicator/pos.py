@@ -127,3 +127,38 @@ def parse_key(key: str, size: int = 0) -> ObjectInfo | None:
                 gen, int(m[1], 16), int(m[2], 16), int(m[3], 16), int(m[4], 16), size
             )
     return None
+
+
+@dataclass(frozen=True)
+class WalPos:
+    """A point in the WAL's lineage: after frame ``frame`` of the epoch with salts
+    ``(salt1, salt2)``, with running checksum ``checksum`` (frame 0: the header checksum)."""
+
+    salt1: int
+    salt2: int
+    frame: int
+    checksum: tuple[int, int]
+
+    @property
+    def salts(self) -> tuple[int, int]:
+        """The epoch's salts."""
+        return (self.salt1, self.salt2)
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON form used in object headers."""
+        return {
+            "salt1": self.salt1,
+            "salt2": self.salt2,
+            "frame": self.frame,
+            "checksum": [self.checksum[0], self.checksum[1]],
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> WalPos | None:
+        """Parse the JSON form (None stays None); raises ValueError on a malformed value."""
+        if obj is None:
+            return None
+        if not isinstance(obj, dict):
+            raise ValueError("position is not an object")
+        ck = obj["checksum"]
+        return cls(int(obj["salt1"]), int(obj["salt2"]), int(obj["frame"]), (int(ck[0]), int(ck[1])))

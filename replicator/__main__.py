@@ -1,0 +1,7 @@
+"""``python -m replicator``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

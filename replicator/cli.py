@@ -1,0 +1,302 @@
+"""replicator: continuous backup and point-in-time recovery for SQLite.
+
+Commands:
+  replicate     stream a database's WAL to one or more destinations until stopped
+  restore       rebuild a database from a destination, to the latest point, a time or a txid
+  generations   list the restorable timeline of a destination
+  snapshots     list the snapshots of a destination
+  version       print the version
+
+A DESTINATION is a directory path, file:///abs/path or s3://bucket/prefix?endpoint=...&region=...
+Times are RFC 3339 / ISO 8601 (2026-11-27T10:30:00Z, 2026-11-27T19:30:00+09:00); a time without
+an offset is taken as UTC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import __version__
+from .config import (
+    Config,
+    DbConfig,
+    load_config,
+    parse_duration,
+    replica_from_url,
+    validate_addr,
+)
+from .errors import ConfigError, ReplicatorError, RestoreError
+from .restore import apply_plan, fmt_ns, parse_time, plan_restore, summarize
+from .storage import open_storage
+from .storage.base import StorageClient
+
+log = logging.getLogger("replicator")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"replicator: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (its help is the user documentation of every flag)."""
+    p = _Parser(prog="replicator", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--log-level", default=os.environ.get("REPLICATOR_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("replicate", help="replicate databases until stopped",
+                       description="Replicate DB to each DESTINATION, or every database of a "
+                       "config file. Stops cleanly on SIGTERM/SIGINT after a final sync.")
+    r.add_argument("db", nargs="?", help="database file")
+    r.add_argument("destinations", nargs="*", metavar="DESTINATION")
+    r.add_argument("-c", "--config", help="YAML config file")
+    r.add_argument("--metrics-addr", help="serve /metrics, /healthz, /readyz on HOST:PORT")
+    r.add_argument("--snapshot-interval", help="snapshot interval, e.g. 1h (default 6h)")
+    r.add_argument("--checkpoint-pages", type=int,
+                   help="WAL frames before the replicator runs a PASSIVE checkpoint (default 1000)")
+    r.add_argument("--monitor-interval", help="timer backstop for missed file events (default 1s)")
+    r.add_argument("--spool-dir", help="local spool directory (default .<db>-replicator beside it)")
+
+    s = sub.add_parser("restore", help="restore a database",
+                       description="Restore from DESTINATION, or (with --config) the database "
+                       "DB from its configured replicas.")
+    s.add_argument("target", metavar="DESTINATION|DB")
+    s.add_argument("-o", "--output", help="output file (required unless --dry-run)")
+    s.add_argument("-c", "--config", help="YAML config file; then the argument names a database")
+    s.add_argument("--replica", help="with --config: restore from this replica (default: the one "
+                   "with the newest restorable point)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--to-time", help="restore the state as of this time")
+    g.add_argument("--txid", type=int, help="restore up to and including this transaction")
+    s.add_argument("--generation", help="restore from this generation (default: the latest)")
+    s.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    s.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    s.add_argument("--if-db-not-exists", action="store_true",
+                   help="do nothing (exit 0) if the output already exists")
+    s.add_argument("--if-replica-exists", action="store_true",
+                   help="do nothing (exit 0) if there is no replica to restore from")
+    s.add_argument("--no-integrity-check", action="store_true",
+                   help="skip PRAGMA integrity_check on the result")
+
+    for name, helptext in (("generations", "list generations and their restorable ranges"),
+                           ("snapshots", "list snapshots")):
+        c = sub.add_parser(name, help=helptext, description=helptext)
+        c.add_argument("target", metavar="DESTINATION|DB")
+        c.add_argument("-c", "--config", help="YAML config file; then the argument names a db")
+        c.add_argument("--replica", help="with --config: this replica only")
+        c.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _replicate_config(args: argparse.Namespace) -> Config:
+    if args.config:
+        if args.db or args.destinations:
+            raise ConfigError("give either --config or DB DESTINATION..., not both")
+        cfg = load_config(args.config)
+    else:
+        if not args.db:
+            raise ConfigError("missing DB (or --config FILE)")
+        if not args.destinations:
+            raise ConfigError("missing DESTINATION: give at least one replica destination")
+        replicas = [replica_from_url(d, f"replica{i + 1}", f"DESTINATION {d!r}")
+                    for i, d in enumerate(args.destinations)]
+        cfg = Config(dbs=[DbConfig(path=args.db, replicas=replicas)])
+    for db in cfg.dbs:
+        if args.snapshot_interval is not None:
+            db.snapshot_interval = parse_duration(args.snapshot_interval, "--snapshot-interval")
+        if args.checkpoint_pages is not None:
+            if args.checkpoint_pages < 16:
+                raise ConfigError("--checkpoint-pages: expected an integer >= 16")
+            db.checkpoint_pages = args.checkpoint_pages
+        if args.monitor_interval is not None:
+            db.monitor_interval = parse_duration(args.monitor_interval, "--monitor-interval")
+            if db.monitor_interval <= 0:
+                raise ConfigError("--monitor-interval: must be positive")
+        if args.spool_dir is not None:
+            if len(cfg.dbs) > 1:
+                raise ConfigError("--spool-dir: set spool-dir per database in the config file")
+            db.spool_dir = os.path.abspath(args.spool_dir)
+    if args.metrics_addr is not None:
+        cfg.metrics_addr = validate_addr(args.metrics_addr, "--metrics-addr")
+    return cfg
+
+
+async def _replicate(cfg: Config) -> int:
+    from .replicator import Replicator
+
+    rep = Replicator(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await rep.open()
+    server = None
+    if cfg.metrics_addr:
+        from .server import start_server
+
+        server = await start_server(cfg.metrics_addr, rep)
+    for s in rep.services:
+        log.info("replicating %s to %s", s.cfg.path, ", ".join(r.url for r in s.replicas))
+    try:
+        await rep.run(stop)
+    finally:
+        if server is not None:
+            server.close()
+    log.info("stopped")
+    return 0
+
+
+@dataclass
+class _Source:
+    name: str
+    client: StorageClient
+
+
+def _sources(args: argparse.Namespace) -> list[_Source]:
+    if not args.config:
+        if getattr(args, "replica", None):
+            raise ConfigError("--replica needs --config")
+        return [_Source(args.target, open_storage(args.target))]
+    cfg = load_config(args.config)
+    target = os.path.abspath(args.target)
+    dbs = [d for d in cfg.dbs if d.path == target or d.name == args.target]
+    if not dbs:
+        known = ", ".join(d.name for d in cfg.dbs)
+        raise ConfigError(f"database {args.target!r} is not in {args.config} (it has: {known})")
+    reps = dbs[0].replicas
+    if args.replica:
+        reps = [r for r in reps if r.name == args.replica]
+        if not reps:
+            names = ", ".join(r.name for r in dbs[0].replicas)
+            raise ConfigError(f"--replica: no replica named {args.replica!r} (have: {names})")
+    return [_Source(r.name, open_storage(r.url)) for r in reps]
+
+
+async def _restore(args: argparse.Namespace) -> int:
+    if not args.dry_run and not args.output:
+        raise ConfigError("restore needs -o OUTPUT (or --dry-run)")
+    to_time = parse_time(args.to_time) if args.to_time else None
+    if args.txid is not None and args.txid < 0:
+        raise ConfigError("--txid: expected a non-negative integer")
+    if args.output and os.path.exists(args.output):
+        if args.if_db_not_exists:
+            print(f"output {args.output} exists; nothing restored")
+            return 0
+        if not args.force and not args.dry_run:
+            raise RestoreError(f"output {args.output} already exists; pass --force to overwrite")
+    sources = _sources(args)
+    try:
+        plans = []
+        errors = []
+        for src in sources:
+            try:
+                gens = await summarize(src.client)
+                if not any(g.snapshots for g in gens):
+                    errors.append(RestoreError(f"no restorable generation on {src.client.url}"))
+                    continue
+                plans.append((src, await plan_restore(
+                    src.client, to_time_ns=to_time, txid=args.txid, generation=args.generation)))
+            except ReplicatorError as exc:
+                errors.append(exc)
+        if not plans:
+            if args.if_replica_exists and all(
+                "no restorable generation" in str(e) for e in errors
+            ):
+                print("no replica found; nothing restored")
+                return 0
+            raise errors[0]
+        src, plan = max(plans, key=lambda sp: (sp[1].ts_ns, sp[1].txid))
+        if args.dry_run:
+            print(plan.describe())
+            return 0
+        result = await apply_plan(src.client, plan, args.output, force=args.force,
+                                  check=not args.no_integrity_check)
+        print(
+            f"restored {result.output} from {src.client.url}: generation {plan.generation}, "
+            f"txid {plan.txid} ({fmt_ns(plan.ts_ns)}), {result.pages} pages, "
+            f"integrity_check {result.integrity}"
+        )
+        for note in plan.notes:
+            print(f"note: {note}")
+        return 0
+    finally:
+        for src in sources:
+            await src.client.aclose()
+
+
+async def _list(args: argparse.Namespace) -> int:
+    sources = _sources(args)
+    out = []
+    try:
+        for src in sources:
+            for g in await summarize(src.client):
+                if args.command == "generations":
+                    out.append({
+                        "replica": src.name, "generation": g.generation,
+                        "start": fmt_ns(g.start_ms * 1_000_000) if g.snapshots else None,
+                        "end": fmt_ns(g.end_ms * 1_000_000) if g.snapshots else None,
+                        "end_txid": g.end_txid, "snapshots": len(g.snapshots),
+                        "segments": len(g.segments), "size": g.size,
+                        "restorable": bool(g.snapshots),
+                    })
+                else:
+                    for s in g.snapshots:
+                        out.append({
+                            "replica": src.name, "generation": g.generation, "txid": s.end_txid,
+                            "time": fmt_ns(s.last_ms * 1_000_000), "size": s.size, "key": s.key,
+                        })
+    finally:
+        for src in sources:
+            await src.client.aclose()
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    if not out:
+        print("no generations" if args.command == "generations" else "no snapshots")
+        return 0
+    cols = list(out[0])
+    widths = {c: max(len(c), *(len(str(row[c])) for row in out)) for c in cols}
+    print("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip())
+    for row in out:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in cols).rstrip())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit code."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        if args.command == "version":
+            print(f"replicator {__version__}")
+            return 0
+        if args.command == "replicate":
+            return asyncio.run(_replicate(_replicate_config(args)))
+        if args.command == "restore":
+            return asyncio.run(_restore(args))
+        return asyncio.run(_list(args))
+    except ReplicatorError as exc:
+        print(f"replicator: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,644 @@
+"""The watched database: read pins, checkpoints and change capture.
+
+How frames are kept safe without ever blocking the application
+---------------------------------------------------------------
+SQLite overwrites WAL frames only when a writer *resets* the WAL, and it resets only when every
+frame has been backfilled into the database file and no reader holds a read mark >= 1. The
+replicator keeps one read transaction (a *pin*) open at all times on one of its two connections:
+
+* a pin taken while the WAL holds unbackfilled frames has a read mark >= 1: no reset can happen;
+* a pin taken while the WAL is fully backfilled uses read mark 0, which blocks all backfill: the
+  WAL can then reset at most once, and only at the frame it had when the pin was taken.
+
+So while pinned, every committed frame stays readable until captured. To keep the WAL small the
+replicator *rotates*: when caught up and the epoch holds ``checkpoint_pages`` frames it releases
+the pin, runs a PASSIVE checkpoint (never waits, never blocks a writer) and pins again on the other
+connection. In that short window the application may reset the WAL. A reset is accepted as
+continuous only when it is *proven* that no committed frame was lost:
+
+* the wal-index (``-shm``) showed, when the pin was taken, that the epoch could only end at frame X
+  and everything up to X was captured; or
+* the slot after the last captured frame still holds the same pre-reset bytes before and after the
+  old epoch's tail was read (the new epoch writes from slot 1 upwards, so it never reached the
+  tail), and the new epoch's salt-1 is exactly one more than the old one.
+
+Anything else (the replicator was down, the file was replaced, two resets, the tail overwritten)
+starts a new generation with a snapshot. Nothing here takes a write lock or runs a checkpoint mode
+that waits; SQLite work runs on the database's own worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import DatabaseError, WalError
+from .pos import ObjectInfo, WalPos, new_generation_id, segment_info, snapshot_info
+from .spool import Spool
+from .wal import (
+    FRAME_HEADER_SIZE,
+    WAL_MAGIC_BE,
+    WAL_MAGIC_LE,
+    WAL_VERSION,
+    ScanResult,
+    WalHeader,
+    frame_offset,
+    frame_size,
+    read_wal_header,
+    scan_frames,
+    verify_frames,
+)
+
+log = logging.getLogger("replicator.db")
+
+DEFAULT_CHECKPOINT_PAGES = 1000
+DEFAULT_BUSY_TIMEOUT = 1.0
+SEGMENT_MAX_FRAMES = 16384
+SNAPSHOT_CHUNK_PAGES = 256
+COPY_CHUNK_FRAMES = 256
+_MASK32 = 0xFFFFFFFF
+_SHM_READ = 136
+_NO_RESET = -1
+
+# Reasons a generation starts: metric label -> log text.
+REASONS = {
+    "no_position": "no previous position",
+    "resume_failed": "WAL changed while the replicator was stopped",
+    "wal_reset": "WAL reset by a checkpoint the replicator could not prove continuous",
+    "db_replaced": "database file replaced",
+    "page_size": "page size changed",
+    "wal_shrunk": "WAL shorter than the last captured frame",
+}
+
+
+@dataclass
+class CaptureResult:
+    """What one capture step produced."""
+
+    objects: list[ObjectInfo] = field(default_factory=list)
+    transactions: int = 0
+    frames: int = 0
+    new_generation: str | None = None
+    rotated: bool = False
+
+
+@dataclass
+class DbHeader:
+    """The fields of the database file header the capture needs."""
+
+    page_size: int
+    pages: int
+    wal_mode: bool
+
+
+def read_db_header(path: str) -> DbHeader | None:
+    """Parse the 100-byte database header; None if the file is empty."""
+    with open(path, "rb") as f:
+        raw = f.read(100)
+        size = os.fstat(f.fileno()).st_size
+    if len(raw) == 0:
+        return None
+    if len(raw) < 100 or not raw.startswith(b"SQLite format 3\x00"):
+        raise DatabaseError(f"{path}: not a SQLite database")
+    ps = struct.unpack_from(">H", raw, 16)[0]
+    ps = 65536 if ps == 1 else ps
+    change, in_header = struct.unpack_from(">II", raw, 24)
+    valid_for = struct.unpack_from(">I", raw, 92)[0]
+    pages = in_header if (in_header and change == valid_for) else size // ps
+    return DbHeader(ps, pages, raw[18] == 2 and raw[19] == 2)
+
+
+def _pseudo_header(pos: WalPos, page_size: int, big_endian: bool) -> WalHeader:
+    magic = WAL_MAGIC_BE if big_endian else WAL_MAGIC_LE
+    return WalHeader(
+        magic, WAL_VERSION, page_size, 0, pos.salt1, pos.salt2, pos.checksum[0], pos.checksum[1],
+        b"",
+    )
+
+
+class Database:
+    """One watched database. Its methods are blocking: call them from one worker thread."""
+
+    def __init__(
+        self,
+        path: str,
+        spool: Spool,
+        *,
+        name: str | None = None,
+        checkpoint_pages: int = DEFAULT_CHECKPOINT_PAGES,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    ) -> None:
+        self.path = os.path.abspath(path)
+        self.name = name or path
+        self.spool = spool
+        self.checkpoint_pages = checkpoint_pages
+        self.busy_timeout = busy_timeout
+        self.generation: str | None = None
+        self.txid = 0
+        self.pos: WalPos | None = None
+        self.page_size = 0
+        self.big_endian = False
+        self.last_snapshot_ns = 0
+        self.checkpoints: dict[str, int] = {}
+        self._last_end: WalPos | None = None
+        self._conns: list[sqlite3.Connection] = []
+        self._active = 0
+        self._pinned = False
+        self._reset_end: int | None = None  # see _learn_reset_bound
+        self._reset_salts: tuple[int, int] | None = None
+        self._wal_fd: int | None = None
+        self._wal_ino: int | None = None
+        self._shm_fd: int | None = None
+        self._db_ino: int | None = None
+        self._pending: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def wal_path(self) -> str:
+        """The ``-wal`` file."""
+        return self.path + "-wal"
+
+    def open(self) -> None:
+        """Check the database, open the connections, take the first pin and resume (or plan a
+        new generation) from the spool."""
+        self._check_file()
+        self._connect()
+        self._pin(0)
+        self._resume()
+
+    def close(self) -> None:
+        """Release the pin, close connections and files."""
+        for c in self._conns:
+            try:
+                if c.in_transaction:
+                    c.execute("COMMIT")
+                c.close()
+            except sqlite3.Error:
+                pass
+        self._conns = []
+        self._pinned = False
+        for attr in ("_wal_fd", "_shm_fd"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, attr, None)
+
+    def _check_file(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise DatabaseError(f"database {self.path} does not exist") from None
+        except OSError as exc:
+            raise DatabaseError(f"database {self.path}: {exc.strerror}") from None
+        if not os.path.isfile(self.path):
+            raise DatabaseError(f"database {self.path} is not a regular file")
+        try:
+            hdr = read_db_header(self.path)
+        except PermissionError:
+            raise DatabaseError(f"database {self.path}: permission denied") from None
+        if hdr is not None and not hdr.wal_mode:
+            raise DatabaseError(
+                f"database {self.path} is not in WAL mode; enable it once with "
+                f"sqlite3 {self.path} 'PRAGMA journal_mode=WAL' (the setting is persistent)"
+            )
+        self._db_ino = st.st_ino
+
+    def _connect(self) -> None:
+        uri = f"file:{self.path}?mode=rw"
+        try:
+            self._conns = [
+                sqlite3.connect(
+                    uri, uri=True, isolation_level=None, check_same_thread=False,
+                    timeout=self.busy_timeout,
+                )
+                for _ in range(2)
+            ]
+            mode = self._conns[0].execute("PRAGMA journal_mode").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise DatabaseError(f"database {self.path}: {exc}") from None
+        if str(mode).lower() != "wal":
+            raise DatabaseError(
+                f"database {self.path} is in journal_mode={mode}, not WAL; enable it once with "
+                f"sqlite3 {self.path} 'PRAGMA journal_mode=WAL' (the setting is persistent)"
+            )
+        if self.page_size == 0:
+            self.page_size = int(self._conns[0].execute("PRAGMA page_size").fetchone()[0])
+
+    # ------------------------------------------------------------------ pins
+
+    def _pin(self, idx: int) -> None:
+        c = self._conns[idx]
+        c.execute("BEGIN")
+        c.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        self._active = idx
+        self._pinned = True
+        self._learn_reset_bound()
+
+    def _unpin(self) -> None:
+        self._conns[self._active].execute("COMMIT")
+        self._pinned = False
+        self._reset_end = None
+        self._reset_salts = None
+
+    def _read_shm(self) -> tuple[bytes, int, int] | None:
+        """(salt bytes, mxFrame, nBackfill) from a consistent read of the wal-index, or None."""
+        if self._shm_fd is None:
+            try:
+                self._shm_fd = os.open(self.path + "-shm", os.O_RDONLY)
+            except OSError:
+                return None
+        for _ in range(8):
+            raw = os.pread(self._shm_fd, _SHM_READ, 0)
+            if len(raw) < _SHM_READ:
+                return None
+            if raw[:48] == raw[48:96] and raw[12] == 1:
+                mx = int.from_bytes(raw[16:20], sys.byteorder)
+                nb = int.from_bytes(raw[96:100], sys.byteorder)
+                return raw[32:40], mx, nb
+        return None
+
+    def _learn_reset_bound(self) -> None:
+        """Right after pinning: where can the current epoch still be reset?
+
+        With salts unchanged and the WAL fully backfilled (mxFrame == nBackfill == X) the epoch can
+        only reset at exactly X (any append would need a backfill our pin blocks). With
+        nBackfill < mxFrame no reset can happen while this pin is held.
+        """
+        self._reset_end = None
+        self._reset_salts = None
+        if self.pos is None:
+            return
+        shm = self._read_shm()
+        if shm is None:
+            return
+        salts, mx, nb = shm
+        if salts != struct.pack(">II", self.pos.salt1, self.pos.salt2):
+            return
+        self._reset_salts = self.pos.salts
+        self._reset_end = mx if nb == mx else _NO_RESET
+
+    # ------------------------------------------------------------------ files
+
+    def _wal(self) -> int | None:
+        """An open fd on the current -wal file (reopened if it was replaced), or None."""
+        try:
+            st = os.stat(self.wal_path)
+        except FileNotFoundError:
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
+            return None
+        if self._wal_fd is not None and st.st_ino != self._wal_ino:
+            os.close(self._wal_fd)
+            self._wal_fd = None
+        if self._wal_fd is None:
+            self._wal_fd = os.open(self.wal_path, os.O_RDONLY)
+            self._wal_ino = os.fstat(self._wal_fd).st_ino
+        return self._wal_fd
+
+    def sizes(self) -> tuple[int, int]:
+        """(database file size, WAL file size) in bytes."""
+        out = []
+        for p in (self.path, self.wal_path):
+            try:
+                out.append(os.stat(p).st_size)
+            except OSError:
+                out.append(0)
+        return out[0], out[1]
+
+    def _check_identity(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise DatabaseError(f"database {self.path} disappeared") from None
+        if st.st_ino != self._db_ino:
+            log.warning("%s: database file was replaced; reopening", self.name)
+            self.close()
+            self._check_file()
+            self._connect()
+            self._pin(0)
+            self._pending = "db_replaced"
+            return
+        hdr = read_db_header(self.path)
+        if hdr is not None and not hdr.wal_mode:
+            raise DatabaseError(f"database {self.path} left WAL mode; replication is paused")
+
+    # ------------------------------------------------------------------ resume
+
+    def _resume(self) -> None:
+        latest = self.spool.latest()
+        if latest is None:
+            self._pending = "no_position"
+            return
+        info, header = latest
+        pos = WalPos.from_json(header["end"] if info.kind == "wal" else header["position"])
+        page_size = int(header["page_size"])
+        if self._continues(pos, page_size):
+            self.generation = info.generation
+            self.txid = info.end_txid
+            self.pos = pos
+            self._last_end = pos
+            self.page_size = page_size
+            self.big_endian = bool(header["big_endian"])
+            for obj in reversed(self.spool.objects(info.generation)):
+                if obj.kind == "snapshot":
+                    self.last_snapshot_ns = obj.last_ms * 1_000_000
+                    break
+            self._learn_reset_bound()
+            log.info(
+                "%s: resuming generation %s at txid %d", self.name, self.generation, self.txid
+            )
+        else:
+            self.generation = info.generation
+            self.txid = info.end_txid
+            self._pending = "resume_failed"
+
+    def _continues(self, pos: WalPos | None, page_size: int) -> bool:
+        """Whether the WAL still holds the frame the spool ends at (same salts and checksum)."""
+        if pos is None:
+            return False
+        fd = self._wal()
+        hdr = read_wal_header(fd) if fd is not None else None
+        if hdr is None or hdr.salts != pos.salts or hdr.page_size != page_size:
+            return False
+        if pos.frame == 0:
+            return hdr.checksum == pos.checksum
+        raw = os.pread(fd, FRAME_HEADER_SIZE, frame_offset(pos.frame, page_size))  # type: ignore[arg-type]
+        if len(raw) < FRAME_HEADER_SIZE:
+            return False
+        return struct.unpack(">IIII", raw[8:24]) == (*pos.salts, *pos.checksum)
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> CaptureResult:
+        """Capture every committed transaction not yet captured; start a generation or rotate the
+        pin when needed. Safe to call at any time; does nothing when nothing changed."""
+        res = CaptureResult()
+        self._check_identity()
+        if not self._pinned:
+            self._pin(self._active)
+        if self._pending is not None:
+            reason, self._pending = self._pending, None
+            self._start_generation(reason, res)
+        self._capture(res)
+        if self.pos is not None and self.pos.frame >= self.checkpoint_pages:
+            self._rotate()
+            res.rotated = True
+            self._capture(res)
+        return res
+
+    def _capture(self, res: CaptureResult) -> None:
+        fd = self._wal()
+        hdr = read_wal_header(fd) if fd is not None else None
+        if hdr is None or fd is None:
+            return
+        if hdr.page_size != self.page_size:
+            self._start_generation("page_size", res)
+            return
+        if self.pos is None:
+            self._ship(fd, hdr, WalPos(hdr.salt1, hdr.salt2, 0, hdr.checksum), res)
+            return
+        if hdr.salts == self.pos.salts:
+            self._ship(fd, hdr, self.pos, res)
+            return
+        tail = self._rescue(fd, hdr)
+        if tail is None:
+            self._start_generation("wal_reset", res)
+            return
+        old_hdr = _pseudo_header(self.pos, self.page_size, self.big_endian)
+        if tail.frames:
+            self._emit(fd, old_hdr, self.pos, tail, res)
+        log.info(
+            "%s: WAL restarted (checkpoint seq %d); continuity proven at frame %d",
+            self.name, hdr.checkpoint_seq, tail.end_index,
+        )
+        self.big_endian = hdr.big_endian
+        self.pos = WalPos(hdr.salt1, hdr.salt2, 0, hdr.checksum)
+        self._learn_reset_bound()
+        self._ship(fd, hdr, self.pos, res)
+
+    def _rescue(self, fd: int, new: WalHeader) -> ScanResult | None:
+        """After a WAL reset: read the old epoch's tail and prove it is complete, or None."""
+        pos = self.pos
+        assert pos is not None
+        if new.salt1 != (pos.salt1 + 1) & _MASK32 or new.page_size != self.page_size:
+            return None
+        fs = frame_size(self.page_size)
+        off = frame_offset(pos.frame + 1, self.page_size)
+        before = os.pread(fd, fs, off)
+        old = _pseudo_header(pos, self.page_size, self.big_endian)
+        tail = scan_frames(fd, old, pos.frame + 1, pos.checksum)
+        after = os.pread(fd, fs, off)
+        if self._reset_salts == pos.salts and self._reset_end is not None:
+            if self._reset_end == tail.end_index:
+                return tail
+        if len(before) == fs and before == after and after[8:16] != new.raw[16:24]:
+            return tail
+        return None
+
+    def _ship(self, fd: int, hdr: WalHeader, start: WalPos, res: CaptureResult) -> None:
+        scan = scan_frames(fd, hdr, start.frame + 1, start.checksum)
+        if start.frame > 0 and scan.stop_reason == "short" and not scan.frames:
+            size = os.fstat(fd).st_size
+            if size < frame_offset(start.frame + 1, self.page_size):
+                self._start_generation("wal_shrunk", res)
+                return
+        if self.pos is None or self.pos.salts != start.salts:
+            self.pos = start
+            self.big_endian = hdr.big_endian
+        if scan.frames:
+            self._emit(fd, hdr, start, scan, res)
+
+    def _emit(
+        self, fd: int, hdr: WalHeader, start: WalPos, scan: ScanResult, res: CaptureResult
+    ) -> None:
+        """Write the scanned transactions to the spool as one or more segments."""
+        observed = time.time_ns()
+        assert self.generation is not None
+        txns = scan.transactions
+        frames = {f.index: f for f in scan.frames}
+        i = 0
+        cur = start
+        while i < len(txns):
+            j = i
+            count = 0
+            while j < len(txns):
+                n = txns[j][1] - txns[j][0] + 1
+                if count and count + n > SEGMENT_MAX_FRAMES:
+                    break
+                count += n
+                j += 1
+            batch = txns[i:j]
+            first, last = batch[0][0], batch[-1][1]
+            end_frame = frames[last]
+            end = WalPos(cur.salt1, cur.salt2, last, end_frame.checksum)
+            start_txid = self.txid + 1
+            end_txid = self.txid + len(batch)
+            ms = observed // 1_000_000
+            info = segment_info(self.generation, start_txid, end_txid, ms, ms)
+            header: dict[str, Any] = {
+                "kind": "wal",
+                "generation": self.generation,
+                "start_txid": start_txid,
+                "end_txid": end_txid,
+                "page_size": self.page_size,
+                "big_endian": hdr.big_endian,
+                "prev": self._last_end.to_json() if self._last_end else None,
+                "start": cur.to_json(),
+                "end": end.to_json(),
+                "wal_header": hdr.raw.hex() if cur.frame == 0 else None,
+                "frames": last - first + 1,
+                "txns": [
+                    [start_txid + k, observed, t[1] - t[0] + 1, t[2]] for k, t in enumerate(batch)
+                ],
+            }
+            body = self._frames_body(fd, hdr, cur, first, last)
+            info = self.spool.write(info, header, body)
+            self.txid = end_txid
+            self.pos = end
+            self._last_end = end
+            cur = end
+            res.objects.append(info)
+            res.transactions += len(batch)
+            res.frames += last - first + 1
+            i = j
+
+    def _frames_body(
+        self, fd: int, hdr: WalHeader, start: WalPos, first: int, last: int
+    ) -> Iterator[bytes]:
+        """Re-read frames first..last, verifying the chain again while copying."""
+        fs = frame_size(self.page_size)
+        ck = start.checksum
+        idx = first
+        while idx <= last:
+            n = min(COPY_CHUNK_FRAMES, last - idx + 1)
+            buf = os.pread(fd, n * fs, frame_offset(idx, self.page_size))
+            if len(buf) != n * fs:
+                raise WalError(f"{self.wal_path}: frames {idx}.. vanished while copying")
+            ck = verify_frames(buf, self.page_size, hdr.big_endian, start.salts, ck)
+            yield buf
+            idx += n
+
+    def _rotate(self) -> None:
+        """Release the pin, run a PASSIVE checkpoint, pin again on the other connection."""
+        other = 1 - self._active
+        self._unpin()
+        result = "ok"
+        try:
+            row = self._conns[other].execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if row and row[0]:
+                result = "busy"
+        except sqlite3.Error:
+            result = "error"
+        self.checkpoints[result] = self.checkpoints.get(result, 0) + 1
+        self._pin(other)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def _start_generation(self, reason: str, res: CaptureResult) -> None:
+        prev_gen, prev_txid = self.generation, self.txid
+        gen = new_generation_id()
+        self.generation = gen
+        self.txid = 0
+        info, pos = self._write_snapshot(
+            gen, 0, None, {"reason": reason, "previous_generation": prev_gen,
+                           "previous_txid": prev_txid if prev_gen else None},
+        )
+        self.pos = pos
+        self._last_end = pos
+        self._learn_reset_bound()
+        res.objects.append(info)
+        res.new_generation = reason
+        log.warning("%s: new generation %s: %s", self.name, gen, REASONS.get(reason, reason))
+
+    def snapshot(self) -> ObjectInfo:
+        """Take a snapshot of the current position inside the current generation."""
+        if not self._pinned:
+            self._pin(self._active)
+        assert self.generation is not None
+        res = CaptureResult()
+        self._capture(res)
+        upto = self.pos.frame if self.pos is not None else None
+        info, _ = self._write_snapshot(self.generation, self.txid, upto, {"reason": "interval"})
+        return info
+
+    def _write_snapshot(
+        self, gen: str, txid: int, upto: int | None, extra: dict[str, Any]
+    ) -> tuple[ObjectInfo, WalPos | None]:
+        """Raw database pages overlaid with the current epoch's committed frames (all of them, or
+        frames 1..upto), read under the pin: the exact state after the last of those frames."""
+        for _ in range(5):
+            fd = self._wal()
+            hdr = read_wal_header(fd) if fd is not None else None
+            dbh = read_db_header(self.path)
+            page_size = hdr.page_size if hdr else (dbh.page_size if dbh else self.page_size)
+            pages = dbh.pages if dbh else 0
+            pagemap: dict[int, int] = {}
+            pos: WalPos | None = None
+            if hdr is not None and fd is not None:
+                if upto is not None and self.pos is not None and hdr.salts != self.pos.salts:
+                    upto = None  # the epoch moved on: snapshot what is there now
+                scan = scan_frames(fd, hdr, 1, hdr.checksum, max_frames=upto)
+                for f in scan.frames:
+                    pagemap[f.pgno] = frame_offset(f.index, page_size) + FRAME_HEADER_SIZE
+                if scan.transactions:
+                    pages = scan.transactions[-1][2]
+                pos = WalPos(hdr.salt1, hdr.salt2, scan.end_index, scan.end_checksum)
+            observed = time.time_ns()
+            header: dict[str, Any] = {
+                "kind": "snapshot",
+                "generation": gen,
+                "txid": txid,
+                "ts_ns": observed,
+                "page_size": page_size,
+                "pages": pages,
+                "big_endian": hdr.big_endian if hdr else False,
+                "position": pos.to_json() if pos else None,
+                "db": self.name,
+                **extra,
+            }
+            started = time.monotonic()
+            info = snapshot_info(gen, txid, observed // 1_000_000)
+            info = self.spool.write(info, header, self._pages_body(fd, pagemap, page_size, pages))
+            hdr2 = read_wal_header(fd) if fd is not None else None
+            if hdr is not None and (hdr2 is None or hdr2.salts != hdr.salts):
+                self.spool.delete([info])
+                continue
+            self.page_size = page_size
+            if hdr is not None:
+                self.big_endian = hdr.big_endian
+            self.last_snapshot_ns = observed
+            self.last_snapshot_seconds = time.monotonic() - started
+            self.last_snapshot_size = info.size
+            return info, pos
+        raise DatabaseError(f"{self.path}: the WAL kept resetting during the snapshot")
+
+    def _pages_body(
+        self, wal_fd: int | None, pagemap: dict[int, int], page_size: int, pages: int
+    ) -> Iterator[bytes]:
+        dfd = os.open(self.path, os.O_RDONLY)
+        try:
+            pgno = 1
+            while pgno <= pages:
+                n = min(SNAPSHOT_CHUNK_PAGES, pages - pgno + 1)
+                buf = bytearray(os.pread(dfd, n * page_size, (pgno - 1) * page_size))
+                if len(buf) < n * page_size:
+                    buf.extend(bytes(n * page_size - len(buf)))
+                for k in range(n):
+                    off = pagemap.get(pgno + k)
+                    if off is not None:
+                        assert wal_fd is not None
+                        page = os.pread(wal_fd, page_size, off)
+                        buf[k * page_size : (k + 1) * page_size] = page
+                yield bytes(buf)
+                pgno += n
+        finally:
+            os.close(dfd)

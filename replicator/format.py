@@ -1,0 +1,183 @@
+"""Encoding of replica objects (snapshots and WAL segments), format version 1.
+
+An object is::
+
+    preamble   8 bytes   magic b"\\x89RPL", version u16 BE, kind u16 BE (1 snapshot, 2 wal)
+    hlen       4 bytes   u32 BE length of the header
+    header     hlen      UTF-8 JSON (fields in docs/format.md)
+    body       ...       one zstd frame: snapshot = pages 1..n; segment = raw WAL frames
+    trailer    36 bytes  b"RPLT" + BLAKE2b-256 of (header bytes + uncompressed body)
+
+The header comes first so a reader can plan from it without the body; the checksum comes last so
+a writer can stream the body without holding it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import AsyncIterator
+from typing import Any, BinaryIO
+
+import zstandard
+
+from .errors import CorruptObjectError, FormatError
+
+MAGIC = b"\x89RPL"
+FORMAT_VERSION = 1
+KIND_SNAPSHOT = 1
+KIND_WAL = 2
+TRAILER_MAGIC = b"RPLT"
+DEFAULT_LEVEL = 1
+_PREAMBLE = struct.Struct(">4sHHI")
+_TRAILER_SIZE = 4 + 32
+_MAX_HEADER = 64 << 20
+
+
+def _digest() -> Any:
+    return hashlib.blake2b(digest_size=32)
+
+
+class ObjectWriter:
+    """Writes one object to a binary file: header first, then the body as it is given."""
+
+    def __init__(self, f: BinaryIO, kind: int, header: dict[str, Any], level: int = DEFAULT_LEVEL):
+        self._f = f
+        raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+        f.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, kind, len(raw)))
+        f.write(raw)
+        self._hash = _digest()
+        self._hash.update(raw)
+        self._cobj = zstandard.ZstdCompressor(level=level).compressobj()
+        self.body_bytes = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append uncompressed body bytes."""
+        self._hash.update(data)
+        self.body_bytes += len(data)
+        out = self._cobj.compress(data)
+        if out:
+            self._f.write(out)
+
+    def close(self) -> None:
+        """Finish the zstd frame and write the trailer (the file itself stays open)."""
+        self._f.write(self._cobj.flush())
+        self._f.write(TRAILER_MAGIC + self._hash.digest())
+
+
+class ObjectDecoder:
+    """Incremental decoder: feed raw object bytes, get header, then uncompressed body bytes."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.header: dict[str, Any] | None = None
+        self.kind = 0
+        self._buf = bytearray()
+        self._dobj: Any = None
+        self._hash = _digest()
+        self._tail = bytearray()
+        self._done = False
+
+    def feed(self, data: bytes) -> bytes:
+        """Consume raw bytes; return any body bytes they complete."""
+        if self.header is None:
+            self._buf += data
+            if len(self._buf) < _PREAMBLE.size:
+                return b""
+            magic, version, kind, hlen = _PREAMBLE.unpack_from(self._buf)
+            if magic != MAGIC:
+                raise FormatError(f"{self.key}: not a replica object (bad magic)")
+            if version != FORMAT_VERSION:
+                raise FormatError(f"{self.key}: unsupported format version {version}")
+            if hlen > _MAX_HEADER:
+                raise CorruptObjectError(f"{self.key}: corrupt object (header length {hlen})")
+            if len(self._buf) < _PREAMBLE.size + hlen:
+                return b""
+            raw = bytes(self._buf[_PREAMBLE.size : _PREAMBLE.size + hlen])
+            try:
+                header = json.loads(raw)
+            except ValueError:
+                raise CorruptObjectError(f"{self.key}: corrupt object (bad header)") from None
+            if not isinstance(header, dict):
+                raise CorruptObjectError(f"{self.key}: corrupt object (bad header)")
+            self.header = header
+            self.kind = kind
+            self._hash.update(raw)
+            self._dobj = zstandard.ZstdDecompressor().decompressobj()
+            data = bytes(self._buf[_PREAMBLE.size + hlen :])
+            self._buf = bytearray()
+        if self._done:
+            self._tail += data
+            return b""
+        try:
+            out: bytes = self._dobj.decompress(data)
+        except zstandard.ZstdError as exc:
+            raise CorruptObjectError(f"{self.key}: corrupt object ({exc})") from None
+        self._hash.update(out)
+        if self._dobj.eof:
+            self._done = True
+            self._tail += self._dobj.unused_data
+        return out
+
+    def finish(self) -> None:
+        """Check the body ended and the trailer matches; raise CorruptObjectError if not."""
+        if self.header is None:
+            raise CorruptObjectError(f"{self.key}: corrupt object (truncated header)")
+        if not self._done:
+            raise CorruptObjectError(f"{self.key}: corrupt object (truncated body)")
+        if len(self._tail) != _TRAILER_SIZE or not self._tail.startswith(TRAILER_MAGIC):
+            raise CorruptObjectError(f"{self.key}: corrupt object (bad trailer)")
+        if bytes(self._tail[4:]) != self._hash.digest():
+            raise CorruptObjectError(f"{self.key}: corrupt object (checksum mismatch)")
+
+
+async def read_header(chunks: AsyncIterator[bytes], key: str) -> dict[str, Any]:
+    """Read only the header of an object from a byte stream (the stream is closed after)."""
+    dec = ObjectDecoder(key)
+    try:
+        async for chunk in chunks:
+            dec._buf += chunk
+            if len(dec._buf) >= _PREAMBLE.size:
+                hlen = _PREAMBLE.unpack_from(dec._buf)[3]
+                if len(dec._buf) >= _PREAMBLE.size + min(hlen, _MAX_HEADER + 1):
+                    break
+        dec.feed(b"")
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    if dec.header is None:
+        raise CorruptObjectError(f"{key}: corrupt object (truncated header)")
+    return dec.header
+
+
+async def decode_stream(
+    chunks: AsyncIterator[bytes], key: str
+) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
+    """Split an object stream into its header and an iterator of verified body bytes.
+
+    The body iterator raises CorruptObjectError at the end if the checksum does not match, so a
+    consumer must finish it before trusting what it applied.
+    """
+    dec = ObjectDecoder(key)
+    pending = b""
+    it = chunks.__aiter__()
+    while dec.header is None:
+        try:
+            chunk = await it.__anext__()
+        except StopAsyncIteration:
+            raise CorruptObjectError(f"{key}: corrupt object (truncated header)") from None
+        pending = dec.feed(chunk)
+
+    async def body() -> AsyncIterator[bytes]:
+        if pending:
+            yield pending
+        async for chunk in it:
+            out = dec.feed(chunk)
+            if out:
+                yield out
+        dec.finish()
+
+    assert dec.header is not None
+    return dec.header, body()

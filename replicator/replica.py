@@ -1,0 +1,179 @@
+"""One destination of one database: its position, the one-step ``sync()`` that copies what the
+spool has and the destination lacks, and ``run()``, the loop around it with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from .errors import ReplicatorError
+from .metrics import Metrics
+from .pos import ObjectInfo
+from .spool import Spool
+from .storage.base import StorageClient
+
+log = logging.getLogger("replicator.replica")
+
+DEFAULT_RETRY_MIN = 0.5
+DEFAULT_RETRY_MAX = 30.0
+DEFAULT_BACKSTOP = 5.0
+LOG_EVERY = 60.0
+
+
+class Replica:
+    """Ships spooled objects to one storage client."""
+
+    def __init__(
+        self,
+        name: str,
+        client: StorageClient,
+        spool: Spool,
+        db_name: str,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.name = name
+        self.client = client
+        self.spool = spool
+        self.db_name = db_name
+        self.metrics = metrics
+        self.wake = asyncio.Event()
+        self.known: dict[str, set[str]] = {}
+        self.lag = 0.0
+        self.last_sync = 0.0
+        self.last_error: str | None = None
+        self.needs_snapshot = False
+        self.healthy = False
+        self._last_log = 0.0
+        self.on_shipped: Callable[[], None] | None = None
+        self._relist = False
+
+    @property
+    def url(self) -> str:
+        """The destination as shown to people."""
+        return self.client.url
+
+    async def init(self) -> None:
+        """Check the destination is usable."""
+        await self.client.init()
+        self.healthy = True
+
+    def _spool_objects(self) -> list[ObjectInfo]:
+        out: list[ObjectInfo] = []
+        for gen in self.spool.generations():
+            out.extend(self.spool.objects(gen))
+        return out
+
+    async def pending(self, remote: bool = True) -> list[ObjectInfo]:
+        """Spooled objects this destination does not have yet, in shipping order. With
+        ``remote=False`` nothing is asked of the destination (what it holds is as last known)."""
+        objs = await asyncio.to_thread(self._spool_objects)
+        if remote and self._relist:
+            self.known.clear()
+            self._relist = False
+        for gen in sorted({o.generation for o in objs}):
+            if gen not in self.known and remote:
+                self.known[gen] = {o.key for o in await self.client.objects(gen)}
+        return [o for o in objs if o.key not in self.known.get(o.generation, set())]
+
+    def _has_base(self, first: ObjectInfo, spool_keys: set[str]) -> bool:
+        """Whether the replica (or the spool) holds what ``first`` continues from."""
+        if first.kind == "snapshot":
+            return True
+        have = self.known.get(first.generation, set())
+        from .pos import parse_key
+
+        for key in have | spool_keys:
+            info = parse_key(key)
+            if info is not None and info.generation == first.generation:
+                if info.end_txid == first.start_txid - 1:
+                    return True
+        return False
+
+    async def sync(self) -> int:
+        """Copy every missing spooled object, oldest first; return how many were written."""
+        missing = await self.pending()
+        now = time.time()
+        self.lag = max(0.0, now - missing[0].first_ms / 1000) if missing else 0.0
+        self._set_lag()
+        if missing:
+            keys = {o.key for o in missing}
+            if not self._has_base(missing[0], keys):
+                self.needs_snapshot = True
+        written = 0
+        for i, info in enumerate(missing):
+            size = await self.client.write_object(info, self.spool.storage.read_object(info))
+            self.known.setdefault(info.generation, set()).add(info.key)
+            written += 1
+            done = time.time()
+            if self.metrics is not None:
+                labels = (self.db_name, self.name)
+                self.metrics.replica_shipped_bytes.labels(*labels).inc(size)
+                if info.kind == "wal":
+                    n = info.end_txid - info.start_txid + 1
+                    self.metrics.replica_shipped_transactions.labels(*labels).inc(n)
+                    self.metrics.replica_commit_to_durable_seconds.labels(*labels).observe(
+                        max(0.0, done - info.first_ms / 1000)
+                    )
+            nxt = missing[i + 1] if i + 1 < len(missing) else None
+            self.lag = max(0.0, done - nxt.first_ms / 1000) if nxt else 0.0
+            self._set_lag()
+        self.last_sync = time.time()
+        self.healthy = True
+        self.last_error = None
+        if self.metrics is not None:
+            labels = (self.db_name, self.name)
+            self.metrics.replica_last_sync_timestamp.labels(*labels).set(self.last_sync)
+            self.metrics.replica_up.labels(*labels).set(1)
+        if written and self.on_shipped is not None:
+            self.on_shipped()
+        return written
+
+    def _set_lag(self) -> None:
+        if self.metrics is not None:
+            self.metrics.replica_lag_seconds.labels(self.db_name, self.name).set(self.lag)
+
+    def record_error(self, operation: str, exc: BaseException) -> None:
+        """Count an error, mark the replica down and log it (at most once a minute)."""
+        self.healthy = False
+        msg = str(exc) if isinstance(exc, ReplicatorError) else f"{type(exc).__name__}: {exc}"
+        changed = msg != self.last_error
+        self.last_error = msg
+        if self.metrics is not None:
+            self.metrics.errors.labels(self.db_name, self.name, operation).inc()
+            self.metrics.replica_up.labels(self.db_name, self.name).set(0)
+        now = time.monotonic()
+        if changed or now - self._last_log >= LOG_EVERY:
+            self._last_log = now
+            log.error("%s: replica %s: %s failed: %s", self.db_name, self.name, operation, msg)
+
+    async def run(self, stop: asyncio.Event, backstop: float = DEFAULT_BACKSTOP) -> None:
+        """Ship whenever woken (or every ``backstop`` seconds) until ``stop`` is set."""
+        delay = DEFAULT_RETRY_MIN
+        while not stop.is_set():
+            try:
+                if not self.healthy:
+                    await self.init()
+                await self.sync()
+                delay = DEFAULT_RETRY_MIN
+                timeout = backstop
+            except Exception as exc:  # noqa: BLE001 - every failure is retried with backoff
+                self.record_error("sync" if self.healthy else "init", exc)
+                self._relist = True  # the destination may have changed while failing
+                timeout = delay
+                delay = min(delay * 2, DEFAULT_RETRY_MAX)
+                # the lag keeps growing while the destination is down
+                missing = await self.pending(remote=False)
+                if missing:
+                    self.lag = max(0.0, time.time() - missing[0].first_ms / 1000)
+                    self._set_lag()
+            waiter = asyncio.ensure_future(self.wake.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({waiter, stopper}, timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+                stopper.cancel()
+            self.wake.clear()

@@ -1,0 +1,240 @@
+"""The top-level service: owns the databases, their replicas and the metrics server.
+
+``DatabaseService.sync()`` is the one-step capture that tests call directly; ``run()`` is the loop
+around it (file events wake it, a timer is the backstop). Each replica ships in its own task, so a
+slow or broken destination never holds up capture or the other destinations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from .config import Config, DbConfig
+from .db import CaptureResult, Database
+from .errors import ReplicatorError, StorageError
+from .metrics import Metrics, create_metrics
+from .replica import Replica
+from .spool import Spool
+from .storage import open_storage
+from .watcher import Watcher
+
+log = logging.getLogger("replicator")
+T = TypeVar("T")
+LOG_EVERY = 60.0
+
+
+class DatabaseService:
+    """One database with its replicas."""
+
+    def __init__(self, cfg: DbConfig, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics if metrics is not None else create_metrics()
+        self.spool = Spool(cfg.spool_dir)
+        self.db = Database(cfg.path, self.spool, name=cfg.name,
+                           checkpoint_pages=cfg.checkpoint_pages)
+        self.replicas = [
+            Replica(rc.name, open_storage(rc.url), self.spool, cfg.name, self.metrics)
+            for rc in cfg.replicas
+        ]
+        for r in self.replicas:
+            r.on_shipped = self._schedule_prune
+        self.wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="replicator-db")
+        self._watcher: Watcher | None = None
+        self._last_error: str | None = None
+        self._last_log = 0.0
+        self._prune_task: asyncio.Task[None] | None = None
+        self.last_capture = 0.0
+
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def open(self) -> None:
+        """Open the database (errors are fatal) and check every replica (a failing replica is
+        logged and retried; if every replica fails, that is fatal)."""
+        await self._call(self.db.open)
+        failures = []
+        for r in self.replicas:
+            try:
+                await r.init()
+                self.metrics.replica_up.labels(self.cfg.name, r.name).set(1)
+            except StorageError as exc:
+                r.record_error("init", exc)
+                failures.append(str(exc))
+        if failures and len(failures) == len(self.replicas):
+            await self._call(self.db.close)
+            raise ReplicatorError("; ".join(failures))
+        await self.sync()
+
+    async def sync(self) -> CaptureResult:
+        """Capture once, then wake the shippers if anything new was spooled."""
+        started = time.monotonic()
+        res = await self._call(self.db.step)
+        self.last_capture = time.time()
+        m, name = self.metrics, self.cfg.name
+        m.capture_seconds.labels(name).observe(time.monotonic() - started)
+        if res.transactions:
+            m.captured_transactions.labels(name).inc(res.transactions)
+            m.captured_frames.labels(name).inc(res.frames)
+        if res.new_generation:
+            m.generation_changes.labels(name, res.new_generation).inc()
+            self._snapshot_metrics()
+        if res.rotated:
+            for result, count in self.db.checkpoints.items():
+                m.checkpoints.labels(name, "passive", result).inc(count)
+            self.db.checkpoints.clear()
+        db_size, wal_size = self.db.sizes()
+        m.db_size_bytes.labels(name).set(db_size)
+        m.wal_size_bytes.labels(name).set(wal_size)
+        m.wal_frames.labels(name).set(self.db.pos.frame if self.db.pos else 0)
+        if res.objects:
+            for r in self.replicas:
+                r.wake.set()
+        return res
+
+    def _snapshot_metrics(self) -> None:
+        m, name = self.metrics, self.cfg.name
+        m.snapshots.labels(name).inc()
+        m.snapshot_last_timestamp.labels(name).set(self.db.last_snapshot_ns / 1e9)
+        m.snapshot_duration_seconds.labels(name).set(getattr(self.db, "last_snapshot_seconds", 0))
+        m.snapshot_size_bytes.labels(name).set(getattr(self.db, "last_snapshot_size", 0))
+
+    async def snapshot_if_due(self) -> bool:
+        """Take a periodic snapshot when the interval has passed and something changed."""
+        due = self.db.last_snapshot_ns / 1e9 + self.cfg.snapshot_interval
+        wanted = any(r.needs_snapshot for r in self.replicas)
+        if not wanted and (time.time() < due or self.cfg.snapshot_interval <= 0):
+            return False
+        objs = self.spool.objects(self.db.generation) if self.db.generation else []
+        snaps = [o for o in objs if o.kind == "snapshot"]
+        if not wanted and snaps and snaps[-1].end_txid == self.db.txid:
+            return False  # nothing changed since the last snapshot
+        await self._call(self.db.snapshot)
+        for r in self.replicas:
+            r.needs_snapshot = False
+            r.wake.set()
+        self._snapshot_metrics()
+        return True
+
+    def _schedule_prune(self) -> None:
+        if self._prune_task is None or self._prune_task.done():
+            self._prune_task = asyncio.ensure_future(self.prune_spool())
+
+    async def prune_spool(self) -> None:
+        """Drop spooled objects every replica has, keeping the newest (the resume point)."""
+        def prune() -> None:
+            gens = self.spool.generations()
+            for gi, gen in enumerate(gens):
+                objs = self.spool.objects(gen)
+                newest_gen = gi == len(gens) - 1
+                drop = []
+                for i, o in enumerate(objs):
+                    if newest_gen and i == len(objs) - 1:
+                        continue
+                    if all(o.key in r.known.get(gen, set()) for r in self.replicas):
+                        drop.append(o)
+                self.spool.delete(drop)
+                if not newest_gen and len(drop) == len(objs):
+                    self.spool.delete_generation(gen)
+
+        await self._call(prune)
+
+    def _record_error(self, operation: str, exc: BaseException) -> None:
+        msg = str(exc) if isinstance(exc, ReplicatorError) else f"{type(exc).__name__}: {exc}"
+        self.metrics.errors.labels(self.cfg.name, "", operation).inc()
+        now = time.monotonic()
+        if msg != self._last_error or now - self._last_log >= LOG_EVERY:
+            self._last_error = msg
+            self._last_log = now
+            log.error("%s: %s failed: %s", self.cfg.name, operation, msg)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Capture on every file event (or timer tick) and ship, until ``stop`` is set."""
+        self._watcher = Watcher(self.cfg.path, self.wake)
+        self._watcher.start()
+        shippers = [asyncio.create_task(r.run(stop)) for r in self.replicas]
+        delay = 0.1
+        try:
+            while not stop.is_set():
+                waiter = asyncio.ensure_future(self.wake.wait())
+                stopper = asyncio.ensure_future(stop.wait())
+                try:
+                    await asyncio.wait({waiter, stopper}, timeout=self.cfg.monitor_interval,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                    stopper.cancel()
+                if stop.is_set():
+                    break
+                self.wake.clear()
+                try:
+                    await self.sync()
+                    await self.snapshot_if_due()
+                    delay = 0.1
+                except Exception as exc:  # noqa: BLE001 - logged, counted, retried
+                    self._record_error("capture", exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+        finally:
+            await asyncio.gather(*shippers, return_exceptions=True)
+
+    async def close(self, timeout: float) -> None:
+        """Final capture and ship within ``timeout`` seconds, then release everything."""
+        if self._watcher is not None:
+            self._watcher.stop()
+
+        async def final() -> None:
+            await self.sync()
+            for r in self.replicas:
+                try:
+                    await r.sync()
+                except Exception as exc:  # noqa: BLE001
+                    r.record_error("sync", exc)
+            await self.prune_spool()
+
+        try:
+            await asyncio.wait_for(final(), timeout)
+        except TimeoutError:
+            log.error("%s: final sync did not finish within %.1fs", self.cfg.name, timeout)
+        except Exception as exc:  # noqa: BLE001
+            self._record_error("final sync", exc)
+        await self._call(self.db.close)
+        for r in self.replicas:
+            await r.client.aclose()
+        self._executor.shutdown(wait=True)
+
+
+class Replicator:
+    """Every configured database, replicated until stopped."""
+
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics if metrics is not None else create_metrics()
+        self.services = [DatabaseService(d, self.metrics) for d in config.dbs]
+
+    async def open(self) -> None:
+        """Open every database; on failure close what was opened and re-raise."""
+        opened: list[DatabaseService] = []
+        try:
+            for s in self.services:
+                await s.open()
+                opened.append(s)
+        except BaseException:
+            for s in opened:
+                await s.close(1.0)
+            raise
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then shut down gracefully."""
+        try:
+            await asyncio.gather(*(s.run(stop) for s in self.services))
+        finally:
+            await asyncio.gather(
+                *(s.close(self.config.shutdown_timeout) for s in self.services),
+                return_exceptions=True,
+            )

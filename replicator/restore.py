@@ -1,0 +1,501 @@
+"""Restore: plan from object keys and headers (pure, testable), then apply the plan to a file.
+
+``plan_restore`` picks a generation, the newest snapshot at or before the target and the chain of
+WAL segments after it, and resolves the exact last transaction. It refuses, with the restorable
+range in the message, a target before the earliest restorable point, inside a gap between
+generations, or behind a missing segment: a restore never silently stops short.
+``apply_plan`` writes the pages to a temp file beside the output, verifies every object's checksum
+and every WAL frame's chained checksum and link to its predecessor, runs ``PRAGMA
+integrity_check``, then renames the file into place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import sqlite3
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CorruptObjectError, RestoreError, WalError
+from .format import decode_stream, read_header
+from .fsutil import fsync_dir, temp_path
+from .pos import ObjectInfo, WalPos
+from .storage.base import StorageClient
+from .wal import FRAME_HEADER_SIZE, parse_wal_header, verify_frames
+
+DEFAULT_PREFETCH = 4
+
+
+def fmt_ns(ns: int) -> str:
+    """An RFC 3339 UTC time with microseconds."""
+    t = dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC)
+    return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> int:
+    """Nanoseconds since the epoch from RFC 3339 / ISO 8601; a time without an offset is UTC."""
+    s = text.strip()
+    try:
+        t = dt.datetime.fromisoformat(s.replace("z", "Z"))
+    except ValueError:
+        raise RestoreError(
+            f"invalid time {text!r}: use RFC 3339, e.g. 2026-11-27T10:30:00Z or "
+            "2026-11-27T19:30:00+09:00"
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    delta = t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+
+
+@dataclass
+class GenerationSummary:
+    """What one generation of a replica can restore, from its keys."""
+
+    generation: str
+    snapshots: list[ObjectInfo]
+    segments: list[ObjectInfo]
+
+    @property
+    def start_ms(self) -> int:
+        """Observation time of the earliest snapshot (ms)."""
+        return min(s.last_ms for s in self.snapshots) if self.snapshots else 0
+
+    @property
+    def end_ms(self) -> int:
+        """Observation time of the last transaction (ms)."""
+        times = [o.last_ms for o in self.snapshots + self.segments]
+        return max(times) if times else 0
+
+    @property
+    def end_txid(self) -> int:
+        """The last txid in the generation."""
+        ids = [o.end_txid for o in self.snapshots + self.segments]
+        return max(ids) if ids else 0
+
+    @property
+    def size(self) -> int:
+        """Total bytes of its objects."""
+        return sum(o.size for o in self.snapshots + self.segments)
+
+    def describe(self) -> str:
+        """One line: id, time range and txid range."""
+        if not self.snapshots:
+            return f"{self.generation}: no snapshot (not restorable)"
+        return (
+            f"{self.generation}: {fmt_ns(self.start_ms * 1_000_000)} .. "
+            f"{fmt_ns(self.end_ms * 1_000_000)} (txid {min(s.end_txid for s in self.snapshots)}"
+            f"..{self.end_txid})"
+        )
+
+
+async def summarize(client: StorageClient) -> list[GenerationSummary]:
+    """Every generation of a replica, oldest first."""
+    out = []
+    for gen in await client.generations():
+        objs = await client.objects(gen)
+        out.append(
+            GenerationSummary(
+                gen,
+                [o for o in objs if o.kind == "snapshot"],
+                [o for o in objs if o.kind == "wal"],
+            )
+        )
+    return out
+
+
+@dataclass
+class RestorePlan:
+    """What a restore will read and where it stops."""
+
+    source: str
+    generation: str
+    snapshot: ObjectInfo
+    segments: list[ObjectInfo]
+    txid: int
+    ts_ns: int
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """The plan as lines for people (``--dry-run``)."""
+        lines = [
+            f"source:     {self.source}",
+            f"generation: {self.generation}",
+            f"snapshot:   {self.snapshot.key} (txid {self.snapshot.end_txid}, "
+            f"{fmt_ns(self.snapshot.last_ms * 1_000_000)})",
+            f"segments:   {len(self.segments)}",
+        ]
+        lines += [f"  {s.key}" for s in self.segments]
+        lines.append(f"stops at:   txid {self.txid}, committed (observed) at {fmt_ns(self.ts_ns)}")
+        lines += [f"note:       {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _range_text(gens: list[GenerationSummary]) -> str:
+    usable = [g for g in gens if g.snapshots]
+    if not usable:
+        return "the replica has no restorable generation"
+    return "restorable: " + "; ".join(g.describe() for g in usable)
+
+
+def _chain(
+    gen: GenerationSummary, snap: ObjectInfo, upto_txid: int | None
+) -> tuple[list[ObjectInfo], int | None]:
+    """Segments continuing from ``snap`` up to ``upto_txid`` (None: as far as they go).
+
+    Returns the chain and, if it broke before reaching the target, the first missing txid.
+    """
+    by_start: dict[int, ObjectInfo] = {}
+    for s in gen.segments:
+        cur = by_start.get(s.start_txid)
+        if cur is None or s.end_txid > cur.end_txid:
+            by_start[s.start_txid] = s
+    chain = []
+    nxt = snap.end_txid + 1
+    while upto_txid is None or nxt <= upto_txid:
+        seg = by_start.get(nxt)
+        if seg is None:
+            later = [s for s in gen.segments if s.start_txid > nxt]
+            if upto_txid is not None or later:
+                return chain, nxt
+            break
+        chain.append(seg)
+        nxt = seg.end_txid + 1
+    return chain, None
+
+
+async def _segment_txns(client: StorageClient, seg: ObjectInfo) -> list[list[int]]:
+    header = await read_header(client.read_object(seg), seg.key)
+    txns = header.get("txns")
+    if not isinstance(txns, list):
+        raise CorruptObjectError(f"{seg.key}: corrupt object (no transaction list)")
+    return txns
+
+
+async def _snapshot_ns(client: StorageClient, snap: ObjectInfo) -> int:
+    header = await read_header(client.read_object(snap), snap.key)
+    return int(header["ts_ns"])
+
+
+async def plan_restore(
+    client: StorageClient,
+    *,
+    to_time_ns: int | None = None,
+    txid: int | None = None,
+    generation: str | None = None,
+) -> RestorePlan:
+    """Plan a restore to a time, a txid, or (neither) the latest point."""
+    gens = await summarize(client)
+    if generation is not None:
+        gens_sel = [g for g in gens if g.generation == generation]
+        if not gens_sel:
+            raise RestoreError(f"generation {generation} not found on {client.url}")
+    else:
+        gens_sel = gens
+    usable = [g for g in gens_sel if g.snapshots]
+    if not usable:
+        raise RestoreError(f"no restorable generation on {client.url}")
+    if to_time_ns is not None:
+        return await _plan_time(client, gens, usable, to_time_ns)
+    gen = usable[-1]
+    if txid is not None:
+        snaps = [s for s in gen.snapshots if s.end_txid <= txid]
+        if not snaps or txid > gen.end_txid:
+            raise RestoreError(
+                f"txid {txid} is not in generation {gen.generation}; {gen.describe()}"
+            )
+        snap = snaps[-1]
+        chain, missing = _chain(gen, snap, txid)
+        if missing is not None:
+            raise RestoreError(
+                f"missing WAL segment for txid {missing} in generation {gen.generation} on "
+                f"{client.url}; {_range_text(gens)}"
+            )
+        ts = await _txn_time(client, snap, chain, txid)
+        return RestorePlan(client.url, gen.generation, snap, chain, txid, ts)
+    snap = gen.snapshots[-1]
+    chain, missing = _chain(gen, snap, None)
+    if missing is not None:
+        raise RestoreError(
+            f"missing WAL segment for txid {missing} in generation {gen.generation} on "
+            f"{client.url}: the latest point cannot be reached; {_range_text(gens)}"
+        )
+    end = chain[-1].end_txid if chain else snap.end_txid
+    ts = await _txn_time(client, snap, chain, end)
+    return RestorePlan(client.url, gen.generation, snap, chain, end, ts)
+
+
+async def _txn_time(
+    client: StorageClient, snap: ObjectInfo, chain: list[ObjectInfo], txid: int
+) -> int:
+    if not chain or txid == snap.end_txid:
+        return await _snapshot_ns(client, snap)
+    for t in await _segment_txns(client, chain[-1]):
+        if int(t[0]) == txid:
+            return int(t[1])
+    raise CorruptObjectError(f"{chain[-1].key}: corrupt object (txid {txid} not listed)")
+
+
+async def _plan_time(
+    client: StorageClient,
+    gens: list[GenerationSummary],
+    usable: list[GenerationSummary],
+    t_ns: int,
+) -> RestorePlan:
+    t_ms = t_ns // 1_000_000
+    cands = [g for g in usable if g.start_ms <= t_ms]
+    # a snapshot observed in the same millisecond as T may still be after T: check its header
+    gen = None
+    snap = None
+    for g in reversed(cands):
+        for s in reversed(g.snapshots):
+            if s.last_ms < t_ms or (s.last_ms == t_ms and await _snapshot_ns(client, s) <= t_ns):
+                gen, snap = g, s
+                break
+        if gen is not None:
+            break
+    if gen is None or snap is None:
+        raise RestoreError(
+            f"{fmt_ns(t_ns)} is before the earliest restorable point; {_range_text(gens)}"
+        )
+    chain_all, missing = _chain(gen, snap, None)
+    chain: list[ObjectInfo] = []
+    target = snap.end_txid
+    ts = await _snapshot_ns(client, snap)
+    for seg in chain_all:
+        if seg.first_ms > t_ms:
+            break
+        if seg.last_ms < t_ms:
+            chain.append(seg)
+            target = seg.end_txid
+            continue
+        included = [t for t in await _segment_txns(client, seg) if int(t[1]) <= t_ns]
+        if included:
+            chain.append(seg)
+            target = int(included[-1][0])
+        if len(included) < seg.end_txid - seg.start_txid + 1:
+            break
+    else:
+        if missing is not None:
+            raise RestoreError(
+                f"missing WAL segment for txid {missing} in generation {gen.generation} on "
+                f"{client.url}: cannot restore to {fmt_ns(t_ns)}; {_range_text(gens)}"
+            )
+    notes = []
+    if chain and chain[-1].end_txid == target:
+        ts = await _txn_time(client, snap, chain, target)
+    elif chain:
+        for t in await _segment_txns(client, chain[-1]):
+            if int(t[0]) == target:
+                ts = int(t[1])
+    at_end = not chain_all or (chain and chain[-1] is chain_all[-1] and target == gen.end_txid)
+    if at_end or target == gen.end_txid:
+        later = [g for g in usable if g.start_ms > gen.start_ms]
+        if later and gen.end_ms * 1_000_000 < t_ns:
+            nxt = later[0]
+            raise RestoreError(
+                f"{fmt_ns(t_ns)} falls in a gap between generations: {gen.generation} ends at "
+                f"{fmt_ns(gen.end_ms * 1_000_000)} and {nxt.generation} starts at "
+                f"{fmt_ns(nxt.start_ms * 1_000_000)}; {_range_text(gens)}"
+            )
+        if gen.end_ms * 1_000_000 < t_ns:
+            notes.append(
+                f"{fmt_ns(t_ns)} is after the last replicated transaction; restoring the latest "
+                f"point ({fmt_ns(ts)})"
+            )
+    return RestorePlan(client.url, gen.generation, snap, chain, target, ts, notes)
+
+
+@dataclass
+class RestoreResult:
+    """What a restore wrote."""
+
+    output: str
+    txid: int
+    pages: int
+    page_size: int
+    integrity: str
+
+
+class _Applier:
+    """Applies decoded snapshot pages and WAL frames to an open output file."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pages = 0
+        self.page_size = 0
+        self.end: WalPos | None = None
+        self.big_endian = False
+
+    def write(self, data: bytes, offset: int) -> None:
+        os.pwrite(self.fd, data, offset)
+
+
+async def _apply_snapshot(client: StorageClient, snap: ObjectInfo, ap: _Applier) -> None:
+    header, body = await decode_stream(client.read_object(snap), snap.key)
+    if header.get("kind") != "snapshot" or int(header.get("txid", -1)) != snap.end_txid:
+        raise CorruptObjectError(f"{snap.key}: corrupt object (header does not match its key)")
+    ap.page_size = int(header["page_size"])
+    ap.pages = int(header["pages"])
+    ap.end = WalPos.from_json(header.get("position"))
+    ap.big_endian = bool(header.get("big_endian"))
+    offset = 0
+    async for chunk in body:
+        await asyncio.to_thread(ap.write, chunk, offset)
+        offset += len(chunk)
+    if offset != ap.pages * ap.page_size:
+        raise CorruptObjectError(
+            f"{snap.key}: corrupt object ({offset} bytes, expected {ap.pages * ap.page_size})"
+        )
+
+
+def _check_link(seg: ObjectInfo, header: dict[str, Any], ap: _Applier) -> WalPos:
+    if header.get("kind") != "wal" or (
+        int(header.get("start_txid", -1)),
+        int(header.get("end_txid", -1)),
+    ) != (seg.start_txid, seg.end_txid):
+        raise CorruptObjectError(f"{seg.key}: corrupt object (header does not match its key)")
+    if int(header["page_size"]) != ap.page_size:
+        raise CorruptObjectError(f"{seg.key}: page size differs from the snapshot's")
+    prev = WalPos.from_json(header.get("prev"))
+    start = WalPos.from_json(header.get("start"))
+    if prev != ap.end or start is None:
+        raise CorruptObjectError(
+            f"{seg.key}: does not continue from the previous object (broken chain)"
+        )
+    if start.frame == 0:
+        raw = header.get("wal_header")
+        if not isinstance(raw, str):
+            raise CorruptObjectError(f"{seg.key}: corrupt object (missing WAL header)")
+        try:
+            wh = parse_wal_header(bytes.fromhex(raw))
+        except (ValueError, WalError):
+            raise CorruptObjectError(f"{seg.key}: corrupt object (bad WAL header)") from None
+        if wh.salts != start.salts or wh.checksum != start.checksum:
+            raise CorruptObjectError(f"{seg.key}: corrupt object (WAL header mismatch)")
+    elif start != prev:
+        raise CorruptObjectError(f"{seg.key}: does not continue from the previous object")
+    return start
+
+
+async def _apply_segment(
+    client: StorageClient, seg: ObjectInfo, ap: _Applier, stop_txid: int
+) -> bool:
+    """Apply a segment's frames up to ``stop_txid``; True if the stop point was reached."""
+    header, body = await decode_stream(client.read_object(seg), seg.key)
+    start = _check_link(seg, header, ap)
+    big_endian = bool(header["big_endian"])
+    ps = ap.page_size
+    fs = FRAME_HEADER_SIZE + ps
+    ck = start.checksum
+    txid = seg.start_txid - 1
+    pending = bytearray()
+    stopped = False
+    frame_no = start.frame
+    async for chunk in body:
+        if stopped:
+            continue  # keep reading: the object's checksum is verified at its end
+        pending += chunk
+        n = len(pending) // fs
+        if n == 0:
+            continue
+        buf = bytes(pending[: n * fs])
+        del pending[: n * fs]
+        try:
+            ck_end = verify_frames(buf, ps, big_endian, start.salts, ck)
+        except WalError as exc:
+            raise CorruptObjectError(f"{seg.key}: corrupt object ({exc})") from None
+        writes = []
+        for k in range(n):
+            off = k * fs
+            pgno, commit = struct.unpack_from(">II", buf, off)
+            writes.append((buf[off + FRAME_HEADER_SIZE : off + fs], (pgno - 1) * ps))
+            frame_no += 1
+            if commit:
+                txid += 1
+                ap.pages = commit
+                ck_here = struct.unpack_from(">II", buf, off + 16)
+                ap.end = WalPos(start.salt1, start.salt2, frame_no, (ck_here[0], ck_here[1]))
+                if txid >= stop_txid:
+                    stopped = True
+                    break
+        await asyncio.to_thread(_write_all, ap, writes)
+        ck = ck_end
+    if pending and not stopped:
+        raise CorruptObjectError(f"{seg.key}: corrupt object (partial frame at the end)")
+    if not stopped:
+        end = WalPos.from_json(header.get("end"))
+        if end != ap.end or txid != seg.end_txid:
+            raise CorruptObjectError(f"{seg.key}: corrupt object (ends at the wrong frame)")
+    return stopped
+
+
+def _write_all(ap: _Applier, writes: list[tuple[bytes, int]]) -> None:
+    for data, off in writes:
+        os.pwrite(ap.fd, data, off)
+
+
+def integrity_check(path: str) -> str:
+    """``PRAGMA integrity_check`` on a closed database file without creating -wal/-shm files;
+    returns "ok" or the first problems reported."""
+    conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    try:
+        rows = conn.execute("PRAGMA integrity_check").fetchall()
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    finally:
+        conn.close()
+    text = "; ".join(str(r[0]) for r in rows[:5])
+    return text
+
+
+async def apply_plan(
+    client: StorageClient,
+    plan: RestorePlan,
+    output: str,
+    *,
+    force: bool = False,
+    check: bool = True,
+) -> RestoreResult:
+    """Write the planned database to ``output`` (temp file, fsync, integrity check, rename)."""
+    output = os.path.abspath(output)
+    parent = os.path.dirname(output)
+    if not os.path.isdir(parent):
+        raise RestoreError(f"output directory {parent} does not exist")
+    if os.path.exists(output) and not force:
+        raise RestoreError(f"output {output} already exists; pass --force to overwrite it")
+    tmp = temp_path(output)
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        raise RestoreError(f"cannot write {tmp}: {exc.strerror}") from None
+    ok = False
+    try:
+        ap = _Applier(fd)
+        await _apply_snapshot(client, plan.snapshot, ap)
+        for seg in plan.segments:
+            if await _apply_segment(client, seg, ap, plan.txid):
+                break
+        os.ftruncate(fd, ap.pages * ap.page_size)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        result = await asyncio.to_thread(integrity_check, tmp) if check else "skipped"
+        if check and result != "ok":
+            raise RestoreError(f"restored database failed integrity_check: {result}")
+        os.replace(tmp, output)
+        fsync_dir(parent)
+        ok = True
+        return RestoreResult(output, plan.txid, ap.pages, ap.page_size, result)
+    except OSError as exc:
+        raise RestoreError(f"cannot write {tmp}: {exc.strerror}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if not ok:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)

@@ -1,0 +1,104 @@
+"""The local spool: captured objects, durable on local disk before any replica has them.
+
+The spool has the same layout as a file replica (it *is* one, to :class:`FileStorage`), so replicas
+copy objects from it unchanged. Capture writes here synchronously from the database's worker
+thread; shippers read it asynchronously. It is what lets the WAL reset freely while a destination
+is slow or down, and what a restart resumes from.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from typing import Any
+
+from .format import KIND_SNAPSHOT, KIND_WAL, ObjectDecoder, ObjectWriter
+from .fsutil import atomic_writer
+from .pos import GENERATIONS_DIR, ObjectInfo, is_generation_id, parse_key
+from .storage.file import FileStorage
+
+
+class Spool:
+    """A spool directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.storage = FileStorage(self.root)
+
+    def path(self, info: ObjectInfo) -> str:
+        """The file path of an object."""
+        return os.path.join(self.root, *info.key.split("/"))
+
+    def write(
+        self, info: ObjectInfo, header: dict[str, Any], body: Iterable[bytes | memoryview]
+    ) -> ObjectInfo:
+        """Write an object durably; return its info with the size filled in."""
+        kind = KIND_SNAPSHOT if info.kind == "snapshot" else KIND_WAL
+        path = self.path(info)
+        with atomic_writer(path) as f:
+            w = ObjectWriter(f, kind, header)
+            for chunk in body:
+                w.write(chunk)
+            w.close()
+            size = f.tell()
+        return ObjectInfo(
+            info.generation, info.end_txid, info.kind_order, info.start_txid, info.first_ms,
+            info.last_ms, size,
+        )
+
+    def generations(self) -> list[str]:
+        """Generations in the spool, oldest first."""
+        try:
+            names = os.listdir(os.path.join(self.root, GENERATIONS_DIR))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if is_generation_id(n))
+
+    def objects(self, generation: str) -> list[ObjectInfo]:
+        """Objects of a generation in the spool, sorted."""
+        out = []
+        for folder in ("snapshots", "wal"):
+            d = os.path.join(self.root, GENERATIONS_DIR, generation, folder)
+            try:
+                names = os.listdir(d)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                info = parse_key(f"{GENERATIONS_DIR}/{generation}/{folder}/{name}")
+                if info is not None:
+                    out.append(info)
+        return sorted(out)
+
+    def read_header(self, info: ObjectInfo) -> dict[str, Any]:
+        """The header of a spooled object."""
+        dec = ObjectDecoder(info.key)
+        with open(self.path(info), "rb") as f:
+            while dec.header is None:
+                chunk = f.read(65536)
+                if not chunk:
+                    break
+                dec.feed(chunk)
+        if dec.header is None:
+            raise ValueError(f"{info.key}: truncated header")
+        return dec.header
+
+    def latest(self) -> tuple[ObjectInfo, dict[str, Any]] | None:
+        """The newest object of the newest generation with its header, or None."""
+        for gen in reversed(self.generations()):
+            objs = self.objects(gen)
+            if objs:
+                return objs[-1], self.read_header(objs[-1])
+        return None
+
+    def delete(self, infos: Iterable[ObjectInfo]) -> None:
+        """Remove objects (no fsync needed: the spool's deletions need not survive a crash)."""
+        for info in infos:
+            try:
+                os.unlink(self.path(info))
+            except FileNotFoundError:
+                pass
+
+    def delete_generation(self, generation: str) -> None:
+        """Remove a generation."""
+        shutil.rmtree(os.path.join(self.root, GENERATIONS_DIR, generation), ignore_errors=True)
