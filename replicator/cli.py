@@ -106,6 +106,7 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
 
 
 def _replicate_config(args: argparse.Namespace) -> Config:
@@ -141,6 +142,13 @@ def _replicate_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+_early_stop: list[int] = []
+
+
+def _note_early_stop(signum: int, frame: object) -> None:
+    _early_stop.append(signum)
+
+
 async def _replicate(cfg: Config) -> int:
     from .replicator import Replicator
 
@@ -149,12 +157,20 @@ async def _replicate(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await rep.open()
+    if _early_stop:
+        stop.set()
     server = None
     if cfg.metrics_addr:
         from .server import start_server
 
+        # listen before opening anything: a bad address must fail before a generation starts
         server = await start_server(cfg.metrics_addr, rep)
+    try:
+        await rep.open()
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise
     for s in rep.services:
         log.info("replicating %s to %s", s.cfg.path, ", ".join(r.url for r in s.replicas))
     try:
@@ -285,6 +301,10 @@ async def _list(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "replicate":
+        # a stop requested while starting up is honoured once the loop runs
+        signal.signal(signal.SIGTERM, _note_early_stop)
+        signal.signal(signal.SIGINT, _note_early_stop)
     _setup_logging(args.log_level)
     try:
         if args.command == "version":

@@ -98,11 +98,17 @@ class DbHeader:
     wal_mode: bool
 
 
-def read_db_header(path: str) -> DbHeader | None:
-    """Parse the 100-byte database header; None if the file is empty."""
-    with open(path, "rb") as f:
-        raw = f.read(100)
-        size = os.fstat(f.fileno()).st_size
+def read_db_header(path: str, fd: int | None = None) -> DbHeader | None:
+    """Parse the 100-byte database header; None if the file is empty.
+
+    Pass ``fd`` while SQLite connections to the file are open in this process: opening and
+    closing another descriptor on the file would drop every POSIX lock the process holds on it.
+    """
+    if fd is None:
+        with open(path, "rb") as f:
+            return read_db_header(path, f.fileno())
+    raw = os.pread(fd, 100, 0)
+    size = os.fstat(fd).st_size
     if len(raw) == 0:
         return None
     if len(raw) < 100 or not raw.startswith(b"SQLite format 3\x00"):
@@ -156,6 +162,7 @@ class Database:
         self._wal_fd: int | None = None
         self._wal_ino: int | None = None
         self._shm_fd: int | None = None
+        self._db_fd: int | None = None
         self._db_ino: int | None = None
         self._pending: str | None = None
 
@@ -185,7 +192,9 @@ class Database:
                 pass
         self._conns = []
         self._pinned = False
-        for attr in ("_wal_fd", "_shm_fd"):
+        # only now, with every connection closed, may this process close its other descriptors
+        # on the database and -shm files (closing one drops all the process's POSIX locks)
+        for attr in ("_wal_fd", "_shm_fd", "_db_fd"):
             fd = getattr(self, attr)
             if fd is not None:
                 os.close(fd)
@@ -201,15 +210,18 @@ class Database:
         if not os.path.isfile(self.path):
             raise DatabaseError(f"database {self.path} is not a regular file")
         try:
-            hdr = read_db_header(self.path)
+            self._db_fd = os.open(self.path, os.O_RDONLY)
         except PermissionError:
             raise DatabaseError(f"database {self.path}: permission denied") from None
+        hdr = read_db_header(self.path, self._db_fd)
         if hdr is not None and not hdr.wal_mode:
+            os.close(self._db_fd)
+            self._db_fd = None
             raise DatabaseError(
                 f"database {self.path} is not in WAL mode; enable it once with "
                 f"sqlite3 {self.path} 'PRAGMA journal_mode=WAL' (the setting is persistent)"
             )
-        self._db_ino = st.st_ino
+        self._db_ino = os.fstat(self._db_fd).st_ino
 
     def _connect(self) -> None:
         uri = f"file:{self.path}?mode=rw"
@@ -327,7 +339,7 @@ class Database:
             self._pin(0)
             self._pending = "db_replaced"
             return
-        hdr = read_db_header(self.path)
+        hdr = read_db_header(self.path, self._db_fd)
         if hdr is not None and not hdr.wal_mode:
             raise DatabaseError(f"database {self.path} left WAL mode; replication is paused")
 
@@ -399,6 +411,8 @@ class Database:
         fd = self._wal()
         hdr = read_wal_header(fd) if fd is not None else None
         if hdr is None or fd is None:
+            log.debug("%s: no valid WAL header (fd %s, size %s)", self.name, fd,
+                      os.fstat(fd).st_size if fd is not None else None)
             return
         if hdr.page_size != self.page_size:
             self._start_generation("page_size", res)
@@ -446,6 +460,9 @@ class Database:
 
     def _ship(self, fd: int, hdr: WalHeader, start: WalPos, res: CaptureResult) -> None:
         scan = scan_frames(fd, hdr, start.frame + 1, start.checksum)
+        log.debug("%s: scan from %d: %d frames, stop %s at valid %d, file %d", self.name,
+                  start.frame + 1, len(scan.frames), scan.stop_reason, scan.valid_end_index,
+                  os.fstat(fd).st_size)
         if start.frame > 0 and scan.stop_reason == "short" and not scan.frames:
             size = os.fstat(fd).st_size
             if size < frame_offset(start.frame + 1, self.page_size):
@@ -578,7 +595,7 @@ class Database:
         for _ in range(5):
             fd = self._wal()
             hdr = read_wal_header(fd) if fd is not None else None
-            dbh = read_db_header(self.path)
+            dbh = read_db_header(self.path, self._db_fd)
             page_size = hdr.page_size if hdr else (dbh.page_size if dbh else self.page_size)
             pages = dbh.pages if dbh else 0
             pagemap: dict[int, int] = {}
@@ -624,21 +641,19 @@ class Database:
     def _pages_body(
         self, wal_fd: int | None, pagemap: dict[int, int], page_size: int, pages: int
     ) -> Iterator[bytes]:
-        dfd = os.open(self.path, os.O_RDONLY)
-        try:
-            pgno = 1
-            while pgno <= pages:
-                n = min(SNAPSHOT_CHUNK_PAGES, pages - pgno + 1)
-                buf = bytearray(os.pread(dfd, n * page_size, (pgno - 1) * page_size))
-                if len(buf) < n * page_size:
-                    buf.extend(bytes(n * page_size - len(buf)))
-                for k in range(n):
-                    off = pagemap.get(pgno + k)
-                    if off is not None:
-                        assert wal_fd is not None
-                        page = os.pread(wal_fd, page_size, off)
-                        buf[k * page_size : (k + 1) * page_size] = page
-                yield bytes(buf)
-                pgno += n
-        finally:
-            os.close(dfd)
+        dfd = self._db_fd
+        assert dfd is not None
+        pgno = 1
+        while pgno <= pages:
+            n = min(SNAPSHOT_CHUNK_PAGES, pages - pgno + 1)
+            buf = bytearray(os.pread(dfd, n * page_size, (pgno - 1) * page_size))
+            if len(buf) < n * page_size:
+                buf.extend(bytes(n * page_size - len(buf)))
+            for k in range(n):
+                off = pagemap.get(pgno + k)
+                if off is not None:
+                    assert wal_fd is not None
+                    page = os.pread(wal_fd, page_size, off)
+                    buf[k * page_size : (k + 1) * page_size] = page
+            yield bytes(buf)
+            pgno += n

@@ -76,6 +76,8 @@ class DatabaseService:
         started = time.monotonic()
         res = await self._call(self.db.step)
         self.last_capture = time.time()
+        log.debug("%s: captured %d transactions (%d frames) to txid %d, pos %s", self.cfg.name,
+                  res.transactions, res.frames, self.db.txid, self.db.pos)
         m, name = self.metrics, self.cfg.name
         m.capture_seconds.labels(name).observe(time.monotonic() - started)
         if res.transactions:
@@ -189,6 +191,7 @@ class DatabaseService:
             self._watcher.stop()
 
         async def final() -> None:
+            log.debug("%s: final sync", self.cfg.name)
             await self.sync()
             for r in self.replicas:
                 try:
