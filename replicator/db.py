@@ -29,6 +29,7 @@ that waits; SQLite work runs on the database's own worker thread, never on the e
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DatabaseError, WalError
+from .fsutil import atomic_writer
 from .pos import ObjectInfo, WalPos, new_generation_id, segment_info, snapshot_info
 from .spool import Spool
 from .wal import (
@@ -152,6 +154,8 @@ class Database:
         self.page_size = 0
         self.big_endian = False
         self.last_snapshot_ns = 0
+        # every transaction committed before this time has been captured (0: unknown)
+        self.confirmed_ns = 0
         self.checkpoints: dict[str, int] = {}
         self._last_end: WalPos | None = None
         self._conns: list[sqlite3.Connection] = []
@@ -181,8 +185,22 @@ class Database:
         self._pin(0)
         self._resume()
 
+    @property
+    def state_path(self) -> str:
+        """Where a clean shutdown records how far the database was watched."""
+        return os.path.join(self.spool.root, "state.json")
+
     def close(self) -> None:
-        """Release the pin, close connections and files."""
+        """Release the pin, close connections and files; record how far the database was
+        watched, so a later generation can tell that nothing happened in between."""
+        if self._conns and self.generation is not None and self.confirmed_ns:
+            state = {"generation": self.generation, "txid": self.txid,
+                     "confirmed_ns": self.confirmed_ns}
+            try:
+                with atomic_writer(self.state_path) as f:
+                    f.write(json.dumps(state).encode())
+            except OSError as exc:
+                log.warning("%s: cannot record the shutdown position: %s", self.name, exc)
         for c in self._conns:
             try:
                 if c.in_transaction:
@@ -351,6 +369,14 @@ class Database:
             self._pending = "no_position"
             return
         info, header = latest
+        try:
+            with open(self.state_path, "rb") as f:
+                state = json.loads(f.read())
+            if (state.get("generation"), state.get("txid")) == (info.generation, info.end_txid):
+                self.confirmed_ns = int(state["confirmed_ns"])
+            os.unlink(self.state_path)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
         pos = WalPos.from_json(header["end"] if info.kind == "wal" else header["position"])
         page_size = int(header["page_size"])
         if self._continues(pos, page_size):
@@ -394,6 +420,7 @@ class Database:
         """Capture every committed transaction not yet captured; start a generation or rotate the
         pin when needed. Safe to call at any time; does nothing when nothing changed."""
         res = CaptureResult()
+        started = time.time_ns()
         self._check_identity()
         if not self._pinned:
             self._pin(self._active)
@@ -405,6 +432,7 @@ class Database:
             self._rotate()
             res.rotated = True
             self._capture(res)
+        self.confirmed_ns = started
         return res
 
     def _capture(self, res: CaptureResult) -> None:
@@ -567,7 +595,8 @@ class Database:
         self.txid = 0
         info, pos = self._write_snapshot(
             gen, 0, None, {"reason": reason, "previous_generation": prev_gen,
-                           "previous_txid": prev_txid if prev_gen else None},
+                           "previous_txid": prev_txid if prev_gen else None,
+                           "previous_confirmed_ns": self.confirmed_ns or None},
         )
         self.pos = pos
         self._last_end = pos

@@ -240,6 +240,20 @@ async def _txn_time(
     raise CorruptObjectError(f"{chain[-1].key}: corrupt object (txid {txid} not listed)")
 
 
+async def _watched_until(
+    client: StorageClient, gen: GenerationSummary, nxt: GenerationSummary, t_ns: int
+) -> bool:
+    """Whether the generation after ``gen`` records that ``gen`` was watched, unchanged, past
+    ``t_ns`` (a clean shutdown, or a break detected while running)."""
+    first = nxt.snapshots[0]
+    header = await read_header(client.read_object(first), first.key)
+    return (
+        header.get("previous_generation") == gen.generation
+        and header.get("previous_txid") == gen.end_txid
+        and int(header.get("previous_confirmed_ns") or 0) >= t_ns
+    )
+
+
 async def _plan_time(
     client: StorageClient,
     gens: list[GenerationSummary],
@@ -294,15 +308,21 @@ async def _plan_time(
                 ts = int(t[1])
     at_end = not chain_all or (chain and chain[-1] is chain_all[-1] and target == gen.end_txid)
     if at_end or target == gen.end_txid:
+        # the generation's last point to the nanosecond (key times are only milliseconds): its
+        # last transaction, or a snapshot of that transaction observed later
+        end_ns = ts
+        last_snaps = [s for s in gen.snapshots if s.end_txid == gen.end_txid]
+        if last_snaps:
+            end_ns = max(end_ns, await _snapshot_ns(client, last_snaps[-1]))
         later = [g for g in usable if g.start_ms > gen.start_ms]
-        if later and gen.end_ms * 1_000_000 < t_ns:
+        if later and end_ns < t_ns and not await _watched_until(client, gen, later[0], t_ns):
             nxt = later[0]
             raise RestoreError(
                 f"{fmt_ns(t_ns)} falls in a gap between generations: {gen.generation} ends at "
-                f"{fmt_ns(gen.end_ms * 1_000_000)} and {nxt.generation} starts at "
+                f"{fmt_ns(end_ns)} and {nxt.generation} starts at "
                 f"{fmt_ns(nxt.start_ms * 1_000_000)}; {_range_text(gens)}"
             )
-        if gen.end_ms * 1_000_000 < t_ns:
+        if ts < t_ns:
             notes.append(
                 f"{fmt_ns(t_ns)} is after the last replicated transaction; restoring the latest "
                 f"point ({fmt_ns(ts)})"

@@ -56,7 +56,7 @@ def test_replicate_restore_equals_source(tmp_path: Path) -> None:
     instants: list[int] = []
     rnd = random.Random(7)
     while w.poll() is None:
-        time.sleep(rnd.uniform(0.05, 0.4))
+        time.sleep(rnd.uniform(0.3, 0.6))
         instants.append(time.time_ns())
     out, err = w.communicate()
     assert w.returncode == 0, err

@@ -1,0 +1,173 @@
+"""Crashes and faults: kill -9 of the replicator, a writer killed mid-transaction, the
+application's own TRUNCATE checkpoints with the replicator up and down."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+import util
+from test_e2e import wait_for_snapshot
+from writer import init_db
+
+from replicator.format import decode_stream
+from replicator.restore import fmt_ns
+from replicator.storage import open_storage
+
+
+@pytest.mark.slow
+def test_kill9_cycles_lose_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    dest = str(tmp_path / "replica")
+    log = tmp_path / "commits.log"
+    w = util.start_writer(db, log, "--duration", "600", "--rate", "300", "--ops", "mixed")
+    rnd = random.Random(11)
+    try:
+        for cycle in range(20):
+            args = [str(db), dest, "--checkpoint-pages", str(rnd.choice([32, 128, 1000]))]
+            if cycle % 3 == 0:
+                args += ["--snapshot-interval", "0.3s"]
+            rep = util.Replicate(*args, log=tmp_path / f"rep{cycle}.log")
+            time.sleep(rnd.uniform(0.2, 1.2))
+            rep.kill()
+            assert "Traceback" not in rep.text()
+            if any(Path(dest).glob("generations/*/snapshots/*.snap")):
+                out = tmp_path / f"r{cycle}.db"
+                util.restore(dest, out)
+                assert util.integrity(out) == "ok"
+                k = util.assert_prefix(util.seqs(out))
+                assert k <= len(util.commit_log(log)) + 1
+                out.unlink()
+        rep = util.Replicate(str(db), dest, log=tmp_path / "final.log")
+        wait_for_snapshot(Path(dest))
+        time.sleep(0.5)
+    finally:
+        w.terminate()
+        w.communicate(timeout=60)
+    assert w.returncode == 0
+    assert rep.stop() == 0, rep.text()
+    out = tmp_path / "final.db"
+    util.restore(dest, out)
+    assert util.integrity(out) == "ok"
+    assert util.seqs(out) == [c[0] for c in util.commit_log(log)]
+    assert util.dump(out) == util.dump(db)
+
+
+def _segment_bodies(dest: str) -> list[bytes]:
+    async def collect() -> list[bytes]:
+        client = open_storage(dest)
+        out = []
+        try:
+            for gen in await client.generations():
+                for o in await client.objects(gen):
+                    _, body = await decode_stream(client.read_object(o), o.key)
+                    out.append(b"".join([c async for c in body]))
+        finally:
+            await client.aclose()
+        return out
+
+    return asyncio.run(collect())
+
+
+def test_torn_transaction_is_never_shipped(tmp_path: Path) -> None:
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    dest = str(tmp_path / "replica")
+    rep = util.Replicate(str(db), dest, log=tmp_path / "rep.log")
+    wait_for_snapshot(Path(dest))
+    log = tmp_path / "commits.log"
+    w = util.start_writer(db, log, "--count", "100", "--rate", "500")
+    w.communicate(timeout=60)
+    wal_before = (tmp_path / "app.db-wal").stat().st_size
+    torn = util.start_writer(db, log, "--torn")
+    assert torn.stdout is not None
+    assert torn.stdout.readline().strip() == "torn"
+    # the uncommitted pages are in the WAL now, and the replicator has looked at them
+    assert (tmp_path / "app.db-wal").stat().st_size > wal_before + 1_000_000
+    time.sleep(1.5)
+    torn.kill()
+    torn.communicate(timeout=30)
+    w = util.start_writer(db, log, "--count", "50", "--rate", "500")
+    w.communicate(timeout=60)
+    assert rep.stop() == 0, rep.text()
+    out = tmp_path / "out.db"
+    util.restore(dest, out)
+    assert util.seqs(out) == list(range(1, 151))
+    c = sqlite3.connect(out)
+    assert c.execute("SELECT COUNT(*) FROM data WHERE k = -1").fetchone()[0] == 0
+    c.close()
+    for body in _segment_bodies(dest):
+        assert b"U" * 1000 not in body, "an uncommitted page was shipped"
+    assert util.dump(out) == util.dump(db)
+
+
+def test_application_truncate_with_replicator_up(tmp_path: Path) -> None:
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    dest = str(tmp_path / "replica")
+    rep = util.Replicate(str(db), dest, "--checkpoint-pages", "64", log=tmp_path / "rep.log")
+    wait_for_snapshot(Path(dest))
+    log = tmp_path / "commits.log"
+    w = util.start_writer(db, log, "--duration", "4", "--rate", "300", "--truncate-every", "40")
+    mid = None
+    while w.poll() is None:
+        time.sleep(0.5)
+        mid = mid or time.time_ns()
+    w.communicate(timeout=30)
+    assert w.returncode == 0
+    assert rep.stop() == 0, rep.text()
+    out = tmp_path / "out.db"
+    util.restore(dest, out)
+    assert util.seqs(out) == [c[0] for c in util.commit_log(log)]
+    assert util.dump(out) == util.dump(db)
+    assert mid is not None
+    util.restore(dest, tmp_path / "mid.db", "--to-time", fmt_ns(mid))
+    k = util.assert_prefix(util.seqs(tmp_path / "mid.db"))
+    assert 0 < k < len(util.commit_log(log))
+
+
+def test_application_truncate_with_replicator_down(tmp_path: Path) -> None:
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    dest = str(tmp_path / "replica")
+    log = tmp_path / "commits.log"
+    rep = util.Replicate(str(db), dest, log=tmp_path / "rep1.log")
+    wait_for_snapshot(Path(dest))
+    w = util.start_writer(db, log, "--count", "200", "--rate", "400")
+    w.communicate(timeout=60)
+    time.sleep(0.3)
+    t_first = time.time_ns()
+    assert rep.stop() == 0
+    first = len(util.commit_log(log))
+    # while the replicator is down the application writes and truncates its WAL
+    w = util.start_writer(db, log, "--count", "100", "--rate", "400", "--truncate-every", "50")
+    w.communicate(timeout=60)
+    time.sleep(0.3)
+    t_gap = time.time_ns()
+    time.sleep(0.3)
+    rep = util.Replicate(str(db), dest, log=tmp_path / "rep2.log")
+    wait_for_snapshot(Path(dest))
+    util.wait_until(lambda: len(list(Path(dest).glob("generations/*"))) == 2, 30,
+                    what="second generation")
+    w = util.start_writer(db, log, "--count", "100", "--rate", "400")
+    w.communicate(timeout=60)
+    assert rep.stop() == 0
+    assert re.search(r"new generation \w+: WAL changed while the replicator was stopped",
+                     rep.text())
+    out = tmp_path / "latest.db"
+    util.restore(dest, out)
+    assert util.seqs(out) == list(range(1, 401))
+    assert util.dump(out) == util.dump(db)
+    before = tmp_path / "before.db"
+    util.restore(dest, before, "--to-time", fmt_ns(t_first))
+    assert util.seqs(before) == list(range(1, first + 1))
+    r = util.cli("restore", dest, "-o", str(tmp_path / "gap.db"), "--to-time", fmt_ns(t_gap))
+    assert r.returncode == 1
+    assert "gap between generations" in r.stderr
+    assert not (tmp_path / "gap.db").exists()
