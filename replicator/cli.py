@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("replicate", help="replicate databases until stopped",
                        description="Replicate DB to each DESTINATION, or every database of a "
-                       "config file. Stops cleanly on SIGTERM/SIGINT after a final sync.")
+                       "config file. Without DESTINATION the replica is the directory "
+                       "DB.replica beside the database; without DB, a demo database "
+                       "./demo/app.db is replicated to ./demo/replica. Stops cleanly on "
+                       "SIGTERM/SIGINT after a final sync.")
     r.add_argument("db", nargs="?", help="database file")
     r.add_argument("destinations", nargs="*", metavar="DESTINATION")
     r.add_argument("-c", "--config", help="YAML config file")
@@ -116,9 +119,11 @@ def _replicate_config(args: argparse.Namespace) -> Config:
         cfg = load_config(args.config)
     else:
         if not args.db:
-            raise ConfigError("missing DB (or --config FILE)")
+            args.db = _demo_db()
+            args.destinations = [os.path.join(os.path.dirname(args.db), "replica")]
         if not args.destinations:
-            raise ConfigError("missing DESTINATION: give at least one replica destination")
+            d, base = os.path.split(os.path.abspath(args.db))
+            args.destinations = [os.path.join(d, f"{base}.replica")]
         replicas = [replica_from_url(d, f"replica{i + 1}", f"DESTINATION {d!r}")
                     for i, d in enumerate(args.destinations)]
         cfg = Config(dbs=[DbConfig(path=args.db, replicas=replicas)])
@@ -140,6 +145,29 @@ def _replicate_config(args: argparse.Namespace) -> Config:
     if args.metrics_addr is not None:
         cfg.metrics_addr = validate_addr(args.metrics_addr, "--metrics-addr")
     return cfg
+
+
+DEMO_DIR = "demo"
+
+
+def _demo_db() -> str:
+    """The embedded default: ./demo/app.db (created in WAL mode with a little data if missing),
+    replicated to ./demo/replica."""
+    import sqlite3
+
+    path = os.path.abspath(os.path.join(DEMO_DIR, "app.db"))
+    if not os.path.exists(path):
+        os.makedirs(DEMO_DIR, exist_ok=True)
+        conn = sqlite3.connect(path)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE IF NOT EXISTS notes(id INTEGER PRIMARY KEY, body TEXT, "
+                     "created_at TEXT DEFAULT CURRENT_TIMESTAMP)")
+        conn.executemany("INSERT INTO notes(body) VALUES (?)",
+                         [(f"demo note {i}",) for i in range(100)])
+        conn.commit()
+        conn.close()
+        print(f"created demo database {path}", file=sys.stderr)
+    return path
 
 
 _early_stop: list[int] = []
