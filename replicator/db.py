@@ -603,7 +603,8 @@ class Database:
         self._learn_reset_bound()
         res.objects.append(info)
         res.new_generation = reason
-        log.warning("%s: new generation %s: %s", self.name, gen, REASONS.get(reason, reason))
+        level = logging.INFO if reason == "no_position" else logging.WARNING
+        log.log(level, "%s: new generation %s: %s", self.name, gen, REASONS.get(reason, reason))
 
     def snapshot(self) -> ObjectInfo:
         """Take a snapshot of the current position inside the current generation."""
