@@ -236,26 +236,33 @@ def _sources(args: argparse.Namespace) -> list[_Source]:
     return [_Source(r.name, open_storage(r.url)) for r in reps]
 
 
-async def _restore(args: argparse.Namespace) -> int:
+def _restore_checks(args: argparse.Namespace) -> bool:
+    """Argument checks before anything is read; False when there is nothing to do."""
     if not args.dry_run and not args.output:
         raise ConfigError("restore needs -o OUTPUT (or --dry-run)")
-    to_time = parse_time(args.to_time) if args.to_time else None
     if args.txid is not None and args.txid < 0:
         raise ConfigError("--txid: expected a non-negative integer")
     if args.output and os.path.exists(args.output):
         if args.if_db_not_exists:
             print(f"output {args.output} exists; nothing restored")
-            return 0
+            return False
         if not args.force and not args.dry_run:
             raise RestoreError(f"output {args.output} already exists; pass --force to overwrite")
+    return True
+
+
+async def _restore(args: argparse.Namespace) -> int:
+    to_time = parse_time(args.to_time) if args.to_time else None
     sources = _sources(args)
     try:
         plans = []
-        errors = []
+        errors: list[ReplicatorError] = []
+        empty = 0
         for src in sources:
             try:
                 gens = await summarize(src.client)
                 if not any(g.snapshots for g in gens):
+                    empty += 1
                     errors.append(RestoreError(f"no restorable generation on {src.client.url}"))
                     continue
                 plans.append((src, await plan_restore(
@@ -263,9 +270,7 @@ async def _restore(args: argparse.Namespace) -> int:
             except ReplicatorError as exc:
                 errors.append(exc)
         if not plans:
-            if args.if_replica_exists and all(
-                "no restorable generation" in str(e) for e in errors
-            ):
+            if args.if_replica_exists and empty == len(sources):
                 print("no replica found; nothing restored")
                 return 0
             raise errors[0]
@@ -341,7 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "replicate":
             return asyncio.run(_replicate(_replicate_config(args)))
         if args.command == "restore":
-            return asyncio.run(_restore(args))
+            if args.to_time:
+                parse_time(args.to_time)  # a bad time is reported before anything is read
+            return asyncio.run(_restore(args)) if _restore_checks(args) else 0
         return asyncio.run(_list(args))
     except ReplicatorError as exc:
         print(f"replicator: error: {exc}", file=sys.stderr)

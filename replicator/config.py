@@ -6,6 +6,7 @@ Every validation error is a :class:`ConfigError` whose message names the field, 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ def parse_duration(value: object, where: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{where}: expected a duration like 10s, 5m or 1h, got {value!r}")
     if isinstance(value, int | float):
+        if math.isnan(value):
+            raise ConfigError(f"{where}: expected a duration like 10s, 5m or 1h, got {value!r}")
         if value < 0:
             raise ConfigError(f"{where}: duration must not be negative")
         return float(value)
@@ -98,10 +101,13 @@ def expand_env(value: Any, where: str) -> Any:
 
         def sub(m: re.Match[str]) -> str:
             var, default = m[1], m[2]
-            if var in os.environ:
-                return os.environ[var]
+            found = os.environ.get(var)
+            if found:
+                return found
             if default is not None:
-                return default
+                return default  # like the shell: the default also replaces an empty value
+            if found is not None:
+                return found
             raise ConfigError(f"{where}: environment variable {var} is not set")
 
         return _ENV_RE.sub(sub, value)
@@ -269,6 +275,8 @@ def load_config(path: str) -> Config:
             text = f.read()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror}") from None
     try:

@@ -220,7 +220,7 @@ class Database:
 
     def _check_file(self) -> None:
         try:
-            st = os.stat(self.path)
+            os.stat(self.path)
         except FileNotFoundError:
             raise DatabaseError(f"database {self.path} does not exist") from None
         except OSError as exc:

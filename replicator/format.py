@@ -33,6 +33,7 @@ DEFAULT_LEVEL = 1
 _PREAMBLE = struct.Struct(">4sHHI")
 _TRAILER_SIZE = 4 + 32
 _MAX_HEADER = 64 << 20
+_KIND_NAMES = {KIND_SNAPSHOT: "snapshot", KIND_WAL: "wal"}
 
 
 def _digest() -> Any:
@@ -90,6 +91,9 @@ class ObjectDecoder:
                 raise FormatError(f"{self.key}: not a replica object (bad magic)")
             if version != FORMAT_VERSION:
                 raise FormatError(f"{self.key}: unsupported format version {version}")
+            if kind not in _KIND_NAMES:
+                # the preamble is not covered by the trailer's digest: check it on its own
+                raise CorruptObjectError(f"{self.key}: corrupt object (unknown kind {kind})")
             if hlen > _MAX_HEADER:
                 raise CorruptObjectError(f"{self.key}: corrupt object (header length {hlen})")
             if len(self._buf) < _PREAMBLE.size + hlen:
@@ -101,6 +105,11 @@ class ObjectDecoder:
                 raise CorruptObjectError(f"{self.key}: corrupt object (bad header)") from None
             if not isinstance(header, dict):
                 raise CorruptObjectError(f"{self.key}: corrupt object (bad header)")
+            if header.get("kind", _KIND_NAMES[kind]) != _KIND_NAMES[kind]:
+                raise CorruptObjectError(
+                    f"{self.key}: corrupt object (kind {_KIND_NAMES[kind]} in the preamble, "
+                    f"{header.get('kind')!r} in the header)"
+                )
             self.header = header
             self.kind = kind
             self._hash.update(raw)

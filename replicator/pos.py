@@ -39,7 +39,7 @@ def new_generation_id(now_ns: int | None = None) -> str:
 
 def is_generation_id(name: str) -> bool:
     """Whether ``name`` has the form of a generation id."""
-    return bool(_GEN_RE.match(name))
+    return bool(_GEN_RE.fullmatch(name))
 
 
 def generation_time_ms(gen: str) -> int:
@@ -117,11 +117,11 @@ def parse_key(key: str, size: int = 0) -> ObjectInfo | None:
         return None
     gen, folder, name = parts[1], parts[2], parts[3]
     if folder == "snapshots":
-        m = _SNAP_RE.match(name)
+        m = _SNAP_RE.fullmatch(name)
         if m:
             return snapshot_info(gen, int(m[1], 16), int(m[2], 16), size)
     elif folder == "wal":
-        m = _SEG_RE.match(name)
+        m = _SEG_RE.fullmatch(name)
         if m:
             return segment_info(
                 gen, int(m[1], 16), int(m[2], 16), int(m[3], 16), int(m[4], 16), size
@@ -161,4 +161,6 @@ class WalPos:
         if not isinstance(obj, dict):
             raise ValueError("position is not an object")
         ck = obj["checksum"]
-        return cls(int(obj["salt1"]), int(obj["salt2"]), int(obj["frame"]), (int(ck[0]), int(ck[1])))
+        return cls(
+            int(obj["salt1"]), int(obj["salt2"]), int(obj["frame"]), (int(ck[0]), int(ck[1]))
+        )

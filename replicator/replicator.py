@@ -185,8 +185,8 @@ class DatabaseService:
         finally:
             await asyncio.gather(*shippers, return_exceptions=True)
 
-    async def close(self, timeout: float) -> None:
-        """Final capture and ship within ``timeout`` seconds, then release everything."""
+    async def close(self, grace: float) -> None:
+        """Final capture and ship within ``grace`` seconds, then release everything."""
         if self._watcher is not None:
             self._watcher.stop()
 
@@ -201,9 +201,9 @@ class DatabaseService:
             await self.prune_spool()
 
         try:
-            await asyncio.wait_for(final(), timeout)
+            await asyncio.wait_for(final(), grace)
         except TimeoutError:
-            log.error("%s: final sync did not finish within %.1fs", self.cfg.name, timeout)
+            log.error("%s: final sync did not finish within %.1fs", self.cfg.name, grace)
         except Exception as exc:  # noqa: BLE001
             self._record_error("final sync", exc)
         await self._call(self.db.close)

@@ -154,7 +154,7 @@ def _chain(
         cur = by_start.get(s.start_txid)
         if cur is None or s.end_txid > cur.end_txid:
             by_start[s.start_txid] = s
-    chain = []
+    chain: list[ObjectInfo] = []
     nxt = snap.end_txid + 1
     while upto_txid is None or nxt <= upto_txid:
         seg = by_start.get(nxt)
@@ -234,7 +234,7 @@ async def _txn_time(
 ) -> int:
     if not chain or txid == snap.end_txid:
         return await _snapshot_ns(client, snap)
-    for t in await _segment_txns(client, chain[-1]):
+    for t in await _segment_txns(client, chain[-1]):  # the target may be mid-segment
         if int(t[0]) == txid:
             return int(t[1])
     raise CorruptObjectError(f"{chain[-1].key}: corrupt object (txid {txid} not listed)")
@@ -254,28 +254,64 @@ async def _watched_until(
     )
 
 
+async def _pick_snapshot(
+    client: StorageClient, usable: list[GenerationSummary], t_ns: int
+) -> tuple[GenerationSummary, ObjectInfo] | None:
+    """The newest generation and snapshot observed at or before ``t_ns``."""
+    t_ms = t_ns // 1_000_000
+    for g in reversed([g for g in usable if g.start_ms <= t_ms]):
+        for s in reversed(g.snapshots):
+            # a snapshot observed in the same millisecond as T may still be after T
+            if s.last_ms < t_ms or (s.last_ms == t_ms and await _snapshot_ns(client, s) <= t_ns):
+                return g, s
+    return None
+
+
+async def _check_end(
+    client: StorageClient,
+    gens: list[GenerationSummary],
+    usable: list[GenerationSummary],
+    gen: GenerationSummary,
+    ts: int,
+    t_ns: int,
+) -> list[str]:
+    """T is at or past the end of ``gen``: refuse a gap before the next generation, or note that
+    the latest point is what T gets."""
+    # the generation's last point to the nanosecond (key times are only milliseconds): its last
+    # transaction, or a snapshot of that transaction observed later
+    end_ns = ts
+    last_snaps = [s for s in gen.snapshots if s.end_txid == gen.end_txid]
+    if last_snaps:
+        end_ns = max(end_ns, await _snapshot_ns(client, last_snaps[-1]))
+    later = [g for g in usable if g.start_ms > gen.start_ms]
+    if later and end_ns < t_ns and not await _watched_until(client, gen, later[0], t_ns):
+        nxt = later[0]
+        raise RestoreError(
+            f"{fmt_ns(t_ns)} falls in a gap between generations: {gen.generation} ends at "
+            f"{fmt_ns(end_ns)} and {nxt.generation} starts at "
+            f"{fmt_ns(nxt.start_ms * 1_000_000)}; {_range_text(gens)}"
+        )
+    if ts < t_ns:
+        return [
+            f"{fmt_ns(t_ns)} is after the last replicated transaction; restoring the latest "
+            f"point ({fmt_ns(ts)})"
+        ]
+    return []
+
+
 async def _plan_time(
     client: StorageClient,
     gens: list[GenerationSummary],
     usable: list[GenerationSummary],
     t_ns: int,
 ) -> RestorePlan:
-    t_ms = t_ns // 1_000_000
-    cands = [g for g in usable if g.start_ms <= t_ms]
-    # a snapshot observed in the same millisecond as T may still be after T: check its header
-    gen = None
-    snap = None
-    for g in reversed(cands):
-        for s in reversed(g.snapshots):
-            if s.last_ms < t_ms or (s.last_ms == t_ms and await _snapshot_ns(client, s) <= t_ns):
-                gen, snap = g, s
-                break
-        if gen is not None:
-            break
-    if gen is None or snap is None:
+    picked = await _pick_snapshot(client, usable, t_ns)
+    if picked is None:
         raise RestoreError(
             f"{fmt_ns(t_ns)} is before the earliest restorable point; {_range_text(gens)}"
         )
+    gen, snap = picked
+    t_ms = t_ns // 1_000_000
     chain_all, missing = _chain(gen, snap, None)
     chain: list[ObjectInfo] = []
     target = snap.end_txid
@@ -299,34 +335,11 @@ async def _plan_time(
                 f"missing WAL segment for txid {missing} in generation {gen.generation} on "
                 f"{client.url}: cannot restore to {fmt_ns(t_ns)}; {_range_text(gens)}"
             )
-    notes = []
-    if chain and chain[-1].end_txid == target:
+    if chain:
         ts = await _txn_time(client, snap, chain, target)
-    elif chain:
-        for t in await _segment_txns(client, chain[-1]):
-            if int(t[0]) == target:
-                ts = int(t[1])
-    at_end = not chain_all or (chain and chain[-1] is chain_all[-1] and target == gen.end_txid)
-    if at_end or target == gen.end_txid:
-        # the generation's last point to the nanosecond (key times are only milliseconds): its
-        # last transaction, or a snapshot of that transaction observed later
-        end_ns = ts
-        last_snaps = [s for s in gen.snapshots if s.end_txid == gen.end_txid]
-        if last_snaps:
-            end_ns = max(end_ns, await _snapshot_ns(client, last_snaps[-1]))
-        later = [g for g in usable if g.start_ms > gen.start_ms]
-        if later and end_ns < t_ns and not await _watched_until(client, gen, later[0], t_ns):
-            nxt = later[0]
-            raise RestoreError(
-                f"{fmt_ns(t_ns)} falls in a gap between generations: {gen.generation} ends at "
-                f"{fmt_ns(end_ns)} and {nxt.generation} starts at "
-                f"{fmt_ns(nxt.start_ms * 1_000_000)}; {_range_text(gens)}"
-            )
-        if ts < t_ns:
-            notes.append(
-                f"{fmt_ns(t_ns)} is after the last replicated transaction; restoring the latest "
-                f"point ({fmt_ns(ts)})"
-            )
+    notes: list[str] = []
+    if target == gen.end_txid:
+        notes = await _check_end(client, gens, usable, gen, ts, t_ns)
     return RestorePlan(client.url, gen.generation, snap, chain, target, ts, notes)
 
 
@@ -473,6 +486,16 @@ def integrity_check(path: str) -> str:
     return text
 
 
+def _check_output(output: str, force: bool) -> str:
+    output = os.path.abspath(output)
+    parent = os.path.dirname(output)
+    if not os.path.isdir(parent):
+        raise RestoreError(f"output directory {parent} does not exist")
+    if os.path.exists(output) and not force:
+        raise RestoreError(f"output {output} already exists; pass --force to overwrite it")
+    return output
+
+
 async def apply_plan(
     client: StorageClient,
     plan: RestorePlan,
@@ -482,12 +505,8 @@ async def apply_plan(
     check: bool = True,
 ) -> RestoreResult:
     """Write the planned database to ``output`` (temp file, fsync, integrity check, rename)."""
-    output = os.path.abspath(output)
+    output = await asyncio.to_thread(_check_output, output, force)
     parent = os.path.dirname(output)
-    if not os.path.isdir(parent):
-        raise RestoreError(f"output directory {parent} does not exist")
-    if os.path.exists(output) and not force:
-        raise RestoreError(f"output {output} already exists; pass --force to overwrite it")
     tmp = temp_path(output)
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
