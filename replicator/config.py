@@ -190,6 +190,15 @@ _DB_FIELDS = {"path", "name", "replicas", "spool-dir", "spool_dir", "snapshot-in
               "checkpoint_pages", "retention", "health"}
 
 
+def _check_retention(cfg: DbConfig, where: str) -> None:
+    assert cfg.retention is not None
+    if cfg.snapshot_interval <= 0 or cfg.retention < cfg.snapshot_interval:
+        raise ConfigError(
+            f"{where}.retention: must be at least snapshot-interval "
+            f"({cfg.snapshot_interval:g}s), or nothing could ever be deleted"
+        )
+
+
 def _db(raw: Any, where: str) -> DbConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping")
@@ -223,6 +232,7 @@ def _db(raw: Any, where: str) -> DbConfig:
         cfg.checkpoint_pages = _int(get("checkpoint-pages"), f"{where}.checkpoint-pages", 16)
     if get("retention") is not None:
         cfg.retention = parse_duration(get("retention"), f"{where}.retention")
+        _check_retention(cfg, where)
     if raw.get("health") is not None:
         if not isinstance(raw["health"], dict):
             raise ConfigError(f"{where}.health: expected a mapping")

@@ -183,6 +183,7 @@ class Database:
         self._check_file()
         self._connect()
         self._pin(0)
+        self.spool.remove_temp_files()
         self._resume()
 
     @property

@@ -47,6 +47,7 @@ class Replica:
         self.healthy = False
         self._last_log = 0.0
         self.on_shipped: Callable[[], None] | None = None
+        self.retention: float | None = None
         self._relist = False
 
     @property
@@ -102,10 +103,12 @@ class Replica:
             if not self._has_base(missing[0], keys):
                 self.needs_snapshot = True
         written = 0
+        snapshot_shipped = False
         for i, info in enumerate(missing):
             size = await self.client.write_object(info, self.spool.storage.read_object(info))
             self.known.setdefault(info.generation, set()).add(info.key)
             written += 1
+            snapshot_shipped = snapshot_shipped or info.kind == "snapshot"
             done = time.time()
             if self.metrics is not None:
                 labels = (self.db_name, self.name)
@@ -128,7 +131,22 @@ class Replica:
             self.metrics.replica_up.labels(*labels).set(1)
         if written and self.on_shipped is not None:
             self.on_shipped()
+        if snapshot_shipped and self.retention:
+            # only after a new snapshot can anything become unnecessary; an idle database
+            # therefore costs no listing requests for retention
+            await self.enforce_retention()
         return written
+
+    async def enforce_retention(self) -> None:
+        """Apply the retention window to this destination."""
+        from .retention import apply_retention
+
+        assert self.retention is not None
+        try:
+            if await apply_retention(self.client, self.retention):
+                self._relist = True
+        except Exception as exc:  # noqa: BLE001 - retention failures never stop shipping
+            self.record_error("retention", exc)
 
     def _set_lag(self) -> None:
         if self.metrics is not None:

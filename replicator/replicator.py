@@ -43,6 +43,7 @@ class DatabaseService:
         ]
         for r in self.replicas:
             r.on_shipped = self._schedule_prune
+            r.retention = cfg.retention
         self.wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="replicator-db")
         self._watcher: Watcher | None = None

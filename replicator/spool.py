@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .format import KIND_SNAPSHOT, KIND_WAL, ObjectDecoder, ObjectWriter
-from .fsutil import atomic_writer
+from .fsutil import TMP_SUFFIX, atomic_writer
 from .pos import GENERATIONS_DIR, ObjectInfo, is_generation_id, parse_key
 from .storage.file import FileStorage
 
@@ -25,6 +25,19 @@ class Spool:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self.storage = FileStorage(self.root)
+
+    def remove_temp_files(self) -> int:
+        """Remove temp files a crash left behind (the spool belongs to one process)."""
+        removed = 0
+        for dirpath, _, names in os.walk(self.root):
+            for name in names:
+                if name.endswith(TMP_SUFFIX):
+                    try:
+                        os.unlink(os.path.join(dirpath, name))
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+        return removed
 
     def path(self, info: ObjectInfo) -> str:
         """The file path of an object."""
