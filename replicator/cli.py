@@ -300,10 +300,11 @@ async def _list(args: argparse.Namespace) -> int:
         for src in sources:
             for g in await summarize(src.client):
                 if args.command == "generations":
+                    await g.refine(src.client)
                     out.append({
                         "replica": src.name, "generation": g.generation,
-                        "start": fmt_ns(g.start_ms * 1_000_000) if g.snapshots else None,
-                        "end": fmt_ns(g.end_ms * 1_000_000) if g.snapshots else None,
+                        "start": fmt_ns(g.start) if g.snapshots else None,
+                        "end": fmt_ns(g.end) if g.snapshots else None,
                         "end_txid": g.end_txid, "snapshots": len(g.snapshots),
                         "segments": len(g.segments), "size": g.size,
                         "restorable": bool(g.snapshots),

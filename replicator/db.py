@@ -458,7 +458,13 @@ class Database:
             return
         old_hdr = _pseudo_header(self.pos, self.page_size, self.big_endian)
         if tail.frames:
-            self._emit(fd, old_hdr, self.pos, tail, res)
+            commits = {f.index: f.checksum for f in tail.frames if f.commit_size}
+            first = self.pos.frame + 1
+            txns = []
+            for _, commit, size in tail.transactions:
+                txns.append((first, commit, size, commits[commit]))
+                first = commit + 1
+            self._emit(fd, old_hdr, self.pos, txns, res)
         log.info(
             "%s: WAL restarted (checkpoint seq %d); continuity proven at frame %d",
             self.name, hdr.checkpoint_seq, tail.end_index,
@@ -488,74 +494,91 @@ class Database:
         return None
 
     def _ship(self, fd: int, hdr: WalHeader, start: WalPos, res: CaptureResult) -> None:
-        scan = scan_frames(fd, hdr, start.frame + 1, start.checksum)
-        log.debug("%s: scan from %d: %d frames, stop %s at valid %d, file %d", self.name,
-                  start.frame + 1, len(scan.frames), scan.stop_reason, scan.valid_end_index,
-                  os.fstat(fd).st_size)
-        if start.frame > 0 and scan.stop_reason == "short" and not scan.frames:
-            size = os.fstat(fd).st_size
-            if size < frame_offset(start.frame + 1, self.page_size):
-                self._start_generation("wal_shrunk", res)
-                return
+        """Capture every committed transaction after ``start`` in this epoch, a segment at a time
+        (memory stays bounded by the segment size, however long the WAL)."""
         if self.pos is None or self.pos.salts != start.salts:
             self.pos = start
             self.big_endian = hdr.big_endian
-        if scan.frames:
-            self._emit(fd, hdr, start, scan, res)
+        first = True
+        while True:
+            txns, more, reason = self._scan_batch(fd, hdr, self.pos)
+            log.debug("%s: scan from %d: %d transactions, stop %s", self.name,
+                      self.pos.frame + 1, len(txns), reason)
+            if first and not txns and reason == "short" and self.pos.frame > 0:
+                if os.fstat(fd).st_size < frame_offset(self.pos.frame + 1, self.page_size):
+                    self._start_generation("wal_shrunk", res)
+                    return
+            first = False
+            if not txns:
+                return
+            self._emit(fd, hdr, self.pos, txns, res)
+            if not more:
+                return
+
+    def _scan_batch(
+        self, fd: int, hdr: WalHeader, start: WalPos
+    ) -> tuple[list[tuple[int, int, int, tuple[int, int]]], bool, str]:
+        """Whole committed transactions after ``start``: about SEGMENT_MAX_FRAMES frames of them
+        (more only for a single larger transaction). Returns ``(first frame, commit frame, db
+        size, checksum after commit)`` per transaction, whether more may follow, and why the
+        scan stopped."""
+        idx, ck = start.frame + 1, start.checksum
+        txn_first = idx
+        txns: list[tuple[int, int, int, tuple[int, int]]] = []
+        while True:
+            r = scan_frames(fd, hdr, idx, ck, max_frames=SEGMENT_MAX_FRAMES)
+            commits = {f.index: f.checksum for f in r.frames if f.commit_size}
+            for _, commit, size in r.transactions:
+                txns.append((txn_first, commit, size, commits[commit]))
+                txn_first = commit + 1
+            if r.stop_reason != "limit":
+                return txns, False, r.stop_reason
+            if txns:
+                return txns, True, r.stop_reason
+            # one transaction longer than the window: follow its chain, keeping nothing
+            idx, ck = r.valid_end_index + 1, r.valid_checksum
 
     def _emit(
-        self, fd: int, hdr: WalHeader, start: WalPos, scan: ScanResult, res: CaptureResult
+        self,
+        fd: int,
+        hdr: WalHeader,
+        start: WalPos,
+        txns: list[tuple[int, int, int, tuple[int, int]]],
+        res: CaptureResult,
     ) -> None:
-        """Write the scanned transactions to the spool as one or more segments."""
+        """Write transactions (consecutive, starting right after ``start``) to the spool as one
+        segment."""
         observed = time.time_ns()
         assert self.generation is not None
-        txns = scan.transactions
-        frames = {f.index: f for f in scan.frames}
-        i = 0
-        cur = start
-        while i < len(txns):
-            j = i
-            count = 0
-            while j < len(txns):
-                n = txns[j][1] - txns[j][0] + 1
-                if count and count + n > SEGMENT_MAX_FRAMES:
-                    break
-                count += n
-                j += 1
-            batch = txns[i:j]
-            first, last = batch[0][0], batch[-1][1]
-            end_frame = frames[last]
-            end = WalPos(cur.salt1, cur.salt2, last, end_frame.checksum)
-            start_txid = self.txid + 1
-            end_txid = self.txid + len(batch)
-            ms = observed // 1_000_000
-            info = segment_info(self.generation, start_txid, end_txid, ms, ms)
-            header: dict[str, Any] = {
-                "kind": "wal",
-                "generation": self.generation,
-                "start_txid": start_txid,
-                "end_txid": end_txid,
-                "page_size": self.page_size,
-                "big_endian": hdr.big_endian,
-                "prev": self._last_end.to_json() if self._last_end else None,
-                "start": cur.to_json(),
-                "end": end.to_json(),
-                "wal_header": hdr.raw.hex() if cur.frame == 0 else None,
-                "frames": last - first + 1,
-                "txns": [
-                    [start_txid + k, observed, t[1] - t[0] + 1, t[2]] for k, t in enumerate(batch)
-                ],
-            }
-            body = self._frames_body(fd, hdr, cur, first, last)
-            info = self.spool.write(info, header, body)
-            self.txid = end_txid
-            self.pos = end
-            self._last_end = end
-            cur = end
-            res.objects.append(info)
-            res.transactions += len(batch)
-            res.frames += last - first + 1
-            i = j
+        first, last = txns[0][0], txns[-1][1]
+        end = WalPos(start.salt1, start.salt2, last, txns[-1][3])
+        start_txid = self.txid + 1
+        end_txid = self.txid + len(txns)
+        ms = observed // 1_000_000
+        info = segment_info(self.generation, start_txid, end_txid, ms, ms)
+        header: dict[str, Any] = {
+            "kind": "wal",
+            "generation": self.generation,
+            "start_txid": start_txid,
+            "end_txid": end_txid,
+            "page_size": self.page_size,
+            "big_endian": hdr.big_endian,
+            "prev": self._last_end.to_json() if self._last_end else None,
+            "start": start.to_json(),
+            "end": end.to_json(),
+            "wal_header": hdr.raw.hex() if start.frame == 0 else None,
+            "frames": last - first + 1,
+            "txns": [
+                [start_txid + k, observed, t[1] - t[0] + 1, t[2]] for k, t in enumerate(txns)
+            ],
+        }
+        info = self.spool.write(info, header, self._frames_body(fd, hdr, start, first, last))
+        self.txid = end_txid
+        self.pos = end
+        self._last_end = end
+        res.objects.append(info)
+        res.transactions += len(txns)
+        res.frames += last - first + 1
 
     def _frames_body(
         self, fd: int, hdr: WalHeader, start: WalPos, first: int, last: int

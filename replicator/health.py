@@ -40,6 +40,7 @@ failing, or recovers) go to a :class:`~replicator.notify.Notifier`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -376,6 +377,7 @@ class HealthChecker:
         self._conn: sqlite3.Connection | None = None
         self._conn_ident: tuple[int, int] | None = None
         self._lock = threading.Lock()
+        self._close_requested = False
 
     async def __aenter__(self) -> HealthChecker:
         """Use as ``async with HealthChecker(...) as checker:``; closes the connection on exit."""
@@ -386,9 +388,20 @@ class HealthChecker:
         self.close()
 
     def close(self) -> None:
-        """Close the kept read-only connection (a later run opens a new one)."""
-        with self._lock:
-            self._drop_connection()
+        """Close the kept read-only connection (a later run opens a new one). Never blocks: if
+        a run is in progress (e.g. ``run()`` was cancelled during a long integrity check), its
+        query is interrupted and the connection is closed when that run ends."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drop_connection()
+            finally:
+                self._lock.release()
+            return
+        self._close_requested = True
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.interrupt()
 
     def next_due(self) -> float:
         """The earliest time (unix seconds) a check is due; ``-inf`` before the first run."""
@@ -443,14 +456,17 @@ class HealthChecker:
                     self._begin(conn, integrity=any(isinstance(c, IntegrityCheck) for c in due))
                 except sqlite3.Error as e:
                     conn, open_error = None, e
-            try:
-                results = [self._run_one(conn, open_error, c, now) for c in due]
-            finally:
-                if conn is not None and conn.in_transaction:
+            results = [self._run_one(conn, open_error, c, now) for c in due]
+            bad = any(not r.ran or (r.kind == "integrity" and not r.ok) for r in results)
+            if conn is not None and conn.in_transaction:
+                try:
                     conn.execute("COMMIT")
-            if any(not r.ran or (r.kind == "integrity" and not r.ok) for r in results):
+                except sqlite3.Error:
+                    bad = True
+            if bad or self._close_requested:
                 # start from a fresh connection after an error or a corruption
                 self._drop_connection()
+                self._close_requested = False
             return results
 
     @staticmethod

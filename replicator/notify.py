@@ -306,7 +306,8 @@ class Notifier:
         except Exception as e:  # a channel must never break the caller
             logger.warning(
                 "notify via %s failed db=%s check=%s state=%s: %s: %s",
-                channel.name, n.db, n.check, n.state, type(e).__name__, e,
+                channel.name, n.db, n.check, n.state, type(e).__name__,
+                " ".join(str(e).split()),  # one line, whatever the server answered
             )
             if self.metrics is not None:
                 self.metrics.errors.labels(db=n.db, replica="", operation=NOTIFY_OPERATION).inc()

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import re
 import sqlite3
 import struct
 from dataclasses import dataclass, field
@@ -30,26 +31,38 @@ from .wal import FRAME_HEADER_SIZE, parse_wal_header, verify_frames
 DEFAULT_PREFETCH = 4
 
 
+_FRACTION_RE = re.compile(r"^(.*T\d\d:\d\d:\d\d)[.,](\d+)(.*)$")
+
+
 def fmt_ns(ns: int) -> str:
-    """An RFC 3339 UTC time with microseconds."""
-    t = dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC)
-    return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """An RFC 3339 UTC time with nanoseconds; ``parse_time`` gives back exactly ``ns``."""
+    secs, frac = divmod(ns, 1_000_000_000)
+    t = dt.datetime.fromtimestamp(secs, tz=dt.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:09d}Z"
 
 
 def parse_time(text: str) -> int:
-    """Nanoseconds since the epoch from RFC 3339 / ISO 8601; a time without an offset is UTC."""
-    s = text.strip()
+    """Nanoseconds since the epoch from RFC 3339 / ISO 8601 (up to nine fractional digits, all
+    kept); a time without an offset is UTC."""
+    s = text.strip().replace("z", "Z")
+    frac_ns = 0
+    m = _FRACTION_RE.match(s)
+    if m and len(m[2]) <= 9:
+        frac_ns = int(m[2].ljust(9, "0"))
+        s = m[1] + m[3]
     try:
-        t = dt.datetime.fromisoformat(s.replace("z", "Z"))
+        t = dt.datetime.fromisoformat(s)
     except ValueError:
+        t = None
+    if t is None or (m and len(m[2]) > 9):
         raise RestoreError(
             f"invalid time {text!r}: use RFC 3339, e.g. 2026-11-27T10:30:00Z or "
-            "2026-11-27T19:30:00+09:00"
-        ) from None
+            "2026-11-27T19:30:00.5+09:00"
+        )
     if t.tzinfo is None:
         t = t.replace(tzinfo=dt.UTC)
     delta = t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + frac_ns
 
 
 @dataclass
@@ -82,14 +95,38 @@ class GenerationSummary:
         """Total bytes of its objects."""
         return sum(o.size for o in self.snapshots + self.segments)
 
+    start_ns: int = 0
+    end_ns: int = 0
+
+    async def refine(self, client: StorageClient) -> GenerationSummary:
+        """Read the exact (nanosecond) start and end times from the object headers; keys carry
+        only milliseconds."""
+        if self.snapshots and not self.start_ns:
+            self.start_ns = await _snapshot_ns(client, self.snapshots[0])
+            last = max(self.snapshots + self.segments, key=lambda o: (o.end_txid, o.kind_order))
+            if last.kind == "snapshot":
+                self.end_ns = await _snapshot_ns(client, last)
+            else:
+                self.end_ns = int((await _segment_txns(client, last))[-1][1])
+        return self
+
+    @property
+    def start(self) -> int:
+        """Start time in ns (exact after ``refine``)."""
+        return self.start_ns or self.start_ms * 1_000_000
+
+    @property
+    def end(self) -> int:
+        """End time in ns (exact after ``refine``)."""
+        return self.end_ns or self.end_ms * 1_000_000
+
     def describe(self) -> str:
         """One line: id, time range and txid range."""
         if not self.snapshots:
             return f"{self.generation}: no snapshot (not restorable)"
         return (
-            f"{self.generation}: {fmt_ns(self.start_ms * 1_000_000)} .. "
-            f"{fmt_ns(self.end_ms * 1_000_000)} (txid {min(s.end_txid for s in self.snapshots)}"
-            f"..{self.end_txid})"
+            f"{self.generation}: {fmt_ns(self.start)} .. {fmt_ns(self.end)} "
+            f"(txid {min(s.end_txid for s in self.snapshots)}..{self.end_txid})"
         )
 
 
@@ -135,8 +172,8 @@ class RestorePlan:
         return "\n".join(lines)
 
 
-def _range_text(gens: list[GenerationSummary]) -> str:
-    usable = [g for g in gens if g.snapshots]
+async def _range_text(client: StorageClient, gens: list[GenerationSummary]) -> str:
+    usable = [await g.refine(client) for g in gens if g.snapshots]
     if not usable:
         return "the replica has no restorable generation"
     return "restorable: " + "; ".join(g.describe() for g in usable)
@@ -202,6 +239,13 @@ async def plan_restore(
     if to_time_ns is not None:
         return await _plan_time(client, gens, usable, to_time_ns)
     gen = usable[-1]
+    # a newer generation without a snapshot cannot be restored: say so rather than silently
+    # restoring an older point
+    notes = [
+        f"generation {g.generation} is newer but has no snapshot; it cannot be restored"
+        for g in gens_sel
+        if not g.snapshots and g.generation > gen.generation
+    ]
     if txid is not None:
         snaps = [s for s in gen.snapshots if s.end_txid <= txid]
         if not snaps or txid > gen.end_txid:
@@ -213,20 +257,20 @@ async def plan_restore(
         if missing is not None:
             raise RestoreError(
                 f"missing WAL segment for txid {missing} in generation {gen.generation} on "
-                f"{client.url}; {_range_text(gens)}"
+                f"{client.url}; {await _range_text(client, gens)}"
             )
         ts = await _txn_time(client, snap, chain, txid)
-        return RestorePlan(client.url, gen.generation, snap, chain, txid, ts)
+        return RestorePlan(client.url, gen.generation, snap, chain, txid, ts, notes)
     snap = gen.snapshots[-1]
     chain, missing = _chain(gen, snap, None)
     if missing is not None:
         raise RestoreError(
             f"missing WAL segment for txid {missing} in generation {gen.generation} on "
-            f"{client.url}: the latest point cannot be reached; {_range_text(gens)}"
+            f"{client.url}: the latest point cannot be reached; {await _range_text(client, gens)}"
         )
     end = chain[-1].end_txid if chain else snap.end_txid
     ts = await _txn_time(client, snap, chain, end)
-    return RestorePlan(client.url, gen.generation, snap, chain, end, ts)
+    return RestorePlan(client.url, gen.generation, snap, chain, end, ts, notes)
 
 
 async def _txn_time(
@@ -289,7 +333,7 @@ async def _check_end(
         raise RestoreError(
             f"{fmt_ns(t_ns)} falls in a gap between generations: {gen.generation} ends at "
             f"{fmt_ns(end_ns)} and {nxt.generation} starts at "
-            f"{fmt_ns(nxt.start_ms * 1_000_000)}; {_range_text(gens)}"
+            f"{fmt_ns((await nxt.refine(client)).start)}; {await _range_text(client, gens)}"
         )
     if ts < t_ns:
         return [
@@ -307,9 +351,8 @@ async def _plan_time(
 ) -> RestorePlan:
     picked = await _pick_snapshot(client, usable, t_ns)
     if picked is None:
-        raise RestoreError(
-            f"{fmt_ns(t_ns)} is before the earliest restorable point; {_range_text(gens)}"
-        )
+        ranges = await _range_text(client, gens)
+        raise RestoreError(f"{fmt_ns(t_ns)} is before the earliest restorable point; {ranges}")
     gen, snap = picked
     t_ms = t_ns // 1_000_000
     chain_all, missing = _chain(gen, snap, None)
@@ -333,7 +376,7 @@ async def _plan_time(
         if missing is not None:
             raise RestoreError(
                 f"missing WAL segment for txid {missing} in generation {gen.generation} on "
-                f"{client.url}: cannot restore to {fmt_ns(t_ns)}; {_range_text(gens)}"
+                f"{client.url}: cannot restore to {fmt_ns(t_ns)}; {await _range_text(client, gens)}"
             )
     if chain:
         ts = await _txn_time(client, snap, chain, target)

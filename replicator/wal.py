@@ -313,7 +313,9 @@ class ScanResult:
     frame boundary), ``"short"`` (it ended inside a frame, or for ``scan_frames`` the file ends
     before the start slot), ``"salt"`` (a frame had other salts, e.g. a stale frame after a WAL
     reset), ``"checksum"`` (a frame's checksum did not chain, or its page number was 0), or
-    ``"limit"`` (``max_frames`` frames were examined).
+    ``"limit"`` (``max_frames`` frames were examined). ``valid_checksum`` is the running checksum
+    after ``valid_end_index``: a scan stopped by ``"limit"`` in the middle of a transaction
+    continues from there.
     """
 
     frames: list[Frame]
@@ -322,6 +324,7 @@ class ScanResult:
     transactions: list[tuple[int, int, int]]
     valid_end_index: int
     stop_reason: str
+    valid_checksum: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -468,6 +471,7 @@ def _scan(
         valid_end_index=start_index + examined - 1,
         stop_reason=reason,
     )
+    result.valid_checksum = valid_checksum
     return _Scan(result, valid_checksum, detail)
 
 

@@ -220,3 +220,23 @@ def test_missing_database_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DatabaseError, match="does not exist"):
         d.open()
     assert not (tmp_path / "nope.db").exists()
+
+
+def test_segments_are_bounded_and_long_transactions_whole(
+    tmp_path: Path, app, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import replicator.db as dbmod
+
+    monkeypatch.setattr(dbmod, "SEGMENT_MAX_FRAMES", 8)
+    d = open_db(tmp_path)
+    d.step()
+    commit(app, 6)  # small transactions: several segments of at most ~8 frames
+    commit(app, 1, size=200_000)  # one transaction of ~50 pages: one segment, whole
+    commit(app, 3)
+    res = d.step()
+    assert res.transactions == 10
+    segs = [o for o in res.objects if o.kind == "wal"]
+    assert len(segs) >= 3
+    assert sum(o.end_txid - o.start_txid + 1 for o in segs) == 10
+    d.close()
+    assert restored_dump(tmp_path) == dump(app)
