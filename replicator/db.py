@@ -154,11 +154,15 @@ class Database:
         self.page_size = 0
         self.big_endian = False
         self.last_snapshot_ns = 0
+        self.last_snapshot_txid = -1
+        self.last_snapshot_seconds = 0.0
+        self.last_snapshot_size = 0
         # every transaction committed before this time has been captured (0: unknown)
         self.confirmed_ns = 0
         self.checkpoints: dict[str, int] = {}
         self._last_end: WalPos | None = None
         self._conns: list[sqlite3.Connection] = []
+        self._ckpt: sqlite3.Connection | None = None
         self._active = 0
         self._pinned = False
         self._reset_end: int | None = None  # see _learn_reset_bound
@@ -202,7 +206,7 @@ class Database:
                     f.write(json.dumps(state).encode())
             except OSError as exc:
                 log.warning("%s: cannot record the shutdown position: %s", self.name, exc)
-        for c in self._conns:
+        for c in ([self._ckpt] if self._ckpt is not None else []) + self._conns:
             try:
                 if c.in_transaction:
                     c.execute("COMMIT")
@@ -210,6 +214,7 @@ class Database:
             except sqlite3.Error:
                 pass
         self._conns = []
+        self._ckpt = None
         self._pinned = False
         # only now, with every connection closed, may this process close its other descriptors
         # on the database and -shm files (closing one drops all the process's POSIX locks)
@@ -242,17 +247,23 @@ class Database:
             )
         self._db_ino = os.fstat(self._db_fd).st_ino
 
+    def _open_conn(self, mode: str) -> sqlite3.Connection:
+        return sqlite3.connect(
+            f"file:{self.path}?mode={mode}", uri=True, isolation_level=None,
+            check_same_thread=False, timeout=self.busy_timeout,
+        )
+
     def _connect(self) -> None:
-        uri = f"file:{self.path}?mode=rw"
+        """One read-write connection, used only for PASSIVE checkpoints, and two read-only ones
+        for the pins. At shutdown the read-write one closes first: a read-only connection that
+        closes last cannot checkpoint and delete the WAL, so a restart can still prove
+        continuity from it."""
         try:
-            self._conns = [
-                sqlite3.connect(
-                    uri, uri=True, isolation_level=None, check_same_thread=False,
-                    timeout=self.busy_timeout,
-                )
-                for _ in range(2)
-            ]
-            mode = self._conns[0].execute("PRAGMA journal_mode").fetchone()[0]
+            self._ckpt = self._open_conn("rw")
+            mode = self._ckpt.execute("PRAGMA journal_mode").fetchone()[0]
+            # the first read creates -wal and -shm, which read-only connections need
+            self._ckpt.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+            self._conns = [self._open_conn("ro") for _ in range(2)]
         except sqlite3.Error as exc:
             raise DatabaseError(f"database {self.path}: {exc}") from None
         if str(mode).lower() != "wal":
@@ -261,7 +272,7 @@ class Database:
                 f"sqlite3 {self.path} 'PRAGMA journal_mode=WAL' (the setting is persistent)"
             )
         if self.page_size == 0:
-            self.page_size = int(self._conns[0].execute("PRAGMA page_size").fetchone()[0])
+            self.page_size = int(self._ckpt.execute("PRAGMA page_size").fetchone()[0])
 
     # ------------------------------------------------------------------ pins
 
@@ -390,6 +401,7 @@ class Database:
             for obj in reversed(self.spool.objects(info.generation)):
                 if obj.kind == "snapshot":
                     self.last_snapshot_ns = obj.last_ms * 1_000_000
+                    self.last_snapshot_txid = obj.end_txid
                     break
             self._learn_reset_bound()
             log.info(
@@ -602,7 +614,8 @@ class Database:
         self._unpin()
         result = "ok"
         try:
-            row = self._conns[other].execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            assert self._ckpt is not None
+            row = self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             if row and row[0]:
                 result = "busy"
         except sqlite3.Error:
@@ -687,6 +700,7 @@ class Database:
             if hdr is not None:
                 self.big_endian = hdr.big_endian
             self.last_snapshot_ns = observed
+            self.last_snapshot_txid = txid
             self.last_snapshot_seconds = time.monotonic() - started
             self.last_snapshot_size = info.size
             return info, pos

@@ -71,6 +71,7 @@ class DatabaseService:
             await self._call(self.db.close)
             raise ReplicatorError("; ".join(failures))
         await self.sync()
+        await self._recall_last_snapshot()
 
     async def sync(self) -> CaptureResult:
         """Capture once, then wake the shippers if anything new was spooled."""
@@ -100,6 +101,30 @@ class DatabaseService:
                 r.wake.set()
         return res
 
+    async def _recall_last_snapshot(self) -> None:
+        """After a restart the spool may no longer hold the generation's last snapshot (it was
+        pruned once shipped): take its time from the destinations, so a restart does not force a
+        new snapshot."""
+        gen = self.db.generation
+        if gen is None or self.db.last_snapshot_ns:
+            return
+        for r in self.replicas:
+            if not r.healthy:
+                continue
+            try:
+                objs = await r.client.objects(gen)
+            except Exception:  # noqa: BLE001 - only an optimisation; shipping reports errors
+                continue
+            snaps = [o for o in objs if o.kind == "snapshot"]
+            if snaps:
+                newest = max(snaps, key=lambda o: o.end_txid)
+                self.db.last_snapshot_ns = max(self.db.last_snapshot_ns, newest.last_ms * 1_000_000)
+                self.db.last_snapshot_txid = max(self.db.last_snapshot_txid, newest.end_txid)
+        if self.db.last_snapshot_ns:
+            self.metrics.snapshot_last_timestamp.labels(self.cfg.name).set(
+                self.db.last_snapshot_ns / 1e9
+            )
+
     def _snapshot_metrics(self) -> None:
         m, name = self.metrics, self.cfg.name
         m.snapshots.labels(name).inc()
@@ -113,9 +138,7 @@ class DatabaseService:
         wanted = any(r.needs_snapshot for r in self.replicas)
         if not wanted and (time.time() < due or self.cfg.snapshot_interval <= 0):
             return False
-        objs = self.spool.objects(self.db.generation) if self.db.generation else []
-        snaps = [o for o in objs if o.kind == "snapshot"]
-        if not wanted and snaps and snaps[-1].end_txid == self.db.txid:
+        if not wanted and self.db.last_snapshot_txid == self.db.txid:
             return False  # nothing changed since the last snapshot
         await self._call(self.db.snapshot)
         for r in self.replicas:
