@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from pathlib import Path
 
 from writer import init_db
@@ -36,13 +35,13 @@ def test_periodic_snapshot_only_when_something_changed(tmp_path: Path) -> None:
         s = service(tmp_path, snapshot_interval=0.05)
         await s.open()
         out = []
-        time.sleep(0.1)
+        await asyncio.sleep(0.1)
         out.append(await s.snapshot_if_due())  # nothing changed since the first snapshot
         commit(tmp_path / "app.db", 3)
         await s.sync()
-        time.sleep(0.1)
+        await asyncio.sleep(0.1)
         out.append(await s.snapshot_if_due())
-        time.sleep(0.1)
+        await asyncio.sleep(0.1)
         out.append(await s.snapshot_if_due())  # idle again
         await s.close(5)
         return out
