@@ -20,7 +20,10 @@ continuous only when it is *proven* that no committed frame was lost:
   and everything up to X was captured; or
 * the slot after the last captured frame still holds the same pre-reset bytes before and after the
   old epoch's tail was read (the new epoch writes from slot 1 upwards, so it never reached the
-  tail), and the new epoch's salt-1 is exactly one more than the old one.
+  tail), the new epoch's salt-1 is exactly one more than the old one, and the tail ends on a
+  frame that is there (older salts or a broken chain) or at a frame boundary of a WAL file that
+  has not shrunk (a ``journal_size_limit`` truncation at the new epoch's first commit leaves a
+  partial frame at the limit, which proves nothing).
 
 Anything else (the replicator was down, the file was replaced, two resets, the tail overwritten)
 starts a new generation with a snapshot. Nothing here takes a write lock or runs a checkpoint mode
@@ -169,6 +172,7 @@ class Database:
         self._reset_salts: tuple[int, int] | None = None
         self._wal_fd: int | None = None
         self._wal_ino: int | None = None
+        self._wal_size_seen = 0  # WAL size at the last capture (for the shrink check)
         self._shm_fd: int | None = None
         self._db_fd: int | None = None
         self._db_ino: int | None = None
@@ -344,6 +348,7 @@ class Database:
         if self._wal_fd is None:
             self._wal_fd = os.open(self.wal_path, os.O_RDONLY)
             self._wal_ino = os.fstat(self._wal_fd).st_ino
+            self._wal_size_seen = 0
         return self._wal_fd
 
     def sizes(self) -> tuple[int, int]:
@@ -501,7 +506,14 @@ class Database:
         if self._reset_salts == pos.salts and self._reset_end is not None:
             if self._reset_end == tail.end_index:
                 return tail
-        if len(before) == fs and before == after and after[8:16] != new.raw[16:24]:
+        untouched = len(before) == fs and before == after and after[8:16] != new.raw[16:24]
+        # the tail must end on a frame that is there, or exactly at a frame boundary of a file
+        # that has not shrunk: a journal_size_limit truncation at the new epoch's first commit
+        # cuts the file at the limit (a partial frame) and could otherwise pass for the end
+        ended = tail.stop_reason in ("salt", "checksum") or (
+            tail.stop_reason == "eof" and os.fstat(fd).st_size >= self._wal_size_seen
+        )
+        if untouched and ended:
             return tail
         return None
 
@@ -521,6 +533,7 @@ class Database:
                     self._start_generation("wal_shrunk", res)
                     return
             first = False
+            self._wal_size_seen = os.fstat(fd).st_size
             if not txns:
                 return
             self._emit(fd, hdr, self.pos, txns, res)
