@@ -259,3 +259,20 @@ def test_journal_size_limit_truncation_of_the_tail_is_not_taken_for_its_end(
     assert res.new_generation == "wal_reset"
     d.close()
     assert restored_dump(tmp_path) == dump(app)
+
+
+@pytest.mark.parametrize("page_size", [512, 65536])
+def test_page_sizes(tmp_path: Path, page_size: int) -> None:
+    init_db(str(tmp_path / "app.db"), page_size=page_size)
+    app = sqlite3.connect(tmp_path / "app.db", isolation_level=None, timeout=0)
+    try:
+        d = open_db(tmp_path, checkpoint_pages=32)
+        d.step()
+        for _ in range(10):
+            commit(app, 5, size=3000)
+            d.step()
+        d.close()
+        assert d.page_size == page_size
+        assert restored_dump(tmp_path) == dump(app)
+    finally:
+        app.close()
