@@ -65,9 +65,12 @@ log = logging.getLogger("replicator.db")
 
 DEFAULT_CHECKPOINT_PAGES = 1000
 DEFAULT_BUSY_TIMEOUT = 1.0
-SEGMENT_MAX_FRAMES = 16384
+SEGMENT_MAX_FRAMES = 4096
+STEP_BATCHES = 8
 SNAPSHOT_CHUNK_PAGES = 256
 COPY_CHUNK_FRAMES = 256
+ROTATE_WAIT = 0.005
+ROTATE_POLL = 0.0002
 _MASK32 = 0xFFFFFFFF
 _SHM_READ = 136
 _NO_RESET = -1
@@ -92,6 +95,7 @@ class CaptureResult:
     frames: int = 0
     new_generation: str | None = None
     rotated: bool = False
+    more: bool = False  # the step stopped with committed frames still to capture
 
 
 @dataclass
@@ -445,34 +449,42 @@ class Database:
         if self._pending is not None:
             reason, self._pending = self._pending, None
             self._start_generation(reason, res)
-        self._capture(res)
-        if self.pos is not None and self.pos.frame >= self.checkpoint_pages:
-            self._rotate()
-            res.rotated = True
-            self._capture(res)
-        self.confirmed_ns = started
+        more = self._capture(res)
+        for _ in range(STEP_BATCHES):
+            due = self.pos is not None and self.pos.frame >= self.checkpoint_pages
+            if due and not res.rotated and (not more or self._backlog_small()):
+                self._rotate()
+                res.rotated = True
+            elif more:
+                # behind a writer faster than the capture: no reset is safe now (the new epoch
+                # could overtake the uncaptured tail), but a fresh pin lets the application's
+                # own checkpoints backfill everything already captured
+                self._handover()
+            else:
+                break
+            more = self._capture(res)
+        res.more = more
+        if not more:
+            self.confirmed_ns = started
         return res
 
-    def _capture(self, res: CaptureResult) -> None:
+    def _capture(self, res: CaptureResult) -> bool:
+        """Capture one batch of committed transactions; True if more are waiting."""
         fd = self._wal()
         hdr = read_wal_header(fd) if fd is not None else None
         if hdr is None or fd is None:
-            log.debug("%s: no valid WAL header (fd %s, size %s)", self.name, fd,
-                      os.fstat(fd).st_size if fd is not None else None)
-            return
+            return False
         if hdr.page_size != self.page_size:
             self._start_generation("page_size", res)
-            return
+            return False
         if self.pos is None:
-            self._ship(fd, hdr, WalPos(hdr.salt1, hdr.salt2, 0, hdr.checksum), res)
-            return
+            return self._ship(fd, hdr, WalPos(hdr.salt1, hdr.salt2, 0, hdr.checksum), res)
         if hdr.salts == self.pos.salts:
-            self._ship(fd, hdr, self.pos, res)
-            return
+            return self._ship(fd, hdr, self.pos, res)
         tail = self._rescue(fd, hdr)
         if tail is None:
             self._start_generation("wal_reset", res)
-            return
+            return False
         old_hdr = _pseudo_header(self.pos, self.page_size, self.big_endian)
         if tail.frames:
             commits = {f.index: f.checksum for f in tail.frames if f.commit_size}
@@ -489,7 +501,7 @@ class Database:
         self.big_endian = hdr.big_endian
         self.pos = WalPos(hdr.salt1, hdr.salt2, 0, hdr.checksum)
         self._learn_reset_bound()
-        self._ship(fd, hdr, self.pos, res)
+        return self._ship(fd, hdr, self.pos, res)
 
     def _rescue(self, fd: int, new: WalHeader) -> ScanResult | None:
         """After a WAL reset: read the old epoch's tail and prove it is complete, or None."""
@@ -517,28 +529,23 @@ class Database:
             return tail
         return None
 
-    def _ship(self, fd: int, hdr: WalHeader, start: WalPos, res: CaptureResult) -> None:
-        """Capture every committed transaction after ``start`` in this epoch, a segment at a time
-        (memory stays bounded by the segment size, however long the WAL)."""
+    def _ship(self, fd: int, hdr: WalHeader, start: WalPos, res: CaptureResult) -> bool:
+        """Capture the next batch of committed transactions after ``start`` in this epoch as one
+        segment (memory stays bounded by the batch size, however long the WAL). True if more
+        are waiting."""
         if self.pos is None or self.pos.salts != start.salts:
             self.pos = start
             self.big_endian = hdr.big_endian
-        first = True
-        while True:
-            txns, more, reason = self._scan_batch(fd, hdr, self.pos)
-            log.debug("%s: scan from %d: %d transactions, stop %s", self.name,
-                      self.pos.frame + 1, len(txns), reason)
-            if first and not txns and reason == "short" and self.pos.frame > 0:
-                if os.fstat(fd).st_size < frame_offset(self.pos.frame + 1, self.page_size):
-                    self._start_generation("wal_shrunk", res)
-                    return
-            first = False
-            self._wal_size_seen = os.fstat(fd).st_size
-            if not txns:
-                return
-            self._emit(fd, hdr, self.pos, txns, res)
-            if not more:
-                return
+        txns, more, reason = self._scan_batch(fd, hdr, self.pos)
+        if not txns and reason == "short" and self.pos.frame > 0:
+            if os.fstat(fd).st_size < frame_offset(self.pos.frame + 1, self.page_size):
+                self._start_generation("wal_shrunk", res)
+                return False
+        self._wal_size_seen = os.fstat(fd).st_size
+        if not txns:
+            return False
+        self._emit(fd, hdr, self.pos, txns, res)
+        return more
 
     def _scan_batch(
         self, fd: int, hdr: WalHeader, start: WalPos
@@ -597,7 +604,11 @@ class Database:
                 [start_txid + k, observed, t[1] - t[0] + 1, t[2]] for k, t in enumerate(txns)
             ],
         }
-        info = self.spool.write(info, header, self._frames_body(fd, hdr, start, first, last))
+        # while pinned where no reset can happen, the frames cannot change under the copy;
+        # otherwise (a reset is possible, or this is a rescued tail) verify them again
+        verify = not (self._reset_end == _NO_RESET and self._reset_salts == start.salts)
+        body = self._frames_body(fd, hdr, start, first, last, verify)
+        info = self.spool.write(info, header, body)
         self.txid = end_txid
         self.pos = end
         self._last_end = end
@@ -606,9 +617,9 @@ class Database:
         res.frames += last - first + 1
 
     def _frames_body(
-        self, fd: int, hdr: WalHeader, start: WalPos, first: int, last: int
+        self, fd: int, hdr: WalHeader, start: WalPos, first: int, last: int, verify: bool
     ) -> Iterator[bytes]:
-        """Re-read frames first..last, verifying the chain again while copying."""
+        """Re-read frames first..last (verifying the chain again while copying, if asked)."""
         fs = frame_size(self.page_size)
         ck = start.checksum
         idx = first
@@ -617,22 +628,73 @@ class Database:
             buf = os.pread(fd, n * fs, frame_offset(idx, self.page_size))
             if len(buf) != n * fs:
                 raise WalError(f"{self.wal_path}: frames {idx}.. vanished while copying")
-            ck = verify_frames(buf, self.page_size, hdr.big_endian, start.salts, ck)
+            if verify:
+                ck = verify_frames(buf, self.page_size, hdr.big_endian, start.salts, ck)
             yield buf
             idx += n
 
-    def _rotate(self) -> None:
-        """Release the pin, run a PASSIVE checkpoint, pin again on the other connection."""
+    def _backlog_small(self) -> bool:
+        """Whether the uncaptured part of the epoch is at most half of what is captured: then a
+        reset in the rotation window is safe to prove, since reading the tail back is much faster
+        than the application can write the half of a new epoch that would overtake it."""
+        fd = self._wal_fd
+        if fd is None or self.pos is None:
+            return False
+        fs = frame_size(self.page_size)
+        backlog = max(0, os.fstat(fd).st_size - frame_offset(self.pos.frame + 1, self.page_size))
+        return backlog // fs <= self.pos.frame // 2
+
+    def _handover(self) -> None:
+        """Pin the newest snapshot on the other connection, then release the old pin: frames
+        stay protected throughout."""
         other = 1 - self._active
+        old = self._active
+        c = self._conns[other]
+        c.execute("BEGIN")
+        c.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        self._conns[old].execute("COMMIT")
+        self._active = other
+        self._learn_reset_bound()
+
+    def _rotate(self) -> None:
+        """Release the pin, let the WAL reset, pin again on the other connection.
+
+        Unpinned, PASSIVE checkpoints (never waiting for anyone) backfill the WAL; a busy
+        application commits meanwhile, and its own autocheckpoint backfills the rest. The next
+        write after a full backfill resets the WAL. The replicator waits for that reset for at
+        most ``ROTATE_WAIT`` seconds before pinning again: a pin taken earlier would block the
+        final backfill (read mark >= 1) or all backfill (read mark 0) and the WAL would keep
+        growing. Frames committed in this window stay readable until the new epoch reaches
+        them; ``_rescue`` proves that, or a new generation starts.
+        """
+        other = 1 - self._active
+        assert self.pos is not None and self._ckpt is not None
+        old_salts = self.pos.salts
+        fd = self._wal()
         self._unpin()
-        result = "ok"
-        try:
-            assert self._ckpt is not None
-            row = self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if row and row[0]:
-                result = "busy"
-        except sqlite3.Error:
-            result = "error"
+        deadline = 0.0
+        result = "error"
+        while True:
+            try:
+                row = self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error:
+                break
+            if row is None:
+                break
+            if row[0]:
+                result = "busy"  # the application is checkpointing right now: let it
+            elif row[1] == row[2]:
+                result = "ok"
+            else:
+                result = "partial"
+            hdr = read_wal_header(fd) if fd is not None else None
+            if hdr is None or hdr.salts != old_salts:
+                break
+            now = time.monotonic()
+            deadline = deadline or now + ROTATE_WAIT  # the first pass did the bulk of the work
+            if now >= deadline:
+                break
+            time.sleep(ROTATE_POLL)
         self.checkpoints[result] = self.checkpoints.get(result, 0) + 1
         self._pin(other)
 
