@@ -199,7 +199,9 @@ class DatabaseService:
                     break
                 self.wake.clear()
                 try:
-                    await self.sync()
+                    res = await self.sync()
+                    if res.more:
+                        self.wake.set()  # a backlog: capture again at once
                     await self.snapshot_if_due()
                     delay = 0.1
                 except Exception as exc:  # noqa: BLE001 - logged, counted, retried
@@ -216,7 +218,8 @@ class DatabaseService:
 
         async def final() -> None:
             log.debug("%s: final sync", self.cfg.name)
-            await self.sync()
+            while (await self.sync()).more:
+                pass
             for r in self.replicas:
                 try:
                     await r.sync()

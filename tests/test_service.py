@@ -74,3 +74,25 @@ def test_spool_is_pruned_once_shipped_and_restart_resumes(tmp_path: Path) -> Non
     assert gen2 == gen1 and txid2 == txid1 + 4
     # the restart found the generation's snapshot on the replica: no second snapshot
     assert len(list((tmp_path / "replica").glob("generations/*/snapshots/*.snap"))) == 1
+
+
+def test_final_sync_drains_a_backlog(tmp_path: Path, monkeypatch) -> None:
+    import replicator.db as dbmod
+
+    monkeypatch.setattr(dbmod, "SEGMENT_MAX_FRAMES", 8)
+    monkeypatch.setattr(dbmod, "STEP_BATCHES", 2)
+    init_db(str(tmp_path / "app.db"))
+
+    async def go() -> int:
+        s = service(tmp_path)
+        await s.open()
+        commit(tmp_path / "app.db", 200)  # far more than one step captures
+        await s.close(30)
+        return s.db.txid
+
+    assert asyncio.run(go()) == 200
+    out = tmp_path / "out.db"
+    from util import restore, seqs
+
+    restore(str(tmp_path / "replica"), out)
+    assert seqs(out) == list(range(1, 201))
