@@ -453,7 +453,7 @@ class Database:
         for _ in range(STEP_BATCHES):
             due = self.pos is not None and self.pos.frame >= self.checkpoint_pages
             if due and not res.rotated and (not more or self._backlog_small()):
-                self._rotate()
+                self._rotate(res)
                 res.rotated = True
             elif more:
                 # behind a writer faster than the capture: no reset is safe now (the new epoch
@@ -527,6 +527,23 @@ class Database:
         )
         if untouched and ended:
             return tail
+        # the capture had reached the old epoch's last frame, which was the file's last: the
+        # file still ends right after it, has not shrunk, and that frame is still ours
+        size = os.fstat(fd).st_size
+        if (
+            pos.frame > 0 and not before and not after and size == off
+            and size >= self._wal_size_seen and not tail.frames
+        ):
+            last = os.pread(fd, FRAME_HEADER_SIZE, frame_offset(pos.frame, self.page_size))
+            if len(last) == FRAME_HEADER_SIZE and struct.unpack(">IIII", last[8:24]) == (
+                *pos.salts, *pos.checksum
+            ):
+                return tail
+        log.debug(
+            "%s: reset not proven: tail from %d stopped (%s) at %d, reset bound %s, "
+            "slot untouched %s", self.name, pos.frame + 1, tail.stop_reason, tail.end_index,
+            self._reset_end if self._reset_salts == pos.salts else None, untouched,
+        )
         return None
 
     def _ship(self, fd: int, hdr: WalHeader, start: WalPos, res: CaptureResult) -> bool:
@@ -537,14 +554,20 @@ class Database:
             self.pos = start
             self.big_endian = hdr.big_endian
         txns, more, reason = self._scan_batch(fd, hdr, self.pos)
-        if not txns and reason == "short" and self.pos.frame > 0:
+        if not txns and reason == "short" and self.pos.frame > 0 and self._pinned:
             if os.fstat(fd).st_size < frame_offset(self.pos.frame + 1, self.page_size):
                 self._start_generation("wal_shrunk", res)
                 return False
         self._wal_size_seen = os.fstat(fd).st_size
         if not txns:
             return False
-        self._emit(fd, hdr, self.pos, txns, res)
+        try:
+            self._emit(fd, hdr, self.pos, txns, res)
+        except WalError as exc:
+            # the frames changed under the copy: the WAL was reset meanwhile; the next capture
+            # sees the new epoch and proves (or not) that nothing was lost
+            log.debug("%s: %s", self.name, exc)
+            return True
         return more
 
     def _scan_batch(
@@ -656,7 +679,7 @@ class Database:
         self._active = other
         self._learn_reset_bound()
 
-    def _rotate(self) -> None:
+    def _rotate(self, res: CaptureResult) -> None:
         """Release the pin, let the WAL reset, pin again on the other connection.
 
         Unpinned, PASSIVE checkpoints (never waiting for anyone) backfill the WAL; a busy
@@ -664,8 +687,9 @@ class Database:
         write after a full backfill resets the WAL. The replicator waits for that reset for at
         most ``ROTATE_WAIT`` seconds before pinning again: a pin taken earlier would block the
         final backfill (read mark >= 1) or all backfill (read mark 0) and the WAL would keep
-        growing. Frames committed in this window stay readable until the new epoch reaches
-        them; ``_rescue`` proves that, or a new generation starts.
+        growing. Frames committed in this window are captured while waiting (each copy is
+        verified, so an overwrite is noticed); the rest stays readable until the new epoch
+        reaches it, and ``_rescue`` proves that, or a new generation starts.
         """
         other = 1 - self._active
         assert self.pos is not None and self._ckpt is not None
@@ -688,8 +712,10 @@ class Database:
             else:
                 result = "partial"
             hdr = read_wal_header(fd) if fd is not None else None
-            if hdr is None or hdr.salts != old_salts:
+            if hdr is None or fd is None or hdr.salts != old_salts:
                 break
+            # keep the uncaptured tail short while unpinned: nothing here starts a generation
+            self._ship(fd, hdr, self.pos, res)
             now = time.monotonic()
             deadline = deadline or now + ROTATE_WAIT  # the first pass did the bulk of the work
             if now >= deadline:
