@@ -49,6 +49,7 @@ from .pos import ObjectInfo, WalPos, new_generation_id, segment_info, snapshot_i
 from .spool import Spool
 from .wal import (
     FRAME_HEADER_SIZE,
+    WAL_HEADER_SIZE,
     WAL_MAGIC_BE,
     WAL_MAGIC_LE,
     WAL_VERSION,
@@ -214,7 +215,15 @@ class Database:
                     f.write(json.dumps(state).encode())
             except OSError as exc:
                 log.warning("%s: cannot record the shutdown position: %s", self.name, exc)
-        for c in ([self._ckpt] if self._ckpt is not None else []) + self._conns:
+        ckpt = [self._ckpt] if self._ckpt is not None else []
+        try:
+            has_frames = os.stat(self.wal_path).st_size > WAL_HEADER_SIZE
+        except OSError:
+            has_frames = False
+        # with frames in the WAL the read-write connection closes first, so that closing last
+        # cannot checkpoint and delete the WAL a restart resumes from; with none, it closes
+        # last and SQLite tidies the empty -wal/-shm away if nobody else has the database open
+        for c in (ckpt + self._conns) if has_frames else (self._conns + ckpt):
             try:
                 if c.in_transaction:
                     c.execute("COMMIT")
