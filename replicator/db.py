@@ -708,6 +708,11 @@ class Database:
         deadline = 0.0
         result = "error"
         while True:
+            # never checkpoint once the WAL was reset: backfilling the new epoch's first frames
+            # would let the application reset it again before they are captured
+            hdr = read_wal_header(fd) if fd is not None else None
+            if hdr is None or hdr.salts != old_salts:
+                break
             try:
                 row = self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error:
