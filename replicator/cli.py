@@ -5,6 +5,7 @@ Commands:
   restore       rebuild a database from a destination, to the latest point, a time or a txid
   generations   list the restorable timeline of a destination
   snapshots     list the snapshots of a destination
+  status        show a running replicator's databases, replicas and health checks
   version       print the version
 
 A DESTINATION is a directory path, file:///abs/path or s3://bucket/prefix?endpoint=...&region=...
@@ -29,6 +30,7 @@ from .config import (
     Config,
     DbConfig,
     load_config,
+    load_metrics_addr,
     parse_duration,
     replica_from_url,
     validate_addr,
@@ -63,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("db", nargs="?", help="database file")
     r.add_argument("destinations", nargs="*", metavar="DESTINATION")
     r.add_argument("-c", "--config", help="YAML config file")
-    r.add_argument("--metrics-addr", help="serve /metrics, /healthz, /readyz on HOST:PORT")
+    r.add_argument("--metrics-addr",
+                   help="serve /metrics, /healthz, /readyz and /status on HOST:PORT")
     r.add_argument("--snapshot-interval", help="snapshot interval, e.g. 1h (default 6h)")
     r.add_argument("--checkpoint-pages", type=int,
                    help="WAL frames before the replicator runs a PASSIVE checkpoint (default 1000)")
@@ -98,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("-c", "--config", help="YAML config file; then the argument names a db")
         c.add_argument("--replica", help="with --config: this replica only")
         c.add_argument("--json", action="store_true", help="machine-readable output")
+
+    st = sub.add_parser("status", help="show a running replicator's state",
+                        description="Ask a running `replicator replicate` (at its metrics-addr) "
+                        "for every database and replica: generation, txid, lag, last sync, last "
+                        "snapshot, and the last integrity and health check results.")
+    where = st.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", help="the replicator's YAML config (its metrics-addr)")
+    where.add_argument("--addr", metavar="HOST:PORT", help="the replicator's metrics-addr")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
 
     sub.add_parser("version", help="print the version")
     return p
@@ -332,6 +344,20 @@ async def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from .status import fetch_status, format_status
+
+    if args.config:
+        addr = load_metrics_addr(args.config)
+        if addr is None:
+            raise ConfigError(f"{args.config} sets no metrics-addr: there is no status to ask")
+    else:
+        addr = validate_addr(args.addr, "--addr")
+    doc = fetch_status(addr)
+    print(json.dumps(doc, indent=2) if args.json else format_status(doc))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
     args = build_parser().parse_args(argv)
@@ -344,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "version":
             print(f"replicator {__version__}")
             return 0
+        if args.command == "status":
+            return _status(args)
         if args.command == "replicate":
             return asyncio.run(_replicate(_replicate_config(args)))
         if args.command == "restore":

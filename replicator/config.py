@@ -9,12 +9,33 @@ from __future__ import annotations
 import math
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from .errors import ConfigError
+from .health import (
+    DEFAULT_INTEGRITY_INTERVAL_S,
+    DEFAULT_INTERVAL_S,
+    INTEGRITY_CHECK_NAME,
+    OPERATORS,
+    Check,
+    FreshnessCheck,
+    IntegrityCheck,
+    SizeCheck,
+    SqlThresholdCheck,
+)
+from .notify import (
+    DEFAULT_MIN_INTERVAL_S,
+    DEFAULT_SENDER,
+    DEFAULT_SMTP_PORT,
+    DEFAULT_TIMEOUT_S,
+    Channel,
+    SmtpNotifier,
+    WebhookNotifier,
+)
 
 DEFAULT_SNAPSHOT_INTERVAL = 6 * 3600.0
 DEFAULT_MONITOR_INTERVAL = 1.0
@@ -22,10 +43,13 @@ DEFAULT_CHECKPOINT_PAGES = 1000
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 DEFAULT_METRICS_ADDR: str | None = None
 DEFAULT_RETENTION: float | None = None
+DEFAULT_READY_MAX_LAG = 60.0
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DUR_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)", re.IGNORECASE)
+_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
 @dataclass
@@ -49,7 +73,10 @@ class DbConfig:
     monitor_interval: float = DEFAULT_MONITOR_INTERVAL
     checkpoint_pages: int = DEFAULT_CHECKPOINT_PAGES
     retention: float | None = DEFAULT_RETENTION
-    health: dict[str, Any] = field(default_factory=dict)
+    health: list[Check] = field(default_factory=list)
+    """The health checks run on this database (``health:`` in the config)."""
+    ready_max_lag: float = DEFAULT_READY_MAX_LAG
+    """``/readyz`` fails while a replica lags more than this many seconds."""
 
     def __post_init__(self) -> None:
         self.path = os.path.abspath(self.path)
@@ -61,13 +88,28 @@ class DbConfig:
 
 
 @dataclass
+class NotifyConfig:
+    """Where health-check state changes go; one notifier is shared by every database."""
+
+    min_interval: float = DEFAULT_MIN_INTERVAL_S
+    smtp: SmtpNotifier | None = None
+    webhooks: list[WebhookNotifier] = field(default_factory=list)
+
+    @property
+    def channels(self) -> list[Channel]:
+        """Every configured channel (none: notifications are off)."""
+        out: list[Channel] = [self.smtp] if self.smtp is not None else []
+        return out + list(self.webhooks)
+
+
+@dataclass
 class Config:
     """The whole configuration."""
 
     dbs: list[DbConfig]
     metrics_addr: str | None = DEFAULT_METRICS_ADDR
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
-    notify: dict[str, Any] = field(default_factory=dict)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
 
 def parse_duration(value: object, where: str) -> float:
@@ -93,6 +135,27 @@ def parse_duration(value: object, where: str) -> float:
         if s and pos == len(s):
             return total
     raise ConfigError(f"{where}: expected a duration like 10s, 5m or 1h, got {value!r}")
+
+
+def parse_size(value: object, where: str) -> int:
+    """Bytes from a positive number or ``500MiB``, ``1GB``, ``64 KiB``, ``1000b`` (KB, MB, GB, TB
+    are powers of 1000; KiB, MiB, GiB, TiB powers of 1024)."""
+    err = ConfigError(f"{where}: expected a size like 500MiB or 1GB, got {value!r}")
+    if isinstance(value, bool):
+        raise err
+    if isinstance(value, int | float):
+        n = float(value)
+    elif isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value.strip())
+        if m is None or (m[3] and not m[2]):
+            raise err
+        base = 1024 if m[3] else 1000
+        n = float(m[1]) * base ** _SIZE_POWERS[m[2].lower()]
+    else:
+        raise err
+    if math.isnan(n) or math.isinf(n) or n < 1:
+        raise ConfigError(f"{where}: must be at least 1 byte, got {value!r}")
+    return int(n)
 
 
 def expand_env(value: Any, where: str) -> Any:
@@ -185,9 +248,181 @@ def _replica(raw: Any, where: str, index: int) -> ReplicaConfig:
     return replica_from_url(url, name, where)
 
 
+def _fields(*names: str) -> set[str]:
+    """The dash and the underscore spelling of each field name."""
+    return {n for name in names for n in (name, name.replace("-", "_"))}
+
+
+def _get(d: dict[str, Any], key: str) -> Any:
+    return d.get(key, d.get(key.replace("-", "_")))
+
+
+def _mapping(v: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    _take(v, allowed, where)
+    return v
+
+
+def _list(v: Any, where: str) -> list[Any]:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise ConfigError(f"{where}: expected a list")
+    return v
+
+
+def _bool(v: Any, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where}: expected true or false")
+    return v
+
+
+def _positive_duration(v: Any, where: str) -> float:
+    seconds = parse_duration(v, where)
+    if seconds <= 0:
+        raise ConfigError(f"{where}: must be positive")
+    return seconds
+
+
+def _interval(d: dict[str, Any], where: str, default: float) -> float:
+    v = d.get("interval")
+    return default if v is None else _positive_duration(v, f"{where}.interval")
+
+
+def _check_name(d: dict[str, Any], where: str) -> str:
+    name = _str(d.get("name"), f"{where}.name")
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"{where}.name: only letters, digits, '.', '_' and '-' are allowed")
+    return name
+
+
+def _fail_if(v: Any, where: str) -> tuple[str, float]:
+    text = v.strip() if isinstance(v, str) else ""
+    for op in sorted(OPERATORS, key=len, reverse=True):
+        if text.startswith(op):
+            try:
+                threshold = float(text[len(op):])
+            except ValueError:
+                break
+            if math.isfinite(threshold):
+                return op, threshold
+            break
+    raise ConfigError(
+        f"{where}: expected '<op> <number>' with op one of {' '.join(OPERATORS)}, got {v!r}"
+    )
+
+
+def _health(raw: Any, where: str) -> list[Check]:
+    """The typed checks of a database's ``health:`` mapping."""
+    raw = _mapping(raw, where, {"integrity", "freshness", "size", "sql"})
+    checks: list[Check] = []
+    if raw.get("integrity") is not None:
+        w = f"{where}.integrity"
+        d = _mapping(raw["integrity"], w, {"quick", "interval"})
+        quick = _bool(d.get("quick", True), f"{w}.quick")
+        checks.append(IntegrityCheck(quick, _interval(d, w, DEFAULT_INTEGRITY_INTERVAL_S)))
+    for i, item in enumerate(_list(raw.get("freshness"), f"{where}.freshness")):
+        w = f"{where}.freshness[{i}]"
+        d = _mapping(item, w, _fields("name", "sql", "max-age", "interval"))
+        checks.append(FreshnessCheck(
+            _check_name(d, w), _str(d.get("sql"), f"{w}.sql"),
+            _positive_duration(_get(d, "max-age"), f"{w}.max-age"),
+            _interval(d, w, DEFAULT_INTERVAL_S),
+        ))
+    for i, item in enumerate(_list(raw.get("size"), f"{where}.size")):
+        w = f"{where}.size[{i}]"
+        d = _mapping(item, w, _fields("name", "max-bytes", "interval"))
+        checks.append(SizeCheck(
+            _check_name(d, w), parse_size(_get(d, "max-bytes"), f"{w}.max-bytes"),
+            _interval(d, w, DEFAULT_INTERVAL_S),
+        ))
+    for i, item in enumerate(_list(raw.get("sql"), f"{where}.sql")):
+        w = f"{where}.sql[{i}]"
+        d = _mapping(item, w, _fields("name", "sql", "fail-if", "interval"))
+        name = _check_name(d, w)
+        op, threshold = _fail_if(_get(d, "fail-if"), f"{w}.fail-if")
+        checks.append(SqlThresholdCheck(
+            name, _str(d.get("sql"), f"{w}.sql"), op, threshold, _interval(d, w, DEFAULT_INTERVAL_S)
+        ))
+    names = [c.name for c in checks]
+    for n in names:
+        if names.count(n) > 1:
+            hint = " (reserved for the integrity check)" if n == INTEGRITY_CHECK_NAME else ""
+            raise ConfigError(f"{where}: duplicate check name {n!r}{hint}")
+    return checks
+
+
+def _smtp(raw: Any, where: str) -> SmtpNotifier:
+    d = _mapping(raw, where, _fields("host", "port", "starttls", "username", "password", "from",
+                                      "to", "timeout"))
+    to = d.get("to")
+    recipients = [to] if isinstance(to, str) else to
+    if not isinstance(recipients, list) or not recipients:
+        raise ConfigError(f"{where}.to: expected a non-empty list of addresses")
+    for i, addr in enumerate(recipients):
+        _str(addr, f"{where}.to[{i}]")
+    port = _int(d.get("port", DEFAULT_SMTP_PORT), f"{where}.port", 1)
+    if port > 65535:
+        raise ConfigError(f"{where}.port: expected a port number up to 65535")
+    username = d.get("username")
+    password = d.get("password")
+    if username is not None:
+        username = _str(username, f"{where}.username")
+    if password is not None:
+        if username is None:
+            raise ConfigError(f"{where}.password: given without username")
+        if not isinstance(password, str):
+            raise ConfigError(f"{where}.password: expected a string")
+    timeout = d.get("timeout")
+    return SmtpNotifier(
+        host=_str(d.get("host"), f"{where}.host"),
+        port=port,
+        starttls=_bool(d.get("starttls", False), f"{where}.starttls"),
+        username=username,
+        password=password,
+        sender=_str(d.get("from", DEFAULT_SENDER), f"{where}.from"),
+        recipients=list(recipients),
+        timeout=DEFAULT_TIMEOUT_S if timeout is None else _positive_duration(
+            timeout, f"{where}.timeout"),
+    )
+
+
+def _webhook(raw: Any, where: str) -> WebhookNotifier:
+    d = _mapping(raw, where, {"url", "headers", "timeout"})
+    url = _str(d.get("url"), f"{where}.url")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        # the URL may embed a token: name the field, not the value
+        raise ConfigError(f"{where}.url: expected an http:// or https:// URL")
+    headers: dict[str, str] = {}
+    raw_headers = d.get("headers") or {}
+    if not isinstance(raw_headers, dict):
+        raise ConfigError(f"{where}.headers: expected a mapping of header names to values")
+    for k, v in raw_headers.items():
+        if isinstance(v, bool) or not isinstance(v, str | int | float):
+            raise ConfigError(f"{where}.headers.{k}: expected a string")
+        headers[str(k)] = str(v)
+    timeout = d.get("timeout")
+    return WebhookNotifier(url, headers, DEFAULT_TIMEOUT_S if timeout is None else
+                           _positive_duration(timeout, f"{where}.timeout"))
+
+
+def _notify(raw: Any, where: str = "notify") -> NotifyConfig:
+    d = _mapping(raw, where, _fields("min-interval", "smtp", "webhooks"))
+    cfg = NotifyConfig()
+    if _get(d, "min-interval") is not None:
+        cfg.min_interval = parse_duration(_get(d, "min-interval"), f"{where}.min-interval")
+    if d.get("smtp") is not None:
+        cfg.smtp = _smtp(d["smtp"], f"{where}.smtp")
+    cfg.webhooks = [_webhook(w, f"{where}.webhooks[{i}]")
+                    for i, w in enumerate(_list(d.get("webhooks"), f"{where}.webhooks"))]
+    return cfg
+
+
 _DB_FIELDS = {"path", "name", "replicas", "spool-dir", "spool_dir", "snapshot-interval",
               "snapshot_interval", "monitor-interval", "monitor_interval", "checkpoint-pages",
-              "checkpoint_pages", "retention", "health"}
+              "checkpoint_pages", "retention", "health", "ready-max-lag", "ready_max_lag"}
 
 
 def _check_retention(cfg: DbConfig, where: str) -> None:
@@ -234,9 +469,9 @@ def _db(raw: Any, where: str) -> DbConfig:
         cfg.retention = parse_duration(get("retention"), f"{where}.retention")
         _check_retention(cfg, where)
     if raw.get("health") is not None:
-        if not isinstance(raw["health"], dict):
-            raise ConfigError(f"{where}.health: expected a mapping")
-        cfg.health = raw["health"]
+        cfg.health = _health(raw["health"], f"{where}.health")
+    if get("ready-max-lag") is not None:
+        cfg.ready_max_lag = _positive_duration(get("ready-max-lag"), f"{where}.ready-max-lag")
     return cfg
 
 
@@ -262,9 +497,7 @@ def parse_config(data: Any) -> Config:
     if st is not None:
         cfg.shutdown_timeout = parse_duration(st, "shutdown-timeout")
     if data.get("notify") is not None:
-        if not isinstance(data["notify"], dict):
-            raise ConfigError("notify: expected a mapping")
-        cfg.notify = data["notify"]
+        cfg.notify = _notify(data["notify"])
     return cfg
 
 
@@ -280,6 +513,22 @@ def validate_addr(addr: Any, where: str) -> str:
 
 def load_config(path: str) -> Config:
     """Read, expand and validate a YAML config file."""
+    return parse_config(expand_env(_load_yaml(path), ""))
+
+
+def load_metrics_addr(path: str) -> str | None:
+    """Only the ``metrics-addr`` of a config file (expanded and checked), for commands that talk
+    to a running replicator: the rest, and the environment it needs, is not looked at."""
+    data = _load_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError("config: expected a mapping at the top level")
+    addr = data.get("metrics-addr", data.get("metrics_addr"))
+    if addr is None:
+        return None
+    return validate_addr(expand_env(addr, "metrics-addr"), "metrics-addr")
+
+
+def _load_yaml(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -296,4 +545,4 @@ def load_config(path: str) -> Config:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"config file {path}: {problem}{at}") from None
-    return parse_config(expand_env(data, ""))
+    return data

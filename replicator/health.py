@@ -372,6 +372,8 @@ class HealthChecker:
         self.query_timeout_s = query_timeout_s
         self._next_due: dict[str, float] = {}
         self._ok: dict[str, bool] = {}
+        self.last_results: dict[str, CheckResult] = {}
+        """The latest result of each check that has run, by check name."""
         # the kept read-only connection, the (st_dev, st_ino) it was opened on, and a lock that
         # serializes its use across worker threads
         self._conn: sqlite3.Connection | None = None
@@ -419,6 +421,7 @@ class HealthChecker:
                 self._next_due[c.name] = t + c.interval_s
             for r in results:
                 self._record(r)
+                self.last_results[r.check] = r
             await self._report_changes(results)
         if self.notifier is not None:
             await self.notifier.flush(t)

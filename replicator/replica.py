@@ -1,5 +1,10 @@
 """One destination of one database: its position, the one-step ``sync()`` that copies what the
-spool has and the destination lacks, and ``run()``, the loop around it with backoff."""
+spool has and the destination lacks, and ``run()``, the loop around it with backoff.
+
+Each replica holds the lease of its replica path (:mod:`replicator.lease`): ``init()`` claims it,
+``sync()`` verifies it at most once per renew interval while it has something to ship (never when
+idle), and a replica whose lease was taken over stops shipping for good, leaving the spool intact.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from .errors import ReplicatorError
+from .lease import RELEASE_TIMEOUT, Lease, LeaseError, LeaseLostError
 from .metrics import Metrics
 from .pos import ObjectInfo
 from .spool import Spool
@@ -17,7 +23,7 @@ from .storage.base import StorageClient
 log = logging.getLogger("replicator.replica")
 
 DEFAULT_RETRY_MIN = 0.5
-DEFAULT_RETRY_MAX = 30.0
+DEFAULT_RETRY_MAX = 10.0  # a destination that is back is caught up within this
 DEFAULT_BACKSTOP = 5.0
 LOG_EVERY = 60.0
 
@@ -49,6 +55,8 @@ class Replica:
         self.on_shipped: Callable[[], None] | None = None
         self.retention: float | None = None
         self._relist = False
+        self.lease = Lease(client, db_name)
+        self.fenced: str | None = None  # why shipping stopped for good (lease taken over)
 
     @property
     def url(self) -> str:
@@ -56,9 +64,42 @@ class Replica:
         return self.client.url
 
     async def init(self) -> None:
-        """Check the destination is usable."""
+        """Check the destination is usable and claim its lease (StorageError if it is not usable
+        or another process ships there)."""
         await self.client.init()
+        try:
+            await self.lease.claim()
+        except LeaseLostError as exc:
+            self._fence(exc)
+            raise
         self.healthy = True
+        if self.metrics is not None:
+            self.metrics.replica_up.labels(self.db_name, self.name).set(1)
+
+    def _fence(self, exc: LeaseLostError) -> None:
+        """Stop shipping for good: another process owns the replica path now."""
+        self.fenced = str(exc)
+        self.record_error("lease", exc)
+
+    async def _check_lease(self) -> bool:
+        """Verify the lease if due; False (and fenced) if it was taken over."""
+        if self.lease.due():
+            try:
+                await self.lease.renew()
+            except LeaseLostError as exc:
+                self._fence(exc)
+                return False
+        return True
+
+    async def aclose(self) -> None:
+        """Release the lease (clean shutdown; bounded wait) and close the client."""
+        if self.lease.held and self.healthy and self.fenced is None:
+            try:
+                await asyncio.wait_for(self.lease.release(), RELEASE_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - a lease left behind expires on its own
+                log.warning("%s: replica %s: could not release the lease: %s", self.db_name,
+                            self.name, exc)
+        await self.client.aclose()
 
     def _spool_objects(self) -> list[ObjectInfo]:
         out: list[ObjectInfo] = []
@@ -93,7 +134,15 @@ class Replica:
         return False
 
     async def sync(self) -> int:
-        """Copy every missing spooled object, oldest first; return how many were written."""
+        """Copy every missing spooled object, oldest first; return how many were written.
+
+        A replica marked down (a failed init or sync) is initialised again first, so a final sync
+        at shutdown follows the same steps as the loop. Nothing is written (0 is returned) once
+        the replica is fenced."""
+        if self.fenced is not None:
+            return 0
+        if not self.healthy:
+            await self.init()
         missing = await self.pending()
         now = time.time()
         self.lag = max(0.0, now - missing[0].first_ms / 1000) if missing else 0.0
@@ -105,6 +154,8 @@ class Replica:
         written = 0
         snapshot_shipped = False
         for i, info in enumerate(missing):
+            if not await self._check_lease():
+                return written
             size = await self.client.write_object(info, self.spool.storage.read_object(info))
             self.known.setdefault(info.generation, set()).add(info.key)
             written += 1
@@ -155,6 +206,8 @@ class Replica:
     def record_error(self, operation: str, exc: BaseException) -> None:
         """Count an error, mark the replica down and log it (at most once a minute)."""
         self.healthy = False
+        if isinstance(exc, LeaseError):
+            operation = "lease"
         msg = str(exc) if isinstance(exc, ReplicatorError) else f"{type(exc).__name__}: {exc}"
         changed = msg != self.last_error
         self.last_error = msg
@@ -169,14 +222,18 @@ class Replica:
     async def run(self, stop: asyncio.Event, backstop: float = DEFAULT_BACKSTOP) -> None:
         """Ship whenever woken (or every ``backstop`` seconds) until ``stop`` is set."""
         delay = DEFAULT_RETRY_MIN
-        while not stop.is_set():
+        while not stop.is_set() and self.fenced is None:
             try:
                 if not self.healthy:
                     await self.init()
                 await self.sync()
+                if self.fenced is not None:
+                    break
                 delay = DEFAULT_RETRY_MIN
                 timeout = backstop
             except Exception as exc:  # noqa: BLE001 - every failure is retried with backoff
+                if self.fenced is not None:
+                    break  # already counted and logged
                 self.record_error("sync" if self.healthy else "init", exc)
                 self._relist = True  # the destination may have changed while failing
                 timeout = delay

@@ -2,22 +2,31 @@
 
 ``DatabaseService.sync()`` is the one-step capture that tests call directly; ``run()`` is the loop
 around it (file events wake it, a timer is the backstop). Each replica ships in its own task, so a
-slow or broken destination never holds up capture or the other destinations.
+slow or broken destination never holds up capture or the other destinations. The database's health
+checks (if configured) run in a task of their own on their own read-only connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import functools
 import logging
+import platform
+import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from . import __version__
 from .config import Config, DbConfig
 from .db import CaptureResult, Database
 from .errors import ReplicatorError, StorageError
+from .health import CheckResult, HealthChecker
 from .metrics import Metrics, create_metrics
+from .notify import Notifier
+from .pos import parse_key
 from .replica import Replica
 from .spool import Spool
 from .storage import open_storage
@@ -26,12 +35,33 @@ from .watcher import Watcher
 log = logging.getLogger("replicator")
 T = TypeVar("T")
 LOG_EVERY = 60.0
+# how long a health check in progress may finish at shutdown before it is interrupted
+HEALTH_STOP_GRACE = 2.0
+# WAL segments whose frames are remembered until a replica has them (a replica that stays down
+# longer than this stops having its shipped frames counted for the oldest ones)
+MAX_TRACKED_SEGMENTS = 10_000
+CHECKPOINT_RESULTS = ("ok", "busy", "error")
+
+
+def _iso(ts: float) -> str | None:
+    """Unix seconds as RFC 3339 UTC (None for 0, "never")."""
+    if not ts:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def _result_json(r: CheckResult) -> dict[str, Any]:
+    return {"check": r.check, "kind": r.kind, "ok": r.ok, "ran": r.ran, "value": r.value,
+            "reason": r.reason, "time": _iso(r.timestamp)}
 
 
 class DatabaseService:
-    """One database with its replicas."""
+    """One database with its replicas (and its health checks, if configured)."""
 
-    def __init__(self, cfg: DbConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, cfg: DbConfig, metrics: Metrics | None = None, notifier: Notifier | None = None
+    ) -> None:
         self.cfg = cfg
         self.metrics = metrics if metrics is not None else create_metrics()
         self.spool = Spool(cfg.spool_dir)
@@ -42,8 +72,18 @@ class DatabaseService:
             for rc in cfg.replicas
         ]
         for r in self.replicas:
-            r.on_shipped = self._schedule_prune
+            r.on_shipped = functools.partial(self._on_shipped, r)
             r.retention = cfg.retention
+        self.health: HealthChecker | None = None
+        if cfg.health:
+            self.health = HealthChecker(cfg.path, cfg.health, metrics=self.metrics,
+                                        notifier=notifier, db_label=cfg.name)
+        # frames of captured WAL segments not yet counted as shipped, per replica:
+        # key -> (generation, frames)
+        self._unshipped_frames: dict[str, dict[str, tuple[str, int]]] = {
+            r.name: {} for r in self.replicas
+        }
+        self._init_metrics()
         self.wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="replicator-db")
         self._watcher: Watcher | None = None
@@ -55,20 +95,39 @@ class DatabaseService:
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    def _init_metrics(self) -> None:
+        """Create the series whose label values are known up front, so they read 0 (not
+        "absent") until something happens."""
+        m, name = self.metrics, self.cfg.name
+        for counter in (m.captured_transactions, m.captured_frames, m.snapshots):
+            counter.labels(name)
+        for result in CHECKPOINT_RESULTS:
+            m.checkpoints.labels(name, "passive", result)
+        for r in self.replicas:
+            for family in (m.replica_shipped_transactions, m.replica_shipped_frames,
+                           m.replica_shipped_bytes):
+                family.labels(name, r.name)
+
     async def open(self) -> None:
         """Open the database (errors are fatal) and check every replica (a failing replica is
         logged and retried; if every replica fails, that is fatal)."""
         await self._call(self.db.open)
-        failures = []
-        for r in self.replicas:
+        async def check(r: Replica) -> str | None:
             try:
                 await r.init()
-                self.metrics.replica_up.labels(self.cfg.name, r.name).set(1)
             except StorageError as exc:
                 r.record_error("init", exc)
-                failures.append(str(exc))
+                return str(exc)
+            self.metrics.replica_up.labels(self.cfg.name, r.name).set(1)
+            return None
+
+        # concurrently: a slow or unreachable destination does not hold up the others
+        results = await asyncio.gather(*(check(r) for r in self.replicas))
+        failures = [f for f in results if f is not None]
         if failures and len(failures) == len(self.replicas):
             await self._call(self.db.close)
+            for r in self.replicas:
+                await r.aclose()
             raise ReplicatorError("; ".join(failures))
         await self.sync()
         await self._recall_last_snapshot()
@@ -76,7 +135,7 @@ class DatabaseService:
     async def sync(self) -> CaptureResult:
         """Capture once, then wake the shippers if anything new was spooled."""
         started = time.monotonic()
-        res = await self._call(self.db.step)
+        res, frames = await self._call(self._step)
         self.last_capture = time.time()
         log.debug("%s: captured %d transactions (%d frames) to txid %d, pos %s", self.cfg.name,
                   res.transactions, res.frames, self.db.txid, self.db.pos)
@@ -88,10 +147,10 @@ class DatabaseService:
         if res.new_generation:
             m.generation_changes.labels(name, res.new_generation).inc()
             self._snapshot_metrics()
-        if res.rotated:
-            for result, count in self.db.checkpoints.items():
-                m.checkpoints.labels(name, "passive", result).inc(count)
-            self.db.checkpoints.clear()
+        for result, count in self.db.checkpoints.items():
+            m.checkpoints.labels(name, "passive", result).inc(count)
+        self.db.checkpoints.clear()
+        self._track_frames(frames)
         db_size, wal_size = self.db.sizes()
         m.db_size_bytes.labels(name).set(db_size)
         m.wal_size_bytes.labels(name).set(wal_size)
@@ -100,6 +159,47 @@ class DatabaseService:
             for r in self.replicas:
                 r.wake.set()
         return res
+
+    def _step(self) -> tuple[CaptureResult, dict[str, tuple[str, int]]]:
+        """One capture (in the worker thread), with the frames of each WAL segment it wrote."""
+        res = self.db.step()
+        segments = [o for o in res.objects if o.kind == "wal"]
+        frames: dict[str, tuple[str, int]] = {}
+        if len(segments) == 1:
+            frames[segments[0].key] = (segments[0].generation, res.frames)
+        else:
+            for o in segments:
+                try:
+                    frames[o.key] = (o.generation, int(self.spool.read_header(o)["frames"]))
+                except (OSError, ValueError, KeyError) as exc:
+                    log.debug("%s: frames of %s unknown: %s", self.cfg.name, o.key, exc)
+        return res, frames
+
+    def _track_frames(self, frames: dict[str, tuple[str, int]]) -> None:
+        """Remember new segments' frames until each replica has them (a replica may already
+        have shipped one while the capture step was still finishing)."""
+        if not frames:
+            return
+        for r in self.replicas:
+            pending = self._unshipped_frames[r.name]
+            pending.update(frames)
+            while len(pending) > MAX_TRACKED_SEGMENTS:
+                del pending[next(iter(pending))]
+            self._count_shipped_frames(r, frames)
+
+    def _count_shipped_frames(
+        self, r: Replica, candidates: dict[str, tuple[str, int]] | None = None
+    ) -> None:
+        pending = self._unshipped_frames[r.name]
+        keys = candidates if candidates is not None else pending
+        shipped = [k for k, (gen, _) in keys.items() if k in r.known.get(gen, ())]
+        n = sum(pending.pop(k)[1] for k in shipped if k in pending)
+        if n:
+            self.metrics.replica_shipped_frames.labels(self.cfg.name, r.name).inc(n)
+
+    def _on_shipped(self, r: Replica) -> None:
+        self._count_shipped_frames(r)
+        self._schedule_prune()
 
     async def _recall_last_snapshot(self) -> None:
         """After a restart the spool may no longer hold the generation's last snapshot (it was
@@ -129,8 +229,8 @@ class DatabaseService:
         m, name = self.metrics, self.cfg.name
         m.snapshots.labels(name).inc()
         m.snapshot_last_timestamp.labels(name).set(self.db.last_snapshot_ns / 1e9)
-        m.snapshot_duration_seconds.labels(name).set(getattr(self.db, "last_snapshot_seconds", 0))
-        m.snapshot_size_bytes.labels(name).set(getattr(self.db, "last_snapshot_size", 0))
+        m.snapshot_duration_seconds.labels(name).set(self.db.last_snapshot_seconds)
+        m.snapshot_size_bytes.labels(name).set(self.db.last_snapshot_size)
 
     async def snapshot_if_due(self) -> bool:
         """Take a periodic snapshot when the interval has passed and something changed."""
@@ -184,6 +284,7 @@ class DatabaseService:
         self._watcher = Watcher(self.cfg.path, self.wake)
         self._watcher.start()
         shippers = [asyncio.create_task(r.run(stop)) for r in self.replicas]
+        checks = asyncio.create_task(self.health.run(stop)) if self.health is not None else None
         delay = 0.1
         try:
             while not stop.is_set():
@@ -210,6 +311,11 @@ class DatabaseService:
                     delay = min(delay * 2, 10.0)
         finally:
             await asyncio.gather(*shippers, return_exceptions=True)
+            if checks is not None:
+                # a check in progress may finish (and notify); a long one is interrupted
+                await asyncio.wait({checks}, timeout=HEALTH_STOP_GRACE)
+                checks.cancel()
+                await asyncio.gather(checks, return_exceptions=True)
 
     async def close(self, grace: float) -> None:
         """Final capture and ship within ``grace`` seconds, then release everything."""
@@ -220,11 +326,14 @@ class DatabaseService:
             log.debug("%s: final sync", self.cfg.name)
             while (await self.sync()).more:
                 pass
-            for r in self.replicas:
+            async def ship(r: Replica) -> None:
                 try:
                     await r.sync()
                 except Exception as exc:  # noqa: BLE001
                     r.record_error("sync", exc)
+
+            # concurrently: a destination that is down cannot use up the others' time budget
+            await asyncio.gather(*(ship(r) for r in self.replicas))
             await self.prune_spool()
 
         try:
@@ -233,10 +342,45 @@ class DatabaseService:
             log.error("%s: final sync did not finish within %.1fs", self.cfg.name, grace)
         except Exception as exc:  # noqa: BLE001
             self._record_error("final sync", exc)
+        if self.health is not None:
+            self.health.close()
         await self._call(self.db.close)
         for r in self.replicas:
-            await r.client.aclose()
+            await r.aclose()
         self._executor.shutdown(wait=True)
+
+    def _replica_txid(self, r: Replica) -> int | None:
+        """The newest transaction of the current generation the replica is known to hold."""
+        gen = self.db.generation
+        txids = [info.end_txid for info in map(parse_key, r.known.get(gen or "", ()))
+                 if info is not None]
+        return max(txids) if txids else None
+
+    def status(self) -> dict[str, Any]:
+        """The database's state for ``/status`` (call from the event loop)."""
+        db = self.db
+        health = self.health.last_results if self.health is not None else {}
+        integrity = next((r for r in health.values() if r.kind == "integrity"), None)
+        return {
+            "name": self.cfg.name,
+            "path": self.cfg.path,
+            "generation": db.generation,
+            "txid": db.txid,
+            "position": db.pos.to_json() if db.pos is not None else None,
+            "last_capture": _iso(self.last_capture),
+            "last_snapshot": {"time": _iso(db.last_snapshot_ns / 1e9),
+                              "txid": db.last_snapshot_txid} if db.last_snapshot_ns else None,
+            "ready_max_lag_seconds": self.cfg.ready_max_lag,
+            "replicas": [
+                {"name": r.name, "url": r.url, "healthy": r.healthy,
+                 "generation": db.generation if r.known.get(db.generation or "") else None,
+                 "txid": self._replica_txid(r), "lag_seconds": round(r.lag, 3),
+                 "last_sync": _iso(r.last_sync), "error": r.last_error}
+                for r in self.replicas
+            ],
+            "integrity": _result_json(integrity) if integrity is not None else None,
+            "health": [_result_json(r) for r in health.values() if r.kind != "integrity"],
+        }
 
 
 class Replicator:
@@ -245,7 +389,21 @@ class Replicator:
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else create_metrics()
-        self.services = [DatabaseService(d, self.metrics) for d in config.dbs]
+        self.metrics.build_info.info({
+            "version": __version__,
+            "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version,
+        })
+        channels = config.notify.channels
+        self.notifier = Notifier(channels, metrics=self.metrics,
+                                 min_interval_s=config.notify.min_interval) if channels else None
+        self.services = [DatabaseService(d, self.metrics, self.notifier) for d in config.dbs]
+        self.started = time.time()
+
+    def status(self) -> dict[str, Any]:
+        """Every database's state for ``/status`` (call from the event loop)."""
+        return {"version": __version__, "started": _iso(self.started),
+                "dbs": [s.status() for s in self.services]}
 
     async def open(self) -> None:
         """Open every database; on failure close what was opened and re-raise."""

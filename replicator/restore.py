@@ -16,16 +16,19 @@ import contextlib
 import datetime as dt
 import os
 import re
+import shutil
 import sqlite3
 import struct
+import tempfile
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CorruptObjectError, RestoreError, WalError
+from .errors import CorruptObjectError, ReplicatorError, RestoreError, WalError
 from .format import decode_stream, read_header
-from .fsutil import fsync_dir, temp_path
+from .fsutil import TMP_SUFFIX, fsync_dir, temp_path
 from .pos import ObjectInfo, WalPos
-from .storage.base import StorageClient
+from .storage.base import DEFAULT_CHUNK_SIZE, StorageClient
 from .wal import FRAME_HEADER_SIZE, parse_wal_header, verify_frames
 
 DEFAULT_PREFETCH = 4
@@ -411,8 +414,11 @@ class _Applier:
         os.pwrite(self.fd, data, offset)
 
 
-async def _apply_snapshot(client: StorageClient, snap: ObjectInfo, ap: _Applier) -> None:
-    header, body = await decode_stream(client.read_object(snap), snap.key)
+Reader = Callable[[ObjectInfo], AsyncIterator[bytes]]
+
+
+async def _apply_snapshot(read: Reader, snap: ObjectInfo, ap: _Applier) -> None:
+    header, body = await decode_stream(read(snap), snap.key)
     if header.get("kind") != "snapshot" or int(header.get("txid", -1)) != snap.end_txid:
         raise CorruptObjectError(f"{snap.key}: corrupt object (header does not match its key)")
     ap.page_size = int(header["page_size"])
@@ -458,11 +464,9 @@ def _check_link(seg: ObjectInfo, header: dict[str, Any], ap: _Applier) -> WalPos
     return start
 
 
-async def _apply_segment(
-    client: StorageClient, seg: ObjectInfo, ap: _Applier, stop_txid: int
-) -> bool:
+async def _apply_segment(read: Reader, seg: ObjectInfo, ap: _Applier, stop_txid: int) -> bool:
     """Apply a segment's frames up to ``stop_txid``; True if the stop point was reached."""
-    header, body = await decode_stream(client.read_object(seg), seg.key)
+    header, body = await decode_stream(read(seg), seg.key)
     start = _check_link(seg, header, ap)
     big_endian = bool(header["big_endian"])
     ps = ap.page_size
@@ -539,6 +543,131 @@ def _check_output(output: str, force: bool) -> str:
     return output
 
 
+class _Download:
+    """One object being fetched into a temp file, readable while it arrives."""
+
+    def __init__(self, client: StorageClient, info: ObjectInfo, path: str) -> None:
+        self.info = info
+        self.path = path
+        self.size = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self.progress = asyncio.Event()
+        self._wfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._rfd = os.open(path, os.O_RDONLY)
+        self.task = asyncio.create_task(self._fetch(client))
+
+    async def _fetch(self, client: StorageClient) -> None:
+        try:
+            async for chunk in client.read_object(self.info):
+                await asyncio.to_thread(_pwrite_all, self._wfd, chunk, self.size)
+                self.size += len(chunk)
+                self.progress.set()
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
+            self.error = exc
+        finally:
+            self.done = True
+            self.progress.set()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The object's bytes in order, as they arrive; raises the download's error."""
+        pos = 0
+        while True:
+            if pos < self.size:
+                n = min(DEFAULT_CHUNK_SIZE, self.size - pos)
+                data = await asyncio.to_thread(os.pread, self._rfd, n, pos)
+                pos += len(data)
+                yield data
+                continue
+            if self.error is not None:
+                if isinstance(self.error, ReplicatorError):
+                    raise self.error
+                if isinstance(self.error, OSError):
+                    raise RestoreError(
+                        f"{self.info.key}: cannot write temp file {self.path}: "
+                        f"{self.error.strerror or self.error}"
+                    )
+                raise RestoreError(f"{self.info.key}: download failed: {self.error!r}")
+            if self.done:
+                return
+            self.progress.clear()
+            await self.progress.wait()
+
+    async def aclose(self) -> None:
+        """Stop the download, close the files and remove the temp file."""
+        self.task.cancel()  # a no-op if it finished
+        try:
+            await asyncio.wait({self.task})  # never raises the download's own error
+        finally:
+            for fd in (self._wfd, self._rfd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+class _Prefetcher:
+    """Reads a restore's objects strictly in order while the next ``depth`` objects download
+    concurrently into temp files in ``directory``.
+
+    The first object (the snapshot) streams straight from the destination; every later one is
+    read from its temp file as it arrives, and its file is removed once applied. Memory holds a
+    chunk per download; the disk holds at most ``depth`` objects.
+    """
+
+    def __init__(self, client: StorageClient, infos: list[ObjectInfo], directory: str,
+                 depth: int) -> None:
+        self.client = client
+        self.infos = infos
+        self.index = {info.key: i for i, info in enumerate(infos)}
+        self.directory = directory
+        self.depth = depth
+        self.downloads: dict[int, _Download] = {}
+        self._next = 1  # the first object is never downloaded ahead
+
+    def _fill(self, upto: int) -> None:
+        while self._next < min(upto, len(self.infos)):
+            i = self._next
+            path = os.path.join(self.directory, f"{i:08d}.obj")
+            self.downloads[i] = _Download(self.client, self.infos[i], path)
+            self._next += 1
+
+    async def read(self, info: ObjectInfo) -> AsyncIterator[bytes]:
+        """The bytes of ``info`` (which must be read in plan order)."""
+        i = self.index[info.key]
+        self._fill(i + 1 + self.depth)
+        d = self.downloads.get(i)
+        if d is None:
+            async for chunk in self.client.read_object(info):
+                yield chunk
+            return
+        async for chunk in d.chunks():
+            yield chunk
+        del self.downloads[i]
+        await d.aclose()
+
+    async def aclose(self) -> None:
+        """Cancel every download and remove every temp file."""
+        downloads, self.downloads = list(self.downloads.values()), {}
+        for d in downloads:
+            await d.aclose()
+
+
+def _local(client: StorageClient) -> bool:
+    from .storage.file import FileStorage
+    from .storage.memory import MemoryStorage
+
+    return isinstance(client, FileStorage | MemoryStorage)
+
+
 async def apply_plan(
     client: StorageClient,
     plan: RestorePlan,
@@ -546,9 +675,40 @@ async def apply_plan(
     *,
     force: bool = False,
     check: bool = True,
+    prefetch: int | None = None,
 ) -> RestoreResult:
-    """Write the planned database to ``output`` (temp file, fsync, integrity check, rename)."""
+    """Write the planned database to ``output`` (temp file, fsync, integrity check, rename).
+
+    From a remote destination the next ``prefetch`` objects (default ``DEFAULT_PREFETCH``; 0 for
+    a local directory or memory) download concurrently into a temp directory beside the output
+    while the objects are applied strictly in order; the directory is removed either way."""
     output = await asyncio.to_thread(_check_output, output, force)
+    parent = os.path.dirname(output)
+    if prefetch is None:
+        prefetch = 0 if _local(client) else DEFAULT_PREFETCH
+    objects = [plan.snapshot, *plan.segments]
+    pf: _Prefetcher | None = None
+    tmpdir: str | None = None
+    if prefetch > 0 and len(objects) > 1:
+        try:
+            tmpdir = await asyncio.to_thread(
+                tempfile.mkdtemp, TMP_SUFFIX, f".{os.path.basename(output)}.", parent
+            )
+        except OSError as exc:
+            raise RestoreError(f"cannot create a temp directory in {parent}: "
+                               f"{exc.strerror}") from None
+        pf = _Prefetcher(client, objects, tmpdir, prefetch)
+    read: Reader = pf.read if pf is not None else client.read_object
+    try:
+        return await _apply(read, plan, output, check)
+    finally:
+        if pf is not None:
+            await pf.aclose()
+        if tmpdir is not None:
+            await asyncio.to_thread(shutil.rmtree, tmpdir, True)
+
+
+async def _apply(read: Reader, plan: RestorePlan, output: str, check: bool) -> RestoreResult:
     parent = os.path.dirname(output)
     tmp = temp_path(output)
     try:
@@ -558,9 +718,9 @@ async def apply_plan(
     ok = False
     try:
         ap = _Applier(fd)
-        await _apply_snapshot(client, plan.snapshot, ap)
+        await _apply_snapshot(read, plan.snapshot, ap)
         for seg in plan.segments:
-            if await _apply_segment(client, seg, ap, plan.txid):
+            if await _apply_segment(read, seg, ap, plan.txid):
                 break
         os.ftruncate(fd, ap.pages * ap.page_size)
         os.fsync(fd)

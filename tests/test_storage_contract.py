@@ -1,6 +1,7 @@
 """One contract for every storage backend: memory, file, and S3 (SeaweedFS and moto).
 
-Each test gets a fresh, empty destination. S3 backends use a 5 MiB part size, so the large
+It covers the objects, the lease record beside them, and the fencing built on the lease. Each test
+gets a fresh, empty destination. S3 backends use a 5 MiB part size, so the large
 objects here go through multipart uploads.
 """
 
@@ -9,14 +10,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import os
 import random
+import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from replicator.errors import NotFoundError
+from replicator.lease import DEFAULT_LEASE_TTL, Lease, LeaseError, LeaseLostError
+from replicator.metrics import create_metrics
 from replicator.pos import ObjectInfo, new_generation_id, segment_info, snapshot_info
+from replicator.replica import Replica
+from replicator.spool import Spool
 from replicator.storage import FileStorage, MemoryStorage, StorageClient
 from replicator.storage.s3 import S3Storage
 
@@ -266,3 +274,181 @@ async def test_concurrent_writes(storage: StorageClient, gen: str) -> None:
         *(write(storage, info, payload(100, seed=i)) for i, info in enumerate(infos))
     )
     assert [o.size for o in await storage.objects(gen)] == [100] * 20
+
+
+# -- the lease record: one well-known key beside generations/ -----------------------------------
+
+
+async def test_lease_round_trip(storage: StorageClient, gen: str) -> None:
+    assert await storage.read_lease() is None
+    await storage.write_lease(b'{"owner": "a"}')
+    assert await storage.read_lease() == b'{"owner": "a"}'
+    await storage.write_lease(b'{"owner": "b"}')  # replaced whole
+    assert await storage.read_lease() == b'{"owner": "b"}'
+    # it is not an object: listings and deletions of generations never see it
+    assert await storage.generations() == []
+    await write(storage, snapshot_info(gen, 0, 1), b"x")
+    assert await storage.generations() == [gen]
+    await storage.delete_generation(gen)
+    assert await storage.generations() == []
+    assert await storage.read_lease() == b'{"owner": "b"}'
+
+
+async def test_lease_per_prefix(make_storage: Factory) -> None:
+    root, nested, sibling = make_storage(""), make_storage("a/b"), make_storage("a/c")
+    for client in (root, nested, sibling):
+        await client.init()
+    await nested.write_lease(b"nested")
+    assert await root.read_lease() is None
+    assert await sibling.read_lease() is None
+    await root.write_lease(b"root")
+    assert await nested.read_lease() == b"nested"
+    assert await root.read_lease() == b"root"
+
+
+# -- fencing policy (replicator.lease, replicator.replica) on every backend ---------------------
+
+
+class Clock:
+    """A settable wall clock."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def lease_for(storage: StorageClient, clock: Clock, host: str, db: str, **kw: object) -> Lease:
+    return Lease(storage, db, clock=clock, hostname=host, pid=4242, **kw)  # type: ignore[arg-type]
+
+
+async def test_lease_claim_refuse_expire_release(storage: StorageClient) -> None:
+    clock = Clock()
+    a = lease_for(storage, clock, "host-a", "/data/a.db")
+    b = lease_for(storage, clock, "host-b", "/data/b.db")
+    await a.claim()
+    rec = await a.read()
+    assert rec is not None and rec.owner == a.owner and not rec.released
+    assert (rec.hostname, rec.pid, rec.db) == ("host-a", 4242, "/data/a.db")
+    with pytest.raises(LeaseError) as ei:
+        await b.claim()
+    msg = str(ei.value)
+    assert "replica path in use by host host-a pid 4242 db /data/a.db" in msg
+    assert "\n" not in msg
+    assert not b.held
+    # a lease not renewed for the TTL is free
+    clock.now += DEFAULT_LEASE_TTL + 1
+    await b.claim()
+    assert b.held
+    # a: taken over, at its next verification
+    with pytest.raises(LeaseLostError, match="replica taken over by host host-b pid 4242"):
+        await a.renew()
+    assert not a.held
+    # a clean release frees it at once
+    await b.release()
+    rec = await b.read()
+    assert rec is not None and rec.released
+    c = lease_for(storage, clock, "host-c", "/data/c.db")
+    await c.claim()
+    assert c.held
+    await c.release()
+
+
+async def test_lease_of_a_dead_process_on_this_host_is_free(storage: StorageClient) -> None:
+    clock = Clock()
+    # a pid that is not running (a kill -9 before a restart)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await proc.wait()
+    gone = Lease(storage, "/d.db", clock=clock, hostname="here", pid=proc.pid)
+    await gone.claim()
+    gone._drop()  # the process died holding it
+    again = Lease(storage, "/d.db", clock=clock, hostname="here", pid=os.getpid())
+    await again.claim()
+    # a live process on this host keeps it
+    other = Lease(storage, "/d.db", clock=clock, hostname="here", pid=os.getppid())
+    with pytest.raises(LeaseError, match=f"in use by host here pid {os.getpid()} db /d.db"):
+        await other.claim()
+    await again.release()
+
+
+async def test_lease_of_unknown_version_is_not_overwritten(storage: StorageClient) -> None:
+    await storage.write_lease(b'{"version": 99, "owner": "future"}')
+    lease = lease_for(storage, Clock(), "host-a", "/a.db")
+    with pytest.raises(LeaseError, match="unknown version 99"):
+        await lease.claim()
+    assert await storage.read_lease() == b'{"version": 99, "owner": "future"}'
+    await storage.write_lease(b"not json")  # garbage is treated as no lease
+    await lease.claim()
+    assert lease.held
+
+
+def spool_object(spool: Spool, info: ObjectInfo) -> ObjectInfo:
+    return spool.write(info, {"kind": info.kind}, [payload(100, seed=info.end_txid)])
+
+
+async def test_replica_fenced_when_taken_over(storage: StorageClient, tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path / "spool"))
+    gen = new_generation_id()
+    now_ms = int(time.time() * 1000)
+    spool_object(spool, snapshot_info(gen, 0, now_ms))
+    metrics = create_metrics()
+    r = Replica("dest", storage, spool, "/data/a.db", metrics)
+    await r.init()
+    assert await r.sync() == 1
+    reads = 0
+    real_read = storage.read_lease
+
+    async def counting_read() -> bytes | None:
+        nonlocal reads
+        reads += 1
+        return await real_read()
+
+    storage.read_lease = counting_read  # type: ignore[method-assign]
+    # idle (nothing to ship), even with the lease due: no lease requests
+    r.lease.renew_interval = 0
+    assert await r.sync() == 0
+    assert reads == 0
+    # another process takes the path over (say, after our lease expired)
+    thief = Lease(storage, "/data/b.db", hostname="elsewhere", pid=7,
+                  clock=lambda: time.time() + DEFAULT_LEASE_TTL + 1)
+    await thief.claim()
+    seg = spool_object(spool, segment_info(gen, 1, 3, now_ms + 1, now_ms + 2))
+    assert await r.sync() == 0
+    assert r.fenced is not None and "replica taken over by host elsewhere pid 7" in r.fenced
+    assert not r.healthy
+    labels = {"db": "/data/a.db", "replica": "dest"}
+    assert metrics.registry.get_sample_value(
+        "replicator_errors_total", {**labels, "operation": "lease"}) == 1
+    assert metrics.registry.get_sample_value("replicator_replica_up", labels) == 0
+    # the segment stays in the spool and never reaches the destination
+    assert seg.key in {o.key for o in spool.objects(gen)}
+    assert seg.key not in {o.key for o in await storage.objects(gen)}
+    assert await r.sync() == 0
+    stop = asyncio.Event()
+    await asyncio.wait_for(r.run(stop, backstop=0.01), 10)  # returns: fenced for good
+    rec = await thief.read()
+    await r.aclose()  # does not release someone else's lease
+    assert await thief.read() == rec
+    await thief.release()
+
+
+async def test_replica_releases_lease_on_close(make_storage: Factory, tmp_path: Path) -> None:
+    storage = make_storage("replica")
+    await storage.init()
+    spool = Spool(str(tmp_path / "spool"))
+    spool_object(spool, snapshot_info(new_generation_id(), 0, int(time.time() * 1000)))
+    first = Replica("dest", storage, spool, "/data/a.db")
+    await first.init()
+    await first.sync()
+    # a second client of the same destination (memory destinations are not shared by clients)
+    other = storage if isinstance(storage, MemoryStorage) else make_storage("replica")
+    second = Replica("dest", other, spool, "/data/b.db")
+    with pytest.raises(LeaseError, match="replica path in use by host .* db /data/a.db"):
+        await second.init()
+    await first.aclose()
+    rec = await second.lease.read()
+    assert rec is not None and rec.released
+    await second.init()  # free now
+    assert second.healthy
+    await second.aclose()

@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 from ..pos import ObjectInfo
 
 DEFAULT_CHUNK_SIZE = 1 << 20
+# The one key outside generations/: the fencing record (see replicator.lease and docs/format.md).
+LEASE_KEY = "lease.json"
 
 
 @runtime_checkable
@@ -50,6 +52,15 @@ class StorageClient(Protocol):
 
     async def delete_generation(self, generation: str) -> None:
         """Delete a whole generation; an absent one is ignored."""
+        ...
+
+    async def read_lease(self) -> bytes | None:
+        """The lease record stored at ``LEASE_KEY`` beside ``generations/``, or None if there is
+        none."""
+        ...
+
+    async def write_lease(self, data: bytes) -> None:
+        """Store the lease record at ``LEASE_KEY``, atomically replacing any previous one."""
         ...
 
     async def aclose(self) -> None:

@@ -18,9 +18,9 @@ import aiofiles
 import aiofiles.os
 
 from ..errors import NotFoundError, StorageError
-from ..fsutil import TMP_SUFFIX, fsync_dir, makedirs_durable, temp_path
+from ..fsutil import TMP_SUFFIX, atomic_writer, fsync_dir, makedirs_durable, temp_path
 from ..pos import GENERATIONS_DIR, ObjectInfo, is_generation_id, parse_key
-from .base import DEFAULT_CHUNK_SIZE
+from .base import DEFAULT_CHUNK_SIZE, LEASE_KEY
 
 
 def _describe(exc: OSError) -> str:
@@ -171,6 +171,33 @@ class FileStorage:
             return
         except OSError as exc:
             raise self._error(f"cannot delete generation {generation}", exc) from None
+
+    async def read_lease(self) -> bytes | None:
+        """The contents of ``<root>/lease.json``, or None if it does not exist."""
+
+        def read() -> bytes | None:
+            try:
+                with open(self._path(LEASE_KEY), "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                return None
+
+        try:
+            return await asyncio.to_thread(read)
+        except OSError as exc:
+            raise self._error(f"cannot read {LEASE_KEY}", exc) from None
+
+    async def write_lease(self, data: bytes) -> None:
+        """Replace ``<root>/lease.json`` like any object: temp file, fsync, rename, fsync."""
+
+        def write() -> None:
+            with atomic_writer(self._path(LEASE_KEY)) as f:
+                f.write(data)
+
+        try:
+            await asyncio.to_thread(write)
+        except OSError as exc:
+            raise self._error(f"cannot write {LEASE_KEY}", exc) from None
 
     async def aclose(self) -> None:
         """Nothing to release."""

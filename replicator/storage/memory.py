@@ -15,6 +15,7 @@ class MemoryStorage:
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
         self.data: dict[str, bytes] = {}
+        self.lease: bytes | None = None  # kept apart from the objects: never listed
 
     async def init(self) -> None:
         """Nothing to check."""
@@ -59,6 +60,14 @@ class MemoryStorage:
         prefix = f"{GENERATIONS_DIR}/{generation}/"
         for key in [k for k in self.data if k.startswith(prefix)]:
             del self.data[key]
+
+    async def read_lease(self) -> bytes | None:
+        """The stored lease record, or None."""
+        return self.lease
+
+    async def write_lease(self, data: bytes) -> None:
+        """Replace the lease record (one assignment: atomic)."""
+        self.lease = bytes(data)
 
     async def aclose(self) -> None:
         """Nothing to release."""

@@ -52,7 +52,7 @@ from botocore.loaders import create_loader
 
 from ..errors import ConfigError, NotFoundError, StorageError
 from ..pos import GENERATIONS_DIR, ObjectInfo, generation_prefix, is_generation_id, parse_key
-from .base import DEFAULT_CHUNK_SIZE
+from .base import DEFAULT_CHUNK_SIZE, LEASE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -722,10 +722,13 @@ class S3Storage:
             if upload is not None:
                 await upload.abort()
 
-    async def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
+    def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
         """Stream an object; a connection that breaks mid-body is resumed with a ranged GET."""
+        return self._read(info.key)
+
+    async def _read(self, rel_key: str) -> AsyncIterator[bytes]:
         client = await self._get_client()
-        key = self._key(info.key)
+        key = self._key(rel_key)
         offset = 0
         etag: str | None = None
         loop = asyncio.get_running_loop()
@@ -738,7 +741,7 @@ class S3Storage:
                 if etag:
                     kwargs["IfMatch"] = etag
             resp: dict[str, Any] = await self._call(
-                "GetObject", info.key, functools.partial(client.get_object, **kwargs)
+                "GetObject", rel_key, functools.partial(client.get_object, **kwargs)
             )
             etag = etag or resp.get("ETag")
             try:
@@ -756,10 +759,10 @@ class S3Storage:
                 attempt += 1
                 delay = self._backoff(attempt, deadline) if _is_retryable(exc) else None
                 if delay is None:
-                    raise self._error("GetObject", info.key, exc, attempt) from exc
+                    raise self._error("GetObject", rel_key, exc, attempt) from exc
                 log.warning(
                     "%s: resuming at byte %d in %.2fs",
-                    self._error("GetObject", info.key, exc, attempt),
+                    self._error("GetObject", rel_key, exc, attempt),
                     offset,
                     delay,
                 )
@@ -811,6 +814,30 @@ class S3Storage:
         ]
         if dirs:
             await self._delete_keys([*dirs, base])
+
+    async def read_lease(self) -> bytes | None:
+        """The object ``<prefix>/lease.json``, or None if it does not exist."""
+        try:
+            return b"".join([chunk async for chunk in self._read(LEASE_KEY)])
+        except NotFoundError:
+            return None
+
+    async def write_lease(self, data: bytes) -> None:
+        """Store ``<prefix>/lease.json`` with one PutObject (atomic on S3)."""
+        client = await self._get_client()
+        body = bytes(data)
+        await self._call(
+            "PutObject",
+            LEASE_KEY,
+            lambda: client.put_object(
+                Bucket=self.bucket,
+                Key=self._key(LEASE_KEY),
+                Body=_BodyReader(body),
+                ContentType="application/json",
+                **self._put_args(),
+            ),
+            body_size=len(body),
+        )
 
     async def aclose(self) -> None:
         """Close the client and its connection pool."""
