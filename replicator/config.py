@@ -26,6 +26,7 @@ from .health import (
     IntegrityCheck,
     SizeCheck,
     SqlThresholdCheck,
+    parse_fail_if,
 )
 from .notify import (
     DEFAULT_MIN_INTERVAL_S,
@@ -298,16 +299,9 @@ def _check_name(d: dict[str, Any], where: str) -> str:
 
 
 def _fail_if(v: Any, where: str) -> tuple[str, float]:
-    text = v.strip() if isinstance(v, str) else ""
-    for op in sorted(OPERATORS, key=len, reverse=True):
-        if text.startswith(op):
-            try:
-                threshold = float(text[len(op):])
-            except ValueError:
-                break
-            if math.isfinite(threshold):
-                return op, threshold
-            break
+    parsed = parse_fail_if(v) if isinstance(v, str) else None
+    if parsed is not None:
+        return parsed
     raise ConfigError(
         f"{where}: expected '<op> <number>' with op one of {' '.join(OPERATORS)}, got {v!r}"
     )

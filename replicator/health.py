@@ -116,6 +116,19 @@ class SizeCheck:
     interval_s: float = DEFAULT_INTERVAL_S
 
 
+def parse_fail_if(text: str) -> tuple[str, float] | None:
+    """``"> 100"`` -> ``(">", 100.0)``; None unless it is ``<op> <finite number>``."""
+    text = text.strip()
+    for op in sorted(OPERATORS, key=len, reverse=True):
+        if text.startswith(op):
+            try:
+                threshold = float(text[len(op):])
+            except ValueError:
+                return None
+            return (op, threshold) if math.isfinite(threshold) else None
+    return None
+
+
 @dataclass(frozen=True)
 class SqlThresholdCheck:
     """Fails when ``value <op> threshold`` holds, ``value`` being the first column of the first
@@ -144,14 +157,9 @@ class SqlThresholdCheck:
         cls, name: str, sql: str, fail_if: str, interval_s: float = DEFAULT_INTERVAL_S
     ) -> SqlThresholdCheck:
         """Build from a config string such as ``fail_if: "> 100"``."""
-        text = fail_if.strip()
-        for op in sorted(OPERATORS, key=len, reverse=True):
-            if text.startswith(op):
-                try:
-                    threshold = float(text[len(op):])
-                except ValueError:
-                    break
-                return cls(name, sql, op, threshold, interval_s)
+        parsed = parse_fail_if(fail_if)
+        if parsed is not None:
+            return cls(name, sql, parsed[0], parsed[1], interval_s)
         raise ConfigError(
             f"health check {name!r}: fail_if {fail_if!r} is not '<op> <number>' "
             f"(op one of {' '.join(OPERATORS)})"
