@@ -448,8 +448,9 @@ class Database:
     # ------------------------------------------------------------------ the step
 
     def step(self) -> CaptureResult:
-        """Capture every committed transaction not yet captured; start a generation or rotate the
-        pin when needed. Safe to call at any time; does nothing when nothing changed."""
+        """Capture committed transactions not yet captured (a bounded number of batches:
+        ``more`` in the result says whether some are still waiting); start a generation or rotate
+        the pin when needed. Safe to call at any time; does nothing when nothing changed."""
         res = CaptureResult()
         started = time.time_ns()
         self._check_identity()
