@@ -156,6 +156,10 @@ class Replica:
         for i, info in enumerate(missing):
             if not await self._check_lease():
                 return written
+            frames = 0
+            if info.kind == "wal" and self.metrics is not None:
+                header = await asyncio.to_thread(self.spool.read_header, info)
+                frames = int(header.get("frames", 0))
             size = await self.client.write_object(info, self.spool.storage.read_object(info))
             self.known.setdefault(info.generation, set()).add(info.key)
             written += 1
@@ -167,6 +171,7 @@ class Replica:
                 if info.kind == "wal":
                     n = info.end_txid - info.start_txid + 1
                     self.metrics.replica_shipped_transactions.labels(*labels).inc(n)
+                    self.metrics.replica_shipped_frames.labels(*labels).inc(frames)
                     self.metrics.replica_commit_to_durable_seconds.labels(*labels).observe(
                         max(0.0, done - info.first_ms / 1000)
                     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import functools
 import logging
 import platform
 import sqlite3
@@ -39,7 +38,6 @@ LOG_EVERY = 60.0
 HEALTH_STOP_GRACE = 2.0
 # WAL segments whose frames are remembered until a replica has them (a replica that stays down
 # longer than this stops having its shipped frames counted for the oldest ones)
-MAX_TRACKED_SEGMENTS = 10_000
 CHECKPOINT_RESULTS = ("ok", "busy", "error")
 
 
@@ -72,17 +70,12 @@ class DatabaseService:
             for rc in cfg.replicas
         ]
         for r in self.replicas:
-            r.on_shipped = functools.partial(self._on_shipped, r)
+            r.on_shipped = self._schedule_prune
             r.retention = cfg.retention
         self.health: HealthChecker | None = None
         if cfg.health:
             self.health = HealthChecker(cfg.path, cfg.health, metrics=self.metrics,
                                         notifier=notifier, db_label=cfg.name)
-        # frames of captured WAL segments not yet counted as shipped, per replica:
-        # key -> (generation, frames)
-        self._unshipped_frames: dict[str, dict[str, tuple[str, int]]] = {
-            r.name: {} for r in self.replicas
-        }
         self._init_metrics()
         self.wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="replicator-db")
@@ -135,7 +128,7 @@ class DatabaseService:
     async def sync(self) -> CaptureResult:
         """Capture once, then wake the shippers if anything new was spooled."""
         started = time.monotonic()
-        res, frames = await self._call(self._step)
+        res = await self._call(self.db.step)
         self.last_capture = time.time()
         log.debug("%s: captured %d transactions (%d frames) to txid %d, pos %s", self.cfg.name,
                   res.transactions, res.frames, self.db.txid, self.db.pos)
@@ -150,7 +143,6 @@ class DatabaseService:
         for result, count in self.db.checkpoints.items():
             m.checkpoints.labels(name, "passive", result).inc(count)
         self.db.checkpoints.clear()
-        self._track_frames(frames)
         db_size, wal_size = self.db.sizes()
         m.db_size_bytes.labels(name).set(db_size)
         m.wal_size_bytes.labels(name).set(wal_size)
@@ -159,47 +151,6 @@ class DatabaseService:
             for r in self.replicas:
                 r.wake.set()
         return res
-
-    def _step(self) -> tuple[CaptureResult, dict[str, tuple[str, int]]]:
-        """One capture (in the worker thread), with the frames of each WAL segment it wrote."""
-        res = self.db.step()
-        segments = [o for o in res.objects if o.kind == "wal"]
-        frames: dict[str, tuple[str, int]] = {}
-        if len(segments) == 1:
-            frames[segments[0].key] = (segments[0].generation, res.frames)
-        else:
-            for o in segments:
-                try:
-                    frames[o.key] = (o.generation, int(self.spool.read_header(o)["frames"]))
-                except (OSError, ValueError, KeyError) as exc:
-                    log.debug("%s: frames of %s unknown: %s", self.cfg.name, o.key, exc)
-        return res, frames
-
-    def _track_frames(self, frames: dict[str, tuple[str, int]]) -> None:
-        """Remember new segments' frames until each replica has them (a replica may already
-        have shipped one while the capture step was still finishing)."""
-        if not frames:
-            return
-        for r in self.replicas:
-            pending = self._unshipped_frames[r.name]
-            pending.update(frames)
-            while len(pending) > MAX_TRACKED_SEGMENTS:
-                del pending[next(iter(pending))]
-            self._count_shipped_frames(r, frames)
-
-    def _count_shipped_frames(
-        self, r: Replica, candidates: dict[str, tuple[str, int]] | None = None
-    ) -> None:
-        pending = self._unshipped_frames[r.name]
-        keys = candidates if candidates is not None else pending
-        shipped = [k for k, (gen, _) in keys.items() if k in r.known.get(gen, ())]
-        n = sum(pending.pop(k)[1] for k in shipped if k in pending)
-        if n:
-            self.metrics.replica_shipped_frames.labels(self.cfg.name, r.name).inc(n)
-
-    def _on_shipped(self, r: Replica) -> None:
-        self._count_shipped_frames(r)
-        self._schedule_prune()
 
     async def _recall_last_snapshot(self) -> None:
         """After a restart the spool may no longer hold the generation's last snapshot (it was
