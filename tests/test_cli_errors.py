@@ -4,7 +4,6 @@ error:`` line on stderr naming the bad thing, no traceback, and nothing created 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -15,26 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-from util import Replicate, cli, integrity, seqs, wait_until
+from util import Replicate, cli, integrity, seqs, tree, wait_until
 from writer import init_db
 
 from replicator.db import Database
 from replicator.spool import Spool
 
 ERR = "replicator: error: "
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every entry below ``root``: relative path -> content digest (or "dir")."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
-        for f in filenames:
-            p = os.path.join(dirpath, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def fails(*args: str, env: dict[str, str] | None = None, only_line: bool = True) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from util import Replicate, cli, commit_log, seqs, start_writer, wait_until
+from util import Replicate, cli, commit_log, seqs, start_writer, tree, wait_until
 from writer import init_db
 
 import replicator
@@ -26,19 +25,6 @@ from replicator.spool import Spool
 GEN_COLUMNS = ["replica", "generation", "start", "end", "end_txid", "snapshots", "segments",
                "size", "restorable"]
 SNAP_COLUMNS = ["replica", "generation", "txid", "time", "size", "key"]
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every entry below ``root``: relative path -> content digest (or "dir")."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
-        for f in filenames:
-            p = os.path.join(dirpath, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def run(*args: str) -> str:

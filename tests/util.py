@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sqlite3
@@ -139,3 +140,16 @@ def assert_prefix(restored: list[int]) -> int:
 def env_without_aws() -> dict[str, str]:
     """The environment minus the caller's AWS_* variables."""
     return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every entry below ``root``: relative path -> content digest (or "dir")."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
