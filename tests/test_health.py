@@ -488,11 +488,21 @@ def test_writer_with_no_busy_timeout_never_sees_busy_while_checks_run(db_path: s
     errors: list[BaseException] = []
     commits = 0
     stop = threading.Event()
+    writing = threading.Event()
 
     def write() -> None:
         nonlocal commits
-        conn = sqlite3.connect(db_path, isolation_level=None, timeout=0)
-        conn.execute("PRAGMA synchronous = NORMAL")  # commit fast: no fsync per commit
+        # The application is up (connection open, schema read) before the checker starts, as
+        # with a sidecar; two connections opening the same WAL database at the same instant is
+        # a different race, between any two openers, and not what this test is about.
+        try:
+            conn = sqlite3.connect(db_path, isolation_level=None, timeout=0)
+            conn.execute("PRAGMA synchronous = NORMAL")  # commit fast: no fsync per commit
+        except BaseException as e:
+            errors.append(e)
+            return
+        finally:
+            writing.set()
         try:
             i = 0
             while not stop.is_set():
@@ -543,6 +553,8 @@ def test_writer_with_no_busy_timeout_never_sees_busy_while_checks_run(db_path: s
     t = threading.Thread(target=write)
     t.start()
     try:
+        assert writing.wait(10)
+        assert errors == []
         runs = asyncio.run(check_repeatedly())
     finally:
         stop.set()
