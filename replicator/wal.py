@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -155,7 +155,7 @@ def read_wal_header(fd: int) -> WalHeader | None:
     None covers a file shorter than 32 bytes (e.g. truncated by a TRUNCATE checkpoint), a zeroed
     header and any header ``parse_wal_header`` rejects.
     """
-    raw = _pread_full(fd, WAL_HEADER_SIZE, 0)
+    raw = pread_full(fd, WAL_HEADER_SIZE, 0)
     if len(raw) < WAL_HEADER_SIZE:
         return None
     try:
@@ -315,7 +315,9 @@ class ScanResult:
     reset), ``"checksum"`` (a frame's checksum did not chain, or its page number was 0), or
     ``"limit"`` (``max_frames`` frames were examined). ``valid_checksum`` is the running checksum
     after ``valid_end_index``: a scan stopped by ``"limit"`` in the middle of a transaction
-    continues from there.
+    continues from there. ``commit_checksums`` holds the running checksum after each commit frame,
+    one per transaction. A scan asked not to keep frames leaves ``frames`` empty (and costs no
+    Python object per frame); everything else is the same.
     """
 
     frames: list[Frame]
@@ -325,6 +327,7 @@ class ScanResult:
     valid_end_index: int
     stop_reason: str
     valid_checksum: tuple[int, int] = (0, 0)
+    commit_checksums: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -332,10 +335,11 @@ class _BlockCheck:
     n_valid: int
     reason: str | None
     detail: str | None
-    pgno: list[int]
-    commit: list[int]
-    ck0: list[int]
-    ck1: list[int]
+    # of the valid frames only
+    pgno: npt.NDArray[np.uint64]
+    commit: npt.NDArray[np.uint64]
+    ck0: npt.NDArray[np.uint64]
+    ck1: npt.NDArray[np.uint64]
 
 
 def _check_block(
@@ -382,15 +386,7 @@ def _check_block(
         else:
             reason, detail = "checksum", "checksum mismatch"
     ok = hdr[:n_valid]
-    return _BlockCheck(
-        n_valid,
-        reason,
-        detail,
-        ok[:, 0].tolist(),
-        ok[:, 1].tolist(),
-        ok[:, 4].tolist(),
-        ok[:, 5].tolist(),
-    )
+    return _BlockCheck(n_valid, reason, detail, ok[:, 0], ok[:, 1], ok[:, 4], ok[:, 5])
 
 
 # read(first, count): the bytes of `count` frame slots starting `first` frames after the start
@@ -414,6 +410,7 @@ def _scan(
     start_checksum: tuple[int, int],
     max_frames: int | None,
     chunk_bytes: int,
+    keep_frames: bool = True,
 ) -> _Scan:
     """The scan shared by scan_frames, scan_bytes and verify_frames."""
     if start_index < 1:
@@ -428,6 +425,7 @@ def _scan(
     per_chunk = max(1, chunk_bytes // fs)
     frames: list[Frame] = []  # valid frames; the uncommitted tail is cut off at the end
     txns: list[tuple[int, int, int]] = []
+    commit_cks: list[tuple[int, int]] = []
     txn_first = start_index
     end_checksum = valid_checksum = (start_checksum[0] & _MASK, start_checksum[1] & _MASK)
     examined = 0
@@ -440,18 +438,20 @@ def _scan(
         if whole:
             chk = _check_block(data, whole, page_size, big_endian, salts, valid_checksum)
             base = start_index + examined
-            frames += [
-                Frame(base + i, pgno, commit, (c0, c1))
-                for i, (pgno, commit, c0, c1) in enumerate(
-                    zip(chk.pgno, chk.commit, chk.ck0, chk.ck1, strict=True)
-                )
-            ]
-            for i, commit in enumerate(chk.commit):
-                if commit:
-                    txns.append((txn_first, base + i, commit))
-                    txn_first = base + i + 1
+            if keep_frames:
+                frames += [
+                    Frame(base + i, pgno, commit, (c0, c1))
+                    for i, (pgno, commit, c0, c1) in enumerate(
+                        zip(chk.pgno.tolist(), chk.commit.tolist(), chk.ck0.tolist(),
+                            chk.ck1.tolist(), strict=True)
+                    )
+                ]
+            for i in np.flatnonzero(chk.commit).tolist():
+                txns.append((txn_first, base + i, int(chk.commit[i])))
+                commit_cks.append((int(chk.ck0[i]), int(chk.ck1[i])))
+                txn_first = base + i + 1
             if chk.n_valid:
-                valid_checksum = (chk.ck0[-1], chk.ck1[-1])
+                valid_checksum = (int(chk.ck0[-1]), int(chk.ck1[-1]))
             examined += chk.n_valid
             if chk.reason is not None:
                 reason = chk.reason
@@ -461,21 +461,22 @@ def _scan(
             reason = "short" if len(data) > whole * fs else "eof"
             break
     del frames[txn_first - start_index :]
-    if frames:
-        end_checksum = frames[-1].checksum
+    if txns:
+        end_checksum = commit_cks[-1]
     result = ScanResult(
         frames=frames,
-        end_index=frames[-1].index if frames else start_index - 1,
+        end_index=txns[-1][1] if txns else start_index - 1,
         end_checksum=end_checksum,
         transactions=txns,
         valid_end_index=start_index + examined - 1,
         stop_reason=reason,
+        valid_checksum=valid_checksum,
+        commit_checksums=commit_cks,
     )
-    result.valid_checksum = valid_checksum
     return _Scan(result, valid_checksum, detail)
 
 
-def _pread_full(fd: int, length: int, offset: int) -> bytes:
+def pread_full(fd: int, length: int, offset: int) -> bytes:
     """Up to ``length`` bytes at ``offset``; fewer only at end of file."""
     data = os.pread(fd, length, offset)
     if len(data) == length or not data:
@@ -511,6 +512,7 @@ def scan_frames(
     *,
     max_frames: int | None = None,
     chunk_bytes: int = 4 << 20,
+    keep_frames: bool = True,
 ) -> ScanResult:
     """The valid committed frames of the WAL open at ``fd``, from slot ``start_index`` on.
 
@@ -520,6 +522,7 @@ def scan_frames(
     at the first invalid or short frame, at end of file, or after ``max_frames`` frames, and
     returns frames only up to and including the last commit frame. A file that ends before the
     start slot (it was truncated or reset and shrank) stops with ``"short"``, not ``"eof"``.
+    With ``keep_frames=False`` the result has no ``frames`` (see ScanResult).
     """
     fs = frame_size(header.page_size)
 
@@ -538,6 +541,7 @@ def scan_frames(
         start_checksum,
         max_frames,
         chunk_bytes,
+        keep_frames,
     ).result
     if (
         res.stop_reason == "eof"
@@ -553,6 +557,8 @@ def scan_bytes(
     header: WalHeader,
     start_index: int,
     start_checksum: tuple[int, int],
+    *,
+    keep_frames: bool = True,
 ) -> ScanResult:
     """The valid committed frames in ``buf``, whose first byte is the start of slot ``start_index``.
 
@@ -574,6 +580,7 @@ def scan_bytes(
         start_checksum,
         None,
         4 << 20,
+        keep_frames,
     ).result
 
 
@@ -601,7 +608,7 @@ def verify_frames(
     def read(first: int, count: int) -> memoryview:
         return mv[first * fs : (first + count) * fs]
 
-    scan = _scan(read, page_size, big_endian, salts, 1, start_checksum, None, 4 << 20)
+    scan = _scan(read, page_size, big_endian, salts, 1, start_checksum, None, 4 << 20, False)
     valid = scan.result.valid_end_index
     if valid < n:
         raise WalError(f"frame {valid + 1} of {n} in buffer is invalid: {scan.detail}")

@@ -11,6 +11,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -150,7 +151,7 @@ def stored_checksum(wal: bytes, index: int, page_size: int) -> tuple[int, int]:
     return a, b
 
 
-def scan_file(data: bytes, **kw: int) -> tuple[WalHeader, ScanResult]:
+def scan_file(data: bytes, **kw: Any) -> tuple[WalHeader, ScanResult]:
     """Write ``data`` to a temporary file and scan it from slot 1."""
     with tempfile.TemporaryFile() as f:
         f.write(data)
@@ -174,6 +175,19 @@ def assert_well_formed(res: ScanResult, start_index: int = 1) -> None:
     firsts = firsts[: len(res.transactions)]
     assert [t[0] for t in res.transactions] == firsts
     assert res.valid_end_index >= res.end_index
+    assert res.commit_checksums == [f.checksum for f in res.frames if f.is_commit]
+
+
+def assert_lean_scan_agrees(data: bytes, res: ScanResult) -> None:
+    """A scan that keeps no frames finds the same transactions, checksums and stop."""
+    _, lean = scan_file(data, keep_frames=False)
+    assert lean.frames == []
+    assert (lean.end_index, lean.end_checksum, lean.transactions, lean.commit_checksums) == (
+        res.end_index, res.end_checksum, res.transactions, res.commit_checksums
+    )
+    assert (lean.valid_end_index, lean.valid_checksum, lean.stop_reason) == (
+        res.valid_end_index, res.valid_checksum, res.stop_reason
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -438,6 +452,7 @@ def test_truncation_never_yields_frames_past_cut(shape: dict[str, object], cut: 
     assert res.transactions == expected_txns(w, n)
     assert_well_formed(res)
     assert res.stop_reason == ("eof" if (n - WAL_HEADER_SIZE) % frame_size(512) == 0 else "short")
+    assert_lean_scan_agrees(data, res)
 
 
 @settings(max_examples=200, deadline=None)
@@ -462,6 +477,7 @@ def test_corruption_never_yields_frames_at_or_past_damage(
     in_frame = (off - WAL_HEADER_SIZE) % frame_size(512)
     assert res.stop_reason == ("salt" if 8 <= in_frame < 16 else "checksum")
     assert_well_formed(res)
+    assert_lean_scan_agrees(bytes(bad), res)
 
 
 @settings(max_examples=100, deadline=None)
