@@ -6,6 +6,7 @@ An object is::
     hlen       4 bytes   u32 BE length of the header
     header     hlen      UTF-8 JSON (fields in docs/format.md)
     body       ...       one zstd frame: snapshot = pages 1..n; segment = raw WAL frames
+                         (compressed, or stored in raw zstd blocks: see ObjectWriter)
     trailer    8 bytes   b"RPLT" + CRC-32 (big-endian) of (header bytes + uncompressed body)
 
 The header comes first so a reader can plan from it without the body; the checksum comes last so
@@ -54,30 +55,71 @@ def _digest() -> _Crc:
     return _Crc()
 
 
-class ObjectWriter:
-    """Writes one object to a binary file: header first, then the body as it is given."""
+class _StoredFrame:
+    """A zstd frame made of raw (stored) blocks, written at memory speed: what any zstd decoder
+    reads back unchanged (RFC 8878: frame header with a 128 KiB window, no content size, no
+    checksum; raw blocks of at most 128 KiB; an empty last block)."""
 
-    def __init__(self, f: BinaryIO, kind: int, header: dict[str, Any], level: int = DEFAULT_LEVEL):
+    HEADER = struct.pack("<I", 0xFD2FB528) + bytes([0x00, 0x38])  # window 2^(10+7)
+    BLOCK = 128 << 10
+    LAST = (1).to_bytes(3, "little")  # last block, raw, size 0
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        f.write(self.HEADER)
+
+    def write(self, data: bytes | memoryview) -> None:
+        mv = memoryview(data).cast("B")
+        for off in range(0, len(mv), self.BLOCK):
+            block = mv[off : off + self.BLOCK]
+            self._f.write((len(block) << 3).to_bytes(3, "little"))
+            self._f.write(block)
+
+    def close(self) -> None:
+        self._f.write(self.LAST)
+
+
+class ObjectWriter:
+    """Writes one object to a binary file: header first, then the body as it is given.
+
+    ``level`` is the zstd level; ``None`` stores the body in raw zstd blocks instead (no
+    compression, no CPU beyond a copy: for a burst of writes that compression could not keep up
+    with). Both read back the same way."""
+
+    def __init__(
+        self, f: BinaryIO, kind: int, header: dict[str, Any], level: int | None = DEFAULT_LEVEL
+    ):
         self._f = f
         raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
         f.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, kind, len(raw)))
         f.write(raw)
         self._hash = _digest()
         self._hash.update(raw)
-        self._cobj = zstandard.ZstdCompressor(level=level).compressobj()
+        self._stored: _StoredFrame | None = None
+        self._cobj: Any = None
+        if level is None:
+            self._stored = _StoredFrame(f)
+        else:
+            self._cobj = zstandard.ZstdCompressor(level=level).compressobj()
         self.body_bytes = 0
 
     def write(self, data: bytes | memoryview) -> None:
         """Append uncompressed body bytes."""
         self._hash.update(data)
         self.body_bytes += len(data)
+        if self._stored is not None:
+            self._stored.write(data)
+            return
         out = self._cobj.compress(data)
         if out:
             self._f.write(out)
 
     def close(self) -> None:
         """Finish the zstd frame and write the trailer (the file itself stays open)."""
-        self._f.write(self._cobj.flush())
+        if self._stored is not None:
+            self._stored.close()
+        else:
+            self._f.write(self._cobj.flush())
         self._f.write(TRAILER_MAGIC + self._hash.digest())
 
 

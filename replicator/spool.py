@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Iterable
 from typing import Any
 
-from .format import KIND_SNAPSHOT, KIND_WAL, ObjectDecoder, ObjectWriter
+from .format import DEFAULT_LEVEL, KIND_SNAPSHOT, KIND_WAL, ObjectDecoder, ObjectWriter
 from .fsutil import TMP_SUFFIX, atomic_writer
 from .pos import GENERATIONS_DIR, ObjectInfo, is_generation_id, parse_key
 from .storage.file import FileStorage
@@ -44,13 +44,18 @@ class Spool:
         return os.path.join(self.root, *info.key.split("/"))
 
     def write(
-        self, info: ObjectInfo, header: dict[str, Any], body: Iterable[bytes | memoryview]
+        self,
+        info: ObjectInfo,
+        header: dict[str, Any],
+        body: Iterable[bytes | memoryview],
+        level: int | None = DEFAULT_LEVEL,
     ) -> ObjectInfo:
-        """Write an object durably; return its info with the size filled in."""
+        """Write an object durably (zstd ``level``, None: stored uncompressed); return its info
+        with the size filled in."""
         kind = KIND_SNAPSHOT if info.kind == "snapshot" else KIND_WAL
         path = self.path(info)
         with atomic_writer(path) as f:
-            w = ObjectWriter(f, kind, header)
+            w = ObjectWriter(f, kind, header, level)
             for chunk in body:
                 w.write(chunk)
             w.close()
