@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import hashlib
 import os
 import random
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from replicator.errors import NotFoundError
+from replicator.errors import NotFoundError, StorageError
 from replicator.lease import DEFAULT_LEASE_TTL, Lease, LeaseError, LeaseLostError
 from replicator.metrics import create_metrics
 from replicator.pos import ObjectInfo, new_generation_id, segment_info, snapshot_info
@@ -452,3 +453,54 @@ async def test_replica_releases_lease_on_close(make_storage: Factory, tmp_path: 
     await second.init()  # free now
     assert second.healthy
     await second.aclose()
+
+
+@pytest.mark.parametrize("link_error", [None, errno.EXDEV, errno.EPERM])
+async def test_file_replica_links_spooled_objects_or_copies_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, link_error: int | None
+) -> None:
+    """On the spool's file system a file replica hard-links each spooled object (the same bytes
+    are not written twice); where linking is refused it copies. Either way the replica holds
+    exactly the spooled bytes, and removing the spool's copy leaves the replica's intact."""
+    spool = Spool(str(tmp_path / "spool"))
+    gen = new_generation_id()
+    now_ms = int(time.time() * 1000)
+    infos = [spool_object(spool, snapshot_info(gen, 0, now_ms)),
+             spool_object(spool, segment_info(gen, 1, 3, now_ms + 1, now_ms + 2))]
+    if link_error is not None:
+        def refuse(src: str, dst: str) -> None:
+            raise OSError(link_error, os.strerror(link_error))
+
+        monkeypatch.setattr(os, "link", refuse)
+    storage = FileStorage(str(tmp_path / "replica"))
+    r = Replica("dest", storage, spool, "/data/a.db", create_metrics())
+    await r.init()
+    assert await r.sync() == 2
+    spooled = [check_replica_file(spool, tmp_path / "replica", i, link_error is None)
+               for i in infos]
+    spool.delete(infos)
+    assert [await read_all(storage, i) for i in infos] == spooled
+    await r.aclose()
+
+
+def check_replica_file(spool: Spool, root: Path, info: ObjectInfo, linked: bool) -> bytes:
+    src, dst = Path(spool.path(info)), root / info.key
+    assert dst.read_bytes() == src.read_bytes()
+    assert os.path.samefile(src, dst) is linked
+    assert not list(root.rglob("*.tmp"))
+    return src.read_bytes()
+
+
+async def test_file_link_error_other_than_unsupported_is_a_storage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(str(tmp_path / "spool"))
+    info = spool_object(spool, snapshot_info(new_generation_id(), 0, int(time.time() * 1000)))
+
+    def full(src: str, dst: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "link", full)
+    storage = FileStorage(str(tmp_path / "replica"))
+    with pytest.raises(StorageError, match=f"{info.key}: no space left on device"):
+        await storage.link_object(info, spool.path(info))

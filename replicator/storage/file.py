@@ -22,6 +22,9 @@ from ..fsutil import TMP_SUFFIX, atomic_writer, fsync_dir, makedirs_durable, tem
 from ..pos import GENERATIONS_DIR, ObjectInfo, is_generation_id, parse_key
 from .base import DEFAULT_CHUNK_SIZE, LEASE_KEY
 
+# link() errors that mean "copy instead": another file system, or one without hard links
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+
 
 def _describe(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
@@ -126,6 +129,37 @@ class FileStorage:
                 os.unlink(tmp)
             raise
         return total
+
+    async def link_object(self, info: ObjectInfo, source: str) -> int | None:
+        """Put ``source``, a local file that is already durable, in place as ``info`` by
+        hard-linking it: no copy, no second write of the same bytes. Returns the size, or None
+        when the file system cannot link it (another device, no hard links): then
+        :meth:`write_object` copies it. Objects are never modified in place, so sharing the
+        file is safe."""
+        path = self._path(info.key)
+
+        def link() -> int | None:
+            makedirs_durable(os.path.dirname(path))
+            tmp = temp_path(path)
+            try:
+                os.link(source, tmp)
+            except OSError as exc:
+                if exc.errno in _NO_LINK:
+                    return None
+                raise
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            fsync_dir(os.path.dirname(path))
+            return os.stat(path).st_size
+
+        try:
+            return await asyncio.to_thread(link)
+        except OSError as exc:
+            raise self._error(f"cannot write {info.key}", exc) from None
 
     async def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
         """Stream a file in chunks."""
