@@ -13,12 +13,14 @@ import logging
 import time
 from collections.abc import Callable
 
+from .aio import wait_any
 from .errors import ReplicatorError
 from .lease import RELEASE_TIMEOUT, Lease, LeaseError, LeaseLostError
 from .metrics import Metrics
 from .pos import ObjectInfo
 from .spool import Spool
 from .storage.base import StorageClient
+from .storage.file import FileStorage
 
 log = logging.getLogger("replicator.replica")
 
@@ -160,7 +162,12 @@ class Replica:
             if info.kind == "wal" and self.metrics is not None:
                 header = await asyncio.to_thread(self.spool.read_header, info)
                 frames = int(header.get("frames", 0))
-            size = await self.client.write_object(info, self.spool.storage.read_object(info))
+            size = None
+            if isinstance(self.client, FileStorage):
+                # same file system as the spool: link the spooled file instead of copying it
+                size = await self.client.link_object(info, self.spool.path(info))
+            if size is None:
+                size = await self.client.write_object(info, self.spool.storage.read_object(info))
             self.known.setdefault(info.generation, set()).add(info.key)
             written += 1
             snapshot_shipped = snapshot_shipped or info.kind == "snapshot"
@@ -248,12 +255,5 @@ class Replica:
                 if missing:
                     self.lag = max(0.0, time.time() - missing[0].first_ms / 1000)
                     self._set_lag()
-            waiter = asyncio.ensure_future(self.wake.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            try:
-                await asyncio.wait({waiter, stopper}, timeout=timeout,
-                                   return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                stopper.cancel()
+            await wait_any(self.wake, stop, within=timeout)
             self.wake.clear()

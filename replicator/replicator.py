@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from . import __version__
+from .aio import wait_any
 from .config import Config, DbConfig
 from .db import CaptureResult, Database
 from .errors import ReplicatorError, StorageError
@@ -36,6 +37,11 @@ T = TypeVar("T")
 LOG_EVERY = 60.0
 # how long a health check in progress may finish at shutdown before it is interrupted
 HEALTH_STOP_GRACE = 2.0
+# While commits keep coming the loop follows the WAL itself, looking every FOLLOW_POLL seconds,
+# with file events off (a busy writer makes two per WAL frame); after FOLLOW_QUIET seconds with
+# nothing new, events wake it again.
+FOLLOW_POLL = 0.002
+FOLLOW_QUIET = 0.05
 # WAL segments whose frames are remembered until a replica has them (a replica that stays down
 # longer than this stops having its shipped frames counted for the oldest ones)
 CHECKPOINT_RESULTS = ("ok", "busy", "error")
@@ -237,21 +243,25 @@ class DatabaseService:
         shippers = [asyncio.create_task(r.run(stop)) for r in self.replicas]
         checks = asyncio.create_task(self.health.run(stop)) if self.health is not None else None
         delay = 0.1
+        watcher = self._watcher
+        last_change = 0.0
         try:
             while not stop.is_set():
-                waiter = asyncio.ensure_future(self.wake.wait())
-                stopper = asyncio.ensure_future(stop.wait())
-                try:
-                    await asyncio.wait({waiter, stopper}, timeout=self.cfg.monitor_interval,
-                                       return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waiter.cancel()
-                    stopper.cancel()
+                timeout = FOLLOW_POLL if watcher.paused else self.cfg.monitor_interval
+                if not self.wake.is_set():
+                    await wait_any(self.wake, stop, within=timeout)
                 if stop.is_set():
                     break
                 self.wake.clear()
                 try:
                     res = await self.sync()
+                    now = time.monotonic()
+                    if res.transactions or res.more:
+                        last_change = now
+                        watcher.pause()
+                    elif watcher.paused and now - last_change >= FOLLOW_QUIET:
+                        watcher.resume()
+                        self.wake.set()  # what changed before the events were back has none
                     if res.more:
                         self.wake.set()  # a backlog: capture again at once
                     await self.snapshot_if_due()
