@@ -39,11 +39,12 @@ import sqlite3
 import struct
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DatabaseError, WalError
+from .format import DEFAULT_LEVEL
 from .fsutil import atomic_writer
 from .pos import ObjectInfo, WalPos, new_generation_id, segment_info, snapshot_info
 from .spool import Spool
@@ -57,7 +58,9 @@ from .wal import (
     WalHeader,
     frame_offset,
     frame_size,
+    pread_full,
     read_wal_header,
+    scan_bytes,
     scan_frames,
     verify_frames,
 )
@@ -66,15 +69,24 @@ log = logging.getLogger("replicator.db")
 
 DEFAULT_CHECKPOINT_PAGES = 1000
 DEFAULT_BUSY_TIMEOUT = 1.0
-SEGMENT_MAX_FRAMES = 4096
-STEP_BATCHES = 8
+SEGMENT_MAX_FRAMES = 2048
+STEP_BATCHES = 16
 SNAPSHOT_CHUNK_PAGES = 256
 COPY_CHUNK_FRAMES = 256
-ROTATE_WAIT = 0.005
+ROTATE_WAIT = 0.02
+# Segments are zstd-compressed up to this many bytes of frames per second (about a tenth of a
+# CPU core); past it (a write burst), and whenever the capture is behind, they are stored as they
+# are: compression must not cost the application its CPU, nor keep the WAL from resetting.
+COMPRESS_BUDGET = 32 << 20
+RESCUE_MAX_BYTES = 16 << 20
 ROTATE_POLL = 0.0002
+PIN_RETRY = 0.00005
 _MASK32 = 0xFFFFFFFF
 _SHM_READ = 136
 _NO_RESET = -1
+
+# a proven tail of an old epoch, and its frames when they were read into memory
+_Rescued = tuple[ScanResult, memoryview | None]
 
 # Reasons a generation starts: metric label -> log text.
 REASONS = {
@@ -182,6 +194,10 @@ class Database:
         self._db_fd: int | None = None
         self._db_ino: int | None = None
         self._pending: str | None = None
+        # a tail read right after a reset seen while rotating: (new salts, _rescue's result)
+        self._early_tail: tuple[tuple[int, int], _Rescued | None] | None = None
+        self._compress_tokens = float(COMPRESS_BUDGET)
+        self._compress_at = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -267,7 +283,7 @@ class Database:
     def _open_conn(self, mode: str) -> sqlite3.Connection:
         return sqlite3.connect(
             f"file:{self.path}?mode={mode}", uri=True, isolation_level=None,
-            check_same_thread=False, timeout=self.busy_timeout,
+            check_same_thread=False, timeout=self.busy_timeout if mode == "rw" else 0,
         )
 
     def _connect(self) -> None:
@@ -293,10 +309,27 @@ class Database:
 
     # ------------------------------------------------------------------ pins
 
+    def _begin_read(self, c: sqlite3.Connection) -> None:
+        """Start a read transaction on a pin connection. These have no busy handler (it sleeps
+        for milliseconds, during which a busy writer could get far): a transient SQLITE_BUSY is
+        retried at once, up to the busy timeout."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                c.execute("BEGIN")
+                c.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+                return
+            except sqlite3.OperationalError as exc:
+                if c.in_transaction:
+                    c.execute("COMMIT")
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or (
+                    time.monotonic() >= deadline
+                ):
+                    raise
+                time.sleep(PIN_RETRY)
+
     def _pin(self, idx: int) -> None:
-        c = self._conns[idx]
-        c.execute("BEGIN")
-        c.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        self._begin_read(self._conns[idx])
         self._active = idx
         self._pinned = True
         self._learn_reset_bound()
@@ -491,19 +524,26 @@ class Database:
             return self._ship(fd, hdr, WalPos(hdr.salt1, hdr.salt2, 0, hdr.checksum), res)
         if hdr.salts == self.pos.salts:
             return self._ship(fd, hdr, self.pos, res)
-        tail = self._rescue(fd, hdr)
-        if tail is None:
+        early, self._early_tail = self._early_tail, None
+        if early is not None and early[0] == hdr.salts:
+            rescued = early[1]
+        else:
+            rescued = self._rescue(fd, hdr)
+        if rescued is None:
             self._start_generation("wal_reset", res)
             return False
+        tail, data = rescued
         old_hdr = _pseudo_header(self.pos, self.page_size, self.big_endian)
-        if tail.frames:
-            commits = {f.index: f.checksum for f in tail.frames if f.commit_size}
+        if tail.transactions:
             first = self.pos.frame + 1
             txns = []
-            for _, commit, size in tail.transactions:
-                txns.append((first, commit, size, commits[commit]))
+            for (_, commit, size), commit_ck in zip(tail.transactions, tail.commit_checksums,
+                                                    strict=True):
+                txns.append((first, commit, size, commit_ck))
                 first = commit + 1
-            self._emit(fd, old_hdr, self.pos, txns, res)
+            n = (tail.end_index - self.pos.frame) * frame_size(self.page_size)
+            self._emit(fd, old_hdr, self.pos, txns, res, compress=self._may_compress(n),
+                       data=data)
         log.info(
             "%s: WAL restarted (checkpoint seq %d); continuity proven at frame %d",
             self.name, hdr.checkpoint_seq, tail.end_index,
@@ -513,21 +553,34 @@ class Database:
         self._learn_reset_bound()
         return self._ship(fd, hdr, self.pos, res)
 
-    def _rescue(self, fd: int, new: WalHeader) -> ScanResult | None:
-        """After a WAL reset: read the old epoch's tail and prove it is complete, or None."""
+    def _rescue(self, fd: int, new: WalHeader) -> _Rescued | None:
+        """After a WAL reset: read the old epoch's tail and prove it is complete, or None.
+
+        The tail is read once into memory when it is at most RESCUE_MAX_BYTES (always, after a
+        rotation), so the frames written to the spool are the ones the proof was made on, however
+        soon the new epoch overwrites them; a longer one is read again while copying, verified."""
         pos = self.pos
         assert pos is not None
         if new.salt1 != (pos.salt1 + 1) & _MASK32 or new.page_size != self.page_size:
+            log.debug("%s: reset not proven: WAL reset %d times since frame %d, page size %d",
+                      self.name, (new.salt1 - pos.salt1) & _MASK32, pos.frame, new.page_size)
             return None
         fs = frame_size(self.page_size)
         off = frame_offset(pos.frame + 1, self.page_size)
         before = os.pread(fd, fs, off)
         old = _pseudo_header(pos, self.page_size, self.big_endian)
-        tail = scan_frames(fd, old, pos.frame + 1, pos.checksum)
+        length = os.fstat(fd).st_size - off
+        data: memoryview | None = None
+        if length <= RESCUE_MAX_BYTES:
+            buf = pread_full(fd, max(0, length), off)
+            tail = scan_bytes(buf, old, pos.frame + 1, pos.checksum, keep_frames=False)
+            data = memoryview(buf)[: (tail.end_index - pos.frame) * fs]
+        else:
+            tail = scan_frames(fd, old, pos.frame + 1, pos.checksum, keep_frames=False)
         after = os.pread(fd, fs, off)
         if self._reset_salts == pos.salts and self._reset_end is not None:
             if self._reset_end == tail.end_index:
-                return tail
+                return tail, data
         untouched = len(before) == fs and before == after and after[8:16] != new.raw[16:24]
         # the tail must end on a frame that is there, or exactly at a frame boundary of a file
         # that has not shrunk: a journal_size_limit truncation at the new epoch's first commit
@@ -536,19 +589,19 @@ class Database:
             tail.stop_reason == "eof" and os.fstat(fd).st_size >= self._wal_size_seen
         )
         if untouched and ended:
-            return tail
+            return tail, data
         # the capture had reached the old epoch's last frame, which was the file's last: the
         # file still ends right after it, has not shrunk, and that frame is still ours
         size = os.fstat(fd).st_size
         if (
             pos.frame > 0 and not before and not after and size == off
-            and size >= self._wal_size_seen and not tail.frames
+            and size >= self._wal_size_seen and not tail.transactions
         ):
             last = os.pread(fd, FRAME_HEADER_SIZE, frame_offset(pos.frame, self.page_size))
             if len(last) == FRAME_HEADER_SIZE and struct.unpack(">IIII", last[8:24]) == (
                 *pos.salts, *pos.checksum
             ):
-                return tail
+                return tail, data
         log.debug(
             "%s: reset not proven: tail from %d stopped (%s) at %d, reset bound %s, "
             "slot untouched %s", self.name, pos.frame + 1, tail.stop_reason, tail.end_index,
@@ -563,7 +616,7 @@ class Database:
         if self.pos is None or self.pos.salts != start.salts:
             self.pos = start
             self.big_endian = hdr.big_endian
-        txns, more, reason = self._scan_batch(fd, hdr, self.pos)
+        txns, more, reason, data = self._scan_batch(fd, hdr, self.pos)
         if not txns and reason == "short" and self.pos.frame > 0 and self._pinned:
             if os.fstat(fd).st_size < frame_offset(self.pos.frame + 1, self.page_size):
                 self._start_generation("wal_shrunk", res)
@@ -572,7 +625,11 @@ class Database:
         if not txns:
             return False
         try:
-            self._emit(fd, hdr, self.pos, txns, res)
+            # behind the writer, compression would keep the capture behind (and the WAL from
+            # resetting): store the frames as they are; they are compressed when it keeps up
+            n = (txns[-1][1] - txns[0][0] + 1) * frame_size(self.page_size)
+            self._emit(fd, hdr, self.pos, txns, res,
+                       compress=not more and self._may_compress(n), data=data)
         except WalError as exc:
             # the frames changed under the copy: the WAL was reset meanwhile; the next capture
             # sees the new epoch and proves (or not) that nothing was lost
@@ -582,25 +639,37 @@ class Database:
 
     def _scan_batch(
         self, fd: int, hdr: WalHeader, start: WalPos
-    ) -> tuple[list[tuple[int, int, int, tuple[int, int]]], bool, str]:
+    ) -> tuple[list[tuple[int, int, int, tuple[int, int]]], bool, str, memoryview | None]:
         """Whole committed transactions after ``start``: about SEGMENT_MAX_FRAMES frames of them
         (more only for a single larger transaction). Returns ``(first frame, commit frame, db
-        size, checksum after commit)`` per transaction, whether more may follow, and why the
-        scan stopped."""
+        size, checksum after commit)`` per transaction, whether more may follow, why the scan
+        stopped, and the frames as read and verified (None for a transaction longer than one
+        batch, which is copied again in bounded chunks)."""
+        ps = self.page_size
+        fs = frame_size(ps)
         idx, ck = start.frame + 1, start.checksum
         txn_first = idx
         txns: list[tuple[int, int, int, tuple[int, int]]] = []
+        window = True  # every transaction so far lies inside the one buffer read
         while True:
-            r = scan_frames(fd, hdr, idx, ck, max_frames=SEGMENT_MAX_FRAMES)
-            commits = {f.index: f.checksum for f in r.frames if f.commit_size}
-            for _, commit, size in r.transactions:
-                txns.append((txn_first, commit, size, commits[commit]))
+            buf = pread_full(fd, SEGMENT_MAX_FRAMES * fs, frame_offset(idx, ps))
+            r = scan_bytes(buf, hdr, idx, ck, keep_frames=False)
+            reason = r.stop_reason
+            if r.valid_end_index - idx + 1 == SEGMENT_MAX_FRAMES:
+                reason = "limit"
+            elif not buf and os.fstat(fd).st_size < frame_offset(idx, ps):
+                reason = "short"  # the file ends before the start slot: it shrank
+            for (_, commit, size), commit_ck in zip(r.transactions, r.commit_checksums,
+                                                    strict=True):
+                txns.append((txn_first, commit, size, commit_ck))
                 txn_first = commit + 1
-            if r.stop_reason != "limit":
-                return txns, False, r.stop_reason
+            data = memoryview(buf)[: (r.end_index - idx + 1) * fs] if window else None
+            if reason != "limit":
+                return txns, False, reason, data
             if txns:
-                return txns, True, r.stop_reason
+                return txns, True, reason, data
             # one transaction longer than the window: follow its chain, keeping nothing
+            window = False
             idx, ck = r.valid_end_index + 1, r.valid_checksum
 
     def _emit(
@@ -610,9 +679,12 @@ class Database:
         start: WalPos,
         txns: list[tuple[int, int, int, tuple[int, int]]],
         res: CaptureResult,
+        compress: bool = True,
+        data: memoryview | None = None,
     ) -> None:
         """Write transactions (consecutive, starting right after ``start``) to the spool as one
-        segment."""
+        segment (zstd-compressed, or stored as they are). ``data``: their frames, already read
+        and verified; otherwise they are read again from the WAL."""
         observed = time.time_ns()
         assert self.generation is not None
         first, last = txns[0][0], txns[-1][1]
@@ -640,8 +712,13 @@ class Database:
         # while pinned where no reset can happen, the frames cannot change under the copy;
         # otherwise (a reset is possible, or this is a rescued tail) verify them again
         verify = not (self._reset_end == _NO_RESET and self._reset_salts == start.salts)
-        body = self._frames_body(fd, hdr, start, first, last, verify)
-        info = self.spool.write(info, header, body)
+        body: Iterable[bytes | memoryview]
+        if data is not None:
+            assert len(data) == (last - first + 1) * frame_size(self.page_size)
+            body = [data]
+        else:
+            body = self._frames_body(fd, hdr, start, first, last, verify)
+        info = self.spool.write(info, header, body, DEFAULT_LEVEL if compress else None)
         self.txid = end_txid
         self.pos = end
         self._last_end = end
@@ -666,6 +743,18 @@ class Database:
             yield buf
             idx += n
 
+    def _may_compress(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` of frames fit in the compression budget (a token bucket)."""
+        now = time.monotonic()
+        self._compress_tokens = min(
+            COMPRESS_BUDGET, self._compress_tokens + (now - self._compress_at) * COMPRESS_BUDGET
+        )
+        self._compress_at = now
+        if nbytes > self._compress_tokens:
+            return False
+        self._compress_tokens -= nbytes
+        return True
+
     def _backlog_small(self) -> bool:
         """Whether the uncaptured part of the epoch is at most half of what is captured: then a
         reset in the rotation window is safe to prove, since reading the tail back is much faster
@@ -682,61 +771,63 @@ class Database:
         stay protected throughout."""
         other = 1 - self._active
         old = self._active
-        c = self._conns[other]
-        c.execute("BEGIN")
-        c.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        self._begin_read(self._conns[other])
         self._conns[old].execute("COMMIT")
         self._active = other
         self._learn_reset_bound()
 
     def _rotate(self, res: CaptureResult) -> None:
-        """Release the pin, let the WAL reset, pin again on the other connection.
+        """Let the WAL reset: backfill while pinned, then release the pin only briefly.
 
-        Unpinned, PASSIVE checkpoints (never waiting for anyone) backfill the WAL; a busy
-        application commits meanwhile, and its own autocheckpoint backfills the rest. The next
-        write after a full backfill resets the WAL. The replicator waits for that reset for at
-        most ``ROTATE_WAIT`` seconds before pinning again: a pin taken earlier would block the
-        final backfill (read mark >= 1) or all backfill (read mark 0) and the WAL would keep
-        growing. Frames committed in this window are captured while waiting (each copy is
-        verified, so an overwrite is noticed); the rest stays readable until the new epoch
-        reaches it, and ``_rescue`` proves that, or a new generation starts.
+        1. Pinned on the newest commit (a handover), a PASSIVE checkpoint backfills what the pin
+           covers. It never waits for anyone, and pinned it may take as long as the disk needs
+           (it ends with an fsync of the database). Then everything up to the end of the WAL is
+           captured, still pinned: while a pin is held no reset can happen.
+        2. Unpinned, the replicator only watches the wal-index, with nothing in between that can
+           block (no checkpoint, no spool write). The application's next autocheckpoint
+           backfills the rest and its next write resets the WAL. As soon as the WAL was reset,
+           or is wholly backfilled (a pin taken then reads the database file alone and lets the
+           reset through at exactly that frame), or after ``ROTATE_WAIT``, it pins again on the
+           other connection. The application cannot fill a new epoch up to the frames written
+           in that window and reset it again that fast; ``_rescue`` proves the old epoch's tail
+           was read in full, or a new generation starts.
         """
-        other = 1 - self._active
         assert self.pos is not None and self._ckpt is not None
-        old_salts = self.pos.salts
-        fd = self._wal()
-        self._unpin()
-        deadline = 0.0
+        self._handover()
         result = "error"
-        while True:
-            # never checkpoint once the WAL was reset: backfilling the new epoch's first frames
-            # would let the application reset it again before they are captured
-            hdr = read_wal_header(fd) if fd is not None else None
-            if hdr is None or hdr.salts != old_salts:
-                break
-            try:
-                row = self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            except sqlite3.Error:
-                break
-            if row is None:
-                break
-            if row[0]:
-                result = "busy"  # the application is checkpointing right now: let it
-            elif row[1] == row[2]:
-                result = "ok"
-            else:
-                result = "partial"
+        try:
+            row = self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            row = None
+        if row is not None:
+            # busy: the application is checkpointing right now, which serves as well
+            result = "busy" if row[0] else "ok" if row[1] == row[2] else "partial"
+        self.checkpoints[result] = self.checkpoints.get(result, 0) + 1
+        fd = self._wal()
+        old_salts = self.pos.salts
+        for _ in range(STEP_BATCHES):
             hdr = read_wal_header(fd) if fd is not None else None
             if hdr is None or fd is None or hdr.salts != old_salts:
+                return  # cannot happen while pinned; the next capture sorts it out
+            if not self._ship(fd, hdr, self.pos, res):
                 break
-            # keep the uncaptured tail short while unpinned: nothing here starts a generation
-            self._ship(fd, hdr, self.pos, res)
-            now = time.monotonic()
-            deadline = deadline or now + ROTATE_WAIT  # the first pass did the bulk of the work
-            if now >= deadline:
+        else:
+            return  # the writer outpaces the capture: no reset now (see _backlog_small)
+        other = 1 - self._active
+        self._unpin()
+        deadline = time.monotonic() + ROTATE_WAIT
+        while time.monotonic() < deadline:
+            hdr = read_wal_header(fd) if fd is not None else None
+            if hdr is None or fd is None:
+                break
+            if hdr.salts != old_salts:
+                # read the old epoch's tail at once, before the new epoch can reach it
+                self._early_tail = (hdr.salts, self._rescue(fd, hdr))
+                break
+            shm = self._read_shm()
+            if shm is not None and shm[1] == shm[2]:
                 break
             time.sleep(ROTATE_POLL)
-        self.checkpoints[result] = self.checkpoints.get(result, 0) + 1
         self._pin(other)
 
     # ------------------------------------------------------------------ snapshots

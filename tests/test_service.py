@@ -4,6 +4,7 @@ pruning, restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -94,5 +95,115 @@ def test_final_sync_drains_a_backlog(tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "out.db"
     from util import restore, seqs
 
+    restore(str(tmp_path / "replica"), out)
+    assert seqs(out) == list(range(1, 201))
+
+
+def test_busy_writer_wal_resets_are_proven_without_a_new_generation(tmp_path: Path) -> None:
+    """A writer in another process committing 3000 transactions a second (no busy timeout)
+    beside the running service: the WAL keeps resetting (the replicator never holds it), every
+    reset is proven continuous (one generation from start to end), and the restore holds every
+    commit."""
+    from util import commit_log, restore, seqs, start_writer
+
+    db = tmp_path / "app.db"
+    init_db(str(db))
+
+    async def go() -> tuple[str | None, str | None, set[int], int]:
+        s = service(tmp_path)
+        await s.open()
+        first = s.db.generation
+        stop = asyncio.Event()
+        runner = asyncio.create_task(s.run(stop))
+        writer = start_writer(db, tmp_path / "commits.log", "--duration", "4", "--rate", "3000")
+        salts: set[int] = set()
+        while writer.poll() is None:
+            await asyncio.sleep(0.005)
+            with contextlib.suppress(OSError), open(tmp_path / "app.db-wal", "rb") as f:
+                head = f.read(32)
+                if len(head) == 32:
+                    salts.add(int.from_bytes(head[16:20], "big"))
+        _, err = writer.communicate()
+        assert writer.returncode == 0, err
+        stop.set()
+        await runner
+        await s.close(30)
+        return first, s.db.generation, salts, s.db.checkpoints.get("ok", 0)
+
+    first, last, salts, _ = asyncio.run(go())
+    assert first is not None and last == first
+    assert len(salts) >= 3, "the WAL was never reset under a flat-out writer"
+    out = tmp_path / "out.db"
+    restore(str(tmp_path / "replica"), out)
+    assert seqs(out) == [c[0] for c in commit_log(tmp_path / "commits.log")]
+
+
+def test_follows_a_busy_wal_without_file_events_then_rearms_them(tmp_path: Path) -> None:
+    """While commits keep coming the loop follows the WAL with file events off; once it is
+    quiet they are back on, and a lone commit is captured at once (the 30 s timer backstop
+    plays no part)."""
+    from replicator.replicator import FOLLOW_QUIET
+
+    db = tmp_path / "app.db"
+    init_db(str(db))
+
+    async def go() -> tuple[bool, bool, float]:
+        s = service(tmp_path, monitor_interval=30.0)
+        await s.open()
+        stop = asyncio.Event()
+        runner = asyncio.create_task(s.run(stop))
+        await asyncio.sleep(0.2)
+        assert s._watcher is not None
+        armed_at_rest = not s._watcher.paused
+        paused_seen = False
+        for _ in range(40):
+            await asyncio.to_thread(commit, db, 5)
+            await asyncio.sleep(0.005)
+            paused_seen = paused_seen or s._watcher.paused
+        await asyncio.sleep(FOLLOW_QUIET + 0.5)
+        assert not s._watcher.paused, "file events were not re-armed once quiet"
+        before = s.db.txid
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.to_thread(commit, db, 1)
+        while s.db.txid == before:
+            await asyncio.sleep(0.001)
+            assert asyncio.get_running_loop().time() - t0 < 10, "the lone commit was missed"
+        took = asyncio.get_running_loop().time() - t0
+        stop.set()
+        await runner
+        await s.close(10)
+        return armed_at_rest, paused_seen, took
+
+    armed_at_rest, paused_seen, took = asyncio.run(go())
+    assert armed_at_rest and paused_seen
+    assert took < 10  # captured on its file event; the backstop would take 30 s
+
+
+def test_segments_past_the_compression_budget_are_stored(tmp_path: Path, monkeypatch) -> None:
+    """Segments are compressed within the budget and stored as they are past it; both restore
+    the same."""
+    from util import restore, seqs
+
+    import replicator.db as dbmod
+
+    db = tmp_path / "app.db"
+    init_db(str(db))
+
+    async def go(n: int) -> list[int]:
+        s = service(tmp_path)
+        await s.open()
+        commit(db, n)
+        await s.sync()
+        sizes = [p.stat().st_size for p in
+                 (tmp_path / ".app.db-replicator").glob("generations/*/wal/*.seg")]
+        await s.close(10)
+        return sizes
+
+    packed = max(asyncio.run(go(100)))
+    monkeypatch.setattr(dbmod, "COMPRESS_BUDGET", 0)
+    stored = max(asyncio.run(go(100)))
+    # about 100 frames of 4 KiB each, mostly zeros: stored is their size, packed far less
+    assert stored > 100 * 4096 > 10 * packed
+    out = tmp_path / "out.db"
     restore(str(tmp_path / "replica"), out)
     assert seqs(out) == list(range(1, 201))
