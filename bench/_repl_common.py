@@ -8,6 +8,7 @@ socket is off unless configured.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import os
@@ -542,6 +543,10 @@ class Litestream(Tool):
         super().__init__(db, replica, work)
         self.config = work / f"{self.key}.yml"
 
+    def replica_yaml(self) -> str:
+        """The replica's own fields, indented under ``replica:``."""
+        return f"      type: file\n      path: {self.replica}\n"
+
     def config_text(self) -> str:
         db_extra = "    monitor-interval: 10ms\n" if self.tuned else ""
         rep_extra = "      sync-interval: 10ms\n" if self.tuned else ""
@@ -550,8 +555,7 @@ class Litestream(Tool):
             "dbs:\n"
             f"  - path: {self.db}\n{db_extra}"
             "    replica:\n"
-            "      type: file\n"
-            f"      path: {self.replica}\n{rep_extra}"
+            f"{self.replica_yaml()}{rep_extra}"
         )
 
     def command(self) -> list[str]:
@@ -604,3 +608,57 @@ def reap(tools: list[Tool]) -> None:
     """Kill whatever is still running (used in finally blocks)."""
     for t in tools:
         t.kill()
+
+
+# ---------------------------------------------------------------------------- options, report
+
+
+def bench_args(ap: argparse.ArgumentParser, json_name: str, quick_help: str, quiet_wait: float,
+               quiet_budget: float) -> argparse.Namespace:
+    """Add the options every benchmark script takes and parse the command line. Without
+    ``--quiet-wait`` a run waits up to ``quiet_wait`` s for quiet (0 with ``--quick``)."""
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--json", default=str(BENCH / "out" / json_name))
+    ap.add_argument("--workdir", default=None, help="where databases, replicas and logs go "
+                    "(default: the system temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--from-json", default=None, metavar="FILE",
+                    help="measure nothing: rewrite the report from the raw numbers of an "
+                    "earlier run")
+    ap.add_argument("--quiet-wait", type=float, default=None,
+                    help="before each measurement wait up to this many seconds for the machine "
+                    f"to be quiet (< 0.3 CPUs busy); default {quiet_wait:g} (0 with --quick)")
+    ap.add_argument("--quiet-budget", type=float, default=quiet_budget,
+                    help="total seconds the run may spend waiting for quiet "
+                    f"(default {quiet_budget:g})")
+    args = ap.parse_args()
+    if args.quiet_wait is None:
+        args.quiet_wait = 0.0 if args.quick else quiet_wait
+    return args
+
+
+DOC_INTRO = """# Benchmarks
+
+Measured figures for the replicator. Each section is written by the benchmark script named in it;
+re-run the script to refresh its section (other sections are left as they are).
+
+"""
+
+
+def write_section(path: Path, start: str, end: str, section: str) -> None:
+    """Put ``section`` between the markers ``start`` and ``end`` of the report at ``path``
+    (appended if the markers are not there yet; a new report begins with DOC_INTRO)."""
+    block = f"{start}\n{section}{end}\n"
+    if path.exists():
+        text = path.read_text()
+        if start in text and end in text:
+            pre, rest = text.split(start, 1)
+            post = rest.split(end, 1)[1].lstrip("\n")
+            text = pre + block + ("\n" + post if post else "")
+        else:
+            text = text.rstrip("\n") + "\n\n" + block
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = DOC_INTRO + block
+    path.write_text(text)

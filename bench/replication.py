@@ -47,12 +47,6 @@ from _repl_common import Litestream, MiB, Ours, Tool  # noqa: E402
 WRITER = str(rc.BENCH / "_repl_writer.py")
 START = "<!-- replication:start -->"
 END = "<!-- replication:end -->"
-INTRO = """# Benchmarks
-
-Measured figures for the replicator. Each section is written by the benchmark script named in it;
-re-run the script to refresh its section (other sections are left as they are).
-
-"""
 
 TARGETS = {"lag_p50_ms": 20.0, "lag_p99_ms": 100.0, "throughput_ratio": 0.90, "rss_mib": 80.0}
 # "flat in database size": peak RSS at snapshot grows by at most this much, small db -> big db
@@ -118,6 +112,15 @@ class Bench:
         rc.reap(self.tools)
         if not self.args.keep:
             shutil.rmtree(self.work, ignore_errors=True)
+
+    def save(self, r: dict[str, Any], t_start: float) -> None:
+        """Record the run time and quiet waits in ``r`` and write it to the --json file."""
+        r["total_s"] = time.monotonic() - t_start
+        r["quiet_waits"] = self.quiet_log
+        jp = Path(self.args.json)
+        jp.parent.mkdir(parents=True, exist_ok=True)
+        jp.write_text(json.dumps(r, indent=1))
+        log(f"raw numbers: {jp}")
 
     def run_writer(self, db: Path, duration: float, seed: int = 1) -> dict[str, Any]:
         p = subprocess.Popen([sys.executable, WRITER, str(db), "--duration", str(duration),
@@ -731,19 +734,7 @@ LABELS = {"ours": "replicator (ours)", "litestream": "Litestream 0.5, defaults (
 
 
 def write_report(path: Path, section: str) -> None:
-    block = f"{START}\n{section}{END}\n"
-    if path.exists():
-        text = path.read_text()
-        if START in text and END in text:
-            pre, rest = text.split(START, 1)
-            post = rest.split(END, 1)[1].lstrip("\n")
-            text = pre + block + ("\n" + post if post else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = INTRO + block
-    path.write_text(text)
+    rc.write_section(path, START, END, section)
 
 
 def observations(r: dict[str, Any]) -> list[str]:
@@ -814,28 +805,13 @@ def throughput_summary(runs: list[dict[str, Any]], order: list[str]) -> dict[str
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="reduced smoke run (~1.5 min)")
-    ap.add_argument("--out", default=str(rc.ROOT / "docs" / "benchmarks.md"))
-    ap.add_argument("--json", default=str(rc.BENCH / "out" / "replication.json"))
-    ap.add_argument("--workdir", default=None, help="where databases and replicas go "
-                    "(default: the system temp dir)")
     ap.add_argument("--watch", choices=["inotify", "poll"], default="inotify",
                     help="how the lag test sees new replica objects")
     ap.add_argument("--only", default="lag,throughput,idle,size",
                     help="comma-separated phases to run (report needs all)")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--from-json", default=None, metavar="FILE",
-                    help="measure nothing: rewrite the report from the raw numbers of an "
-                    "earlier run")
-    ap.add_argument("--quiet-wait", type=float, default=None,
-                    help="before each measurement wait up to this many seconds for the machine "
-                    "to be quiet (< 0.3 CPUs busy); default 8 (0 with --quick)")
-    ap.add_argument("--quiet-budget", type=float, default=60.0,
-                    help="total seconds the run may spend waiting for quiet (default 60)")
-    args = ap.parse_args()
+    args = rc.bench_args(ap, "replication.json", "reduced smoke run (~1.5 min)", quiet_wait=8.0,
+                         quiet_budget=60.0)
     q = args.quick
-    if args.quiet_wait is None:
-        args.quiet_wait = 0.0 if q else 8.0
     params = {
         "quick": q, "watch": args.watch,
         "lag_samples": 30 if q else 200,
@@ -888,12 +864,7 @@ def main() -> int:
             r["size"] = bench.size_and_restore(params["sizes"], params["burst"])
     finally:
         bench.cleanup()
-    r["total_s"] = time.monotonic() - t_start
-    r["quiet_waits"] = bench.quiet_log
-    jp = Path(args.json)
-    jp.parent.mkdir(parents=True, exist_ok=True)
-    jp.write_text(json.dumps(r, indent=1))
-    log(f"raw numbers: {jp}")
+    bench.save(r, t_start)
     if phases >= {"lag", "throughput", "idle", "size"}:
         r["notes"] = observations(r)
         write_report(Path(args.out), render(r))

@@ -283,6 +283,7 @@ class _Weed:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def describe(self) -> str:
