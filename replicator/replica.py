@@ -9,23 +9,30 @@ idle), and a replica whose lease was taken over stops shipping for good, leaving
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import aiofiles
+
+from . import batch
 from .aio import wait_any
 from .errors import ReplicatorError
 from .lease import RELEASE_TIMEOUT, Lease, LeaseError, LeaseLostError
 from .metrics import Metrics
 from .pos import ObjectInfo
 from .spool import Spool
-from .storage.base import StorageClient
+from .storage.base import DEFAULT_CHUNK_SIZE, StorageClient
 from .storage.file import FileStorage
 
 log = logging.getLogger("replicator.replica")
 
-DEFAULT_RETRY_MIN = 0.5
-DEFAULT_RETRY_MAX = 10.0  # a destination that is back is caught up within this
+DEFAULT_RETRY_MIN = 0.25
+DEFAULT_RETRY_MAX = 1.0  # a destination that is back is retried within about this
 DEFAULT_BACKSTOP = 5.0
 LOG_EVERY = 60.0
 
@@ -118,7 +125,8 @@ class Replica:
             self._relist = False
         for gen in sorted({o.generation for o in objs}):
             if gen not in self.known and remote:
-                self.known[gen] = {o.key for o in await self.client.objects(gen)}
+                have = await self.client.objects(gen)
+                self.known[gen] = {o.key for o in have} | _covered(objs, have)
         return [o for o in objs if o.key not in self.known.get(o.generation, set())]
 
     def _has_base(self, first: ObjectInfo, spool_keys: set[str]) -> bool:
@@ -155,20 +163,18 @@ class Replica:
                 self.needs_snapshot = True
         written = 0
         snapshot_shipped = False
-        for i, info in enumerate(missing):
+        if isinstance(self.client, FileStorage):
+            groups: list[batch.Group] = [([o], []) for o in missing]
+        else:
+            # a remote destination pays per request: consecutive segments go as one object
+            groups = await asyncio.to_thread(batch.plan, self.spool, missing)
+        for i, (parts, headers) in enumerate(groups):
             if not await self._check_lease():
                 return written
-            frames = 0
-            if info.kind == "wal" and self.metrics is not None:
-                header = await asyncio.to_thread(self.spool.read_header, info)
-                frames = int(header.get("frames", 0))
-            size = None
-            if isinstance(self.client, FileStorage):
-                # same file system as the spool: link the spooled file instead of copying it
-                size = await self.client.link_object(info, self.spool.path(info))
-            if size is None:
-                size = await self.client.write_object(info, self.spool.storage.read_object(info))
-            self.known.setdefault(info.generation, set()).add(info.key)
+            info, size, frames = await self._ship(parts, headers)
+            known = self.known.setdefault(info.generation, set())
+            known.add(info.key)
+            known.update(p.key for p in parts)
             written += 1
             snapshot_shipped = snapshot_shipped or info.kind == "snapshot"
             done = time.time()
@@ -182,7 +188,7 @@ class Replica:
                     self.metrics.replica_commit_to_durable_seconds.labels(*labels).observe(
                         max(0.0, done - info.first_ms / 1000)
                     )
-            nxt = missing[i + 1] if i + 1 < len(missing) else None
+            nxt = groups[i + 1][0][0] if i + 1 < len(groups) else None
             self.lag = max(0.0, done - nxt.first_ms / 1000) if nxt else 0.0
             self._set_lag()
         self.last_sync = time.time()
@@ -199,6 +205,33 @@ class Replica:
             # therefore costs no listing requests for retention
             await self.enforce_retention()
         return written
+
+    async def _ship(
+        self, parts: list[ObjectInfo], headers: list[dict[str, Any]]
+    ) -> tuple[ObjectInfo, int, int]:
+        """Write one spooled object, or the merge of several, to the destination; returns what
+        was written, its size and how many WAL frames it holds."""
+        if len(parts) > 1:
+            info, path = await asyncio.to_thread(batch.merge, self.spool, parts, headers)
+            try:
+                    merged = await self.client.write_object(info, _read_file(path))
+            finally:
+                await asyncio.to_thread(_unlink, path)
+            return info, merged, sum(int(h.get("frames", 0)) for h in headers)
+        info = parts[0]
+        frames = 0
+        if info.kind == "wal" and self.metrics is not None:
+            header = headers[0] if headers else await asyncio.to_thread(
+                self.spool.read_header, info)
+            frames = int(header.get("frames", 0))
+        linked = None
+        if isinstance(self.client, FileStorage):
+            # same file system as the spool: link the spooled file instead of copying it
+            linked = await self.client.link_object(info, self.spool.path(info))
+        if linked is not None:
+            return info, linked, frames
+        size = await self.client.write_object(info, self.spool.storage.read_object(info))
+        return info, size, frames
 
     async def enforce_retention(self) -> None:
         """Apply the retention window to this destination."""
@@ -248,7 +281,7 @@ class Replica:
                     break  # already counted and logged
                 self.record_error("sync" if self.healthy else "init", exc)
                 self._relist = True  # the destination may have changed while failing
-                timeout = delay
+                timeout = delay * random.uniform(0.5, 1.0)  # jitter: no herd of sidecars
                 delay = min(delay * 2, DEFAULT_RETRY_MAX)
                 # the lag keeps growing while the destination is down
                 missing = await self.pending(remote=False)
@@ -257,3 +290,23 @@ class Replica:
                     self._set_lag()
             await wait_any(self.wake, stop, within=timeout)
             self.wake.clear()
+
+
+async def _read_file(path: str) -> AsyncIterator[bytes]:
+    async with aiofiles.open(path, "rb") as f:
+        while chunk := await f.read(DEFAULT_CHUNK_SIZE):
+            yield chunk
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _covered(spooled: list[ObjectInfo], remote: list[ObjectInfo]) -> set[str]:
+    """Keys of spooled segments the destination holds inside a merged segment."""
+    ranges = [(o.start_txid, o.end_txid) for o in remote if o.kind == "wal"]
+    return {
+        o.key for o in spooled
+        if o.kind == "wal" and any(a <= o.start_txid and o.end_txid <= b for a, b in ranges)
+    }

@@ -207,3 +207,49 @@ def test_segments_past_the_compression_budget_are_stored(tmp_path: Path, monkeyp
     out = tmp_path / "out.db"
     restore(str(tmp_path / "replica"), out)
     assert seqs(out) == list(range(1, 201))
+
+
+def test_remote_replica_ships_consecutive_segments_as_one_object(tmp_path: Path) -> None:
+    """A destination that pays per request gets each run of consecutive spooled segments as one
+    object (a file replica gets them one by one, linked); runs break where the WAL restarts.
+    Restores from both are equal to the source, and a restarted shipper sees the merged parts as
+    shipped."""
+    from replicator.replica import Replica
+    from replicator.restore import apply_plan, plan_restore
+    from util import seqs
+
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    # a WAL restart every few commits
+    cfg = DbConfig(path=str(db), checkpoint_pages=8,
+                   replicas=[ReplicaConfig("local", str(tmp_path / "replica")),
+                             ReplicaConfig("remote", "memory://")])
+
+    async def go() -> None:
+        s = DatabaseService(cfg)
+        await s.open()  # the snapshot is spooled
+        local, remote = s.replicas
+        for _ in range(12):
+            commit(db, 2)
+            await s.sync()  # a segment each (and WAL restarts)
+        gen = s.db.generation
+        assert gen is not None
+        segments = [o for o in s.spool.objects(gen) if o.kind == "wal"]
+        starts = [int(s.spool.read_header(o)["start"]["frame"]) for o in segments]
+        runs = sum(1 for i, f in enumerate(starts) if i == 0 or f == 0)
+        assert len(segments) >= 12 and 1 < runs < len(segments)
+        assert await local.sync() == 1 + len(segments)
+        assert await remote.sync() == 1 + runs  # the snapshot, then one object per WAL epoch
+        wal = [o for o in await remote.client.objects(gen) if o.kind == "wal"]
+        assert len(wal) == runs and wal[0].start_txid == 1 and wal[-1].end_txid == 24
+        assert all(a.end_txid + 1 == b.start_txid for a, b in zip(wal, wal[1:]))
+        again = Replica("remote", remote.client, s.spool, s.cfg.name)
+        assert await again.pending() == []
+        for name, client in (("local", local.client), ("remote", remote.client)):
+            plan = await plan_restore(client)
+            await apply_plan(client, plan, str(tmp_path / f"{name}.db"))
+        await s.close(10)
+
+    asyncio.run(go())
+    assert seqs(tmp_path / "local.db") == seqs(tmp_path / "remote.db") == seqs(db)
+    assert seqs(db) == list(range(1, 25))

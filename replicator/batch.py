@@ -1,0 +1,126 @@
+"""Batching: consecutive spooled WAL segments of one WAL epoch shipped as one object.
+
+Capture writes one segment per step: many small ones per second under a steady trickle of
+commits, and a backlog of them while a destination is down. A remote destination pays per
+request, so a replica ships each run of consecutive segments it lacks as one object. The merged
+object is an ordinary segment (docs/format.md): the same header fields, the parts' frames back to
+back in one zstd frame, the parts' transactions and observed times; restore cannot tell it from
+a captured one. Runs break where a WAL epoch ends (a segment starting at frame 0), at a snapshot,
+or at MAX_PARTS / MAX_BYTES. Parts are verified (trailer checksum) as they are read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from .format import DEFAULT_LEVEL, KIND_WAL, ObjectDecoder, ObjectWriter
+from .fsutil import temp_path
+from .pos import ObjectInfo, segment_info
+from .spool import Spool
+
+MAX_PARTS = 4096
+MAX_BYTES = 32 << 20  # spooled bytes in one merged object
+OUTGOING_DIR = "outgoing"
+_READ = 1 << 20
+
+
+def _follows(prev: dict[str, Any], nxt: dict[str, Any]) -> bool:
+    """Whether segment ``nxt`` continues ``prev`` inside the same WAL epoch."""
+    return (
+        nxt.get("start") is not None
+        and nxt.get("start") == prev.get("end")
+        and nxt.get("prev") == prev.get("end")
+        and int(nxt["start"]["frame"]) > 0
+        and int(nxt["start_txid"]) == int(prev["end_txid"]) + 1
+    )
+
+
+Group = tuple[list[ObjectInfo], list[dict[str, Any]]]
+
+
+def plan(spool: Spool, pending: list[ObjectInfo]) -> list[Group]:
+    """Group ``pending`` (in shipping order) into runs to ship as one object each, with the
+    parts' headers (none for a snapshot). Sizes are filled in from the spool."""
+    groups: list[Group] = []
+    size = 0
+    for info in pending:
+        info = dataclasses.replace(info, size=os.path.getsize(spool.path(info)))
+        if info.kind != "wal":
+            groups.append(([info], []))
+            continue
+        header = spool.read_header(info)
+        if groups:
+            parts, headers = groups[-1]
+            last = parts[-1]
+            if (
+                headers
+                and last.generation == info.generation
+                and len(parts) < MAX_PARTS
+                and size + info.size <= MAX_BYTES
+                and _follows(headers[-1], header)
+            ):
+                parts.append(info)
+                headers.append(header)
+                size += info.size
+                continue
+        groups.append(([info], [header]))
+        size = info.size
+    return groups
+
+
+def _stored(info: ObjectInfo, header: dict[str, Any]) -> bool:
+    """Whether a spooled segment's body was stored uncompressed (a write burst)."""
+    raw = int(header.get("frames", 0)) * (int(header["page_size"]) + 24)
+    return info.size >= raw > 0
+
+
+def merge(
+    spool: Spool, parts: list[ObjectInfo], headers: list[dict[str, Any]]
+) -> tuple[ObjectInfo, str]:
+    """Write the merged object of ``parts`` (as planned: sizes known) to a temp file under the
+    spool; returns its info and path (the caller removes the file). Stored uncompressed when any
+    part was. Runs in a worker thread: it decompresses and compresses."""
+    first, last = headers[0], headers[-1]
+    header = {
+        "kind": "wal",
+        "generation": first["generation"],
+        "start_txid": first["start_txid"],
+        "end_txid": last["end_txid"],
+        "page_size": first["page_size"],
+        "big_endian": first["big_endian"],
+        "prev": first["prev"],
+        "start": first["start"],
+        "end": last["end"],
+        "wal_header": first.get("wal_header"),
+        "frames": sum(int(h["frames"]) for h in headers),
+        "txns": [t for h in headers for t in h["txns"]],
+    }
+    info = segment_info(parts[0].generation, parts[0].start_txid, parts[-1].end_txid,
+                        parts[0].first_ms, parts[-1].last_ms)
+    stored = any(_stored(p, h) for p, h in zip(parts, headers, strict=True))
+    level = None if stored else DEFAULT_LEVEL
+    outdir = os.path.join(spool.root, OUTGOING_DIR)
+    os.makedirs(outdir, exist_ok=True)
+    path = temp_path(os.path.join(outdir, f"{info.generation}-{info.start_txid}-{info.end_txid}"))
+    try:
+        with open(path, "wb") as f:
+            w = ObjectWriter(f, KIND_WAL, header, level)
+            for part in parts:
+                dec = ObjectDecoder(part.key)
+                with open(spool.path(part), "rb") as src:
+                    while chunk := src.read(_READ):
+                        body = dec.feed(chunk)
+                        if body:
+                            w.write(body)
+                dec.finish()
+            w.close()
+            size = f.tell()
+    except BaseException:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        raise
+    return dataclasses.replace(info, size=size), path
