@@ -705,7 +705,7 @@ class S3Storage:
                         "PutObject",
                         info.key,
                         lambda: client.put_object(
-                            Bucket=self.bucket, Key=key, Body=_BodyReader(body), **self._put_args()
+                            Bucket=self.bucket, Key=key, Body=_body(body), **self._put_args()
                         ),
                         body_size=len(body),
                     )
@@ -832,7 +832,7 @@ class S3Storage:
             lambda: client.put_object(
                 Bucket=self.bucket,
                 Key=self._key(LEASE_KEY),
-                Body=_BodyReader(body),
+                Body=_body(body),
                 ContentType="application/json",
                 **self._put_args(),
             ),
@@ -849,6 +849,16 @@ def _release(data: bytearray) -> None:
     """Free a sent body now: the HTTP stack can keep a reference to it for a while."""
     with contextlib.suppress(BufferError):
         data.clear()
+
+
+# botocore sends "Expect: 100-continue" with every file-like body, which costs a round trip
+# before the body goes out; a small body goes as bytes (one copy of it is cheap), in one trip.
+SMALL_BODY = 1 << 20
+
+
+def _body(data: bytes | bytearray) -> bytes | _BodyReader:
+    """The request body to pass to botocore for ``data``."""
+    return bytes(data) if len(data) <= SMALL_BODY else _BodyReader(data)
 
 
 class _BodyReader(io.RawIOBase):
