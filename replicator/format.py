@@ -155,12 +155,7 @@ class ObjectDecoder:
             if len(self._buf) < _PREAMBLE.size + hlen:
                 return b""
             raw = bytes(self._buf[_PREAMBLE.size : _PREAMBLE.size + hlen])
-            try:
-                header = json.loads(raw)
-            except ValueError:
-                raise CorruptObjectError(f"{self.key}: corrupt object (bad header)") from None
-            if not isinstance(header, dict):
-                raise CorruptObjectError(f"{self.key}: corrupt object (bad header)")
+            header = _parse_header(raw, self.key)
             if header.get("kind", _KIND_NAMES[kind]) != _KIND_NAMES[kind]:
                 raise CorruptObjectError(
                     f"{self.key}: corrupt object (kind {_KIND_NAMES[kind]} in the preamble, "
@@ -195,6 +190,40 @@ class ObjectDecoder:
             raise CorruptObjectError(f"{self.key}: corrupt object (bad trailer)")
         if bytes(self._tail[4:]) != self._hash.digest():
             raise CorruptObjectError(f"{self.key}: corrupt object (checksum mismatch)")
+
+
+def header_length(preamble: bytes, key: str) -> int:
+    """The header length an object's first ``_PREAMBLE.size`` bytes announce (checked)."""
+    if len(preamble) < _PREAMBLE.size:
+        raise CorruptObjectError(f"{key}: corrupt object (truncated header)")
+    magic, version, kind, hlen = _PREAMBLE.unpack_from(preamble)
+    if magic != MAGIC:
+        raise FormatError(f"{key}: not a replica object (bad magic)")
+    if version != FORMAT_VERSION:
+        raise FormatError(f"{key}: unsupported format version {version}")
+    if kind not in _KIND_NAMES or hlen > _MAX_HEADER:
+        raise CorruptObjectError(f"{key}: corrupt object (bad preamble)")
+    return int(hlen)
+
+
+def read_header_file(f: BinaryIO, key: str) -> dict[str, Any]:
+    """The header of an object in an open file (two small reads; the body is not touched)."""
+    preamble = f.read(_PREAMBLE.size)
+    hlen = header_length(preamble, key)
+    raw = f.read(hlen)
+    if len(raw) != hlen:
+        raise CorruptObjectError(f"{key}: corrupt object (truncated header)")
+    return _parse_header(raw, key)
+
+
+def _parse_header(raw: bytes, key: str) -> dict[str, Any]:
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise CorruptObjectError(f"{key}: corrupt object (bad header)") from None
+    if not isinstance(header, dict):
+        raise CorruptObjectError(f"{key}: corrupt object (bad header)")
+    return header
 
 
 async def read_header(chunks: AsyncIterator[bytes], key: str) -> dict[str, Any]:

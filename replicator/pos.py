@@ -14,6 +14,7 @@ the transactions; the object header carries the same times in nanoseconds, per t
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -68,7 +69,7 @@ class ObjectInfo:
         """``"snapshot"`` or ``"wal"``."""
         return "snapshot" if self.kind_order == 1 else "wal"
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """The object's key relative to the replica root."""
         if self.kind == "snapshot":

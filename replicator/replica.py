@@ -14,7 +14,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import aiofiles
@@ -24,7 +24,7 @@ from .aio import wait_any
 from .errors import ReplicatorError
 from .lease import RELEASE_TIMEOUT, Lease, LeaseError, LeaseLostError
 from .metrics import Metrics
-from .pos import ObjectInfo
+from .pos import ObjectInfo, parse_key
 from .spool import Spool
 from .storage.base import DEFAULT_CHUNK_SIZE, StorageClient
 from .storage.file import FileStorage
@@ -34,6 +34,7 @@ log = logging.getLogger("replicator.replica")
 DEFAULT_RETRY_MIN = 0.25
 DEFAULT_RETRY_MAX = 1.0  # a destination that is back is retried within about this
 DEFAULT_BACKSTOP = 5.0
+SHIP_CONCURRENCY = 4
 LOG_EVERY = 60.0
 
 
@@ -47,14 +48,20 @@ class Replica:
         spool: Spool,
         db_name: str,
         metrics: Metrics | None = None,
+        *,
+        batch: bool | None = None,
     ) -> None:
         self.name = name
+        # ship runs of consecutive segments as one object (None: for every destination but a
+        # local directory, which links each spooled object instead)
+        self.batch = not isinstance(client, FileStorage) if batch is None else batch
         self.client = client
         self.spool = spool
         self.db_name = db_name
         self.metrics = metrics
         self.wake = asyncio.Event()
-        self.known: dict[str, set[str]] = {}
+        self.known: dict[str, set[str]] = {}  # generation -> keys the destination holds
+        self._ends: dict[str, set[int]] = {}  # generation -> end txids of those
         self.lag = 0.0
         self.last_sync = 0.0
         self.last_error: str | None = None
@@ -122,26 +129,36 @@ class Replica:
         objs = await asyncio.to_thread(self._spool_objects)
         if remote and self._relist:
             self.known.clear()
+            self._ends.clear()
             self._relist = False
         for gen in sorted({o.generation for o in objs}):
             if gen not in self.known and remote:
                 have = await self.client.objects(gen)
-                self.known[gen] = {o.key for o in have} | _covered(objs, have)
+                self.known[gen] = set()
+                self._remember(gen, [o.key for o in have] + sorted(_covered(objs, have)))
         return [o for o in objs if o.key not in self.known.get(o.generation, set())]
 
-    def _has_base(self, first: ObjectInfo, spool_keys: set[str]) -> bool:
-        """Whether the replica (or the spool) holds what ``first`` continues from."""
+    def _remember(self, generation: str, keys: Iterable[str]) -> None:
+        """Record keys the destination holds (and the txids they end at)."""
+        known = self.known.setdefault(generation, set())
+        ends = self._ends.setdefault(generation, set())
+        for key in keys:
+            if key not in known:
+                known.add(key)
+                info = parse_key(key)
+                if info is not None:
+                    ends.add(info.end_txid)
+
+    def newest_txid(self, generation: str) -> int | None:
+        """The newest txid of ``generation`` the destination is known to hold."""
+        ends = self._ends.get(generation)
+        return max(ends) if ends else None
+
+    def _has_base(self, first: ObjectInfo) -> bool:
+        """Whether the replica holds what ``first`` continues from."""
         if first.kind == "snapshot":
             return True
-        have = self.known.get(first.generation, set())
-        from .pos import parse_key
-
-        for key in have | spool_keys:
-            info = parse_key(key)
-            if info is not None and info.generation == first.generation:
-                if info.end_txid == first.start_txid - 1:
-                    return True
-        return False
+        return first.start_txid - 1 in self._ends.get(first.generation, set())
 
     async def sync(self) -> int:
         """Copy every missing spooled object, oldest first; return how many were written.
@@ -153,42 +170,38 @@ class Replica:
             return 0
         if not self.healthy:
             await self.init()
+        t0 = time.monotonic()
         missing = await self.pending()
+        if len(missing) > 1:
+            log.debug("%s: replica %s: %d objects to ship (listed in %.3f s)", self.db_name,
+                      self.name, len(missing), time.monotonic() - t0)
         now = time.time()
         self.lag = max(0.0, now - missing[0].first_ms / 1000) if missing else 0.0
         self._set_lag()
-        if missing:
-            keys = {o.key for o in missing}
-            if not self._has_base(missing[0], keys):
-                self.needs_snapshot = True
+        if missing and not self._has_base(missing[0]):
+            self.needs_snapshot = True
         written = 0
         snapshot_shipped = False
-        if isinstance(self.client, FileStorage):
-            groups: list[batch.Group] = [([o], []) for o in missing]
-        else:
+        if self.batch:
             # a remote destination pays per request: consecutive segments go as one object
             groups = await asyncio.to_thread(batch.plan, self.spool, missing)
-        for i, (parts, headers) in enumerate(groups):
+        else:
+            groups = [([o], []) for o in missing]
+        # a remote destination takes several objects at once (a backlog after an outage is
+        # shipped in rounds of SHIP_CONCURRENCY); each round completes before the next starts
+        width = SHIP_CONCURRENCY if self.batch else 1
+        for first in range(0, len(groups), width):
             if not await self._check_lease():
                 return written
-            info, size, frames = await self._ship(parts, headers)
-            known = self.known.setdefault(info.generation, set())
-            known.add(info.key)
-            known.update(p.key for p in parts)
-            written += 1
-            snapshot_shipped = snapshot_shipped or info.kind == "snapshot"
+            window = groups[first : first + width]
+            results = await asyncio.gather(*(self._ship(p, h) for p, h in window))
             done = time.time()
-            if self.metrics is not None:
-                labels = (self.db_name, self.name)
-                self.metrics.replica_shipped_bytes.labels(*labels).inc(size)
-                if info.kind == "wal":
-                    n = info.end_txid - info.start_txid + 1
-                    self.metrics.replica_shipped_transactions.labels(*labels).inc(n)
-                    self.metrics.replica_shipped_frames.labels(*labels).inc(frames)
-                    self.metrics.replica_commit_to_durable_seconds.labels(*labels).observe(
-                        max(0.0, done - info.first_ms / 1000)
-                    )
-            nxt = groups[i + 1][0][0] if i + 1 < len(groups) else None
+            for (parts, _), (info, size, frames) in zip(window, results, strict=True):
+                self._remember(info.generation, [info.key, *(p.key for p in parts)])
+                written += 1
+                snapshot_shipped = snapshot_shipped or info.kind == "snapshot"
+                self._count(info, size, frames, done)
+            nxt = groups[first + width][0][0] if first + width < len(groups) else None
             self.lag = max(0.0, done - nxt.first_ms / 1000) if nxt else 0.0
             self._set_lag()
         self.last_sync = time.time()
@@ -206,17 +219,35 @@ class Replica:
             await self.enforce_retention()
         return written
 
+    def _count(self, info: ObjectInfo, size: int, frames: int, done: float) -> None:
+        """Metrics for one object written at ``done``."""
+        if self.metrics is None:
+            return
+        labels = (self.db_name, self.name)
+        self.metrics.replica_shipped_bytes.labels(*labels).inc(size)
+        if info.kind == "wal":
+            n = info.end_txid - info.start_txid + 1
+            self.metrics.replica_shipped_transactions.labels(*labels).inc(n)
+            self.metrics.replica_shipped_frames.labels(*labels).inc(frames)
+            self.metrics.replica_commit_to_durable_seconds.labels(*labels).observe(
+                max(0.0, done - info.first_ms / 1000)
+            )
+
     async def _ship(
         self, parts: list[ObjectInfo], headers: list[dict[str, Any]]
     ) -> tuple[ObjectInfo, int, int]:
         """Write one spooled object, or the merge of several, to the destination; returns what
         was written, its size and how many WAL frames it holds."""
+        t0 = time.monotonic()
         if len(parts) > 1:
             info, path = await asyncio.to_thread(batch.merge, self.spool, parts, headers)
             try:
                     merged = await self.client.write_object(info, _read_file(path))
             finally:
                 await asyncio.to_thread(_unlink, path)
+            log.debug("%s: replica %s: wrote %s (%d spooled objects, %d bytes) in %.3f s",
+                      self.db_name, self.name, info.key, len(parts), merged,
+                      time.monotonic() - t0)
             return info, merged, sum(int(h.get("frames", 0)) for h in headers)
         info = parts[0]
         frames = 0

@@ -26,7 +26,6 @@ from .errors import ReplicatorError, StorageError
 from .health import CheckResult, HealthChecker
 from .metrics import Metrics, create_metrics
 from .notify import Notifier
-from .pos import parse_key
 from .replica import Replica
 from .spool import Spool
 from .storage import open_storage
@@ -312,10 +311,7 @@ class DatabaseService:
 
     def _replica_txid(self, r: Replica) -> int | None:
         """The newest transaction of the current generation the replica is known to hold."""
-        gen = self.db.generation
-        txids = [info.end_txid for info in map(parse_key, r.known.get(gen or "", ()))
-                 if info is not None]
-        return max(txids) if txids else None
+        return r.newest_txid(self.db.generation or "")
 
     def status(self) -> dict[str, Any]:
         """The database's state for ``/status`` (call from the event loop)."""

@@ -26,6 +26,7 @@ from replicator.format import (
     ObjectWriter,
     decode_stream,
     read_header,
+    read_header_file,
 )
 
 KEY = (
@@ -406,3 +407,14 @@ def test_stored_body_damage_is_detected() -> None:
     raw[len(raw) // 2] ^= 1
     with pytest.raises(CorruptObjectError):
         decode(bytes(raw))
+
+
+def test_read_header_file_reads_only_the_header() -> None:
+    raw = encode(KIND_WAL, {"n": 7}, [b"x" * 100_000])
+    f = io.BytesIO(raw)
+    assert read_header_file(f, KEY) == {"n": 7}
+    assert f.tell() == PREAMBLE + struct.unpack(">I", raw[8:12])[0]  # the body was not read
+    for bad, error in [(raw[:5], CorruptObjectError), (raw[:PREAMBLE + 3], CorruptObjectError),
+                       (b"XXXX" + raw[4:], FormatError)]:
+        with pytest.raises(error, match=KEY):
+            read_header_file(io.BytesIO(bad), KEY)

@@ -96,7 +96,8 @@ class History:
 
     async def ship(self, client: StorageClient) -> StorageClient:
         await client.init()
-        await Replica("r", client, self.spool, "app").sync()
+        # one object per captured segment, so that tests can pick, drop or damage one
+        await Replica("r", client, self.spool, "app", batch=False).sync()
         return client
 
 

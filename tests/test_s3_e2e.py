@@ -344,7 +344,13 @@ def test_s3_outage_under_write_load(tmp_path: Path, env: dict[str, str],
         assert sample(port, "replicator_errors_total", replica="s3") > 0
         assert sample(port, "replicator_replica_up", replica="local") == 1
         assert sample(port, "replicator_errors_total", replica="local") == 0
-        weed.start()
+        weed.start()  # returns once S3 answers again
+        back = time.monotonic()
+        util.wait_until(lambda: sample(port, "replicator_replica_lag_seconds", replica="s3") < 1,
+                        60, what="S3 lag back under a second")
+        # a figure for the record (tests assert outcomes, not timings)
+        print(f"S3 lag under 1 s {time.monotonic() - back:.2f} s after S3 was back",
+              file=sys.stderr)
         at_restart = len(util.commit_log(log))
         util.wait_until(lambda: len(util.commit_log(log)) >= at_restart + 300, 30,
                         what="commits after the restart")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import sqlite3
 from pathlib import Path
 
@@ -119,10 +120,9 @@ def test_busy_writer_wal_resets_are_proven_without_a_new_generation(tmp_path: Pa
         salts: set[int] = set()
         while writer.poll() is None:
             await asyncio.sleep(0.005)
-            with contextlib.suppress(OSError), open(tmp_path / "app.db-wal", "rb") as f:
-                head = f.read(32)
-                if len(head) == 32:
-                    salts.add(int.from_bytes(head[16:20], "big"))
+            salt = wal_salt1(tmp_path / "app.db-wal")
+            if salt is not None:
+                salts.add(salt)
         _, err = writer.communicate()
         assert writer.returncode == 0, err
         stop.set()
@@ -136,6 +136,15 @@ def test_busy_writer_wal_resets_are_proven_without_a_new_generation(tmp_path: Pa
     out = tmp_path / "out.db"
     restore(str(tmp_path / "replica"), out)
     assert seqs(out) == [c[0] for c in commit_log(tmp_path / "commits.log")]
+
+
+def wal_salt1(path: Path) -> int | None:
+    """salt-1 of a WAL file's header (it changes at every reset), None if there is none."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        head = f.read(32)
+        if len(head) == 32:
+            return int.from_bytes(head[16:20], "big")
+    return None
 
 
 def test_follows_a_busy_wal_without_file_events_then_rearms_them(tmp_path: Path) -> None:
@@ -214,9 +223,10 @@ def test_remote_replica_ships_consecutive_segments_as_one_object(tmp_path: Path)
     object (a file replica gets them one by one, linked); runs break where the WAL restarts.
     Restores from both are equal to the source, and a restarted shipper sees the merged parts as
     shipped."""
+    from util import seqs
+
     from replicator.replica import Replica
     from replicator.restore import apply_plan, plan_restore
-    from util import seqs
 
     db = tmp_path / "app.db"
     init_db(str(db))
@@ -242,7 +252,7 @@ def test_remote_replica_ships_consecutive_segments_as_one_object(tmp_path: Path)
         assert await remote.sync() == 1 + runs  # the snapshot, then one object per WAL epoch
         wal = [o for o in await remote.client.objects(gen) if o.kind == "wal"]
         assert len(wal) == runs and wal[0].start_txid == 1 and wal[-1].end_txid == 24
-        assert all(a.end_txid + 1 == b.start_txid for a, b in zip(wal, wal[1:]))
+        assert all(a.end_txid + 1 == b.start_txid for a, b in itertools.pairwise(wal))
         again = Replica("remote", remote.client, s.spool, s.cfg.name)
         assert await again.pending() == []
         for name, client in (("local", local.client), ("remote", remote.client)):

@@ -61,11 +61,11 @@ DEFAULT_PART_SIZE = 8 * MIB
 MIN_PART_SIZE = 5 * MIB  # S3's minimum for every part but the last
 MAX_PART_SIZE = 5 * 1024 * MIB
 DEFAULT_MAX_RETRIES = 5
-DEFAULT_REQUEST_ATTEMPTS = 3
+DEFAULT_REQUEST_ATTEMPTS = 1  # the loop below retries; botocore's own waits would hide a recovery
 DEFAULT_RETRY_MODE = "standard"
 DEFAULT_RETRY_TIMEOUT = 120.0
 DEFAULT_BACKOFF_BASE = 0.25
-DEFAULT_BACKOFF_MAX = 10.0
+DEFAULT_BACKOFF_MAX = 1.0  # a server that is back is noticed within about this
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 30.0
 # A request that moves a body may take this long per byte on top of its timeouts before the
