@@ -58,6 +58,7 @@ from .wal import (
     WalHeader,
     frame_offset,
     frame_size,
+    page_offsets,
     pread_full,
     read_wal_header,
     scan_bytes,
@@ -78,7 +79,7 @@ ROTATE_WAIT = 0.02
 # CPU core); past it (a write burst), and whenever the capture is behind, they are stored as they
 # are: compression must not cost the application its CPU, nor keep the WAL from resetting.
 COMPRESS_BUDGET = 32 << 20
-RESCUE_MAX_BYTES = 16 << 20
+RESCUE_MAX_BYTES = 8 << 20
 ROTATE_POLL = 0.0002
 PIN_RETRY = 0.00005
 _MASK32 = 0xFFFFFFFF
@@ -516,6 +517,12 @@ class Database:
         fd = self._wal()
         hdr = read_wal_header(fd) if fd is not None else None
         if hdr is None or fd is None:
+            if self.pos is not None and self.pos.frame > 0 and (
+                fd is None or os.fstat(fd).st_size < WAL_HEADER_SIZE
+            ):
+                # truncated (wal_checkpoint(TRUNCATE)) in a moment the pin was not held: what
+                # was committed after the captured position is in the database file only now
+                self._start_generation("wal_shrunk", res)
             return False
         if hdr.page_size != self.page_size:
             self._start_generation("page_size", res)
@@ -877,9 +884,8 @@ class Database:
             if hdr is not None and fd is not None:
                 if upto is not None and self.pos is not None and hdr.salts != self.pos.salts:
                     upto = None  # the epoch moved on: snapshot what is there now
-                scan = scan_frames(fd, hdr, 1, hdr.checksum, max_frames=upto)
-                for f in scan.frames:
-                    pagemap[f.pgno] = frame_offset(f.index, page_size) + FRAME_HEADER_SIZE
+                scan = scan_frames(fd, hdr, 1, hdr.checksum, max_frames=upto, keep_frames=False)
+                pagemap = page_offsets(fd, hdr, scan.end_index)
                 if scan.transactions:
                     pages = scan.transactions[-1][2]
                 pos = WalPos(hdr.salt1, hdr.salt2, scan.end_index, scan.end_checksum)

@@ -133,6 +133,27 @@ def test_reset_that_destroyed_the_tail_starts_a_generation(tmp_path: Path, app) 
     assert restored_dump(tmp_path) == dump(app)
 
 
+def test_truncate_in_an_unpinned_gap_as_the_last_write_starts_a_generation(
+    tmp_path: Path, app
+) -> None:
+    """The application commits and truncates the WAL in a moment no pin is held, then writes
+    nothing more: the WAL is empty, the commits are in the database file only. A new generation
+    (its snapshot holds them) is the only way not to lose them, including at shutdown."""
+    d = open_db(tmp_path)
+    d.step()
+    commit(app, 5)
+    d.step()
+    d._unpin()
+    commit(app, 2)
+    assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    assert os.path.getsize(tmp_path / "app.db-wal") == 0
+    res = d.step()
+    assert res.new_generation == "wal_shrunk"
+    assert d.step().new_generation is None  # once
+    d.close()
+    assert restored_dump(tmp_path) == dump(app)
+
+
 def test_pinned_truncate_by_application_never_loses_frames(tmp_path: Path, app) -> None:
     d = open_db(tmp_path, checkpoint_pages=16)
     d.step()
