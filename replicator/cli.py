@@ -373,6 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             return _status(args)
         if args.command == "replicate":
+            # the capture thread must get the GIL back within a millisecond, not the default 5:
+            # it has a few milliseconds to read a WAL tail after the application resets the WAL
+            sys.setswitchinterval(0.001)
             return asyncio.run(_replicate(_replicate_config(args)))
         if args.command == "restore":
             if args.to_time:

@@ -552,6 +552,28 @@ def scan_frames(
     return res
 
 
+def page_offsets(
+    fd: int, header: WalHeader, count: int, chunk_bytes: int = 4 << 20
+) -> dict[int, int]:
+    """For the first ``count`` frames of the WAL open at ``fd`` (already validated): page number
+    -> file offset of the page in its newest frame. Memory grows with the distinct pages only;
+    frames are read in chunks of about ``chunk_bytes``."""
+    ps = header.page_size
+    fs = frame_size(ps)
+    per = max(1, chunk_bytes // fs)
+    out: dict[int, int] = {}
+    for first in range(1, count + 1, per):
+        want = min(per, count - first + 1)
+        buf = pread_full(fd, want * fs, frame_offset(first, ps))
+        n = len(buf) // fs
+        if n < want:
+            raise WalError(f"WAL ends at frame {first + n - 1}, before frame {count}")
+        pgnos = np.frombuffer(buf, dtype=_BE_WORDS, count=n * fs // 4).reshape(n, fs // 4)[:, 0]
+        base = frame_offset(first, ps) + FRAME_HEADER_SIZE
+        out.update(zip(pgnos.tolist(), range(base, base + n * fs, fs), strict=True))
+    return out
+
+
 def scan_bytes(
     buf: bytes | memoryview,
     header: WalHeader,

@@ -29,6 +29,7 @@ from replicator.wal import (
     WalHeader,
     frame_offset,
     frame_size,
+    page_offsets,
     parse_wal_header,
     read_wal_header,
     scan_bytes,
@@ -643,3 +644,31 @@ def test_file_shorter_than_start_slot_is_short(tmp_path: Path) -> None:
         assert read_wal_header(fd) is None
     finally:
         os.close(fd)
+
+
+def test_page_offsets_point_at_each_pages_newest_frame(tmp_path: Path) -> None:
+    db = tmp_path / "p.db"
+    c = sqlite3.connect(db)
+    c.execute("PRAGMA journal_mode=WAL")
+    c.execute("PRAGMA wal_autocheckpoint=0")
+    c.execute("CREATE TABLE t(x)")
+    for i in range(300):
+        c.execute("INSERT INTO t VALUES (?)", (os.urandom(200 + i),))
+        c.commit()
+    fd = os.open(f"{db}-wal", os.O_RDONLY)
+    try:
+        h = read_wal_header(fd)
+        assert h is not None
+        res = scan_frames(fd, h, 1, h.checksum)
+        want = {f.pgno: frame_offset(f.index, h.page_size) + 24 for f in res.frames}
+        for chunk in (1, 3 * frame_size(h.page_size), 4 << 20):
+            assert page_offsets(fd, h, res.end_index, chunk) == want
+        half = res.frames[len(res.frames) // 2].index
+        assert page_offsets(fd, h, half) == {
+            f.pgno: frame_offset(f.index, h.page_size) + 24 for f in res.frames if f.index <= half
+        }
+        with pytest.raises(WalError, match="before frame"):
+            page_offsets(fd, h, res.end_index + 5)
+    finally:
+        os.close(fd)
+        c.close()
