@@ -75,10 +75,10 @@ STEP_BATCHES = 16
 SNAPSHOT_CHUNK_PAGES = 256
 COPY_CHUNK_FRAMES = 256
 ROTATE_WAIT = 0.02
-# Segments are zstd-compressed up to this many bytes of frames per second (about a tenth of a
+# Segments are zstd-compressed up to this many bytes of frames per second (a few percent of a
 # CPU core); past it (a write burst), and whenever the capture is behind, they are stored as they
 # are: compression must not cost the application its CPU, nor keep the WAL from resetting.
-COMPRESS_BUDGET = 32 << 20
+COMPRESS_BUDGET = 8 << 20
 RESCUE_MAX_BYTES = 8 << 20
 ROTATE_POLL = 0.0002
 PIN_RETRY = 0.00005
