@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import socket
 import tracemalloc
@@ -725,3 +726,30 @@ async def test_client_lifecycle(
     await s.init()  # reopens lazily
     await s.aclose()
     assert TEST_ACCESS_KEY not in repr(s) and TEST_SECRET_KEY not in repr(s)
+
+
+async def test_small_uploads_skip_the_expect_continue_round_trip(
+    seaweedfs_server: S3Server, weed_bucket: str, open_s3: Callable[..., S3Storage]
+) -> None:
+    """botocore asks for ``Expect: 100-continue`` on every upload, a round trip before the body
+    goes out; a small object (a segment, the lease) is sent at once. Large ones keep it."""
+    s = open_s3(seaweedfs_server, weed_bucket)
+    client = await s._get_client()
+    sent: list[tuple[int, str | None]] = []
+
+    def record(request: Any, **kwargs: Any) -> None:
+        if request.method == "PUT":
+            body = request.body
+            size = len(body) if isinstance(body, bytes | bytearray) else -1
+            expect = request.headers.get("Expect")
+            sent.append((size, expect.decode() if isinstance(expect, bytes) else expect))
+
+    client.meta.events.register("before-send.s3", record)
+    gen = new_generation_id()
+    small, big = b"s" * 1000, os.urandom((1 << 20) + 1)
+    await s.write_object(segment_info(gen, 1, 1, 1, 1), chunks(small))
+    await s.write_lease(b'{"version": 1}')
+    await s.write_object(segment_info(gen, 2, 2, 2, 2), chunks(big))
+    assert [e for _, e in sent] == [None, None, "100-continue"]
+    assert await read_all(s, segment_info(gen, 1, 1, 1, 1)) == small
+    assert await read_all(s, segment_info(gen, 2, 2, 2, 2)) == big

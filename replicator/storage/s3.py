@@ -49,6 +49,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.loaders import create_loader
+from botocore.utils import determine_content_length
 
 from ..errors import ConfigError, NotFoundError, StorageError
 from ..pos import GENERATIONS_DIR, ObjectInfo, generation_prefix, is_generation_id, parse_key
@@ -459,7 +460,7 @@ class S3Storage:
                     )
                     session = get_session()
                     session.register_component("data_loader", _shared_loader(session))
-                    self._client = await self._stack.enter_async_context(
+                    client = await self._stack.enter_async_context(
                         session.create_client(
                             "s3",
                             region_name=self.region,
@@ -467,6 +468,9 @@ class S3Storage:
                             config=config,
                         )
                     )
+                    # registered after botocore's own handler, so it runs after it
+                    client.meta.events.register("before-call.s3", _no_expect_for_small_bodies)
+                    self._client = client
         return self._client
 
     def _attempt_timeout(self, body_size: int) -> float:
@@ -705,7 +709,7 @@ class S3Storage:
                         "PutObject",
                         info.key,
                         lambda: client.put_object(
-                            Bucket=self.bucket, Key=key, Body=_body(body), **self._put_args()
+                            Bucket=self.bucket, Key=key, Body=_BodyReader(body), **self._put_args()
                         ),
                         body_size=len(body),
                     )
@@ -832,7 +836,7 @@ class S3Storage:
             lambda: client.put_object(
                 Bucket=self.bucket,
                 Key=self._key(LEASE_KEY),
-                Body=_body(body),
+                Body=_BodyReader(body),
                 ContentType="application/json",
                 **self._put_args(),
             ),
@@ -851,14 +855,19 @@ def _release(data: bytearray) -> None:
         data.clear()
 
 
-# botocore sends "Expect: 100-continue" with every file-like body, which costs a round trip
-# before the body goes out; a small body goes as bytes (one copy of it is cheap), in one trip.
+# botocore asks for "Expect: 100-continue" on every upload (it makes any body file-like), which
+# costs a round trip before the body goes out; a body this small is simply sent.
 SMALL_BODY = 1 << 20
 
 
-def _body(data: bytes | bytearray) -> bytes | _BodyReader:
-    """The request body to pass to botocore for ``data``."""
-    return bytes(data) if len(data) <= SMALL_BODY else _BodyReader(data)
+def _no_expect_for_small_bodies(params: dict[str, Any], **kwargs: Any) -> None:
+    """botocore ``before-call`` handler: drop ``Expect: 100-continue`` for small bodies."""
+    headers = params.get("headers") or {}
+    if "Expect" not in headers:
+        return
+    size = determine_content_length(params.get("body"))
+    if size is not None and size <= SMALL_BODY:
+        del headers["Expect"]
 
 
 class _BodyReader(io.RawIOBase):
