@@ -31,6 +31,7 @@ from .config import (
     DbConfig,
     load_config,
     load_metrics_addr,
+    parse_command,
     parse_duration,
     replica_from_url,
     validate_addr,
@@ -39,6 +40,7 @@ from .errors import ConfigError, ReplicatorError, RestoreError
 from .restore import apply_plan, fmt_ns, parse_time, plan_restore, summarize
 from .storage import open_storage
 from .storage.base import StorageClient
+from .supervise import Supervisor, check_command
 
 log = logging.getLogger("replicator")
 
@@ -72,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WAL frames before the replicator runs a PASSIVE checkpoint (default 1000)")
     r.add_argument("--monitor-interval", help="timer backstop for missed file events (default 1s)")
     r.add_argument("--spool-dir", help="local spool directory (default .<db>-replicator beside it)")
+    r.add_argument("--exec", metavar="CMD", dest="exec_cmd",
+                   help="run CMD (\"PROGRAM ARGS\", no shell) once replication runs, forward "
+                   "signals to it, exit with its exit code after a final sync")
+    r.add_argument("--restore-if-db-not-exists", action="store_true",
+                   help="restore a missing database from its replicas first (none there: "
+                   "start with an empty database)")
 
     s = sub.add_parser("restore", help="restore a database",
                        description="Restore from DESTINATION, or (with --config) the database "
@@ -154,8 +162,12 @@ def _replicate_config(args: argparse.Namespace) -> Config:
             if len(cfg.dbs) > 1:
                 raise ConfigError("--spool-dir: set spool-dir per database in the config file")
             db.spool_dir = os.path.abspath(args.spool_dir)
+        db.restore_if_db_not_exists |= args.restore_if_db_not_exists
     if args.metrics_addr is not None:
         cfg.metrics_addr = validate_addr(args.metrics_addr, "--metrics-addr")
+    if args.exec_cmd is not None:
+        cfg.exec = parse_command(args.exec_cmd, "--exec")
+    check_command(cfg.exec, "--exec" if args.exec_cmd is not None else "exec")
     return cfg
 
 
@@ -190,15 +202,17 @@ def _note_early_stop(signum: int, frame: object) -> None:
 
 
 async def _replicate(cfg: Config) -> int:
+    from .bootstrap import restore_if_missing
     from .replicator import Replicator
 
+    sup = Supervisor(cfg.exec, cfg.shutdown_timeout)
+    sup.install()
+    for sig in _early_stop:
+        sup.on_signal(sig)
+    for db in cfg.dbs:
+        if db.restore_if_db_not_exists:
+            await restore_if_missing(db)
     rep = Replicator(cfg)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if _early_stop:
-        stop.set()
     server = None
     if cfg.metrics_addr:
         from .server import start_server
@@ -214,12 +228,12 @@ async def _replicate(cfg: Config) -> int:
     for s in rep.services:
         log.info("replicating %s to %s", s.cfg.path, ", ".join(r.url for r in s.replicas))
     try:
-        await rep.run(stop)
+        code = await sup.run(lambda stop: rep.run(stop, sup.skip_final_sync))
     finally:
         if server is not None:
             server.close()
     log.info("stopped")
-    return 0
+    return code
 
 
 @dataclass

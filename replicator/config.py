@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,8 @@ class DbConfig:
     """The health checks run on this database (``health:`` in the config)."""
     ready_max_lag: float = DEFAULT_READY_MAX_LAG
     """``/readyz`` fails while a replica lags more than this many seconds."""
+    restore_if_db_not_exists: bool = False
+    """Restore a missing database from its replicas before replicating it."""
 
     def __post_init__(self) -> None:
         self.path = os.path.abspath(self.path)
@@ -111,6 +114,8 @@ class Config:
     metrics_addr: str | None = DEFAULT_METRICS_ADDR
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    exec: list[str] | None = None
+    """The application to run as a child of ``replicate`` (argv), if any."""
 
 
 def parse_duration(value: object, where: str) -> float:
@@ -279,6 +284,11 @@ def _bool(v: Any, where: str) -> bool:
     return v
 
 
+def _flag(v: Any, where: str) -> bool:
+    """An optional boolean field (absent: false)."""
+    return False if v is None else _bool(v, where)
+
+
 def _positive_duration(v: Any, where: str) -> float:
     seconds = parse_duration(v, where)
     if seconds <= 0:
@@ -416,7 +426,8 @@ def _notify(raw: Any, where: str = "notify") -> NotifyConfig:
 
 _DB_FIELDS = {"path", "name", "replicas", "spool-dir", "spool_dir", "snapshot-interval",
               "snapshot_interval", "monitor-interval", "monitor_interval", "checkpoint-pages",
-              "checkpoint_pages", "retention", "health", "ready-max-lag", "ready_max_lag"}
+              "checkpoint_pages", "retention", "health", "ready-max-lag", "ready_max_lag",
+              "restore-if-db-not-exists", "restore_if_db_not_exists"}
 
 
 def _check_retention(cfg: DbConfig, where: str) -> None:
@@ -466,6 +477,8 @@ def _db(raw: Any, where: str) -> DbConfig:
         cfg.health = _health(raw["health"], f"{where}.health")
     if get("ready-max-lag") is not None:
         cfg.ready_max_lag = _positive_duration(get("ready-max-lag"), f"{where}.ready-max-lag")
+    cfg.restore_if_db_not_exists = _flag(get("restore-if-db-not-exists"),
+                                         f"{where}.restore-if-db-not-exists")
     return cfg
 
 
@@ -474,7 +487,7 @@ def parse_config(data: Any) -> Config:
     if not isinstance(data, dict):
         raise ConfigError("config: expected a mapping at the top level")
     _take(data, {"dbs", "metrics-addr", "metrics_addr", "shutdown-timeout", "shutdown_timeout",
-                 "notify"}, "")
+                 "notify", "exec"}, "")
     dbs_raw = data.get("dbs")
     if not isinstance(dbs_raw, list) or not dbs_raw:
         raise ConfigError("dbs: expected a non-empty list of databases")
@@ -492,7 +505,25 @@ def parse_config(data: Any) -> Config:
         cfg.shutdown_timeout = parse_duration(st, "shutdown-timeout")
     if data.get("notify") is not None:
         cfg.notify = _notify(data["notify"])
+    if data.get("exec") is not None:
+        cfg.exec = parse_command(data["exec"], "exec")
     return cfg
+
+
+def parse_command(value: Any, where: str) -> list[str]:
+    """A command as a string (split like a shell would, no shell involved) or a list."""
+    if isinstance(value, str):
+        try:
+            argv = shlex.split(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    elif isinstance(value, list) and all(isinstance(a, str) for a in value):
+        argv = list(value)
+    else:
+        raise ConfigError(f"{where}: expected a command string or a list of strings")
+    if not argv:
+        raise ConfigError(f"{where}: empty command")
+    return argv
 
 
 def validate_addr(addr: Any, where: str) -> str:

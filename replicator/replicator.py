@@ -14,7 +14,7 @@ import logging
 import platform
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -277,8 +277,31 @@ class DatabaseService:
                 checks.cancel()
                 await asyncio.gather(checks, return_exceptions=True)
 
-    async def close(self, grace: float) -> None:
-        """Final capture and ship within ``grace`` seconds, then release everything."""
+    async def _bounded(
+        self, final: Coroutine[Any, Any, None], grace: float, skip: asyncio.Event | None
+    ) -> None:
+        """Run the final sync until it is done, ``grace`` seconds pass or ``skip`` is set."""
+        task = asyncio.ensure_future(final)
+        skipping = asyncio.ensure_future((skip or asyncio.Event()).wait())
+        in_time = False
+        try:
+            done, _ = await asyncio.wait({task, skipping}, timeout=grace,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            in_time = task in done
+        finally:
+            for t in (skipping, task):
+                t.cancel()
+            await asyncio.gather(skipping, task, return_exceptions=True)
+        if in_time:
+            task.result()  # re-raises what failed
+        elif skip is not None and skip.is_set():
+            log.warning("%s: final sync skipped", self.cfg.name)
+        else:
+            log.error("%s: final sync did not finish within %.1fs", self.cfg.name, grace)
+
+    async def close(self, grace: float, skip: asyncio.Event | None = None) -> None:
+        """Final capture and ship within ``grace`` seconds (none once ``skip`` is set), then
+        release everything."""
         if self._watcher is not None:
             self._watcher.stop()
 
@@ -297,9 +320,7 @@ class DatabaseService:
             await self.prune_spool()
 
         try:
-            await asyncio.wait_for(final(), grace)
-        except TimeoutError:
-            log.error("%s: final sync did not finish within %.1fs", self.cfg.name, grace)
+            await self._bounded(final(), grace, skip)
         except Exception as exc:  # noqa: BLE001
             self._record_error("final sync", exc)
         if self.health is not None:
@@ -374,12 +395,13 @@ class Replicator:
                 await s.close(1.0)
             raise
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set, then shut down gracefully."""
+    async def run(self, stop: asyncio.Event, skip_final_sync: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set, then shut down gracefully (without the final sync once
+        ``skip_final_sync`` is set)."""
         try:
             await asyncio.gather(*(s.run(stop) for s in self.services))
         finally:
             await asyncio.gather(
-                *(s.close(self.config.shutdown_timeout) for s in self.services),
+                *(s.close(self.config.shutdown_timeout, skip_final_sync) for s in self.services),
                 return_exceptions=True,
             )

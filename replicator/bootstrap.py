@@ -1,0 +1,118 @@
+"""Restore on start: bring a missing database back from its replicas before replicating it.
+
+The rule is the one of ``restore --if-db-not-exists --if-replica-exists``: a database file that
+exists is left alone; a missing one is restored (newest state, integrity checked) from the
+replica with the newest restorable point; if no replica holds anything restorable, the database
+starts empty. A replica that holds something but cannot be restored (a corrupt or missing
+object, an unreachable store) is an error, and nothing starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+from dataclasses import dataclass
+
+from .config import DbConfig
+from .errors import ReplicatorError, RestoreError
+from .fsutil import fsync_dir, temp_path
+from .restore import RestorePlan, RestoreResult, apply_plan, fmt_ns, plan_restore, summarize
+from .storage import open_storage
+from .storage.base import StorageClient
+
+log = logging.getLogger("replicator")
+
+
+@dataclass
+class BestPlan:
+    """The newest restorable point over several replicas (``plan`` None: none holds any)."""
+
+    client: StorageClient | None
+    plan: RestorePlan | None
+
+
+async def best_plan(clients: list[StorageClient]) -> BestPlan:
+    """Plan the latest point on every replica and keep the newest.
+
+    A replica without a restorable generation counts as empty; if every replica is empty the
+    result has no plan. If none can be planned and one failed for another reason, that error is
+    raised."""
+    plans: list[tuple[StorageClient, RestorePlan]] = []
+    errors: list[ReplicatorError] = []
+    for client in clients:
+        try:
+            gens = await summarize(client)
+            if any(g.snapshots for g in gens):
+                plans.append((client, await plan_restore(client)))
+        except ReplicatorError as exc:
+            errors.append(exc)
+    if not plans:
+        if errors:
+            raise errors[0]
+        return BestPlan(None, None)
+    client, plan = max(plans, key=lambda cp: (cp[1].ts_ns, cp[1].txid))
+    return BestPlan(client, plan)
+
+
+def _present(path: str) -> bool:
+    """Whether the database exists; a -wal or -journal left without it is an error (SQLite
+    would replay it onto the restored file)."""
+    if os.path.exists(path):
+        return True
+    for suffix in ("-wal", "-journal"):
+        if os.path.exists(path + suffix):
+            raise RestoreError(f"database {path} is missing but {path}{suffix} exists; "
+                               f"move it away before restoring")
+    return False
+
+
+def create_empty(path: str) -> None:
+    """Create an empty database in WAL mode at ``path`` (temp name, fsync, rename), so that the
+    application never has to switch the journal mode (an exclusive lock) beside the replicator."""
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise RestoreError(f"database directory {parent} does not exist")
+    tmp = temp_path(path)
+    try:
+        conn = sqlite3.connect(tmp)
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise sqlite3.OperationalError(f"journal_mode stayed {mode}")
+        finally:
+            conn.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(parent)
+    except (OSError, sqlite3.Error) as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise RestoreError(f"cannot create {path}: {exc}") from None
+
+
+async def restore_if_missing(db: DbConfig, *, check: bool = True) -> RestoreResult | None:
+    """Restore ``db.path`` from the newest replica if the file is missing; None when nothing
+    was restored (the database exists, or no replica holds anything: then an empty database is
+    created)."""
+    if await asyncio.to_thread(_present, db.path):
+        log.info("%s exists: not restored", db.path)
+        return None
+    clients = [open_storage(r.url) for r in db.replicas]
+    try:
+        best = await best_plan(clients)
+        if best.client is None or best.plan is None:
+            log.info("%s: no replica to restore from: starting with an empty database", db.path)
+            await asyncio.to_thread(create_empty, db.path)
+            return None
+        plan = best.plan
+        result = await apply_plan(best.client, plan, db.path, check=check)
+    finally:
+        for c in clients:
+            await c.aclose()
+    log.info("restored %s from %s: generation %s, txid %d (%s), integrity_check %s", db.path,
+             best.client.url, plan.generation, plan.txid, fmt_ns(plan.ts_ns), result.integrity)
+    return result
