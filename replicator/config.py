@@ -75,8 +75,9 @@ class DbConfig:
     monitor_interval: float = DEFAULT_MONITOR_INTERVAL
     checkpoint_pages: int = DEFAULT_CHECKPOINT_PAGES
     retention: float | None = DEFAULT_RETENTION
-    health: list[Check] = field(default_factory=list)
-    """The health checks run on this database (``health:`` in the config)."""
+    health: list[Check] = field(default_factory=lambda: [IntegrityCheck()])
+    """The health checks run on this database (``health:`` in the config): by default only
+    ``PRAGMA quick_check`` at start and every 24 h."""
     ready_max_lag: float = DEFAULT_READY_MAX_LAG
     """``/readyz`` fails while a replica lags more than this many seconds."""
     restore_if_db_not_exists: bool = False
@@ -317,13 +318,21 @@ def _fail_if(v: Any, where: str) -> tuple[str, float]:
     )
 
 
+def _is_off(v: Any) -> bool:
+    """``off`` (which YAML also reads as false) or ``false``: a feature switched off."""
+    return v is False or (isinstance(v, str) and v.strip().lower() == "off")
+
+
 def _health(raw: Any, where: str) -> list[Check]:
     """The typed checks of a database's ``health:`` mapping."""
     raw = _mapping(raw, where, {"integrity", "freshness", "size", "sql"})
     checks: list[Check] = []
-    if raw.get("integrity") is not None:
+    integrity = raw.get("integrity")
+    if integrity is None:
+        checks.append(IntegrityCheck())  # on by default
+    elif not _is_off(integrity):
         w = f"{where}.integrity"
-        d = _mapping(raw["integrity"], w, {"quick", "interval"})
+        d = _mapping(integrity, w, {"quick", "interval"})
         quick = _bool(d.get("quick", True), f"{w}.quick")
         checks.append(IntegrityCheck(quick, _interval(d, w, DEFAULT_INTEGRITY_INTERVAL_S)))
     for i, item in enumerate(_list(raw.get("freshness"), f"{where}.freshness")):
@@ -427,7 +436,7 @@ def _notify(raw: Any, where: str = "notify") -> NotifyConfig:
 _DB_FIELDS = {"path", "name", "replicas", "spool-dir", "spool_dir", "snapshot-interval",
               "snapshot_interval", "monitor-interval", "monitor_interval", "checkpoint-pages",
               "checkpoint_pages", "retention", "health", "ready-max-lag", "ready_max_lag",
-              "restore-if-db-not-exists", "restore_if_db_not_exists"}
+              "restore-if-db-not-exists", "restore_if_db_not_exists", "integrity"}
 
 
 def _check_retention(cfg: DbConfig, where: str) -> None:
@@ -437,6 +446,17 @@ def _check_retention(cfg: DbConfig, where: str) -> None:
             f"{where}.retention: must be at least snapshot-interval "
             f"({cfg.snapshot_interval:g}s), or nothing could ever be deleted"
         )
+
+
+def _db_checks(cfg: DbConfig, raw: dict[str, Any], where: str) -> None:
+    """``health:`` and the ``integrity: off`` switch."""
+    if raw.get("health") is not None:
+        cfg.health = _health(raw["health"], f"{where}.health")
+    if raw.get("integrity") is not None:
+        if not _is_off(raw["integrity"]):
+            raise ConfigError(f"{where}.integrity: expected off (configure the check under "
+                              "health.integrity)")
+        cfg.health = [c for c in cfg.health if not isinstance(c, IntegrityCheck)]
 
 
 def _db(raw: Any, where: str) -> DbConfig:
@@ -473,8 +493,7 @@ def _db(raw: Any, where: str) -> DbConfig:
     if get("retention") is not None:
         cfg.retention = parse_duration(get("retention"), f"{where}.retention")
         _check_retention(cfg, where)
-    if raw.get("health") is not None:
-        cfg.health = _health(raw["health"], f"{where}.health")
+    _db_checks(cfg, raw, where)
     if get("ready-max-lag") is not None:
         cfg.ready_max_lag = _positive_duration(get("ready-max-lag"), f"{where}.ready-max-lag")
     cfg.restore_if_db_not_exists = _flag(get("restore-if-db-not-exists"),

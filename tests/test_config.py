@@ -69,8 +69,30 @@ def test_minimal_config_and_defaults(tmp_path: Path) -> None:
     assert cfg.shutdown_timeout == DEFAULT_SHUTDOWN_TIMEOUT
     assert cfg.notify == NotifyConfig()
     assert cfg.notify.channels == []
-    assert db.health == []
+    assert db.health == [IntegrityCheck(quick=True, interval_s=86400.0)]  # on by default
     assert db.ready_max_lag == DEFAULT_READY_MAX_LAG
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ("", [IntegrityCheck()]),
+    ("    health:\n      size: [{name: s, max-bytes: 1}]\n",
+     [IntegrityCheck(), SizeCheck("s", 1)]),
+    ("    health:\n      integrity: off\n      size: [{name: s, max-bytes: 1}]\n",
+     [SizeCheck("s", 1)]),
+    ("    health:\n      integrity: false\n", []),
+    ("    integrity: off\n", []),
+    ("    integrity: 'off'\n    health:\n      size: [{name: s, max-bytes: 1}]\n",
+     [SizeCheck("s", 1)]),
+])
+def test_integrity_check_is_on_unless_switched_off(
+    tmp_path: Path, extra: str, expected: list[object]
+) -> None:
+    assert load(tmp_path, one_db(extra)).dbs[0].health == expected
+
+
+def test_integrity_switch_rejects_other_values(tmp_path: Path) -> None:
+    assert load_error(tmp_path, one_db("    integrity: on\n")).startswith(
+        "dbs[0].integrity: expected off")
 
 
 def test_full_config(tmp_path: Path) -> None:

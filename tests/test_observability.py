@@ -180,12 +180,13 @@ dbs:
             all(value(m, "replicator_health_check_ok", db="app", check=c) == 1
                 for c in ("fresh", "size", "rows"))
             and value(m, "replicator_health_check_value", db="app", check="rows") == n
+            # quick_check runs by default, at start
+            and value(m, "replicator_integrity_check_ok", db="app") == 1
         )
 
     util.wait_until(checks_done, WAIT, 0.2, what="health checks fresh, size, rows passing")
     assert (value(m, "replicator_health_check_timestamp_seconds", db="app", check="size")
             or 0) > 0
-    assert value(m, "replicator_integrity_check_ok", db="app") is None  # not configured
 
     # status, for people and for scripts
     doc = status_json("--addr", addr)
@@ -204,7 +205,7 @@ dbs:
     assert set(checks) == {"fresh", "size", "rows"}
     assert all(c["ok"] for c in checks.values())
     assert checks["rows"]["kind"] == "sql" and checks["rows"]["value"] == n
-    assert d["integrity"] is None
+    assert d["integrity"]["ok"] is True  # on by default
     text = util.cli("status", "--addr", addr, timeout=30)
     assert text.returncode == 0, text.stderr
     assert ": ready" in text.stdout.splitlines()[0]
