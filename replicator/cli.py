@@ -6,6 +6,7 @@ Commands:
   generations   list the restorable timeline of a destination
   snapshots     list the snapshots of a destination
   status        show a running replicator's databases, replicas and health checks
+  prune         apply the retention policy of a config's destinations (--dry-run: show it)
   version       print the version
 
 A DESTINATION is a directory path, file:///abs/path or s3://bucket/prefix?endpoint=...&region=...
@@ -118,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("-c", "--config", help="the replicator's YAML config (its metrics-addr)")
     where.add_argument("--addr", metavar="HOST:PORT", help="the replicator's metrics-addr")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    pr = sub.add_parser("prune", help="apply retention to the destinations now",
+                        description="Delete what each destination's retention (retention, "
+                        "keep-daily, keep-weekly, keep-monthly, keep-yearly) no longer needs, "
+                        "and print what goes.")
+    pr.add_argument("db", nargs="?", metavar="DB", help="only this database (path or name)")
+    pr.add_argument("-c", "--config", required=True, help="YAML config file")
+    pr.add_argument("--dry-run", action="store_true", help="print what would go, delete nothing")
 
     sub.add_parser("version", help="print the version")
     return p
@@ -391,6 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # it has a few milliseconds to read a WAL tail after the application resets the WAL
             sys.setswitchinterval(0.001)
             return asyncio.run(_replicate(_replicate_config(args)))
+        if args.command == "prune":
+            from .cli_ops import prune
+
+            return asyncio.run(prune(args))
         if args.command == "restore":
             if args.to_time:
                 parse_time(args.to_time)  # a bad time is reported before anything is read

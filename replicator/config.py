@@ -6,6 +6,7 @@ Every validation error is a :class:`ConfigError` whose message names the field, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -38,6 +39,7 @@ from .notify import (
     SmtpNotifier,
     WebhookNotifier,
 )
+from .retention import PERIODS, RetentionPolicy
 
 DEFAULT_SNAPSHOT_INTERVAL = 6 * 3600.0
 DEFAULT_MONITOR_INTERVAL = 1.0
@@ -61,6 +63,8 @@ class ReplicaConfig:
     name: str
     url: str
     options: dict[str, Any] = field(default_factory=dict)
+    retention: RetentionPolicy | None = None
+    """This destination's own retention (None: the database's)."""
 
 
 @dataclass
@@ -82,6 +86,15 @@ class DbConfig:
     """``/readyz`` fails while a replica lags more than this many seconds."""
     restore_if_db_not_exists: bool = False
     """Restore a missing database from its replicas before replicating it."""
+    keep: RetentionPolicy = field(default_factory=RetentionPolicy)
+    """The ``keep-*`` calendar rules and ``retention: off`` (window None and no rules: keep
+    everything); the window itself is ``retention``."""
+
+    def retention_policy(self, replica: ReplicaConfig | None = None) -> RetentionPolicy:
+        """What a destination keeps: its own policy, or the database's."""
+        if replica is not None and replica.retention is not None:
+            return replica.retention
+        return dataclasses.replace(self.keep, window=self.retention)
 
     def __post_init__(self) -> None:
         self.path = os.path.abspath(self.path)
@@ -219,7 +232,33 @@ def replica_from_url(url: str, name: str, where: str = "replica") -> ReplicaConf
 
 _REPLICA_FIELDS = {"name", "url", "path", "type", "bucket", "prefix", "region", "endpoint",
                    "force-path-style", "force_path_style", "storage-class", "storage_class",
-                   "sse", "sse-kms-key-id", "sse_kms_key_id"}
+                   "sse", "sse-kms-key-id", "sse_kms_key_id",
+                   *(f"keep{sep}{p}" for sep in "-_" for p in PERIODS), "retention"}
+_KEEP_FIELDS = {"retention", *(f"keep{sep}{p}" for sep in "-_" for p in PERIODS)}
+
+
+def _keep(raw: dict[str, Any], where: str, base: RetentionPolicy,
+          snapshot_interval: float | None) -> RetentionPolicy:
+    """``retention`` (a window, or off) and ``keep-daily`` .. ``keep-yearly`` over ``base``."""
+    policy = base
+    ret = raw.get("retention")
+    if ret is not None:
+        if _is_off(ret):
+            return RetentionPolicy()
+        window = parse_duration(ret, f"{where}.retention")
+        if snapshot_interval is not None and (snapshot_interval <= 0
+                                              or window < snapshot_interval):
+            raise ConfigError(
+                f"{where}.retention: must be at least snapshot-interval "
+                f"({snapshot_interval:g}s), or nothing could ever be deleted"
+            )
+        policy = dataclasses.replace(policy, window=window)
+    for period in PERIODS:
+        v = _get(raw, f"keep-{period}")
+        if v is not None:
+            policy = dataclasses.replace(
+                policy, **{f"keep_{period}": _int(v, f"{where}.keep-{period}", 0)})
+    return policy
 
 
 def _replica(raw: Any, where: str, index: int) -> ReplicaConfig:
@@ -436,16 +475,19 @@ def _notify(raw: Any, where: str = "notify") -> NotifyConfig:
 _DB_FIELDS = {"path", "name", "replicas", "spool-dir", "spool_dir", "snapshot-interval",
               "snapshot_interval", "monitor-interval", "monitor_interval", "checkpoint-pages",
               "checkpoint_pages", "retention", "health", "ready-max-lag", "ready_max_lag",
-              "restore-if-db-not-exists", "restore_if_db_not_exists", "integrity"}
+              "restore-if-db-not-exists", "restore_if_db_not_exists", "integrity",
+              *(f"keep{sep}{p}" for sep in "-_" for p in PERIODS)}
 
 
-def _check_retention(cfg: DbConfig, where: str) -> None:
-    assert cfg.retention is not None
-    if cfg.snapshot_interval <= 0 or cfg.retention < cfg.snapshot_interval:
-        raise ConfigError(
-            f"{where}.retention: must be at least snapshot-interval "
-            f"({cfg.snapshot_interval:g}s), or nothing could ever be deleted"
-        )
+def _db_retention(cfg: DbConfig, raw: dict[str, Any], reps: list[Any], where: str) -> None:
+    """The database's retention, and each destination's own where it sets one (its fields
+    override the database's one by one)."""
+    policy = _keep(raw, where, RetentionPolicy(), cfg.snapshot_interval)
+    cfg.retention = policy.window
+    cfg.keep = dataclasses.replace(policy, window=None)
+    for i, (rc, r) in enumerate(zip(cfg.replicas, reps, strict=True)):
+        if isinstance(r, dict) and any(k in r for k in _KEEP_FIELDS):
+            rc.retention = _keep(r, f"{where}.replicas[{i}]", policy, cfg.snapshot_interval)
 
 
 def _db_checks(cfg: DbConfig, raw: dict[str, Any], where: str) -> None:
@@ -490,9 +532,7 @@ def _db(raw: Any, where: str) -> DbConfig:
             raise ConfigError(f"{where}.monitor-interval: must be positive")
     if get("checkpoint-pages") is not None:
         cfg.checkpoint_pages = _int(get("checkpoint-pages"), f"{where}.checkpoint-pages", 16)
-    if get("retention") is not None:
-        cfg.retention = parse_duration(get("retention"), f"{where}.retention")
-        _check_retention(cfg, where)
+    _db_retention(cfg, raw, reps, where)
     _db_checks(cfg, raw, where)
     if get("ready-max-lag") is not None:
         cfg.ready_max_lag = _positive_duration(get("ready-max-lag"), f"{where}.ready-max-lag")

@@ -41,6 +41,9 @@ class Metrics:
     replica_shipped_bytes: Counter
     replica_commit_to_durable_seconds: Histogram
     replica_up: Gauge
+    replica_objects: Gauge
+    replica_bytes: Gauge
+    replica_oldest_restorable: Gauge
     errors: Counter
     # health
     integrity_check_ok: Gauge
@@ -123,6 +126,18 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         replica_up=Gauge(
             f"{n}_replica_up", "1 if the last operation on the replica succeeded.", rep, registry=r
+        ),
+        replica_objects=Gauge(
+            f"{n}_replica_objects", "Objects the replica holds (after its last retention pass).",
+            rep, registry=r,
+        ),
+        replica_bytes=Gauge(
+            f"{n}_replica_bytes", "Bytes the replica holds (after its last retention pass).",
+            rep, registry=r,
+        ),
+        replica_oldest_restorable=Gauge(
+            f"{n}_replica_oldest_restorable_timestamp_seconds",
+            "Observation time of the oldest snapshot the replica keeps.", rep, registry=r,
         ),
         errors=Counter(
             f"{n}_errors", "Errors by operation.", ["db", "replica", "operation"], registry=r

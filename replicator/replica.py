@@ -25,6 +25,7 @@ from .errors import ReplicatorError
 from .lease import RELEASE_TIMEOUT, Lease, LeaseError, LeaseLostError
 from .metrics import Metrics
 from .pos import ObjectInfo, parse_key
+from .retention import RetentionPlan, RetentionPolicy, apply_plan, plan_retention
 from .spool import Spool
 from .storage.base import DEFAULT_CHUNK_SIZE, StorageClient
 from .storage.file import FileStorage
@@ -69,7 +70,7 @@ class Replica:
         self.healthy = False
         self._last_log = 0.0
         self.on_shipped: Callable[[], None] | None = None
-        self.retention: float | None = None
+        self.retention: RetentionPolicy | None = None
         self._relist = False
         self.lease = Lease(client, db_name)
         self.fenced: str | None = None  # why shipping stopped for good (lease taken over)
@@ -213,7 +214,7 @@ class Replica:
             self.metrics.replica_up.labels(*labels).set(1)
         if written and self.on_shipped is not None:
             self.on_shipped()
-        if snapshot_shipped and self.retention:
+        if snapshot_shipped:
             # only after a new snapshot can anything become unnecessary; an idle database
             # therefore costs no listing requests for retention
             await self.enforce_retention()
@@ -264,16 +265,28 @@ class Replica:
         size = await self.client.write_object(info, self.spool.storage.read_object(info))
         return info, size, frames
 
-    async def enforce_retention(self) -> None:
-        """Apply the retention window to this destination."""
-        from .retention import apply_retention
-
-        assert self.retention is not None
+    async def enforce_retention(self, now: float | None = None) -> RetentionPlan | None:
+        """Apply the retention policy to this destination (one listing) and update its
+        inventory metrics; None when that failed (logged and counted)."""
+        policy = self.retention or RetentionPolicy()
         try:
-            if await apply_retention(self.client, self.retention):
+            plan = await plan_retention(self.client, policy, now)
+            if await apply_plan(self.client, plan):
                 self._relist = True
         except Exception as exc:  # noqa: BLE001 - retention failures never stop shipping
             self.record_error("retention", exc)
+            return None
+        self.record_inventory(plan)
+        return plan
+
+    def record_inventory(self, plan: RetentionPlan) -> None:
+        """Objects, bytes and the oldest restorable time the destination holds after ``plan``."""
+        if self.metrics is None:
+            return
+        labels = (self.db_name, self.name)
+        self.metrics.replica_objects.labels(*labels).set(len(plan.keep))
+        self.metrics.replica_bytes.labels(*labels).set(sum(o.size for o in plan.keep))
+        self.metrics.replica_oldest_restorable.labels(*labels).set(plan.oldest_ms / 1000)
 
     def _set_lag(self) -> None:
         if self.metrics is not None:

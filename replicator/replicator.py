@@ -74,9 +74,9 @@ class DatabaseService:
             Replica(rc.name, open_storage(rc.url), self.spool, cfg.name, self.metrics)
             for rc in cfg.replicas
         ]
-        for r in self.replicas:
+        for r, rc in zip(self.replicas, cfg.replicas, strict=True):
             r.on_shipped = self._schedule_prune
-            r.retention = cfg.retention
+            r.retention = cfg.retention_policy(rc)
         self.health: HealthChecker | None = None
         if cfg.health:
             self.health = HealthChecker(cfg.path, cfg.health, metrics=self.metrics,

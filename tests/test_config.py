@@ -603,3 +603,44 @@ def test_sizes(value: object, size: int) -> None:
 def test_bad_sizes(value: object) -> None:
     with pytest.raises(ConfigError, match="^x: "):
         parse_size(value, "x")
+
+
+def test_retention_per_destination_overrides_the_database_field_by_field(
+    tmp_path: Path,
+) -> None:
+    from replicator.retention import RetentionPolicy
+
+    cfg = load(tmp_path, """
+dbs:
+  - path: /data/app.db
+    retention: 2d
+    keep-daily: 7
+    replicas:
+      - {name: local, path: /backups/app}
+      - {name: archive, path: /archive/app, keep-monthly: 12, keep-yearly: 3, keep_daily: 0}
+      - {name: locked, path: /locked/app, retention: off}
+      - {name: long, path: /long/app, retention: 30d}
+""")
+    db = cfg.dbs[0]
+    local, archive, locked, long = (db.retention_policy(r) for r in db.replicas)
+    assert local == RetentionPolicy(window=2 * 86400.0, keep_daily=7)
+    assert archive == RetentionPolicy(window=2 * 86400.0, keep_monthly=12, keep_yearly=3)
+    assert locked == RetentionPolicy() and not locked.active
+    assert long == RetentionPolicy(window=30 * 86400.0, keep_daily=7)
+    assert db.retention == 2 * 86400.0
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ("    keep-daily: -1\n", "dbs[0].keep-daily: expected an integer >= 0"),
+    ("    keep-weekly: many\n", "dbs[0].keep-weekly: expected an integer >= 0"),
+    ("    keep-hourly: 3\n", "dbs[0].keep-hourly: unknown field"),
+    ("    retention: 1h\n", "dbs[0].retention: must be at least snapshot-interval"),
+])
+def test_bad_retention_fields(tmp_path: Path, extra: str, message: str) -> None:
+    assert load_error(tmp_path, one_db(extra)).startswith(message)
+
+
+def test_bad_retention_field_of_a_destination(tmp_path: Path) -> None:
+    msg = load_error(tmp_path, one_db(replicas="    replicas:\n"
+                                       "      - {path: /b, keep-monthly: x}\n"))
+    assert msg == "dbs[0].replicas[0].keep-monthly: expected an integer >= 0"

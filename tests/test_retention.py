@@ -35,15 +35,15 @@ def test_window_keeps_the_snapshot_before_the_cutoff_and_everything_after() -> N
     s = history()
     # cutoff 15 s: generation A ended (7 s) before it and B has a snapshot: A goes whole;
     # in B the newest snapshot at or before 15 s is txid 0 at 10 s: nothing of B goes
-    gens, objs = asyncio.run(plan_retention(s, retention=15, now=30))
-    assert gens == [GEN_A]
-    assert objs == []
+    plan = asyncio.run(plan_retention(s, 15, now=30))
+    assert plan.drop_generations == [GEN_A]
+    assert {o.generation for o in plan.delete} == {GEN_A}
     # cutoff 22 s: B's base is the snapshot at txid 4 (20 s): txid 0 snapshot and 1..4 go
-    gens, objs = asyncio.run(plan_retention(s, retention=8, now=30))
-    assert sorted(o.key for o in objs) == sorted(
+    plan = asyncio.run(plan_retention(s, 8, now=30))
+    assert sorted(o.key for o in plan.delete if o.generation == GEN_B) == sorted(
         [snapshot_key(GEN_B, 0, 10_000), segment_key(GEN_B, 1, 4, 11_000, 14_000)]
     )
-    assert asyncio.run(apply_retention(s, retention=8, now=30)) == 3
+    assert asyncio.run(apply_retention(s, 8, now=30)) == 6
     remaining = sorted(s.data)
     assert remaining == sorted(
         [snapshot_key(GEN_B, 4, 20_000), segment_key(GEN_B, 5, 9, 21_000, 25_000)]
@@ -52,20 +52,20 @@ def test_window_keeps_the_snapshot_before_the_cutoff_and_everything_after() -> N
 
 def test_nothing_is_deleted_without_a_snapshot_before_the_cutoff() -> None:
     s = history()
-    assert asyncio.run(plan_retention(s, retention=100, now=30)) == ([], [])
+    assert asyncio.run(plan_retention(s, 100, now=30)).delete == []
 
 
 def test_newest_generation_is_never_dropped_whole() -> None:
     s = MemoryStorage()
     put(s, snapshot_key(GEN_A, 0, 1000))
     put(s, segment_key(GEN_A, 1, 2, 2000, 3000))
-    gens, objs = asyncio.run(plan_retention(s, retention=1, now=1000))
-    assert gens == [] and objs == []
+    plan = asyncio.run(plan_retention(s, 1, now=1000))
+    assert plan.delete == [] and plan.drop_generations == []
 
 
 def test_latest_point_still_reachable_after_retention() -> None:
     s = history()
-    asyncio.run(apply_retention(s, retention=8, now=30))
+    asyncio.run(apply_retention(s, 8, now=30))
     (gen,) = asyncio.run(summarize(s))
     chain, missing = _chain(gen, gen.snapshots[-1], None)
     assert missing is None and chain[-1].end_txid == 9
