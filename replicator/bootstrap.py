@@ -70,8 +70,9 @@ def _present(path: str) -> bool:
 
 
 def create_empty(path: str) -> None:
-    """Create an empty database in WAL mode at ``path`` (temp name, fsync, rename), so that the
-    application never has to switch the journal mode (an exclusive lock) beside the replicator."""
+    """Create an empty database in WAL mode at ``path`` (temp name, fsync, link into place), so
+    that the application never has to switch the journal mode (an exclusive lock) beside the
+    replicator. A database that appeared at ``path`` meanwhile is kept as it is."""
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         raise RestoreError(f"database directory {parent} does not exist")
@@ -86,12 +87,15 @@ def create_empty(path: str) -> None:
             conn.close()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        # link, not rename: a database the application created meanwhile is never replaced
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
         fsync_dir(parent)
     except (OSError, sqlite3.Error) as exc:
+        raise RestoreError(f"cannot create {path}: {exc}") from None
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise RestoreError(f"cannot create {path}: {exc}") from None
 
 
 async def restore_if_missing(db: DbConfig, *, check: bool = True) -> RestoreResult | None:

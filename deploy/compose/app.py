@@ -1,5 +1,6 @@
-"""A demo application for the Compose stack: it writes a row to a SQLite database (in WAL mode)
-every INTERVAL seconds and, on SIGTERM or SIGINT, a last "stopping" row before it exits 0.
+"""A demo application (Compose stack, Kubernetes example): it writes a row to a SQLite database
+(in WAL mode) every INTERVAL seconds and, on SIGTERM or SIGINT, a last "stopping" row before it
+exits 0.
 
     python3 app.py DB [--interval SECONDS]
 """
