@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
-for setup in .ci/observability-setup.sh .ci/s3-setup.sh; do
+for setup in .ci/observability-setup.sh .ci/s3-setup.sh .ci/deploy-setup.sh; do
   if [ -f "$setup" ]; then bash "$setup"; fi
 done
 exec python3 -m pytest "$@"

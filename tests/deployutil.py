@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from obsutil import reaper
+from util import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -26,9 +30,11 @@ DOCKERFILE = ROOT / "Dockerfile"
 DEMO_APP = DEPLOY / "compose" / "app.py"
 HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
 CONFIG_PATH = "/etc/replicator/replicator.yml"
+TEST_EXTRA = "pip install -e '.[test]' installs it"
+HEALTHCHECK_IN_IMAGE = "/usr/local/lib/replicator/healthcheck.py"
 
 
-def tool(name: str, package: str) -> str:
+def tool(name: str, install: str) -> str:
     """A validator's executable (from PATH or this interpreter's scripts directory); skipped
     when missing, except in CI, where that is a failure."""
     path = shutil.which(name)
@@ -38,8 +44,8 @@ def tool(name: str, package: str) -> str:
             path = str(candidate)
     if path is None:
         if os.environ.get("CI"):
-            pytest.fail(f"{name} is missing: pip install -e '.[test]' installs {package}")
-        pytest.skip(f"{name} is missing (pip install {package})")
+            pytest.fail(f"{name} is missing: {install}")
+        pytest.skip(f"{name} is missing: {install}")
     return path
 
 
@@ -87,6 +93,12 @@ def image_cmd() -> list[str]:
     return exec_form(args)
 
 
+def image_healthcheck() -> list[str]:
+    """The image's HEALTHCHECK command."""
+    (args,) = [a for i, a in dockerfile_instructions() if i == "HEALTHCHECK"]
+    return exec_form(args.split(" CMD ", 1)[1])
+
+
 def local_command(argv: list[str], paths: dict[str, str]) -> list[str]:
     """A container's argv as a command on this machine: ``replicator`` runs this clone's
     package, ``python3`` this interpreter; every argument equal to a key of ``paths``, or below
@@ -131,3 +143,33 @@ def clone_env(extra: dict[str, str]) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
+
+
+def count_events(db: Path) -> int:
+    """Rows the demo application (deploy/compose/app.py) has written to ``db`` (0 before it
+    created its table)."""
+    c = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return int(c.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        c.close()
+
+
+def replicator_then_app(rep_argv: list[str], app_argv: list[str], env: dict[str, str],
+                        db: Path, log: Path, started: Callable[[], bool]) -> None:
+    """Start the replicator, wait until ``started()``, run the demo application until it has
+    written a few rows to ``db``, then stop the application and after it the replicator (the
+    order of a native sidecar and of `docker compose down`); both must exit 0."""
+    with reaper() as procs, open(log, "w") as out:
+        rep = procs.proc(subprocess.Popen(rep_argv, env=env, cwd=ROOT, stdout=out, stderr=out,
+                                          text=True))
+        wait_until(started, what="the replicator to start")
+        app = procs.proc(subprocess.Popen(app_argv, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+        wait_until(lambda: count_events(db) >= 3, timeout=60, what="the application's writes")
+        app.terminate()
+        assert app.wait(timeout=30) == 0
+        rep.terminate()
+        assert rep.wait(timeout=60) == 0, log.read_text()

@@ -23,15 +23,17 @@ from deployutil import (
     DEMO_APP,
     DEPLOY,
     ROOT,
+    TEST_EXTRA,
     clone_env,
     local_command,
     localize_config,
+    replicator_then_app,
     run,
     tool,
 )
-from obsutil import free_port, get, reaper
+from obsutil import free_port, get
 from s3fixtures import S3Server
-from util import dump, wait_until
+from util import dump
 
 from replicator.config import expand_env, parse_config, parse_duration
 
@@ -86,7 +88,7 @@ def mebibytes(quantity: str) -> float:
 @pytest.mark.parametrize("version", [MIN_VERSION, "1.33.0"])
 def test_manifests_validate_strictly(version: str) -> None:
     files = [f for f in manifests() if f not in CRDS]
-    r = run(tool("kubernetes-validate", "kubernetes-validate"), "--strict", "-k", version,
+    r = run(tool("kubernetes-validate", TEST_EXTRA), "--strict", "-k", version,
             *files, cwd=K8S)
     assert r.returncode == 0, r.stdout + r.stderr
     passed = re.findall(r"^INFO (\S+) passed for resource", r.stdout + r.stderr, re.M)
@@ -94,7 +96,7 @@ def test_manifests_validate_strictly(version: str) -> None:
 
 
 def test_classic_form_validates_on_older_clusters() -> None:
-    r = run(tool("kubernetes-validate", "kubernetes-validate"), "--strict", "-k",
+    r = run(tool("kubernetes-validate", TEST_EXTRA), "--strict", "-k",
             CLASSIC_MIN_VERSION, "statefulset-classic.yaml", cwd=K8S)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -103,7 +105,7 @@ def test_a_typo_fails_strict_validation(tmp_path: Path) -> None:
     bad = tmp_path / "statefulset.yaml"
     bad.write_text((K8S / "statefulset.yaml").read_text().replace(
         "readOnlyRootFilesystem", "readOnlyRootFileSystem", 1))
-    r = run(tool("kubernetes-validate", "kubernetes-validate"), "--strict", "-k", MIN_VERSION,
+    r = run(tool("kubernetes-validate", TEST_EXTRA), "--strict", "-k", MIN_VERSION,
             str(bad))
     assert r.returncode != 0 and "readOnlyRootFileSystem" in r.stdout + r.stderr
 
@@ -269,35 +271,15 @@ def test_the_pod_commands_restore_replicate_and_come_back(
     r = init_restore()
     assert r.returncode == 0, r.stderr
     assert "nothing restored" in r.stdout and not (data / "app.db").exists()
-    with reaper() as procs:
-        log = open(tmp_path / "sidecar.log", "w")  # noqa: SIM115
-        sidecar = procs.proc(subprocess.Popen(
-            local_command(["replicator", *side["args"]], paths), env=env, cwd=ROOT,
-            stdout=log, stderr=log, text=True))
-        probe = side["startupProbe"]["httpGet"]["path"]
-        wait_until(lambda: get(f"http://127.0.0.1:{port}{probe}")[0] == 200,
-                   what="the startup probe")
-        ready = side["readinessProbe"]["httpGet"]["path"]
-        wait_until(lambda: get(f"http://127.0.0.1:{port}{ready}")[0] == 200, what="readiness")
-        application = procs.proc(subprocess.Popen(
-            local_command(app["command"], paths), env=env, cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    probe = side["startupProbe"]["httpGet"]["path"]
+    ready = side["readinessProbe"]["httpGet"]["path"]
 
-        def events() -> int:
-            c = sqlite3.connect(f"file:{data / 'app.db'}?mode=ro", uri=True)
-            try:
-                return int(c.execute("SELECT COUNT(*) FROM events").fetchone()[0])
-            except sqlite3.OperationalError:
-                return 0
-            finally:
-                c.close()
+    def started() -> bool:
+        return all(get(f"http://127.0.0.1:{port}{p}")[0] == 200 for p in (probe, ready))
 
-        wait_until(lambda: events() >= 3, timeout=60, what="the application's writes")
-        application.terminate()
-        assert application.wait(timeout=30) == 0
-        sidecar.terminate()
-        assert sidecar.wait(timeout=60) == 0, (tmp_path / "sidecar.log").read_text()
-        log.close()
+    replicator_then_app(local_command(["replicator", *side["args"]], paths),
+                        local_command(app["command"], paths), env, data / "app.db",
+                        tmp_path / "sidecar.log", started)
     before = dump(data / "app.db")
     # a new pod: the volume is gone, the bucket is not
     shutil.rmtree(data)

@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from deployutil import DEMO_APP, count_events
 from util import TESTS, Replicate, cli, dump, restore, wait_until
 from writer import init_db
 
-ROOT = TESTS.parent
 CHILD = str(TESTS / "exec_child.py")
-DEMO_APP = str(ROOT / "deploy" / "compose" / "app.py")
 
 
 def config(tmp_path: Path, shutdown_timeout: str = "10s", exec_cmd: str | None = None) -> Path:
@@ -55,19 +54,10 @@ def test_exit_code_of_the_child_is_passed_through(tmp_path: Path, command: str, 
 def test_sigterm_reaches_the_child_and_its_last_commit_is_in_the_replica(tmp_path: Path) -> None:
     db = tmp_path / "app.db"
     init_db(str(db))
-    app = shlex.join([sys.executable, DEMO_APP, str(db), "--interval", "0.02"])
+    app = shlex.join([sys.executable, str(DEMO_APP), str(db), "--interval", "0.02"])
     rep = Replicate(str(db), str(tmp_path / "replica"), "--exec", app, log=tmp_path / "log")
 
-    def events() -> int:
-        c = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            return int(c.execute("SELECT COUNT(*) FROM events").fetchone()[0])
-        except sqlite3.OperationalError:
-            return 0
-        finally:
-            c.close()
-
-    wait_until(lambda: events() >= 10, what="the demo application's writes")
+    wait_until(lambda: count_events(db) >= 10, what="the demo application's writes")
     assert rep.stop() == 0, rep.text()
     text = rep.text()
     # the child's final row was committed after the stop signal, then the final sync ran
