@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import sys
@@ -29,8 +30,11 @@ def main() -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with open(log, "a") as f:
         f.write("ready\n")
+    parent = os.getppid()
     while True:
         time.sleep(0.01)
+        if os.getppid() != parent:
+            return 1  # the replicator is gone (a failed test killed it): do not linger
         terms = got.count("SIGTERM")
         if mode == "forward" and terms:
             return 0

@@ -6,10 +6,12 @@ import shlex
 import signal
 import sqlite3
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from deployutil import DEMO_APP, count_events
+from obsutil import Reaper, reaper
 from util import TESTS, Replicate, cli, dump, restore, wait_until
 from writer import init_db
 
@@ -29,6 +31,13 @@ def config(tmp_path: Path, shutdown_timeout: str = "10s", exec_cmd: str | None =
 
 def child(*args: str) -> str:
     return shlex.join([sys.executable, CHILD, *args])
+
+
+@pytest.fixture
+def procs() -> Iterator[Reaper]:
+    """Replicators still running when a test ends are killed (their children follow)."""
+    with reaper() as r:
+        yield r
 
 
 def signals_seen(log: Path) -> list[str]:
@@ -51,11 +60,13 @@ def test_exit_code_of_the_child_is_passed_through(tmp_path: Path, command: str, 
     assert dump(tmp_path / "out.db") == dump(tmp_path / "app.db")
 
 
-def test_sigterm_reaches_the_child_and_its_last_commit_is_in_the_replica(tmp_path: Path) -> None:
+def test_sigterm_reaches_the_child_and_its_last_commit_is_in_the_replica(
+        tmp_path: Path, procs: Reaper) -> None:
     db = tmp_path / "app.db"
     init_db(str(db))
     app = shlex.join([sys.executable, str(DEMO_APP), str(db), "--interval", "0.02"])
-    rep = Replicate(str(db), str(tmp_path / "replica"), "--exec", app, log=tmp_path / "log")
+    rep = procs.replicator(Replicate(str(db), str(tmp_path / "replica"), "--exec", app,
+                                     log=tmp_path / "log"))
 
     wait_until(lambda: count_events(db) >= 10, what="the demo application's writes")
     assert rep.stop() == 0, rep.text()
@@ -71,11 +82,11 @@ def test_sigterm_reaches_the_child_and_its_last_commit_is_in_the_replica(tmp_pat
     assert dump(tmp_path / "out.db") == dump(db)
 
 
-def test_other_signals_are_forwarded(tmp_path: Path) -> None:
+def test_other_signals_are_forwarded(tmp_path: Path, procs: Reaper) -> None:
     init_db(str(tmp_path / "app.db"))
     log = tmp_path / "signals"
-    rep = Replicate(str(tmp_path / "app.db"), str(tmp_path / "replica"),
-                    "--exec", child(str(log), "forward"), log=tmp_path / "log")
+    rep = procs.replicator(Replicate(str(tmp_path / "app.db"), str(tmp_path / "replica"),
+                                     "--exec", child(str(log), "forward"), log=tmp_path / "log"))
     wait_until(lambda: "ready" in signals_seen(log), what="the child")
     for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         rep.proc.send_signal(sig)
@@ -85,28 +96,30 @@ def test_other_signals_are_forwarded(tmp_path: Path) -> None:
     assert signals_seen(log) == ["ready", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGTERM"]
 
 
-def test_a_child_that_ignores_sigterm_is_killed_after_shutdown_timeout(tmp_path: Path) -> None:
+def test_a_child_that_ignores_sigterm_is_killed_after_shutdown_timeout(
+        tmp_path: Path, procs: Reaper) -> None:
     init_db(str(tmp_path / "app.db"))
     log = tmp_path / "signals"
     cfg = config(tmp_path, "1s", child(str(log), "ignore"))
-    rep = Replicate("--config", str(cfg), log=tmp_path / "log")
+    rep = procs.replicator(Replicate("--config", str(cfg), log=tmp_path / "log"))
     wait_until(lambda: "ready" in signals_seen(log), what="the child")
     assert rep.stop(timeout=30) == 128 + signal.SIGKILL, rep.text()
     assert "still running 1.0s after the stop signal: killing it" in rep.text()
     assert "final sync skipped" not in rep.text()
 
 
-def test_a_second_sigterm_skips_the_final_sync(tmp_path: Path) -> None:
+def test_a_second_sigterm_skips_the_final_sync(tmp_path: Path, procs: Reaper) -> None:
     db = tmp_path / "app.db"
     init_db(str(db))
     log = tmp_path / "signals"
-    rep = Replicate(str(db), str(tmp_path / "replica"), "--exec",
-                    child(str(log), "slow", str(db)), log=tmp_path / "log")
+    rep = procs.replicator(Replicate(str(db), str(tmp_path / "replica"), "--exec",
+                                     child(str(log), "slow", str(db)), log=tmp_path / "log"))
     wait_until(lambda: "ready" in signals_seen(log), what="the child")
     rep.proc.send_signal(signal.SIGTERM)
     wait_until(lambda: "SIGTERM" in signals_seen(log), what="the first SIGTERM at the child")
     rep.proc.send_signal(signal.SIGTERM)
-    assert rep.stop() == 5, rep.text()
+    rep.proc.wait(timeout=60)
+    assert rep.stop() == 5, rep.text()  # exited already: no third signal
     assert "skipping the final sync" in rep.text()
     assert signals_seen(log) == ["ready", "SIGTERM", "SIGTERM"]
 
