@@ -8,6 +8,7 @@ for the S3 endpoint), Prometheus and Grafana themselves (their files are checked
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,10 +33,10 @@ from deployutil import (
     run,
     tool,
 )
-from obsutil import free_port
+from obsutil import free_port, reaper
 from s3fixtures import S3_ENV_VARS, S3Server
 from test_dashboard_static import run_promtool
-from util import dump
+from util import dump, wait_until
 
 COMPOSE_DIR = DEPLOY / "compose"
 COMPOSE = COMPOSE_DIR / "compose.yml"
@@ -169,13 +170,36 @@ def test_the_services_commands_replicate_and_restore(
             data / "app.db", tmp_path / "replicator.log",
             lambda: run(*healthcheck, env=env).returncode == 0)
         assert run(*healthcheck, env=env).returncode == 1
-        readme_restore = ["replicator", "restore", "--config", CONFIG_PATH, "-o",
-                          "/tmp/restored.db", "/data/app.db"]
+        service_name, readme_restore = readme_compose_exec()
+        assert service_name == "replicator"
         r = run(*local_command(readme_restore, {**paths, "/tmp": str(tmp_path)}), env=env)
         assert r.returncode == 0, r.stderr
-        assert dump(tmp_path / "restored.db") == dump(data / "app.db")
+        want = dump(data / "app.db")
+        assert dump(tmp_path / "restored.db") == want
+        # the volume is lost: the replicator's next start restores the database
+        shutil.rmtree(data)
+        data.mkdir()
+        with reaper() as procs, open(tmp_path / "again.log", "w") as log:
+            again = procs.proc(subprocess.Popen(
+                local_command(image_entrypoint() + rep_svc["command"], paths), env=env,
+                cwd=ROOT, stdout=log, stderr=log, text=True))
+            wait_until(lambda: run(*healthcheck, env=env).returncode == 0,
+                       what="the replicator after a lost volume")
+            assert dump(data / "app.db") == want
+            again.terminate()
+            assert again.wait(timeout=60) == 0
+        assert "restored " in (tmp_path / "again.log").read_text()
     finally:
         moto_server.delete_bucket(bucket)
+
+
+def readme_compose_exec() -> tuple[str, list[str]]:
+    """The service and command of the README's `docker compose ... exec` line."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    (line,) = [ln for ln in text.splitlines() if "compose.yml exec " in ln]
+    argv = shlex.split(line)
+    i = argv.index("exec")
+    return argv[i + 1], argv[i + 2:]
 
 
 @pytest.mark.parametrize("svc", ["replicator", "app"])
