@@ -1,30 +1,24 @@
 """replicator: continuous backup and point-in-time recovery for SQLite.
 
-Commands:
-  replicate     stream a database's WAL to one or more destinations until stopped
-  restore       rebuild a database from a destination, to the latest point, a time or a txid
-  generations   list the restorable timeline of a destination
-  snapshots     list the snapshots of a destination
-  status        show a running replicator's databases, replicas and health checks
-  prune         apply the retention policy of a config's destinations (--dry-run: show it)
-  version       print the version
-
 A DESTINATION is a directory path, file:///abs/path or s3://bucket/prefix?endpoint=...&region=...
-Times are RFC 3339 / ISO 8601 (2026-11-27T10:30:00Z, 2026-11-27T19:30:00+09:00); a time without
-an offset is taken as UTC.
+A TIME is RFC 3339 / ISO 8601 (2026-11-27T10:30:00Z, 2026-11-27T19:30:00+09:00); a time without
+an offset is taken as UTC. A DURATION is like 250ms, 10s, 5m, 1h, 7d or 1h30m.
+Run `replicator COMMAND -h` for a command's options.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from . import __version__
 from .config import (
@@ -38,107 +32,148 @@ from .config import (
     validate_addr,
 )
 from .errors import ConfigError, ReplicatorError, RestoreError
-from .restore import apply_plan, fmt_ns, parse_time, plan_restore, summarize
+from .logs import LOG_FORMATS, fmt_bytes, setup_logging
+from .redact import redact
+from .restore import RestorePlan, apply_plan, fmt_ns, parse_time, plan_restore, summarize
 from .storage import open_storage
 from .storage.base import StorageClient
 from .supervise import Supervisor, check_command
 
 log = logging.getLogger("replicator")
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+TIME_HELP = ("RFC 3339 / ISO 8601, e.g. 2026-11-27T10:30:00Z, 2026-11-27T19:30:00.5+09:00 or "
+             "2026-11-27 10:30 (no offset: UTC)")
+EXIT_USAGE = 2
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"replicator: error: {message}\n")
+        self.exit(EXIT_USAGE, f"replicator: error: {redact(message)}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (its help is the user documentation of every flag)."""
-    p = _Parser(prog="replicator", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--log-level", default=os.environ.get("REPLICATOR_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _log_options(p: argparse.ArgumentParser, default: bool) -> None:
+    """--log-level and --log-format, accepted before or after the command."""
+    p.add_argument("--log-level", choices=LOG_LEVELS, metavar="LEVEL",
+                   default=os.environ.get("REPLICATOR_LOG_LEVEL", "info") if default
+                   else argparse.SUPPRESS,
+                   help="debug, info, warning or error (default: info, or $REPLICATOR_LOG_LEVEL)")
+    p.add_argument("--log-format", choices=LOG_FORMATS, metavar="FORMAT",
+                   default=os.environ.get("REPLICATOR_LOG_FORMAT", "text") if default
+                   else argparse.SUPPRESS,
+                   help="text, or json: one object a line for log shippers (default: text)")
 
-    r = sub.add_parser("replicate", help="replicate databases until stopped",
-                       description="Replicate DB to each DESTINATION, or every database of a "
-                       "config file. Without DESTINATION the replica is the directory "
-                       "DB.replica beside the database; without DB, a demo database "
-                       "./demo/app.db is replicated to ./demo/replica. Stops cleanly on "
-                       "SIGTERM/SIGINT after a final sync.")
-    r.add_argument("db", nargs="?", help="database file")
-    r.add_argument("destinations", nargs="*", metavar="DESTINATION")
-    r.add_argument("-c", "--config", help="YAML config file")
-    r.add_argument("--metrics-addr",
-                   help="serve /metrics, /healthz, /readyz and /status on HOST:PORT")
-    r.add_argument("--snapshot-interval", help="snapshot interval, e.g. 1h (default 6h)")
-    r.add_argument("--checkpoint-pages", type=int,
+
+def _add_replicate(sub: Any, common: argparse.ArgumentParser) -> None:
+    r = sub.add_parser(
+        "replicate", parents=[common], help="replicate databases until stopped",
+        description="Replicate DB to each DESTINATION, or every database of a config file, "
+        "until SIGTERM/SIGINT (then a final sync). Without DB, a demo: ./demo/app.db is "
+        "created, written to a few rows a second and replicated to ./demo/replica.")
+    r.add_argument("db", nargs="?", metavar="DB",
+                   help="the SQLite database, in WAL mode (omitted: the demo)")
+    r.add_argument("destinations", nargs="*", metavar="DESTINATION",
+                   help="where to replicate (default: the directory DB.replica beside DB)")
+    r.add_argument("-c", "--config", metavar="FILE", help="YAML config file (instead of DB)")
+    r.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve /metrics, /healthz, /readyz and /status there")
+    r.add_argument("--snapshot-interval", metavar="DURATION",
+                   help="time between snapshots (default 6h)")
+    r.add_argument("--checkpoint-pages", type=int, metavar="N",
                    help="WAL frames before the replicator runs a PASSIVE checkpoint (default 1000)")
-    r.add_argument("--monitor-interval", help="timer backstop for missed file events (default 1s)")
-    r.add_argument("--spool-dir", help="local spool directory (default .<db>-replicator beside it)")
+    r.add_argument("--monitor-interval", metavar="DURATION",
+                   help="timer backstop for missed file events (default 1s)")
+    r.add_argument("--spool-dir", metavar="DIR",
+                   help="local spool directory (default .DB-replicator beside DB)")
     r.add_argument("--exec", metavar="CMD", dest="exec_cmd",
                    help="run CMD (\"PROGRAM ARGS\", no shell) once replication runs, forward "
                    "signals to it, exit with its exit code after a final sync")
     r.add_argument("--restore-if-db-not-exists", action="store_true",
                    help="restore a missing database from its replicas first (none there: "
                    "start with an empty database)")
+    r.add_argument("--demo-rows-per-second", type=float, metavar="N",
+                   help=f"demo only: rows written a second (default {DEMO_RATE:g}; 0: none)")
 
-    s = sub.add_parser("restore", help="restore a database",
-                       description="Restore from DESTINATION, or (with --config) the database "
-                       "DB from its configured replicas.")
-    s.add_argument("target", metavar="DESTINATION|DB")
-    s.add_argument("-o", "--output", help="output file (required unless --dry-run)")
-    s.add_argument("-c", "--config", help="YAML config file; then the argument names a database")
-    s.add_argument("--replica", help="with --config: restore from this replica (default: the one "
-                   "with the newest restorable point)")
+
+def _add_restore(sub: Any, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser(
+        "restore", parents=[common], help="restore a database",
+        description="Restore from DESTINATION (or, with --config, the database DB from its "
+        "configured replicas) to OUTPUT: the latest point, a TIME or a transaction. Progress "
+        "is shown on a terminal.")
+    s.add_argument("target", metavar="DESTINATION|DB",
+                   help="the replica to restore from; with --config, a database of the config "
+                   "(its path or name)")
+    s.add_argument("-o", "--output", metavar="OUTPUT",
+                   help="the database file to write (required unless --dry-run)")
+    s.add_argument("-c", "--config", metavar="FILE",
+                   help="YAML config file; then the argument names a database")
+    s.add_argument("--replica", metavar="NAME", help="with --config: restore from this replica "
+                   "(default: the one with the newest restorable point)")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--to-time", help="restore the state as of this time")
-    g.add_argument("--txid", type=int, help="restore up to and including this transaction")
-    s.add_argument("--generation", help="restore from this generation (default: the latest)")
-    s.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
-    s.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    g.add_argument("--to-time", metavar="TIME", help=f"restore the state as of TIME: {TIME_HELP}")
+    g.add_argument("--txid", type=int, metavar="N",
+                   help="restore up to and including transaction N")
+    s.add_argument("--generation", metavar="ID",
+                   help="restore from this generation (default: the latest)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the plan and the download size, write nothing")
+    s.add_argument("--force", action="store_true", help="overwrite an existing OUTPUT")
     s.add_argument("--if-db-not-exists", action="store_true",
-                   help="do nothing (exit 0) if the output already exists")
+                   help="do nothing (exit 0) if OUTPUT already exists")
     s.add_argument("--if-replica-exists", action="store_true",
                    help="do nothing (exit 0) if there is no replica to restore from")
     s.add_argument("--no-integrity-check", action="store_true",
                    help="skip PRAGMA integrity_check on the result")
 
+
+def _add_listings(sub: Any, common: argparse.ArgumentParser) -> None:
     for name, helptext in (("generations", "list generations and their restorable ranges"),
                            ("snapshots", "list snapshots")):
-        c = sub.add_parser(name, help=helptext, description=helptext)
-        c.add_argument("target", metavar="DESTINATION|DB")
-        c.add_argument("-c", "--config", help="YAML config file; then the argument names a db")
-        c.add_argument("--replica", help="with --config: this replica only")
+        c = sub.add_parser(name, parents=[common], help=helptext,
+                           description=f"{helptext[0].upper()}{helptext[1:]} of DESTINATION "
+                           "(or, with --config, of every replica of the database DB).")
+        c.add_argument("target", metavar="DESTINATION|DB",
+                       help="a replica; with --config, a database of the config")
+        c.add_argument("-c", "--config", metavar="FILE",
+                       help="YAML config file; then the argument names a database")
+        c.add_argument("--replica", metavar="NAME", help="with --config: this replica only")
         c.add_argument("--json", action="store_true", help="machine-readable output")
 
-    st = sub.add_parser("status", help="show a running replicator's state",
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (its help is the user documentation of every flag)."""
+    p = _Parser(prog="replicator", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-V", "--version", action="version", version=f"replicator {__version__}")
+    _log_options(p, default=True)
+    common = _Parser(add_help=False)
+    _log_options(common, default=False)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands",
+                           parser_class=_Parser)
+    _add_replicate(sub, common)
+    _add_restore(sub, common)
+    _add_listings(sub, common)
+    st = sub.add_parser("status", parents=[common], help="show a running replicator's state",
                         description="Ask a running `replicator replicate` (at its metrics-addr) "
                         "for every database and replica: generation, txid, lag, last sync, last "
                         "snapshot, and the last integrity and health check results.")
     where = st.add_mutually_exclusive_group(required=True)
-    where.add_argument("-c", "--config", help="the replicator's YAML config (its metrics-addr)")
+    where.add_argument("-c", "--config", metavar="FILE",
+                       help="the replicator's YAML config (its metrics-addr)")
     where.add_argument("--addr", metavar="HOST:PORT", help="the replicator's metrics-addr")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
-
-    pr = sub.add_parser("prune", help="apply retention to the destinations now",
+    st.add_argument("--json", action="store_true", help="print /status as JSON")
+    pr = sub.add_parser("prune", parents=[common], help="apply retention to the destinations now",
                         description="Delete what each destination's retention (retention, "
                         "keep-daily, keep-weekly, keep-monthly, keep-yearly) no longer needs, "
                         "and print what goes.")
     pr.add_argument("db", nargs="?", metavar="DB", help="only this database (path or name)")
-    pr.add_argument("-c", "--config", required=True, help="YAML config file")
+    pr.add_argument("-c", "--config", metavar="FILE", required=True, help="YAML config file")
     pr.add_argument("--dry-run", action="store_true", help="print what would go, delete nothing")
-
-    sub.add_parser("version", help="print the version")
+    sub.add_parser("version", parents=[common], help="print the version (also: --version)",
+                   description="Print the version.")
     return p
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("watchdog").setLevel(logging.WARNING)
 
 
 def _replicate_config(args: argparse.Namespace) -> Config:
@@ -181,6 +216,13 @@ def _replicate_config(args: argparse.Namespace) -> Config:
 
 
 DEMO_DIR = "demo"
+DEMO_RATE = 2.0
+# the demo serves its metrics on a free loopback port unless --metrics-addr says otherwise
+DEMO_METRICS_ADDR = "127.0.0.1:0"
+
+
+def _is_demo(args: argparse.Namespace) -> bool:
+    return not args.db and not args.config
 
 
 def _demo_db() -> str:
@@ -203,6 +245,58 @@ def _demo_db() -> str:
     return path
 
 
+def _demo_write(path: str) -> None:
+    """One row into the demo table, as an application would write it."""
+    import sqlite3
+
+    conn = sqlite3.connect(path, timeout=5)
+    try:
+        with conn:
+            conn.execute("INSERT INTO notes(body) VALUES ('demo note ' || "
+                         "strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))")
+    finally:
+        conn.close()
+
+
+async def _demo_writer(path: str, rate: float, stop: asyncio.Event) -> None:
+    """Write ``rate`` rows a second to the demo database until ``stop``."""
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(_demo_write, path)
+        except Exception as exc:  # noqa: BLE001 - the demo's writes are not the replicator's
+            log.warning("demo: insert failed: %s", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1 / rate)
+
+
+def _demo_hints(cfg: Config, port: int | None, rate: float) -> str:
+    """What to try next, printed when the demo starts."""
+    import datetime as dt
+
+    db = cfg.dbs[0]
+    rel = os.path.relpath(db.path)
+    replica = os.path.relpath(db.replicas[0].url)
+    # a whole second after the first snapshot: restorable, and older than what follows
+    then = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=2)
+    now = then.strftime("%Y-%m-%dT%H:%M:%SZ")
+    writing = (f"writing {rate:g} rows a second into the table notes of {rel}" if rate > 0
+               else f"replicating {rel}")
+    lines = [
+        f"demo: {writing}, replicated to {replica}/ (Ctrl-C stops)",
+        "try, in another terminal:",
+        f"  replicator generations {replica}",
+        f"  replicator restore {replica} -o {DEMO_DIR}/restored.db",
+        f"  replicator restore {replica} -o {DEMO_DIR}/then.db --to-time {now}",
+        "  python3 -c \"import sqlite3; print(sqlite3.connect('"
+        f"{DEMO_DIR}/then.db').execute('SELECT COUNT(*) FROM notes').fetchone())\"",
+    ]
+    if port is not None:
+        host = cfg.metrics_addr.rpartition(":")[0] if cfg.metrics_addr else "127.0.0.1"
+        lines += [f"  curl http://{host}:{port}/metrics",
+                  f"  replicator status --addr {host}:{port}"]
+    return "\n".join(lines)
+
+
 _early_stop: list[int] = []
 
 
@@ -210,7 +304,7 @@ def _note_early_stop(signum: int, frame: object) -> None:
     _early_stop.append(signum)
 
 
-async def _replicate(cfg: Config) -> int:
+async def _replicate(cfg: Config, demo_rate: float | None = None) -> int:
     from .bootstrap import restore_if_missing
     from .replicator import Replicator
 
@@ -236,13 +330,43 @@ async def _replicate(cfg: Config) -> int:
         raise
     for s in rep.services:
         log.info("replicating %s to %s", s.cfg.path, ", ".join(r.url for r in s.replicas))
+    if demo_rate is not None:
+        print(_demo_hints(cfg, server.port if server else None, demo_rate), flush=True)
+
+    async def run(stop: asyncio.Event) -> None:
+        demo = None
+        if demo_rate:
+            demo = asyncio.create_task(_demo_writer(cfg.dbs[0].path, demo_rate, stop))
+        try:
+            await rep.run(stop, sup.skip_final_sync)
+        finally:
+            if demo is not None:
+                await demo
+
     try:
-        code = await sup.run(lambda stop: rep.run(stop, sup.skip_final_sync))
+        code = await sup.run(run)
     finally:
         if server is not None:
             server.close()
     log.info("stopped")
     return code
+
+
+def _replicate_main(args: argparse.Namespace) -> int:
+    demo_rate: float | None = None
+    if args.demo_rows_per_second is not None and not _is_demo(args):
+        raise ConfigError("--demo-rows-per-second: only for the demo (replicate without DB)")
+    if _is_demo(args):
+        demo_rate = DEMO_RATE if args.demo_rows_per_second is None else args.demo_rows_per_second
+        if not 0 <= demo_rate <= 1000:
+            raise ConfigError("--demo-rows-per-second: expected a number from 0 to 1000")
+        if args.metrics_addr is None:
+            args.metrics_addr = DEMO_METRICS_ADDR
+    cfg = _replicate_config(args)
+    # the capture thread must get the GIL back within a millisecond, not the default 5: it has a
+    # few milliseconds to read a WAL tail after the application resets the WAL
+    sys.setswitchinterval(0.001)
+    return asyncio.run(_replicate(cfg, demo_rate))
 
 
 @dataclass
@@ -286,6 +410,42 @@ def _restore_checks(args: argparse.Namespace) -> bool:
     return True
 
 
+def _download(plan: RestorePlan) -> tuple[int, int]:
+    """Bytes and objects a restore of ``plan`` reads."""
+    objects = [plan.snapshot, *plan.segments]
+    return sum(o.size for o in objects), len(objects)
+
+
+class _ProgressBar:
+    """Bytes and objects read of the total, with rate and ETA, on stderr (a terminal only)."""
+
+    def __init__(self, total_bytes: int, total_objects: int) -> None:
+        from tqdm import tqdm
+
+        self.objects = 0
+        self.total_objects = total_objects
+        try:
+            sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+        except OSError:
+            sized = False
+        # a terminal that reports no size (a bare pseudo-terminal) is taken as 80x24
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                        desc="restore", file=sys.stderr, leave=False, dynamic_ncols=sized,
+                        ncols=None if sized else 80, nrows=None if sized else 24,
+                        postfix=f"0/{total_objects} objects")
+
+    def __call__(self, nbytes: int, objects: int) -> None:
+        if objects:
+            self.objects += objects
+            self.bar.set_postfix_str(f"{self.objects}/{self.total_objects} objects",
+                                     refresh=False)
+        self.bar.update(nbytes)
+
+    def close(self) -> None:
+        """Remove the bar from the screen."""
+        self.bar.close()
+
+
 async def _restore(args: argparse.Namespace) -> int:
     to_time = parse_time(args.to_time) if args.to_time else None
     sources = _sources(args)
@@ -310,16 +470,23 @@ async def _restore(args: argparse.Namespace) -> int:
                 return 0
             raise errors[0]
         src, plan = max(plans, key=lambda sp: (sp[1].ts_ns, sp[1].txid))
+        size, count = _download(plan)
         if args.dry_run:
-            print(plan.describe())
+            print(redact(plan.describe()))
+            print(f"download:   {fmt_bytes(size)} in {count} object{'s' if count != 1 else ''}")
             return 0
-        result = await apply_plan(src.client, plan, args.output, force=args.force,
-                                  check=not args.no_integrity_check)
-        print(
+        bar = _ProgressBar(size, count) if sys.stderr.isatty() else None
+        try:
+            result = await apply_plan(src.client, plan, args.output, force=args.force,
+                                      check=not args.no_integrity_check, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        print(redact(
             f"restored {result.output} from {src.client.url}: generation {plan.generation}, "
             f"txid {plan.txid} ({fmt_ns(plan.ts_ns)}), {result.pages} pages, "
             f"integrity_check {result.integrity}"
-        )
+        ))
         for note in plan.notes:
             print(f"note: {note}")
         return 0
@@ -354,7 +521,7 @@ async def _list(args: argparse.Namespace) -> int:
         for src in sources:
             await src.client.aclose()
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(redact(json.dumps(out, indent=2)))
         return 0
     if not out:
         print("no generations" if args.command == "generations" else "no snapshots")
@@ -363,7 +530,7 @@ async def _list(args: argparse.Namespace) -> int:
     widths = {c: max(len(c), *(len(str(row[c])) for row in out)) for c in cols}
     print("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip())
     for row in out:
-        print("  ".join(str(row[c]).ljust(widths[c]) for c in cols).rstrip())
+        print(redact("  ".join(str(row[c]).ljust(widths[c]) for c in cols).rstrip()))
     return 0
 
 
@@ -377,40 +544,76 @@ def _status(args: argparse.Namespace) -> int:
     else:
         addr = validate_addr(args.addr, "--addr")
     doc = fetch_status(addr)
-    print(json.dumps(doc, indent=2) if args.json else format_status(doc))
+    print(redact(json.dumps(doc, indent=2) if args.json else format_status(doc)))
     return 0
+
+
+def _run_stoppable(coro: Coroutine[Any, Any, int]) -> int:
+    """Run a one-shot command; SIGTERM cancels it like SIGINT does, so its ``finally`` blocks
+    remove what it had half written."""
+    async def main() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await coro
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        print("replicator: stopped (SIGTERM)", file=sys.stderr)
+        return EXIT_SIGTERM
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    command: str = args.command
+    if command == "version":
+        print(f"replicator {__version__}")
+        return 0
+    if command == "status":
+        return _status(args)
+    if command == "replicate":
+        return _replicate_main(args)
+    if command == "prune":
+        from .cli_ops import prune
+
+        return asyncio.run(prune(args))
+    if command == "restore":
+        if args.to_time:
+            parse_time(args.to_time)  # a bad time is reported before anything is read
+        return _run_stoppable(_restore(args)) if _restore_checks(args) else 0
+    return _run_stoppable(_list(args))
+
+
+def _quiet_stdout() -> None:
+    """The reader of stdout went away (``| head``): send what is left nowhere, quietly."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     if args.command == "replicate":
         # a stop requested while starting up is honoured once the loop runs
         signal.signal(signal.SIGTERM, _note_early_stop)
         signal.signal(signal.SIGINT, _note_early_stop)
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     try:
-        if args.command == "version":
-            print(f"replicator {__version__}")
-            return 0
-        if args.command == "status":
-            return _status(args)
-        if args.command == "replicate":
-            # the capture thread must get the GIL back within a millisecond, not the default 5:
-            # it has a few milliseconds to read a WAL tail after the application resets the WAL
-            sys.setswitchinterval(0.001)
-            return asyncio.run(_replicate(_replicate_config(args)))
-        if args.command == "prune":
-            from .cli_ops import prune
-
-            return asyncio.run(prune(args))
-        if args.command == "restore":
-            if args.to_time:
-                parse_time(args.to_time)  # a bad time is reported before anything is read
-            return asyncio.run(_restore(args)) if _restore_checks(args) else 0
-        return asyncio.run(_list(args))
+        rc = _dispatch(args)
+        sys.stdout.flush()
+        return rc
     except ReplicatorError as exc:
-        print(f"replicator: error: {exc}", file=sys.stderr)
+        print(f"replicator: error: {redact(str(exc))}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
     except KeyboardInterrupt:
         return 130
+
+

@@ -7,6 +7,7 @@ Every validation error is a :class:`ConfigError` whose message names the field, 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -50,6 +51,7 @@ DEFAULT_RETENTION: float | None = None
 DEFAULT_READY_MAX_LAG = 60.0
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DURATION_HINT = "a duration like 250ms, 10s, 5m, 1h or 7d"
 _DUR_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)", re.IGNORECASE)
@@ -135,10 +137,10 @@ class Config:
 def parse_duration(value: object, where: str) -> float:
     """Seconds from ``1h30m``, ``10s``, ``250ms`` or a number of seconds."""
     if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a duration like 10s, 5m or 1h, got {value!r}")
+        raise ConfigError(f"{where}: expected {_DURATION_HINT}, got {value!r}")
     if isinstance(value, int | float):
         if math.isnan(value):
-            raise ConfigError(f"{where}: expected a duration like 10s, 5m or 1h, got {value!r}")
+            raise ConfigError(f"{where}: expected {_DURATION_HINT}, got {value!r}")
         if value < 0:
             raise ConfigError(f"{where}: duration must not be negative")
         return float(value)
@@ -154,7 +156,7 @@ def parse_duration(value: object, where: str) -> float:
             pos = m.end()
         if s and pos == len(s):
             return total
-    raise ConfigError(f"{where}: expected a duration like 10s, 5m or 1h, got {value!r}")
+    raise ConfigError(f"{where}: expected {_DURATION_HINT}, got {value!r}")
 
 
 def parse_size(value: object, where: str) -> int:
@@ -204,7 +206,12 @@ def expand_env(value: Any, where: str) -> Any:
 def _take(d: dict[str, Any], allowed: set[str], where: str) -> None:
     for key in d:
         if key not in allowed:
-            raise ConfigError(f"{where}.{key}: unknown field" if where else f"{key}: unknown field")
+            at = f"{where}.{key}" if where else str(key)
+            # suggest the dash spelling: it is the one the docs use
+            names = sorted({a.replace("_", "-") for a in allowed})
+            near = difflib.get_close_matches(str(key).replace("_", "-"), names, n=1, cutoff=0.6)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(f"{at}: unknown field{hint}")
 
 
 def _str(v: Any, where: str) -> str:

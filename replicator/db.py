@@ -73,6 +73,7 @@ DEFAULT_BUSY_TIMEOUT = 1.0
 SEGMENT_MAX_FRAMES = 2048
 STEP_BATCHES = 16
 SNAPSHOT_CHUNK_PAGES = 256
+SNAPSHOT_LOG_EVERY = 5.0  # a long snapshot logs its progress this often (INFO)
 COPY_CHUNK_FRAMES = 256
 ROTATE_WAIT = 0.02
 # Segments are zstd-compressed up to this many bytes of frames per second (a few percent of a
@@ -925,7 +926,12 @@ class Database:
         dfd = self._db_fd
         assert dfd is not None
         pgno = 1
+        logged = time.monotonic()
         while pgno <= pages:
+            if time.monotonic() - logged >= SNAPSHOT_LOG_EVERY:
+                logged = time.monotonic()
+                log.info("%s: snapshot %d%% (%d of %d pages)", self.name,
+                         100 * (pgno - 1) // pages, pgno - 1, pages)
             n = min(SNAPSHOT_CHUNK_PAGES, pages - pgno + 1)
             buf = bytearray(os.pread(dfd, n * page_size, (pgno - 1) * page_size))
             if len(buf) < n * page_size:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -35,6 +39,65 @@ def makedirs_durable(path: str) -> None:
 def temp_path(path: str) -> str:
     """A unique temp name beside ``path`` (same directory, so rename is atomic)."""
     return f"{path}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}"
+
+
+def owned_temp_dir(path: str) -> str:
+    """Create a temp directory ``.NAME.PID.RANDOM.tmp`` beside ``path``, named after this
+    process like ``temp_path``."""
+    parent, base = os.path.split(os.path.abspath(path))
+    return tempfile.mkdtemp(TMP_SUFFIX, f".{base}.{os.getpid()}.", parent)
+
+
+def lock_owned(fd: int) -> None:
+    """Mark the temp file or directory open at ``fd`` as in use by this process (an exclusive
+    ``flock``, dropped by the kernel when the process ends, however it ends)."""
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_temps(path: str) -> list[str]:
+    """Remove the temp files and directories a killed process left beside ``path``: only names
+    of our own pattern (``NAME.PID.RANDOM.tmp``, ``.NAME.PID.RANDOM.tmp``), only when process
+    PID is gone and nothing holds the entry's lock (``lock_owned``). Returns what was removed."""
+    parent, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"\.?{re.escape(base)}\.(\d+)\.[A-Za-z0-9_]+{re.escape(TMP_SUFFIX)}")
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None or _pid_alive(int(m[1])):
+            continue
+        entry = os.path.join(parent, name)
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            lock_owned(fd)  # its owner (another pid namespace, say) still holds it: skip
+            if os.path.isdir(entry):
+                shutil.rmtree(entry)
+            else:
+                os.unlink(entry)
+            removed.append(entry)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
 
 
 @contextlib.contextmanager

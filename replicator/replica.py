@@ -23,6 +23,7 @@ from . import batch
 from .aio import wait_any
 from .errors import ReplicatorError
 from .lease import RELEASE_TIMEOUT, Lease, LeaseError, LeaseLostError
+from .logs import RateLimit
 from .metrics import Metrics
 from .pos import ObjectInfo, parse_key
 from .retention import RetentionPlan, RetentionPolicy, apply_plan, plan_retention
@@ -37,6 +38,7 @@ DEFAULT_RETRY_MAX = 1.0  # a destination that is back is retried within about th
 DEFAULT_BACKSTOP = 5.0
 SHIP_CONCURRENCY = 4
 LOG_EVERY = 60.0
+DEBUG_EVERY = 1.0  # per-round debug lines, at most this often (a busy database ships every ms)
 
 
 class Replica:
@@ -74,6 +76,9 @@ class Replica:
         self._relist = False
         self.lease = Lease(client, db_name)
         self.fenced: str | None = None  # why shipping stopped for good (lease taken over)
+        self.shipped_transactions = 0  # since start, for the periodic log summary
+        self.shipped_bytes = 0
+        self._debug = RateLimit(DEBUG_EVERY)
 
     @property
     def url(self) -> str:
@@ -173,7 +178,7 @@ class Replica:
             await self.init()
         t0 = time.monotonic()
         missing = await self.pending()
-        if len(missing) > 1:
+        if len(missing) > 1 and self._debug.ready():
             log.debug("%s: replica %s: %d objects to ship (listed in %.3f s)", self.db_name,
                       self.name, len(missing), time.monotonic() - t0)
         now = time.time()
@@ -221,7 +226,10 @@ class Replica:
         return written
 
     def _count(self, info: ObjectInfo, size: int, frames: int, done: float) -> None:
-        """Metrics for one object written at ``done``."""
+        """Counters and metrics for one object written at ``done``."""
+        self.shipped_bytes += size
+        if info.kind == "wal":
+            self.shipped_transactions += info.end_txid - info.start_txid + 1
         if self.metrics is None:
             return
         labels = (self.db_name, self.name)
@@ -246,9 +254,10 @@ class Replica:
                     merged = await self.client.write_object(info, _read_file(path))
             finally:
                 await asyncio.to_thread(_unlink, path)
-            log.debug("%s: replica %s: wrote %s (%d spooled objects, %d bytes) in %.3f s",
-                      self.db_name, self.name, info.key, len(parts), merged,
-                      time.monotonic() - t0)
+            if self._debug.ready():
+                log.debug("%s: replica %s: wrote %s (%d spooled objects, %d bytes) in %.3f s",
+                          self.db_name, self.name, info.key, len(parts), merged,
+                          time.monotonic() - t0)
             return info, merged, sum(int(h.get("frames", 0)) for h in headers)
         info = parts[0]
         frames = 0

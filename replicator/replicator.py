@@ -24,6 +24,7 @@ from .config import Config, DbConfig
 from .db import CaptureResult, Database
 from .errors import ReplicatorError, StorageError
 from .health import CheckResult, HealthChecker
+from .logs import RateLimit, fmt_bytes
 from .metrics import Metrics, create_metrics
 from .notify import Notifier
 from .replica import Replica
@@ -34,6 +35,10 @@ from .watcher import Watcher
 log = logging.getLogger("replicator")
 T = TypeVar("T")
 LOG_EVERY = 60.0
+# an INFO line per database with what was shipped, at most this often (none while idle)
+SUMMARY_EVERY = 60.0
+# the DEBUG capture line, at most this often (a busy WAL is captured every few ms)
+DEBUG_EVERY = 1.0
 # how long a health check in progress may finish at shutdown before it is interrupted
 HEALTH_STOP_GRACE = 2.0
 # While commits keep coming the loop follows the WAL itself, looking every FOLLOW_POLL seconds,
@@ -89,6 +94,10 @@ class DatabaseService:
         self._last_log = 0.0
         self._prune_task: asyncio.Task[None] | None = None
         self.last_capture = 0.0
+        self._summary_at = time.monotonic()
+        self._summary_base = {r.name: (0, 0) for r in self.replicas}
+        self._debug = RateLimit(DEBUG_EVERY)
+        self._debug_counts = [0, 0]  # transactions, frames captured since the last debug line
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -135,8 +144,12 @@ class DatabaseService:
         started = time.monotonic()
         res = await self._call(self.db.step)
         self.last_capture = time.time()
-        log.debug("%s: captured %d transactions (%d frames) to txid %d, pos %s", self.cfg.name,
-                  res.transactions, res.frames, self.db.txid, self.db.pos)
+        self._debug_counts[0] += res.transactions
+        self._debug_counts[1] += res.frames
+        if self._debug_counts[0] and log.isEnabledFor(logging.DEBUG) and self._debug.ready():
+            log.debug("%s: captured %d transactions (%d frames) to txid %d, pos %s",
+                      self.cfg.name, *self._debug_counts, self.db.txid, self.db.pos)
+            self._debug_counts = [0, 0]
         m, name = self.metrics, self.cfg.name
         m.capture_seconds.labels(name).observe(time.monotonic() - started)
         if res.transactions:
@@ -180,6 +193,27 @@ class DatabaseService:
             self.metrics.snapshot_last_timestamp.labels(self.cfg.name).set(
                 self.db.last_snapshot_ns / 1e9
             )
+
+    def log_summary(self, now: float | None = None) -> str | None:
+        """Log (at INFO) and return what each replica shipped since the last summary, if
+        ``SUMMARY_EVERY`` seconds have passed and anything was shipped; else None."""
+        now = time.monotonic() if now is None else now
+        elapsed = now - self._summary_at
+        if elapsed < SUMMARY_EVERY:
+            return None
+        current = {r.name: (r.shipped_transactions, r.shipped_bytes) for r in self.replicas}
+        parts = []
+        for name, (txns, nbytes) in current.items():
+            base = self._summary_base.get(name, (0, 0))
+            if (txns, nbytes) != base:
+                parts.append(f"{txns - base[0]} transactions ({fmt_bytes(nbytes - base[1])}) "
+                             f"to {name}")
+        self._summary_at, self._summary_base = now, current
+        if not parts:
+            return None
+        line = f"{self.cfg.name}: shipped {', '.join(parts)} in the last {elapsed:.0f}s"
+        log.info("%s", line)
+        return line
 
     def _snapshot_metrics(self) -> None:
         m, name = self.metrics, self.cfg.name
@@ -264,6 +298,7 @@ class DatabaseService:
                     if res.more:
                         self.wake.set()  # a backlog: capture again at once
                     await self.snapshot_if_due()
+                    self.log_summary()
                     delay = 0.1
                 except Exception as exc:  # noqa: BLE001 - logged, counted, retried
                     self._record_error("capture", exc)
@@ -318,6 +353,7 @@ class DatabaseService:
             # concurrently: a destination that is down cannot use up the others' time budget
             await asyncio.gather(*(ship(r) for r in self.replicas))
             await self.prune_spool()
+            log.info("%s: stopped after final sync at txid %d", self.cfg.name, self.db.txid)
 
         try:
             await self._bounded(final(), grace, skip)

@@ -14,24 +14,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import os
 import re
 import shutil
 import sqlite3
 import struct
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CorruptObjectError, ReplicatorError, RestoreError, WalError
 from .format import decode_stream, read_header
-from .fsutil import TMP_SUFFIX, fsync_dir, temp_path
+from .fsutil import fsync_dir, lock_owned, owned_temp_dir, remove_stale_temps, temp_path
 from .pos import ObjectInfo, WalPos
 from .storage.base import DEFAULT_CHUNK_SIZE, StorageClient
 from .wal import FRAME_HEADER_SIZE, parse_wal_header, verify_frames
 
 DEFAULT_PREFETCH = 4
+
+log = logging.getLogger("replicator.restore")
 
 
 _FRACTION_RE = re.compile(r"^(.*T\d\d:\d\d:\d\d)[.,](\d+)(.*)$")
@@ -415,6 +417,19 @@ class _Applier:
 
 
 Reader = Callable[[ObjectInfo], AsyncIterator[bytes]]
+# progress(bytes, objects): called with the stored bytes of each chunk read, and with (0, 1) as
+# each object has been read to its end
+Progress = Callable[[int, int], None]
+
+
+def _counted(read: Reader, progress: Progress) -> Reader:
+    async def counted(info: ObjectInfo) -> AsyncIterator[bytes]:
+        async for chunk in read(info):
+            progress(len(chunk), 0)
+            yield chunk
+        progress(0, 1)
+
+    return counted
 
 
 async def _apply_snapshot(read: Reader, snap: ObjectInfo, ap: _Applier) -> None:
@@ -676,29 +691,37 @@ async def apply_plan(
     force: bool = False,
     check: bool = True,
     prefetch: int | None = None,
+    progress: Progress | None = None,
 ) -> RestoreResult:
     """Write the planned database to ``output`` (temp file, fsync, integrity check, rename).
 
     From a remote destination the next ``prefetch`` objects (default ``DEFAULT_PREFETCH``; 0 for
     a local directory or memory) download concurrently into a temp directory beside the output
-    while the objects are applied strictly in order; the directory is removed either way."""
+    while the objects are applied strictly in order; the directory is removed either way.
+    Temp files and directories that a killed restore left beside ``output`` are removed first
+    (see ``remove_stale_temps``). ``progress`` hears of every chunk and object read."""
     output = await asyncio.to_thread(_check_output, output, force)
+    for stale in await asyncio.to_thread(remove_stale_temps, output):
+        log.info("removed %s, left by a restore that was killed", stale)
     parent = os.path.dirname(output)
     if prefetch is None:
         prefetch = 0 if _local(client) else DEFAULT_PREFETCH
     objects = [plan.snapshot, *plan.segments]
     pf: _Prefetcher | None = None
     tmpdir: str | None = None
+    dir_fd = -1
     if prefetch > 0 and len(objects) > 1:
         try:
-            tmpdir = await asyncio.to_thread(
-                tempfile.mkdtemp, TMP_SUFFIX, f".{os.path.basename(output)}.", parent
-            )
+            tmpdir = await asyncio.to_thread(owned_temp_dir, output)
+            dir_fd = os.open(tmpdir, os.O_RDONLY | os.O_DIRECTORY)
+            lock_owned(dir_fd)
         except OSError as exc:
             raise RestoreError(f"cannot create a temp directory in {parent}: "
                                f"{exc.strerror}") from None
         pf = _Prefetcher(client, objects, tmpdir, prefetch)
     read: Reader = pf.read if pf is not None else client.read_object
+    if progress is not None:
+        read = _counted(read, progress)
     try:
         return await _apply(read, plan, output, check)
     finally:
@@ -706,6 +729,8 @@ async def apply_plan(
             await pf.aclose()
         if tmpdir is not None:
             await asyncio.to_thread(shutil.rmtree, tmpdir, True)
+        if dir_fd >= 0:
+            os.close(dir_fd)
 
 
 async def _apply(read: Reader, plan: RestorePlan, output: str, check: bool) -> RestoreResult:
@@ -717,6 +742,7 @@ async def _apply(read: Reader, plan: RestorePlan, output: str, check: bool) -> R
         raise RestoreError(f"cannot write {tmp}: {exc.strerror}") from None
     ok = False
     try:
+        lock_owned(fd)
         ap = _Applier(fd)
         await _apply_snapshot(read, plan.snapshot, ap)
         for seg in plan.segments:

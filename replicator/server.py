@@ -1,7 +1,8 @@
 """The HTTP endpoints: ``/metrics`` (Prometheus), ``/healthz`` (process alive), ``/readyz``
 (every replica syncing and within its database's ``ready-max-lag``) and ``/status`` (the state of
 every database, replica and health check, as JSON; ``replicator status`` reads it). Served from a
-thread; binds only where asked."""
+thread; binds only where asked. Every answer is redacted (``replicator.redact``): no metric label
+or status field shows a credential."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import ConfigError
+from .redact import redact, redact_tree
 
 if TYPE_CHECKING:
     from .replicator import Replicator
@@ -92,13 +94,14 @@ async def start_server(addr: str, rep: Replicator) -> MetricsServer:
         def do_GET(self) -> None:  # noqa: N802 - http.server API
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                body = generate_latest(registry)
+                body = redact(generate_latest(registry).decode()).encode()
                 self._send(200, body, CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 self._send(200, b"ok\n", "text/plain")
             elif path == "/readyz":
                 ok, detail = readiness(rep)
-                body = json.dumps({"ready": ok, "replicas": detail}).encode() + b"\n"
+                doc = redact_tree({"ready": ok, "replicas": detail})
+                body = json.dumps(doc).encode() + b"\n"
                 self._send(200 if ok else 503, body, "application/json")
             elif path == "/status":
                 try:
@@ -106,7 +109,8 @@ async def start_server(addr: str, rep: Replicator) -> MetricsServer:
                 except (TimeoutError, RuntimeError):  # busy, or shutting down
                     self._send(503, b"status unavailable\n", "text/plain")
                     return
-                self._send(200, json.dumps(doc, indent=2).encode() + b"\n", "application/json")
+                body = json.dumps(redact_tree(doc), indent=2).encode() + b"\n"
+                self._send(200, body, "application/json")
             else:
                 self._send(404, b"not found\n", "text/plain")
 

@@ -431,7 +431,8 @@ def test_nan_is_not_a_duration() -> None:
 
 def test_bad_duration_in_file_names_the_field(tmp_path: Path) -> None:
     msg = load_error(tmp_path, one_db("    snapshot-interval: 1 fortnight\n"))
-    assert msg.startswith("dbs[0].snapshot-interval: expected a duration like 10s")
+    assert msg.startswith(
+        "dbs[0].snapshot-interval: expected a duration like 250ms, 10s, 5m, 1h or 7d")
     assert "'1 fortnight'" in msg
     msg = load_error(tmp_path, "shutdown-timeout: soon\n" + one_db())
     assert msg.startswith("shutdown-timeout: expected a duration")
