@@ -462,3 +462,27 @@ def test_demo_flag_is_for_the_demo_only(tmp_path: Path) -> None:
     r = cli("replicate", str(db), "--demo-rows-per-second", "5")
     assert r.returncode == 1
     assert "--demo-rows-per-second: only for the demo" in r.stderr
+
+
+def test_long_snapshot_logs_its_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import replicator.db
+
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    c = sqlite3.connect(db, isolation_level=None)
+    c.execute("INSERT INTO data(k, payload) VALUES (1, ?)", (os.urandom(4 << 20),))
+    c.close()
+    monkeypatch.setattr(replicator.db, "SNAPSHOT_LOG_EVERY", 0.0)  # every chunk, not every 5 s
+    d = Database(str(db), Spool(str(tmp_path / "spool")))
+    with caplog.at_level(logging.INFO, logger="replicator"):
+        d.open()
+        try:
+            d.step()  # the first snapshot
+        finally:
+            d.close()
+    percents = [int(m[1]) for r in caplog.records
+                if (m := re.search(r": snapshot (\d+)% \(\d+ of \d+ pages\)$", r.getMessage()))]
+    assert len(percents) >= 3 and percents == sorted(percents) and percents[-1] < 100, percents
