@@ -554,7 +554,12 @@ def _run_stoppable(coro: Coroutine[Any, Any, int]) -> int:
     async def main() -> int:
         task = asyncio.current_task()
         assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+        def stop() -> None:
+            if not task.cancelling():  # once: a second signal must not cut the clean-up short
+                task.cancel()
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
         return await coro
 
     try:
@@ -598,6 +603,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if args.log_level not in LOG_LEVELS:  # from the environment: argparse did not check it
+        parser.error(f"REPLICATOR_LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}, "
+                     f"got {args.log_level!r}")
+    if args.log_format not in LOG_FORMATS:
+        parser.error(f"REPLICATOR_LOG_FORMAT: expected one of {', '.join(LOG_FORMATS)}, "
+                     f"got {args.log_format!r}")
     if args.command == "replicate":
         # a stop requested while starting up is honoured once the loop runs
         signal.signal(signal.SIGTERM, _note_early_stop)

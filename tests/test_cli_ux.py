@@ -338,6 +338,14 @@ def test_log_options_after_the_command(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.parametrize("var", ["REPLICATOR_LOG_LEVEL", "REPLICATOR_LOG_FORMAT"])
+def test_bad_log_setting_in_the_environment(var: str) -> None:
+    r = cli("version", env={**os.environ, var: "loud"})
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"replicator: error: {var}: expected one of ")
+    assert "Traceback" not in r.stderr
+
+
 def test_nearest_field_is_suggested(tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.yml"
     cfg.write_text(f"dbs:\n  - path: {tmp_path / 'a.db'}\n    snapshot-intervl: 1h\n"
