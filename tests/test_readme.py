@@ -33,6 +33,19 @@ ELSEWHERE = {
     "bash scripts/test.sh": ".ci/run",
     "replicator replicate /data/app.db /backups/app 's3://my-bucket/app?region=eu-west-1'":
         "tests/test_s3_e2e.py::test_replicate_restore_equals_source",
+    # no container engine here: the Compose file is validated, and the commands of its
+    # services (and the README's restore through `exec`) run as subprocesses
+    "docker compose -f deploy/compose/compose.yml up --build":
+        "tests/test_deploy_compose.py::test_the_services_commands_replicate_and_restore",
+    "docker compose -f deploy/compose/compose.yml exec replicator    replicator restore "
+    "--config /etc/replicator/replicator.yml -o /tmp/restored.db /data/app.db":
+        "tests/test_deploy_compose.py::test_the_services_commands_replicate_and_restore",
+    "docker compose -f deploy/compose/compose.yml rm -sf app replicator":
+        "tests/test_deploy_compose.py::test_the_services_commands_replicate_and_restore",
+    "docker volume rm replicator-demo_app-data":
+        "tests/test_deploy_compose.py::test_the_services_commands_replicate_and_restore",
+    "docker compose -f deploy/compose/compose.yml up -d":
+        "tests/test_deploy_compose.py::test_the_services_commands_replicate_and_restore",
 }
 
 
