@@ -430,7 +430,7 @@ class _ProgressBar:
             sized = False
         # a terminal that reports no size (a bare pseudo-terminal) is taken as 80x24
         self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                        desc="restore", file=sys.stderr, leave=False, dynamic_ncols=sized,
+                        desc="restore", file=sys.stderr, dynamic_ncols=sized,
                         ncols=None if sized else 80, nrows=None if sized else 24,
                         postfix=f"0/{total_objects} objects")
 
@@ -442,7 +442,7 @@ class _ProgressBar:
         self.bar.update(nbytes)
 
     def close(self) -> None:
-        """Remove the bar from the screen."""
+        """Show the final state (100 %, the average rate) and end the line."""
         self.bar.close()
 
 
