@@ -42,11 +42,10 @@ Group = tuple[list[ObjectInfo], list[dict[str, Any]]]
 
 def plan(spool: Spool, pending: list[ObjectInfo]) -> list[Group]:
     """Group ``pending`` (in shipping order) into runs to ship as one object each, with the
-    parts' headers (none for a snapshot). Sizes are filled in from the spool."""
+    parts' headers (none for a snapshot). Sizes come from the spool's index."""
     groups: list[Group] = []
     size = 0
     for info in pending:
-        info = dataclasses.replace(info, size=os.path.getsize(spool.path(info)))
         if info.kind != "wal":
             groups.append(([info], []))
             continue

@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import StorageError
-from .storage.base import LEASE_KEY, StorageClient
+from .pos import LEASE_KEY
+from .storage.base import StorageClient
 
-log = logging.getLogger("replicator.lease")
+log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL = 300.0  # a lease not renewed for this long may be taken over
 DEFAULT_RENEW_INTERVAL = 60.0  # while shipping, verify and renew at most this often

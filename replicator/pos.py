@@ -7,6 +7,7 @@ of the last transaction they contain. Every key is built and parsed here and now
 
     generations/<gen>/snapshots/<txid:016x>-<ts_ms:012x>.snap
     generations/<gen>/wal/<start:016x>-<end:016x>-<first_ms:012x>-<last_ms:012x>.seg
+    lease.json                                     (the fencing record, see replicator.lease)
 
 ``ts_ms`` values are the wall-clock times (ms since the Unix epoch) at which the replicator observed
 the transactions; the object header carries the same times in nanoseconds, per transaction.
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 GENERATIONS_DIR = "generations"
+# The one key outside generations/: the fencing record (see replicator.lease and docs/format.md).
+LEASE_KEY = "lease.json"
 _GEN_RE = re.compile(r"^[0-9a-f]{16}$")
 _SNAP_RE = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{12})\.snap$")
 _SEG_RE = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{12})-([0-9a-f]{12})\.seg$")

@@ -12,12 +12,9 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
-
-import aiofiles
 
 from . import batch
 from .aio import wait_any
@@ -27,17 +24,17 @@ from .logs import RateLimit
 from .metrics import Metrics
 from .pos import ObjectInfo, parse_key
 from .retention import RetentionPlan, RetentionPolicy, apply_plan, plan_retention
+from .retry import Backoff, ErrorLog
 from .spool import Spool
-from .storage.base import DEFAULT_CHUNK_SIZE, StorageClient
-from .storage.file import FileStorage
+from .storage.base import StorageClient
+from .storage.file import stream_file
 
-log = logging.getLogger("replicator.replica")
+log = logging.getLogger(__name__)
 
-DEFAULT_RETRY_MIN = 0.25
-DEFAULT_RETRY_MAX = 1.0  # a destination that is back is retried within about this
+# a destination that is back is retried within about RETRY.cap seconds
+RETRY = Backoff(base=0.25, cap=1.0)
 DEFAULT_BACKSTOP = 5.0
 SHIP_CONCURRENCY = 4
-LOG_EVERY = 60.0
 DEBUG_EVERY = 1.0  # per-round debug lines, at most this often (a busy database ships every ms)
 
 
@@ -55,9 +52,9 @@ class Replica:
         batch: bool | None = None,
     ) -> None:
         self.name = name
-        # ship runs of consecutive segments as one object (None: for every destination but a
-        # local directory, which links each spooled object instead)
-        self.batch = not isinstance(client, FileStorage) if batch is None else batch
+        # ship runs of consecutive segments as one object (None: for every destination that
+        # cannot link the spooled files themselves)
+        self.batch = not client.can_link if batch is None else batch
         self.client = client
         self.spool = spool
         self.db_name = db_name
@@ -70,7 +67,7 @@ class Replica:
         self.last_error: str | None = None
         self.needs_snapshot = False
         self.healthy = False
-        self._last_log = 0.0
+        self._errors = ErrorLog(log)
         self.on_shipped: Callable[[], None] | None = None
         self.retention: RetentionPolicy | None = None
         self._relist = False
@@ -251,7 +248,7 @@ class Replica:
         if len(parts) > 1:
             info, path = await asyncio.to_thread(batch.merge, self.spool, parts, headers)
             try:
-                    merged = await self.client.write_object(info, _read_file(path))
+                merged = await self.client.write_object(info, stream_file(path))
             finally:
                 await asyncio.to_thread(_unlink, path)
             if self._debug.ready():
@@ -265,10 +262,8 @@ class Replica:
             header = headers[0] if headers else await asyncio.to_thread(
                 self.spool.read_header, info)
             frames = int(header.get("frames", 0))
-        linked = None
-        if isinstance(self.client, FileStorage):
-            # same file system as the spool: link the spooled file instead of copying it
-            linked = await self.client.link_object(info, self.spool.path(info))
+        # a destination on the spool's file system links the spooled file instead of copying it
+        linked = await self.client.link_object(info, self.spool.path(info))
         if linked is not None:
             return info, linked, frames
         size = await self.client.write_object(info, self.spool.storage.read_object(info))
@@ -307,19 +302,17 @@ class Replica:
         if isinstance(exc, LeaseError):
             operation = "lease"
         msg = str(exc) if isinstance(exc, ReplicatorError) else f"{type(exc).__name__}: {exc}"
-        changed = msg != self.last_error
+        if self.last_error is None:
+            self._errors.reset()  # the replica was fine since the last error: log this one
         self.last_error = msg
         if self.metrics is not None:
             self.metrics.errors.labels(self.db_name, self.name, operation).inc()
             self.metrics.replica_up.labels(self.db_name, self.name).set(0)
-        now = time.monotonic()
-        if changed or now - self._last_log >= LOG_EVERY:
-            self._last_log = now
-            log.error("%s: replica %s: %s failed: %s", self.db_name, self.name, operation, msg)
+        self._errors.error(msg, f"{self.db_name}: replica {self.name}: {operation} failed: ")
 
     async def run(self, stop: asyncio.Event, backstop: float = DEFAULT_BACKSTOP) -> None:
         """Ship whenever woken (or every ``backstop`` seconds) until ``stop`` is set."""
-        delay = DEFAULT_RETRY_MIN
+        failures = 0
         while not stop.is_set() and self.fenced is None:
             try:
                 if not self.healthy:
@@ -327,15 +320,15 @@ class Replica:
                 await self.sync()
                 if self.fenced is not None:
                     break
-                delay = DEFAULT_RETRY_MIN
+                failures = 0
                 timeout = backstop
             except Exception as exc:  # noqa: BLE001 - every failure is retried with backoff
                 if self.fenced is not None:
                     break  # already counted and logged
                 self.record_error("sync" if self.healthy else "init", exc)
                 self._relist = True  # the destination may have changed while failing
-                timeout = delay * random.uniform(0.5, 1.0)  # jitter: no herd of sidecars
-                delay = min(delay * 2, DEFAULT_RETRY_MAX)
+                failures += 1
+                timeout = RETRY.delay(failures)
                 # the lag keeps growing while the destination is down
                 missing = await self.pending(remote=False)
                 if missing:
@@ -343,12 +336,6 @@ class Replica:
                     self._set_lag()
             await wait_any(self.wake, stop, within=timeout)
             self.wake.clear()
-
-
-async def _read_file(path: str) -> AsyncIterator[bytes]:
-    async with aiofiles.open(path, "rb") as f:
-        while chunk := await f.read(DEFAULT_CHUNK_SIZE):
-            yield chunk
 
 
 def _unlink(path: str) -> None:

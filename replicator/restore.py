@@ -548,7 +548,9 @@ def integrity_check(path: str) -> str:
     return text
 
 
-def _check_output(output: str, force: bool) -> str:
+def check_output(output: str, force: bool) -> str:
+    """The absolute path of a restore's output; RestoreError if its directory is missing or it
+    exists and ``force`` is not set."""
     output = os.path.abspath(output)
     parent = os.path.dirname(output)
     if not os.path.isdir(parent):
@@ -676,13 +678,6 @@ class _Prefetcher:
             await d.aclose()
 
 
-def _local(client: StorageClient) -> bool:
-    from .storage.file import FileStorage
-    from .storage.memory import MemoryStorage
-
-    return isinstance(client, FileStorage | MemoryStorage)
-
-
 async def apply_plan(
     client: StorageClient,
     plan: RestorePlan,
@@ -700,12 +695,12 @@ async def apply_plan(
     while the objects are applied strictly in order; the directory is removed either way.
     Temp files and directories that a killed restore left beside ``output`` are removed first
     (see ``remove_stale_temps``). ``progress`` hears of every chunk and object read."""
-    output = await asyncio.to_thread(_check_output, output, force)
+    output = await asyncio.to_thread(check_output, output, force)
     for stale in await asyncio.to_thread(remove_stale_temps, output):
         log.info("removed %s, left by a restore that was killed", stale)
     parent = os.path.dirname(output)
     if prefetch is None:
-        prefetch = 0 if _local(client) else DEFAULT_PREFETCH
+        prefetch = 0 if client.local else DEFAULT_PREFETCH
     objects = [plan.snapshot, *plan.segments]
     pf: _Prefetcher | None = None
     tmpdir: str | None = None

@@ -12,6 +12,7 @@ many objects a slow destination leaves waiting.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import threading
@@ -20,7 +21,7 @@ from typing import Any
 
 from .format import DEFAULT_LEVEL, KIND_SNAPSHOT, KIND_WAL, ObjectWriter, read_header_file
 from .fsutil import TMP_SUFFIX, atomic_writer
-from .pos import GENERATIONS_DIR, ObjectInfo, is_generation_id, parse_key
+from .pos import GENERATIONS_DIR, ObjectInfo
 from .storage.file import FileStorage
 
 
@@ -34,26 +35,13 @@ class Spool:
         self._index: dict[str, dict[str, ObjectInfo]] | None = None  # generation -> key -> info
 
     def _scan(self) -> dict[str, dict[str, ObjectInfo]]:
-        """The index (read from the directory the first time); call with the lock held."""
+        """The index (read from the directory the first time, sizes included); call with the
+        lock held."""
         if self._index is None:
-            index: dict[str, dict[str, ObjectInfo]] = {}
-            try:
-                names = os.listdir(os.path.join(self.root, GENERATIONS_DIR))
-            except FileNotFoundError:
-                names = []
-            for gen in (n for n in names if is_generation_id(n)):
-                objs = index.setdefault(gen, {})
-                for folder in ("snapshots", "wal"):
-                    d = os.path.join(self.root, GENERATIONS_DIR, gen, folder)
-                    try:
-                        entries = os.listdir(d)
-                    except FileNotFoundError:
-                        continue
-                    for name in entries:
-                        info = parse_key(f"{GENERATIONS_DIR}/{gen}/{folder}/{name}")
-                        if info is not None:
-                            objs[info.key] = info
-            self._index = index
+            self._index = {
+                gen: {info.key: info for info in self.storage.scan_objects(gen)}
+                for gen in self.storage.scan_generations()
+            }
         return self._index
 
     def remove_temp_files(self) -> int:
@@ -81,7 +69,7 @@ class Spool:
         level: int | None = DEFAULT_LEVEL,
     ) -> ObjectInfo:
         """Write an object durably (zstd ``level``, None: stored uncompressed); return its info
-        with the size filled in."""
+        with the size filled in (the index keeps it too)."""
         kind = KIND_SNAPSHOT if info.kind == "snapshot" else KIND_WAL
         path = self.path(info)
         with atomic_writer(path) as f:
@@ -90,12 +78,9 @@ class Spool:
                 w.write(chunk)
             w.close()
             size = f.tell()
-        out = ObjectInfo(
-            info.generation, info.end_txid, info.kind_order, info.start_txid, info.first_ms,
-            info.last_ms, size,
-        )
+        out = dataclasses.replace(info, size=size)
         with self._lock:
-            self._scan().setdefault(out.generation, {})[out.key] = parse_key(out.key) or out
+            self._scan().setdefault(out.generation, {})[out.key] = out
         return out
 
     def generations(self) -> list[str]:
@@ -104,7 +89,7 @@ class Spool:
             return sorted(self._scan())
 
     def objects(self, generation: str) -> list[ObjectInfo]:
-        """Objects of a generation in the spool, sorted."""
+        """Objects of a generation in the spool, sorted, with their sizes."""
         with self._lock:
             objs = list(self._scan().get(generation, {}).values())
         return sorted(objs, key=_order)

@@ -28,8 +28,11 @@ from replicator.storage.s3 import (
     DEFAULT_PART_SIZE,
     DEFAULT_REQUEST_ATTEMPTS,
     URL_PARAMS,
+    S3Options,
     S3Storage,
+    parse_s3_url,
 )
+from replicator.storage.s3_options import STORAGE_CLASSES
 
 MIB = 1 << 20
 PART = 5 * MIB
@@ -73,14 +76,14 @@ async def open_s3(s3_env: dict[str, str]) -> AsyncIterator[Callable[..., S3Stora
         endpoint: str | None = None,
         **kwargs: Any,
     ) -> S3Storage:
-        s = S3Storage(
+        s = S3Storage(S3Options(
             bucket,
             prefix,
             endpoint=endpoint or server.endpoint,
             region=TEST_REGION,
             force_path_style=True,
             **kwargs,
-        )
+        ))
         opened.append(s)
         return s
 
@@ -104,7 +107,7 @@ FAST = {"request_attempts": 1, "backoff_base": 0.01, "backoff_max": 0.05}
 
 
 def test_from_url_with_every_parameter() -> None:
-    s = S3Storage.from_url(
+    s = parse_s3_url(
         "s3://my-bucket/some/prefix/?endpoint=http://127.0.0.1:8333&region=eu-west-1"
         "&force_path_style=true&storage_class=STANDARD_IA&sse=aws:kms"
         "&sse_kms_key_id=arn:aws:kms:eu-west-1:111122223333:key/abc&part_size=16MiB"
@@ -123,7 +126,7 @@ def test_from_url_with_every_parameter() -> None:
 
 
 def test_from_url_defaults() -> None:
-    s = S3Storage.from_url("s3://bucket")
+    s = parse_s3_url("s3://bucket")
     assert (s.bucket, s.prefix, s.url) == ("bucket", "", "s3://bucket")
     assert s.endpoint is None and s.region is None and s.force_path_style is False
     assert s.storage_class is None and s.sse is None and s.sse_kms_key_id is None
@@ -133,7 +136,30 @@ def test_from_url_defaults() -> None:
     assert S3Storage.from_url("s3://bucket/").url == "s3://bucket"
     assert S3Storage.from_url("s3://bucket/a%20b").prefix == "a b"
     assert S3Storage.from_url("s3://bucket/p?part_size=5242880").part_size == PART
-    assert S3Storage.from_url("s3://bucket/p?force_path_style=0").force_path_style is False
+    assert parse_s3_url("s3://bucket/p?force_path_style=0").force_path_style is False
+
+
+def test_part_size_uses_the_project_size_units() -> None:
+    """One size parser everywhere: MB is 10**6 bytes, MiB 2**20, in a URL as in YAML."""
+    from replicator.units import parse_size
+
+    for text, size in (("8MB", 8_000_000), ("8MiB", 8 * MIB), ("8mb", 8_000_000),
+                       ("6000kB", 6_000_000), ("1GiB", 1 << 30), ("5242880", 5 * MIB)):
+        assert parse_s3_url(f"s3://bkt/p?part_size={text}").part_size == size
+        assert parse_size(text, "x") == size
+    with pytest.raises(ConfigError, match=r"invalid part_size 5000000 \(must be between"):
+        parse_s3_url("s3://bkt/p?part_size=5MB")  # 5 MB is less than S3's 5 MiB minimum
+
+
+def test_options_round_trip_through_their_url() -> None:
+    opts = S3Options("bkt", "/a/b/", region="eu-west-1", endpoint="http://127.0.0.1:9000",
+                     force_path_style=True, part_size=16 * MIB, retry_timeout=30)
+    assert opts.to_url() == (
+        "s3://bkt/a/b?endpoint=http://127.0.0.1:9000&region=eu-west-1&force_path_style=true"
+        "&part_size=16777216&retry_timeout=30.0"
+    )
+    assert parse_s3_url(opts.to_url()) == opts
+    assert S3Options("bkt").to_url() == "s3://bkt"
 
 
 def test_open_storage_dispatches_s3() -> None:
@@ -166,7 +192,7 @@ BAD_URLS = [
     ("s3://bkt/a//b", "s3://bkt/a//b: invalid prefix 'a//b' (empty path segment)"),
     (
         "s3://bkt/p?part_size=abc",
-        "s3://bkt/p: invalid part_size 'abc' (expected bytes, e.g. 8MiB)",
+        "s3://bkt/p: part_size: expected a size like 500MiB or 1GB, got 'abc'",
     ),
     (
         "s3://bkt/p?part_size=1MiB",
@@ -179,7 +205,7 @@ BAD_URLS = [
     (
         "s3://bkt/p?storage_class=COLD",
         "s3://bkt/p: invalid storage_class 'COLD' (expected "
-        f"one of {', '.join(s3mod.STORAGE_CLASSES)})",
+        f"one of {', '.join(STORAGE_CLASSES)})",
     ),
     (
         "s3://bkt/p?sse=rot13",
@@ -245,9 +271,9 @@ def test_credentials_in_urls_are_rejected_without_echo() -> None:
 
 def test_constructor_validates_like_from_url() -> None:
     with pytest.raises(ConfigError, match=r"^s3://bkt/p: invalid part_size 100 "):
-        S3Storage("bkt", "p", part_size=100)
+        S3Options("bkt", "p", part_size=100)
     with pytest.raises(ConfigError, match=r"^s3://bkt: invalid backoff_base 0 "):
-        S3Storage("bkt", backoff_base=0)
+        S3Options("bkt", backoff_base=0)
 
 
 # -- layout and options -------------------------------------------------------------------------
@@ -321,7 +347,7 @@ async def test_listing_paginates_and_deletes_batch(
         segment_info(gens[0], i, i, i, i, size=1) for i in range(1, 11)
     ]
     batches: list[int] = []
-    (await s._get_client()).meta.events.register(
+    (await s.requests.client()).meta.events.register(
         "before-parameter-build.s3.DeleteObjects",
         lambda params, **_: batches.append(len(params["Delete"]["Objects"])),
     )
@@ -514,7 +540,7 @@ async def test_connection_resets_are_retried(
     open_s3: Callable[..., S3Storage],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="replicator.storage.s3")
+    caplog.set_level(logging.WARNING, logger="replicator.storage")
     s = open_s3(seaweedfs_server, weed_bucket, endpoint=proxy.endpoint, max_retries=8, **FAST)
     await s.init()
     gen = new_generation_id()
@@ -540,7 +566,8 @@ async def test_connection_resets_are_retried(
     assert await s.write_object(large, flaky()) == len(data)
     assert proxy.faulted == 5
     assert await read_all(s, large) == data
-    retries = [r.getMessage() for r in caplog.records if r.name == "replicator.storage.s3"]
+    retries = [r.getMessage() for r in caplog.records
+               if r.name.startswith("replicator.storage.s3")]
     assert retries and all("retrying in" in m for m in retries)
     assert_no_secrets(*retries)
 
@@ -734,7 +761,7 @@ async def test_small_uploads_skip_the_expect_continue_round_trip(
     """botocore asks for ``Expect: 100-continue`` on every upload, a round trip before the body
     goes out; a small object (a segment, the lease) is sent at once. Large ones keep it."""
     s = open_s3(seaweedfs_server, weed_bucket)
-    client = await s._get_client()
+    client = await s.requests.client()
     sent: list[tuple[int, str | None]] = []
 
     def record(request: Any, **kwargs: Any) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
 
-from ..pos import ObjectInfo
+from ..pos import LEASE_KEY, ObjectInfo
 
 DEFAULT_CHUNK_SIZE = 1 << 20
-# The one key outside generations/: the fencing record (see replicator.lease and docs/format.md).
-LEASE_KEY = "lease.json"
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "LEASE_KEY", "StorageClient"]
 
 
 @runtime_checkable
@@ -22,9 +22,19 @@ class StorageClient(Protocol):
     """One replica destination.
 
     ``url`` is the destination as shown to people (never with credentials).
+
+    Two optional capabilities are declared rather than inferred from the class:
+
+    * ``local``: objects are on this machine, so reading one costs no request (a restore then
+      reads them in order instead of downloading ahead);
+    * ``can_link``: :meth:`link_object` can put a spooled file in place without copying it (a
+      backend that cannot returns None from it; a replica then batches consecutive segments
+      into one object instead, since it pays per object).
     """
 
     url: str
+    local: bool
+    can_link: bool
 
     async def init(self) -> None:
         """Check the destination is usable (create the directory, check the bucket)."""
@@ -40,6 +50,12 @@ class StorageClient(Protocol):
 
     async def write_object(self, info: ObjectInfo, data: AsyncIterable[bytes]) -> int:
         """Store ``data`` under ``info.key`` atomically; return the number of bytes written."""
+        ...
+
+    async def link_object(self, info: ObjectInfo, source: str) -> int | None:
+        """Put ``source``, a durable local file that is never modified again, in place as
+        ``info`` without copying it; return its size, or None when this backend cannot (then
+        the caller writes it with :meth:`write_object`)."""
         ...
 
     def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:

@@ -19,8 +19,8 @@ import aiofiles.os
 
 from ..errors import NotFoundError, StorageError
 from ..fsutil import TMP_SUFFIX, atomic_writer, fsync_dir, makedirs_durable, temp_path
-from ..pos import GENERATIONS_DIR, ObjectInfo, is_generation_id, parse_key
-from .base import DEFAULT_CHUNK_SIZE, LEASE_KEY
+from ..pos import GENERATIONS_DIR, LEASE_KEY, ObjectInfo, is_generation_id, parse_key
+from .base import DEFAULT_CHUNK_SIZE
 
 # link() errors that mean "copy instead": another file system, or one without hard links
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
@@ -36,8 +36,18 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+async def stream_file(path: str) -> AsyncIterator[bytes]:
+    """A local file's bytes in ``DEFAULT_CHUNK_SIZE`` chunks, read in a thread."""
+    async with aiofiles.open(path, "rb") as f:
+        while chunk := await f.read(DEFAULT_CHUNK_SIZE):
+            yield chunk
+
+
 class FileStorage:
     """Objects as files below a root directory."""
+
+    local = True
+    can_link = True
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
@@ -66,42 +76,48 @@ class FileStorage:
         except OSError as exc:
             raise self._error("cannot write replica directory", exc) from None
 
+    def scan_generations(self) -> list[str]:
+        """Generation ids present, oldest first (blocking: call from a thread)."""
+        try:
+            names = os.listdir(os.path.join(self.root, GENERATIONS_DIR))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if is_generation_id(n))
+
+    def scan_objects(self, generation: str) -> list[ObjectInfo]:
+        """Objects of a generation with their sizes, sorted; temp files are ignored (blocking:
+        call from a thread)."""
+        out: list[ObjectInfo] = []
+        for folder in ("snapshots", "wal"):
+            d = os.path.join(self.root, GENERATIONS_DIR, generation, folder)
+            try:
+                entries = list(os.scandir(d))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                if e.name.endswith(TMP_SUFFIX):
+                    continue
+                key = f"{GENERATIONS_DIR}/{generation}/{folder}/{e.name}"
+                try:
+                    size = e.stat().st_size
+                except FileNotFoundError:
+                    continue
+                info = parse_key(key, size)
+                if info is not None:
+                    out.append(info)
+        return sorted(out)
+
     async def generations(self) -> list[str]:
         """Generation ids present, oldest first."""
         try:
-            names = await aiofiles.os.listdir(os.path.join(self.root, GENERATIONS_DIR))
-        except FileNotFoundError:
-            return []
+            return await asyncio.to_thread(self.scan_generations)
         except OSError as exc:
             raise self._error("cannot list generations", exc) from None
-        return sorted(n for n in names if is_generation_id(n))
 
     async def objects(self, generation: str) -> list[ObjectInfo]:
         """Objects of a generation, sorted; temp files are ignored."""
-
-        def scan() -> list[ObjectInfo]:
-            out: list[ObjectInfo] = []
-            for folder in ("snapshots", "wal"):
-                d = os.path.join(self.root, GENERATIONS_DIR, generation, folder)
-                try:
-                    entries = list(os.scandir(d))
-                except FileNotFoundError:
-                    continue
-                for e in entries:
-                    if e.name.endswith(TMP_SUFFIX):
-                        continue
-                    key = f"{GENERATIONS_DIR}/{generation}/{folder}/{e.name}"
-                    try:
-                        size = e.stat().st_size
-                    except FileNotFoundError:
-                        continue
-                    info = parse_key(key, size)
-                    if info is not None:
-                        out.append(info)
-            return sorted(out)
-
         try:
-            return await asyncio.to_thread(scan)
+            return await asyncio.to_thread(self.scan_objects, generation)
         except OSError as exc:
             raise self._error(f"cannot list generation {generation}", exc) from None
 
@@ -164,19 +180,12 @@ class FileStorage:
     async def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
         """Stream a file in chunks."""
         try:
-            f = await aiofiles.open(self._path(info.key), "rb")
+            async for chunk in stream_file(self._path(info.key)):
+                yield chunk
         except FileNotFoundError:
             raise NotFoundError(f"{self.url}: {info.key}: object not found") from None
         except OSError as exc:
             raise self._error(f"cannot read {info.key}", exc) from None
-        try:
-            while True:
-                chunk = await f.read(DEFAULT_CHUNK_SIZE)
-                if not chunk:
-                    return
-                yield chunk
-        finally:
-            await f.close()
 
     async def delete_objects(self, infos: Sequence[ObjectInfo]) -> None:
         """Unlink files; absent ones are ignored."""

@@ -10,7 +10,12 @@ from .base import DEFAULT_CHUNK_SIZE
 
 
 class MemoryStorage:
-    """Keeps objects in a dict keyed like the other backends."""
+    """Keeps objects in a dict keyed like the other backends. It counts as local (reads cost
+    nothing) but cannot link files, so a replica batches segments for it like for a remote
+    destination."""
+
+    local = True
+    can_link = False
 
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
@@ -40,6 +45,10 @@ class MemoryStorage:
         blob = b"".join(parts)
         self.data[info.key] = blob
         return len(blob)
+
+    async def link_object(self, info: ObjectInfo, source: str) -> int | None:
+        """Not supported: None (the caller writes the object instead)."""
+        return None
 
     async def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
         """Stream the stored bytes."""

@@ -1,0 +1,64 @@
+"""The one retry policy of every loop that retries (capture, shipping, S3 requests, health
+checks), and the one way a repeating error is logged.
+
+:class:`Backoff` is exponential backoff with full jitter and a cap: before retry number ``n`` wait
+a random time in ``[0, min(cap, base * 2 ** (n - 1))]``. The jitter keeps many sidecars that lost
+the same destination at the same moment from coming back as a herd; the cap bounds how long a
+destination that is back goes unnoticed.
+
+:class:`ErrorLog` logs an error when its text changes and otherwise at most once every
+``every`` seconds, so a destination that stays down does not flood the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+DEFAULT_LOG_EVERY = 60.0
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter: ``base`` seconds doubling per retry, capped at
+    ``cap`` seconds."""
+
+    base: float
+    cap: float
+
+    def ceiling(self, attempt: int) -> float:
+        """The longest wait before retry number ``attempt`` (1 for the first retry)."""
+        return min(self.cap, self.base * 2.0 ** max(0, attempt - 1))
+
+    def delay(self, attempt: int) -> float:
+        """A random wait before retry number ``attempt`` (1 for the first retry)."""
+        return random.uniform(0, self.ceiling(attempt))
+
+
+class ErrorLog:
+    """Logs errors to ``logger``: a new message at once, the same one again only after
+    ``every`` seconds."""
+
+    def __init__(self, logger: logging.Logger, every: float = DEFAULT_LOG_EVERY) -> None:
+        self.logger = logger
+        self.every = every
+        self.last: str | None = None
+        self._last_at = 0.0
+
+    def error(self, msg: str, context: str = "") -> bool:
+        """Log ``context + msg`` at ERROR unless ``msg`` repeats the last one within ``every``
+        seconds (whatever the context: the same failure seen by another step is the same
+        error); return whether it was logged."""
+        now = time.monotonic()
+        if msg == self.last and now - self._last_at < self.every:
+            return False
+        self.last = msg
+        self._last_at = now
+        self.logger.error("%s%s", context, msg)
+        return True
+
+    def reset(self) -> None:
+        """Forget the last error (it was resolved): the next one is logged at once."""
+        self.last = None
