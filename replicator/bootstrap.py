@@ -20,7 +20,6 @@ from .config import DbConfig
 from .errors import ReplicatorError, RestoreError
 from .fsutil import fsync_dir, temp_path
 from .restore import RestorePlan, RestoreResult, apply_plan, fmt_ns, plan_restore, summarize
-from .storage import open_storage
 from .storage.base import StorageClient
 
 log = logging.getLogger("replicator")
@@ -105,7 +104,7 @@ async def restore_if_missing(db: DbConfig, *, check: bool = True) -> RestoreResu
     if await asyncio.to_thread(_present, db.path):
         log.info("%s exists: not restored", db.path)
         return None
-    clients = [open_storage(r.url) for r in db.replicas]
+    clients = [r.open() for r in db.replicas]
     try:
         best = await best_plan(clients)
         if best.client is None or best.plan is None:

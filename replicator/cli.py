@@ -26,15 +26,25 @@ from .config import (
     DbConfig,
     load_config,
     load_metrics_addr,
+    parse_checkpoint_pages,
     parse_command,
     parse_duration,
+    parse_monitor_interval,
     replica_from_url,
     validate_addr,
 )
 from .errors import ConfigError, ReplicatorError, RestoreError
 from .logs import LOG_FORMATS, fmt_bytes, setup_logging
 from .redact import redact
-from .restore import RestorePlan, apply_plan, fmt_ns, parse_time, plan_restore, summarize
+from .restore import (
+    RestorePlan,
+    apply_plan,
+    check_output,
+    fmt_ns,
+    parse_time,
+    plan_restore,
+    summarize,
+)
 from .storage import open_storage
 from .storage.base import StorageClient
 from .supervise import Supervisor, check_command
@@ -195,13 +205,11 @@ def _replicate_config(args: argparse.Namespace) -> Config:
         if args.snapshot_interval is not None:
             db.snapshot_interval = parse_duration(args.snapshot_interval, "--snapshot-interval")
         if args.checkpoint_pages is not None:
-            if args.checkpoint_pages < 16:
-                raise ConfigError("--checkpoint-pages: expected an integer >= 16")
-            db.checkpoint_pages = args.checkpoint_pages
+            db.checkpoint_pages = parse_checkpoint_pages(args.checkpoint_pages,
+                                                         "--checkpoint-pages")
         if args.monitor_interval is not None:
-            db.monitor_interval = parse_duration(args.monitor_interval, "--monitor-interval")
-            if db.monitor_interval <= 0:
-                raise ConfigError("--monitor-interval: must be positive")
+            db.monitor_interval = parse_monitor_interval(args.monitor_interval,
+                                                         "--monitor-interval")
         if args.spool_dir is not None:
             if len(cfg.dbs) > 1:
                 raise ConfigError("--spool-dir: set spool-dir per database in the config file")
@@ -392,7 +400,7 @@ def _sources(args: argparse.Namespace) -> list[_Source]:
         if not reps:
             names = ", ".join(r.name for r in dbs[0].replicas)
             raise ConfigError(f"--replica: no replica named {args.replica!r} (have: {names})")
-    return [_Source(r.name, open_storage(r.url)) for r in reps]
+    return [_Source(r.name, r.open()) for r in reps]
 
 
 def _restore_checks(args: argparse.Namespace) -> bool:
@@ -401,12 +409,11 @@ def _restore_checks(args: argparse.Namespace) -> bool:
         raise ConfigError("restore needs -o OUTPUT (or --dry-run)")
     if args.txid is not None and args.txid < 0:
         raise ConfigError("--txid: expected a non-negative integer")
-    if args.output and os.path.exists(args.output):
-        if args.if_db_not_exists:
-            print(f"output {args.output} exists; nothing restored")
-            return False
-        if not args.force and not args.dry_run:
-            raise RestoreError(f"output {args.output} already exists; pass --force to overwrite")
+    if args.output and os.path.exists(args.output) and args.if_db_not_exists:
+        print(f"output {args.output} exists; nothing restored")
+        return False
+    if args.output and not args.dry_run:
+        check_output(args.output, args.force)
     return True
 
 

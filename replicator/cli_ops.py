@@ -10,7 +10,6 @@ from .config import Config, DbConfig, load_config
 from .errors import ConfigError
 from .restore import fmt_ns
 from .retention import apply_plan, plan_retention
-from .storage import open_storage
 
 
 def select_dbs(cfg: Config, wanted: str | None, config_path: str) -> list[DbConfig]:
@@ -32,7 +31,7 @@ async def prune(args: argparse.Namespace) -> int:
     for db in select_dbs(cfg, args.db, args.config):
         for rc in db.replicas:
             policy = db.retention_policy(rc)
-            client = open_storage(rc.url)
+            client = rc.open()
             try:
                 plan = await plan_retention(client, policy)
                 oldest = fmt_ns(plan.oldest_ms * 1_000_000) if plan.oldest_ms else "none"

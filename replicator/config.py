@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import re
 import shlex
@@ -18,55 +17,62 @@ from typing import Any
 
 import yaml
 
+from .db import DEFAULT_CHECKPOINT_PAGES as DEFAULT_CHECKPOINT_PAGES
 from .errors import ConfigError
 from .health import (
-    DEFAULT_INTEGRITY_INTERVAL_S,
-    DEFAULT_INTERVAL_S,
-    INTEGRITY_CHECK_NAME,
+    DEFAULT_INTEGRITY_INTERVAL,
+    DEFAULT_INTERVAL,
     OPERATORS,
     Check,
     FreshnessCheck,
     IntegrityCheck,
     SizeCheck,
     SqlThresholdCheck,
+    check_names,
     parse_fail_if,
 )
 from .notify import (
-    DEFAULT_MIN_INTERVAL_S,
+    DEFAULT_MIN_INTERVAL,
     DEFAULT_SENDER,
     DEFAULT_SMTP_PORT,
-    DEFAULT_TIMEOUT_S,
+    DEFAULT_TIMEOUT,
     Channel,
     SmtpNotifier,
     WebhookNotifier,
 )
 from .retention import PERIODS, RetentionPolicy
+from .storage import Destination, S3Options, StorageClient, open_destination, parse_destination
+from .storage.s3_options import parse_bool
+from .units import parse_duration as parse_duration
+from .units import parse_size as parse_size
 
 DEFAULT_SNAPSHOT_INTERVAL = 6 * 3600.0
 DEFAULT_MONITOR_INTERVAL = 1.0
-DEFAULT_CHECKPOINT_PAGES = 1000
+MIN_CHECKPOINT_PAGES = 16
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 DEFAULT_METRICS_ADDR: str | None = None
 DEFAULT_RETENTION: float | None = None
 DEFAULT_READY_MAX_LAG = 60.0
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_DURATION_HINT = "a duration like 250ms, 10s, 5m, 1h or 7d"
-_DUR_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)", re.IGNORECASE)
-_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
 @dataclass
 class ReplicaConfig:
-    """One destination of one database."""
+    """One destination of one database: ``url`` as shown to people, and the parsed destination
+    (from ``url`` unless given)."""
 
     name: str
     url: str
-    options: dict[str, Any] = field(default_factory=dict)
+    destination: Destination | None = None
     retention: RetentionPolicy | None = None
     """This destination's own retention (None: the database's)."""
+
+    def open(self) -> StorageClient:
+        """The storage client of this destination."""
+        dest = self.destination if self.destination is not None else parse_destination(self.url)
+        return open_destination(dest)
 
 
 @dataclass
@@ -111,7 +117,7 @@ class DbConfig:
 class NotifyConfig:
     """Where health-check state changes go; one notifier is shared by every database."""
 
-    min_interval: float = DEFAULT_MIN_INTERVAL_S
+    min_interval: float = DEFAULT_MIN_INTERVAL
     smtp: SmtpNotifier | None = None
     webhooks: list[WebhookNotifier] = field(default_factory=list)
 
@@ -132,52 +138,6 @@ class Config:
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     exec: list[str] | None = None
     """The application to run as a child of ``replicate`` (argv), if any."""
-
-
-def parse_duration(value: object, where: str) -> float:
-    """Seconds from ``1h30m``, ``10s``, ``250ms`` or a number of seconds."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected {_DURATION_HINT}, got {value!r}")
-    if isinstance(value, int | float):
-        if math.isnan(value):
-            raise ConfigError(f"{where}: expected {_DURATION_HINT}, got {value!r}")
-        if value < 0:
-            raise ConfigError(f"{where}: duration must not be negative")
-        return float(value)
-    if isinstance(value, str):
-        s = value.strip().replace(" ", "")
-        pos = 0
-        total = 0.0
-        for m in _DUR_RE.finditer(s):
-            if m.start() != pos:
-                break
-            n = float(m[1])
-            total += n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
-            pos = m.end()
-        if s and pos == len(s):
-            return total
-    raise ConfigError(f"{where}: expected {_DURATION_HINT}, got {value!r}")
-
-
-def parse_size(value: object, where: str) -> int:
-    """Bytes from a positive number or ``500MiB``, ``1GB``, ``64 KiB``, ``1000b`` (KB, MB, GB, TB
-    are powers of 1000; KiB, MiB, GiB, TiB powers of 1024)."""
-    err = ConfigError(f"{where}: expected a size like 500MiB or 1GB, got {value!r}")
-    if isinstance(value, bool):
-        raise err
-    if isinstance(value, int | float):
-        n = float(value)
-    elif isinstance(value, str):
-        m = _SIZE_RE.fullmatch(value.strip())
-        if m is None or (m[3] and not m[2]):
-            raise err
-        base = 1024 if m[3] else 1000
-        n = float(m[1]) * base ** _SIZE_POWERS[m[2].lower()]
-    else:
-        raise err
-    if math.isnan(n) or math.isinf(n) or n < 1:
-        raise ConfigError(f"{where}: must be at least 1 byte, got {value!r}")
-    return int(n)
 
 
 def expand_env(value: Any, where: str) -> Any:
@@ -227,21 +187,36 @@ def _int(v: Any, where: str, minimum: int) -> int:
 
 
 def replica_from_url(url: str, name: str, where: str = "replica") -> ReplicaConfig:
-    """A replica from a destination string, validated by opening its backend."""
-    from .storage import open_storage
-
+    """A replica from a destination string, parsed and checked (no client is built)."""
     try:
-        open_storage(url)
+        dest = parse_destination(url)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    return ReplicaConfig(name=name, url=url)
+    return ReplicaConfig(name=name, url=url, destination=dest)
 
 
-_REPLICA_FIELDS = {"name", "url", "path", "type", "bucket", "prefix", "region", "endpoint",
-                   "force-path-style", "force_path_style", "storage-class", "storage_class",
-                   "sse", "sse-kms-key-id", "sse_kms_key_id",
-                   *(f"keep{sep}{p}" for sep in "-_" for p in PERIODS), "retention"}
+_S3_FIELDS = ("region", "endpoint", "force-path-style", "storage-class", "sse", "sse-kms-key-id")
 _KEEP_FIELDS = {"retention", *(f"keep{sep}{p}" for sep in "-_" for p in PERIODS)}
+_REPLICA_FIELDS = {"name", "url", "path", "type", "bucket", "prefix", *_KEEP_FIELDS} | {
+    n for f in _S3_FIELDS for n in (f, f.replace("-", "_"))}
+
+
+def _s3_replica(raw: dict[str, Any], name: str, where: str) -> ReplicaConfig:
+    """The ``type: s3`` form: its fields become S3Options directly."""
+    bucket = _str(raw.get("bucket"), f"{where}.bucket")
+    prefix = str(raw.get("prefix", raw.get("path", "")))
+    kwargs: dict[str, Any] = {}
+    for key in _S3_FIELDS:
+        val = _get(raw, key)
+        if val is None:
+            continue
+        arg = key.replace("-", "_")
+        kwargs[arg] = parse_bool(arg, val, where) if arg == "force_path_style" else str(val)
+    try:
+        opts = S3Options(bucket, prefix, **kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return ReplicaConfig(name=name, url=opts.to_url(), destination=opts)
 
 
 def _keep(raw: dict[str, Any], where: str, base: RetentionPolicy,
@@ -283,17 +258,7 @@ def _replica(raw: Any, where: str, index: int) -> ReplicaConfig:
     elif "path" in raw and kind in (None, "file"):
         url = _str(raw["path"], f"{where}.path")
     elif kind == "s3":
-        bucket = _str(raw.get("bucket"), f"{where}.bucket")
-        params = []
-        for key in ("region", "endpoint", "force-path-style", "force_path_style",
-                    "storage-class", "storage_class", "sse", "sse-kms-key-id", "sse_kms_key_id"):
-            if key in raw:
-                val = raw[key]
-                if isinstance(val, bool):
-                    val = "true" if val else "false"
-                params.append(f"{key.replace('-', '_')}={val}")
-        prefix = str(raw.get("prefix", raw.get("path", ""))).strip("/")
-        url = f"s3://{bucket}/{prefix}" + ("?" + "&".join(params) if params else "")
+        return _s3_replica(raw, name, where)
     elif kind is not None and kind not in ("file", "s3"):
         raise ConfigError(f"{where}.type: unsupported replica type {kind!r} (use file or s3)")
     else:
@@ -334,6 +299,16 @@ def _bool(v: Any, where: str) -> bool:
 def _flag(v: Any, where: str) -> bool:
     """An optional boolean field (absent: false)."""
     return False if v is None else _bool(v, where)
+
+
+def parse_checkpoint_pages(v: Any, where: str) -> int:
+    """The ``checkpoint-pages`` setting: an integer of at least MIN_CHECKPOINT_PAGES."""
+    return _int(v, where, MIN_CHECKPOINT_PAGES)
+
+
+def parse_monitor_interval(v: Any, where: str) -> float:
+    """The ``monitor-interval`` setting: a positive duration."""
+    return _positive_duration(v, where)
 
 
 def _positive_duration(v: Any, where: str) -> float:
@@ -380,21 +355,21 @@ def _health(raw: Any, where: str) -> list[Check]:
         w = f"{where}.integrity"
         d = _mapping(integrity, w, {"quick", "interval"})
         quick = _bool(d.get("quick", True), f"{w}.quick")
-        checks.append(IntegrityCheck(quick, _interval(d, w, DEFAULT_INTEGRITY_INTERVAL_S)))
+        checks.append(IntegrityCheck(quick, _interval(d, w, DEFAULT_INTEGRITY_INTERVAL)))
     for i, item in enumerate(_list(raw.get("freshness"), f"{where}.freshness")):
         w = f"{where}.freshness[{i}]"
         d = _mapping(item, w, _fields("name", "sql", "max-age", "interval"))
         checks.append(FreshnessCheck(
             _check_name(d, w), _str(d.get("sql"), f"{w}.sql"),
             _positive_duration(_get(d, "max-age"), f"{w}.max-age"),
-            _interval(d, w, DEFAULT_INTERVAL_S),
+            _interval(d, w, DEFAULT_INTERVAL),
         ))
     for i, item in enumerate(_list(raw.get("size"), f"{where}.size")):
         w = f"{where}.size[{i}]"
         d = _mapping(item, w, _fields("name", "max-bytes", "interval"))
         checks.append(SizeCheck(
             _check_name(d, w), parse_size(_get(d, "max-bytes"), f"{w}.max-bytes"),
-            _interval(d, w, DEFAULT_INTERVAL_S),
+            _interval(d, w, DEFAULT_INTERVAL),
         ))
     for i, item in enumerate(_list(raw.get("sql"), f"{where}.sql")):
         w = f"{where}.sql[{i}]"
@@ -402,13 +377,9 @@ def _health(raw: Any, where: str) -> list[Check]:
         name = _check_name(d, w)
         op, threshold = _fail_if(_get(d, "fail-if"), f"{w}.fail-if")
         checks.append(SqlThresholdCheck(
-            name, _str(d.get("sql"), f"{w}.sql"), op, threshold, _interval(d, w, DEFAULT_INTERVAL_S)
+            name, _str(d.get("sql"), f"{w}.sql"), op, threshold, _interval(d, w, DEFAULT_INTERVAL)
         ))
-    names = [c.name for c in checks]
-    for n in names:
-        if names.count(n) > 1:
-            hint = " (reserved for the integrity check)" if n == INTEGRITY_CHECK_NAME else ""
-            raise ConfigError(f"{where}: duplicate check name {n!r}{hint}")
+    check_names(checks, where)
     return checks
 
 
@@ -442,7 +413,7 @@ def _smtp(raw: Any, where: str) -> SmtpNotifier:
         password=password,
         sender=_str(d.get("from", DEFAULT_SENDER), f"{where}.from"),
         recipients=list(recipients),
-        timeout=DEFAULT_TIMEOUT_S if timeout is None else _positive_duration(
+        timeout=DEFAULT_TIMEOUT if timeout is None else _positive_duration(
             timeout, f"{where}.timeout"),
     )
 
@@ -463,7 +434,7 @@ def _webhook(raw: Any, where: str) -> WebhookNotifier:
             raise ConfigError(f"{where}.headers.{k}: expected a string")
         headers[str(k)] = str(v)
     timeout = d.get("timeout")
-    return WebhookNotifier(url, headers, DEFAULT_TIMEOUT_S if timeout is None else
+    return WebhookNotifier(url, headers, DEFAULT_TIMEOUT if timeout is None else
                            _positive_duration(timeout, f"{where}.timeout"))
 
 
@@ -534,11 +505,11 @@ def _db(raw: Any, where: str) -> DbConfig:
         cfg.snapshot_interval = parse_duration(get("snapshot-interval"),
                                                f"{where}.snapshot-interval")
     if get("monitor-interval") is not None:
-        cfg.monitor_interval = parse_duration(get("monitor-interval"), f"{where}.monitor-interval")
-        if cfg.monitor_interval <= 0:
-            raise ConfigError(f"{where}.monitor-interval: must be positive")
+        cfg.monitor_interval = parse_monitor_interval(get("monitor-interval"),
+                                                      f"{where}.monitor-interval")
     if get("checkpoint-pages") is not None:
-        cfg.checkpoint_pages = _int(get("checkpoint-pages"), f"{where}.checkpoint-pages", 16)
+        cfg.checkpoint_pages = parse_checkpoint_pages(get("checkpoint-pages"),
+                                                      f"{where}.checkpoint-pages")
     _db_retention(cfg, raw, reps, where)
     _db_checks(cfg, raw, where)
     if get("ready-max-lag") is not None:

@@ -586,6 +586,7 @@ class Database:
         else:
             tail = scan_frames(fd, old, pos.frame + 1, pos.checksum, keep_frames=False)
         after = os.pread(fd, fs, off)
+        size = os.fstat(fd).st_size  # once the tail was read: has the file shrunk since?
         if self._reset_salts == pos.salts and self._reset_end is not None:
             if self._reset_end == tail.end_index:
                 return tail, data
@@ -594,13 +595,12 @@ class Database:
         # that has not shrunk: a journal_size_limit truncation at the new epoch's first commit
         # cuts the file at the limit (a partial frame) and could otherwise pass for the end
         ended = tail.stop_reason in ("salt", "checksum") or (
-            tail.stop_reason == "eof" and os.fstat(fd).st_size >= self._wal_size_seen
+            tail.stop_reason == "eof" and size >= self._wal_size_seen
         )
         if untouched and ended:
             return tail, data
         # the capture had reached the old epoch's last frame, which was the file's last: the
         # file still ends right after it, has not shrunk, and that frame is still ours
-        size = os.fstat(fd).st_size
         if (
             pos.frame > 0 and not before and not after and size == off
             and size >= self._wal_size_seen and not tail.transactions

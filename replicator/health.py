@@ -23,7 +23,7 @@ The checks (all frozen dataclasses; ``name`` is the ``check`` label of the metri
   ``replicator_integrity_check_ok`` and ``..._timestamp_seconds`` (not the ``health_check_*``
   gauges, so a corruption raises only ``IntegrityCheckFailed``).
 * :class:`FreshnessCheck` - a query returning the newest timestamp of some data (ISO-8601 text,
-  naive = UTC, or unix seconds); failing when it is older than ``max_age_s`` or NULL.
+  naive = UTC, or unix seconds); failing when it is older than ``max_age`` or NULL.
 * :class:`SizeCheck` - database file plus ``-wal`` file, failing above ``max_bytes``.
 * :class:`SqlThresholdCheck` - a query returning one number; failing when
   ``value <op> threshold`` holds (``op=">", threshold=100`` reads "fail if > 100").
@@ -50,17 +50,20 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from replicator.errors import ConfigError
-from replicator.metrics import Metrics
-from replicator.notify import FAILING, RECOVERED, Notifier
+from .aio import wait_any
+from .errors import ConfigError
+from .metrics import Metrics
+from .notify import FAILING, RECOVERED, Notifier
+from .retry import Backoff, ErrorLog
 
-DEFAULT_INTERVAL_S = 60.0
-DEFAULT_INTEGRITY_INTERVAL_S = 24 * 3600.0
-DEFAULT_BUSY_TIMEOUT_MS = 100
-DEFAULT_QUERY_TIMEOUT_S = 30.0
+DEFAULT_INTERVAL = 60.0
+DEFAULT_INTEGRITY_INTERVAL = 24 * 3600.0
+DEFAULT_BUSY_TIMEOUT = 0.1
+DEFAULT_QUERY_TIMEOUT = 30.0
 MAX_INTEGRITY_ERRORS = 20
 MAX_REASON_CHARS = 500
 INTEGRITY_CHECK_NAME = "integrity"
@@ -78,22 +81,24 @@ OPERATORS: dict[str, Callable[[float, float], bool]] = {
     "!=": operator.ne,
 }
 
-logger = logging.getLogger("replicator.health")
+log = logging.getLogger(__name__)
+# a run that fails (a bug, not a failing check) is tried again after this backoff
+RUN_RETRY = Backoff(base=1.0, cap=DEFAULT_INTERVAL)
 
 
 @dataclass(frozen=True)
 class IntegrityCheck:
     """``PRAGMA quick_check`` (``quick=True``: b-tree structure only, fast) or the full
-    ``PRAGMA integrity_check`` (also indexes against tables), every ``interval_s``."""
+    ``PRAGMA integrity_check`` (also indexes against tables), every ``interval``."""
 
     quick: bool = True
-    interval_s: float = DEFAULT_INTEGRITY_INTERVAL_S
+    interval: float = DEFAULT_INTEGRITY_INTERVAL
     name: str = INTEGRITY_CHECK_NAME
 
 
 @dataclass(frozen=True)
 class FreshnessCheck:
-    """Fails when ``sql`` returns a timestamp older than ``max_age_s`` (or NULL / no row).
+    """Fails when ``sql`` returns a timestamp older than ``max_age`` (or NULL / no row).
 
     The first column of the first row may be ISO-8601 text (``2024-05-01 12:00:00``,
     ``...T12:00:00Z``, ``...+09:00``; without an offset it is UTC, like SQLite's
@@ -103,8 +108,8 @@ class FreshnessCheck:
 
     name: str
     sql: str
-    max_age_s: float
-    interval_s: float = DEFAULT_INTERVAL_S
+    max_age: float
+    interval: float = DEFAULT_INTERVAL
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,7 @@ class SizeCheck:
 
     name: str
     max_bytes: int
-    interval_s: float = DEFAULT_INTERVAL_S
+    interval: float = DEFAULT_INTERVAL
 
 
 def parse_fail_if(text: str) -> tuple[str, float] | None:
@@ -144,7 +149,7 @@ class SqlThresholdCheck:
     sql: str
     op: str
     threshold: float
-    interval_s: float = DEFAULT_INTERVAL_S
+    interval: float = DEFAULT_INTERVAL
 
     def __post_init__(self) -> None:
         if self.op not in OPERATORS:
@@ -154,12 +159,12 @@ class SqlThresholdCheck:
 
     @classmethod
     def from_fail_if(
-        cls, name: str, sql: str, fail_if: str, interval_s: float = DEFAULT_INTERVAL_S
+        cls, name: str, sql: str, fail_if: str, interval: float = DEFAULT_INTERVAL
     ) -> SqlThresholdCheck:
         """Build from a config string such as ``fail_if: "> 100"``."""
         parsed = parse_fail_if(fail_if)
         if parsed is not None:
-            return cls(name, sql, parsed[0], parsed[1], interval_s)
+            return cls(name, sql, parsed[0], parsed[1], interval)
         raise ConfigError(
             f"health check {name!r}: fail_if {fail_if!r} is not '<op> <number>' "
             f"(op one of {' '.join(OPERATORS)})"
@@ -167,6 +172,17 @@ class SqlThresholdCheck:
 
 
 Check = IntegrityCheck | FreshnessCheck | SizeCheck | SqlThresholdCheck
+
+
+def check_names(checks: Sequence[Check], where: str = "health") -> None:
+    """Raise ConfigError unless every check has a name of its own."""
+    names = [c.name for c in checks]
+    for n in names:
+        if not n:
+            raise ConfigError(f"{where}: a check has an empty name")
+        if names.count(n) > 1:
+            hint = " (reserved for the integrity check)" if n == INTEGRITY_CHECK_NAME else ""
+            raise ConfigError(f"{where}: duplicate check name {n!r}{hint}")
 
 
 @dataclass(frozen=True)
@@ -255,14 +271,14 @@ def _truncate(text: str) -> str:
 
 
 def _connect_ro(
-    path: str, busy_timeout_ms: int, *, immutable: bool = False, any_thread: bool = False
+    path: str, busy_timeout: float, *, immutable: bool = False, any_thread: bool = False
 ) -> sqlite3.Connection:
     """A read-only, query-only connection: it can neither write nor take the write lock."""
     uri = Path(os.path.abspath(path)).as_uri() + "?mode=ro"
     if immutable:
         uri += "&immutable=1"
     conn = sqlite3.connect(
-        uri, uri=True, timeout=busy_timeout_ms / 1000, isolation_level=None,
+        uri, uri=True, timeout=busy_timeout, isolation_level=None,
         check_same_thread=not any_thread,
     )
     try:
@@ -317,7 +333,7 @@ def integrity_check(
     *,
     quick: bool = False,
     live: bool = True,
-    busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
 ) -> tuple[bool, str]:
     """Check any SQLite file: ``(True, "ok")`` or ``(False, reason)``; never raises for a bad
     or unreadable file (the reason says why).
@@ -332,7 +348,7 @@ def integrity_check(
         return False, f"{path}: no such file"
     immutable = not live and not _has_wal_content(path)
     try:
-        conn = _connect_ro(path, busy_timeout_ms, immutable=immutable)
+        conn = _connect_ro(path, busy_timeout, immutable=immutable)
         try:
             problems = _run_integrity(conn, quick)
         finally:
@@ -348,7 +364,7 @@ class HealthChecker:
     """Runs the health checks of one database on schedule, exports them as metrics, logs one
     line per result and tells ``notifier`` when a check starts failing or recovers.
 
-    ``db_label`` is the ``db`` label (default: ``db_path`` as given). ``query_timeout_s`` aborts a
+    ``db_label`` is the ``db`` label (default: ``db_path`` as given). ``query_timeout`` aborts a
     freshness or threshold query that runs longer (the integrity check has no limit).
     """
 
@@ -360,24 +376,20 @@ class HealthChecker:
         metrics: Metrics | None = None,
         notifier: Notifier | None = None,
         db_label: str | None = None,
-        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
-        query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        query_timeout: float = DEFAULT_QUERY_TIMEOUT,
     ) -> None:
-        names = [c.name for c in checks]
+        check_names(checks)
         for c in checks:
-            if not c.name:
-                raise ConfigError("health check with an empty name")
-            if names.count(c.name) > 1:
-                raise ConfigError(f"health check {c.name!r}: duplicate name")
-            if not c.interval_s > 0:
-                raise ConfigError(f"health check {c.name!r}: interval_s must be > 0")
+            if not c.interval > 0:
+                raise ConfigError(f"health check {c.name!r}: interval must be > 0")
         self.db_path = db_path
         self.db = db_label if db_label is not None else db_path
         self.checks = list(checks)
         self.metrics = metrics
         self.notifier = notifier
-        self.busy_timeout_ms = busy_timeout_ms
-        self.query_timeout_s = query_timeout_s
+        self.busy_timeout = busy_timeout
+        self.query_timeout = query_timeout
         self._next_due: dict[str, float] = {}
         self._ok: dict[str, bool] = {}
         self.last_results: dict[str, CheckResult] = {}
@@ -388,6 +400,10 @@ class HealthChecker:
         self._conn_ident: tuple[int, int] | None = None
         self._lock = threading.Lock()
         self._close_requested = False
+        # checks run on a thread of their own: a long integrity check never holds a thread
+        # that file and network work of the event loop needs
+        self._executor: ThreadPoolExecutor | None = None  # created by the first run
+        self._errors = ErrorLog(log)
 
     async def __aenter__(self) -> HealthChecker:
         """Use as ``async with HealthChecker(...) as checker:``; closes the connection on exit."""
@@ -401,6 +417,9 @@ class HealthChecker:
         """Close the kept read-only connection (a later run opens a new one). Never blocks: if
         a run is in progress (e.g. ``run()`` was cancelled during a long integrity check), its
         query is interrupted and the connection is closed when that run ends."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)  # a run in progress still finishes
+            self._executor = None
         if self._lock.acquire(blocking=False):
             try:
                 self._drop_connection()
@@ -424,9 +443,12 @@ class HealthChecker:
         due = [c for c in self.checks if self._next_due.get(c.name, -math.inf) <= t]
         results: list[CheckResult] = []
         if due:
-            results = await asyncio.to_thread(self._run_checks, due, t)
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="replicator-health")
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run_checks, due, t)
             for c in due:
-                self._next_due[c.name] = t + c.interval_s
+                self._next_due[c.name] = t + c.interval
             for r in results:
                 self._record(r)
                 self.last_results[r.check] = r
@@ -437,17 +459,20 @@ class HealthChecker:
 
     async def run(self, stop_event: asyncio.Event) -> None:
         """Run checks as they fall due until ``stop_event`` is set."""
+        failures = 0
         try:
             while not stop_event.is_set():
                 try:
                     await self.run_once()
-                except Exception:  # a bug in one run must not stop health checking
-                    logger.exception("health check run failed db=%s", self.db)
-                delay = min(max(self.next_due() - time.time(), 0.1), DEFAULT_INTERVAL_S)
-                try:
-                    await asyncio.wait_for(stop_event.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
+                    failures = 0
+                except Exception as exc:  # a bug in one run must not stop health checking
+                    failures += 1
+                    self._errors.error(f"{type(exc).__name__}: {exc}",
+                                       f"{self.db}: health check run failed: ")
+                    delay = RUN_RETRY.delay(failures)
+                else:
+                    delay = min(max(self.next_due() - time.time(), 0.1), DEFAULT_INTERVAL)
+                await wait_any(stop_event, within=delay)
         finally:
             self.close()
 
@@ -497,7 +522,7 @@ class HealthChecker:
         if self._conn is not None and self._conn_ident != ident:
             self._drop_connection()  # the file was replaced (e.g. restored): reopen
         if self._conn is None:
-            self._conn = _connect_ro(self.db_path, self.busy_timeout_ms, any_thread=True)
+            self._conn = _connect_ro(self.db_path, self.busy_timeout, any_thread=True)
             self._conn_ident = ident
         return self._conn
 
@@ -540,7 +565,7 @@ class HealthChecker:
         return CheckResult(self.db, check.name, kind, ok, value, _truncate(reason), now)
 
     def _with_deadline(self, conn: sqlite3.Connection, sql: str) -> object:
-        deadline = time.monotonic() + self.query_timeout_s
+        deadline = time.monotonic() + self.query_timeout
         conn.set_progress_handler(lambda: int(time.monotonic() > deadline), _PROGRESS_STEPS)
         try:
             return _query_one(conn, sql)
@@ -565,10 +590,10 @@ class HealthChecker:
             raise _CouldNotRun(str(e)) from None
         age = now - ts
         last = dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
-        if age > check.max_age_s:
+        if age > check.max_age:
             return False, age, (
                 f"stale: newest {last}, age {_fmt_duration(age)} > max "
-                f"{_fmt_duration(check.max_age_s)}"
+                f"{_fmt_duration(check.max_age)}"
             )
         return True, age, f"newest {last}, age {_fmt_duration(age)}"
 
@@ -603,11 +628,9 @@ class HealthChecker:
 
     def _record(self, r: CheckResult) -> None:
         level = logging.INFO if r.ok else logging.WARNING
-        value = "" if r.value is None else f"{r.value:g}"
-        logger.log(
-            level, "health db=%s check=%s ok=%d value=%s reason=%s",
-            r.db, r.check, r.ok, value, r.reason,
-        )
+        value = "" if r.value is None else f" (value {r.value:g})"
+        state = "ok" if r.ok else "FAILING" if r.ran else "could not run"
+        log.log(level, "%s: health check %s: %s: %s%s", r.db, r.check, state, r.reason, value)
         m = self.metrics
         if m is None:
             return

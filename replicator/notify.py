@@ -5,7 +5,7 @@ A :class:`Notifier` fans one :class:`Notification` out to every channel it was g
 It rate-limits per ``(db, check)`` key:
 
 * a ``failing`` notification is sent when no ``failing`` one was sent for the key within
-  ``min_interval_s``; otherwise it is held back and :meth:`Notifier.flush` sends it once the
+  ``min_interval``; otherwise it is held back and :meth:`Notifier.flush` sends it once the
   interval has passed, if the check is still failing (so a persistent failure is never hidden);
 * a ``recovered`` notification is always sent when the last notification *sent* for the key was
   ``failing``. A recovery from a failure that was held back is dropped: the receiver's last word
@@ -35,10 +35,10 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any, Literal, Protocol
 
-from replicator.metrics import Metrics
+from .metrics import Metrics
 
-DEFAULT_MIN_INTERVAL_S = 600.0
-DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MIN_INTERVAL = 600.0
+DEFAULT_TIMEOUT = 10.0
 DEFAULT_SMTP_PORT = 25
 DEFAULT_SENDER = "replicator@localhost"
 NOTIFY_OPERATION = "notify"
@@ -48,7 +48,7 @@ State = Literal["failing", "recovered"]
 FAILING: State = "failing"
 RECOVERED: State = "recovered"
 
-logger = logging.getLogger("replicator.notify")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class SmtpNotifier:
     password: str | None = field(default=None, repr=False)
     sender: str = DEFAULT_SENDER
     recipients: Sequence[str] = ()
-    timeout: float = DEFAULT_TIMEOUT_S
+    timeout: float = DEFAULT_TIMEOUT
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
 
     @property
@@ -184,7 +184,7 @@ class WebhookNotifier:
 
     url: str
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
-    timeout: float = DEFAULT_TIMEOUT_S
+    timeout: float = DEFAULT_TIMEOUT
 
     @property
     def name(self) -> str:
@@ -230,12 +230,12 @@ class Notifier:
         channels: Sequence[Channel],
         *,
         metrics: Metrics | None = None,
-        min_interval_s: float = DEFAULT_MIN_INTERVAL_S,
+        min_interval: float = DEFAULT_MIN_INTERVAL,
         hostname: str | None = None,
     ) -> None:
         self.channels = list(channels)
         self.metrics = metrics
-        self.min_interval_s = min_interval_s
+        self.min_interval = min_interval
         self.hostname = hostname if hostname is not None else socket.gethostname()
         self._keys: dict[tuple[str, str], _KeyState] = {}
 
@@ -265,13 +265,12 @@ class Notifier:
             await self._deliver(key, n, sent_at=t)
             return True
         if key.last_failing_sent_at is not None and t - key.last_failing_sent_at < (
-            self.min_interval_s
+            self.min_interval
         ):
             key.pending = n
             key.suppressed += 1
-            logger.info(
-                "notification held back (rate limit) db=%s check=%s state=%s", db, check, state
-            )
+            log.info("%s: health check %s: %s notification held back (rate limit)",
+                     db, check, state)
             return False
         await self._deliver(key, replace(n, suppressed=key.suppressed), sent_at=t)
         return True
@@ -284,7 +283,7 @@ class Notifier:
             n = key.pending
             if n is None or key.last_failing_sent_at is None:
                 continue
-            if t - key.last_failing_sent_at < self.min_interval_s:
+            if t - key.last_failing_sent_at < self.min_interval:
                 continue
             # the held-back notification itself is no longer suppressed once sent
             await self._deliver(key, replace(n, suppressed=key.suppressed - 1), sent_at=t)
@@ -304,14 +303,13 @@ class Notifier:
         try:
             await channel.send(n)
         except Exception as e:  # a channel must never break the caller
-            logger.warning(
-                "notify via %s failed db=%s check=%s state=%s: %s: %s",
-                channel.name, n.db, n.check, n.state, type(e).__name__,
+            log.warning(
+                "%s: health check %s: %s notification via %s failed: %s: %s",
+                n.db, n.check, n.state, channel.name, type(e).__name__,
                 " ".join(str(e).split()),  # one line, whatever the server answered
             )
             if self.metrics is not None:
                 self.metrics.errors.labels(db=n.db, replica="", operation=NOTIFY_OPERATION).inc()
         else:
-            logger.info(
-                "notified via %s db=%s check=%s state=%s", channel.name, n.db, n.check, n.state
-            )
+            log.info("%s: health check %s: %s notification sent via %s",
+                     n.db, n.check, n.state, channel.name)

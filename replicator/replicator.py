@@ -28,17 +28,18 @@ from .logs import RateLimit, fmt_bytes
 from .metrics import Metrics, create_metrics
 from .notify import Notifier
 from .replica import Replica
+from .retry import Backoff, ErrorLog
 from .spool import Spool
-from .storage import open_storage
 from .watcher import Watcher
 
-log = logging.getLogger("replicator")
+log = logging.getLogger(__name__)
 T = TypeVar("T")
-LOG_EVERY = 60.0
 # an INFO line per database with what was shipped, at most this often (none while idle)
 SUMMARY_EVERY = 60.0
 # the DEBUG capture line, at most this often (a busy WAL is captured every few ms)
 DEBUG_EVERY = 1.0
+# a capture that fails is retried after this backoff (it fails only when the database does)
+CAPTURE_RETRY = Backoff(base=0.1, cap=10.0)
 # how long a health check in progress may finish at shutdown before it is interrupted
 HEALTH_STOP_GRACE = 2.0
 # While commits keep coming the loop follows the WAL itself, looking every FOLLOW_POLL seconds,
@@ -46,8 +47,6 @@ HEALTH_STOP_GRACE = 2.0
 # nothing new, events wake it again.
 FOLLOW_POLL = 0.002
 FOLLOW_QUIET = 0.05
-# WAL segments whose frames are remembered until a replica has them (a replica that stays down
-# longer than this stops having its shipped frames counted for the oldest ones)
 CHECKPOINT_RESULTS = ("ok", "busy", "error")
 
 
@@ -76,7 +75,7 @@ class DatabaseService:
         self.db = Database(cfg.path, self.spool, name=cfg.name,
                            checkpoint_pages=cfg.checkpoint_pages)
         self.replicas = [
-            Replica(rc.name, open_storage(rc.url), self.spool, cfg.name, self.metrics)
+            Replica(rc.name, rc.open(), self.spool, cfg.name, self.metrics)
             for rc in cfg.replicas
         ]
         for r, rc in zip(self.replicas, cfg.replicas, strict=True):
@@ -90,8 +89,7 @@ class DatabaseService:
         self.wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="replicator-db")
         self._watcher: Watcher | None = None
-        self._last_error: str | None = None
-        self._last_log = 0.0
+        self._errors = ErrorLog(log)
         self._prune_task: asyncio.Task[None] | None = None
         self.last_capture = 0.0
         self._summary_at = time.monotonic()
@@ -263,11 +261,7 @@ class DatabaseService:
     def _record_error(self, operation: str, exc: BaseException) -> None:
         msg = str(exc) if isinstance(exc, ReplicatorError) else f"{type(exc).__name__}: {exc}"
         self.metrics.errors.labels(self.cfg.name, "", operation).inc()
-        now = time.monotonic()
-        if msg != self._last_error or now - self._last_log >= LOG_EVERY:
-            self._last_error = msg
-            self._last_log = now
-            log.error("%s: %s failed: %s", self.cfg.name, operation, msg)
+        self._errors.error(msg, f"{self.cfg.name}: {operation} failed: ")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Capture on every file event (or timer tick) and ship, until ``stop`` is set."""
@@ -275,7 +269,7 @@ class DatabaseService:
         self._watcher.start()
         shippers = [asyncio.create_task(r.run(stop)) for r in self.replicas]
         checks = asyncio.create_task(self.health.run(stop)) if self.health is not None else None
-        delay = 0.1
+        failures = 0
         watcher = self._watcher
         last_change = 0.0
         try:
@@ -299,11 +293,11 @@ class DatabaseService:
                         self.wake.set()  # a backlog: capture again at once
                     await self.snapshot_if_due()
                     self.log_summary()
-                    delay = 0.1
+                    failures = 0
                 except Exception as exc:  # noqa: BLE001 - logged, counted, retried
                     self._record_error("capture", exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 10.0)
+                    failures += 1
+                    await wait_any(stop, within=CAPTURE_RETRY.delay(failures))
         finally:
             await asyncio.gather(*shippers, return_exceptions=True)
             if checks is not None:
@@ -347,7 +341,7 @@ class DatabaseService:
             async def ship(r: Replica) -> None:
                 try:
                     await r.sync()
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - counted and logged per replica
                     r.record_error("sync", exc)
 
             # concurrently: a destination that is down cannot use up the others' time budget
@@ -357,7 +351,7 @@ class DatabaseService:
 
         try:
             await self._bounded(final(), grace, skip)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - shutdown goes on; the error is logged
             self._record_error("final sync", exc)
         if self.health is not None:
             self.health.close()
@@ -410,7 +404,7 @@ class Replicator:
         })
         channels = config.notify.channels
         self.notifier = Notifier(channels, metrics=self.metrics,
-                                 min_interval_s=config.notify.min_interval) if channels else None
+                                 min_interval=config.notify.min_interval) if channels else None
         self.services = [DatabaseService(d, self.metrics, self.notifier) for d in config.dbs]
         self.started = time.time()
 

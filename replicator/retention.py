@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from .pos import ObjectInfo
 from .storage.base import StorageClient
 
-log = logging.getLogger("replicator.retention")
+log = logging.getLogger(__name__)
 
 DEFAULT_DELETE_GRACE = 3600.0
 """Seconds an object stays after it became unneeded (restores that started before can read it)."""

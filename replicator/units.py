@@ -15,6 +15,7 @@ import re
 
 from .errors import ConfigError
 
+_DURATION_HINT = "a duration like 250ms, 10s, 5m, 1h or 7d"
 _DUR_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DUR_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)", re.IGNORECASE)
@@ -23,7 +24,7 @@ _SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 def parse_duration(value: object, where: str) -> float:
     """Seconds from ``1h30m``, ``10s``, ``250ms`` or a number of seconds."""
-    err = ConfigError(f"{where}: expected a duration like 10s, 5m or 1h, got {value!r}")
+    err = ConfigError(f"{where}: expected {_DURATION_HINT}, got {value!r}")
     if isinstance(value, bool):
         raise err
     if isinstance(value, int | float):

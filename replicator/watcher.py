@@ -19,7 +19,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-log = logging.getLogger("replicator.watcher")
+log = logging.getLogger(__name__)
 
 _WAKE_TYPES = {"modified", "created", "deleted", "moved"}
 

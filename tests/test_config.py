@@ -26,7 +26,7 @@ from replicator.config import (
 )
 from replicator.errors import ConfigError
 from replicator.health import FreshnessCheck, IntegrityCheck, SizeCheck, SqlThresholdCheck
-from replicator.notify import DEFAULT_MIN_INTERVAL_S, SmtpNotifier, WebhookNotifier
+from replicator.notify import DEFAULT_MIN_INTERVAL, SmtpNotifier, WebhookNotifier
 
 
 def write(tmp_path: Path, text: str, name: str = "replicator.yml") -> str:
@@ -141,7 +141,7 @@ dbs:
     assert a.monitor_interval == 0.25
     assert a.checkpoint_pages == 2000
     assert a.retention == 7 * 86400.0
-    assert a.health == [IntegrityCheck(quick=False, interval_s=12 * 3600.0)]
+    assert a.health == [IntegrityCheck(quick=False, interval=12 * 3600.0)]
     assert a.ready_max_lag == 60.0
     assert [r.name for r in a.replicas] == ["local", "url-form", "cloud"]
     assert a.replicas[0].url == "/backups/a"
@@ -158,16 +158,25 @@ dbs:
 
 
 def test_s3_form_opens_the_s3_backend(tmp_path: Path) -> None:
-    from replicator.storage import open_storage
+    """The typed S3 fields become S3Options directly (no URL is built and parsed back); the
+    replica's url shows them, and reads back as the same options."""
+    from replicator.storage import S3Options, parse_destination
 
     cfg = load(tmp_path, one_db(replicas="""    replicas:
       - type: s3
         bucket: bkt
         path: some/prefix
-        force_path_style: false
+        force_path_style: "yes"
+        endpoint: http://127.0.0.1:9000/
 """))
-    client: Any = open_storage(cfg.dbs[0].replicas[0].url)
-    assert (client.bucket, client.prefix, client.force_path_style) == ("bkt", "some/prefix", False)
+    rc = cfg.dbs[0].replicas[0]
+    opts = S3Options("bkt", "some/prefix", endpoint="http://127.0.0.1:9000",
+                     force_path_style=True)
+    assert rc.destination == opts
+    assert rc.url == "s3://bkt/some/prefix?endpoint=http://127.0.0.1:9000&force_path_style=true"
+    assert parse_destination(rc.url) == opts
+    client: Any = rc.open()
+    assert (client.url, client.options) == ("s3://bkt/some/prefix", opts)
 
 
 def test_relative_paths_are_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -553,7 +562,7 @@ dbs:
     db = cfg.dbs[0]
     assert db.ready_max_lag == 30.0
     assert db.health == [
-        IntegrityCheck(quick=True, interval_s=86400.0),
+        IntegrityCheck(quick=True, interval=86400.0),
         FreshnessCheck("releases_fresh", "SELECT MAX(created_at) FROM releases", 25 * 3600.0),
         SizeCheck("db_size", 500 * 1024 * 1024, 300.0),
         SizeCheck("db_size_int", 1000),
@@ -573,7 +582,7 @@ dbs:
     ]
     assert n.channels == [n.smtp, *n.webhooks]
     assert "pw-from-env" not in repr(cfg)
-    assert NotifyConfig().min_interval == DEFAULT_MIN_INTERVAL_S
+    assert NotifyConfig().min_interval == DEFAULT_MIN_INTERVAL
 
 
 def test_duplicate_check_names(tmp_path: Path) -> None:

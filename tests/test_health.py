@@ -147,12 +147,12 @@ async def test_freshness_size_and_sql_checks_fire_notify_and_recover(
             ),
             WebhookNotifier(webhook.url, timeout=5),
         ],
-        metrics=metrics, min_interval_s=600, hostname="db-host",
+        metrics=metrics, min_interval=600, hostname="db-host",
     )
     checker = make_checker(
         db_path,
         [
-            FreshnessCheck("releases_fresh", FRESHNESS_SQL, max_age_s=25 * HOUR),
+            FreshnessCheck("releases_fresh", FRESHNESS_SQL, max_age=25 * HOUR),
             SizeCheck("size", max_bytes=base_size + 512 * 1024),
             SqlThresholdCheck.from_fail_if("overdue", OVERDUE_SQL, "> 100"),
         ],
@@ -277,7 +277,7 @@ async def test_integrity_check_healthy_then_corrupted_flips_metric(
     assert integrity_check(copy) == (True, "ok")
     notifier = Notifier([WebhookNotifier(webhook.url, timeout=5)], metrics=metrics)
     checker = make_checker(
-        copy, [IntegrityCheck(quick=False, interval_s=60)], metrics=metrics, notifier=notifier,
+        copy, [IntegrityCheck(quick=False, interval=60)], metrics=metrics, notifier=notifier,
         db_label="copy",
     )
     [r] = await checker.run_once(now=1000.0)
@@ -408,7 +408,7 @@ async def test_slow_query_is_interrupted(
 ) -> None:
     checker = make_checker(
         db_path, [SqlThresholdCheck("slow", ENDLESS_SQL, ">", 0)], metrics=metrics,
-        query_timeout_s=0.2,
+        query_timeout=0.2,
     )
     start = time.monotonic()
     [r] = await checker.run_once(now=1.0)
@@ -419,7 +419,7 @@ async def test_slow_query_is_interrupted(
 async def test_cancelling_run_interrupts_a_long_check(db_path: str, metrics: Metrics) -> None:
     checker = HealthChecker(
         db_path, [SqlThresholdCheck("slow", ENDLESS_SQL, ">", 0)], metrics=metrics,
-        query_timeout_s=120,
+        query_timeout=120,
     )
     task = asyncio.create_task(checker.run(asyncio.Event()))
     await asyncio.sleep(0.3)
@@ -532,10 +532,10 @@ def test_writer_with_no_busy_timeout_never_sees_busy_while_checks_run(db_path: s
     checker = HealthChecker(
         db_path,
         [
-            IntegrityCheck(quick=False, interval_s=1e-6),
-            FreshnessCheck("fresh", FRESHNESS_SQL, 3600, interval_s=1e-6),
-            SqlThresholdCheck("overdue", OVERDUE_SQL, ">", 1e9, interval_s=1e-6),
-            SizeCheck("size", 10**9, interval_s=1e-6),
+            IntegrityCheck(quick=False, interval=1e-6),
+            FreshnessCheck("fresh", FRESHNESS_SQL, 3600, interval=1e-6),
+            SqlThresholdCheck("overdue", OVERDUE_SQL, ">", 1e9, interval=1e-6),
+            SizeCheck("size", 10**9, interval=1e-6),
         ],
         metrics=metrics,
     )
@@ -616,8 +616,8 @@ def test_fail_if_parsing_and_validation() -> None:
         SqlThresholdCheck("n", "SELECT 1", "=", 1)
     with pytest.raises(ConfigError, match="duplicate"):
         HealthChecker("x.db", [SizeCheck("a", 1), SizeCheck("a", 2)])
-    with pytest.raises(ConfigError, match="interval_s"):
-        HealthChecker("x.db", [SizeCheck("a", 1, interval_s=0)])
+    with pytest.raises(ConfigError, match="interval"):
+        HealthChecker("x.db", [SizeCheck("a", 1, interval=0)])
 
 
 @pytest.mark.parametrize(

@@ -347,7 +347,7 @@ async def test_delivery_failures_are_logged_and_counted_never_raised(
 async def test_rate_limit_per_key_and_recovery_always_follows_a_sent_failure(
     webhook: WebhookTestServer, metrics: Metrics
 ) -> None:
-    n = Notifier([WebhookNotifier(webhook.url, timeout=5)], metrics=metrics, min_interval_s=600)
+    n = Notifier([WebhookNotifier(webhook.url, timeout=5)], metrics=metrics, min_interval=600)
 
     def seen() -> list[tuple[str, str, str]]:
         return [(p["check"], p["state"], p["reason"]) for p in webhook.payloads]
