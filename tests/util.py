@@ -66,7 +66,7 @@ def start_writer(db: Path, log: Path, *args: str) -> subprocess.Popen[str]:
 
 def commit_log(path: Path) -> list[tuple[int, int, int]]:
     """The writer's log: (seq, t_before_ns, t_after_ns) for each complete line."""
-    out = []
+    out: list[tuple[int, int, int]] = []
     if not path.exists():
         return out
     for line in path.read_text().splitlines():
