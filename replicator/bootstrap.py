@@ -22,7 +22,7 @@ from .fsutil import fsync_dir, temp_path
 from .restore import RestorePlan, RestoreResult, apply_plan, fmt_ns, plan_restore, summarize
 from .storage.base import StorageClient
 
-log = logging.getLogger("replicator")
+log = logging.getLogger(__name__)
 
 
 @dataclass

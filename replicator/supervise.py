@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from .errors import ConfigError
 
-log = logging.getLogger("replicator")
+log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from replicator.errors import WalError
+from .errors import WalError
 
 __all__ = [
     "FRAME_HEADER_SIZE",

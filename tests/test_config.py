@@ -69,7 +69,7 @@ def test_minimal_config_and_defaults(tmp_path: Path) -> None:
     assert cfg.shutdown_timeout == DEFAULT_SHUTDOWN_TIMEOUT
     assert cfg.notify == NotifyConfig()
     assert cfg.notify.channels == []
-    assert db.health == [IntegrityCheck(quick=True, interval_s=86400.0)]  # on by default
+    assert db.health == [IntegrityCheck(quick=True, interval=86400.0)]  # on by default
     assert db.ready_max_lag == DEFAULT_READY_MAX_LAG
 
 
