@@ -56,6 +56,7 @@ from pathlib import Path
 
 from .aio import wait_any
 from .errors import ConfigError
+from .logs import fmt_bytes
 from .metrics import Metrics
 from .notify import FAILING, RECOVERED, Notifier
 from .retry import Backoff, ErrorLog
@@ -251,14 +252,6 @@ def _fmt_duration(seconds: float) -> str:
     if s < 172800:
         return f"{sign}{s / 3600:.1f}h"
     return f"{sign}{s / 86400:.1f}d"
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def _fmt_number(v: float) -> str:
@@ -604,9 +597,9 @@ class HealthChecker:
         except FileNotFoundError:
             wal = 0
         total = db + wal
-        sizes = f"db {_fmt_bytes(db)} + wal {_fmt_bytes(wal)} = {_fmt_bytes(total)}"
+        sizes = f"db {fmt_bytes(db)} + wal {fmt_bytes(wal)} = {fmt_bytes(total)}"
         if total > check.max_bytes:
-            return False, float(total), f"too large: {sizes} > max {_fmt_bytes(check.max_bytes)}"
+            return False, float(total), f"too large: {sizes} > max {fmt_bytes(check.max_bytes)}"
         return True, float(total), sizes
 
     def _threshold(

@@ -31,6 +31,7 @@ ELSEWHERE = {
     "pip install -e .": "tests/test_readme.py::test_set_up_in_a_fresh_virtualenv",
     "replicator replicate": "tests/test_cli_ux.py::test_demo_teaches_a_point_in_time_restore",
     "bash scripts/test.sh": ".ci/run",
+    "ruff check replicator tests bench && mypy": ".ci/run",
     "replicator replicate /data/app.db /backups/app 's3://my-bucket/app?region=eu-west-1'":
         "tests/test_s3_e2e.py::test_replicate_restore_equals_source",
     # no container engine here: the Compose file is validated, and the commands of its
