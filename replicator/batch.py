@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
 from .format import DEFAULT_LEVEL, KIND_WAL, ObjectDecoder, ObjectWriter
 from .fsutil import temp_path
+from .headers import SegmentHeader
 from .pos import ObjectInfo, segment_info
 from .spool import Spool
+from .wal import frame_size
 
 MAX_PARTS = 4096
 MAX_BYTES = 32 << 20  # spooled bytes in one merged object
@@ -26,18 +27,7 @@ OUTGOING_DIR = "outgoing"
 _READ = 1 << 20
 
 
-def _follows(prev: dict[str, Any], nxt: dict[str, Any]) -> bool:
-    """Whether segment ``nxt`` continues ``prev`` inside the same WAL epoch."""
-    return (
-        nxt.get("start") is not None
-        and nxt.get("start") == prev.get("end")
-        and nxt.get("prev") == prev.get("end")
-        and int(nxt["start"]["frame"]) > 0
-        and int(nxt["start_txid"]) == int(prev["end_txid"]) + 1
-    )
-
-
-Group = tuple[list[ObjectInfo], list[dict[str, Any]]]
+Group = tuple[list[ObjectInfo], list[SegmentHeader]]
 
 
 def plan(spool: Spool, pending: list[ObjectInfo]) -> list[Group]:
@@ -50,6 +40,7 @@ def plan(spool: Spool, pending: list[ObjectInfo]) -> list[Group]:
             groups.append(([info], []))
             continue
         header = spool.read_header(info)
+        assert isinstance(header, SegmentHeader), info.key
         if groups:
             parts, headers = groups[-1]
             last = parts[-1]
@@ -58,7 +49,7 @@ def plan(spool: Spool, pending: list[ObjectInfo]) -> list[Group]:
                 and last.generation == info.generation
                 and len(parts) < MAX_PARTS
                 and size + info.size <= MAX_BYTES
-                and _follows(headers[-1], header)
+                and header.follows(headers[-1])
             ):
                 parts.append(info)
                 headers.append(header)
@@ -69,33 +60,26 @@ def plan(spool: Spool, pending: list[ObjectInfo]) -> list[Group]:
     return groups
 
 
-def _stored(info: ObjectInfo, header: dict[str, Any]) -> bool:
+def _stored(info: ObjectInfo, header: SegmentHeader) -> bool:
     """Whether a spooled segment's body was stored uncompressed (a write burst)."""
-    raw = int(header.get("frames", 0)) * (int(header["page_size"]) + 24)
+    raw = header.frames * frame_size(header.page_size)
     return info.size >= raw > 0
 
 
 def merge(
-    spool: Spool, parts: list[ObjectInfo], headers: list[dict[str, Any]]
+    spool: Spool, parts: list[ObjectInfo], headers: list[SegmentHeader]
 ) -> tuple[ObjectInfo, str]:
     """Write the merged object of ``parts`` (as planned: sizes known) to a temp file under the
     spool; returns its info and path (the caller removes the file). Stored uncompressed when any
     part was. Runs in a worker thread: it decompresses and compresses."""
     first, last = headers[0], headers[-1]
-    header = {
-        "kind": "wal",
-        "generation": first["generation"],
-        "start_txid": first["start_txid"],
-        "end_txid": last["end_txid"],
-        "page_size": first["page_size"],
-        "big_endian": first["big_endian"],
-        "prev": first["prev"],
-        "start": first["start"],
-        "end": last["end"],
-        "wal_header": first.get("wal_header"),
-        "frames": sum(int(h["frames"]) for h in headers),
-        "txns": [t for h in headers for t in h["txns"]],
-    }
+    header = dataclasses.replace(
+        first,
+        end_txid=last.end_txid,
+        end=last.end,
+        frames=sum(h.frames for h in headers),
+        txns=tuple(t for h in headers for t in h.txns),
+    )
     info = segment_info(parts[0].generation, parts[0].start_txid, parts[-1].end_txid,
                         parts[0].first_ms, parts[-1].last_ms)
     stored = any(_stored(p, h) for p, h in zip(parts, headers, strict=True))
@@ -105,7 +89,7 @@ def merge(
     path = temp_path(os.path.join(outdir, f"{info.generation}-{info.start_txid}-{info.end_txid}"))
     try:
         with open(path, "wb") as f:
-            w = ObjectWriter(f, KIND_WAL, header, level)
+            w = ObjectWriter(f, KIND_WAL, header.to_json(), level)
             for part in parts:
                 dec = ObjectDecoder(part.key)
                 with open(spool.path(part), "rb") as src:

@@ -41,11 +41,11 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from .errors import DatabaseError, WalError
 from .format import DEFAULT_LEVEL
 from .fsutil import atomic_writer
+from .headers import Reason, SegmentHeader, SnapshotHeader, Txn
 from .pos import ObjectInfo, WalPos, new_generation_id, segment_info, snapshot_info
 from .spool import Spool
 from .wal import (
@@ -90,15 +90,42 @@ _NO_RESET = -1
 # a proven tail of an old epoch, and its frames when they were read into memory
 _Rescued = tuple[ScanResult, memoryview | None]
 
-# Reasons a generation starts: metric label -> log text.
-REASONS = {
-    "no_position": "no previous position",
-    "resume_failed": "WAL changed while the replicator was stopped",
-    "wal_reset": "WAL reset by a checkpoint the replicator could not prove continuous",
-    "db_replaced": "database file replaced",
-    "page_size": "page size changed",
-    "wal_shrunk": "WAL shorter than the last captured frame",
-}
+
+
+@dataclass(frozen=True, slots=True)
+class TxnSpan:
+    """One committed transaction in the WAL: its first and commit frame, the database size
+    after it (pages) and the running checksum after its commit frame."""
+
+    first: int
+    commit: int
+    db_size: int
+    checksum: tuple[int, int]
+
+    @property
+    def frames(self) -> int:
+        """How many frames it wrote."""
+        return self.commit - self.first + 1
+
+
+@dataclass
+class ScanBatch:
+    """What ``Database._scan_batch`` found: whole transactions, whether more may follow, why
+    the scan stopped, and the frames as read and verified (None when they were not kept)."""
+
+    txns: list[TxnSpan]
+    more: bool
+    stop: str
+    data: memoryview | None
+
+
+def _spans(first: int, scan: ScanResult) -> list[TxnSpan]:
+    """The transactions of a scan that started at frame ``first``."""
+    out = []
+    for (_, commit, size), ck in zip(scan.transactions, scan.commit_checksums, strict=True):
+        out.append(TxnSpan(first, commit, size, ck))
+        first = commit + 1
+    return out
 
 
 @dataclass
@@ -111,6 +138,16 @@ class CaptureResult:
     new_generation: str | None = None
     rotated: bool = False
     more: bool = False  # the step stopped with committed frames still to capture
+
+
+@dataclass(frozen=True)
+class _Lineage:
+    """Why a snapshot is taken and, for a generation's first, where the previous one ended."""
+
+    reason: Reason
+    generation: str | None = None
+    txid: int | None = None
+    confirmed_ns: int | None = None
 
 
 @dataclass
@@ -195,7 +232,7 @@ class Database:
         self._shm_fd: int | None = None
         self._db_fd: int | None = None
         self._db_ino: int | None = None
-        self._pending: str | None = None
+        self._pending: Reason | None = None
         # a tail read right after a reset seen while rotating: (new salts, _rescue's result)
         self._early_tail: tuple[tuple[int, int], _Rescued | None] | None = None
         self._compress_tokens = float(COMPRESS_BUDGET)
@@ -420,7 +457,7 @@ class Database:
             self._check_file()
             self._connect()
             self._pin(0)
-            self._pending = "db_replaced"
+            self._pending = Reason.DB_REPLACED
             return
         hdr = read_db_header(self.path, self._db_fd)
         if hdr is not None and not hdr.wal_mode:
@@ -431,7 +468,7 @@ class Database:
     def _resume(self) -> None:
         latest = self.spool.latest()
         if latest is None:
-            self._pending = "no_position"
+            self._pending = Reason.NO_POSITION
             return
         info, header = latest
         try:
@@ -442,15 +479,15 @@ class Database:
             os.unlink(self.state_path)
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        pos = WalPos.from_json(header["end"] if info.kind == "wal" else header["position"])
-        page_size = int(header["page_size"])
+        pos = header.end if isinstance(header, SegmentHeader) else header.position
+        page_size = header.page_size
         if self._continues(pos, page_size):
             self.generation = info.generation
             self.txid = info.end_txid
             self.pos = pos
             self._last_end = pos
             self.page_size = page_size
-            self.big_endian = bool(header["big_endian"])
+            self.big_endian = header.big_endian
             for obj in reversed(self.spool.objects(info.generation)):
                 if obj.kind == "snapshot":
                     self.last_snapshot_ns = obj.last_ms * 1_000_000
@@ -463,7 +500,7 @@ class Database:
         else:
             self.generation = info.generation
             self.txid = info.end_txid
-            self._pending = "resume_failed"
+            self._pending = Reason.RESUME_FAILED
 
     def _continues(self, pos: WalPos | None, page_size: int) -> bool:
         """Whether the WAL still holds the frame the spool ends at (same salts and checksum)."""
@@ -523,10 +560,10 @@ class Database:
             ):
                 # truncated (wal_checkpoint(TRUNCATE)) in a moment the pin was not held: what
                 # was committed after the captured position is in the database file only now
-                self._start_generation("wal_shrunk", res)
+                self._start_generation(Reason.WAL_SHRUNK, res)
             return False
         if hdr.page_size != self.page_size:
-            self._start_generation("page_size", res)
+            self._start_generation(Reason.PAGE_SIZE, res)
             return False
         if self.pos is None:
             return self._ship(fd, hdr, WalPos(hdr.salt1, hdr.salt2, 0, hdr.checksum), res)
@@ -538,17 +575,12 @@ class Database:
         else:
             rescued = self._rescue(fd, hdr)
         if rescued is None:
-            self._start_generation("wal_reset", res)
+            self._start_generation(Reason.WAL_RESET, res)
             return False
         tail, data = rescued
         old_hdr = _pseudo_header(self.pos, self.page_size, self.big_endian)
         if tail.transactions:
-            first = self.pos.frame + 1
-            txns = []
-            for (_, commit, size), commit_ck in zip(tail.transactions, tail.commit_checksums,
-                                                    strict=True):
-                txns.append((first, commit, size, commit_ck))
-                first = commit + 1
+            txns = _spans(self.pos.frame + 1, tail)
             n = (tail.end_index - self.pos.frame) * frame_size(self.page_size)
             self._emit(fd, old_hdr, self.pos, txns, res, compress=self._may_compress(n),
                        data=data)
@@ -624,10 +656,11 @@ class Database:
         if self.pos is None or self.pos.salts != start.salts:
             self.pos = start
             self.big_endian = hdr.big_endian
-        txns, more, reason, data = self._scan_batch(fd, hdr, self.pos)
-        if not txns and reason == "short" and self.pos.frame > 0 and self._pinned:
+        batch = self._scan_batch(fd, hdr, self.pos)
+        txns = batch.txns
+        if not txns and batch.stop == "short" and self.pos.frame > 0 and self._pinned:
             if os.fstat(fd).st_size < frame_offset(self.pos.frame + 1, self.page_size):
-                self._start_generation("wal_shrunk", res)
+                self._start_generation(Reason.WAL_SHRUNK, res)
                 return False
         self._wal_size_seen = os.fstat(fd).st_size
         if not txns:
@@ -635,29 +668,26 @@ class Database:
         try:
             # behind the writer, compression would keep the capture behind (and the WAL from
             # resetting): store the frames as they are; they are compressed when it keeps up
-            n = (txns[-1][1] - txns[0][0] + 1) * frame_size(self.page_size)
+            n = (txns[-1].commit - txns[0].first + 1) * frame_size(self.page_size)
             self._emit(fd, hdr, self.pos, txns, res,
-                       compress=not more and self._may_compress(n), data=data)
+                       compress=not batch.more and self._may_compress(n), data=batch.data)
         except WalError as exc:
             # the frames changed under the copy: the WAL was reset meanwhile; the next capture
             # sees the new epoch and proves (or not) that nothing was lost
             log.debug("%s: %s", self.name, exc)
             return True
-        return more
+        return batch.more
 
-    def _scan_batch(
-        self, fd: int, hdr: WalHeader, start: WalPos
-    ) -> tuple[list[tuple[int, int, int, tuple[int, int]]], bool, str, memoryview | None]:
+    def _scan_batch(self, fd: int, hdr: WalHeader, start: WalPos) -> ScanBatch:
         """Whole committed transactions after ``start``: about SEGMENT_MAX_FRAMES frames of them
-        (more only for a single larger transaction). Returns ``(first frame, commit frame, db
-        size, checksum after commit)`` per transaction, whether more may follow, why the scan
-        stopped, and the frames as read and verified (None for a transaction longer than one
-        batch, which is copied again in bounded chunks)."""
+        (more only for a single larger transaction). The frames are kept as read and verified,
+        except for a transaction longer than one batch (``data`` None), which is copied again
+        in bounded chunks."""
         ps = self.page_size
         fs = frame_size(ps)
         idx, ck = start.frame + 1, start.checksum
         txn_first = idx
-        txns: list[tuple[int, int, int, tuple[int, int]]] = []
+        txns: list[TxnSpan] = []
         window = True  # every transaction so far lies inside the one buffer read
         while True:
             buf = pread_full(fd, SEGMENT_MAX_FRAMES * fs, frame_offset(idx, ps))
@@ -667,15 +697,14 @@ class Database:
                 reason = "limit"
             elif not buf and os.fstat(fd).st_size < frame_offset(idx, ps):
                 reason = "short"  # the file ends before the start slot: it shrank
-            for (_, commit, size), commit_ck in zip(r.transactions, r.commit_checksums,
-                                                    strict=True):
-                txns.append((txn_first, commit, size, commit_ck))
-                txn_first = commit + 1
+            spans = _spans(txn_first, r)
+            txns += spans
+            txn_first = spans[-1].commit + 1 if spans else txn_first
             data = memoryview(buf)[: (r.end_index - idx + 1) * fs] if window else None
             if reason != "limit":
-                return txns, False, reason, data
+                return ScanBatch(txns, False, reason, data)
             if txns:
-                return txns, True, reason, data
+                return ScanBatch(txns, True, reason, data)
             # one transaction longer than the window: follow its chain, keeping nothing
             window = False
             idx, ck = r.valid_end_index + 1, r.valid_checksum
@@ -685,7 +714,7 @@ class Database:
         fd: int,
         hdr: WalHeader,
         start: WalPos,
-        txns: list[tuple[int, int, int, tuple[int, int]]],
+        txns: list[TxnSpan],
         res: CaptureResult,
         compress: bool = True,
         data: memoryview | None = None,
@@ -695,28 +724,27 @@ class Database:
         and verified; otherwise they are read again from the WAL."""
         observed = time.time_ns()
         assert self.generation is not None
-        first, last = txns[0][0], txns[-1][1]
-        end = WalPos(start.salt1, start.salt2, last, txns[-1][3])
+        first, last = txns[0].first, txns[-1].commit
+        end = WalPos(start.salt1, start.salt2, last, txns[-1].checksum)
         start_txid = self.txid + 1
         end_txid = self.txid + len(txns)
         ms = observed // 1_000_000
         info = segment_info(self.generation, start_txid, end_txid, ms, ms)
-        header: dict[str, Any] = {
-            "kind": "wal",
-            "generation": self.generation,
-            "start_txid": start_txid,
-            "end_txid": end_txid,
-            "page_size": self.page_size,
-            "big_endian": hdr.big_endian,
-            "prev": self._last_end.to_json() if self._last_end else None,
-            "start": start.to_json(),
-            "end": end.to_json(),
-            "wal_header": hdr.raw.hex() if start.frame == 0 else None,
-            "frames": last - first + 1,
-            "txns": [
-                [start_txid + k, observed, t[1] - t[0] + 1, t[2]] for k, t in enumerate(txns)
-            ],
-        }
+        header = SegmentHeader(
+            generation=self.generation,
+            start_txid=start_txid,
+            end_txid=end_txid,
+            page_size=self.page_size,
+            big_endian=hdr.big_endian,
+            prev=self._last_end,
+            start=start,
+            end=end,
+            wal_header=hdr.raw if start.frame == 0 else None,
+            frames=last - first + 1,
+            txns=tuple(
+                Txn(start_txid + k, observed, t.frames, t.db_size) for k, t in enumerate(txns)
+            ),
+        )
         # while pinned where no reset can happen, the frames cannot change under the copy;
         # otherwise (a reset is possible, or this is a rescued tail) verify them again
         verify = not (self._reset_end == _NO_RESET and self._reset_salts == start.salts)
@@ -840,15 +868,14 @@ class Database:
 
     # ------------------------------------------------------------------ snapshots
 
-    def _start_generation(self, reason: str, res: CaptureResult) -> None:
+    def _start_generation(self, reason: Reason, res: CaptureResult) -> None:
         prev_gen, prev_txid = self.generation, self.txid
         gen = new_generation_id()
         self.generation = gen
         self.txid = 0
         info, pos = self._write_snapshot(
-            gen, 0, None, {"reason": reason, "previous_generation": prev_gen,
-                           "previous_txid": prev_txid if prev_gen else None,
-                           "previous_confirmed_ns": self.confirmed_ns or None},
+            gen, 0, None, _Lineage(reason, prev_gen, prev_txid if prev_gen else None,
+                                   self.confirmed_ns or None),
         )
         self.pos = pos
         self._last_end = pos
@@ -856,7 +883,7 @@ class Database:
         res.objects.append(info)
         res.new_generation = reason
         level = logging.INFO if reason == "no_position" else logging.WARNING
-        log.log(level, "%s: new generation %s: %s", self.name, gen, REASONS.get(reason, reason))
+        log.log(level, "%s: new generation %s: %s", self.name, gen, reason.text)
 
     def snapshot(self) -> ObjectInfo:
         """Take a snapshot of the current position inside the current generation."""
@@ -866,11 +893,12 @@ class Database:
         res = CaptureResult()
         self._capture(res)
         upto = self.pos.frame if self.pos is not None else None
-        info, _ = self._write_snapshot(self.generation, self.txid, upto, {"reason": "interval"})
+        info, _ = self._write_snapshot(self.generation, self.txid, upto,
+                                       _Lineage(Reason.INTERVAL))
         return info
 
     def _write_snapshot(
-        self, gen: str, txid: int, upto: int | None, extra: dict[str, Any]
+        self, gen: str, txid: int, upto: int | None, lineage: _Lineage
     ) -> tuple[ObjectInfo, WalPos | None]:
         """Raw database pages overlaid with the current epoch's committed frames (all of them, or
         frames 1..upto), read under the pin: the exact state after the last of those frames."""
@@ -891,18 +919,20 @@ class Database:
                     pages = scan.transactions[-1][2]
                 pos = WalPos(hdr.salt1, hdr.salt2, scan.end_index, scan.end_checksum)
             observed = time.time_ns()
-            header: dict[str, Any] = {
-                "kind": "snapshot",
-                "generation": gen,
-                "txid": txid,
-                "ts_ns": observed,
-                "page_size": page_size,
-                "pages": pages,
-                "big_endian": hdr.big_endian if hdr else False,
-                "position": pos.to_json() if pos else None,
-                "db": self.name,
-                **extra,
-            }
+            header = SnapshotHeader(
+                generation=gen,
+                txid=txid,
+                ts_ns=observed,
+                page_size=page_size,
+                pages=pages,
+                big_endian=hdr.big_endian if hdr else False,
+                position=pos,
+                reason=lineage.reason,
+                db=self.name,
+                previous_generation=lineage.generation,
+                previous_txid=lineage.txid,
+                previous_confirmed_ns=lineage.confirmed_ns,
+            )
             started = time.monotonic()
             info = snapshot_info(gen, txid, observed // 1_000_000)
             info = self.spool.write(info, header, self._pages_body(fd, pagemap, page_size, pages))

@@ -14,11 +14,11 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from . import batch
 from .aio import wait_any
 from .errors import ReplicatorError
+from .headers import SegmentHeader
 from .lease import RELEASE_TIMEOUT, Lease, LeaseError, LeaseLostError
 from .logs import RateLimit
 from .metrics import Metrics
@@ -240,7 +240,7 @@ class Replica:
             )
 
     async def _ship(
-        self, parts: list[ObjectInfo], headers: list[dict[str, Any]]
+        self, parts: list[ObjectInfo], headers: list[SegmentHeader]
     ) -> tuple[ObjectInfo, int, int]:
         """Write one spooled object, or the merge of several, to the destination; returns what
         was written, its size and how many WAL frames it holds."""
@@ -255,13 +255,13 @@ class Replica:
                 log.debug("%s: replica %s: wrote %s (%d spooled objects, %d bytes) in %.3f s",
                           self.db_name, self.name, info.key, len(parts), merged,
                           time.monotonic() - t0)
-            return info, merged, sum(int(h.get("frames", 0)) for h in headers)
+            return info, merged, sum(h.frames for h in headers)
         info = parts[0]
         frames = 0
         if info.kind == "wal" and self.metrics is not None:
             header = headers[0] if headers else await asyncio.to_thread(
                 self.spool.read_header, info)
-            frames = int(header.get("frames", 0))
+            frames = header.frames if isinstance(header, SegmentHeader) else 0
         # a destination on the spool's file system links the spooled file instead of copying it
         linked = await self.client.link_object(info, self.spool.path(info))
         if linked is not None:

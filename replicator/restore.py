@@ -22,11 +22,11 @@ import sqlite3
 import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from .errors import CorruptObjectError, ReplicatorError, RestoreError, WalError
 from .format import decode_stream, read_header
 from .fsutil import fsync_dir, lock_owned, owned_temp_dir, remove_stale_temps, temp_path
+from .headers import SegmentHeader, SnapshotHeader, Txn
 from .pos import ObjectInfo, WalPos
 from .storage.base import DEFAULT_CHUNK_SIZE, StorageClient
 from .wal import FRAME_HEADER_SIZE, parse_wal_header, verify_frames
@@ -112,7 +112,7 @@ class GenerationSummary:
             if last.kind == "snapshot":
                 self.end_ns = await _snapshot_ns(client, last)
             else:
-                self.end_ns = int((await _segment_txns(client, last))[-1][1])
+                self.end_ns = (await _segment_txns(client, last))[-1].observed_ns
         return self
 
     @property
@@ -210,17 +210,22 @@ def _chain(
     return chain, None
 
 
-async def _segment_txns(client: StorageClient, seg: ObjectInfo) -> list[list[int]]:
-    header = await read_header(client.read_object(seg), seg.key)
-    txns = header.get("txns")
-    if not isinstance(txns, list):
-        raise CorruptObjectError(f"{seg.key}: corrupt object (no transaction list)")
-    return txns
+async def _segment_header(client: StorageClient, seg: ObjectInfo) -> SegmentHeader:
+    raw = await read_header(client.read_object(seg), seg.key)
+    return SegmentHeader.from_json(raw, seg.key)
+
+
+async def _snapshot_header(client: StorageClient, snap: ObjectInfo) -> SnapshotHeader:
+    raw = await read_header(client.read_object(snap), snap.key)
+    return SnapshotHeader.from_json(raw, snap.key)
+
+
+async def _segment_txns(client: StorageClient, seg: ObjectInfo) -> tuple[Txn, ...]:
+    return (await _segment_header(client, seg)).txns
 
 
 async def _snapshot_ns(client: StorageClient, snap: ObjectInfo) -> int:
-    header = await read_header(client.read_object(snap), snap.key)
-    return int(header["ts_ns"])
+    return (await _snapshot_header(client, snap)).ts_ns
 
 
 async def plan_restore(
@@ -284,8 +289,8 @@ async def _txn_time(
     if not chain or txid == snap.end_txid:
         return await _snapshot_ns(client, snap)
     for t in await _segment_txns(client, chain[-1]):  # the target may be mid-segment
-        if int(t[0]) == txid:
-            return int(t[1])
+        if t.txid == txid:
+            return t.observed_ns
     raise CorruptObjectError(f"{chain[-1].key}: corrupt object (txid {txid} not listed)")
 
 
@@ -294,12 +299,11 @@ async def _watched_until(
 ) -> bool:
     """Whether the generation after ``gen`` records that ``gen`` was watched, unchanged, past
     ``t_ns`` (a clean shutdown, or a break detected while running)."""
-    first = nxt.snapshots[0]
-    header = await read_header(client.read_object(first), first.key)
+    header = await _snapshot_header(client, nxt.snapshots[0])
     return (
-        header.get("previous_generation") == gen.generation
-        and header.get("previous_txid") == gen.end_txid
-        and int(header.get("previous_confirmed_ns") or 0) >= t_ns
+        header.previous_generation == gen.generation
+        and header.previous_txid == gen.end_txid
+        and (header.previous_confirmed_ns or 0) >= t_ns
     )
 
 
@@ -371,10 +375,10 @@ async def _plan_time(
             chain.append(seg)
             target = seg.end_txid
             continue
-        included = [t for t in await _segment_txns(client, seg) if int(t[1]) <= t_ns]
+        included = [t for t in await _segment_txns(client, seg) if t.observed_ns <= t_ns]
         if included:
             chain.append(seg)
-            target = int(included[-1][0])
+            target = included[-1].txid
         if len(included) < seg.end_txid - seg.start_txid + 1:
             break
     else:
@@ -433,13 +437,14 @@ def _counted(read: Reader, progress: Progress) -> Reader:
 
 
 async def _apply_snapshot(read: Reader, snap: ObjectInfo, ap: _Applier) -> None:
-    header, body = await decode_stream(read(snap), snap.key)
-    if header.get("kind") != "snapshot" or int(header.get("txid", -1)) != snap.end_txid:
+    raw, body = await decode_stream(read(snap), snap.key)
+    header = SnapshotHeader.from_json(raw, snap.key)
+    if header.txid != snap.end_txid:
         raise CorruptObjectError(f"{snap.key}: corrupt object (header does not match its key)")
-    ap.page_size = int(header["page_size"])
-    ap.pages = int(header["pages"])
-    ap.end = WalPos.from_json(header.get("position"))
-    ap.big_endian = bool(header.get("big_endian"))
+    ap.page_size = header.page_size
+    ap.pages = header.pages
+    ap.end = header.position
+    ap.big_endian = header.big_endian
     offset = 0
     async for chunk in body:
         await asyncio.to_thread(ap.write, chunk, offset)
@@ -450,27 +455,22 @@ async def _apply_snapshot(read: Reader, snap: ObjectInfo, ap: _Applier) -> None:
         )
 
 
-def _check_link(seg: ObjectInfo, header: dict[str, Any], ap: _Applier) -> WalPos:
-    if header.get("kind") != "wal" or (
-        int(header.get("start_txid", -1)),
-        int(header.get("end_txid", -1)),
-    ) != (seg.start_txid, seg.end_txid):
+def _check_link(seg: ObjectInfo, header: SegmentHeader, ap: _Applier) -> WalPos:
+    if (header.start_txid, header.end_txid) != (seg.start_txid, seg.end_txid):
         raise CorruptObjectError(f"{seg.key}: corrupt object (header does not match its key)")
-    if int(header["page_size"]) != ap.page_size:
+    if header.page_size != ap.page_size:
         raise CorruptObjectError(f"{seg.key}: page size differs from the snapshot's")
-    prev = WalPos.from_json(header.get("prev"))
-    start = WalPos.from_json(header.get("start"))
-    if prev != ap.end or start is None:
+    prev, start = header.prev, header.start
+    if prev != ap.end:
         raise CorruptObjectError(
             f"{seg.key}: does not continue from the previous object (broken chain)"
         )
     if start.frame == 0:
-        raw = header.get("wal_header")
-        if not isinstance(raw, str):
+        if header.wal_header is None:
             raise CorruptObjectError(f"{seg.key}: corrupt object (missing WAL header)")
         try:
-            wh = parse_wal_header(bytes.fromhex(raw))
-        except (ValueError, WalError):
+            wh = parse_wal_header(header.wal_header)
+        except WalError:
             raise CorruptObjectError(f"{seg.key}: corrupt object (bad WAL header)") from None
         if wh.salts != start.salts or wh.checksum != start.checksum:
             raise CorruptObjectError(f"{seg.key}: corrupt object (WAL header mismatch)")
@@ -481,9 +481,10 @@ def _check_link(seg: ObjectInfo, header: dict[str, Any], ap: _Applier) -> WalPos
 
 async def _apply_segment(read: Reader, seg: ObjectInfo, ap: _Applier, stop_txid: int) -> bool:
     """Apply a segment's frames up to ``stop_txid``; True if the stop point was reached."""
-    header, body = await decode_stream(read(seg), seg.key)
+    raw, body = await decode_stream(read(seg), seg.key)
+    header = SegmentHeader.from_json(raw, seg.key)
     start = _check_link(seg, header, ap)
-    big_endian = bool(header["big_endian"])
+    big_endian = header.big_endian
     ps = ap.page_size
     fs = FRAME_HEADER_SIZE + ps
     ck = start.checksum
@@ -523,8 +524,7 @@ async def _apply_segment(read: Reader, seg: ObjectInfo, ap: _Applier, stop_txid:
     if pending and not stopped:
         raise CorruptObjectError(f"{seg.key}: corrupt object (partial frame at the end)")
     if not stopped:
-        end = WalPos.from_json(header.get("end"))
-        if end != ap.end or txid != seg.end_txid:
+        if header.end != ap.end or txid != seg.end_txid:
             raise CorruptObjectError(f"{seg.key}: corrupt object (ends at the wrong frame)")
     return stopped
 

@@ -17,10 +17,10 @@ import os
 import shutil
 import threading
 from collections.abc import Iterable
-from typing import Any
 
 from .format import DEFAULT_LEVEL, KIND_SNAPSHOT, KIND_WAL, ObjectWriter, read_header_file
 from .fsutil import TMP_SUFFIX, atomic_writer
+from .headers import ObjectHeader, header_from_json
 from .pos import GENERATIONS_DIR, ObjectInfo
 from .storage.file import FileStorage
 
@@ -64,7 +64,7 @@ class Spool:
     def write(
         self,
         info: ObjectInfo,
-        header: dict[str, Any],
+        header: ObjectHeader,
         body: Iterable[bytes | memoryview],
         level: int | None = DEFAULT_LEVEL,
     ) -> ObjectInfo:
@@ -73,7 +73,7 @@ class Spool:
         kind = KIND_SNAPSHOT if info.kind == "snapshot" else KIND_WAL
         path = self.path(info)
         with atomic_writer(path) as f:
-            w = ObjectWriter(f, kind, header, level)
+            w = ObjectWriter(f, kind, header.to_json(), level)
             for chunk in body:
                 w.write(chunk)
             w.close()
@@ -94,12 +94,12 @@ class Spool:
             objs = list(self._scan().get(generation, {}).values())
         return sorted(objs, key=_order)
 
-    def read_header(self, info: ObjectInfo) -> dict[str, Any]:
+    def read_header(self, info: ObjectInfo) -> ObjectHeader:
         """The header of a spooled object."""
         with open(self.path(info), "rb") as f:
-            return read_header_file(f, info.key)
+            return header_from_json(read_header_file(f, info.key), info.key)
 
-    def latest(self) -> tuple[ObjectInfo, dict[str, Any]] | None:
+    def latest(self) -> tuple[ObjectInfo, ObjectHeader] | None:
         """The newest object of the newest generation with its header, or None."""
         for gen in reversed(self.generations()):
             objs = self.objects(gen)

@@ -146,6 +146,14 @@ async def get(client: StorageClient, info: ObjectInfo) -> bytes:
     return b"".join([c async for c in client.read_object(info)])
 
 
+def header_of(raw: bytes, key: str) -> dict[str, Any]:
+    """The JSON header of an encoded object."""
+    dec = ObjectDecoder(key)
+    dec.feed(raw)
+    assert dec.header is not None
+    return dec.header
+
+
 def reencode(raw: bytes, key: str, **changes: Any) -> bytes:
     """The same object with header fields changed (and a valid checksum)."""
     dec = ObjectDecoder(key)
@@ -480,7 +488,9 @@ async def test_header_that_does_not_match_the_key(simple: tuple[History, Storage
     gen = (await client.generations())[0]
     seg = next(o for o in await client.objects(gen) if o.kind == "wal" and o.start_txid == 4)
     raw = await get(client, seg)
-    await put(client, seg, reencode(raw, seg.key, end_txid=seg.end_txid + 1))
+    txns = [[t[0] + 1, *t[1:]] for t in header_of(raw, seg.key)["txns"]]
+    await put(client, seg, reencode(raw, seg.key, start_txid=seg.start_txid + 1,
+                                    end_txid=seg.end_txid + 1, txns=txns))
     plan = await plan_restore(client)
     with pytest.raises(CorruptObjectError, match="header does not match its key"):
         await apply_plan(client, plan, str(tmp_path / "o.db"))

@@ -225,6 +225,7 @@ def test_remote_replica_ships_consecutive_segments_as_one_object(tmp_path: Path)
     shipped."""
     from util import seqs
 
+    from replicator.headers import SegmentHeader
     from replicator.replica import Replica
     from replicator.restore import apply_plan, plan_restore
 
@@ -245,7 +246,8 @@ def test_remote_replica_ships_consecutive_segments_as_one_object(tmp_path: Path)
         gen = s.db.generation
         assert gen is not None
         segments = [o for o in s.spool.objects(gen) if o.kind == "wal"]
-        starts = [int(s.spool.read_header(o)["start"]["frame"]) for o in segments]
+        headers = [s.spool.read_header(o) for o in segments]
+        starts = [h.start.frame for h in headers if isinstance(h, SegmentHeader)]
         runs = sum(1 for i, f in enumerate(starts) if i == 0 or f == 0)
         assert len(segments) >= 12 and 1 < runs < len(segments)
         assert await local.sync() == 1 + len(segments)

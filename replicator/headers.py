@@ -1,0 +1,288 @@
+"""Typed object headers: what the JSON header of each replica object holds (docs/format.md).
+
+Every module that writes or reads a header goes through these classes; the JSON form exists
+only here. ``from_json`` validates every field and raises CorruptObjectError naming the object
+and the bad key, so a damaged or foreign header never reaches the code that plans or applies a
+restore.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, ClassVar, TypeVar
+
+from .errors import CorruptObjectError
+from .pos import WalPos
+
+T = TypeVar("T")
+
+
+class Reason(StrEnum):
+    """Why a snapshot was taken: every reason but ``interval`` starts a new generation."""
+
+    NO_POSITION = "no_position"
+    RESUME_FAILED = "resume_failed"
+    WAL_RESET = "wal_reset"
+    DB_REPLACED = "db_replaced"
+    PAGE_SIZE = "page_size"
+    WAL_SHRUNK = "wal_shrunk"
+    INTERVAL = "interval"
+
+    @property
+    def text(self) -> str:
+        """The reason in words, for logs."""
+        return _REASON_TEXT[self]
+
+
+_REASON_TEXT = {
+    Reason.NO_POSITION: "no previous position",
+    Reason.RESUME_FAILED: "WAL changed while the replicator was stopped",
+    Reason.WAL_RESET: "WAL reset by a checkpoint the replicator could not prove continuous",
+    Reason.DB_REPLACED: "database file replaced",
+    Reason.PAGE_SIZE: "page size changed",
+    Reason.WAL_SHRUNK: "WAL shorter than the last captured frame",
+    Reason.INTERVAL: "snapshot interval",
+}
+
+
+class _Fields:
+    """Typed access to a header's JSON object; any bad value names the object and the key."""
+
+    def __init__(self, obj: object, key: str) -> None:
+        if not isinstance(obj, dict):
+            raise CorruptObjectError(f"{key}: corrupt object (bad header)")
+        self.obj: dict[str, Any] = obj
+        self.key = key
+
+    def bad(self, name: str) -> CorruptObjectError:
+        """The error for a missing or malformed field."""
+        return CorruptObjectError(f"{self.key}: corrupt object (bad header field {name!r})")
+
+    def get(self, name: str, conv: Callable[[Any], T]) -> T:
+        """``conv(value)`` of a field that must be there."""
+        value = self.opt(name, conv)
+        if value is None:
+            raise self.bad(name)
+        return value
+
+    def opt(self, name: str, conv: Callable[[Any], T]) -> T | None:
+        """``conv(value)``, or None for a null or absent field."""
+        value = self.obj.get(name)
+        if value is None:
+            return None
+        try:
+            return conv(value)
+        except (TypeError, ValueError, KeyError, IndexError):
+            raise self.bad(name) from None
+
+    def int(self, name: str) -> int:
+        """An integer field (booleans are not integers here)."""
+        return self.get(name, _int)
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError("not an integer")
+    return v
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError("not a string")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError("not a boolean")
+    return v
+
+
+def _hex(v: Any) -> bytes:
+    return bytes.fromhex(_str(v))
+
+
+def _pos(v: Any) -> WalPos:
+    pos = WalPos.from_json(v)
+    if pos is None:
+        raise ValueError("null position")
+    return pos
+
+
+def _opt_pos_json(pos: WalPos | None) -> dict[str, object] | None:
+    return pos.to_json() if pos is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Txn:
+    """One captured transaction: its txid, when it was observed (ns since the epoch), how many
+    WAL frames it wrote and the database size in pages after it."""
+
+    txid: int
+    observed_ns: int
+    frames: int
+    db_size_pages: int
+
+    def to_json(self) -> list[int]:
+        """The JSON form: ``[txid, observed_ns, frames, db_size_pages]``."""
+        return [self.txid, self.observed_ns, self.frames, self.db_size_pages]
+
+    @classmethod
+    def from_json(cls, v: Any) -> Txn:
+        """Parse the JSON form; raises ValueError/TypeError on a malformed value."""
+        if not isinstance(v, list) or len(v) != 4:
+            raise ValueError("not a transaction record")
+        return cls(*(_int(x) for x in v))
+
+
+def _txns(v: Any) -> tuple[Txn, ...]:
+    if not isinstance(v, list) or not v:
+        raise ValueError("not a transaction list")
+    return tuple(Txn.from_json(t) for t in v)
+
+
+@dataclass(frozen=True)
+class SnapshotHeader:
+    """The header of a snapshot: the database's pages 1..``pages`` as of ``txid``."""
+
+    generation: str
+    txid: int
+    ts_ns: int
+    page_size: int
+    pages: int
+    big_endian: bool
+    position: WalPos | None
+    reason: Reason
+    db: str | None = None
+    previous_generation: str | None = None
+    previous_txid: int | None = None
+    previous_confirmed_ns: int | None = None
+
+    kind: ClassVar[str] = "snapshot"
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON object written into the object."""
+        return {
+            "kind": self.kind,
+            "generation": self.generation,
+            "txid": self.txid,
+            "ts_ns": self.ts_ns,
+            "page_size": self.page_size,
+            "pages": self.pages,
+            "big_endian": self.big_endian,
+            "position": _opt_pos_json(self.position),
+            "reason": self.reason.value,
+            "db": self.db,
+            "previous_generation": self.previous_generation,
+            "previous_txid": self.previous_txid,
+            "previous_confirmed_ns": self.previous_confirmed_ns,
+        }
+
+    @classmethod
+    def from_json(cls, obj: object, key: str) -> SnapshotHeader:
+        """Parse and validate; raises CorruptObjectError naming ``key`` and the bad field."""
+        f = _Fields(obj, key)
+        _check_kind(f, cls.kind)
+        return cls(
+            generation=f.get("generation", _str),
+            txid=f.int("txid"),
+            ts_ns=f.int("ts_ns"),
+            page_size=f.int("page_size"),
+            pages=f.int("pages"),
+            big_endian=f.get("big_endian", _bool),
+            position=f.opt("position", _pos),
+            reason=f.get("reason", Reason),
+            db=f.opt("db", _str),
+            previous_generation=f.opt("previous_generation", _str),
+            previous_txid=f.opt("previous_txid", _int),
+            previous_confirmed_ns=f.opt("previous_confirmed_ns", _int),
+        )
+
+
+@dataclass(frozen=True)
+class SegmentHeader:
+    """The header of a WAL segment: whole committed transactions ``start_txid..end_txid``."""
+
+    generation: str
+    start_txid: int
+    end_txid: int
+    page_size: int
+    big_endian: bool
+    prev: WalPos | None
+    start: WalPos
+    end: WalPos
+    wal_header: bytes | None
+    frames: int
+    txns: tuple[Txn, ...]
+
+    kind: ClassVar[str] = "wal"
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON object written into the object."""
+        return {
+            "kind": self.kind,
+            "generation": self.generation,
+            "start_txid": self.start_txid,
+            "end_txid": self.end_txid,
+            "page_size": self.page_size,
+            "big_endian": self.big_endian,
+            "prev": _opt_pos_json(self.prev),
+            "start": self.start.to_json(),
+            "end": self.end.to_json(),
+            "wal_header": self.wal_header.hex() if self.wal_header is not None else None,
+            "frames": self.frames,
+            "txns": [t.to_json() for t in self.txns],
+        }
+
+    @classmethod
+    def from_json(cls, obj: object, key: str) -> SegmentHeader:
+        """Parse and validate; raises CorruptObjectError naming ``key`` and the bad field."""
+        f = _Fields(obj, key)
+        _check_kind(f, cls.kind)
+        header = cls(
+            generation=f.get("generation", _str),
+            start_txid=f.int("start_txid"),
+            end_txid=f.int("end_txid"),
+            page_size=f.int("page_size"),
+            big_endian=f.get("big_endian", _bool),
+            prev=f.opt("prev", _pos),
+            start=f.get("start", _pos),
+            end=f.get("end", _pos),
+            wal_header=f.opt("wal_header", _hex),
+            frames=f.int("frames"),
+            txns=f.get("txns", _txns),
+        )
+        if len(header.txns) != header.end_txid - header.start_txid + 1 or any(
+            t.txid != header.start_txid + i for i, t in enumerate(header.txns)
+        ):
+            raise f.bad("txns")
+        return header
+
+    def follows(self, prev: SegmentHeader) -> bool:
+        """Whether this segment continues ``prev`` inside the same WAL epoch."""
+        return (
+            self.start == prev.end
+            and self.prev == prev.end
+            and self.start.frame > 0
+            and self.start_txid == prev.end_txid + 1
+        )
+
+
+ObjectHeader = SnapshotHeader | SegmentHeader
+
+
+def _check_kind(f: _Fields, kind: str) -> None:
+    if f.obj.get("kind") != kind:
+        raise f.bad("kind")
+
+
+def header_from_json(obj: object, key: str) -> ObjectHeader:
+    """The typed header of any object (by its ``kind``)."""
+    kind = obj.get("kind") if isinstance(obj, dict) else None
+    if kind == SnapshotHeader.kind:
+        return SnapshotHeader.from_json(obj, key)
+    if kind == SegmentHeader.kind:
+        return SegmentHeader.from_json(obj, key)
+    raise _Fields(obj, key).bad("kind")
