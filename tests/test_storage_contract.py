@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from replicator.errors import NotFoundError, StorageError
+from replicator.headers import ObjectHeader, Reason, SegmentHeader, SnapshotHeader, Txn
 from replicator.lease import DEFAULT_LEASE_TTL, Lease, LeaseError, LeaseLostError
 from replicator.metrics import create_metrics
-from replicator.pos import ObjectInfo, new_generation_id, segment_info, snapshot_info
+from replicator.pos import ObjectInfo, WalPos, new_generation_id, segment_info, snapshot_info
 from replicator.replica import Replica
 from replicator.spool import Spool
 from replicator.storage import FileStorage, MemoryStorage, StorageClient
@@ -385,7 +386,20 @@ async def test_lease_of_unknown_version_is_not_overwritten(storage: StorageClien
 
 
 def spool_object(spool: Spool, info: ObjectInfo) -> ObjectInfo:
-    return spool.write(info, {"kind": info.kind}, [payload(100, seed=info.end_txid)])
+    """A spooled object with a valid header (the body is not what it describes: these tests
+    ship objects, they do not restore them)."""
+    pos = WalPos(1, 2, info.end_txid, (3, 4))
+    header: ObjectHeader
+    if info.kind == "snapshot":
+        header = SnapshotHeader(info.generation, info.end_txid, info.last_ms * 1_000_000, 4096,
+                                1, False, pos, Reason.INTERVAL)
+    else:
+        start = WalPos(1, 2, info.start_txid, (3, 4))
+        txns = tuple(Txn(t, info.last_ms * 1_000_000, 1, 1)
+                     for t in range(info.start_txid, info.end_txid + 1))
+        header = SegmentHeader(info.generation, info.start_txid, info.end_txid, 4096, False,
+                               start, start, pos, None, len(txns), txns)
+    return spool.write(info, header, [payload(100, seed=info.end_txid)])
 
 
 async def test_replica_fenced_when_taken_over(storage: StorageClient, tmp_path: Path) -> None:
