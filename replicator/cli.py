@@ -152,6 +152,32 @@ def _add_listings(sub: Any, common: argparse.ArgumentParser) -> None:
         c.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _add_ops(sub: Any, common: argparse.ArgumentParser) -> None:
+    v = sub.add_parser("verify", parents=[common], help="run a restore drill",
+                       description="Restore the newest point and a random earlier one into a "
+                       "temp directory, run integrity_check and prove each equal to the "
+                       "database at that txid (with --config: by the running replicator, which "
+                       "hashes the live database at the same txid). Exit 0 when equal, 1 with "
+                       "one line saying what differed.")
+    v.add_argument("target", nargs="?", metavar="DESTINATION|DB",
+                   help="a destination, or with --config a database (default: all of them)")
+    v.add_argument("-c", "--config", metavar="FILE", help="YAML config file")
+    for name, helptext in (("snapshot", "take a snapshot now"),
+                           ("sync", "capture now and ship (--wait: return once every "
+                                    "destination has everything committed so far)")):
+        c = sub.add_parser(name, parents=[common], help=helptext,
+                           description=f"{helptext[0].upper()}{helptext[1:]}, in the replicator "
+                           "running DB (over the control socket in its spool directory).")
+        c.add_argument("db", metavar="DB", help="database file (or with --config its name)")
+        c.add_argument("-c", "--config", metavar="FILE",
+                       help="YAML config file (for the spool directory)")
+        if name == "sync":
+            c.add_argument("--wait", action="store_true",
+                           help="wait until every destination has it")
+            c.add_argument("--timeout", metavar="DURATION", default="60s",
+                           help="how long to wait (default 60s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (its help is the user documentation of every flag)."""
     p = _Parser(prog="replicator", description=__doc__,
@@ -181,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("db", nargs="?", metavar="DB", help="only this database (path or name)")
     pr.add_argument("-c", "--config", metavar="FILE", required=True, help="YAML config file")
     pr.add_argument("--dry-run", action="store_true", help="print what would go, delete nothing")
+    _add_ops(sub, common)
     sub.add_parser("version", parents=[common], help="print the version (also: --version)",
                    description="Print the version.")
     return p
@@ -585,10 +612,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _status(args)
     if command == "replicate":
         return _replicate_main(args)
-    if command == "prune":
-        from .cli_ops import prune
+    if command in ("prune", "verify", "snapshot", "sync"):
+        from . import cli_ops
 
-        return asyncio.run(prune(args))
+        if command == "snapshot":
+            return cli_ops.snapshot(args)
+        if command == "sync":
+            return cli_ops.sync(args)
+        return int(asyncio.run(getattr(cli_ops, command)(args)))
     if command == "restore":
         if args.to_time:
             parse_time(args.to_time)  # a bad time is reported before anything is read

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .db import DEFAULT_CHECKPOINT_PAGES as DEFAULT_CHECKPOINT_PAGES
+from .drill import PartialCheck, VerifyConfig
 from .errors import ConfigError
 from .health import (
     DEFAULT_INTEGRITY_INTERVAL,
@@ -94,6 +95,8 @@ class DbConfig:
     """``/readyz`` fails while a replica lags more than this many seconds."""
     restore_if_db_not_exists: bool = False
     """Restore a missing database from its replicas before replicating it."""
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    """Restore drills (``verify:``): off unless an interval is set; on demand always."""
     keep: RetentionPolicy = field(default_factory=RetentionPolicy)
     """The ``keep-*`` calendar rules and ``retention: off`` (window None and no rules: keep
     everything); the window itself is ``retention``."""
@@ -453,7 +456,7 @@ def _notify(raw: Any, where: str = "notify") -> NotifyConfig:
 _DB_FIELDS = {"path", "name", "replicas", "spool-dir", "spool_dir", "snapshot-interval",
               "snapshot_interval", "monitor-interval", "monitor_interval", "checkpoint-pages",
               "checkpoint_pages", "retention", "health", "ready-max-lag", "ready_max_lag",
-              "restore-if-db-not-exists", "restore_if_db_not_exists", "integrity",
+              "restore-if-db-not-exists", "restore_if_db_not_exists", "integrity", "verify",
               *(f"keep{sep}{p}" for sep in "-_" for p in PERIODS)}
 
 
@@ -468,6 +471,24 @@ def _db_retention(cfg: DbConfig, raw: dict[str, Any], reps: list[Any], where: st
             rc.retention = _keep(r, f"{where}.replicas[{i}]", policy, cfg.snapshot_interval)
 
 
+def _verify(raw: Any, where: str) -> VerifyConfig:
+    """``verify: {interval: 24h, timeout: 10m, partial: [{name, sql}]}`` or ``verify: off``."""
+    if _is_off(raw):
+        return VerifyConfig()
+    d = _mapping(raw, where, {"interval", "timeout", "partial"})
+    interval = None if d.get("interval") is None else _positive_duration(
+        d["interval"], f"{where}.interval")
+    partial = []
+    for i, item in enumerate(_list(d.get("partial"), f"{where}.partial")):
+        w = f"{where}.partial[{i}]"
+        c = _mapping(item, w, {"name", "sql"})
+        partial.append(PartialCheck(_check_name(c, w), _str(c.get("sql"), f"{w}.sql")))
+    cfg = VerifyConfig(interval, tuple(partial))
+    if d.get("timeout") is not None:
+        cfg = dataclasses.replace(cfg, timeout=_positive_duration(d["timeout"], f"{where}.timeout"))
+    return cfg
+
+
 def _db_checks(cfg: DbConfig, raw: dict[str, Any], where: str) -> None:
     """``health:`` and the ``integrity: off`` switch."""
     if raw.get("health") is not None:
@@ -477,6 +498,8 @@ def _db_checks(cfg: DbConfig, raw: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}.integrity: expected off (configure the check under "
                               "health.integrity)")
         cfg.health = [c for c in cfg.health if not isinstance(c, IntegrityCheck)]
+    if raw.get("verify") is not None:
+        cfg.verify = _verify(raw["verify"], f"{where}.verify")
 
 
 def _db(raw: Any, where: str) -> DbConfig:

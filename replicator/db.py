@@ -32,6 +32,7 @@ that waits; SQLite work runs on the database's own worker thread, never on the e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ import sqlite3
 import struct
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .errors import DatabaseError, WalError
@@ -949,6 +950,54 @@ class Database:
             self.last_snapshot_size = info.size
             return info, pos
         raise DatabaseError(f"{self.path}: the WAL kept resetting during the snapshot")
+
+    def read_captured(self, sqls: Sequence[str]) -> list[list[tuple[Any, ...]]] | None:
+        """The rows of each query, read in one transaction of a connection of its own that sees
+        exactly the captured state (txid ``self.txid``); None if the application committed
+        since the capture (capture again and retry)."""
+        conn = self._open_conn("ro")
+        try:
+            conn.execute("PRAGMA query_only = ON")
+            self._begin_read(conn)
+            shm = self._read_shm()
+            pos = self.pos
+            if pos is None or shm is None or shm[1] != pos.frame or (
+                shm[0] != struct.pack(">II", pos.salt1, pos.salt2)
+            ):
+                return None
+            return [[tuple(r) for r in conn.execute(sql).fetchall()] for sql in sqls]
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+            conn.close()
+
+    def content_hash(self) -> tuple[str, int, str]:
+        """``(generation, txid, SHA-256 of pages 1..n)`` of the captured state: the database
+        file overlaid with the captured frames of the current epoch, read under the pin (what
+        a restore to ``txid`` rebuilds, page for page). Call after a capture step."""
+        if not self._pinned:
+            self._pin(self._active)
+        if self.generation is None:
+            raise DatabaseError(f"{self.path}: nothing captured yet")
+        fd = self._wal()
+        hdr = read_wal_header(fd) if fd is not None else None
+        dbh = read_db_header(self.path, self._db_fd)
+        pages = dbh.pages if dbh else 0
+        page_size = dbh.page_size if dbh else self.page_size
+        pagemap: dict[int, int] = {}
+        upto = self.pos.frame if self.pos is not None else 0
+        if hdr is not None and fd is not None and upto > 0:
+            if self.pos is None or hdr.salts != self.pos.salts:
+                raise DatabaseError(f"{self.path}: the WAL moved on since the capture")
+            scan = scan_frames(fd, hdr, 1, hdr.checksum, max_frames=upto, keep_frames=False)
+            pagemap = page_offsets(fd, hdr, scan.end_index)
+            page_size = hdr.page_size
+            if scan.transactions:
+                pages = scan.transactions[-1][2]
+        digest = hashlib.sha256()
+        for chunk in self._pages_body(fd, pagemap, page_size, pages):
+            digest.update(chunk)
+        return self.generation, self.txid, digest.hexdigest()
 
     def _pages_body(
         self, wal_fd: int | None, pagemap: dict[int, int], page_size: int, pages: int

@@ -51,6 +51,10 @@ class Metrics:
     health_check_ok: Gauge
     health_check_value: Gauge
     health_check_timestamp: Gauge
+    # restore drills
+    verify_ok: Gauge
+    verify_last_success: Gauge
+    verify_duration: Gauge
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -161,5 +165,18 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         health_check_timestamp=Gauge(
             f"{n}_health_check_timestamp_seconds", "Time of the last health check run.",
             ["db", "check"], registry=r,
+        ),
+        verify_ok=Gauge(
+            f"{n}_verify_ok",
+            "1 if the last restore drill proved every replica equal to the database, else 0.",
+            db, registry=r,
+        ),
+        verify_last_success=Gauge(
+            f"{n}_verify_last_success_timestamp_seconds", "Time of the last successful drill.",
+            db, registry=r,
+        ),
+        verify_duration=Gauge(
+            f"{n}_verify_duration_seconds", "Duration of the last restore drill.", db,
+            registry=r,
         ),
     )

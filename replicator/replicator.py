@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import platform
 import sqlite3
 import time
@@ -22,11 +23,13 @@ from . import __version__
 from .aio import wait_any
 from .config import Config, DbConfig
 from .db import CaptureResult, Database
+from .drill import DRILL_ATTEMPTS, Driller, Point
 from .errors import ReplicatorError, StorageError
 from .health import CheckResult, HealthChecker
 from .logs import RateLimit, fmt_bytes
 from .metrics import Metrics, create_metrics
 from .notify import Notifier
+from .pos import ObjectInfo
 from .replica import Replica
 from .retry import Backoff, ErrorLog
 from .spool import Spool
@@ -48,6 +51,8 @@ HEALTH_STOP_GRACE = 2.0
 FOLLOW_POLL = 0.002
 FOLLOW_QUIET = 0.05
 CHECKPOINT_RESULTS = ("ok", "busy", "error")
+# how often a wait for the destinations (sync --wait, drills) looks at their positions
+SHIPPED_POLL = 0.05
 
 
 def _iso(ts: float) -> str | None:
@@ -56,6 +61,11 @@ def _iso(ts: float) -> str | None:
         return None
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z")
+
+
+def _before(held: int | None, txid: int) -> bool:
+    """Whether a destination holding ``held`` (None: nothing) lacks ``txid``."""
+    return held is None or held < txid
 
 
 def _result_json(r: CheckResult) -> dict[str, Any]:
@@ -85,6 +95,7 @@ class DatabaseService:
         if cfg.health:
             self.health = HealthChecker(cfg.path, cfg.health, metrics=self.metrics,
                                         notifier=notifier, db_label=cfg.name)
+        self.driller = Driller(self, notifier)
         self._init_metrics()
         self.wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="replicator-db")
@@ -235,6 +246,63 @@ class DatabaseService:
         self._snapshot_metrics()
         return True
 
+    async def snapshot_now(self) -> ObjectInfo:
+        """Take a snapshot at once (``replicator snapshot``) and wake the shippers."""
+        await self.sync()
+        info = await self._call(self.db.snapshot)
+        for r in self.replicas:
+            r.wake.set()
+        self._snapshot_metrics()
+        return info
+
+    async def wait_shipped(self, generation: str, txid: int, within: float) -> None:
+        """Return once every destination holds ``txid`` of ``generation``; TimeoutError naming
+        the ones that do not after ``within`` seconds."""
+        deadline = time.monotonic() + within
+        while True:
+            behind = [r for r in self.replicas if _before(r.newest_txid(generation), txid)]
+            if not behind:
+                return
+            if time.monotonic() >= deadline:
+                names = ", ".join(f"{r.name} ({r.last_error or 'behind'})" for r in behind)
+                raise TimeoutError(f"txid {txid} not on every destination within "
+                                   f"{within:g}s: {names}")
+            for r in behind:
+                r.wake.set()
+            await asyncio.sleep(SHIPPED_POLL)
+
+    async def sync_wait(self, within: float, *, wait: bool = True) -> tuple[str, int]:
+        """Capture everything committed so far and (``wait``) wait until every destination
+        has it (``replicator sync --wait``); returns the generation and txid reached."""
+        while (await self.sync()).more:
+            pass
+        gen, txid = self.db.generation, self.db.txid
+        if gen is None:
+            raise ReplicatorError(f"{self.cfg.name}: nothing captured yet")
+        for r in self.replicas:
+            r.wake.set()
+        if wait:
+            await self.wait_shipped(gen, txid, within)
+        return gen, txid
+
+    async def drill_point(self, sqls: list[str]) -> tuple[Point, list[list[tuple[Any, ...]]]]:
+        """The content hash of the captured state, with the rows of ``sqls`` read at exactly
+        that txid (captured again until the application is not committing at that moment)."""
+        def take() -> tuple[Point, list[list[tuple[Any, ...]]]] | None:
+            rows = self.db.read_captured(sqls) if sqls else []
+            if rows is None:
+                return None
+            gen, txid, digest = self.db.content_hash()
+            return Point(gen, txid, digest, time.time()), rows
+
+        for _ in range(DRILL_ATTEMPTS):
+            await self.sync()
+            got = await self._call(take)
+            if got is not None:
+                return got
+        raise ReplicatorError(f"{self.cfg.name}: the database never stopped changing long "
+                              "enough to read it at the captured txid")
+
     def _schedule_prune(self) -> None:
         if self._prune_task is None or self._prune_task.done():
             self._prune_task = asyncio.ensure_future(self.prune_spool())
@@ -270,6 +338,7 @@ class DatabaseService:
         shippers = [asyncio.create_task(r.run(stop)) for r in self.replicas]
         checks = asyncio.create_task(self.health.run(stop)) if self.health is not None else None
         failures = 0
+        drills = asyncio.create_task(self.driller.run(stop))
         watcher = self._watcher
         last_change = 0.0
         try:
@@ -300,6 +369,8 @@ class DatabaseService:
                     await wait_any(stop, within=CAPTURE_RETRY.delay(failures))
         finally:
             await asyncio.gather(*shippers, return_exceptions=True)
+            drills.cancel()  # a drill in progress only reads: it may stop anywhere
+            await asyncio.gather(drills, return_exceptions=True)
             if checks is not None:
                 # a check in progress may finish (and notify); a long one is interrupted
                 await asyncio.wait({checks}, timeout=HEALTH_STOP_GRACE)
@@ -388,6 +459,7 @@ class DatabaseService:
             ],
             "integrity": _result_json(integrity) if integrity is not None else None,
             "health": [_result_json(r) for r in health.values() if r.kind != "integrity"],
+            "verify": self.driller.last.to_json() if self.driller.last is not None else None,
         }
 
 
@@ -407,6 +479,15 @@ class Replicator:
                                  min_interval=config.notify.min_interval) if channels else None
         self.services = [DatabaseService(d, self.metrics, self.notifier) for d in config.dbs]
         self.started = time.time()
+
+    def service(self, name: str | None) -> DatabaseService | None:
+        """The database named ``name`` (its name or path; None: the only one, if just one)."""
+        if name is None:
+            return self.services[0] if len(self.services) == 1 else None
+        for s in self.services:
+            if name in (s.cfg.name, s.cfg.path) or os.path.abspath(name) == s.cfg.path:
+                return s
+        return None
 
     def status(self) -> dict[str, Any]:
         """Every database's state for ``/status`` (call from the event loop)."""
@@ -428,9 +509,19 @@ class Replicator:
     async def run(self, stop: asyncio.Event, skip_final_sync: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set, then shut down gracefully (without the final sync once
         ``skip_final_sync`` is set)."""
+        from .server import start_control_socket
+
+        sockets = []
+        for s in self.services:
+            try:
+                sockets.append(start_control_socket(asyncio.get_running_loop(), self, s))
+            except ReplicatorError as exc:
+                log.warning("%s: no on-demand control: %s", s.cfg.name, exc)
         try:
             await asyncio.gather(*(s.run(stop) for s in self.services))
         finally:
+            for sock in sockets:
+                sock.close()
             await asyncio.gather(
                 *(s.close(self.config.shutdown_timeout, skip_final_sync) for s in self.services),
                 return_exceptions=True,

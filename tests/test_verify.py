@@ -1,0 +1,247 @@
+"""Restore drills and on-demand control through the real CLI: ``replicator replicate`` under a
+writer process, ``replicator sync --wait`` / ``snapshot`` over the control socket, ``replicator
+verify`` proving both replicas equal to the database, then catching a deleted segment, a
+corrupted object and an object whose pages are another database's (exit 1, one line, metric 0,
+a webhook notification). The schedule is checked in-process with a clock the test sets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import util
+from obsutil import Reaper, free_port, reaper, scrape, value
+from test_notify import WebhookTestServer
+from writer import init_db
+
+from replicator.config import load_config
+from replicator.drill import POINTS_FILE, load_points
+from replicator.format import KIND_SNAPSHOT, ObjectWriter, decode_stream
+from replicator.pos import parse_key
+from replicator.replicator import DatabaseService
+from replicator.server import control_socket_path
+
+WAIT = 60.0
+
+
+@pytest.fixture
+def procs() -> Iterator[Reaper]:
+    with reaper() as r:
+        yield r
+
+
+def write_rows(db: Path, start: int, n: int, text: str = "row") -> None:
+    conn = sqlite3.connect(db, isolation_level=None, timeout=5)
+    for i in range(start, start + n):
+        conn.execute("INSERT INTO log(seq, t_ns) VALUES (?, ?)", (i, i))
+        conn.execute("INSERT INTO data(k, payload) VALUES (?, ?)", (i, f"{text}-{i:08d}".encode()))
+    conn.close()
+
+
+def objects(replica: Path) -> list[Path]:
+    return sorted(p for p in replica.rglob("*") if p.suffix in (".snap", ".seg"))
+
+
+def verify(cfg: Path) -> tuple[int, str, str]:
+    r = util.cli("verify", "--config", str(cfg), timeout=120)
+    return r.returncode, r.stdout, r.stderr
+
+
+def config(tmp_path: Path, db: Path, port: int, hook: str, extra: str = "") -> Path:
+    cfg = tmp_path / "replicator.yml"
+    cfg.write_text(f"""
+metrics-addr: 127.0.0.1:{port}
+notify:
+  min-interval: 0s
+  webhooks: [{{url: "{hook}"}}]
+dbs:
+  - path: {db}
+    name: app
+    verify:
+      partial:
+        - {{name: recent, sql: "SELECT seq, t_ns FROM log WHERE seq > 10 ORDER BY seq"}}
+{extra}    replicas:
+      - {{name: local, path: {tmp_path / "local"}}}
+      - {{name: second, path: {tmp_path / "second"}}}
+""")
+    return cfg
+
+
+def forge_snapshot(path: Path, old: bytes, new: bytes) -> None:
+    """Rewrite a snapshot object with the same header and another database's pages (one value
+    changed in place): a self-consistent object, as if another replica had written it."""
+    raw = path.read_bytes()
+
+    async def decode() -> tuple[dict[str, object], bytes]:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield raw
+        header, body = await decode_stream(chunks(), path.name)
+        return header, b"".join([c async for c in body])
+
+    header, pages = asyncio.run(decode())
+    assert old in pages
+    tmp = path.with_suffix(".forged")
+    with open(tmp, "wb") as f:
+        w = ObjectWriter(f, KIND_SNAPSHOT, header)
+        w.write(pages.replace(old, new, 1))
+        w.close()
+    os.replace(tmp, path)
+
+
+def test_sync_snapshot_and_drills_catch_every_kind_of_damage(
+    tmp_path: Path, procs: Reaper
+) -> None:
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    write_rows(db, 1, 50)
+    port = free_port()
+    with WebhookTestServer() as hook:
+        cfg = config(tmp_path, db, port, hook.url)
+        procs.replicator(util.Replicate("--config", str(cfg), log=tmp_path / "replicate.log"))
+        sock = control_socket_path(load_config(str(cfg)).dbs[0].spool_dir)
+        util.wait_until(lambda: os.path.exists(sock), WAIT, what="the control socket")
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+
+        # sync --wait: everything committed so far is on both destinations when it returns
+        write_rows(db, 51, 20)
+        r = util.cli("sync", "--wait", str(db), "--config", str(cfg))
+        assert r.returncode == 0, r.stderr
+        assert "on local, second" in r.stdout
+        for name in ("local", "second"):
+            out = tmp_path / f"synced-{name}.db"
+            util.restore(str(tmp_path / name), out)
+            assert util.seqs(out) == list(range(1, 71))
+
+        # snapshot now (found without a config: the default spool directory beside DB)
+        before = {p.name for p in objects(tmp_path / "local") if p.suffix == ".snap"}
+        r = util.cli("snapshot", str(db))
+        assert r.returncode == 0, r.stderr
+        assert "snapshot of" in r.stdout
+        util.wait_until(lambda: {p.name for p in objects(tmp_path / "local")
+                                 if p.suffix == ".snap"} - before != set(), WAIT,
+                        what="the new snapshot shipped")
+
+        # two good drills: the second one also restores the first one's point
+        code, out, err = verify(cfg)
+        assert code == 0, err
+        assert "restore drill ok" in out and "recent" in out
+        write_rows(db, 71, 30)
+        code, out, err = verify(cfg)
+        assert code == 0, err
+        assert len(load_points(os.path.dirname(sock))) == 2
+        assert out.count("local@") == 3  # newest, its partial check, the earlier point
+        m = scrape(port)
+        assert value(m, "replicator_verify_ok", db="app") == 1
+        assert (value(m, "replicator_verify_last_success_timestamp_seconds", db="app") or 0) > 0
+        assert (value(m, "replicator_verify_duration_seconds", db="app") or 0) > 0
+
+        def failing(what: str) -> str:
+            code, out, err = verify(cfg)
+            assert code == 1, f"{what}: drill passed: {out}"
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and "Traceback" not in err, err
+            assert value(scrape(port), "replicator_verify_ok", db="app") == 0
+            return lines[0]
+
+        local = tmp_path / "local"
+        # 1. a segment deleted from a replica
+        segs = [p for p in objects(local) if p.suffix == ".seg"]
+        victim = segs[-1]
+        saved = victim.read_bytes()
+        victim.unlink()
+        line = failing("deleted segment")
+        assert "/local: " in line and "restore failed" in line and "not in generation" in line
+        victim.write_bytes(saved)
+        assert verify(cfg)[0] == 0
+
+        # 2. a corrupted object
+        data = bytearray(saved)
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        line = failing("corrupted object")
+        assert victim.name in line and "corrupt" in line
+        victim.write_bytes(saved)
+        assert verify(cfg)[0] == 0
+
+        # 3. content that differs: the newest snapshot replaced by one with another database's
+        # pages (same header, valid checksums, integrity_check ok)
+        write_rows(db, 101, 5, text="ROW")
+        r = util.cli("snapshot", str(db))
+        assert r.returncode == 0, r.stderr
+        r = util.cli("sync", "--wait", str(db))
+        assert r.returncode == 0, r.stderr
+        snap = max((p for p in objects(tmp_path / "second") if p.suffix == ".snap"),
+                   key=lambda p: parse_key(str(p.relative_to(tmp_path / "second"))).end_txid)
+        forge_snapshot(snap, b"ROW-00000103", b"XXX-00000103")
+        line = failing("different content")
+        assert "second" in line and "differs" in line
+
+        # every failure went out as a notification
+        util.wait_until(lambda: len([p for p in hook.payloads if p["check"] == "verify"
+                                     and p["state"] == "failing"]) >= 3, WAIT,
+                        what="drill failures notified")
+        recovered = [p for p in hook.payloads if p["check"] == "verify"
+                     and p["state"] == "recovered"]
+        assert recovered
+
+
+def test_control_commands_without_a_running_replicator_say_so(tmp_path: Path) -> None:
+    db = tmp_path / "idle.db"
+    init_db(str(db))
+    for args in (("snapshot", str(db)), ("sync", "--wait", str(db))):
+        r = util.cli(*args)
+        assert r.returncode == 1
+        assert r.stderr.startswith("replicator: error: no replicator is running") and (
+            len(r.stderr.splitlines()) == 1)
+    cfg = tmp_path / "r.yml"
+    cfg.write_text(f"dbs:\n  - path: {db}\n    replicas: [{tmp_path / 'rep'}]\n")
+    code, out, err = verify(cfg)
+    assert code == 1 and "recorded no content hash" in err
+
+
+def test_scheduled_drill_follows_the_clock(tmp_path: Path) -> None:
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    write_rows(db, 1, 10)
+    cfg = tmp_path / "r.yml"
+    cfg.write_text(f"""
+dbs:
+  - path: {db}
+    verify: {{interval: 24h}}
+    replicas: [{tmp_path / "rep"}]
+""")
+    dbcfg = load_config(str(cfg)).dbs[0]
+
+    async def run() -> None:
+        svc = DatabaseService(dbcfg)
+        await svc.open()
+        stop = asyncio.Event()
+        shippers = [asyncio.create_task(r.run(stop)) for r in svc.replicas]
+        try:
+            assert svc.driller.next_due() == 0.0  # never drilled: due at once
+            t0 = 1_800_000_000.0
+            result = await svc.driller.run_once(now=t0)
+            assert result.ok, result.message
+            assert svc.driller.next_due() == t0 + 86400
+            m = svc.metrics.registry.get_sample_value
+            assert m("replicator_verify_ok", {"db": dbcfg.name}) == 1
+            assert m("replicator_verify_last_success_timestamp_seconds", {"db": dbcfg.name}) == t0
+            # a damaged replica fails the drill, and the next one is still an interval later
+            for p in objects(tmp_path / "rep"):
+                p.unlink()
+            result = await svc.driller.run_once(now=t0 + 86400)
+            assert not result.ok and "rep" in result.message
+            assert m("replicator_verify_ok", {"db": dbcfg.name}) == 0
+            assert svc.driller.next_due() == t0 + 2 * 86400
+        finally:
+            stop.set()
+            await asyncio.gather(*shippers)
+            await svc.close(5.0)
+
+    asyncio.run(run())
+    assert (Path(dbcfg.spool_dir) / POINTS_FILE).exists()
