@@ -4,7 +4,8 @@ what the application had.
 A *point* is ``(generation, txid, sha256)``: the SHA-256 of pages 1..n of the database at that
 txid, taken from the live database under the replicator's read transaction
 (:meth:`replicator.db.Database.content_hash`). The running replicator records one at each drill
-in ``drill-points.json`` in the spool directory (the newest :data:`MAX_POINTS`). A drill
+in ``drill-points.json`` in the spool directory once a drill proved it (the newest
+:data:`MAX_POINTS`). A drill
 restores, from every destination, the newest point and one earlier recorded point picked at
 random among those still restorable, runs ``PRAGMA integrity_check`` on each result (as every
 restore does) and compares the SHA-256 of its pages with the recorded one. A *partial* drill runs
@@ -264,12 +265,14 @@ class Driller:
             try:
                 point, rows = await s.drill_point([c.sql for c in self.cfg.partial])
                 await s.wait_shipped(point.generation, point.txid, self.cfg.timeout)
-                points = await asyncio.to_thread(save_point, self.spool_dir, point)
+                points = await asyncio.to_thread(load_points, self.spool_dir)
                 result = await drill(
                     [(r.name, r.client) for r in s.replicas], point, points,
                     partial=list(zip(self.cfg.partial, rows, strict=True)),
                     temp_parent=self.spool_dir,
                 )
+                if result.ok:  # a proven point: later drills restore it again
+                    await asyncio.to_thread(save_point, self.spool_dir, point)
             except (ReplicatorError, TimeoutError) as exc:
                 result = DrillResult(False, f"restore drill failed: {exc}")
             result.duration = time.monotonic() - started
@@ -307,6 +310,13 @@ class Driller:
     async def run(self, stop: asyncio.Event) -> None:
         """Drill on schedule until ``stop`` is set."""
         await asyncio.to_thread(_remove_stale_dirs, self.spool_dir)
+        if self.cfg.interval is None:
+            return
+        name, m = self.service.cfg.name, self.service.metrics
+        m.verify_interval.labels(name).set(self.cfg.interval)
+        points = await asyncio.to_thread(load_points, self.spool_dir)
+        if points:  # the last success before a restart
+            m.verify_last_success.labels(name).set(max(p.time for p in points))
         while not stop.is_set():
             wait = self.next_due() - time.time()
             if wait > 0:

@@ -55,6 +55,7 @@ class Metrics:
     verify_ok: Gauge
     verify_last_success: Gauge
     verify_duration: Gauge
+    verify_interval: Gauge
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -177,6 +178,10 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         verify_duration=Gauge(
             f"{n}_verify_duration_seconds", "Duration of the last restore drill.", db,
+            registry=r,
+        ),
+        verify_interval=Gauge(
+            f"{n}_verify_interval_seconds", "The configured interval of scheduled drills.", db,
             registry=r,
         ),
     )

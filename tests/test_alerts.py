@@ -24,7 +24,7 @@ PROMETHEUS_METRICS = {"up"}
 EXPECTED_ALERTS = {
     "ReplicatorDown", "ReplicationLagHigh", "ReplicaNoRecentSync", "SnapshotTooOld",
     "IntegrityCheckFailed", "HealthCheckFailing", "ReplicationErrorsRising",
-    "WalGrowingUnbounded", "ReplicaDown",
+    "WalGrowingUnbounded", "ReplicaDown", "RestoreDrillFailed", "RestoreDrillMissing",
 }
 
 
