@@ -42,6 +42,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import DatabaseError, WalError
 from .format import DEFAULT_LEVEL
