@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import __version__
+from .cli_ops import select_dbs
 from .config import (
     Config,
     DbConfig,
@@ -228,7 +229,7 @@ def _replicate_config(args: argparse.Namespace) -> Config:
         replicas = [replica_from_url(d, f"replica{i + 1}", f"DESTINATION {d!r}")
                     for i, d in enumerate(args.destinations)]
         cfg = Config(dbs=[DbConfig(path=args.db, replicas=replicas)])
-    for db in cfg.dbs:
+    for db in [*cfg.dbs, *(d.template for d in cfg.dirs)]:
         if args.snapshot_interval is not None:
             db.snapshot_interval = parse_duration(args.snapshot_interval, "--snapshot-interval")
         if args.checkpoint_pages is not None:
@@ -238,7 +239,7 @@ def _replicate_config(args: argparse.Namespace) -> Config:
             db.monitor_interval = parse_monitor_interval(args.monitor_interval,
                                                          "--monitor-interval")
         if args.spool_dir is not None:
-            if len(cfg.dbs) > 1:
+            if len(cfg.dbs) + len(cfg.dirs) > 1:
                 raise ConfigError("--spool-dir: set spool-dir per database in the config file")
             db.spool_dir = os.path.abspath(args.spool_dir)
         db.restore_if_db_not_exists |= args.restore_if_db_not_exists
@@ -416,16 +417,12 @@ def _sources(args: argparse.Namespace) -> list[_Source]:
             raise ConfigError("--replica needs --config")
         return [_Source(args.target, open_storage(args.target))]
     cfg = load_config(args.config)
-    target = os.path.abspath(args.target)
-    dbs = [d for d in cfg.dbs if d.path == target or d.name == args.target]
-    if not dbs:
-        known = ", ".join(d.name for d in cfg.dbs)
-        raise ConfigError(f"database {args.target!r} is not in {args.config} (it has: {known})")
-    reps = dbs[0].replicas
+    db = select_dbs(cfg, args.target, args.config)[0]
+    reps = db.replicas
     if args.replica:
         reps = [r for r in reps if r.name == args.replica]
         if not reps:
-            names = ", ".join(r.name for r in dbs[0].replicas)
+            names = ", ".join(r.name for r in db.replicas)
             raise ConfigError(f"--replica: no replica named {args.replica!r} (have: {names})")
     return [_Source(r.name, r.open()) for r in reps]
 

@@ -15,6 +15,7 @@ import tempfile
 from typing import Any
 
 from .config import Config, DbConfig, load_config, parse_duration
+from .discovery import db_config, find_db, scan
 from .drill import DrillResult, drill, load_points
 from .errors import ConfigError, ReplicatorError
 from .restore import apply_plan as apply_restore
@@ -26,13 +27,12 @@ from .storage import open_storage
 def select_dbs(cfg: Config, wanted: str | None, config_path: str) -> list[DbConfig]:
     """The databases of ``cfg`` named by ``wanted`` (a path or a name; None: all of them)."""
     if wanted is None:
-        return list(cfg.dbs)
-    target = os.path.abspath(wanted)
-    dbs = [d for d in cfg.dbs if d.path == target or d.name == wanted]
-    if not dbs:
-        known = ", ".join(d.name for d in cfg.dbs)
+        return list(cfg.dbs) + [db_config(d, p) for d in cfg.dirs for p, _ in scan(d)]
+    db = find_db(cfg, wanted)
+    if db is None:
+        known = ", ".join([d.name for d in cfg.dbs] + [f"{d.dir}/{d.pattern}" for d in cfg.dirs])
         raise ConfigError(f"database {wanted!r} is not in {config_path} (it has: {known})")
-    return dbs
+    return [db]
 
 
 async def prune(args: argparse.Namespace) -> int:

@@ -54,6 +54,7 @@ DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 DEFAULT_METRICS_ADDR: str | None = None
 DEFAULT_RETENTION: float | None = None
 DEFAULT_READY_MAX_LAG = 60.0
+DEFAULT_DIR_PATTERN = "*.db"
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -132,10 +133,27 @@ class NotifyConfig:
 
 
 @dataclass
+class DirConfig:
+    """A directory of databases (``dbs: [{dir: ..., pattern: ..., recursive: ...}]``): every
+    matching database is replicated with ``template``'s settings, each below its destinations at
+    its path relative to ``dir`` (see :mod:`replicator.discovery`)."""
+
+    dir: str
+    template: DbConfig
+    pattern: str = DEFAULT_DIR_PATTERN
+    recursive: bool = False
+    spool_root: str | None = None
+    """``spool-dir`` of the entry: the databases' spools go below it at their relative path
+    (None: beside each database, as for a listed one)."""
+
+
+@dataclass
 class Config:
     """The whole configuration."""
 
     dbs: list[DbConfig]
+    dirs: list[DirConfig] = field(default_factory=list)
+    """Directories of databases, discovered at start and watched for new and removed ones."""
     metrics_addr: str | None = DEFAULT_METRICS_ADDR
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     notify: NotifyConfig = field(default_factory=NotifyConfig)
@@ -542,6 +560,26 @@ def _db(raw: Any, where: str) -> DbConfig:
     return cfg
 
 
+def _dir(raw: dict[str, Any], where: str) -> DirConfig:
+    """A ``dir:`` entry: its own fields, and a database's fields for every database in it."""
+    own = {"dir", "pattern", "recursive"}
+    if "path" in raw:
+        raise ConfigError(f"{where}: give either path or dir, not both")
+    if "name" in raw:
+        raise ConfigError(f"{where}.name: a dir entry's databases are named by their paths")
+    root = os.path.abspath(_str(raw["dir"], f"{where}.dir"))
+    template = _db({**{k: v for k, v in raw.items() if k not in own}, "path": root}, where)
+    if template.restore_if_db_not_exists:
+        raise ConfigError(f"{where}.restore-if-db-not-exists: only for a database listed by path")
+    pattern = _str(raw.get("pattern", DEFAULT_DIR_PATTERN), f"{where}.pattern")
+    if "/" in pattern:
+        raise ConfigError(f"{where}.pattern: a file-name pattern (no '/'), got {pattern!r}")
+    spool = _get(raw, "spool-dir")
+    return DirConfig(dir=root, template=template, pattern=pattern,
+                     recursive=_flag(raw.get("recursive"), f"{where}.recursive"),
+                     spool_root=template.spool_dir if spool is not None else None)
+
+
 def parse_config(data: Any) -> Config:
     """Validate a parsed YAML document (after env expansion)."""
     if not isinstance(data, dict):
@@ -551,12 +589,19 @@ def parse_config(data: Any) -> Config:
     dbs_raw = data.get("dbs")
     if not isinstance(dbs_raw, list) or not dbs_raw:
         raise ConfigError("dbs: expected a non-empty list of databases")
-    dbs = [_db(d, f"dbs[{i}]") for i, d in enumerate(dbs_raw)]
+    dbs = [_db(d, f"dbs[{i}]") for i, d in enumerate(dbs_raw)
+           if not (isinstance(d, dict) and "dir" in d)]
+    dirs = [_dir(d, f"dbs[{i}]") for i, d in enumerate(dbs_raw)
+            if isinstance(d, dict) and "dir" in d]
     paths = [d.path for d in dbs]
     for p in paths:
         if paths.count(p) > 1:
             raise ConfigError(f"dbs: database {p} is listed twice")
-    cfg = Config(dbs=dbs)
+    roots = [d.dir for d in dirs]
+    for r in roots:
+        if roots.count(r) > 1:
+            raise ConfigError(f"dbs: directory {r} is listed twice")
+    cfg = Config(dbs=dbs, dirs=dirs)
     addr = data.get("metrics-addr", data.get("metrics_addr"))
     if addr is not None:
         cfg.metrics_addr = validate_addr(addr, "metrics-addr")

@@ -56,6 +56,8 @@ class Metrics:
     verify_last_success: Gauge
     verify_duration: Gauge
     verify_interval: Gauge
+    # databases of dir: entries
+    databases: Gauge
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -183,5 +185,9 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         verify_interval=Gauge(
             f"{n}_verify_interval_seconds", "The configured interval of scheduled drills.", db,
             registry=r,
+        ),
+        databases=Gauge(
+            f"{n}_databases", "Databases of dir: entries by state (queued, opening, "
+            "replicating, skipped, failed).", ["state"], registry=r,
         ),
     )

@@ -76,6 +76,8 @@ class Replica:
         self.shipped_transactions = 0  # since start, for the periodic log summary
         self.shipped_bytes = 0
         self._debug = RateLimit(DEBUG_EVERY)
+        self.limit: asyncio.Semaphore | None = None
+        """Shared by the replicas of many databases: held while shipping (``run()``)."""
 
     @property
     def url(self) -> str:
@@ -315,9 +317,10 @@ class Replica:
         failures = 0
         while not stop.is_set() and self.fenced is None:
             try:
-                if not self.healthy:
-                    await self.init()
-                await self.sync()
+                async with self.limit or contextlib.nullcontext():
+                    if not self.healthy:
+                        await self.init()
+                    await self.sync()
                 if self.fenced is not None:
                     break
                 failures = 0

@@ -16,7 +16,6 @@ import platform
 import sqlite3
 import time
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from . import __version__
@@ -25,13 +24,15 @@ from .config import Config, DbConfig
 from .db import CaptureResult, Database
 from .drill import DRILL_ATTEMPTS, Driller, Point
 from .errors import ReplicatorError, StorageError
+from .fleet import Fleet
 from .health import CheckResult, HealthChecker
 from .logs import RateLimit, fmt_bytes
 from .metrics import Metrics, create_metrics
 from .notify import Notifier
 from .pos import ObjectInfo
-from .replica import Replica
+from .replica import DEFAULT_BACKSTOP, Replica
 from .retry import Backoff, ErrorLog
+from .runtime import Runtime
 from .spool import Spool
 from .watcher import Watcher
 
@@ -53,6 +54,8 @@ FOLLOW_QUIET = 0.05
 CHECKPOINT_RESULTS = ("ok", "busy", "error")
 # how often a wait for the destinations (sync --wait, drills) looks at their positions
 SHIPPED_POLL = 0.05
+# an idle database's loop looks whether a snapshot is due about this often (jittered)
+IDLE_TIMER = 10.0
 
 
 def _iso(ts: float) -> str | None:
@@ -77,9 +80,14 @@ class DatabaseService:
     """One database with its replicas (and its health checks, if configured)."""
 
     def __init__(
-        self, cfg: DbConfig, metrics: Metrics | None = None, notifier: Notifier | None = None
+        self, cfg: DbConfig, metrics: Metrics | None = None, notifier: Notifier | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
         self.cfg = cfg
+        # the shared pool, watcher and limits (a small runtime of its own when made alone)
+        self._own_runtime = runtime is None
+        self.runtime = runtime if runtime is not None else Runtime(workers=1)
+        self._lock = asyncio.Lock()  # the database's blocking methods run one at a time
         self.metrics = metrics if metrics is not None else create_metrics()
         self.spool = Spool(cfg.spool_dir)
         self.db = Database(cfg.path, self.spool, name=cfg.name,
@@ -91,6 +99,7 @@ class DatabaseService:
         for r, rc in zip(self.replicas, cfg.replicas, strict=True):
             r.on_shipped = self._schedule_prune
             r.retention = cfg.retention_policy(rc)
+            r.limit = self.runtime.uploads
         self.health: HealthChecker | None = None
         if cfg.health:
             self.health = HealthChecker(cfg.path, cfg.health, metrics=self.metrics,
@@ -98,7 +107,6 @@ class DatabaseService:
         self.driller = Driller(self, notifier)
         self._init_metrics()
         self.wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="replicator-db")
         self._watcher: Watcher | None = None
         self._errors = ErrorLog(log)
         self._prune_task: asyncio.Task[None] | None = None
@@ -109,7 +117,8 @@ class DatabaseService:
         self._debug_counts = [0, 0]  # transactions, frames captured since the last debug line
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        async with self._lock:
+            return await self.runtime.call(fn, *args)
 
     def _init_metrics(self) -> None:
         """Create the series whose label values are known up front, so they read 0 (not
@@ -239,7 +248,8 @@ class DatabaseService:
             return False
         if not wanted and self.db.last_snapshot_txid == self.db.txid:
             return False  # nothing changed since the last snapshot
-        await self._call(self.db.snapshot)
+        async with self.runtime.snapshots:
+            await self._call(self.db.snapshot)
         for r in self.replicas:
             r.needs_snapshot = False
             r.wake.set()
@@ -332,24 +342,43 @@ class DatabaseService:
         self._errors.error(msg, f"{self.cfg.name}: {operation} failed: ")
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Capture on every file event (or timer tick) and ship, until ``stop`` is set."""
-        self._watcher = Watcher(self.cfg.path, self.wake)
+        """Capture on every file event (or backstop wake-up) and ship, until ``stop`` is set.
+
+        A change no file event reported is found by the runtime's backstop within about
+        ``monitor-interval``; the loop's own jittered timer only looks whether a snapshot is due."""
+        self._watcher = Watcher(self.cfg.path, self.wake, self.runtime.events)
         self._watcher.start()
-        shippers = [asyncio.create_task(r.run(stop)) for r in self.replicas]
+        self.runtime.watch(self.cfg.path, self.wake, self.cfg.monitor_interval)
+        backstop = self.runtime.backstop(DEFAULT_BACKSTOP)
+        shippers = [asyncio.create_task(r.run(stop, backstop)) for r in self.replicas]
         checks = asyncio.create_task(self.health.run(stop)) if self.health is not None else None
-        failures = 0
         drills = asyncio.create_task(self.driller.run(stop))
-        watcher = self._watcher
-        last_change = 0.0
         try:
-            while not stop.is_set():
-                timeout = FOLLOW_POLL if watcher.paused else self.cfg.monitor_interval
-                if not self.wake.is_set():
-                    await wait_any(self.wake, stop, within=timeout)
-                if stop.is_set():
-                    break
-                self.wake.clear()
-                try:
+            await self._loop(stop, self._watcher)
+        finally:
+            self.runtime.unwatch(self.cfg.path)
+            await asyncio.gather(*shippers, return_exceptions=True)
+            drills.cancel()  # a drill in progress only reads: it may stop anywhere
+            await asyncio.gather(drills, return_exceptions=True)
+            if checks is not None:
+                # a check in progress may finish (and notify); a long one is interrupted
+                await asyncio.wait({checks}, timeout=HEALTH_STOP_GRACE)
+                checks.cancel()
+                await asyncio.gather(checks, return_exceptions=True)
+
+    async def _loop(self, stop: asyncio.Event, watcher: Watcher) -> None:
+        failures = 0
+        last_change = 0.0
+        while not stop.is_set():
+            if not self.wake.is_set():
+                timeout = FOLLOW_POLL if watcher.paused else self.runtime.backstop(IDLE_TIMER)
+                await wait_any(self.wake, stop, within=timeout)
+            if stop.is_set():
+                break
+            woken = self.wake.is_set() or watcher.paused
+            self.wake.clear()
+            try:
+                if woken:
                     res = await self.sync()
                     now = time.monotonic()
                     if res.transactions or res.more:
@@ -360,22 +389,13 @@ class DatabaseService:
                         self.wake.set()  # what changed before the events were back has none
                     if res.more:
                         self.wake.set()  # a backlog: capture again at once
-                    await self.snapshot_if_due()
-                    self.log_summary()
-                    failures = 0
-                except Exception as exc:  # noqa: BLE001 - logged, counted, retried
-                    self._record_error("capture", exc)
-                    failures += 1
-                    await wait_any(stop, within=CAPTURE_RETRY.delay(failures))
-        finally:
-            await asyncio.gather(*shippers, return_exceptions=True)
-            drills.cancel()  # a drill in progress only reads: it may stop anywhere
-            await asyncio.gather(drills, return_exceptions=True)
-            if checks is not None:
-                # a check in progress may finish (and notify); a long one is interrupted
-                await asyncio.wait({checks}, timeout=HEALTH_STOP_GRACE)
-                checks.cancel()
-                await asyncio.gather(checks, return_exceptions=True)
+                await self.snapshot_if_due()
+                self.log_summary()
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - logged, counted, retried
+                self._record_error("capture", exc)
+                failures += 1
+                await wait_any(stop, within=CAPTURE_RETRY.delay(failures))
 
     async def _bounded(
         self, final: Coroutine[Any, Any, None], grace: float, skip: asyncio.Event | None
@@ -429,7 +449,8 @@ class DatabaseService:
         await self._call(self.db.close)
         for r in self.replicas:
             await r.aclose()
-        self._executor.shutdown(wait=True)
+        if self._own_runtime:
+            await self.runtime.aclose()
 
     def _replica_txid(self, r: Replica) -> int | None:
         """The newest transaction of the current generation the replica is known to hold."""
@@ -477,25 +498,38 @@ class Replicator:
         channels = config.notify.channels
         self.notifier = Notifier(channels, metrics=self.metrics,
                                  min_interval=config.notify.min_interval) if channels else None
-        self.services = [DatabaseService(d, self.metrics, self.notifier) for d in config.dbs]
+        self.runtime = Runtime()
+        self.services = [DatabaseService(d, self.metrics, self.notifier, self.runtime)
+                         for d in config.dbs]
+        self.fleet = Fleet(config.dirs, self.runtime, self.metrics,
+                           lambda d: DatabaseService(d, self.metrics, self.notifier, self.runtime))
         self.started = time.time()
 
     def service(self, name: str | None) -> DatabaseService | None:
         """The database named ``name`` (its name or path; None: the only one, if just one)."""
+        services = self.all_services()
         if name is None:
-            return self.services[0] if len(self.services) == 1 else None
-        for s in self.services:
+            return services[0] if len(services) == 1 else None
+        for s in services:
             if name in (s.cfg.name, s.cfg.path) or os.path.abspath(name) == s.cfg.path:
                 return s
         return None
 
+    def all_services(self) -> list[DatabaseService]:
+        """The listed databases' services, then those of ``dir:`` entries running now."""
+        return self.services + list(self.fleet.services.values())
+
     def status(self) -> dict[str, Any]:
         """Every database's state for ``/status`` (call from the event loop)."""
-        return {"version": __version__, "started": _iso(self.started),
-                "dbs": [s.status() for s in self.services]}
+        doc: dict[str, Any] = {"version": __version__, "started": _iso(self.started),
+                               "dbs": [s.status() for s in self.all_services()]}
+        if self.config.dirs:
+            doc["databases"] = self.fleet.status()
+        return doc
 
     async def open(self) -> None:
-        """Open every database; on failure close what was opened and re-raise."""
+        """Open every listed database; on failure close what was opened and re-raise. (The
+        databases of ``dir:`` entries open in the background once :meth:`run` starts.)"""
         opened: list[DatabaseService] = []
         try:
             for s in self.services:
@@ -504,6 +538,7 @@ class Replicator:
         except BaseException:
             for s in opened:
                 await s.close(1.0)
+            await self.runtime.aclose()
             raise
 
     async def run(self, stop: asyncio.Event, skip_final_sync: asyncio.Event | None = None) -> None:
@@ -517,12 +552,16 @@ class Replicator:
                 sockets.append(start_control_socket(asyncio.get_running_loop(), self, s))
             except ReplicatorError as exc:
                 log.warning("%s: no on-demand control: %s", s.cfg.name, exc)
+        grace = self.config.shutdown_timeout
         try:
-            await asyncio.gather(*(s.run(stop) for s in self.services))
+            await self.fleet.start()
+            await asyncio.gather(*(s.run(stop) for s in self.services), stop.wait())
         finally:
             for sock in sockets:
                 sock.close()
             await asyncio.gather(
-                *(s.close(self.config.shutdown_timeout, skip_final_sync) for s in self.services),
+                self.fleet.aclose(grace, skip_final_sync),
+                *(s.close(grace, skip_final_sync) for s in self.services),
                 return_exceptions=True,
             )
+            await self.runtime.aclose()

@@ -1,0 +1,170 @@
+"""The databases of ``dir:`` entries at run time: found, queued, opened a few at a time, run,
+and stopped when their file goes.
+
+A fresh start with a thousand databases does not open (and snapshot) them all at once: they wait
+in a queue, the most recently changed first, and ``Runtime.snapshot_limit`` of them open at a
+time. How far that got is in ``/status`` (``databases``) and in the metric
+``replicator_databases{state}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .config import DbConfig, DirConfig
+from .discovery import DirWatch
+from .metrics import Metrics
+from .runtime import Runtime
+
+if TYPE_CHECKING:
+    from .replicator import DatabaseService
+
+log = logging.getLogger("replicator")
+
+STATES = ("queued", "opening", "replicating", "skipped", "failed")
+# how long a removed database's service may take for its final capture and ship
+REMOVE_GRACE = 5.0
+
+
+class Fleet:
+    """Every database found in the ``dir:`` entries, each with its own service."""
+
+    def __init__(self, dirs: list[DirConfig], runtime: Runtime, metrics: Metrics,
+                 make: Callable[[DbConfig], DatabaseService]) -> None:
+        self.runtime = runtime
+        self.metrics = metrics
+        self._make = make
+        self.watches = [DirWatch(d, runtime, self.add, self.remove) for d in dirs]
+        self.services: dict[str, DatabaseService] = {}
+        self._runs: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = {}
+        self._queue: list[tuple[float, str]] = []
+        self._queued: dict[str, DbConfig] = {}
+        self._opening: set[str] = set()
+        self.failed: dict[str, str] = {}
+        self._more = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._workers: list[asyncio.Task[None]] = []
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Scan every directory, queue what was found and start opening."""
+        self._stop.clear()
+        for w in self.watches:
+            await w.start()
+        self._workers = [asyncio.ensure_future(self._opener())
+                         for _ in range(self.runtime.snapshot_limit)]
+        self._set_metrics()
+
+    def add(self, cfg: DbConfig, changed: float) -> None:
+        """Queue a database found (nothing if it is queued, opening or running already)."""
+        path = cfg.path
+        if path in self._queued or path in self._opening or path in self.services:
+            return
+        self.failed.pop(path, None)
+        self._queued[path] = cfg
+        heapq.heappush(self._queue, (-changed, path))
+        self._more.set()
+        self._set_metrics()
+
+    def remove(self, path: str) -> None:
+        """A database's file is gone: drop it from the queue, or stop its service."""
+        self.failed.pop(path, None)
+        if self._queued.pop(path, None) is not None:
+            self._set_metrics()
+            return
+        run = self._runs.pop(path, None)
+        if run is None:
+            return
+        log.info("%s: removed; replication stops", path)
+        run[0].set()
+        task = asyncio.ensure_future(self._retire(path, run[1]))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _retire(self, path: str, task: asyncio.Task[None]) -> None:
+        await asyncio.gather(task, return_exceptions=True)
+        s = self.services.pop(path, None)
+        self._set_metrics()
+        if s is not None:
+            await s.close(REMOVE_GRACE)
+
+    async def _opener(self) -> None:
+        while not self._stop.is_set():
+            if not self._queue:
+                self._more.clear()
+                await self._more.wait()
+                continue
+            _, path = heapq.heappop(self._queue)
+            cfg = self._queued.pop(path, None)
+            if cfg is None:
+                continue  # removed while queued
+            self._opening.add(path)
+            self._set_metrics()
+            try:
+                await self._open(cfg)
+            finally:
+                self._opening.discard(path)
+                self._set_metrics()
+
+    async def _open(self, cfg: DbConfig) -> None:
+        s = self._make(cfg)
+        try:
+            async with self.runtime.snapshots:
+                await s.open()
+        except asyncio.CancelledError:
+            await asyncio.shield(s.close(0.0))
+            raise
+        except Exception as exc:  # noqa: BLE001 - one database's trouble is not the others'
+            self.failed[cfg.path] = str(exc)
+            log.error("%s: cannot replicate: %s", cfg.path, exc)
+            await s.close(0.0)
+            return
+        if self._stop.is_set():
+            await s.close(0.0)
+            return
+        self.services[cfg.path] = s
+        stop = asyncio.Event()
+        self._runs[cfg.path] = (stop, asyncio.ensure_future(s.run(stop)))
+
+    def progress(self) -> dict[str, int]:
+        """How many databases are in each state."""
+        skipped = sum(len(w.skipped) for w in self.watches)
+        return {"queued": len(self._queued), "opening": len(self._opening),
+                "replicating": len(self.services), "skipped": skipped,
+                "failed": len(self.failed)}
+
+    def _set_metrics(self) -> None:
+        for state, n in self.progress().items():
+            self.metrics.databases.labels(state).set(n)
+
+    def status(self) -> dict[str, Any]:
+        """``/status``'s ``databases``: the counts, and the skipped and failed files."""
+        skipped = {p: r for w in self.watches for p, r in w.skipped.items()}
+        return {**self.progress(), "skipped_files": skipped, "failed_files": dict(self.failed)}
+
+    async def aclose(self, grace: float, skip: asyncio.Event | None = None) -> None:
+        """Stop opening and watching; stop every service (final sync within ``grace``)."""
+        self._stop.set()
+        self._more.set()
+        for w in self.watches:
+            w.stop()
+        if self._workers:
+            # an open in progress may finish (and is then closed); a long one is cut short
+            await asyncio.wait(self._workers, timeout=grace)
+        for t in self._workers:
+            t.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        runs = list(self._runs.values())
+        self._runs.clear()
+        for stop, _ in runs:
+            stop.set()
+        await asyncio.gather(*(t for _, t in runs), return_exceptions=True)
+        await asyncio.gather(*self._closing, return_exceptions=True)
+        services = list(self.services.values())
+        self.services.clear()
+        await asyncio.gather(*(s.close(grace, skip) for s in services), return_exceptions=True)
+        self._set_metrics()

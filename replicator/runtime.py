@@ -1,0 +1,141 @@
+"""What every database of a process shares: the worker pool for blocking SQLite and file work,
+the one file watcher, the limits on concurrent snapshots and uploads, and the timer backstop.
+
+Nothing here grows a thread per database. The pool has ``workers`` threads whatever the number of
+databases (each database's work is serialized by its own lock, as its SQLite connections
+require); the watcher has one thread per watched directory tree; timers are jittered so that a
+thousand databases started together do not wake together. The backstop for missed file events
+is one job a tick that stats every watched database (its file and ``-wal``) and wakes only those
+that changed, instead of a capture step per database per tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from .watcher import FileEvents
+
+T = TypeVar("T")
+
+DEFAULT_WORKERS = 8
+DEFAULT_SNAPSHOTS = 2
+DEFAULT_UPLOADS = 16
+DEFAULT_TICK = 1.0
+JITTER = 0.2
+# timer backstops (e.g. a replica's) are stretched so that all of them together wake at most
+# this often a second
+BACKSTOP_RATE = 20.0
+
+# (inode, size, mtime_ns) of a database file and of its -wal
+_Sig = tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]
+
+
+def _sig(path: str) -> _Sig:
+    out: list[tuple[int, int, int] | None] = []
+    for p in (path, path + "-wal"):
+        try:
+            st = os.stat(p)
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return out[0], out[1]
+
+
+def jitter(seconds: float, spread: float = JITTER) -> float:
+    """``seconds`` give or take ``spread`` of it, at random."""
+    return seconds * random.uniform(1 - spread, 1 + spread)
+
+
+class Runtime:
+    """The shared resources of one process (one per :class:`~replicator.replicator.Replicator`;
+    a database service made on its own gets a small one of its own)."""
+
+    def __init__(self, workers: int = DEFAULT_WORKERS, snapshots: int = DEFAULT_SNAPSHOTS,
+                 uploads: int = DEFAULT_UPLOADS) -> None:
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="replicator-worker")
+        self.events = FileEvents()
+        self.snapshots = asyncio.Semaphore(snapshots)
+        """Held while a snapshot is written (and while a database opens, which may take one)."""
+        self.uploads = asyncio.Semaphore(uploads)
+        """Held while a replica ships."""
+        self.snapshot_limit = snapshots
+        self._watched: dict[str, tuple[asyncio.Event, float]] = {}
+        self._sigs: dict[str, _Sig] = {}
+        self._due: dict[str, float] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run blocking ``fn(*args)`` on the pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def backstop(self, seconds: float) -> float:
+        """A jittered timer of about ``seconds``, longer when many databases have one."""
+        return jitter(max(seconds, len(self._watched) / BACKSTOP_RATE))
+
+    # ------------------------------------------------------------------ backstop ticker
+
+    def watch(self, path: str, wake: asyncio.Event, interval: float) -> None:
+        """Set ``wake`` within about ``interval`` seconds of any change to ``path`` or its
+        ``-wal`` that no file event reported."""
+        self._watched[path] = (wake, interval)
+        self._due[path] = time.monotonic() + random.uniform(0, interval)
+        if self._ticker is None or self._ticker.done():
+            self._stop.clear()
+            self._ticker = asyncio.ensure_future(self._tick_loop())
+
+    def unwatch(self, path: str) -> None:
+        """Stop the backstop for ``path``."""
+        self._watched.pop(path, None)
+        self._sigs.pop(path, None)
+        self._due.pop(path, None)
+
+    def _changed(self, paths: list[str]) -> list[str]:
+        """Which of ``paths`` changed since they were last looked at (blocking)."""
+        out = []
+        for p in paths:
+            sig = _sig(p)
+            if self._sigs.get(p, sig) != sig:
+                out.append(p)
+            if p in self._watched:
+                self._sigs[p] = sig
+        return out
+
+    async def tick(self) -> int:
+        """One backstop step: stat the databases that are due, wake those that changed;
+        returns how many were woken."""
+        now = time.monotonic()
+        due = [p for p, t in self._due.items() if t <= now]
+        if not due:
+            return 0
+        for p in due:
+            self._due[p] = now + jitter(self._watched[p][1], JITTER / 2)
+        changed = await self.call(self._changed, due)
+        for p in changed:
+            entry = self._watched.get(p)
+            if entry is not None:
+                entry[0].set()
+        return len(changed)
+
+    async def _tick_loop(self) -> None:
+        while self._watched and not self._stop.is_set():
+            await self.tick()
+            step = min((i for _, i in self._watched.values()), default=DEFAULT_TICK)
+            try:
+                await asyncio.wait_for(self._stop.wait(), min(step, DEFAULT_TICK) / 2)
+            except TimeoutError:
+                pass
+
+    async def aclose(self) -> None:
+        """Stop the ticker and the watcher, then the pool (after its running jobs)."""
+        self._stop.set()
+        if self._ticker is not None:
+            await asyncio.gather(self._ticker, return_exceptions=True)
+        self.events.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)

@@ -1,0 +1,224 @@
+"""Directories of databases (``dbs: [{dir: ...}]``): configuration, discovery, the real CLI with
+databases appearing and disappearing while others are written, and many databases restored."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import util
+from obsutil import free_port
+from writer import init_db
+
+from replicator.config import parse_config
+from replicator.discovery import EMPTY, classify, find_db, matches, scan, sub_url
+from replicator.errors import ConfigError
+
+
+def _config(tmp_path: Path, root: Path, dest: Path, port: int | None = None,
+            extra: str = "") -> Path:
+    cfg = tmp_path / "replicator.yml"
+    addr = f"metrics-addr: 127.0.0.1:{port}\n" if port else ""
+    cfg.write_text(
+        f"{addr}shutdown-timeout: 20s\n"
+        f"dbs:\n  - dir: {root}\n    pattern: '*.db'\n    recursive: true\n"
+        f"    integrity: off\n{extra}"
+        f"    replicas:\n      - {{name: local, path: {dest}}}\n"
+    )
+    return cfg
+
+
+def _insert(db: Path, n: int, start: int = 0) -> None:
+    c = sqlite3.connect(db)
+    try:
+        for i in range(start, start + n):
+            with c:
+                c.execute("INSERT INTO log(seq, t_ns) VALUES (?, ?)", (i + 1, i))
+    finally:
+        c.close()
+
+
+def test_dir_entry_config_and_paths(tmp_path: Path) -> None:
+    root = tmp_path / "tenants"
+    cfg = parse_config({"dbs": [
+        {"dir": str(root), "recursive": True, "snapshot-interval": "1h",
+         "replicas": [{"name": "local", "path": "/backups/t"},
+                      {"name": "s3", "url": "s3://bkt/t?region=x"}]},
+        {"path": str(tmp_path / "app.db"), "replicas": ["/backups/app"]},
+    ]})
+    assert [d.path for d in cfg.dbs] == [str(tmp_path / "app.db")]
+    d = cfg.dirs[0]
+    assert (d.dir, d.pattern, d.recursive) == (str(root), "*.db", True)
+    db = find_db(cfg, str(root / "sub" / "a.db"))
+    assert db is not None and db.snapshot_interval == 3600
+    assert [r.url for r in db.replicas] == ["/backups/t/sub/a.db", "s3://bkt/t/sub/a.db?region=x"]
+    assert db.spool_dir == str(root / "sub" / ".a.db-replicator")
+    assert find_db(cfg, str(root / "a.db-wal")) is None
+    assert find_db(cfg, str(root / ".a.db-replicator" / "x.db")) is None
+    assert find_db(cfg, str(tmp_path / "other.db")) is None
+    assert sub_url("file:///b/t", "a.db") == "file:///b/t/a.db"
+    assert not matches(d, str(root / "a.txt"))
+    for bad, msg in (
+        ({"dir": str(root), "path": "x", "replicas": ["/b"]}, "either path or dir"),
+        ({"dir": str(root), "pattern": "a/*.db", "replicas": ["/b"]}, "pattern"),
+        ({"dir": str(root), "recursive": "yes", "replicas": ["/b"]}, "recursive"),
+        ({"dir": str(root), "replicas": ["/b"], "restore-if-db-not-exists": True}, "restore-if"),
+    ):
+        with pytest.raises(ConfigError, match=msg):
+            parse_config({"dbs": [bad]})
+
+
+def test_scan_and_classify(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    (root / "sub").mkdir(parents=True)
+    (root / ".spool").mkdir()
+    init_db(str(root / "a.db"))
+    init_db(str(root / "sub" / "b.db"))
+    init_db(str(root / ".spool" / "c.db"))
+    (root / "notes.db").write_text("not a database, but named like one\n" * 5)
+    (root / "new.db").touch()
+    rollback = sqlite3.connect(root / "old.db")
+    rollback.execute("CREATE TABLE t(x)")
+    rollback.commit()
+    rollback.close()
+    cfg = parse_config({"dbs": [{"dir": str(root), "recursive": True, "replicas": ["/b"]}]})
+    found = sorted(os.path.relpath(p, root) for p, _ in scan(cfg.dirs[0]))
+    assert found == ["a.db", "new.db", "notes.db", "old.db", "sub/b.db"]
+    assert classify(str(root / "a.db")) is None
+    assert classify(str(root / "new.db")) == EMPTY
+    assert classify(str(root / "notes.db")) == "not a SQLite database"
+    assert "not in WAL mode" in str(classify(str(root / "old.db")))
+
+
+def _status(port: int) -> dict[str, object]:
+    r = util.cli("status", "--addr", f"127.0.0.1:{port}", "--json", timeout=30)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def _replicated(port: int) -> set[str]:
+    """The databases every replica of which holds something (none before the server is up)."""
+    r = util.cli("status", "--addr", f"127.0.0.1:{port}", "--json", timeout=30)
+    if r.returncode != 0:
+        return set()
+    dbs = json.loads(r.stdout)["dbs"]
+    assert isinstance(dbs, list)
+    return {d["path"] for d in dbs if all(r["generation"] for r in d["replicas"])}
+
+
+def test_databases_appear_and_disappear_while_others_are_written(tmp_path: Path) -> None:
+    root, dest = tmp_path / "tenants", tmp_path / "backups"
+    (root / "sub").mkdir(parents=True)
+    for name in ("a.db", "b.db", "sub/c.db"):
+        init_db(str(root / name))
+    notes = root / "notes.db"
+    notes.write_text("a note, not a database\n")
+    port = free_port()
+    cfg = _config(tmp_path, root, dest, port)
+    rep = util.Replicate("--config", str(cfg), log=tmp_path / "rep.log")
+    stop = threading.Event()
+    written = {"a.db": 0}
+
+    def write_a() -> None:
+        while not stop.is_set():
+            _insert(root / "a.db", 1, written["a.db"])
+            written["a.db"] += 1
+            stop.wait(0.01)
+
+    writer = threading.Thread(target=write_a)
+    try:
+        base = {str(root / n) for n in ("a.db", "b.db", "sub/c.db")}
+        util.wait_until(lambda: base <= _replicated(port), 60, 0.3, "first databases")
+        writer.start()
+        # a new database (created empty, then made a WAL database), another removed, the
+        # non-database file changed again: all while a.db is written
+        (root / "sub" / "deeper").mkdir()
+        init_db(str(root / "sub" / "deeper" / "d.db"))
+        _insert(root / "sub" / "deeper" / "d.db", 5)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{root / 'b.db'}{suffix}").unlink(missing_ok=True)
+        notes.write_text("changed, still not a database\n")
+        d_path = str(root / "sub" / "deeper" / "d.db")
+        util.wait_until(lambda: d_path in _replicated(port), 60, 0.3, "new database")
+        doc = _status(port)
+        paths = {d["path"] for d in doc["dbs"]}  # type: ignore[union-attr]
+        assert str(root / "b.db") not in paths
+        databases = doc["databases"]
+        assert isinstance(databases, dict)
+        assert databases["replicating"] == 3 and databases["queued"] == 0
+        assert databases["skipped_files"] == {str(notes): "not a SQLite database"}
+        _insert(root / "sub" / "deeper" / "d.db", 5, 5)
+    finally:
+        stop.set()
+        if writer.is_alive():
+            writer.join()
+        assert rep.stop() == 0, rep.text()
+    log = rep.text()
+    assert log.count("notes.db: not a SQLite database; skipped") == 1, log
+    assert "b.db: removed; replication stops" in log
+    assert "Traceback" not in log
+    for name, rows in (("a.db", written["a.db"]), ("sub/deeper/d.db", 10), ("sub/c.db", 0)):
+        out = tmp_path / "out" / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        r = util.cli("restore", "--config", str(cfg), "-o", str(out), str(root / name))
+        assert r.returncode == 0, r.stderr
+        assert util.dump(out) == util.dump(root / name)
+        assert len(util.seqs(out)) == rows
+    r = util.cli("generations", "--config", str(cfg), str(root / "a.db"))
+    assert r.returncode == 0 and "local" in r.stdout, r.stderr
+    # b.db is gone from the directory, but its replica stays restorable by path
+    r = util.cli("restore", "--config", str(cfg), "-o", str(tmp_path / "b.db"), str(root / "b.db"))
+    assert r.returncode == 0, r.stderr
+    r = util.cli("restore", "--config", str(cfg), "-o", str(tmp_path / "x.db"),
+                 str(tmp_path / "elsewhere.db"))
+    assert r.returncode != 0 and "is not in" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_many_databases_replicated_and_restored_equal(tmp_path: Path) -> None:
+    count = 200
+    root, dest = tmp_path / "tenants", tmp_path / "backups"
+    names = [f"g{i % 10}/t{i:03d}.db" for i in range(count)]
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        init_db(str(root / name))
+        _insert(root / name, 1 + i % 7)
+    port = free_port()
+    cfg = _config(tmp_path, root, dest, port)
+    rep = util.Replicate("--config", str(cfg), log=tmp_path / "rep.log")
+    try:
+        util.wait_until(lambda: len(_replicated(port)) == count, 90, 0.5,
+                        "every database replicated")
+        for i, name in enumerate(names[:50]):
+            _insert(root / name, 3, 1 + i % 7)  # and more commits after the start
+    finally:
+        assert rep.stop(60) == 0, rep.text()
+    for name in names:
+        (tmp_path / "out" / name).parent.mkdir(parents=True, exist_ok=True)
+    _restore_all(cfg, tmp_path / "out", root, names)
+    for name in names:
+        assert util.dump(tmp_path / "out" / name) == util.dump(root / name), name
+
+
+def _restore_all(cfg: Path, out: Path, root: Path, names: list[str]) -> None:
+    """``restore --config`` for every database, in one interpreter (the CLI's own ``main``)."""
+    code = (
+        "import sys\n"
+        "from replicator.cli import main\n"
+        "cfg, out, root = sys.argv[1:4]\n"
+        "for name in sys.argv[4:]:\n"
+        "    if main(['restore', '--config', cfg, '-o', f'{out}/{name}', f'{root}/{name}']):\n"
+        "        sys.exit(f'restore of {name} failed')\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(cfg), str(out), str(root), *names],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
