@@ -20,8 +20,9 @@ import os
 import urllib.parse
 from collections.abc import Callable
 
-from .config import Config, DbConfig, DirConfig
+from .config import Config, DbConfig, DirConfig, ReplicaConfig
 from .runtime import Runtime
+from .storage import FileDestination, S3Options, parse_destination
 
 log = logging.getLogger("replicator.discovery")
 
@@ -36,13 +37,25 @@ MISSING = "missing"
 def sub_url(url: str, rel: str) -> str:
     """``url`` with ``rel`` (a relative path, '/'-separated) appended to its path or prefix."""
     rel = rel.replace(os.sep, "/").strip("/")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme in ("", "file") and not (parts.scheme == "" and "://" in url):
-        if parts.scheme == "file":
-            return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + rel))
+    if "://" not in url:
         return os.path.join(url, rel)
+    parts = urllib.parse.urlsplit(url)
     path = parts.path.rstrip("/")
     return urllib.parse.urlunsplit(parts._replace(path=f"{path}/{rel}"))
+
+
+def sub_replica(rc: ReplicaConfig, rel: str) -> ReplicaConfig:
+    """``rc`` for the database at ``rel`` (relative to its directory entry)."""
+    dest = rc.destination if rc.destination is not None else parse_destination(rc.url)
+    rel = rel.replace(os.sep, "/")
+    if isinstance(dest, S3Options):
+        prefix = f"{dest.prefix.strip('/')}/{rel}".lstrip("/")
+        opts = dataclasses.replace(dest, prefix=prefix)
+        return dataclasses.replace(rc, url=opts.to_url(), destination=opts)
+    if isinstance(dest, FileDestination):
+        return dataclasses.replace(rc, url=sub_url(rc.url, rel),
+                                   destination=FileDestination(os.path.join(dest.path, rel)))
+    return dataclasses.replace(rc, url=sub_url(rc.url, rel), destination=None)
 
 
 def matches(d: DirConfig, path: str) -> bool:
@@ -63,7 +76,7 @@ def db_config(d: DirConfig, path: str) -> DbConfig:
     spool = os.path.join(d.spool_root, rel) if d.spool_root else ""
     return dataclasses.replace(
         d.template, path=path, name=path, spool_dir=spool,
-        replicas=[dataclasses.replace(r, url=sub_url(r.url, rel)) for r in d.template.replicas],
+        replicas=[sub_replica(r, rel) for r in d.template.replicas],
     )
 
 

@@ -112,6 +112,7 @@ class Fleet:
 
     async def _open(self, cfg: DbConfig) -> None:
         s = self._make(cfg)
+        s.park_after = self.runtime.park_after
         try:
             async with self.runtime.snapshots:
                 await s.open()

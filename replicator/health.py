@@ -371,6 +371,7 @@ class HealthChecker:
         db_label: str | None = None,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         query_timeout: float = DEFAULT_QUERY_TIMEOUT,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         check_names(checks)
         for c in checks:
@@ -395,7 +396,9 @@ class HealthChecker:
         self._close_requested = False
         # checks run on a thread of their own: a long integrity check never holds a thread
         # that file and network work of the event loop needs
-        self._executor: ThreadPoolExecutor | None = None  # created by the first run
+        # (or on a pool shared by many databases' checkers, given from outside and kept open)
+        self._shared_executor = executor
+        self._executor: ThreadPoolExecutor | None = executor  # else created by the first run
         self._errors = ErrorLog(log)
 
     async def __aenter__(self) -> HealthChecker:
@@ -410,7 +413,7 @@ class HealthChecker:
         """Close the kept read-only connection (a later run opens a new one). Never blocks: if
         a run is in progress (e.g. ``run()`` was cancelled during a long integrity check), its
         query is interrupted and the connection is closed when that run ends."""
-        if self._executor is not None:
+        if self._executor is not None and self._shared_executor is None:
             self._executor.shutdown(wait=False)  # a run in progress still finishes
             self._executor = None
         if self._lock.acquire(blocking=False):

@@ -33,6 +33,7 @@ from .pos import ObjectInfo
 from .replica import DEFAULT_BACKSTOP, Replica
 from .retry import Backoff, ErrorLog
 from .runtime import Runtime
+from .runtime import signature as runtime_sig
 from .spool import Spool
 from .watcher import Watcher
 
@@ -56,6 +57,9 @@ CHECKPOINT_RESULTS = ("ok", "busy", "error")
 SHIPPED_POLL = 0.05
 # an idle database's loop looks whether a snapshot is due about this often (jittered)
 IDLE_TIMER = 10.0
+# a database of a dir: entry that has been idle this long, with every replica caught up, is
+# parked: its connections and files are closed until its next change (see DatabaseService.park)
+PARK_AFTER = 30.0
 
 
 def _iso(ts: float) -> str | None:
@@ -90,8 +94,11 @@ class DatabaseService:
         self._lock = asyncio.Lock()  # the database's blocking methods run one at a time
         self.metrics = metrics if metrics is not None else create_metrics()
         self.spool = Spool(cfg.spool_dir)
-        self.db = Database(cfg.path, self.spool, name=cfg.name,
-                           checkpoint_pages=cfg.checkpoint_pages)
+        self.db = self._database()
+        self.park_after: float | None = None
+        """Park after this many idle seconds (None: never)."""
+        self.parked = False
+        self._parked_sig: object = None
         self.replicas = [
             Replica(rc.name, rc.open(), self.spool, cfg.name, self.metrics)
             for rc in cfg.replicas
@@ -103,7 +110,8 @@ class DatabaseService:
         self.health: HealthChecker | None = None
         if cfg.health:
             self.health = HealthChecker(cfg.path, cfg.health, metrics=self.metrics,
-                                        notifier=notifier, db_label=cfg.name)
+                                        notifier=notifier, db_label=cfg.name,
+                                        executor=self.runtime.health)
         self.driller = Driller(self, notifier)
         self._init_metrics()
         self.wake = asyncio.Event()
@@ -115,6 +123,38 @@ class DatabaseService:
         self._summary_base = {r.name: (0, 0) for r in self.replicas}
         self._debug = RateLimit(DEBUG_EVERY)
         self._debug_counts = [0, 0]  # transactions, frames captured since the last debug line
+
+    def _database(self) -> Database:
+        return Database(self.cfg.path, self.spool, name=self.cfg.name,
+                        checkpoint_pages=self.cfg.checkpoint_pages)
+
+    async def park(self) -> bool:
+        """Close the database's connections and files while it is idle: only when everything
+        is captured and every replica holds every spooled object. Its file watch and the
+        runtime's backstop stay; :meth:`unpark` opens it again like a restart would (the WAL
+        still holds the last captured frame: the generation goes on; otherwise a new one
+        starts). Returns whether it parked."""
+        if self.parked:
+            return True
+        for r in self.replicas:
+            if not r.healthy or await r.pending(remote=False):
+                return False
+        self._parked_sig = await self.runtime.call(runtime_sig, self.cfg.path)
+        await self._call(self.db.close)
+        if self.health is not None:
+            self.health.close()  # its next check opens a connection again
+        self.parked = True
+        return True
+
+    async def unpark(self) -> None:
+        """Open a parked database again (a new :class:`Database`, resumed from the spool)."""
+        if not self.parked:
+            return
+        db, old = self._database(), self.db
+        await self._call(db.open)
+        db.last_snapshot_ns = max(db.last_snapshot_ns, old.last_snapshot_ns)
+        db.last_snapshot_txid = max(db.last_snapshot_txid, old.last_snapshot_txid)
+        self.db, self.parked = db, False
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         async with self._lock:
@@ -242,6 +282,8 @@ class DatabaseService:
 
     async def snapshot_if_due(self) -> bool:
         """Take a periodic snapshot when the interval has passed and something changed."""
+        if self.parked:
+            return False  # nothing changed since it was parked (a change unparks it)
         due = self.db.last_snapshot_ns / 1e9 + self.cfg.snapshot_interval
         wanted = any(r.needs_snapshot for r in self.replicas)
         if not wanted and (time.time() < due or self.cfg.snapshot_interval <= 0):
@@ -368,7 +410,7 @@ class DatabaseService:
 
     async def _loop(self, stop: asyncio.Event, watcher: Watcher) -> None:
         failures = 0
-        last_change = 0.0
+        last_change = time.monotonic()
         while not stop.is_set():
             if not self.wake.is_set():
                 timeout = FOLLOW_POLL if watcher.paused else self.runtime.backstop(IDLE_TIMER)
@@ -379,6 +421,7 @@ class DatabaseService:
             self.wake.clear()
             try:
                 if woken:
+                    await self.unpark()
                     res = await self.sync()
                     now = time.monotonic()
                     if res.transactions or res.more:
@@ -389,6 +432,11 @@ class DatabaseService:
                         self.wake.set()  # what changed before the events were back has none
                     if res.more:
                         self.wake.set()  # a backlog: capture again at once
+                elif (self.park_after is not None and not self.parked
+                      and time.monotonic() - last_change >= self.park_after):
+                    await self.park()
+                if self.parked and any(r.needs_snapshot for r in self.replicas):
+                    await self.unpark()
                 await self.snapshot_if_due()
                 self.log_summary()
                 failures = 0
@@ -427,7 +475,10 @@ class DatabaseService:
 
         async def final() -> None:
             log.debug("%s: final sync", self.cfg.name)
-            while (await self.sync()).more:
+            if self.parked and await self.runtime.call(runtime_sig, self.cfg.path) \
+                    != self._parked_sig:
+                await self.unpark()  # changed since it was parked, and no event said so yet
+            while not self.parked and (await self.sync()).more:
                 pass
             async def ship(r: Replica) -> None:
                 try:
@@ -468,6 +519,7 @@ class DatabaseService:
             "txid": db.txid,
             "position": db.pos.to_json() if db.pos is not None else None,
             "last_capture": _iso(self.last_capture),
+            "parked": self.parked,
             "last_snapshot": {"time": _iso(db.last_snapshot_ns / 1e9),
                               "txid": db.last_snapshot_txid} if db.last_snapshot_ns else None,
             "ready_max_lag_seconds": self.cfg.ready_max_lag,
@@ -499,6 +551,7 @@ class Replicator:
         self.notifier = Notifier(channels, metrics=self.metrics,
                                  min_interval=config.notify.min_interval) if channels else None
         self.runtime = Runtime()
+        self.runtime.park_after = PARK_AFTER
         self.services = [DatabaseService(d, self.metrics, self.notifier, self.runtime)
                          for d in config.dbs]
         self.fleet = Fleet(config.dirs, self.runtime, self.metrics,

@@ -24,6 +24,7 @@ from .watcher import FileEvents
 T = TypeVar("T")
 
 DEFAULT_WORKERS = 8
+DEFAULT_HEALTH_WORKERS = 2
 DEFAULT_SNAPSHOTS = 2
 DEFAULT_UPLOADS = 16
 DEFAULT_TICK = 1.0
@@ -36,7 +37,9 @@ BACKSTOP_RATE = 20.0
 _Sig = tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]
 
 
-def _sig(path: str) -> _Sig:
+def signature(path: str) -> _Sig:
+    """(inode, size, mtime) of a database file and of its ``-wal`` (None for a missing one):
+    it changes with every write (blocking)."""
     out: list[tuple[int, int, int] | None] = []
     for p in (path, path + "-wal"):
         try:
@@ -59,12 +62,17 @@ class Runtime:
     def __init__(self, workers: int = DEFAULT_WORKERS, snapshots: int = DEFAULT_SNAPSHOTS,
                  uploads: int = DEFAULT_UPLOADS) -> None:
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="replicator-worker")
+        self.health = ThreadPoolExecutor(DEFAULT_HEALTH_WORKERS,
+                                         thread_name_prefix="replicator-health")
+        """Health checks' pool: a long integrity check never holds a capture worker."""
         self.events = FileEvents()
         self.snapshots = asyncio.Semaphore(snapshots)
         """Held while a snapshot is written (and while a database opens, which may take one)."""
         self.uploads = asyncio.Semaphore(uploads)
         """Held while a replica ships."""
         self.snapshot_limit = snapshots
+        self.park_after: float | None = None
+        """Idle databases of ``dir:`` entries close their files after this long (None: never)."""
         self._watched: dict[str, tuple[asyncio.Event, float]] = {}
         self._sigs: dict[str, _Sig] = {}
         self._due: dict[str, float] = {}
@@ -100,7 +108,7 @@ class Runtime:
         """Which of ``paths`` changed since they were last looked at (blocking)."""
         out = []
         for p in paths:
-            sig = _sig(p)
+            sig = signature(p)
             if self._sigs.get(p, sig) != sig:
                 out.append(p)
             if p in self._watched:
@@ -138,4 +146,5 @@ class Runtime:
         if self._ticker is not None:
             await asyncio.gather(self._ticker, return_exceptions=True)
         self.events.stop()
+        self.health.shutdown(wait=False)  # a check in progress is interrupted by its checker
         await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)

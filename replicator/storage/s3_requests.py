@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -168,6 +169,51 @@ def _no_expect_for_small_bodies(params: dict[str, Any], **kwargs: Any) -> None:
         del headers["Expect"]
 
 
+_Clients = dict[tuple[object, ...], tuple[Any, contextlib.AsyncExitStack, int]]
+
+
+class _SharedClients:
+    """The process's aiobotocore clients by settings, each with its users counted; clients and
+    locks belong to one event loop each (and go with it)."""
+
+    def __init__(self) -> None:
+        self._loops: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[asyncio.Lock, _Clients]] = weakref.WeakKeyDictionary()
+
+    def _mine(self) -> tuple[asyncio.Lock, _Clients]:
+        loop = asyncio.get_running_loop()
+        if loop not in self._loops:
+            self._loops[loop] = (asyncio.Lock(), {})
+        return self._loops[loop]
+
+    async def acquire(self, key: tuple[object, ...], create: Any) -> Any:
+        lock, clients = self._mine()
+        async with lock:
+            entry = clients.get(key)
+            if entry is None:
+                stack = contextlib.AsyncExitStack()
+                entry = (await create(stack), stack, 0)
+            client, stack, users = entry
+            clients[key] = (client, stack, users + 1)
+            return client
+
+    async def release(self, key: tuple[object, ...]) -> None:
+        lock, clients = self._mine()
+        async with lock:
+            entry = clients.get(key)
+            if entry is None:
+                return
+            client, stack, users = entry
+            if users > 1:
+                clients[key] = (client, stack, users - 1)
+                return
+            del clients[key]
+        await stack.aclose()
+
+
+_SHARED = _SharedClients()
+
+
 class S3Requests:
     """The requests of one S3 replica: a lazily created client and :meth:`call`, which retries
     and translates failures. Keys given to it are relative to the replica's prefix."""
@@ -207,14 +253,21 @@ class S3Requests:
         return "the S3 endpoint"
 
     async def client(self) -> Any:
-        """The aiobotocore client (created on first use)."""
+        """The aiobotocore client (created on first use): one shared by every replica of the
+        process with the same endpoint, region and client settings, so that a thousand
+        databases do not hold a thousand clients and connection pools."""
         if self._client is None:
             async with self._client_lock:
                 if self._client is None:
-                    self._client = await self._create_client()
+                    self._client = await _SHARED.acquire(self._shared_key(), self._create_client)
         return self._client
 
-    async def _create_client(self) -> Any:
+    def _shared_key(self) -> tuple[object, ...]:
+        o = self.options
+        return (o.region, o.endpoint, o.force_path_style,
+                o.connect_timeout, o.read_timeout, o.retry_mode, o.request_attempts)
+
+    async def _create_client(self, stack: contextlib.AsyncExitStack) -> Any:
         o = self.options
         config = AioConfig(
             connect_timeout=o.connect_timeout,
@@ -225,7 +278,7 @@ class S3Requests:
         )
         session = get_session()
         session.register_component("data_loader", _shared_loader(session))
-        client = await self._stack.enter_async_context(
+        client = await stack.enter_async_context(
             session.create_client(
                 "s3", region_name=o.region, endpoint_url=o.endpoint, config=config
             )
@@ -235,8 +288,11 @@ class S3Requests:
         return client
 
     async def aclose(self) -> None:
-        """Close the client and its connection pool."""
-        self._client = None
+        """Let go of the client (closed, with its connection pool, by the last replica that
+        used it)."""
+        if self._client is not None:
+            self._client = None
+            await _SHARED.release(self._shared_key())
         await self._stack.aclose()
 
     def _attempt_timeout(self, body_size: int) -> float:

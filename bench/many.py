@@ -1,0 +1,570 @@
+"""Many databases in one process: this repository's replicator and Litestream 0.5 (its ``dir:``
+configuration), side by side on the same machine in the same run.
+
+1. **idle**: ``--idle`` databases (default 1,000) in one directory tree, replicated to S3
+   (SeaweedFS through bench/s3.py's recording proxy, when ``weed`` is installed; else a local
+   directory): once every database is replicated and the requests have stopped, the tool's RSS,
+   threads, file descriptors, CPU and S3 requests over ``--idle-seconds``.
+2. **big**: ``--big`` databases (default 10,000) to a local directory: time until every one of
+   them has its first object in the replica, RSS, threads, file descriptors then. Bounded: the
+   tool is stopped after ``--big-timeout`` seconds or past ``--mem-cap`` MiB of RSS.
+3. **active**: ``--active`` databases (default 1,000), each committing one small transaction a
+   second at random times (a writer process of its own) for ``--active-seconds``: the lag from
+   each commit to the next finished object of that database in the local replica, taken from
+   inotify events (no listing), p50/p99/max; the tool's CPU.
+
+Every process it starts is stopped in a ``finally``; its work directory is removed at the end.
+Raw numbers go to bench/out/many.json, the report between ``<!-- many:start -->`` and
+``<!-- many:end -->`` of docs/benchmarks.md. Run from the repository root:
+``python bench/many.py [--quick] [--out docs/benchmarks.md]`` (``--quick``: 200/1,000/200
+databases, a few minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import datetime as dt
+import json
+import os
+import random
+import select
+import shutil
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import _repl_common as rc  # noqa: E402
+
+START = "<!-- many:start -->"
+END = "<!-- many:end -->"
+TOOLS = ("ours", "litestream")
+LABELS = {"ours": "replicator (ours)", "litestream": "Litestream 0.5 (dir, watch)"}
+SETTLE = 10.0  # seconds without new objects (or requests) before a tool counts as settled
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ databases
+
+def make_dbs(root: Path, n: int) -> list[str]:
+    """``n`` small WAL databases below ``root`` (100 a directory); their relative paths."""
+    rels = [f"g{i // 100:03d}/t{i:05d}.db" for i in range(n)]
+    root.mkdir(parents=True, exist_ok=True)
+    template = root.parent / f".{root.name}-template.db"
+    c = sqlite3.connect(template, isolation_level=None)
+    c.execute("PRAGMA journal_mode=WAL")
+    c.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    c.execute("INSERT INTO t(v) VALUES (randomblob(200))")
+    c.close()  # the last connection: checkpointed, the -wal removed; WAL mode stays
+    for rel in rels:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, p)
+    template.unlink()
+    return rels
+
+
+def replicated(replica: Path) -> set[str]:
+    """Relative paths of the databases with at least one finished object in ``replica``."""
+    out: set[str] = set()
+    for top, _dirs, files in os.walk(replica):
+        for f in files:
+            if f.endswith((".snap", ".seg", ".ltx")):
+                rel = os.path.relpath(top, replica)
+                for cut in ("/generations/", "/ltx/"):
+                    if cut in rel + "/":
+                        out.add((rel + "/").split(cut)[0])
+                        break
+    return out
+
+
+# ------------------------------------------------------------------------------ process facts
+
+def facts(pid: int) -> dict[str, float]:
+    s = rc.proc_sample(pid)
+    if s is None:
+        return {}
+    threads = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                threads = int(line.split()[1])
+    try:
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        fds = -1
+    return {"cpu_s": s.cpu, "rss_mib": s.rss / rc.MiB, "hwm_mib": s.hwm / rc.MiB,
+            "threads": threads, "fds": fds}
+
+
+class Run:
+    """One tool over one directory of databases, its process and log."""
+
+    def __init__(self, tool: str, work: Path, root: Path, replica: str, s3_env: dict[str, str]
+                 | None = None) -> None:
+        self.tool, self.work, self.root, self.replica = tool, work, root, replica
+        self.cfg = work / f"{tool}.yml"
+        self.log_path = work / f"{tool}.log"
+        self.env = {**os.environ, **(s3_env or {})}
+        if tool == "ours":
+            self.env["PYTHONPATH"] = str(rc.ROOT)
+            rep = (f"{{name: s3, url: '{replica}'}}" if replica.startswith("s3://")
+                   else f"{{name: local, path: {replica}}}")
+            self.cfg.write_text(
+                f"dbs:\n  - dir: {root}\n    pattern: '*.db'\n    recursive: true\n"
+                f"    replicas: [{rep}]\n")
+            self.cmd = [sys.executable, "-m", "replicator", "replicate", "--config", str(self.cfg)]
+        else:
+            if replica.startswith("s3://"):
+                bucket, _, path = replica[5:].partition("?")[0].partition("/")
+                endpoint = s3_env["BENCH_ENDPOINT"] if s3_env else ""
+                rep = (f"{{type: s3, bucket: {bucket}, path: {path}, endpoint: '{endpoint}', "
+                       "region: us-east-1, force-path-style: true}")
+            else:
+                rep = f"{{type: file, path: {replica}}}"
+            self.cfg.write_text(
+                f"dbs:\n  - dir: {root}\n    pattern: '*.db'\n    recursive: true\n"
+                f"    watch: true\n    replica: {rep}\n")
+            self.cmd = [rc.litestream_binary(), "replicate", "-config", str(self.cfg)]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.t0 = 0.0
+
+    def start(self) -> None:
+        f = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=self.work, start_new_session=True)
+        f.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with_suppress(lambda: os.killpg(self.pid, signal.SIGTERM))
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with_suppress(lambda: os.killpg(self.pid, signal.SIGKILL))
+            self.proc.wait(30)
+
+    def tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-1500:]
+        except OSError:
+            return ""
+
+
+def with_suppress(fn: Any) -> None:
+    try:
+        fn()
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_replicated(run: Run, replica: Path, n: int, timeout: float, mem_cap: float
+                    ) -> dict[str, Any]:
+    """Wait until all ``n`` databases have an object in ``replica`` (local) or time or memory
+    runs out; returns how far it got and when."""
+    peak = 0.0
+    done = 0
+    while time.monotonic() - run.t0 < timeout:
+        if not run.alive():
+            return {"ok": False, "why": "exited", "replicated": done, "log": run.tail()}
+        f = facts(run.pid)
+        peak = max(peak, f.get("rss_mib", 0))
+        if peak > mem_cap:
+            return {"ok": False, "why": f"RSS over {mem_cap:.0f} MiB", "replicated": done}
+        done = len(replicated(replica))
+        if done >= n:
+            return {"ok": True, "seconds": time.monotonic() - run.t0, "replicated": done,
+                    "peak_rss_mib": peak}
+        time.sleep(2.0)
+    return {"ok": False, "why": f"not all within {timeout:.0f}s", "replicated": done,
+            "peak_rss_mib": peak}
+
+
+# ------------------------------------------------------------------------------ inotify lag
+
+_IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE, _IN_ISDIR = 0x8, 0x80, 0x100, 0x40000000
+_EV = struct.Struct("iIII")
+
+
+class TreeWatch:
+    """inotify on every directory below a root (new ones added as they appear): the perf_counter
+    time of every finished file, by directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        self.fd = self.libc.inotify_init1(0o4000 | 0o2000000)
+        self.wds: dict[int, str] = {}
+        self.events: list[tuple[float, str]] = []
+        for top, _dirs, _files in os.walk(root):
+            self._add(top)
+
+    def _add(self, d: str) -> None:
+        wd = self.libc.inotify_add_watch(self.fd, os.fsencode(d),
+                                         _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE)
+        if wd >= 0:
+            self.wds[wd] = d
+
+    def pump(self, until: float) -> None:
+        p = select.poll()
+        p.register(self.fd, select.POLLIN)
+        while time.perf_counter() < until:
+            if not p.poll(50):
+                continue
+            try:
+                buf = os.read(self.fd, 1 << 20)
+            except BlockingIOError:
+                continue
+            now = time.perf_counter()
+            off = 0
+            while off + _EV.size <= len(buf):
+                wd, mask, _c, ln = _EV.unpack_from(buf, off)
+                name = os.fsdecode(buf[off + _EV.size: off + _EV.size + ln].rstrip(b"\0"))
+                off += _EV.size + ln
+                d = self.wds.get(wd)
+                if d is None:
+                    continue
+                path = os.path.join(d, name)
+                if mask & _IN_ISDIR and mask & _IN_CREATE:
+                    for top, _dirs, _files in os.walk(path):
+                        self._add(top)
+                elif mask & (_IN_CLOSE_WRITE | _IN_MOVED_TO):
+                    if name.endswith(".seg") or (name.endswith(".ltx") and "/ltx/0" in d):
+                        self.events.append((now, d))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+WRITER = r"""
+import random, sqlite3, sys, time, heapq
+root, seconds, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+rels = sys.argv[4:]
+conns = [sqlite3.connect(f"{root}/{r}", isolation_level=None) for r in rels]
+for c in conns:  # a first commit each, not measured: the steady state is
+    c.execute("PRAGMA synchronous=NORMAL")
+    c.execute("INSERT INTO t(v) VALUES (randomblob(200))")
+t0 = time.perf_counter() + 5.0
+heap = [(t0 + random.random(), i) for i in range(len(rels))]
+heapq.heapify(heap)
+log = []
+end = t0 + seconds
+while heap:
+    t, i = heapq.heappop(heap)
+    if t >= end:
+        continue
+    d = t - time.perf_counter()
+    if d > 0:
+        time.sleep(d)
+    conns[i].execute("INSERT INTO t(v) VALUES (randomblob(200))")
+    log.append(f"{i} {time.perf_counter():.6f}")
+    heapq.heappush(heap, (t + 1.0 + random.uniform(-0.5, 0.5), i))
+with open(out, "w") as f:
+    f.write("\n".join(log))
+"""
+
+
+def lags(commits: list[tuple[int, float]], events: list[tuple[float, str]], replica: Path,
+         rels: list[str]) -> list[float]:
+    """Per commit: the time to the next finished object of its database (None-less list)."""
+    by_rel: dict[str, list[float]] = {}
+    for t, d in events:
+        rel = os.path.relpath(d, replica) + "/"
+        for cut in ("/generations/", "/ltx/"):
+            if cut in rel:
+                by_rel.setdefault(rel.split(cut)[0], []).append(t)
+                break
+    import bisect
+    out = []
+    for i, t in commits:
+        ts = by_rel.get(rels[i], [])
+        k = bisect.bisect_left(ts, t)
+        if k < len(ts):
+            out.append(ts[k] - t)
+    return out
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+# ------------------------------------------------------------------------------ scenarios
+
+def idle(tool: str, work: Path, n: int, seconds: float, s3: Any) -> dict[str, Any]:
+    root = work / f"idle-{tool}"
+    rels = make_dbs(root, n)
+    env = None
+    if s3 is not None:
+        server, proxy = s3
+        bucket = server.create_bucket()
+        replica = f"s3://{bucket}/t?endpoint={proxy.endpoint}&region=us-east-1&force_path_style=true"
+        env = {**rc_s3_env(), "BENCH_ENDPOINT": proxy.endpoint}
+    else:
+        replica = str(work / f"idle-{tool}-replica")
+    run = Run(tool, work, root, replica, env)
+    run.start()
+    try:
+        # settled: no new requests (or objects) for SETTLE seconds
+        last, last_change = -1, time.monotonic()
+        while time.monotonic() - last_change < SETTLE:
+            if not run.alive():
+                return {"ok": False, "why": "exited", "log": run.tail()}
+            if time.monotonic() - run.t0 > 900:
+                return {"ok": False, "why": "did not settle within 900s"}
+            cur = proxy.mark() if s3 is not None else len(replicated(Path(replica)))
+            if cur != last:
+                last, last_change = cur, time.monotonic()
+            time.sleep(1.0)
+        settled = time.monotonic() - run.t0 - SETTLE
+        a = facts(run.pid)
+        req0 = proxy.mark() if s3 is not None else None
+        busy = rc.Background()
+        time.sleep(seconds)
+        b = facts(run.pid)
+        req1 = proxy.mark() if s3 is not None else None
+        return {
+            "ok": True, "databases": n, "settled_s": settled, "rss_mib": b["rss_mib"],
+            "threads": b["threads"], "fds": b["fds"], "fds_per_db": b["fds"] / n,
+            "idle_cpu_pct": 100 * (b["cpu_s"] - a["cpu_s"]) / seconds,
+            "idle_requests": None if req0 is None else req1 - req0,
+            "destination": "s3" if s3 is not None else "local", "machine": busy.done(0.0),
+            "rels": len(rels),
+        }
+    finally:
+        run.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def big(tool: str, work: Path, n: int, timeout: float, mem_cap: float) -> dict[str, Any]:
+    root, replica = work / f"big-{tool}", work / f"big-{tool}-replica"
+    t = time.monotonic()
+    make_dbs(root, n)
+    log(f"  {n} databases made in {time.monotonic() - t:.0f}s")
+    run = Run(tool, work, root, str(replica))
+    busy = rc.Background()
+    run.start()
+    try:
+        res = wait_replicated(run, replica, n, timeout, mem_cap)
+        f = facts(run.pid) if run.alive() else {}
+        res.update({"databases": n, "rss_mib": f.get("rss_mib"), "threads": f.get("threads"),
+                    "fds": f.get("fds"), "cpu_s": f.get("cpu_s"), "machine": busy.done(0.0)})
+        return res
+    finally:
+        run.stop(120)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(replica, ignore_errors=True)
+
+
+def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
+    root, replica = work / f"active-{tool}", work / f"active-{tool}-replica"
+    rels = make_dbs(root, n)
+    run = Run(tool, work, root, str(replica))
+    run.start()
+    writer = None
+    try:
+        res = wait_replicated(run, replica, n, 600, 1 << 20)
+        if not res["ok"]:
+            return res
+        time.sleep(SETTLE)
+        watch = TreeWatch(replica)
+        out = work / f"commits-{tool}.txt"
+        a = facts(run.pid)
+        busy = rc.Background()
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(seconds),
+                                   str(out), *rels])
+        watch.pump(time.perf_counter() + seconds + 7.0)
+        writer.wait(60)
+        watch.pump(time.perf_counter() + 3.0)
+        b = facts(run.pid)
+        watch.close()
+        commits = [(int(x), float(y)) for x, y in
+                   (line.split() for line in out.read_text().splitlines() if line)]
+        ls = lags(commits, watch.events, replica, rels)
+        return {"ok": True, "databases": n, "commits": len(commits), "matched": len(ls),
+                "lag_p50_ms": 1000 * pct(ls, 50), "lag_p99_ms": 1000 * pct(ls, 99),
+                "lag_max_ms": 1000 * max(ls, default=float("nan")),
+                "cpu_pct": 100 * (b["cpu_s"] - a["cpu_s"]) / (seconds + 10),
+                "rss_mib": b["rss_mib"], "machine": busy.done(0.0)}
+    finally:
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        run.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(replica, ignore_errors=True)
+
+
+def rc_s3_env() -> dict[str, str]:
+    import s3fixtures as fx
+    return {**fx.S3_ENV_VARS, "AWS_REGION": fx.TEST_REGION}
+
+
+def start_s3(work: Path) -> tuple[Any, Any, Any] | None:
+    import s3fixtures as fx
+    from s3 import Proxy
+    weed = fx.find_weed()
+    if weed is None:
+        return None
+    proc, server = fx._launch(weed, str(work))
+    return proc, server, Proxy(server.port, work)
+
+
+# ------------------------------------------------------------------------------ report
+
+def fmt(v: Any, spec: str = ".1f") -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "n/a"
+    return format(v, spec) if isinstance(v, int | float) else str(v)
+
+
+def _machine(r: dict[str, Any]) -> str:
+    m = r.get("machine", {})
+    return f"{fmt(m.get('machine_busy_cpus'), '.2f')}, {fmt(m.get('loadavg_start'), '.1f')}"
+
+
+def _table(part: dict[str, Any], header: list[str], cells: Any) -> list[str]:
+    """A markdown table: one row per tool, ``cells(result)`` after the tool's name (a failed
+    run says why), the machine's load last."""
+    lines = ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for tool in TOOLS:
+        r = part.get(tool, {})
+        row = cells(r) if r.get("ok") or "seconds" in header[2] else None
+        if row is None:
+            row = [f"failed: {r.get('why')}"] + [""] * (len(header) - 4)
+        lines.append("| " + " | ".join([str(r.get("databases", "")), LABELS[tool], *row,
+                                         _machine(r)]) + " |")
+    return lines
+
+
+def report(res: dict[str, Any]) -> str:
+    lines = [START, "", f"### Many databases in one process ({res['date']})", "",
+             f"Machine: {res['machine']}. Litestream {res['litestream']}. Each figure beside the "
+             "load average and how busy the machine was during the measurement: other jobs share "
+             "its 2 cores, so CPU and lag figures are noisy. `python bench/many.py`."]
+    load = "machine busy (cores), load"
+    lines += _table(res["idle"], ["idle databases", "tool", "RSS MiB", "threads", "fds (per db)",
+                                  "idle CPU % of a core", "requests while idle",
+                                  "replicated after", load], lambda r: [
+        fmt(r["rss_mib"]), str(r["threads"]), f"{r['fds']} ({fmt(r['fds_per_db'], '.2f')})",
+        fmt(r["idle_cpu_pct"], ".2f"), fmt(r["idle_requests"], "d"),
+        f"{fmt(r['settled_s'], '.0f')} s"])
+    lines += _table(res["big"], ["start", "tool", "all replicated (seconds)", "replicated",
+                                 "RSS MiB", "threads", "fds", load], lambda r: [
+        fmt(r.get("seconds"), ".0f") if r.get("ok") else f"no: {r.get('why')}",
+        str(r.get("replicated")), fmt(r.get("rss_mib")), fmt(r.get("threads"), "d"),
+        fmt(r.get("fds"), "d")])
+    lines += _table(res["active"], ["each committing 1/s", "tool", "commits", "lag p50 ms",
+                                    "p99 ms", "max ms", "tool CPU % of a core", load], lambda r: [
+        f"{r['matched']}/{r['commits']}", fmt(r["lag_p50_ms"]), fmt(r["lag_p99_ms"]),
+        fmt(r["lag_max_ms"]), fmt(r["cpu_pct"])])
+    lines += ["", "Lag: from the writer's commit to the inotify event of the next finished object "
+              "of that database in the replica (ours: a `.seg`; Litestream: a level-0 `.ltx`); "
+              "a commit whose object had already been written counts from the next one.", "",
+              END]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--idle", type=int, default=1000)
+    p.add_argument("--idle-seconds", type=float, default=60)
+    p.add_argument("--big", type=int, default=10000)
+    p.add_argument("--big-timeout", type=float, default=600)
+    p.add_argument("--mem-cap", type=float, default=4096, help="MiB of RSS, then stop the tool")
+    p.add_argument("--active", type=int, default=1000)
+    p.add_argument("--active-seconds", type=float, default=60)
+    p.add_argument("--only", choices=("idle", "big", "active"), action="append")
+    p.add_argument("--tools", default=",".join(TOOLS))
+    p.add_argument("--no-s3", action="store_true", help="idle databases to a local directory")
+    p.add_argument("--out", help="docs file to update between the markers")
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args()
+    if args.quick:
+        args.idle, args.big, args.active = 200, 1000, 200
+        args.idle_seconds = args.active_seconds = 20
+    tools = [t for t in args.tools.split(",") if t]
+    only = set(args.only or ("idle", "big", "active"))
+    work = Path(tempfile.mkdtemp(prefix="manybench-", dir=args.workdir))
+    res: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                           "machine": f"{os.cpu_count()} cores, {platform_facts()}",
+                           "litestream": rc.litestream_version(), "idle": {}, "big": {},
+                           "active": {}}
+    s3 = None
+    try:
+        if "idle" in only and not args.no_s3:
+            started = start_s3(work)
+            if started is not None:
+                os.environ.update(rc_s3_env())
+                s3 = (started[1], started[2])
+                res["s3_proc"] = started
+        for tool in tools:
+            if "idle" in only:
+                log(f"idle: {tool}, {args.idle} databases")
+                res["idle"][tool] = idle(tool, work, args.idle, args.idle_seconds, s3)
+                log(f"  {res['idle'][tool]}")
+        for tool in tools:
+            if "active" in only:
+                log(f"active: {tool}, {args.active} databases")
+                res["active"][tool] = active(tool, work, args.active, args.active_seconds)
+                log(f"  {res['active'][tool]}")
+        for tool in tools:
+            if "big" in only:
+                log(f"big: {tool}, {args.big} databases")
+                res["big"][tool] = big(tool, work, args.big, args.big_timeout, args.mem_cap)
+                log(f"  {res['big'][tool]}")
+    finally:
+        started = res.pop("s3_proc", None)
+        if started is not None:
+            started[2].proc.kill()
+            started[0].stop()
+        shutil.rmtree(work, ignore_errors=True)
+    out_dir = rc.BENCH / "out"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "many.json").write_text(json.dumps(res, indent=2, default=str))
+    text = report(res)
+    print(text)
+    if args.out:
+        doc = Path(args.out).read_text()
+        if START in doc and END in doc:
+            doc = doc[: doc.index(START)] + text + doc[doc.index(END) + len(END):]
+        else:
+            doc = doc.rstrip("\n") + "\n\n" + text + "\n"
+        Path(args.out).write_text(doc)
+    return 0
+
+
+def platform_facts() -> str:
+    import platform
+    return f"Linux {platform.release()}, Python {platform.python_version()}, " \
+           f"SQLite {sqlite3.sqlite_version}"
+
+
+if __name__ == "__main__":
+    random.seed()
+    sys.exit(main())
