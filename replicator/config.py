@@ -32,6 +32,7 @@ from .health import (
     check_names,
     parse_fail_if,
 )
+from .notices import NoticeThresholds
 from .notify import (
     DEFAULT_MIN_INTERVAL,
     DEFAULT_SENDER,
@@ -122,6 +123,8 @@ class NotifyConfig:
     """Where health-check state changes go; one notifier is shared by every database."""
 
     min_interval: float = DEFAULT_MIN_INTERVAL
+    thresholds: NoticeThresholds = field(default_factory=NoticeThresholds)
+    """When a failing destination and a lagging replica are notified."""
     smtp: SmtpNotifier | None = None
     webhooks: list[WebhookNotifier] = field(default_factory=list)
 
@@ -460,10 +463,15 @@ def _webhook(raw: Any, where: str) -> WebhookNotifier:
 
 
 def _notify(raw: Any, where: str = "notify") -> NotifyConfig:
-    d = _mapping(raw, where, _fields("min-interval", "smtp", "webhooks"))
+    d = _mapping(raw, where, _fields("min-interval", "smtp", "webhooks",
+                                      "destination-failing-after", "lag-above"))
     cfg = NotifyConfig()
     if _get(d, "min-interval") is not None:
         cfg.min_interval = parse_duration(_get(d, "min-interval"), f"{where}.min-interval")
+    for key, attr in (("destination-failing-after", "failing_after"), ("lag-above", "lag_above")):
+        if _get(d, key) is not None:
+            cfg.thresholds = dataclasses.replace(
+                cfg.thresholds, **{attr: parse_duration(_get(d, key), f"{where}.{key}")})
     if d.get("smtp") is not None:
         cfg.smtp = _smtp(d["smtp"], f"{where}.smtp")
     cfg.webhooks = [_webhook(w, f"{where}.webhooks[{i}]")

@@ -1,4 +1,5 @@
-"""Notifications when a health check changes state: e-mail (SMTP) and webhooks (JSON POST).
+"""Notifications when a health check or the replication changes state: e-mail (SMTP) and webhooks
+(JSON POST).
 
 A :class:`Notifier` fans one :class:`Notification` out to every channel it was given
 (:class:`SmtpNotifier`, :class:`WebhookNotifier`, or anything with the :class:`Channel` shape).
@@ -44,9 +45,11 @@ DEFAULT_SENDER = "replicator@localhost"
 NOTIFY_OPERATION = "notify"
 SUBJECT_PREFIX = "[replicator]"
 
-State = Literal["failing", "recovered"]
+State = Literal["failing", "recovered", "notice"]
 FAILING: State = "failing"
 RECOVERED: State = "recovered"
+NOTICE: State = "notice"
+"""An event with no "recovered" to follow (a new generation), de-duplicated like ``failing``."""
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +297,7 @@ class Notifier:
         key.last_sent = n.state
         key.pending = None
         key.suppressed = 0
-        if n.state == FAILING:
+        if n.state != RECOVERED:
             key.last_failing_sent_at = sent_at
         if self.channels:
             await asyncio.gather(*(self._send_one(c, n) for c in self.channels))

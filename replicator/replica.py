@@ -68,6 +68,7 @@ class Replica:
         self.needs_snapshot = False
         self.healthy = False
         self._errors = ErrorLog(log)
+        self.failing_since = 0.0  # wall-clock time of the first error since the last success
         self.on_shipped: Callable[[], None] | None = None
         self.retention: RetentionPolicy | None = None
         self._relist = False
@@ -94,6 +95,7 @@ class Replica:
             self._fence(exc)
             raise
         self.healthy = True
+        self.failing_since = 0.0
         if self.metrics is not None:
             self.metrics.replica_up.labels(self.db_name, self.name).set(1)
 
@@ -211,6 +213,7 @@ class Replica:
             self._set_lag()
         self.last_sync = time.time()
         self.healthy = True
+        self.failing_since = 0.0
         self.last_error = None
         if self.metrics is not None:
             labels = (self.db_name, self.name)
@@ -301,6 +304,8 @@ class Replica:
     def record_error(self, operation: str, exc: BaseException) -> None:
         """Count an error, mark the replica down and log it (at most once a minute)."""
         self.healthy = False
+        if not self.failing_since:
+            self.failing_since = time.time()
         if isinstance(exc, LeaseError):
             operation = "lease"
         msg = str(exc) if isinstance(exc, ReplicatorError) else f"{type(exc).__name__}: {exc}"

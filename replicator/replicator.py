@@ -28,6 +28,7 @@ from .fleet import Fleet
 from .health import CheckResult, HealthChecker
 from .logs import RateLimit, fmt_bytes
 from .metrics import Metrics, create_metrics
+from .notices import NoticeThresholds, ReplicaNotices
 from .notify import Notifier
 from .pos import ObjectInfo
 from .replica import DEFAULT_BACKSTOP, Replica
@@ -85,7 +86,7 @@ class DatabaseService:
 
     def __init__(
         self, cfg: DbConfig, metrics: Metrics | None = None, notifier: Notifier | None = None,
-        runtime: Runtime | None = None,
+        runtime: Runtime | None = None, thresholds: NoticeThresholds | None = None,
     ) -> None:
         self.cfg = cfg
         # the shared pool, watcher and limits (a small runtime of its own when made alone)
@@ -113,6 +114,9 @@ class DatabaseService:
                                         notifier=notifier, db_label=cfg.name,
                                         executor=self.runtime.health)
         self.driller = Driller(self, notifier)
+        self.notices = None if notifier is None else ReplicaNotices(
+            cfg.name, self.replicas, notifier, thresholds or NoticeThresholds())
+        self._tasks: set[asyncio.Task[None]] = set()
         self._init_metrics()
         self.wake = asyncio.Event()
         self._watcher: Watcher | None = None
@@ -216,6 +220,11 @@ class DatabaseService:
         if res.new_generation:
             m.generation_changes.labels(name, res.new_generation).inc()
             self._snapshot_metrics()
+            if self.notices is not None and self.db.generation is not None:
+                task = asyncio.ensure_future(
+                    self.notices.new_generation(self.db.generation, res.new_generation))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         for result, count in self.db.checkpoints.items():
             m.checkpoints.labels(name, "passive", result).inc(count)
         self.db.checkpoints.clear()
@@ -395,6 +404,7 @@ class DatabaseService:
         shippers = [asyncio.create_task(r.run(stop, backstop)) for r in self.replicas]
         checks = asyncio.create_task(self.health.run(stop)) if self.health is not None else None
         drills = asyncio.create_task(self.driller.run(stop))
+        notices = asyncio.create_task(self.notices.run(stop)) if self.notices else None
         try:
             await self._loop(stop, self._watcher)
         finally:
@@ -402,6 +412,8 @@ class DatabaseService:
             await asyncio.gather(*shippers, return_exceptions=True)
             drills.cancel()  # a drill in progress only reads: it may stop anywhere
             await asyncio.gather(drills, return_exceptions=True)
+            if notices is not None:
+                await asyncio.gather(notices, return_exceptions=True)
             if checks is not None:
                 # a check in progress may finish (and notify); a long one is interrupted
                 await asyncio.wait({checks}, timeout=HEALTH_STOP_GRACE)
@@ -552,10 +564,12 @@ class Replicator:
                                  min_interval=config.notify.min_interval) if channels else None
         self.runtime = Runtime()
         self.runtime.park_after = PARK_AFTER
-        self.services = [DatabaseService(d, self.metrics, self.notifier, self.runtime)
-                         for d in config.dbs]
+        thresholds = config.notify.thresholds
+        self.services = [DatabaseService(d, self.metrics, self.notifier, self.runtime,
+                                         thresholds) for d in config.dbs]
         self.fleet = Fleet(config.dirs, self.runtime, self.metrics,
-                           lambda d: DatabaseService(d, self.metrics, self.notifier, self.runtime))
+                           lambda d: DatabaseService(d, self.metrics, self.notifier, self.runtime,
+                                                     thresholds))
         self.started = time.time()
 
     def service(self, name: str | None) -> DatabaseService | None:

@@ -320,13 +320,20 @@ dbs:
         # a persistent failure is notified once (min-interval 10m), not every second
         assert got.count(("corrupt", "integrity", "failing")) == 1
         assert all(h.get("Authorization") == "Bearer test-token" for _, h, _ in hook.requests)
-        integrity_hook = next(p for p in hook.payloads if p["db"] == "corrupt")
+        integrity_hook = next(p for p in hook.payloads
+                              if p["db"] == "corrupt" and p["check"] == "integrity")
         assert "page" in integrity_hook["reason"].lower()
+        # each database's first generation is announced, with its reason
+        for name in ("app", "corrupt"):
+            assert got.count((name, "generation", "notice")) == 1
+        notice = next(p for p in hook.payloads if p["check"] == "generation")
+        assert notice["reason"].startswith("new generation ") and "no_position" in notice["reason"]
 
         util.wait_until(lambda: len(smtp.messages) >= len(got), WAIT, what="every e-mail")
         subjects = [msg["Subject"] for _, _, msg in smtp.messages]
         assert any("FAILING: integrity on corrupt" in s for s in subjects), subjects
         assert any("RECOVERED: rows on app" in s for s in subjects), subjects
+        assert any("NOTICE: generation on app" in s for s in subjects), subjects
         # delivered after AUTH with the password from ${REPLICATOR_TEST_SMTP_PASSWORD}
         assert all(rcpt == ["dba@example.test"] for _, rcpt, _ in smtp.messages)
         assert all(sender == "replicator@example.test" for sender, _, _ in smtp.messages)
