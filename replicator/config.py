@@ -32,6 +32,7 @@ from .health import (
     check_names,
     parse_fail_if,
 )
+from .maintenance import MaintenanceConfig, parse_when
 from .notices import NoticeThresholds
 from .notify import (
     DEFAULT_MIN_INTERVAL,
@@ -97,6 +98,8 @@ class DbConfig:
     """``/readyz`` fails while a replica lags more than this many seconds."""
     restore_if_db_not_exists: bool = False
     """Restore a missing database from its replicas before replicating it."""
+    maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
+    """Scheduled maintenance (``maintenance:``): only ``PRAGMA optimize`` by default."""
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     """Restore drills (``verify:``): off unless an interval is set; on demand always."""
     keep: RetentionPolicy = field(default_factory=RetentionPolicy)
@@ -483,6 +486,7 @@ _DB_FIELDS = {"path", "name", "replicas", "spool-dir", "spool_dir", "snapshot-in
               "snapshot_interval", "monitor-interval", "monitor_interval", "checkpoint-pages",
               "checkpoint_pages", "retention", "health", "ready-max-lag", "ready_max_lag",
               "restore-if-db-not-exists", "restore_if_db_not_exists", "integrity", "verify",
+              "maintenance",
               *(f"keep{sep}{p}" for sep in "-_" for p in PERIODS)}
 
 
@@ -515,6 +519,40 @@ def _verify(raw: Any, where: str) -> VerifyConfig:
     return cfg
 
 
+def _maintenance(raw: Any, where: str) -> MaintenanceConfig:
+    """``maintenance: {optimize: 24h, checkpoint: {mode: truncate, when: "Sun 03:00"},
+    vacuum: {when: "Sun 03:30", max-size: 2GB, max-duration: 60s}}``."""
+    d = _mapping(raw, where, {"optimize", "checkpoint", "vacuum"})
+    cfg = MaintenanceConfig()
+    opt = d.get("optimize")
+    if opt is not None:
+        cfg = dataclasses.replace(cfg, optimize=None if _is_off(opt) else _positive_duration(
+            opt, f"{where}.optimize"))
+    ck = d.get("checkpoint")
+    if ck is not None and not _is_off(ck):
+        w = f"{where}.checkpoint"
+        c = _mapping(ck, w, {"mode", "when", "timeout"})
+        if str(c.get("mode", "truncate")).lower() != "truncate":
+            raise ConfigError(f"{w}.mode: only truncate is scheduled (the replicator runs "
+                              "PASSIVE checkpoints itself)")
+        cfg = dataclasses.replace(cfg, checkpoint=parse_when(c.get("when"), f"{w}.when"))
+        if c.get("timeout") is not None:
+            cfg = dataclasses.replace(cfg, checkpoint_timeout=_positive_duration(
+                c["timeout"], f"{w}.timeout"))
+    vac = d.get("vacuum")
+    if vac is not None and not _is_off(vac):
+        w = f"{where}.vacuum"
+        v = _mapping(vac, w, _fields("when", "max-size", "max-duration"))
+        cfg = dataclasses.replace(cfg, vacuum=parse_when(v.get("when"), f"{w}.when"))
+        if _get(v, "max-size") is not None:
+            cfg = dataclasses.replace(cfg, vacuum_max_size=parse_size(
+                _get(v, "max-size"), f"{w}.max-size"))
+        if _get(v, "max-duration") is not None:
+            cfg = dataclasses.replace(cfg, vacuum_max_duration=_positive_duration(
+                _get(v, "max-duration"), f"{w}.max-duration"))
+    return cfg
+
+
 def _db_checks(cfg: DbConfig, raw: dict[str, Any], where: str) -> None:
     """``health:`` and the ``integrity: off`` switch."""
     if raw.get("health") is not None:
@@ -526,6 +564,8 @@ def _db_checks(cfg: DbConfig, raw: dict[str, Any], where: str) -> None:
         cfg.health = [c for c in cfg.health if not isinstance(c, IntegrityCheck)]
     if raw.get("verify") is not None:
         cfg.verify = _verify(raw["verify"], f"{where}.verify")
+    if raw.get("maintenance") is not None:
+        cfg.maintenance = _maintenance(raw["maintenance"], f"{where}.maintenance")
 
 
 def _db(raw: Any, where: str) -> DbConfig:

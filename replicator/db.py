@@ -972,6 +972,22 @@ class Database:
                 conn.execute("COMMIT")
             conn.close()
 
+    def checkpoint_truncate(self, timeout: float) -> tuple[int, int, int]:
+        """``PRAGMA wal_checkpoint(TRUNCATE)`` with the pin released (a blocking checkpoint:
+        it holds the write lock while it waits up to ``timeout`` seconds for readers); returns
+        SQLite's (busy, log, checkpointed). Capture first; the next step proves the WAL's
+        continuity or starts a new generation."""
+        if self._pinned:
+            self._unpin()
+        assert self._ckpt is not None
+        ckpt = self._ckpt
+        ckpt.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        try:
+            row = ckpt.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            ckpt.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        return int(row[0]), int(row[1]), int(row[2])
+
     def content_hash(self) -> tuple[str, int, str]:
         """``(generation, txid, SHA-256 of pages 1..n)`` of the captured state: the database
         file overlaid with the captured frames of the current epoch, read under the pin (what

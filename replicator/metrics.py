@@ -58,6 +58,10 @@ class Metrics:
     verify_interval: Gauge
     # databases of dir: entries
     databases: Gauge
+    # maintenance
+    maintenance_runs: Counter
+    maintenance_last_run: Gauge
+    maintenance_duration: Gauge
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -189,5 +193,17 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         databases=Gauge(
             f"{n}_databases", "Databases of dir: entries by state (queued, opening, "
             "replicating, skipped, failed).", ["state"], registry=r,
+        ),
+        maintenance_runs=Counter(
+            f"{n}_maintenance_runs", "Maintenance task runs, by task and result (ok, skipped, "
+            "failed).", ["db", "task", "result"], registry=r,
+        ),
+        maintenance_last_run=Gauge(
+            f"{n}_maintenance_last_run_timestamp_seconds", "Time of a maintenance task's last "
+            "run.", ["db", "task"], registry=r,
+        ),
+        maintenance_duration=Gauge(
+            f"{n}_maintenance_duration_seconds", "Duration of a maintenance task's last run.",
+            ["db", "task"], registry=r,
         ),
     )

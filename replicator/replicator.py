@@ -27,6 +27,7 @@ from .errors import ReplicatorError, StorageError
 from .fleet import Fleet
 from .health import CheckResult, HealthChecker
 from .logs import RateLimit, fmt_bytes
+from .maintenance import Maintainer, Skipped
 from .metrics import Metrics, create_metrics
 from .notices import NoticeThresholds, ReplicaNotices
 from .notify import Notifier
@@ -114,6 +115,8 @@ class DatabaseService:
                                         notifier=notifier, db_label=cfg.name,
                                         executor=self.runtime.health)
         self.driller = Driller(self, notifier)
+        self.maintainer = Maintainer(self, cfg.maintenance, notifier)
+        self.last_commit = 0.0  # monotonic time of the last capture that found commits
         self.notices = None if notifier is None else ReplicaNotices(
             cfg.name, self.replicas, notifier, thresholds or NoticeThresholds())
         self._tasks: set[asyncio.Task[None]] = set()
@@ -215,6 +218,7 @@ class DatabaseService:
         m, name = self.metrics, self.cfg.name
         m.capture_seconds.labels(name).observe(time.monotonic() - started)
         if res.transactions:
+            self.last_commit = time.monotonic()
             m.captured_transactions.labels(name).inc(res.transactions)
             m.captured_frames.labels(name).inc(res.frames)
         if res.new_generation:
@@ -307,8 +311,14 @@ class DatabaseService:
         self._snapshot_metrics()
         return True
 
+    async def awake(self) -> None:
+        """Open the database again if it is parked (an on-demand operation needs it)."""
+        if self.parked:
+            await self.unpark()
+
     async def snapshot_now(self) -> ObjectInfo:
         """Take a snapshot at once (``replicator snapshot``) and wake the shippers."""
+        await self.awake()
         await self.sync()
         info = await self._call(self.db.snapshot)
         for r in self.replicas:
@@ -335,6 +345,7 @@ class DatabaseService:
     async def sync_wait(self, within: float, *, wait: bool = True) -> tuple[str, int]:
         """Capture everything committed so far and (``wait``) wait until every destination
         has it (``replicator sync --wait``); returns the generation and txid reached."""
+        await self.awake()
         while (await self.sync()).more:
             pass
         gen, txid = self.db.generation, self.db.txid
@@ -346,9 +357,23 @@ class DatabaseService:
             await self.wait_shipped(gen, txid, within)
         return gen, txid
 
+    async def checkpoint_truncate(self, within: float) -> str:
+        """A TRUNCATE checkpoint (maintenance): capture everything, checkpoint with the pin
+        released, capture again."""
+        await self.awake()
+        while (await self.sync()).more:
+            pass
+        busy, _, _ = await self._call(self.db.checkpoint_truncate, within)
+        await self.sync()
+        if busy:
+            raise Skipped(f"readers kept the WAL busy for {within:g}s; the WAL was not truncated")
+        return "WAL truncated"
+
     async def drill_point(self, sqls: list[str]) -> tuple[Point, list[list[tuple[Any, ...]]]]:
         """The content hash of the captured state, with the rows of ``sqls`` read at exactly
         that txid (captured again until the application is not committing at that moment)."""
+        await self.awake()
+
         def take() -> tuple[Point, list[list[tuple[Any, ...]]]] | None:
             rows = self.db.read_captured(sqls) if sqls else []
             if rows is None:
@@ -404,6 +429,7 @@ class DatabaseService:
         shippers = [asyncio.create_task(r.run(stop, backstop)) for r in self.replicas]
         checks = asyncio.create_task(self.health.run(stop)) if self.health is not None else None
         drills = asyncio.create_task(self.driller.run(stop))
+        upkeep = asyncio.create_task(self.maintainer.run(stop))
         notices = asyncio.create_task(self.notices.run(stop)) if self.notices else None
         try:
             await self._loop(stop, self._watcher)
@@ -412,6 +438,7 @@ class DatabaseService:
             await asyncio.gather(*shippers, return_exceptions=True)
             drills.cancel()  # a drill in progress only reads: it may stop anywhere
             await asyncio.gather(drills, return_exceptions=True)
+            await asyncio.gather(upkeep, return_exceptions=True)
             if notices is not None:
                 await asyncio.gather(notices, return_exceptions=True)
             if checks is not None:
