@@ -7,15 +7,21 @@ a webhook notification). The schedule is checked in-process with a clock the tes
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import os
+import socket
 import sqlite3
 import stat
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import util
-from obsutil import Reaper, free_port, reaper, scrape, value
+from obsutil import Reaper, free_port, get, reaper, scrape, value
+from s3fixtures import S3Server
 from test_notify import WebhookTestServer
 from writer import init_db
 
@@ -245,3 +251,85 @@ dbs:
 
     asyncio.run(run())
     assert (Path(dbcfg.spool_dir) / POINTS_FILE).exists()
+
+
+def test_drills_on_seaweedfs(
+    tmp_path: Path, procs: Reaper, seaweedfs_server: S3Server, seaweedfs_url: str,
+    s3_env_vars: dict[str, str],
+) -> None:
+    """A drill restores from S3 too: equal at first, then a deleted segment is caught; verify
+    DESTINATION restores an S3 replica without a database to compare with."""
+    env = {**util.env_without_aws(), **s3_env_vars}
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    write_rows(db, 1, 40)
+    cfg = tmp_path / "replicator.yml"
+    cfg.write_text(f"""
+dbs:
+  - path: {db}
+    name: app
+    replicas:
+      - {{name: s3, url: "{seaweedfs_url}"}}
+""")
+    procs.replicator(util.Replicate("--config", str(cfg), log=tmp_path / "r.log", env=env))
+    sock = control_socket_path(load_config(str(cfg)).dbs[0].spool_dir)
+    util.wait_until(lambda: os.path.exists(sock), WAIT, what="the control socket")
+    write_rows(db, 41, 10)
+    r = util.cli("verify", "--config", str(cfg), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "restore drill ok" in r.stdout and "s3@" in r.stdout
+    r = util.cli("verify", seaweedfs_url, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "integrity_check ok" in r.stdout
+
+    bucket = seaweedfs_url.split("/")[2]
+    segs = sorted(k for k in seaweedfs_server.keys(bucket) if k.endswith(".seg"))
+    seaweedfs_server.client().delete_object(Bucket=bucket, Key=segs[-1])
+    r = util.cli("verify", "--config", str(cfg), env=env)
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1 and "s3://" in r.stderr, r.stderr
+
+
+def _outside_address() -> str | None:
+    """An address of this host that is not loopback (None if it has none)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            addr = str(s.getsockname()[0])
+        except OSError:
+            return None
+    return None if ipaddress.ip_address(addr).is_loopback else addr
+
+
+def post(url: str) -> tuple[int, dict[str, object]]:
+    req = urllib.request.Request(url, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return int(resp.status), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            body = exc.read()
+        return exc.code, json.loads(body) if body.startswith(b"{") else {}
+
+
+def test_control_on_the_metrics_address_answers_loopback_only(
+    tmp_path: Path, procs: Reaper
+) -> None:
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    port = free_port()
+    cfg = tmp_path / "r.yml"
+    cfg.write_text(f"metrics-addr: 0.0.0.0:{port}\ndbs:\n  - path: {db}\n    name: app\n"
+                   f"    replicas: [{tmp_path / 'rep'}]\n")
+    procs.replicator(util.Replicate("--config", str(cfg), log=tmp_path / "r.log"))
+    util.wait_until(lambda: get(f"http://127.0.0.1:{port}/healthz")[0] == 200, WAIT,
+                    what="/healthz")
+    write_rows(db, 1, 5)
+    code, doc = post(f"http://127.0.0.1:{port}/sync?db=app&timeout=30")
+    assert code == 200 and doc["ok"] is True and doc["txid"] == 10, doc
+    code, doc = post(f"http://127.0.0.1:{port}/snapshot?db=nope")
+    assert code == 404 and "no database 'nope'" in str(doc["error"])
+    outside = _outside_address()
+    if outside is not None:
+        code, _ = post(f"http://{outside}:{port}/snapshot?db=app")
+        assert code == 403
