@@ -119,6 +119,7 @@ class Run:
         self.cfg = work / f"{tool}.yml"
         self.log_path = work / f"{tool}.log"
         self.env = {**os.environ, **(s3_env or {})}
+        self.env.pop("AWS_CA_BUNDLE", None)  # Litestream's AWS SDK refuses a custom CA here
         if tool == "ours":
             self.env["PYTHONPATH"] = str(rc.ROOT)
             rep = (f"{{name: s3, url: '{replica}'}}" if replica.startswith("s3://")
@@ -262,10 +263,14 @@ WRITER = r"""
 import random, sqlite3, sys, time, heapq
 root, seconds, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 rels = sys.argv[4:]
-conns = [sqlite3.connect(f"{root}/{r}", isolation_level=None) for r in rels]
+conns = [sqlite3.connect(f"{root}/{r}", isolation_level=None, timeout=1) for r in rels]
+busy = 0
 for c in conns:  # a first commit each, not measured: the steady state is
     c.execute("PRAGMA synchronous=NORMAL")
-    c.execute("INSERT INTO t(v) VALUES (randomblob(200))")
+    try:
+        c.execute("INSERT INTO t(v) VALUES (randomblob(200))")
+    except sqlite3.OperationalError:
+        busy += 1
 t0 = time.perf_counter() + 5.0
 heap = [(t0 + random.random(), i) for i in range(len(rels))]
 heapq.heapify(heap)
@@ -278,11 +283,16 @@ while heap:
     d = t - time.perf_counter()
     if d > 0:
         time.sleep(d)
-    conns[i].execute("INSERT INTO t(v) VALUES (randomblob(200))")
-    log.append(f"{i} {time.perf_counter():.6f}")
+    try:
+        conns[i].execute("INSERT INTO t(v) VALUES (randomblob(200))")
+        log.append(f"{i} {time.perf_counter():.6f}")
+    except sqlite3.OperationalError:
+        busy += 1  # "database is locked": the tool held the write lock for a second
     heapq.heappush(heap, (t + 1.0 + random.uniform(-0.5, 0.5), i))
 with open(out, "w") as f:
     f.write("\n".join(log))
+with open(out + ".busy", "w") as f:
+    f.write(str(busy))
 """
 
 
@@ -402,10 +412,14 @@ def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
         watch.pump(time.perf_counter() + 3.0)
         b = facts(run.pid)
         watch.close()
+        if not out.exists():
+            return {"ok": False, "why": "the writer failed"}
+        busy_count = int(Path(f"{out}.busy").read_text())
         commits = [(int(x), float(y)) for x, y in
                    (line.split() for line in out.read_text().splitlines() if line)]
         ls = lags(commits, watch.events, replica, rels)
         return {"ok": True, "databases": n, "commits": len(commits), "matched": len(ls),
+                "writer_busy": busy_count,
                 "lag_p50_ms": 1000 * pct(ls, 50), "lag_p99_ms": 1000 * pct(ls, 99),
                 "lag_max_ms": 1000 * max(ls, default=float("nan")),
                 "cpu_pct": 100 * (b["cpu_s"] - a["cpu_s"]) / (seconds + 10),
@@ -523,30 +537,27 @@ def main() -> int:
                 os.environ.update(rc_s3_env())
                 s3 = (started[1], started[2])
                 res["s3_proc"] = started
-        for tool in tools:
-            if "idle" in only:
-                log(f"idle: {tool}, {args.idle} databases")
-                res["idle"][tool] = idle(tool, work, args.idle, args.idle_seconds, s3)
-                log(f"  {res['idle'][tool]}")
-        for tool in tools:
-            if "active" in only:
-                log(f"active: {tool}, {args.active} databases")
-                res["active"][tool] = active(tool, work, args.active, args.active_seconds)
-                log(f"  {res['active'][tool]}")
-        for tool in tools:
-            if "big" in only:
-                log(f"big: {tool}, {args.big} databases")
-                res["big"][tool] = big(tool, work, args.big, args.big_timeout, args.mem_cap)
-                log(f"  {res['big'][tool]}")
+        phases = [("idle", args.idle, lambda t: idle(t, work, args.idle, args.idle_seconds, s3)),
+                  ("active", args.active,
+                   lambda t: active(t, work, args.active, args.active_seconds)),
+                  ("big", args.big, lambda t: big(t, work, args.big, args.big_timeout,
+                                                   args.mem_cap))]
+        for phase, n, fn in phases:
+            for tool in tools if phase in only else []:
+                log(f"{phase}: {tool}, {n} databases")
+                try:
+                    res[phase][tool] = fn(tool)
+                except Exception as exc:  # noqa: BLE001 - the other runs go on
+                    res[phase][tool] = {"ok": False, "why": f"{type(exc).__name__}: {exc}"}
+                log(f"  {res[phase][tool]}")
+                save(res)
     finally:
         started = res.pop("s3_proc", None)
         if started is not None:
             started[2].proc.kill()
             started[0].stop()
         shutil.rmtree(work, ignore_errors=True)
-    out_dir = rc.BENCH / "out"
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / "many.json").write_text(json.dumps(res, indent=2, default=str))
+    save(res)
     text = report(res)
     print(text)
     if args.out:
@@ -557,6 +568,14 @@ def main() -> int:
             doc = doc.rstrip("\n") + "\n\n" + text + "\n"
         Path(args.out).write_text(doc)
     return 0
+
+
+def save(res: dict[str, Any]) -> None:
+    """bench/out/many.json, after every run (a later failure loses nothing)."""
+    out_dir = rc.BENCH / "out"
+    out_dir.mkdir(exist_ok=True)
+    clean = {k: v for k, v in res.items() if k != "s3_proc"}
+    (out_dir / "many.json").write_text(json.dumps(clean, indent=2, default=str))
 
 
 def platform_facts() -> str:

@@ -261,9 +261,11 @@ class Database:
         """Where a clean shutdown records how far the database was watched."""
         return os.path.join(self.spool.root, "state.json")
 
-    def close(self) -> None:
+    def close(self, tidy: bool = True) -> None:
         """Release the pin, close connections and files; record how far the database was
-        watched, so a later generation can tell that nothing happened in between."""
+        watched, so a later generation can tell that nothing happened in between. With
+        ``tidy`` false the read-write connection always closes first, so that the WAL stays
+        as it is (a parked database opens again from it)."""
         if self._conns and self.generation is not None and self.confirmed_ns:
             state = {"generation": self.generation, "txid": self.txid,
                      "confirmed_ns": self.confirmed_ns}
@@ -280,7 +282,7 @@ class Database:
         # with frames in the WAL the read-write connection closes first, so that closing last
         # cannot checkpoint and delete the WAL a restart resumes from; with none, it closes
         # last and SQLite tidies the empty -wal/-shm away if nobody else has the database open
-        for c in (ckpt + self._conns) if has_frames else (self._conns + ckpt):
+        for c in (ckpt + self._conns) if has_frames or not tidy else (self._conns + ckpt):
             try:
                 if c.in_transaction:
                     c.execute("COMMIT")

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .aio import wait_any
 from .config import DbConfig, DirConfig
 from .discovery import DirWatch
 from .metrics import Metrics
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("replicator")
 
 STATES = ("queued", "opening", "replicating", "skipped", "failed")
+# how often a full opener looks whether a database parked
+OPEN_WAIT = 0.5
 # how long a removed database's service may take for its final capture and ship
 REMOVE_GRACE = 5.0
 
@@ -98,6 +101,8 @@ class Fleet:
                 self._more.clear()
                 await self._more.wait()
                 continue
+            while self.runtime.open_dbs >= self.runtime.max_open and not self._stop.is_set():
+                await wait_any(self._stop, within=OPEN_WAIT)  # open databases park when idle
             _, path = heapq.heappop(self._queue)
             cfg = self._queued.pop(path, None)
             if cfg is None:

@@ -101,6 +101,7 @@ class DatabaseService:
         """Park after this many idle seconds (None: never)."""
         self.parked = False
         self._parked_sig: object = None
+        self._open = False  # counted in the runtime's open databases
         self.replicas = [
             Replica(rc.name, rc.open(), self.spool, cfg.name, self.metrics)
             for rc in cfg.replicas
@@ -146,12 +147,22 @@ class DatabaseService:
         for r in self.replicas:
             if not r.healthy or await r.pending(remote=False):
                 return False
+        await self._call(self.db.close, False)
         self._parked_sig = await self.runtime.call(runtime_sig, self.cfg.path)
-        await self._call(self.db.close)
         if self.health is not None:
             self.health.close()  # its next check opens a connection again
         self.parked = True
+        self._mark_open(False)
         return True
+
+    async def _changed_since_parked(self) -> bool:
+        return await self.runtime.call(runtime_sig, self.cfg.path) != self._parked_sig
+
+    def _mark_open(self, is_open: bool) -> None:
+        """Keep the runtime's count of open databases."""
+        if is_open != self._open:
+            self._open = is_open
+            self.runtime.open_dbs += 1 if is_open else -1
 
     async def unpark(self) -> None:
         """Open a parked database again (a new :class:`Database`, resumed from the spool)."""
@@ -159,6 +170,7 @@ class DatabaseService:
             return
         db, old = self._database(), self.db
         await self._call(db.open)
+        self._mark_open(True)
         db.last_snapshot_ns = max(db.last_snapshot_ns, old.last_snapshot_ns)
         db.last_snapshot_txid = max(db.last_snapshot_txid, old.last_snapshot_txid)
         self.db, self.parked = db, False
@@ -201,6 +213,7 @@ class DatabaseService:
             for r in self.replicas:
                 await r.aclose()
             raise ReplicatorError("; ".join(failures))
+        self._mark_open(True)
         await self.sync()
         await self._recall_last_snapshot()
 
@@ -453,26 +466,34 @@ class DatabaseService:
         while not stop.is_set():
             if not self.wake.is_set():
                 timeout = FOLLOW_POLL if watcher.paused else self.runtime.backstop(IDLE_TIMER)
+                if self.park_after is not None and not self.parked:
+                    park_at = last_change + self.runtime.park_delay(self.park_after)
+                    timeout = min(timeout, max(0.5, park_at - time.monotonic()))
                 await wait_any(self.wake, stop, within=timeout)
             if stop.is_set():
                 break
             woken = self.wake.is_set() or watcher.paused
             self.wake.clear()
             try:
+                if woken and self.parked and not await self._changed_since_parked():
+                    continue  # its own closing, or a look at the files: nothing was written
                 if woken:
                     await self.unpark()
                     res = await self.sync()
                     now = time.monotonic()
                     if res.transactions or res.more:
+                        # a second change within FOLLOW_QUIET: a busy writer, follow it (a
+                        # database committing now and then only costs its file events)
+                        if res.more or now - last_change < FOLLOW_QUIET:
+                            watcher.pause()
                         last_change = now
-                        watcher.pause()
                     elif watcher.paused and now - last_change >= FOLLOW_QUIET:
                         watcher.resume()
                         self.wake.set()  # what changed before the events were back has none
                     if res.more:
                         self.wake.set()  # a backlog: capture again at once
-                elif (self.park_after is not None and not self.parked
-                      and time.monotonic() - last_change >= self.park_after):
+                elif (self.park_after is not None and not self.parked and time.monotonic()
+                      - last_change >= self.runtime.park_delay(self.park_after)):
                     await self.park()
                 if self.parked and any(r.needs_snapshot for r in self.replicas):
                     await self.unpark()
@@ -514,8 +535,7 @@ class DatabaseService:
 
         async def final() -> None:
             log.debug("%s: final sync", self.cfg.name)
-            if self.parked and await self.runtime.call(runtime_sig, self.cfg.path) \
-                    != self._parked_sig:
+            if self.parked and await self._changed_since_parked():
                 await self.unpark()  # changed since it was parked, and no event said so yet
             while not self.parked and (await self.sync()).more:
                 pass
@@ -537,6 +557,7 @@ class DatabaseService:
         if self.health is not None:
             self.health.close()
         await self._call(self.db.close)
+        self._mark_open(False)
         for r in self.replicas:
             await r.aclose()
         if self._own_runtime:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import resource
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,10 @@ DEFAULT_SNAPSHOTS = 2
 DEFAULT_UPLOADS = 16
 DEFAULT_TICK = 1.0
 JITTER = 0.2
+# descriptors an open (unparked) database may hold: its connections, -wal/-shm, spool work
+FDS_PER_OPEN_DB = 12
+# with more than half of the open budget in use, idle databases park after this many seconds
+CROWDED_PARK_AFTER = 2.0
 # timer backstops (e.g. a replica's) are stretched so that all of them together wake at most
 # this often a second
 BACKSTOP_RATE = 20.0
@@ -48,6 +53,21 @@ def signature(path: str) -> _Sig:
         except OSError:
             out.append(None)
     return out[0], out[1]
+
+
+def open_budget() -> int:
+    """How many databases may be open at once: the descriptor limit (raised to its hard
+    limit first) over what an open database holds, less a reserve for everything else."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, (soft - 256) // FDS_PER_OPEN_DB)
 
 
 def jitter(seconds: float, spread: float = JITTER) -> float:
@@ -73,11 +93,21 @@ class Runtime:
         self.snapshot_limit = snapshots
         self.park_after: float | None = None
         """Idle databases of ``dir:`` entries close their files after this long (None: never)."""
+        self.max_open = open_budget()
+        """Databases of ``dir:`` entries wait to open while this many are open."""
+        self.open_dbs = 0
+        """Databases open now (not parked)."""
         self._watched: dict[str, tuple[asyncio.Event, float]] = {}
         self._sigs: dict[str, _Sig] = {}
         self._due: dict[str, float] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+
+    def park_delay(self, park_after: float) -> float:
+        """How long an idle database waits before it parks: shorter while many are open."""
+        if self.open_dbs * 2 >= self.max_open:
+            return min(park_after, CROWDED_PARK_AFTER)
+        return park_after
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run blocking ``fn(*args)`` on the pool."""

@@ -20,7 +20,7 @@ from writer import init_db
 from replicator.config import DbConfig, ReplicaConfig, parse_config
 from replicator.discovery import EMPTY, classify, find_db, matches, scan, sub_url
 from replicator.errors import ConfigError
-from replicator.replicator import DatabaseService
+from replicator.replicator import DatabaseService, Replicator
 
 
 def _config(tmp_path: Path, root: Path, dest: Path, port: int | None = None,
@@ -288,3 +288,41 @@ def test_parked_database_holds_no_files_and_resumes(tmp_path: Path) -> None:
     util.restore(str(dest), out)
     assert util.dump(out) == util.dump(db)
     assert len(util.seqs(out)) == 16
+
+
+def test_open_budget_parks_idle_databases_to_open_the_next(tmp_path: Path) -> None:
+    root, dest = tmp_path / "tenants", tmp_path / "backups"
+    root.mkdir()
+    names = [f"t{i}.db" for i in range(6)]
+    for i, name in enumerate(names):
+        init_db(str(root / name))
+        _insert(root / name, i + 1)
+    cfg = parse_config({"dbs": [{"dir": str(root), "integrity": "off",
+                                 "replicas": [{"name": "local", "path": str(dest)}]}]})
+
+    async def go() -> int:
+        rep = Replicator(cfg)
+        rep.runtime.max_open, rep.runtime.park_after = 2, 0.2
+        stop = asyncio.Event()
+        task = asyncio.create_task(rep.run(stop))
+        most = 0
+        try:
+            for _ in range(1200):
+                most = max(most, rep.runtime.open_dbs)
+                services = list(rep.fleet.services.values())
+                if len(services) == len(names) and all(s.parked for s in services):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"not all opened and parked: {rep.fleet.progress()}")
+        finally:
+            stop.set()
+            await task
+        return most
+
+    assert asyncio.run(go()) <= 2
+    (tmp_path / "out").mkdir()
+    for name in names:
+        out = tmp_path / "out" / name
+        util.restore(str(dest / name), out)
+        assert util.dump(out) == util.dump(root / name)
