@@ -86,6 +86,14 @@ def format_status(doc: dict[str, Any]) -> str:
     """The status document as text: per database a summary line, its replicas and its checks."""
     lines = [f"replicator {_s(doc.get('version'))}, started {_s(doc.get('started'))}: "
              + ("ready" if doc.get("ready") else "NOT READY")]
+    fleet = doc.get("databases")
+    if isinstance(fleet, dict):
+        counts = ", ".join(f"{fleet.get(k, 0)} {k}" for k in
+                           ("replicating", "queued", "opening", "skipped", "failed"))
+        lines.append(f"databases of dir entries: {counts}")
+        for kind in ("skipped_files", "failed_files"):
+            for path, why in sorted((fleet.get(kind) or {}).items()):
+                lines.append(f"  {kind.split('_')[0]} {path}: {why}")
     for db in doc["dbs"]:
         snap = db.get("last_snapshot") or {}
         pos = db.get("position") or {}
@@ -95,6 +103,7 @@ def format_status(doc: dict[str, Any]) -> str:
         lines.append(
             f"  generation {_s(db.get('generation'))}  txid {_s(db.get('txid'))}  "
             f"wal frame {_s(pos.get('frame'))}  last capture {_s(db.get('last_capture'))}  "
+            + ("(parked)  " if db.get("parked") else "") +
             f"last snapshot {_s(snap.get('time'))} (txid {_s(snap.get('txid'))})"
         )
         replicas = [

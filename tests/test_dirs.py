@@ -158,6 +158,10 @@ def test_databases_appear_and_disappear_while_others_are_written(tmp_path: Path)
         assert isinstance(databases, dict)
         assert databases["replicating"] == 3 and databases["queued"] == 0
         assert databases["skipped_files"] == {str(notes): "not a SQLite database"}
+        text = util.cli("status", "--config", str(cfg), timeout=30).stdout
+        assert "databases of dir entries: 3 replicating, 0 queued" in text, text
+        assert f"skipped {notes}: not a SQLite database" in text
+        assert str(root / "sub" / "c.db") in text
         _insert(root / "sub" / "deeper" / "d.db", 5, 5)
     finally:
         stop.set()
