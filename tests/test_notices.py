@@ -118,6 +118,10 @@ dbs:
         util.wait_until(lambda: ("destination:broken", "failing") in states(hook), 60,
                         what="the broken destination notified")
         assert ("destination:good", "failing") not in states(hook)
+        # sync --wait times out naming the destination that is behind
+        r = util.cli("sync", "--wait", str(db), "--timeout", "2s", "--config", str(cfg))
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "not on every destination within 2s: broken" in r.stderr
         broken.unlink()
         util.wait_until(lambda: ("destination:broken", "recovered") in states(hook), 60,
                         what="its recovery notified")
