@@ -527,7 +527,7 @@ def _maintenance(raw: Any, where: str) -> MaintenanceConfig:
     opt = d.get("optimize")
     if opt is not None:
         cfg = dataclasses.replace(cfg, optimize=None if _is_off(opt) else _positive_duration(
-            opt, f"{where}.optimize"))
+            opt, f"{where}.optimize"), optimize_analyze=not _is_off(opt))
     ck = d.get("checkpoint")
     if ck is not None and not _is_off(ck):
         w = f"{where}.checkpoint"

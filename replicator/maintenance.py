@@ -2,12 +2,15 @@
 checkpoint and ``VACUUM``.
 
 * **optimize** (on by default, every 24 h): ``PRAGMA optimize`` first asked what it would do, on
-  a read-only connection (no lock a writer needs). Only when it wants to ``ANALYZE`` something
-  (statistics gone stale), and the database has seen no commit for :data:`QUIET` seconds, does
-  it run that with ``analysis_limit`` (milliseconds of work) on a connection that never waits for
-  the write lock: when the application holds it, the run is skipped with the reason logged. Like
-  any write, those milliseconds would make a writer with no busy timeout at all that starts in
-  exactly that moment see ``SQLITE_BUSY``; a busy timeout of a few milliseconds absorbs it.
+  a read-only connection (no lock a writer needs). By default stale statistics are only
+  reported (the run is ``skipped`` with the ``ANALYZE`` statements in its reason): the
+  replicator takes no write lock the configuration did not ask for. When ``optimize`` is set in
+  the configuration, it wants to ``ANALYZE`` something, and the database has seen no commit for
+  :data:`QUIET` seconds, it runs that with ``analysis_limit`` (milliseconds of work) on a
+  connection that never waits for the write lock: when the application holds it, the run is
+  skipped with the reason logged. Like any write, those milliseconds would make a writer with
+  no busy timeout at all that starts in exactly that moment see ``SQLITE_BUSY``; a busy timeout
+  of a few milliseconds absorbs it.
 * **checkpoint** (off by default; ``mode: truncate``): a blocking operation by nature. The
   replicator captures everything, lets go of its read transaction and runs ``PRAGMA
   wal_checkpoint(TRUNCATE)``, which holds the write lock while it waits up to ``timeout`` for
@@ -92,6 +95,9 @@ class MaintenanceConfig:
     """``maintenance:`` of one database; None: the task is off."""
 
     optimize: float | None = DEFAULT_OPTIMIZE_INTERVAL
+    optimize_analyze: bool = False
+    """Whether ``optimize`` may run the ``ANALYZE`` it finds wanting (a write: only when the
+    configuration sets ``optimize`` itself); by default stale statistics are only reported."""
     checkpoint: When | None = None
     checkpoint_timeout: float = DEFAULT_CHECKPOINT_TIMEOUT
     vacuum: When | None = None
@@ -127,12 +133,16 @@ def _quote(name: str) -> str:
     return name.replace('"', '""')
 
 
-def _optimize(path: str, quiet: bool) -> str:
+def _optimize(path: str, quiet: bool, analyze: bool) -> str:
     """``PRAGMA optimize``: asked read-only first; its ``ANALYZE`` statements run only when the
-    database is quiet, limited, and never waiting for the write lock."""
+    configuration asks for them (``analyze``) and the database is quiet, limited, and never
+    waiting for the write lock."""
     wanted = _stale_statistics(path)
     if not wanted:
         return "statistics are up to date"
+    if not analyze:
+        raise Skipped(f"statistics are stale ({'; '.join(wanted)}); ANALYZE takes the write "
+                      "lock, so it runs only when maintenance.optimize is set in the config")
     if not quiet:
         raise Skipped("the application committed within the last few seconds")
     rw = sqlite3.connect(path, isolation_level=None, timeout=0)
@@ -215,7 +225,8 @@ class Maintainer:
     async def _run(self, name: str, quiet: bool) -> str:
         s = self.service
         if name == "optimize":
-            return await asyncio.to_thread(_optimize, s.cfg.path, quiet)
+            return await asyncio.to_thread(_optimize, s.cfg.path, quiet,
+                                           self.cfg.optimize_analyze)
         if name == "checkpoint":
             return await s.checkpoint_truncate(self.cfg.checkpoint_timeout)
         result = await asyncio.to_thread(_vacuum, s.cfg.path, self.cfg.vacuum_max_size,

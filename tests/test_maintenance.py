@@ -63,7 +63,8 @@ dbs:
     a, b, c = load_config(str(p)).dbs
     assert a.maintenance == MaintenanceConfig()  # optimize every 24h, nothing else
     assert b.maintenance == MaintenanceConfig(
-        optimize=12 * 3600.0, checkpoint=When(3, 0, 6), checkpoint_timeout=5.0,
+        optimize=12 * 3600.0, optimize_analyze=True, checkpoint=When(3, 0, 6),
+        checkpoint_timeout=5.0,
         vacuum=When(3, 30, 6), vacuum_max_size=2 * 10**9, vacuum_max_duration=120.0)
     assert c.maintenance.optimize is None
     p.write_text("dbs:\n  - path: /d/a.db\n    replicas: [/b]\n"
@@ -114,6 +115,23 @@ async def service(tmp_path: Path) -> AsyncIterator[DatabaseService]:
     finally:
         stop.set()
         await asyncio.gather(*shippers)
+        await svc.close(5.0)
+
+
+async def test_default_optimize_only_reports_stale_statistics(tmp_path: Path) -> None:
+    """Without ``optimize`` in the config nothing takes the write lock: stale statistics are
+    reported in the skipped run's reason and left as they are."""
+    svc = DatabaseService(db_config(tmp_path, "{}"))
+    await svc.open()
+    try:
+        db = Path(svc.cfg.path)
+        svc.last_commit = 0.0  # quiet
+        svc.maintainer.tasks["optimize"].next_at = MON_9
+        [(task, result, detail)] = await svc.maintainer.run_due(now=MON_9)
+        assert (task, result) == ("optimize", "skipped"), detail
+        assert "ANALYZE" in detail and "maintenance.optimize" in detail
+        assert stat_rows(db) == 100
+    finally:
         await svc.close(5.0)
 
 
