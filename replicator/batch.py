@@ -79,6 +79,7 @@ def merge(
         end=last.end,
         frames=sum(h.frames for h in headers),
         txns=tuple(t for h in headers for t in h.txns),
+        content_hash=last.content_hash,
     )
     info = segment_info(parts[0].generation, parts[0].start_txid, parts[-1].end_txid,
                         parts[0].first_ms, parts[-1].last_ms)

@@ -128,6 +128,10 @@ def _add_restore(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="restore up to and including transaction N")
     s.add_argument("--generation", metavar="ID",
                    help="restore from this generation (default: the latest)")
+    s.add_argument("--exact", action="store_true",
+                   help="fail if TIME falls where nothing was observed (an interval the "
+                   "replicator did not observe, a gap between generations) instead of "
+                   "restoring the newest state captured before it")
     s.add_argument("--dry-run", action="store_true",
                    help="print the plan and the download size, write nothing")
     s.add_argument("--force", action="store_true", help="overwrite an existing OUTPUT")
@@ -492,7 +496,8 @@ async def _restore(args: argparse.Namespace) -> int:
                     errors.append(RestoreError(f"no restorable generation on {src.client.url}"))
                     continue
                 plans.append((src, await plan_restore(
-                    src.client, to_time_ns=to_time, txid=args.txid, generation=args.generation)))
+                    src.client, to_time_ns=to_time, txid=args.txid, generation=args.generation,
+                    exact=args.exact)))
             except ReplicatorError as exc:
                 errors.append(exc)
         if not plans:
@@ -502,6 +507,8 @@ async def _restore(args: argparse.Namespace) -> int:
             raise errors[0]
         src, plan = max(plans, key=lambda sp: (sp[1].ts_ns, sp[1].txid))
         size, count = _download(plan)
+        for warning in plan.warnings:
+            print(redact(f"warning: {warning}"), file=sys.stderr)
         if args.dry_run:
             print(redact(plan.describe()))
             print(f"download:   {fmt_bytes(size)} in {count} object{'s' if count != 1 else ''}")
@@ -517,6 +524,7 @@ async def _restore(args: argparse.Namespace) -> int:
             f"restored {result.output} from {src.client.url}: generation {plan.generation}, "
             f"txid {plan.txid} ({fmt_ns(plan.ts_ns)}), {result.pages} pages, "
             f"integrity_check {result.integrity}"
+            + (f", content hash matches {result.verified}" if result.verified else "")
         ))
         for note in plan.notes:
             print(f"note: {note}")

@@ -44,11 +44,27 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .dbstate import DbState, read_db_header, read_state
 from .errors import DatabaseError, WalError
 from .format import DEFAULT_LEVEL
 from .fsutil import atomic_writer
-from .headers import Reason, SegmentHeader, SnapshotHeader, Txn
-from .pos import ObjectInfo, WalPos, new_generation_id, segment_info, snapshot_info
+from .headers import CatchupHeader, Reason, SegmentHeader, SnapshotHeader, Txn
+from .pageindex import (
+    CATCHUP_PGNO_SIZE,
+    IndexKeeper,
+    IndexUnusable,
+    PageIndex,
+    Stamp,
+    page_hash,
+)
+from .pos import (
+    ObjectInfo,
+    WalPos,
+    catchup_info,
+    new_generation_id,
+    segment_info,
+    snapshot_info,
+)
 from .spool import Spool
 from .wal import (
     FRAME_HEADER_SIZE,
@@ -60,7 +76,6 @@ from .wal import (
     WalHeader,
     frame_offset,
     frame_size,
-    page_offsets,
     pread_full,
     read_wal_header,
     scan_bytes,
@@ -74,7 +89,6 @@ DEFAULT_CHECKPOINT_PAGES = 1000
 DEFAULT_BUSY_TIMEOUT = 1.0
 SEGMENT_MAX_FRAMES = 2048
 STEP_BATCHES = 16
-SNAPSHOT_CHUNK_PAGES = 256
 SNAPSHOT_LOG_EVERY = 5.0  # a long snapshot logs its progress this often (INFO)
 COPY_CHUNK_FRAMES = 256
 ROTATE_WAIT = 0.02
@@ -138,6 +152,7 @@ class CaptureResult:
     transactions: int = 0
     frames: int = 0
     new_generation: str | None = None
+    catch_up: Reason | None = None  # a catch-up object was written, and why
     rotated: bool = False
     more: bool = False  # the step stopped with committed frames still to capture
 
@@ -150,38 +165,6 @@ class _Lineage:
     generation: str | None = None
     txid: int | None = None
     confirmed_ns: int | None = None
-
-
-@dataclass
-class DbHeader:
-    """The fields of the database file header the capture needs."""
-
-    page_size: int
-    pages: int
-    wal_mode: bool
-
-
-def read_db_header(path: str, fd: int | None = None) -> DbHeader | None:
-    """Parse the 100-byte database header; None if the file is empty.
-
-    Pass ``fd`` while SQLite connections to the file are open in this process: opening and
-    closing another descriptor on the file would drop every POSIX lock the process holds on it.
-    """
-    if fd is None:
-        with open(path, "rb") as f:
-            return read_db_header(path, f.fileno())
-    raw = os.pread(fd, 100, 0)
-    size = os.fstat(fd).st_size
-    if len(raw) == 0:
-        return None
-    if len(raw) < 100 or not raw.startswith(b"SQLite format 3\x00"):
-        raise DatabaseError(f"{path}: not a SQLite database")
-    ps = struct.unpack_from(">H", raw, 16)[0]
-    ps = 65536 if ps == 1 else ps
-    change, in_header = struct.unpack_from(">II", raw, 24)
-    valid_for = struct.unpack_from(">I", raw, 92)[0]
-    pages = in_header if (in_header and change == valid_for) else size // ps
-    return DbHeader(ps, pages, raw[18] == 2 and raw[19] == 2)
 
 
 def _pseudo_header(pos: WalPos, page_size: int, big_endian: bool) -> WalHeader:
@@ -235,6 +218,10 @@ class Database:
         self._db_fd: int | None = None
         self._db_ino: int | None = None
         self._pending: Reason | None = None
+        self._catchup: Reason | None = None  # a catch-up is due (a restart that cannot resume)
+        self._db_dev = 0
+        self.keeper = IndexKeeper(spool)
+        self._last_observed_ns = 0  # when the last captured state was observed
         # a tail read right after a reset seen while rotating: (new salts, _rescue's result)
         self._early_tail: tuple[tuple[int, int], _Rescued | None] | None = None
         self._compress_tokens = float(COMPRESS_BUDGET)
@@ -274,6 +261,11 @@ class Database:
                     f.write(json.dumps(state).encode())
             except OSError as exc:
                 log.warning("%s: cannot record the shutdown position: %s", self.name, exc)
+        if self._conns and self.generation is not None:
+            try:
+                self.keeper.save(self._stamp())
+            except OSError as exc:
+                log.warning("%s: cannot save the page index: %s", self.name, exc)
         ckpt = [self._ckpt] if self._ckpt is not None else []
         try:
             has_frames = os.stat(self.wal_path).st_size > WAL_HEADER_SIZE
@@ -321,7 +313,8 @@ class Database:
                 f"database {self.path} is not in WAL mode; enable it once with "
                 f"sqlite3 {self.path} 'PRAGMA journal_mode=WAL' (the setting is persistent)"
             )
-        self._db_ino = os.fstat(self._db_fd).st_ino
+        st = os.fstat(self._db_fd)
+        self._db_ino, self._db_dev = st.st_ino, st.st_dev
 
     def _open_conn(self, mode: str) -> sqlite3.Connection:
         return sqlite3.connect(
@@ -469,7 +462,14 @@ class Database:
 
     # ------------------------------------------------------------------ resume
 
+    def _stamp(self) -> Stamp:
+        assert self.generation is not None
+        return Stamp(self.generation, self.txid, self._db_dev, self._db_ino or 0)
+
     def _resume(self) -> None:
+        """Continue the spool's generation: from its last position if the WAL still holds it,
+        else with a catch-up of the pages that changed. A new generation starts only without a
+        trustworthy page index or with another database file."""
         latest = self.spool.latest()
         if latest is None:
             self._pending = Reason.NO_POSITION
@@ -483,28 +483,37 @@ class Database:
             os.unlink(self.state_path)
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        pos = header.end if isinstance(header, SegmentHeader) else header.position
-        page_size = header.page_size
-        if self._continues(pos, page_size):
-            self.generation = info.generation
-            self.txid = info.end_txid
-            self.pos = pos
-            self._last_end = pos
-            self.page_size = page_size
-            self.big_endian = header.big_endian
-            for obj in reversed(self.spool.objects(info.generation)):
-                if obj.kind == "snapshot":
-                    self.last_snapshot_ns = obj.last_ms * 1_000_000
-                    self.last_snapshot_txid = obj.end_txid
-                    break
+        self.generation = info.generation
+        self.txid = info.end_txid
+        try:
+            self.keeper.load(info.generation, info.end_txid, self._db_dev, self._db_ino or 0)
+        except IndexUnusable as exc:
+            replaced = "another database file" in str(exc)
+            log.warning("%s: cannot continue generation %s: %s", self.name, info.generation, exc)
+            self._pending = Reason.DB_REPLACED if replaced else Reason.NO_INDEX
+            return
+        pos: WalPos | None
+        if isinstance(header, SegmentHeader):
+            pos, observed = header.end, header.txns[-1].observed_ns
+        else:
+            pos, observed = header.position, header.ts_ns
+        self._last_observed_ns = max(observed, self.confirmed_ns)
+        self.pos = pos
+        self._last_end = pos
+        self.page_size = header.page_size
+        self.big_endian = header.big_endian
+        for obj in reversed(self.spool.objects(info.generation)):
+            if obj.kind == "snapshot":
+                self.last_snapshot_ns = obj.last_ms * 1_000_000
+                self.last_snapshot_txid = obj.end_txid
+                break
+        if self._continues(pos, header.page_size):
             self._learn_reset_bound()
             log.info(
                 "%s: resuming generation %s at txid %d", self.name, self.generation, self.txid
             )
         else:
-            self.generation = info.generation
-            self.txid = info.end_txid
-            self._pending = Reason.RESUME_FAILED
+            self._catchup = Reason.RESUME_FAILED
 
     def _continues(self, pos: WalPos | None, page_size: int) -> bool:
         """Whether the WAL still holds the frame the spool ends at (same salts and checksum)."""
@@ -534,7 +543,11 @@ class Database:
             self._pin(self._active)
         if self._pending is not None:
             reason, self._pending = self._pending, None
+            self._catchup = None
             self._start_generation(reason, res)
+        if self._catchup is not None:
+            reason, self._catchup = self._catchup, None
+            self._catch_up(reason, res)
         more = self._capture(res)
         for _ in range(STEP_BATCHES):
             due = self.pos is not None and self.pos.frame >= self.checkpoint_pages
@@ -552,6 +565,8 @@ class Database:
         res.more = more
         if not more:
             self.confirmed_ns = started
+        if self.generation is not None:
+            self.keeper.save_if_due(self._stamp())
         return res
 
     def _capture(self, res: CaptureResult) -> bool:
@@ -564,7 +579,7 @@ class Database:
             ):
                 # truncated (wal_checkpoint(TRUNCATE)) in a moment the pin was not held: what
                 # was committed after the captured position is in the database file only now
-                self._start_generation(Reason.WAL_SHRUNK, res)
+                self._catch_up(Reason.WAL_SHRUNK, res)
             return False
         if hdr.page_size != self.page_size:
             self._start_generation(Reason.PAGE_SIZE, res)
@@ -579,7 +594,7 @@ class Database:
         else:
             rescued = self._rescue(fd, hdr)
         if rescued is None:
-            self._start_generation(Reason.WAL_RESET, res)
+            self._catch_up(Reason.WAL_RESET, res)
             return False
         tail, data = rescued
         old_hdr = _pseudo_header(self.pos, self.page_size, self.big_endian)
@@ -664,7 +679,7 @@ class Database:
         txns = batch.txns
         if not txns and batch.stop == "short" and self.pos.frame > 0 and self._pinned:
             if os.fstat(fd).st_size < frame_offset(self.pos.frame + 1, self.page_size):
-                self._start_generation(Reason.WAL_SHRUNK, res)
+                self._catch_up(Reason.WAL_SHRUNK, res)
                 return False
         self._wal_size_seen = os.fstat(fd).st_size
         if not txns:
@@ -734,31 +749,48 @@ class Database:
         end_txid = self.txid + len(txns)
         ms = observed // 1_000_000
         info = segment_info(self.generation, start_txid, end_txid, ms, ms)
-        header = SegmentHeader(
-            generation=self.generation,
-            start_txid=start_txid,
-            end_txid=end_txid,
-            page_size=self.page_size,
-            big_endian=hdr.big_endian,
-            prev=self._last_end,
-            start=start,
-            end=end,
-            wal_header=hdr.raw if start.frame == 0 else None,
-            frames=last - first + 1,
-            txns=tuple(
-                Txn(start_txid + k, observed, t.frames, t.db_size) for k, t in enumerate(txns)
-            ),
-        )
         # while pinned where no reset can happen, the frames cannot change under the copy;
         # otherwise (a reset is possible, or this is a rescued tail) verify them again
         verify = not (self._reset_end == _NO_RESET and self._reset_salts == start.salts)
-        body: Iterable[bytes | memoryview]
-        if data is not None:
-            assert len(data) == (last - first + 1) * frame_size(self.page_size)
-            body = [data]
-        else:
-            body = self._frames_body(fd, hdr, start, first, last, verify)
-        info = self.spool.write(info, header, body, DEFAULT_LEVEL if compress else None)
+        def body() -> Iterable[bytes | memoryview]:
+            if data is not None:
+                assert len(data) == (last - first + 1) * frame_size(self.page_size)
+                return [data]
+            return self._frames_body(fd, hdr, start, first, last, verify)
+
+        # the page index follows the frames (read once more first for a long transaction):
+        # the content hash after them goes into the header, which precedes them
+        ix = self.keeper.index
+        if ix is not None:
+            ix.begin()
+        try:
+            if ix is not None:
+                for chunk in body():
+                    ix.apply_frames(chunk)
+            header = SegmentHeader(
+                generation=self.generation,
+                start_txid=start_txid,
+                end_txid=end_txid,
+                page_size=self.page_size,
+                big_endian=hdr.big_endian,
+                prev=self._last_end,
+                start=start,
+                end=end,
+                wal_header=hdr.raw if start.frame == 0 else None,
+                frames=last - first + 1,
+                txns=tuple(
+                    Txn(start_txid + k, observed, t.frames, t.db_size) for k, t in enumerate(txns)
+                ),
+                content_hash=ix.content if ix is not None else None,
+            )
+            info = self.spool.write(info, header, body(), DEFAULT_LEVEL if compress else None)
+        except BaseException:
+            if ix is not None:
+                ix.rollback()
+            raise
+        if ix is not None:
+            ix.commit()
+        self._last_observed_ns = observed
         self.txid = end_txid
         self.pos = end
         self._last_end = end
@@ -870,7 +902,7 @@ class Database:
             time.sleep(ROTATE_POLL)
         self._pin(other)
 
-    # ------------------------------------------------------------------ snapshots
+    # ------------------------------------------------------------------ snapshots, catch-ups
 
     def _start_generation(self, reason: Reason, res: CaptureResult) -> None:
         prev_gen, prev_txid = self.generation, self.txid
@@ -886,7 +918,7 @@ class Database:
         self._learn_reset_bound()
         res.objects.append(info)
         res.new_generation = reason
-        level = logging.INFO if reason == "no_position" else logging.WARNING
+        level = logging.INFO if reason == Reason.NO_POSITION else logging.WARNING
         log.log(level, "%s: new generation %s: %s", self.name, gen, reason.text)
 
     def snapshot(self) -> ObjectInfo:
@@ -896,62 +928,59 @@ class Database:
         assert self.generation is not None
         res = CaptureResult()
         self._capture(res)
-        upto = self.pos.frame if self.pos is not None else None
-        info, _ = self._write_snapshot(self.generation, self.txid, upto,
+        info, _ = self._write_snapshot(self.generation, self.txid, self.pos,
                                        _Lineage(Reason.INTERVAL))
         return info
 
+    def _read_state(self, upto: WalPos | None = None) -> DbState:
+        assert self._db_fd is not None
+        return read_state(self.path, self._db_fd, self._wal(), self.page_size, upto)
+
     def _write_snapshot(
-        self, gen: str, txid: int, upto: int | None, lineage: _Lineage
+        self, gen: str, txid: int, upto: WalPos | None, lineage: _Lineage
     ) -> tuple[ObjectInfo, WalPos | None]:
-        """Raw database pages overlaid with the current epoch's committed frames (all of them, or
-        frames 1..upto), read under the pin: the exact state after the last of those frames."""
+        """Write the state as of the pin (up to ``upto`` in the current epoch, or all of it)
+        and make its page index the capture's. Its content hash comes from the capture's index
+        when the snapshot continues a generation (and is checked against the pages written),
+        else from a first reading of the pages."""
         for _ in range(5):
-            fd = self._wal()
-            hdr = read_wal_header(fd) if fd is not None else None
-            dbh = read_db_header(self.path, self._db_fd)
-            page_size = hdr.page_size if hdr else (dbh.page_size if dbh else self.page_size)
-            pages = dbh.pages if dbh else 0
-            pagemap: dict[int, int] = {}
-            pos: WalPos | None = None
-            if hdr is not None and fd is not None:
-                if upto is not None and self.pos is not None and hdr.salts != self.pos.salts:
-                    upto = None  # the epoch moved on: snapshot what is there now
-                scan = scan_frames(fd, hdr, 1, hdr.checksum, max_frames=upto, keep_frames=False)
-                pagemap = page_offsets(fd, hdr, scan.end_index)
-                if scan.transactions:
-                    pages = scan.transactions[-1][2]
-                pos = WalPos(hdr.salt1, hdr.salt2, scan.end_index, scan.end_checksum)
+            state = self._read_state(upto)
+            expect: int | None = None
+            ix = self.keeper.index
+            if lineage.reason == Reason.INTERVAL and ix is not None:
+                expect = ix.content
+            else:
+                expect = content_hash_of(state)
             observed = time.time_ns()
             header = SnapshotHeader(
-                generation=gen,
-                txid=txid,
-                ts_ns=observed,
-                page_size=page_size,
-                pages=pages,
-                big_endian=hdr.big_endian if hdr else False,
-                position=pos,
-                reason=lineage.reason,
-                db=self.name,
-                previous_generation=lineage.generation,
-                previous_txid=lineage.txid,
-                previous_confirmed_ns=lineage.confirmed_ns,
+                generation=gen, txid=txid, ts_ns=observed, page_size=state.page_size,
+                pages=state.pages, big_endian=state.hdr.big_endian if state.hdr else False,
+                position=state.pos, reason=lineage.reason, db=self.name,
+                previous_generation=lineage.generation, previous_txid=lineage.txid,
+                previous_confirmed_ns=lineage.confirmed_ns, content_hash=expect,
             )
             started = time.monotonic()
+            fresh = PageIndex(state.page_size)
             info = snapshot_info(gen, txid, observed // 1_000_000)
-            info = self.spool.write(info, header, self._pages_body(fd, pagemap, page_size, pages))
-            hdr2 = read_wal_header(fd) if fd is not None else None
-            if hdr is not None and (hdr2 is None or hdr2.salts != hdr.salts):
+            info = self.spool.write(info, header, _indexed(state, fresh, self.name))
+            fresh.resize(state.pages)
+            if not state.still_valid() or fresh.content != expect:
                 self.spool.delete([info])
+                if lineage.reason == Reason.INTERVAL and state.still_valid():
+                    raise DatabaseError(f"{self.path}: the snapshot differs from the captured "
+                                        "state (the WAL moved on); it is taken again later")
                 continue
-            self.page_size = page_size
-            if hdr is not None:
-                self.big_endian = hdr.big_endian
+            self.keeper.index = fresh
+            self.page_size = state.page_size
+            if state.hdr is not None:
+                self.big_endian = state.hdr.big_endian
             self.last_snapshot_ns = observed
             self.last_snapshot_txid = txid
             self.last_snapshot_seconds = time.monotonic() - started
             self.last_snapshot_size = info.size
-            return info, pos
+            self._last_observed_ns = max(self._last_observed_ns, observed)
+            self.keeper.save(Stamp(gen, txid, self._db_dev, self._db_ino or 0))
+            return info, state.pos
         raise DatabaseError(f"{self.path}: the WAL kept resetting during the snapshot")
 
     def read_captured(self, sqls: Sequence[str]) -> list[list[tuple[Any, ...]]] | None:
@@ -998,47 +1027,134 @@ class Database:
             self._pin(self._active)
         if self.generation is None:
             raise DatabaseError(f"{self.path}: nothing captured yet")
-        fd = self._wal()
-        hdr = read_wal_header(fd) if fd is not None else None
-        dbh = read_db_header(self.path, self._db_fd)
-        pages = dbh.pages if dbh else 0
-        page_size = dbh.page_size if dbh else self.page_size
-        pagemap: dict[int, int] = {}
-        upto = self.pos.frame if self.pos is not None else 0
-        if hdr is not None and fd is not None and upto > 0:
-            if self.pos is None or hdr.salts != self.pos.salts:
-                raise DatabaseError(f"{self.path}: the WAL moved on since the capture")
-            scan = scan_frames(fd, hdr, 1, hdr.checksum, max_frames=upto, keep_frames=False)
-            pagemap = page_offsets(fd, hdr, scan.end_index)
-            page_size = hdr.page_size
-            if scan.transactions:
-                pages = scan.transactions[-1][2]
+        state = self._read_state(self.pos)
+        frames = state.pos.frame if state.pos is not None else 0
+        captured = self.pos.frame if self.pos is not None else 0
+        if (frames or captured) and state.pos != self.pos:
+            raise DatabaseError(f"{self.path}: the WAL moved on since the capture")
         digest = hashlib.sha256()
-        for chunk in self._pages_body(fd, pagemap, page_size, pages):
+        for _, chunk in state.chunks():
             digest.update(chunk)
         return self.generation, self.txid, digest.hexdigest()
 
-    def _pages_body(
-        self, wal_fd: int | None, pagemap: dict[int, int], page_size: int, pages: int
-    ) -> Iterator[bytes]:
-        dfd = self._db_fd
-        assert dfd is not None
-        pgno = 1
-        logged = time.monotonic()
-        while pgno <= pages:
-            if time.monotonic() - logged >= SNAPSHOT_LOG_EVERY:
-                logged = time.monotonic()
-                log.info("%s: snapshot %d%% (%d of %d pages)", self.name,
-                         100 * (pgno - 1) // pages, pgno - 1, pages)
-            n = min(SNAPSHOT_CHUNK_PAGES, pages - pgno + 1)
-            buf = bytearray(os.pread(dfd, n * page_size, (pgno - 1) * page_size))
-            if len(buf) < n * page_size:
-                buf.extend(bytes(n * page_size - len(buf)))
-            for k in range(n):
-                off = pagemap.get(pgno + k)
-                if off is not None:
-                    assert wal_fd is not None
-                    page = os.pread(wal_fd, page_size, off)
-                    buf[k * page_size : (k + 1) * page_size] = page
-            yield bytes(buf)
-            pgno += n
+    def _catch_up(self, reason: Reason, res: CaptureResult) -> None:
+        """After an interval the capture could not observe (a restart, a reset it could not
+        prove continuous): ship the pages that differ from the captured state, found by hashing
+        the state as of the pin against the page index, as one catch-up object in the same
+        generation; capture continues from the WAL position that state corresponds to."""
+        ix = self.keeper.index
+        if ix is None or self.generation is None:
+            self._start_generation(Reason.NO_INDEX, res)
+            return
+        for _ in range(5):
+            state = self._read_state()
+            if state.page_size != self.page_size:
+                self._start_generation(Reason.PAGE_SIZE, res)
+                return
+            changed: list[tuple[int, int]] = []
+            for first, buf in state.chunks():
+                changed += ix.diff(first, _pages_of(buf, state.page_size))
+            info = self._write_catchup(reason, state, changed)
+            if info is not None:
+                res.objects.append(info)
+                res.catch_up = reason
+                return
+        raise DatabaseError(f"{self.path}: the WAL kept resetting during the catch-up")
+
+    def _write_catchup(
+        self, reason: Reason, state: DbState, changed: list[tuple[int, int]]
+    ) -> ObjectInfo | None:
+        """Write the catch-up of ``changed`` pages (None if the state moved under the read)."""
+        ix = self.keeper.index
+        assert ix is not None and self.generation is not None
+        observed = time.time_ns()
+        since = max(self._last_observed_ns, self.confirmed_ns) or observed
+        ix.begin()
+        try:
+            for pgno, value in changed:
+                ix.set_hash(pgno, value)
+            ix.resize(state.pages)
+            header = CatchupHeader(
+                generation=self.generation, txid=self.txid + 1, ts_ns=observed,
+                unobserved_from_ns=since, page_size=state.page_size, pages=state.pages,
+                big_endian=state.hdr.big_endian if state.hdr else self.big_endian,
+                prev=self._last_end, position=state.pos, changed=len(changed),
+                content_hash=ix.content, reason=reason,
+            )
+            info = catchup_info(self.generation, self.txid + 1, since // 1_000_000,
+                                observed // 1_000_000)
+            try:
+                info = self.spool.write(info, header, _changed_body(state, changed))
+            except _StateMoved:
+                ix.rollback()
+                return None
+            if not state.still_valid():
+                self.spool.delete([info])
+                ix.rollback()
+                return None
+        except BaseException:
+            ix.rollback()
+            raise
+        ix.commit()
+        self.txid += 1
+        self.pos = state.pos
+        self._last_end = state.pos
+        if state.hdr is not None:
+            self.big_endian = state.hdr.big_endian
+        self._last_observed_ns = observed
+        self._learn_reset_bound()
+        self.keeper.save(self._stamp())
+        log.warning(
+            "%s: %s; caught up in generation %s at txid %d: %d of %d pages changed, unobserved "
+            "for %.3f s", self.name, reason.text, self.generation, self.txid, len(changed),
+            state.pages, (observed - since) / 1e9,
+        )
+        return info
+
+
+class _StateMoved(Exception):
+    """A page changed between the two readings of a catch-up (the WAL was reset meanwhile)."""
+
+
+def _pages_of(buf: bytes | bytearray, page_size: int) -> list[memoryview]:
+    mv = memoryview(buf)
+    return [mv[k * page_size : (k + 1) * page_size] for k in range(len(buf) // page_size)]
+
+
+def content_hash_of(state: DbState) -> int:
+    """The content hash of a state (one reading of every page)."""
+    h = 0
+    for first, buf in state.chunks():
+        for k, page in enumerate(_pages_of(buf, state.page_size)):
+            h ^= page_hash(first + k, page)
+    return h
+
+
+def _indexed(state: DbState, index: PageIndex, name: str) -> Iterator[bytes]:
+    """The state's pages as a snapshot body, entered into ``index`` as they go (a long one
+    logs its progress every SNAPSHOT_LOG_EVERY seconds)."""
+    logged = time.monotonic()
+    for first, buf in state.chunks():
+        if time.monotonic() - logged >= SNAPSHOT_LOG_EVERY:
+            logged = time.monotonic()
+            log.info("%s: snapshot %d%% (%d of %d pages)", name,
+                     100 * (first - 1) // state.pages, first - 1, state.pages)
+        index.set_pages(first, buf)
+        yield bytes(buf)
+
+
+def _changed_body(state: DbState, changed: list[tuple[int, int]]) -> Iterator[bytes]:
+    """A catch-up body: each changed page with its number, read again and checked against the
+    hash the first reading gave (raises _StateMoved if it differs)."""
+    out = bytearray()
+    for pgno, value in changed:
+        page = state.page(pgno)
+        if page_hash(pgno, page) != value:
+            raise _StateMoved(pgno)
+        out += pgno.to_bytes(CATCHUP_PGNO_SIZE, "big")
+        out += page
+        if len(out) >= 1 << 20:
+            yield bytes(out)
+            out.clear()
+    if out:
+        yield bytes(out)

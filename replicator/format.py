@@ -1,8 +1,9 @@
-"""Encoding of replica objects (snapshots and WAL segments), format version 1.
+"""Encoding of replica objects (snapshots, WAL segments, catch-ups), format version 2.
 
 An object is::
 
-    preamble   8 bytes   magic b"\\x89RPL", version u16 BE, kind u16 BE (1 snapshot, 2 wal)
+    preamble   8 bytes   magic b"\\x89RPL", version u16 BE, kind u16 BE (1 snapshot, 2 wal,
+                         3 catch-up)
     hlen       4 bytes   u32 BE length of the header
     header     hlen      UTF-8 JSON (fields in docs/format.md)
     body       ...       one zstd frame: snapshot = pages 1..n; segment = raw WAL frames
@@ -26,15 +27,17 @@ import zstandard
 from .errors import CorruptObjectError, FormatError
 
 MAGIC = b"\x89RPL"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1: no content hashes, no catch-up objects
 KIND_SNAPSHOT = 1
 KIND_WAL = 2
+KIND_CATCHUP = 3
 TRAILER_MAGIC = b"RPLT"
 DEFAULT_LEVEL = 1
 _PREAMBLE = struct.Struct(">4sHHI")
 _TRAILER_SIZE = 4 + 4
 _MAX_HEADER = 64 << 20
-_KIND_NAMES = {KIND_SNAPSHOT: "snapshot", KIND_WAL: "wal"}
+_KIND_NAMES = {KIND_SNAPSHOT: "snapshot", KIND_WAL: "wal", KIND_CATCHUP: "catchup"}
 
 
 class _Crc:
@@ -87,11 +90,12 @@ class ObjectWriter:
     with). Both read back the same way."""
 
     def __init__(
-        self, f: BinaryIO, kind: int, header: dict[str, Any], level: int | None = DEFAULT_LEVEL
+        self, f: BinaryIO, kind: int, header: dict[str, Any], level: int | None = DEFAULT_LEVEL,
+        version: int = FORMAT_VERSION,
     ):
         self._f = f
         raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-        f.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, kind, len(raw)))
+        f.write(_PREAMBLE.pack(MAGIC, version, kind, len(raw)))
         f.write(raw)
         self._hash = _digest()
         self._hash.update(raw)
@@ -145,7 +149,7 @@ class ObjectDecoder:
             magic, version, kind, hlen = _PREAMBLE.unpack_from(self._buf)
             if magic != MAGIC:
                 raise FormatError(f"{self.key}: not a replica object (bad magic)")
-            if version != FORMAT_VERSION:
+            if version not in READ_VERSIONS:
                 raise FormatError(f"{self.key}: unsupported format version {version}")
             if kind not in _KIND_NAMES:
                 # the preamble is not covered by the trailer's digest: check it on its own
@@ -199,7 +203,7 @@ def header_length(preamble: bytes, key: str) -> int:
     magic, version, kind, hlen = _PREAMBLE.unpack_from(preamble)
     if magic != MAGIC:
         raise FormatError(f"{key}: not a replica object (bad magic)")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise FormatError(f"{key}: unsupported format version {version}")
     if kind not in _KIND_NAMES or hlen > _MAX_HEADER:
         raise CorruptObjectError(f"{key}: corrupt object (bad preamble)")

@@ -20,7 +20,8 @@ T = TypeVar("T")
 
 
 class Reason(StrEnum):
-    """Why a snapshot was taken: every reason but ``interval`` starts a new generation."""
+    """Why a snapshot or catch-up was taken. A snapshot for any reason but ``interval`` starts a
+    new generation; a catch-up (``resume_failed``, ``wal_reset``, ``wal_shrunk``) continues one."""
 
     NO_POSITION = "no_position"
     RESUME_FAILED = "resume_failed"
@@ -29,6 +30,7 @@ class Reason(StrEnum):
     PAGE_SIZE = "page_size"
     WAL_SHRUNK = "wal_shrunk"
     INTERVAL = "interval"
+    NO_INDEX = "no_index"
 
     @property
     def text(self) -> str:
@@ -44,6 +46,7 @@ _REASON_TEXT = {
     Reason.PAGE_SIZE: "page size changed",
     Reason.WAL_SHRUNK: "WAL shorter than the last captured frame",
     Reason.INTERVAL: "snapshot interval",
+    Reason.NO_INDEX: "no trustworthy page index",
 }
 
 
@@ -115,6 +118,17 @@ def _opt_pos_json(pos: WalPos | None) -> dict[str, object] | None:
     return pos.to_json() if pos is not None else None
 
 
+def _hash(v: Any) -> int:
+    text = _str(v)
+    if len(text) != 32 or text != text.lower():
+        raise ValueError("not a content hash")
+    return int(text, 16)
+
+
+def _opt_hash_json(value: int | None) -> str | None:
+    return f"{value:032x}" if value is not None else None
+
+
 @dataclass(frozen=True, slots=True)
 class Txn:
     """One captured transaction: its txid, when it was observed (ns since the epoch), how many
@@ -159,6 +173,7 @@ class SnapshotHeader:
     previous_generation: str | None = None
     previous_txid: int | None = None
     previous_confirmed_ns: int | None = None
+    content_hash: int | None = None
 
     kind: ClassVar[str] = "snapshot"
 
@@ -178,6 +193,7 @@ class SnapshotHeader:
             "previous_generation": self.previous_generation,
             "previous_txid": self.previous_txid,
             "previous_confirmed_ns": self.previous_confirmed_ns,
+            "content_hash": _opt_hash_json(self.content_hash),
         }
 
     @classmethod
@@ -198,6 +214,7 @@ class SnapshotHeader:
             previous_generation=f.opt("previous_generation", _str),
             previous_txid=f.opt("previous_txid", _int),
             previous_confirmed_ns=f.opt("previous_confirmed_ns", _int),
+            content_hash=f.opt("content_hash", _hash),
         )
 
 
@@ -216,6 +233,7 @@ class SegmentHeader:
     wal_header: bytes | None
     frames: int
     txns: tuple[Txn, ...]
+    content_hash: int | None = None
 
     kind: ClassVar[str] = "wal"
 
@@ -234,6 +252,7 @@ class SegmentHeader:
             "wal_header": self.wal_header.hex() if self.wal_header is not None else None,
             "frames": self.frames,
             "txns": [t.to_json() for t in self.txns],
+            "content_hash": _opt_hash_json(self.content_hash),
         }
 
     @classmethod
@@ -253,6 +272,7 @@ class SegmentHeader:
             wal_header=f.opt("wal_header", _hex),
             frames=f.int("frames"),
             txns=f.get("txns", _txns),
+            content_hash=f.opt("content_hash", _hash),
         )
         if len(header.txns) != header.end_txid - header.start_txid + 1 or any(
             t.txid != header.start_txid + i for i, t in enumerate(header.txns)
@@ -270,7 +290,72 @@ class SegmentHeader:
         )
 
 
-ObjectHeader = SnapshotHeader | SegmentHeader
+@dataclass(frozen=True)
+class CatchupHeader:
+    """The header of a catch-up object: the pages that differ between the state after txid - 1
+    and the database as found at ``ts_ns``, after an interval the replicator did not observe."""
+
+    generation: str
+    txid: int
+    ts_ns: int
+    unobserved_from_ns: int
+    page_size: int
+    pages: int
+    big_endian: bool
+    prev: WalPos | None
+    position: WalPos | None
+    changed: int
+    content_hash: int
+    reason: Reason
+
+    kind: ClassVar[str] = "catchup"
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON object written into the object."""
+        return {
+            "kind": self.kind,
+            "generation": self.generation,
+            "txid": self.txid,
+            "ts_ns": self.ts_ns,
+            "unobserved_from_ns": self.unobserved_from_ns,
+            "page_size": self.page_size,
+            "pages": self.pages,
+            "big_endian": self.big_endian,
+            "prev": _opt_pos_json(self.prev),
+            "position": _opt_pos_json(self.position),
+            "changed": self.changed,
+            "content_hash": _opt_hash_json(self.content_hash),
+            "reason": self.reason.value,
+        }
+
+    @classmethod
+    def from_json(cls, obj: object, key: str) -> CatchupHeader:
+        """Parse and validate; raises CorruptObjectError naming ``key`` and the bad field."""
+        f = _Fields(obj, key)
+        _check_kind(f, cls.kind)
+        return cls(
+            generation=f.get("generation", _str),
+            txid=f.int("txid"),
+            ts_ns=f.int("ts_ns"),
+            unobserved_from_ns=f.int("unobserved_from_ns"),
+            page_size=f.int("page_size"),
+            pages=f.int("pages"),
+            big_endian=f.get("big_endian", _bool),
+            prev=f.opt("prev", _pos),
+            position=f.opt("position", _pos),
+            changed=f.int("changed"),
+            content_hash=f.get("content_hash", _hash),
+            reason=f.get("reason", Reason),
+        )
+
+    @property
+    def txn(self) -> Txn:
+        """The catch-up as one transaction (observed when it was taken)."""
+        return Txn(self.txid, self.ts_ns, self.changed, self.pages)
+
+
+ObjectHeader = SnapshotHeader | SegmentHeader | CatchupHeader
+ChangeHeader = SegmentHeader | CatchupHeader
 
 
 def _check_kind(f: _Fields, kind: str) -> None:
@@ -285,4 +370,6 @@ def header_from_json(obj: object, key: str) -> ObjectHeader:
         return SnapshotHeader.from_json(obj, key)
     if kind == SegmentHeader.kind:
         return SegmentHeader.from_json(obj, key)
+    if kind == CatchupHeader.kind:
+        return CatchupHeader.from_json(obj, key)
     raise _Fields(obj, key).bad("kind")

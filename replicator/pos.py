@@ -7,7 +7,11 @@ of the last transaction they contain. Every key is built and parsed here and now
 
     generations/<gen>/snapshots/<txid:016x>-<ts_ms:012x>.snap
     generations/<gen>/wal/<start:016x>-<end:016x>-<first_ms:012x>-<last_ms:012x>.seg
+    generations/<gen>/wal/<txid:016x>-<txid:016x>-<from_ms:012x>-<ts_ms:012x>.cu
     lease.json                                     (the fencing record, see replicator.lease)
+
+A ``.cu`` object is a *catch-up*: the pages that changed while the replicator could not observe
+the WAL (from ``from_ms`` to ``ts_ms``), as one pseudo-transaction ``txid``.
 
 ``ts_ms`` values are the wall-clock times (ms since the Unix epoch) at which the replicator observed
 the transactions; the object header carries the same times in nanoseconds, per transaction.
@@ -27,9 +31,12 @@ GENERATIONS_DIR = "generations"
 LEASE_KEY = "lease.json"
 _GEN_RE = re.compile(r"^[0-9a-f]{16}$")
 _SNAP_RE = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{12})\.snap$")
-_SEG_RE = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{12})-([0-9a-f]{12})\.seg$")
+_SEG_RE = re.compile(
+    r"^([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{12})-([0-9a-f]{12})\.(seg|cu)$"
+)
 
-Kind = Literal["snapshot", "wal"]
+Kind = Literal["snapshot", "wal", "catchup"]
+_KINDS: tuple[Kind, ...] = ("wal", "catchup", "snapshot")  # by kind_order
 
 
 def new_generation_id(now_ns: int | None = None) -> str:
@@ -61,7 +68,8 @@ class ObjectInfo:
 
     generation: str
     end_txid: int
-    kind_order: int  # 0 = wal, 1 = snapshot: at equal end_txid a segment sorts before a snapshot
+    # 0 = wal, 1 = catch-up, 2 = snapshot: at equal end_txid a snapshot sorts last
+    kind_order: int
     start_txid: int
     first_ms: int
     last_ms: int
@@ -69,14 +77,16 @@ class ObjectInfo:
 
     @property
     def kind(self) -> Kind:
-        """``"snapshot"`` or ``"wal"``."""
-        return "snapshot" if self.kind_order == 1 else "wal"
+        """``"snapshot"``, ``"wal"`` or ``"catchup"``."""
+        return _KINDS[self.kind_order]
 
     @functools.cached_property
     def key(self) -> str:
         """The object's key relative to the replica root."""
         if self.kind == "snapshot":
             return snapshot_key(self.generation, self.end_txid, self.last_ms)
+        if self.kind == "catchup":
+            return catchup_key(self.generation, self.end_txid, self.first_ms, self.last_ms)
         return segment_key(
             self.generation, self.start_txid, self.end_txid, self.first_ms, self.last_ms
         )
@@ -89,7 +99,7 @@ class ObjectInfo:
 
 def snapshot_info(gen: str, txid: int, ts_ms: int, size: int = 0) -> ObjectInfo:
     """The ObjectInfo of a snapshot."""
-    return ObjectInfo(gen, txid, 1, txid, ts_ms, ts_ms, size)
+    return ObjectInfo(gen, txid, 2, txid, ts_ms, ts_ms, size)
 
 
 def segment_info(
@@ -97,6 +107,11 @@ def segment_info(
 ) -> ObjectInfo:
     """The ObjectInfo of a WAL segment."""
     return ObjectInfo(gen, end, 0, start, first_ms, last_ms, size)
+
+
+def catchup_info(gen: str, txid: int, from_ms: int, ts_ms: int, size: int = 0) -> ObjectInfo:
+    """The ObjectInfo of a catch-up object (unobserved from ``from_ms``, taken at ``ts_ms``)."""
+    return ObjectInfo(gen, txid, 1, txid, from_ms, ts_ms, size)
 
 
 def generation_prefix(gen: str) -> str:
@@ -114,6 +129,11 @@ def segment_key(gen: str, start: int, end: int, first_ms: int, last_ms: int) -> 
     return f"{GENERATIONS_DIR}/{gen}/wal/{start:016x}-{end:016x}-{first_ms:012x}-{last_ms:012x}.seg"
 
 
+def catchup_key(gen: str, txid: int, from_ms: int, ts_ms: int) -> str:
+    """The key of a catch-up object."""
+    return f"{GENERATIONS_DIR}/{gen}/wal/{txid:016x}-{txid:016x}-{from_ms:012x}-{ts_ms:012x}.cu"
+
+
 def parse_key(key: str, size: int = 0) -> ObjectInfo | None:
     """Parse a key (relative to the replica root); None for a key that is not an object."""
     parts = key.split("/")
@@ -126,6 +146,10 @@ def parse_key(key: str, size: int = 0) -> ObjectInfo | None:
             return snapshot_info(gen, int(m[1], 16), int(m[2], 16), size)
     elif folder == "wal":
         m = _SEG_RE.fullmatch(name)
+        if m and m[5] == "cu":
+            if m[1] != m[2]:
+                return None
+            return catchup_info(gen, int(m[1], 16), int(m[3], 16), int(m[4], 16), size)
         if m:
             return segment_info(
                 gen, int(m[1], 16), int(m[2], 16), int(m[3], 16), int(m[4], 16), size

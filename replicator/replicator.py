@@ -407,15 +407,20 @@ class DatabaseService:
             self._prune_task = asyncio.ensure_future(self.prune_spool())
 
     async def prune_spool(self) -> None:
-        """Drop spooled objects every replica has, keeping the newest (the resume point)."""
+        """Drop spooled objects every replica has, keeping the newest (the resume point) and
+        those a restart replays into the page index."""
         def prune() -> None:
             gens = self.spool.generations()
             for gi, gen in enumerate(gens):
                 objs = self.spool.objects(gen)
                 newest_gen = gi == len(gens) - 1
+                # a restart replays the objects after the saved page index
+                keep_after = self.db.keeper.keep_from(gen)
                 drop = []
                 for i, o in enumerate(objs):
                     if newest_gen and i == len(objs) - 1:
+                        continue
+                    if keep_after is not None and o.end_txid > keep_after:
                         continue
                     if all(o.key in r.known.get(gen, set()) for r in self.replicas):
                         drop.append(o)

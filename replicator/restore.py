@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from .errors import CorruptObjectError, ReplicatorError, RestoreError, WalError
 from .format import decode_stream, read_header
 from .fsutil import fsync_dir, lock_owned, owned_temp_dir, remove_stale_temps, temp_path
-from .headers import SegmentHeader, SnapshotHeader, Txn
+from .headers import CatchupHeader, SegmentHeader, SnapshotHeader, Txn
+from .pageindex import CATCHUP_PGNO_SIZE, file_content_hash, hash_hex
 from .pos import ObjectInfo, WalPos
 from .storage.base import DEFAULT_CHUNK_SIZE, StorageClient
 from .wal import FRAME_HEADER_SIZE, parse_wal_header, verify_frames
@@ -144,7 +145,7 @@ async def summarize(client: StorageClient) -> list[GenerationSummary]:
             GenerationSummary(
                 gen,
                 [o for o in objs if o.kind == "snapshot"],
-                [o for o in objs if o.kind == "wal"],
+                [o for o in objs if o.kind != "snapshot"],  # segments and catch-ups
             )
         )
     return out
@@ -161,6 +162,8 @@ class RestorePlan:
     txid: int
     ts_ns: int
     notes: list[str] = field(default_factory=list)
+    # the state restored is older than the time asked for, and why (printed on stderr)
+    warnings: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         """The plan as lines for people (``--dry-run``)."""
@@ -173,7 +176,11 @@ class RestorePlan:
         ]
         lines += [f"  {s.key}" for s in self.segments]
         lines.append(f"stops at:   txid {self.txid}, committed (observed) at {fmt_ns(self.ts_ns)}")
+        lines += [f"unobserved: {fmt_ns(s.first_ms * 1_000_000)} .. "
+                  f"{fmt_ns(s.last_ms * 1_000_000)} ({s.key})"
+                  for s in self.segments if s.kind == "catchup"]
         lines += [f"note:       {n}" for n in self.notes]
+        lines += [f"warning:    {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -220,7 +227,15 @@ async def _snapshot_header(client: StorageClient, snap: ObjectInfo) -> SnapshotH
     return SnapshotHeader.from_json(raw, snap.key)
 
 
+async def _catchup_header(client: StorageClient, obj: ObjectInfo) -> CatchupHeader:
+    raw = await read_header(client.read_object(obj), obj.key)
+    return CatchupHeader.from_json(raw, obj.key)
+
+
 async def _segment_txns(client: StorageClient, seg: ObjectInfo) -> tuple[Txn, ...]:
+    """The transactions of a segment, or a catch-up's one."""
+    if seg.kind == "catchup":
+        return ((await _catchup_header(client, seg)).txn,)
     return (await _segment_header(client, seg)).txns
 
 
@@ -234,8 +249,13 @@ async def plan_restore(
     to_time_ns: int | None = None,
     txid: int | None = None,
     generation: str | None = None,
+    exact: bool = False,
 ) -> RestorePlan:
-    """Plan a restore to a time, a txid, or (neither) the latest point."""
+    """Plan a restore to a time, a txid, or (neither) the latest point.
+
+    A time in an interval the replicator did not observe, or in a gap between generations,
+    gets the newest state captured before it, with a warning saying how far before and why;
+    ``exact`` refuses it instead."""
     gens = await summarize(client)
     if generation is not None:
         gens_sel = [g for g in gens if g.generation == generation]
@@ -247,7 +267,7 @@ async def plan_restore(
     if not usable:
         raise RestoreError(f"no restorable generation on {client.url}")
     if to_time_ns is not None:
-        return await _plan_time(client, gens, usable, to_time_ns)
+        return await _plan_time(client, gens, usable, to_time_ns, exact)
     gen = usable[-1]
     # a newer generation without a snapshot cannot be restored: say so rather than silently
     # restoring an older point
@@ -327,9 +347,11 @@ async def _check_end(
     gen: GenerationSummary,
     ts: int,
     t_ns: int,
-) -> list[str]:
-    """T is at or past the end of ``gen``: refuse a gap before the next generation, or note that
-    the latest point is what T gets."""
+    plan: RestorePlan,
+    exact: bool,
+) -> None:
+    """T is at or past the end of ``gen``: in a gap before the next generation, warn (or refuse,
+    if ``exact``), or note that the latest point is what T gets."""
     # the generation's last point to the nanosecond (key times are only milliseconds): its last
     # transaction, or a snapshot of that transaction observed later
     end_ns = ts
@@ -339,17 +361,30 @@ async def _check_end(
     later = [g for g in usable if g.start_ms > gen.start_ms]
     if later and end_ns < t_ns and not await _watched_until(client, gen, later[0], t_ns):
         nxt = later[0]
-        raise RestoreError(
-            f"{fmt_ns(t_ns)} falls in a gap between generations: {gen.generation} ends at "
-            f"{fmt_ns(end_ns)} and {nxt.generation} starts at "
-            f"{fmt_ns((await nxt.refine(client)).start)}; {await _range_text(client, gens)}"
-        )
+        gap = (f"{fmt_ns(t_ns)} falls in a gap between generations: {gen.generation} ends at "
+               f"{fmt_ns(end_ns)} and {nxt.generation} starts at "
+               f"{fmt_ns((await nxt.refine(client)).start)}")
+        if exact:
+            raise RestoreError(f"{gap}; {await _range_text(client, gens)}")
+        plan.warnings.append(f"{gap}; restored the newest state captured before it, "
+                             f"{_before(ts, t_ns)}")
+        return
     if ts < t_ns:
-        return [
+        plan.notes.append(
             f"{fmt_ns(t_ns)} is after the last replicated transaction; restoring the latest "
             f"point ({fmt_ns(ts)})"
-        ]
-    return []
+        )
+
+
+def _before(ts: int, t_ns: int) -> str:
+    return f"txid observed at {fmt_ns(ts)}, {(t_ns - ts) / 1e9:.3f} s before the time asked for"
+
+
+def _unobserved(cu: CatchupHeader, t_ns: int) -> str:
+    what = ("replicator stopped" if cu.reason == "resume_failed"
+            else f"replicator could not follow the WAL ({cu.reason.text})")
+    return (f"{fmt_ns(t_ns)} falls in an interval the replicator did not observe: {what} from "
+            f"{fmt_ns(cu.unobserved_from_ns)} to {fmt_ns(cu.ts_ns)}")
 
 
 async def _plan_time(
@@ -357,6 +392,7 @@ async def _plan_time(
     gens: list[GenerationSummary],
     usable: list[GenerationSummary],
     t_ns: int,
+    exact: bool = False,
 ) -> RestorePlan:
     picked = await _pick_snapshot(client, usable, t_ns)
     if picked is None:
@@ -368,6 +404,7 @@ async def _plan_time(
     chain: list[ObjectInfo] = []
     target = snap.end_txid
     ts = await _snapshot_ns(client, snap)
+    unobserved: CatchupHeader | None = None
     for seg in chain_all:
         if seg.first_ms > t_ms:
             break
@@ -380,6 +417,9 @@ async def _plan_time(
             chain.append(seg)
             target = included[-1].txid
         if len(included) < seg.end_txid - seg.start_txid + 1:
+            if seg.kind == "catchup":
+                cu = await _catchup_header(client, seg)
+                unobserved = cu if cu.unobserved_from_ns < t_ns else None
             break
     else:
         if missing is not None:
@@ -389,10 +429,16 @@ async def _plan_time(
             )
     if chain:
         ts = await _txn_time(client, snap, chain, target)
-    notes: list[str] = []
+    plan = RestorePlan(client.url, gen.generation, snap, chain, target, ts)
+    if unobserved is not None:
+        text = _unobserved(unobserved, t_ns)
+        if exact:
+            raise RestoreError(f"{text}; {await _range_text(client, gens)}")
+        plan.warnings.append(f"{text}; restored the newest state captured before it, "
+                             f"{_before(ts, t_ns)}")
     if target == gen.end_txid:
-        notes = await _check_end(client, gens, usable, gen, ts, t_ns)
-    return RestorePlan(client.url, gen.generation, snap, chain, target, ts, notes)
+        await _check_end(client, gens, usable, gen, ts, t_ns, plan, exact)
+    return plan
 
 
 @dataclass
@@ -404,6 +450,9 @@ class RestoreResult:
     pages: int
     page_size: int
     integrity: str
+    # the object whose recorded content hash the restored file matched (None: the restore
+    # stopped inside a segment, or at an object of a version-1 replica, which records none)
+    verified: str | None = None
 
 
 class _Applier:
@@ -415,6 +464,14 @@ class _Applier:
         self.page_size = 0
         self.end: WalPos | None = None
         self.big_endian = False
+        self.extent = 0  # pages the output file may hold (past ``pages`` after a shrink)
+        # the content hash recorded where the restore stands, if it stands at an object's end
+        self.expect: tuple[int, str] | None = None
+
+    def truncate(self, pages: int) -> None:
+        """Drop the pages past ``pages`` (a commit shrank the database)."""
+        os.ftruncate(self.fd, pages * self.page_size)
+        self.extent = pages
 
     def write(self, data: bytes, offset: int) -> None:
         os.pwrite(self.fd, data, offset)
@@ -445,6 +502,8 @@ async def _apply_snapshot(read: Reader, snap: ObjectInfo, ap: _Applier) -> None:
     ap.pages = header.pages
     ap.end = header.position
     ap.big_endian = header.big_endian
+    ap.extent = header.pages
+    ap.expect = (header.content_hash, snap.key) if header.content_hash is not None else None
     offset = 0
     async for chunk in body:
         await asyncio.to_thread(ap.write, chunk, offset)
@@ -510,10 +569,15 @@ async def _apply_segment(read: Reader, seg: ObjectInfo, ap: _Applier, stop_txid:
             off = k * fs
             pgno, commit = struct.unpack_from(">II", buf, off)
             writes.append((buf[off + FRAME_HEADER_SIZE : off + fs], (pgno - 1) * ps))
+            ap.extent = max(ap.extent, pgno)
             frame_no += 1
             if commit:
                 txid += 1
                 ap.pages = commit
+                if commit < ap.extent:  # pages past a commit's size are gone
+                    await asyncio.to_thread(_write_all, ap, writes)
+                    writes = []
+                    ap.truncate(commit)
                 ck_here = struct.unpack_from(">II", buf, off + 16)
                 ap.end = WalPos(start.salt1, start.salt2, frame_no, (ck_here[0], ck_here[1]))
                 if txid >= stop_txid:
@@ -526,7 +590,64 @@ async def _apply_segment(read: Reader, seg: ObjectInfo, ap: _Applier, stop_txid:
     if not stopped:
         if header.end != ap.end or txid != seg.end_txid:
             raise CorruptObjectError(f"{seg.key}: corrupt object (ends at the wrong frame)")
+    at_end = txid == seg.end_txid and header.content_hash is not None
+    ap.expect = (header.content_hash, seg.key) if at_end and header.content_hash else None
     return stopped
+
+
+async def _apply_catchup(read: Reader, obj: ObjectInfo, ap: _Applier) -> None:
+    """Apply a catch-up: its pages, then its database size."""
+    raw, body = await decode_stream(read(obj), obj.key)
+    header = CatchupHeader.from_json(raw, obj.key)
+    if header.txid != obj.end_txid:
+        raise CorruptObjectError(f"{obj.key}: corrupt object (header does not match its key)")
+    if header.page_size != ap.page_size:
+        raise CorruptObjectError(f"{obj.key}: page size differs from the snapshot's")
+    if header.prev != ap.end:
+        raise CorruptObjectError(
+            f"{obj.key}: does not continue from the previous object (broken chain)"
+        )
+    rec = CATCHUP_PGNO_SIZE + ap.page_size
+    pending = bytearray()
+    count = 0
+    async for chunk in body:
+        pending += chunk
+        n = len(pending) // rec
+        writes = []
+        for k in range(n):
+            pgno = int.from_bytes(pending[k * rec : k * rec + CATCHUP_PGNO_SIZE], "big")
+            if not 1 <= pgno <= header.pages:
+                raise CorruptObjectError(f"{obj.key}: corrupt object (page {pgno})")
+            page = bytes(pending[k * rec + CATCHUP_PGNO_SIZE : (k + 1) * rec])
+            writes.append((page, (pgno - 1) * ap.page_size))
+        del pending[: n * rec]
+        count += n
+        await asyncio.to_thread(_write_all, ap, writes)
+    if pending or count != header.changed:
+        raise CorruptObjectError(f"{obj.key}: corrupt object ({count} pages, expected "
+                                 f"{header.changed})")
+    ap.pages = header.pages
+    if header.pages < max(ap.extent, header.pages):
+        ap.truncate(header.pages)
+    ap.extent = max(ap.extent, header.pages)
+    ap.end = header.position
+    ap.big_endian = header.big_endian
+    ap.expect = (header.content_hash, obj.key)
+
+
+def _verify_content(ap: _Applier) -> str | None:
+    """Check the output against the content hash recorded where the restore stopped; returns
+    the key of the object that recorded it, or None if none did."""
+    if ap.expect is None:
+        return None
+    want, key = ap.expect
+    got = file_content_hash(ap.fd, ap.page_size, ap.pages)
+    if got != want:
+        raise RestoreError(
+            f"restored database differs from {key}: content hash {hash_hex(got)}, recorded "
+            f"{hash_hex(want)}"
+        )
+    return key
 
 
 def _write_all(ap: _Applier, writes: list[tuple[bytes, int]]) -> None:
@@ -741,10 +862,15 @@ async def _apply(read: Reader, plan: RestorePlan, output: str, check: bool) -> R
         ap = _Applier(fd)
         await _apply_snapshot(read, plan.snapshot, ap)
         for seg in plan.segments:
-            if await _apply_segment(read, seg, ap, plan.txid):
+            if seg.kind == "catchup":
+                await _apply_catchup(read, seg, ap)
+                if seg.end_txid >= plan.txid:
+                    break
+            elif await _apply_segment(read, seg, ap, plan.txid):
                 break
         os.ftruncate(fd, ap.pages * ap.page_size)
         os.fsync(fd)
+        verified = await asyncio.to_thread(_verify_content, ap) if check else None
         os.close(fd)
         fd = -1
         result = await asyncio.to_thread(integrity_check, tmp) if check else "skipped"
@@ -753,7 +879,7 @@ async def _apply(read: Reader, plan: RestorePlan, output: str, check: bool) -> R
         os.replace(tmp, output)
         fsync_dir(parent)
         ok = True
-        return RestoreResult(output, plan.txid, ap.pages, ap.page_size, result)
+        return RestoreResult(output, plan.txid, ap.pages, ap.page_size, result, verified)
     except OSError as exc:
         raise RestoreError(f"cannot write {tmp}: {exc.strerror}") from None
     finally:

@@ -18,11 +18,20 @@ import shutil
 import threading
 from collections.abc import Iterable
 
-from .format import DEFAULT_LEVEL, KIND_SNAPSHOT, KIND_WAL, ObjectWriter, read_header_file
+from .format import (
+    DEFAULT_LEVEL,
+    KIND_CATCHUP,
+    KIND_SNAPSHOT,
+    KIND_WAL,
+    ObjectWriter,
+    read_header_file,
+)
 from .fsutil import TMP_SUFFIX, atomic_writer
 from .headers import ObjectHeader, header_from_json
 from .pos import GENERATIONS_DIR, ObjectInfo
 from .storage.file import FileStorage
+
+_KIND_CODES = {"snapshot": KIND_SNAPSHOT, "wal": KIND_WAL, "catchup": KIND_CATCHUP}
 
 
 class Spool:
@@ -70,7 +79,7 @@ class Spool:
     ) -> ObjectInfo:
         """Write an object durably (zstd ``level``, None: stored uncompressed); return its info
         with the size filled in (the index keeps it too)."""
-        kind = KIND_SNAPSHOT if info.kind == "snapshot" else KIND_WAL
+        kind = _KIND_CODES[info.kind]
         path = self.path(info)
         with atomic_writer(path) as f:
             w = ObjectWriter(f, kind, header.to_json(), level)

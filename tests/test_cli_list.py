@@ -44,7 +44,8 @@ def replica(tmp_path_factory: pytest.TempPathFactory) -> Path:
     layout is the file replica layout).
 
     Generation 1: snapshot 0, txids 1..4, a periodic snapshot at 4, txids 5..6.
-    Generation 2 (after the WAL was reset while capture was stopped): snapshot 0, txids 1..3.
+    Generation 2 (after the WAL was reset while capture was stopped, and the page index that
+    would have let it catch up was lost): snapshot 0, txids 1..3.
     """
     root = tmp_path_factory.mktemp("list")
     db = root / "app.db"
@@ -68,6 +69,7 @@ def replica(tmp_path_factory: pytest.TempPathFactory) -> Path:
     seq += 1
     insert(app, seq)
     assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    os.unlink(rep / "pages.idx")
     d = Database(str(db), Spool(str(rep)))
     d.open()
     d.step()

@@ -132,7 +132,7 @@ def test_application_truncate_with_replicator_up(tmp_path: Path) -> None:
     assert 0 < k < len(util.commit_log(log))
 
 
-def test_application_truncate_with_replicator_down(tmp_path: Path) -> None:
+def test_application_truncate_with_replicator_down_catches_up(tmp_path: Path) -> None:
     db = tmp_path / "app.db"
     init_db(str(db))
     dest = str(tmp_path / "replica")
@@ -152,14 +152,14 @@ def test_application_truncate_with_replicator_down(tmp_path: Path) -> None:
     t_gap = time.time_ns()
     time.sleep(0.3)
     rep = util.Replicate(str(db), dest, log=tmp_path / "rep2.log")
-    wait_for_snapshot(Path(dest))
-    util.wait_until(lambda: len(list(Path(dest).glob("generations/*"))) == 2, 30,
-                    what="second generation")
+    util.wait_until(lambda: any(Path(dest).glob("generations/*/wal/*.cu")), 30,
+                    what="catch-up")
     w = util.start_writer(db, log, "--count", "100", "--rate", "400")
     w.communicate(timeout=60)
     assert rep.stop() == 0
-    assert re.search(r"new generation \w+: WAL changed while the replicator was stopped",
+    assert re.search(r"WAL changed while the replicator was stopped; caught up in generation",
                      rep.text())
+    assert len(list(Path(dest).glob("generations/*"))) == 1
     out = tmp_path / "latest.db"
     util.restore(dest, out)
     assert util.seqs(out) == list(range(1, 401))
@@ -167,7 +167,13 @@ def test_application_truncate_with_replicator_down(tmp_path: Path) -> None:
     before = tmp_path / "before.db"
     util.restore(dest, before, "--to-time", fmt_ns(t_first))
     assert util.seqs(before) == list(range(1, first + 1))
+    # stopped: the newest state captured before, said on stderr; --exact refuses
     r = util.cli("restore", dest, "-o", str(tmp_path / "gap.db"), "--to-time", fmt_ns(t_gap))
+    assert r.returncode == 0, r.stderr
+    assert "replicator stopped from " in r.stderr and "before the time asked for" in r.stderr
+    assert util.seqs(tmp_path / "gap.db") == list(range(1, first + 1))
+    r = util.cli("restore", dest, "-o", str(tmp_path / "exact.db"), "--to-time", fmt_ns(t_gap),
+                 "--exact")
     assert r.returncode == 1
-    assert "gap between generations" in r.stderr
-    assert not (tmp_path / "gap.db").exists()
+    assert "did not observe" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "exact.db").exists()

@@ -114,7 +114,7 @@ def test_reset_in_an_unpinned_gap_with_intact_tail_is_proven(tmp_path: Path, app
     assert restored_dump(tmp_path) == dump(app)
 
 
-def test_reset_that_destroyed_the_tail_starts_a_generation(tmp_path: Path, app) -> None:
+def test_reset_that_destroyed_the_tail_catches_up(tmp_path: Path, app) -> None:
     d = open_db(tmp_path)
     d.step()
     commit(app, 5)
@@ -125,20 +125,21 @@ def test_reset_that_destroyed_the_tail_starts_a_generation(tmp_path: Path, app) 
     assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
     commit(app, 2)
     res = d.step()
-    assert res.new_generation == "wal_reset"
-    assert len(generations(tmp_path)) == 2
+    assert res.catch_up == "wal_reset" and res.new_generation is None
+    assert [o.kind for o in res.objects] == ["catchup"]
+    assert len(generations(tmp_path)) == 1
     commit(app, 2)
     d.step()
     d.close()
     assert restored_dump(tmp_path) == dump(app)
 
 
-def test_truncate_in_an_unpinned_gap_as_the_last_write_starts_a_generation(
+def test_truncate_in_an_unpinned_gap_as_the_last_write_catches_up(
     tmp_path: Path, app
 ) -> None:
     """The application commits and truncates the WAL in a moment no pin is held, then writes
-    nothing more: the WAL is empty, the commits are in the database file only. A new generation
-    (its snapshot holds them) is the only way not to lose them, including at shutdown."""
+    nothing more: the WAL is empty, the commits are in the database file only. A catch-up (the
+    pages that changed) holds them, including at shutdown."""
     d = open_db(tmp_path)
     d.step()
     commit(app, 5)
@@ -148,8 +149,9 @@ def test_truncate_in_an_unpinned_gap_as_the_last_write_starts_a_generation(
     assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
     assert os.path.getsize(tmp_path / "app.db-wal") == 0
     res = d.step()
-    assert res.new_generation == "wal_shrunk"
-    assert d.step().new_generation is None  # once
+    assert res.catch_up == "wal_shrunk" and res.new_generation is None
+    assert d.step().catch_up is None  # once
+    assert len(generations(tmp_path)) == 1
     d.close()
     assert restored_dump(tmp_path) == dump(app)
 
@@ -184,7 +186,7 @@ def test_resume_after_clean_close(tmp_path: Path, app) -> None:
     assert restored_dump(tmp_path) == dump(app)
 
 
-def test_wal_changed_while_stopped_starts_a_generation(tmp_path: Path, app) -> None:
+def test_wal_changed_while_stopped_catches_up(tmp_path: Path, app) -> None:
     d = open_db(tmp_path)
     d.step()
     commit(app, 10)
@@ -194,9 +196,13 @@ def test_wal_changed_while_stopped_starts_a_generation(tmp_path: Path, app) -> N
     assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
     commit(app, 5)
     d = open_db(tmp_path)
-    assert d.step().new_generation == "resume_failed"
+    res = d.step()
+    assert res.catch_up == "resume_failed" and res.new_generation is None
+    assert d.txid == 11
+    commit(app, 3)
+    assert d.step().transactions == 3
     d.close()
-    assert len(generations(tmp_path)) == 2
+    assert len(generations(tmp_path)) == 1
     assert restored_dump(tmp_path) == dump(app)
 
 
@@ -277,7 +283,7 @@ def test_journal_size_limit_truncation_of_the_tail_is_not_taken_for_its_end(
     commit(app, 1)  # reset, and at this commit the file is cut back to the limit
     assert os.path.getsize(tmp_path / "app.db-wal") == 300_000
     res = d.step()
-    assert res.new_generation == "wal_reset"
+    assert res.catch_up == "wal_reset"
     d.close()
     assert restored_dump(tmp_path) == dump(app)
 
@@ -297,3 +303,66 @@ def test_page_sizes(tmp_path: Path, page_size: int) -> None:
         assert restored_dump(tmp_path) == dump(app)
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "other generation"])
+def test_untrustworthy_page_index_starts_a_generation(
+    tmp_path: Path, app, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without a page index that can be trusted a catch-up cannot be proven: a restart whose WAL
+    moved on starts a new generation, and says why."""
+    d = open_db(tmp_path)
+    d.step()
+    commit(app, 5)
+    d.step()
+    d.close()
+    idx = tmp_path / "spool" / "pages.idx"
+    if damage == "missing":
+        idx.unlink()
+    elif damage == "corrupt":
+        raw = bytearray(idx.read_bytes())
+        raw[-10] ^= 0xFF
+        idx.write_bytes(bytes(raw))
+    else:
+        raw = bytearray(idx.read_bytes())
+        raw[8:24] = b"0123456789abcdef"
+        idx.write_bytes(bytes(raw))
+    commit(app, 3)
+    assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    d = open_db(tmp_path)
+    res = d.step()
+    assert res.new_generation == "no_index" and res.catch_up is None
+    assert "cannot continue generation" in caplog.text
+    assert "no trustworthy page index" in caplog.text
+    d.close()
+    assert len(generations(tmp_path)) == 2
+    assert restored_dump(tmp_path) == dump(app)
+
+
+def test_page_index_is_replayed_from_the_spool(tmp_path: Path, app) -> None:
+    """A kill leaves the saved index behind the spool: a restart replays the spooled objects
+    after it (segments, a snapshot, a catch-up) and catches up exactly."""
+    d = open_db(tmp_path)
+    d.step()
+    idx = tmp_path / "spool" / "pages.idx"
+    stale = idx.read_bytes()  # as of txid 0
+    commit(app, 4)
+    d.step()
+    d.snapshot()
+    commit(app, 20, size=3000)  # grows the database
+    d.step()
+    app.execute("DELETE FROM data")
+    app.execute("VACUUM")  # shrinks it
+    d.step()
+    d.close()
+    idx.write_bytes(stale)  # as if killed before any save
+    commit(app, 2)
+    assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    d2 = open_db(tmp_path)
+    res = d2.step()
+    assert res.catch_up == "resume_failed"
+    commit(app, 2)
+    d2.step()
+    d2.close()
+    assert len(generations(tmp_path)) == 1
+    assert restored_dump(tmp_path) == dump(app)

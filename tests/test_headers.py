@@ -11,6 +11,7 @@ import pytest
 
 from replicator.errors import CorruptObjectError
 from replicator.headers import (
+    CatchupHeader,
     Reason,
     SegmentHeader,
     SnapshotHeader,
@@ -35,6 +36,11 @@ def segment() -> SegmentHeader:
                          (Txn(8, 10, 1, 3), Txn(9, 11, 1, 4)))
 
 
+def catchup() -> CatchupHeader:
+    return CatchupHeader("0123456789abcdef", 10, 20, 15, 4096, 3, False, POS, None, 0,
+                         0x0123456789ABCDEF0123456789ABCDEF, Reason.RESUME_FAILED)
+
+
 def doc_fields(section: str) -> set[str]:
     """The backticked names in the first column of the table under a heading."""
     text = DOC.read_text()
@@ -49,17 +55,23 @@ def doc_fields(section: str) -> set[str]:
 @pytest.mark.parametrize(("cls", "section"), [
     (SnapshotHeader, "### Snapshot header"),
     (SegmentHeader, "### WAL segment header"),
+    (CatchupHeader, "### Catch-up header"),
 ])
 def test_classes_and_document_name_the_same_fields(cls: Any, section: str) -> None:
     fields = {f.name for f in dataclasses.fields(cls)} | {"kind"}
     assert fields == doc_fields(section)
 
 
-@pytest.mark.parametrize("header", [snapshot(), segment()])
+@pytest.mark.parametrize("header", [snapshot(), segment(), catchup()])
 def test_round_trip(header: SnapshotHeader | SegmentHeader) -> None:
     obj = header.to_json()
     assert set(obj) == {f.name for f in dataclasses.fields(header)} | {"kind"}
     assert header_from_json(obj, KEY) == header
+
+
+def test_content_hash_is_32_hex_digits() -> None:
+    assert catchup().to_json()["content_hash"] == "0123456789abcdef0123456789abcdef"
+    assert snapshot().to_json()["content_hash"] is None  # version 1 objects have none
 
 
 def test_reason_is_a_string() -> None:
@@ -88,6 +100,10 @@ def test_absent_optional_fields_read_as_null() -> None:
     (segment(), "start", None),
     (segment(), "wal_header", "zz"),
     (segment(), "kind", "snapshot"),
+    (segment(), "content_hash", "ABC"),
+    (catchup(), "content_hash", None),
+    (catchup(), "content_hash", "0" * 31),
+    (catchup(), "unobserved_from_ns", -0.5),
 ])
 def test_bad_field_names_the_object_and_the_key(header: Any, field: str, value: Any) -> None:
     obj = header.to_json()

@@ -12,7 +12,7 @@ import io
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,24 @@ class History:
 
     def restart_with_gap(self, n: int) -> None:
         """Stop capturing, let the application commit ``n`` transactions and reset the WAL
-        (TRUNCATE checkpoint) behind the replicator's back, then capture again: a new
-        generation whose first snapshot holds those transactions."""
+        (TRUNCATE checkpoint) behind the replicator's back, then capture again without the
+        page index (lost with the local state): a new generation whose first snapshot holds
+        those transactions."""
+        self.db.close()
+        os.unlink(self.spool.root + "/pages.idx")
+        self.commit(n)
+        busy = self.app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        assert busy == 0
+        self.commit(1)
+        self.db = Database(str(self.path), self.spool)
+        self.db.open()
+        res = self.db.step()
+        assert res.new_generation == "no_index"
+        time.sleep(0.003)
+
+    def restart_with_catchup(self, n: int) -> None:
+        """As ``restart_with_gap``, with the local state intact: the generation continues with
+        a catch-up object holding those transactions."""
         self.db.close()
         self.commit(n)
         busy = self.app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
@@ -87,7 +103,7 @@ class History:
         self.db = Database(str(self.path), self.spool)
         self.db.open()
         res = self.db.step()
-        assert res.new_generation == "resume_failed"
+        assert res.catch_up == "resume_failed" and res.new_generation is None
         time.sleep(0.003)
 
     def close(self) -> None:
@@ -504,11 +520,19 @@ async def test_header_that_does_not_match_the_key(simple: tuple[History, Storage
 async def two_generations(tmp_path: Path, backend: StorageClient) -> tuple[History, StorageClient]:
     """Generation 1: txids 1..3 (seq 1..3); a gap (seq 4..6 never captured in it); generation 2:
     a snapshot holding seq 1..6, then txids 1..2 (seq 7..8)."""
+    return await three_restart_two(tmp_path, backend, History.restart_with_gap)
+
+
+async def three_restart_two(
+    tmp_path: Path, backend: StorageClient, restart: Callable[[History, int], None]
+) -> tuple[History, StorageClient]:
+    """Three transactions, a restart while the application commits two (and a third after
+    truncating its WAL), two more transactions; shipped to ``backend``."""
     h = History(tmp_path / "h")
     for _ in range(3):
         h.commit()
         h.step()
-    h.restart_with_gap(2)
+    restart(h, 2)
     for _ in range(2):
         h.commit()
         h.step()
@@ -531,10 +555,16 @@ async def test_gap_between_generations(
     plan, got = await restore(client, tmp_path / "latest.db")
     assert (plan.generation, plan.txid, got) == (gen2, 2, list(range(1, 9)))
 
-    # inside the gap
+    # inside the gap: the newest state before it, with a warning; --exact refuses
     for t in (end1 + 1, (end1 + start2) // 2, start2 - 1):
+        plan, got = await restore(client, tmp_path / f"gap{t}.db", to_time_ns=t)
+        assert (plan.generation, plan.txid, got) == (gen1, 3, [1, 2, 3])
+        [warning] = plan.warnings
+        assert "falls in a gap between generations" in warning
+        assert gen1 in warning and gen2 in warning
+        assert f"{(t - end1) / 1e9:.3f} s before the time asked for" in warning
         with pytest.raises(RestoreError) as ei:
-            await plan_restore(client, to_time_ns=t)
+            await plan_restore(client, to_time_ns=t, exact=True)
         msg = str(ei.value)
         assert "falls in a gap between generations" in msg
         assert gen1 in msg and gen2 in msg
@@ -718,3 +748,73 @@ async def test_printed_stop_times_restore_the_same_point(
             plan = await plan_restore(client, txid=txid, generation=gen)
             again = await plan_restore(client, to_time_ns=parse_time(fmt_ns(plan.ts_ns)))
             assert (again.generation, again.txid) == (gen, txid), fmt_ns(plan.ts_ns)
+
+
+# ------------------------------------------------------------------------------------------
+# Catch-ups and unobserved intervals
+
+
+@pytest.fixture
+async def caught_up(tmp_path: Path, backend: StorageClient) -> tuple[History, StorageClient]:
+    """One generation: txids 1..3 (seq 1..3); the replicator stopped while seq 4..6 were
+    committed and the WAL truncated; a catch-up (txid 4) holding them; txids 5..6 (seq 7..8)."""
+    return await three_restart_two(tmp_path, backend, History.restart_with_catchup)
+
+
+async def catchup_header(client: StorageClient) -> tuple[ObjectInfo, dict[str, Any]]:
+    [gen] = await client.generations()
+    [cu] = [o for o in await client.objects(gen) if o.kind == "catchup"]
+    return cu, await read_header(client.read_object(cu), cu.key)
+
+
+async def test_catchup_continues_the_generation(
+    caught_up: tuple[History, StorageClient], tmp_path: Path
+) -> None:
+    _, client = caught_up
+    cu, header = await catchup_header(client)
+    assert cu.end_txid == 4 and header["reason"] == "resume_failed"
+    assert header["unobserved_from_ns"] < header["ts_ns"]
+    plan, got = await restore(client, tmp_path / "latest.db")
+    assert (plan.txid, got) == (6, list(range(1, 9)))
+    # at the catch-up itself: its content hash is checked
+    plan = await plan_restore(client, to_time_ns=header["ts_ns"])
+    result = await apply_plan(client, plan, str(tmp_path / "cu.db"))
+    assert (plan.txid, seqs(tmp_path / "cu.db"), result.verified) == (4, list(range(1, 7)),
+                                                                       cu.key)
+    assert "unobserved: " in plan.describe() and cu.key in plan.describe()
+
+
+async def test_time_in_an_unobserved_interval(
+    caught_up: tuple[History, StorageClient], tmp_path: Path
+) -> None:
+    _, client = caught_up
+    cu, header = await catchup_header(client)
+    tl = await timeline(client, cu.generation)
+    start, end = header["unobserved_from_ns"], header["ts_ns"]
+    for t in (start + 1, (start + end) // 2, end - 1):
+        plan, got = await restore(client, tmp_path / f"u{t}.db", to_time_ns=t)
+        assert (plan.txid, got) == (3, [1, 2, 3])
+        [warning] = plan.warnings
+        assert "replicator stopped from " in warning
+        assert f"{(t - tl[3]) / 1e9:.3f} s before" in warning
+        with pytest.raises(RestoreError, match="did not observe"):
+            await plan_restore(client, to_time_ns=t, exact=True)
+    # watched until then: exact
+    plan = await plan_restore(client, to_time_ns=start)
+    assert plan.txid == 3 and plan.warnings == []
+
+
+async def test_damaged_catchup_is_refused(
+    caught_up: tuple[History, StorageClient], tmp_path: Path
+) -> None:
+    """A catch-up whose recorded content hash does not match what it rebuilds is an error
+    naming it (the pages it carries were re-encoded with the wrong hash)."""
+    _, client = caught_up
+    cu, header = await catchup_header(client)
+    raw = await get(client, cu)
+    bad = "0" * 31 + ("1" if header["content_hash"][-1] != "1" else "2")
+    await put(client, cu, reencode(raw, cu.key, content_hash=bad))
+    plan = await plan_restore(client, txid=4)
+    with pytest.raises(RestoreError, match=f"restored database differs from {cu.key}"):
+        await apply_plan(client, plan, str(tmp_path / "o.db"))
+    assert not (tmp_path / "o.db").exists()
