@@ -80,6 +80,8 @@ def merge(
         frames=sum(h.frames for h in headers),
         txns=tuple(t for h in headers for t in h.txns),
         content_hash=last.content_hash,
+        unobserved_from_ns=first.unobserved_from_ns,
+        unobserved_to_ns=first.unobserved_to_ns,
     )
     info = segment_info(parts[0].generation, parts[0].start_txid, parts[-1].end_txid,
                         parts[0].first_ms, parts[-1].last_ms)

@@ -542,13 +542,15 @@ async def _list(args: argparse.Namespace) -> int:
             for g in await summarize(src.client):
                 if args.command == "generations":
                     await g.refine(src.client)
+                    gaps = [{"from": fmt_ns(a), "to": fmt_ns(b)}
+                            for a, b in await g.unobserved(src.client)]
                     out.append({
                         "replica": src.name, "generation": g.generation,
                         "start": fmt_ns(g.start) if g.snapshots else None,
                         "end": fmt_ns(g.end) if g.snapshots else None,
                         "end_txid": g.end_txid, "snapshots": len(g.snapshots),
                         "segments": len(g.segments), "size": g.size,
-                        "restorable": bool(g.snapshots),
+                        "restorable": bool(g.snapshots), "unobserved": gaps,
                     })
                 else:
                     for s in g.snapshots:
@@ -565,11 +567,18 @@ async def _list(args: argparse.Namespace) -> int:
     if not out:
         print("no generations" if args.command == "generations" else "no snapshots")
         return 0
-    cols = list(out[0])
-    widths = {c: max(len(c), *(len(str(row[c])) for row in out)) for c in cols}
+    # the table shows how many unobserved intervals, then lists them under it
+    cells = [{c: str(len(v)) if isinstance(v, list) else str(v) for c, v in row.items()}
+             for row in out]
+    cols = list(cells[0])
+    widths = {c: max(len(c), *(len(row[c]) for row in cells)) for c in cols}
     print("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip())
+    for cell in cells:
+        print(redact("  ".join(cell[c].ljust(widths[c]) for c in cols).rstrip()))
     for row in out:
-        print(redact("  ".join(str(row[c]).ljust(widths[c]) for c in cols).rstrip()))
+        intervals = row.get("unobserved")
+        for gap in intervals if isinstance(intervals, list) else []:
+            print(f"{row['generation']}: not observed from {gap['from']} to {gap['to']}")
     return 0
 
 

@@ -222,6 +222,8 @@ class Database:
         self._db_dev = 0
         self.keeper = IndexKeeper(spool)
         self._last_observed_ns = 0  # when the last captured state was observed
+        # resumed from the WAL: (watched until, watching again since), for the next segment
+        self._resumed: tuple[int, int] | None = None
         # a tail read right after a reset seen while rotating: (new salts, _rescue's result)
         self._early_tail: tuple[tuple[int, int], _Rescued | None] | None = None
         self._compress_tokens = float(COMPRESS_BUDGET)
@@ -508,6 +510,7 @@ class Database:
                 self.last_snapshot_txid = obj.end_txid
                 break
         if self._continues(pos, header.page_size):
+            self._resumed = (self._last_observed_ns, time.time_ns())
             self._learn_reset_bound()
             log.info(
                 "%s: resuming generation %s at txid %d", self.name, self.generation, self.txid
@@ -782,6 +785,8 @@ class Database:
                     Txn(start_txid + k, observed, t.frames, t.db_size) for k, t in enumerate(txns)
                 ),
                 content_hash=ix.content if ix is not None else None,
+                unobserved_from_ns=self._resumed[0] if self._resumed else None,
+                unobserved_to_ns=self._resumed[1] if self._resumed else None,
             )
             info = self.spool.write(info, header, body(), DEFAULT_LEVEL if compress else None)
         except BaseException:
@@ -791,6 +796,7 @@ class Database:
         if ix is not None:
             ix.commit()
         self._last_observed_ns = observed
+        self._resumed = None
         self.txid = end_txid
         self.pos = end
         self._last_end = end
@@ -1102,6 +1108,7 @@ class Database:
         if state.hdr is not None:
             self.big_endian = state.hdr.big_endian
         self._last_observed_ns = observed
+        self._resumed = None
         self._learn_reset_bound()
         self.keeper.save(self._stamp())
         log.warning(

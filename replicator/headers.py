@@ -234,6 +234,10 @@ class SegmentHeader:
     frames: int
     txns: tuple[Txn, ...]
     content_hash: int | None = None
+    # the first segment after a restart that resumed from the WAL: the interval the replicator
+    # did not observe it (transactions committed then were observed when it came back)
+    unobserved_from_ns: int | None = None
+    unobserved_to_ns: int | None = None
 
     kind: ClassVar[str] = "wal"
 
@@ -253,6 +257,8 @@ class SegmentHeader:
             "frames": self.frames,
             "txns": [t.to_json() for t in self.txns],
             "content_hash": _opt_hash_json(self.content_hash),
+            "unobserved_from_ns": self.unobserved_from_ns,
+            "unobserved_to_ns": self.unobserved_to_ns,
         }
 
     @classmethod
@@ -273,6 +279,8 @@ class SegmentHeader:
             frames=f.int("frames"),
             txns=f.get("txns", _txns),
             content_hash=f.opt("content_hash", _hash),
+            unobserved_from_ns=f.opt("unobserved_from_ns", _int),
+            unobserved_to_ns=f.opt("unobserved_to_ns", _int),
         )
         if len(header.txns) != header.end_txid - header.start_txid + 1 or any(
             t.txid != header.start_txid + i for i, t in enumerate(header.txns)
@@ -283,7 +291,8 @@ class SegmentHeader:
     def follows(self, prev: SegmentHeader) -> bool:
         """Whether this segment continues ``prev`` inside the same WAL epoch."""
         return (
-            self.start == prev.end
+            self.unobserved_from_ns is None
+            and self.start == prev.end
             and self.prev == prev.end
             and self.start.frame > 0
             and self.start_txid == prev.end_txid + 1

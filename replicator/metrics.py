@@ -25,6 +25,7 @@ class Metrics:
     wal_size_bytes: Gauge
     wal_frames: Gauge
     generation_changes: Counter
+    catch_ups: Counter
     checkpoints: Counter
     captured_transactions: Counter
     captured_frames: Counter
@@ -81,6 +82,13 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         generation_changes=Counter(
             f"{n}_generation_changes",
             "New generations started, by reason.",
+            ["db", "reason"],
+            registry=r,
+        ),
+        catch_ups=Counter(
+            f"{n}_catch_ups",
+            "Catch-ups (the pages changed while the capture could not observe the WAL, shipped "
+            "in the same generation), by reason.",
             ["db", "reason"],
             registry=r,
         ),

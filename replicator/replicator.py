@@ -242,6 +242,8 @@ class DatabaseService:
                     self.notices.new_generation(self.db.generation, res.new_generation))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+        if res.catch_up:
+            m.catch_ups.labels(name, res.catch_up).inc()
         for result, count in self.db.checkpoints.items():
             m.checkpoints.labels(name, "passive", result).inc(count)
         self.db.checkpoints.clear()

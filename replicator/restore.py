@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from .errors import CorruptObjectError, ReplicatorError, RestoreError, WalError
 from .format import decode_stream, read_header
 from .fsutil import fsync_dir, lock_owned, owned_temp_dir, remove_stale_temps, temp_path
-from .headers import CatchupHeader, SegmentHeader, SnapshotHeader, Txn
+from .headers import CatchupHeader, Reason, SegmentHeader, SnapshotHeader, Txn
 from .pageindex import CATCHUP_PGNO_SIZE, file_content_hash, hash_hex
 from .pos import ObjectInfo, WalPos
 from .storage.base import DEFAULT_CHUNK_SIZE, StorageClient
@@ -125,6 +125,15 @@ class GenerationSummary:
     def end(self) -> int:
         """End time in ns (exact after ``refine``)."""
         return self.end_ns or self.end_ms * 1_000_000
+
+    async def unobserved(self, client: StorageClient) -> list[tuple[int, int]]:
+        """The intervals (ns) the replicator did not observe, from its catch-ups' headers."""
+        out = []
+        for o in self.segments:
+            if o.kind == "catchup":
+                h = await _catchup_header(client, o)
+                out.append((h.unobserved_from_ns, h.ts_ns))
+        return out
 
     def describe(self) -> str:
         """One line: id, time range and txid range."""
@@ -380,11 +389,29 @@ def _before(ts: int, t_ns: int) -> str:
     return f"txid observed at {fmt_ns(ts)}, {(t_ns - ts) / 1e9:.3f} s before the time asked for"
 
 
-def _unobserved(cu: CatchupHeader, t_ns: int) -> str:
-    what = ("replicator stopped" if cu.reason == "resume_failed"
-            else f"replicator could not follow the WAL ({cu.reason.text})")
+def _what(reason: Reason) -> str:
+    if reason == Reason.RESUME_FAILED:
+        return "replicator stopped"
+    return f"replicator could not follow the WAL ({reason.text})"
+
+
+def _unobserved(start: int, end: int, what: str, t_ns: int) -> str:
     return (f"{fmt_ns(t_ns)} falls in an interval the replicator did not observe: {what} from "
-            f"{fmt_ns(cu.unobserved_from_ns)} to {fmt_ns(cu.ts_ns)}")
+            f"{fmt_ns(start)} to {fmt_ns(end)}")
+
+
+async def _resumed_after(
+    client: StorageClient, seg: ObjectInfo, t_ns: int
+) -> tuple[int, int, str] | None:
+    """The unobserved interval before ``seg`` that T falls in, if ``seg`` is the first segment
+    after a restart that resumed from the WAL."""
+    if seg.kind != "wal":
+        return None
+    header = await _segment_header(client, seg)
+    start, end = header.unobserved_from_ns, header.unobserved_to_ns
+    if start is None or end is None or not start < t_ns < end:
+        return None
+    return start, end, "replicator stopped"
 
 
 async def _plan_time(
@@ -404,9 +431,10 @@ async def _plan_time(
     chain: list[ObjectInfo] = []
     target = snap.end_txid
     ts = await _snapshot_ns(client, snap)
-    unobserved: CatchupHeader | None = None
+    unobserved: tuple[int, int, str] | None = None  # from, to, what
     for seg in chain_all:
         if seg.first_ms > t_ms:
+            unobserved = await _resumed_after(client, seg, t_ns)
             break
         if seg.last_ms < t_ms:
             chain.append(seg)
@@ -419,7 +447,10 @@ async def _plan_time(
         if len(included) < seg.end_txid - seg.start_txid + 1:
             if seg.kind == "catchup":
                 cu = await _catchup_header(client, seg)
-                unobserved = cu if cu.unobserved_from_ns < t_ns else None
+                if cu.unobserved_from_ns < t_ns:
+                    unobserved = (cu.unobserved_from_ns, cu.ts_ns, _what(cu.reason))
+            elif not included:
+                unobserved = await _resumed_after(client, seg, t_ns)
             break
     else:
         if missing is not None:
@@ -431,7 +462,7 @@ async def _plan_time(
         ts = await _txn_time(client, snap, chain, target)
     plan = RestorePlan(client.url, gen.generation, snap, chain, target, ts)
     if unobserved is not None:
-        text = _unobserved(unobserved, t_ns)
+        text = _unobserved(*unobserved, t_ns)
         if exact:
             raise RestoreError(f"{text}; {await _range_text(client, gens)}")
         plan.warnings.append(f"{text}; restored the newest state captured before it, "

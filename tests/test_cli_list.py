@@ -23,7 +23,7 @@ from replicator.restore import fmt_ns, parse_time
 from replicator.spool import Spool
 
 GEN_COLUMNS = ["replica", "generation", "start", "end", "end_txid", "snapshots", "segments",
-               "size", "restorable"]
+               "size", "restorable", "unobserved"]
 SNAP_COLUMNS = ["replica", "generation", "txid", "time", "size", "key"]
 
 
@@ -127,6 +127,7 @@ def test_generations_json(replica: Path) -> None:
         assert row["end_txid"] == max(o.end_txid for o in infos)
         assert row["size"] == sum(o.size for o in infos)
         assert row["restorable"] is True
+        assert row["unobserved"] == []
         # exact (ns) times from the headers, consistent with the keys' milliseconds
         assert parse_time(row["start"]) // 1_000_000 == snaps[0].last_ms
         assert parse_time(row["end"]) // 1_000_000 == max(o.last_ms for o in infos)
@@ -139,7 +140,8 @@ def test_generations_table(replica: Path) -> None:
     cols, rows = table(run("generations", str(replica)))
     assert cols == [c.upper() for c in GEN_COLUMNS]
     as_json = json.loads(run("generations", str(replica), "--json"))
-    assert rows == [[str(r[c]) for c in GEN_COLUMNS] for r in as_json]
+    assert rows == [[str(len(r[c])) if c == "unobserved" else str(r[c]) for c in GEN_COLUMNS]
+                    for r in as_json]
 
 
 def test_snapshots_json_and_table(replica: Path) -> None:
