@@ -755,6 +755,7 @@ class Database:
         # while pinned where no reset can happen, the frames cannot change under the copy;
         # otherwise (a reset is possible, or this is a rescued tail) verify them again
         verify = not (self._reset_end == _NO_RESET and self._reset_salts == start.salts)
+
         def body() -> Iterable[bytes | memoryview]:
             if data is not None:
                 assert len(data) == (last - first + 1) * frame_size(self.page_size)
@@ -770,24 +771,8 @@ class Database:
             if ix is not None:
                 for chunk in body():
                     ix.apply_frames(chunk)
-            header = SegmentHeader(
-                generation=self.generation,
-                start_txid=start_txid,
-                end_txid=end_txid,
-                page_size=self.page_size,
-                big_endian=hdr.big_endian,
-                prev=self._last_end,
-                start=start,
-                end=end,
-                wal_header=hdr.raw if start.frame == 0 else None,
-                frames=last - first + 1,
-                txns=tuple(
-                    Txn(start_txid + k, observed, t.frames, t.db_size) for k, t in enumerate(txns)
-                ),
-                content_hash=ix.content if ix is not None else None,
-                unobserved_from_ns=self._resumed[0] if self._resumed else None,
-                unobserved_to_ns=self._resumed[1] if self._resumed else None,
-            )
+            header = self._segment_header(hdr, start, end, txns, observed,
+                                          ix.content if ix is not None else None)
             info = self.spool.write(info, header, body(), DEFAULT_LEVEL if compress else None)
         except BaseException:
             if ix is not None:
@@ -803,6 +788,31 @@ class Database:
         res.objects.append(info)
         res.transactions += len(txns)
         res.frames += last - first + 1
+
+    def _segment_header(
+        self, hdr: WalHeader, start: WalPos, end: WalPos, txns: list[TxnSpan], observed: int,
+        content: int | None,
+    ) -> SegmentHeader:
+        assert self.generation is not None
+        start_txid = self.txid + 1
+        return SegmentHeader(
+            generation=self.generation,
+            start_txid=start_txid,
+            end_txid=self.txid + len(txns),
+            page_size=self.page_size,
+            big_endian=hdr.big_endian,
+            prev=self._last_end,
+            start=start,
+            end=end,
+            wal_header=hdr.raw if start.frame == 0 else None,
+            frames=txns[-1].commit - txns[0].first + 1,
+            txns=tuple(
+                Txn(start_txid + k, observed, t.frames, t.db_size) for k, t in enumerate(txns)
+            ),
+            content_hash=content,
+            unobserved_from_ns=self._resumed[0] if self._resumed else None,
+            unobserved_to_ns=self._resumed[1] if self._resumed else None,
+        )
 
     def _frames_body(
         self, fd: int, hdr: WalHeader, start: WalPos, first: int, last: int, verify: bool

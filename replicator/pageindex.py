@@ -98,13 +98,25 @@ class PageIndex:
     def __init__(self, page_size: int, pages: int = 0) -> None:
         self.page_size = page_size
         self.pages = pages
-        self.hashes: Hashes = np.zeros((max(pages, 1), 2), dtype=np.uint64)
+        self.hashes = np.zeros((max(pages, 1), 2), dtype=np.uint64)
         self.content = 0
         self.high = pages  # no entry past this page is set
         self._zero = bytes(page_size)
-        # while a change is pending (begin .. commit/rollback): what to put back
-        self._undo: list[tuple[int, Hashes]] | None = None
+        # while a change is pending (begin .. commit/rollback): what to put back, as
+        # (page number, old entry) or (first index, old entries)
+        self._undo: list[tuple[int, int | Hashes]] | None = None
         self._undo_scalars = (0, 0, 0)
+
+    @property
+    def hashes(self) -> Hashes:
+        """The entries: row ``p - 1`` holds the high and low 64 bits of ``H(p)``."""
+        return self._hashes
+
+    @hashes.setter
+    def hashes(self, value: Hashes) -> None:
+        self._hashes = value
+        # the same memory as plain words: a Python int in and out without numpy's overhead
+        self._words = value.data.cast("B").cast("Q")
 
     def begin(self) -> None:
         """Start a change that ``rollback`` can undo (until ``commit``)."""
@@ -119,8 +131,12 @@ class PageIndex:
         """Undo the pending change."""
         if self._undo is None:
             return
-        for first, old in reversed(self._undo):
-            self.hashes[first : first + len(old)] = old
+        w = self._words
+        for where, old in reversed(self._undo):
+            if isinstance(old, int):
+                w[2 * where - 2], w[2 * where - 1] = old >> 64, old & _MASK64
+            else:
+                self.hashes[where : where + len(old)] = old
         self.pages, self.content, self.high = self._undo_scalars
         self._undo = None
 
@@ -130,8 +146,8 @@ class PageIndex:
             self._undo.append((first, self.hashes[first:last].copy()))
 
     def _entry(self, pgno: int) -> int:
-        hi, lo = self.hashes[pgno - 1]
-        return (int(hi) << 64) | int(lo)
+        w = self._words
+        return int((w[2 * pgno - 2] << 64) | w[2 * pgno - 1])
 
     def _grow(self, pages: int) -> None:
         if pages > len(self.hashes):
@@ -140,14 +156,19 @@ class PageIndex:
             self.hashes = np.concatenate([self.hashes, extra])
 
     def _store(self, pgno: int, value: int) -> None:
-        self._save(pgno - 1, pgno)
-        self.hashes[pgno - 1] = (value >> 64, value & _MASK64)
-        self.high = max(self.high, pgno)
+        w = self._words
+        if self._undo is not None:
+            self._undo.append((pgno, int((w[2 * pgno - 2] << 64) | w[2 * pgno - 1])))
+        w[2 * pgno - 2] = value >> 64
+        w[2 * pgno - 1] = value & _MASK64
+        if pgno > self.high:
+            self.high = pgno
 
     def set_page(self, pgno: int, page: bytes | memoryview) -> None:
         """Page ``pgno`` now holds ``page`` (the database size is set by ``resize``)."""
-        self._grow(pgno)
-        new = page_hash(pgno, page)
+        if pgno > len(self._hashes):
+            self._grow(pgno)
+        new = int(xxhash.xxh3_128_intdigest(page, seed=pgno))
         if pgno <= self.pages:
             self.content ^= self._entry(pgno) ^ new
         self._store(pgno, new)

@@ -366,3 +366,62 @@ def test_page_index_is_replayed_from_the_spool(tmp_path: Path, app) -> None:
     d2.close()
     assert len(generations(tmp_path)) == 1
     assert restored_dump(tmp_path) == dump(app)
+
+
+def test_catchup_of_a_shrunk_database(tmp_path: Path, app) -> None:
+    """While the replicator is stopped the application deletes most rows and VACUUMs (the
+    database shrinks) and truncates its WAL: the catch-up ships the pages that changed and the
+    new size; the restore equals the database, its content hash checked."""
+    d = open_db(tmp_path)
+    d.step()
+    commit(app, 40, size=3000)
+    d.step()
+    d.close()
+    before = app.execute("PRAGMA page_count").fetchone()[0]
+    app.execute("DELETE FROM data WHERE k > 3")
+    app.execute("VACUUM")
+    commit(app, 1)
+    assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    assert app.execute("PRAGMA page_count").fetchone()[0] < before
+    d = open_db(tmp_path)
+    res = d.step()
+    assert res.catch_up == "resume_failed"
+    commit(app, 2, size=3000)  # and grows again
+    d.step()
+    d.close()
+    assert len(generations(tmp_path)) == 1
+    assert restored_dump(tmp_path) == dump(app)
+
+
+def test_crash_while_writing_a_catchup(tmp_path: Path, app,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A catch-up that fails half-written leaves no object and the page index as it was: the
+    next start catches up again, exactly."""
+    import replicator.db
+
+    d = open_db(tmp_path)
+    d.step()
+    commit(app, 10)
+    d.step()
+    d.close()
+    commit(app, 5)
+    assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    real = replicator.db._changed_body
+
+    def dies(*args: object) -> Iterator[bytes]:
+        it = real(*args)
+        yield next(it)[:100]
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(replicator.db, "_changed_body", dies)
+    d = open_db(tmp_path)
+    with pytest.raises(OSError, match="disk gone"):
+        d.step()
+    assert not list((tmp_path / "spool").rglob("*.cu"))
+    d.close()
+    monkeypatch.setattr(replicator.db, "_changed_body", real)
+    d = open_db(tmp_path)
+    assert d.step().catch_up == "resume_failed"
+    d.close()
+    assert len(generations(tmp_path)) == 1
+    assert restored_dump(tmp_path) == dump(app)
