@@ -186,7 +186,8 @@ def test_resume_after_clean_close(tmp_path: Path, app) -> None:
     assert restored_dump(tmp_path) == dump(app)
 
 
-def test_wal_changed_while_stopped_catches_up(tmp_path: Path, app) -> None:
+def stop_while_the_app_truncates(tmp_path: Path, app: sqlite3.Connection) -> None:
+    """Capture 10 transactions, stop; the application commits 5 and truncates its WAL."""
     d = open_db(tmp_path)
     d.step()
     commit(app, 10)
@@ -194,6 +195,10 @@ def test_wal_changed_while_stopped_catches_up(tmp_path: Path, app) -> None:
     d.close()
     commit(app, 5)
     assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+
+
+def test_wal_changed_while_stopped_catches_up(tmp_path: Path, app) -> None:
+    stop_while_the_app_truncates(tmp_path, app)
     commit(app, 5)
     d = open_db(tmp_path)
     res = d.step()
@@ -399,13 +404,7 @@ def test_crash_while_writing_a_catchup(tmp_path: Path, app,
     next start catches up again, exactly."""
     import replicator.db
 
-    d = open_db(tmp_path)
-    d.step()
-    commit(app, 10)
-    d.step()
-    d.close()
-    commit(app, 5)
-    assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    stop_while_the_app_truncates(tmp_path, app)
     real = replicator.db._changed_body
 
     def dies(*args: object) -> Iterator[bytes]:
