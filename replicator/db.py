@@ -769,8 +769,7 @@ class Database:
             ix.begin()
         try:
             if ix is not None:
-                for chunk in body():
-                    ix.apply_frames(chunk)
+                ix.apply_stream(body())
             header = self._segment_header(hdr, start, end, txns, observed,
                                           ix.content if ix is not None else None)
             info = self.spool.write(info, header, body(), DEFAULT_LEVEL if compress else None)
@@ -980,7 +979,8 @@ class Database:
             info = snapshot_info(gen, txid, observed // 1_000_000)
             info = self.spool.write(info, header, _indexed(state, fresh, self.name))
             fresh.resize(state.pages)
-            if not state.still_valid() or fresh.content != expect:
+            moved = lineage.reason == Reason.INTERVAL and state.pos != upto
+            if not state.still_valid() or fresh.content != expect or moved:
                 self.spool.delete([info])
                 if lineage.reason == Reason.INTERVAL and state.still_valid():
                     raise DatabaseError(f"{self.path}: the snapshot differs from the captured "

@@ -214,17 +214,57 @@ class PageIndex:
 
     def apply_frames(self, frames: bytes | memoryview) -> None:
         """Apply whole WAL frames (frame header + page each) in order: each commit frame sets the
-        database size. Frames past the last commit must not be passed."""
+        database size. The last frame must be a commit frame.
+
+        Only the last write of each page is hashed, and only if no later commit cut the page
+        off: the same result as applying frame by frame (pages past a commit's size gone, pages
+        that come back unwritten zeros), at the cost of the pages the frames end with."""
         fs = FRAME_HEADER_SIZE + self.page_size
         mv = memoryview(frames).cast("B")
         if len(mv) % fs:
             raise ValueError("partial WAL frame")
-        for off in range(0, len(mv), fs):
-            pgno, commit = struct.unpack_from(">II", mv, off)
-            page = mv[off + FRAME_HEADER_SIZE : off + fs]
-            self.set_page(pgno, page)  # past the end: counted once a commit's size covers it
+        n = len(mv) // fs
+        heads = [struct.unpack_from(">II", mv, k * fs) for k in range(n)]
+        if not n or not heads[-1][1]:
+            raise ValueError("WAL frames must end with a commit frame")
+        # the smallest database size committed from each frame on
+        low = [0] * n
+        least = heads[-1][1]
+        for k in range(n - 1, -1, -1):
+            commit = heads[k][1]
             if commit:
-                self.resize(commit)
+                least = min(least, commit)
+            low[k] = least
+        last: dict[int, int] = {}
+        for k, (pgno, _) in enumerate(heads):
+            last[pgno] = k
+        # every page past the smallest size is cut off at some commit; a page written after its
+        # last cut survives with that write, any other past the end comes back as zeros
+        self.resize(low[0])
+        for pgno, k in sorted(last.items()):
+            if pgno <= low[k]:
+                off = k * fs + FRAME_HEADER_SIZE
+                self.set_page(pgno, mv[off : off + self.page_size])
+        self.resize(heads[-1][1])
+
+    def apply_stream(self, chunks: Iterable[bytes | memoryview]) -> None:
+        """Apply a run of whole committed transactions given in chunks cut anywhere."""
+        fs = FRAME_HEADER_SIZE + self.page_size
+        pending = bytearray()
+        for chunk in chunks:
+            if not pending and _ends_committed(chunk, fs):
+                self.apply_frames(chunk)  # the usual case: no copy
+                continue
+            pending += chunk
+            end = len(pending) // fs * fs
+            while end and not int.from_bytes(pending[end - fs + 4 : end - fs + 8], "big"):
+                end -= fs  # back to the last commit frame
+            if end:
+                run = bytes(pending[:end])
+                del pending[:end]
+                self.apply_frames(run)
+        if pending:
+            raise ValueError("WAL frames must end with a commit frame")
 
     def diff(self, first: int, pages: Sequence[bytes | memoryview]) -> list[tuple[int, int]]:
         """``(pgno, H)`` of the pages ``first, first+1, ...`` that differ from the index."""
@@ -298,6 +338,12 @@ class SavedIndex:
         return cls(index, gen.decode("ascii", "replace"), txid, dev, ino)
 
 
+def _ends_committed(chunk: bytes | memoryview, fs: int) -> bool:
+    """Whether ``chunk`` is whole frames, the last a commit frame."""
+    n = len(chunk)
+    return n > 0 and n % fs == 0 and bytes(chunk[n - fs + 4 : n - fs + 8]) != bytes(4)
+
+
 def _records(body: Iterable[bytes | memoryview], size: int) -> Iterator[memoryview]:
     """Runs of whole ``size``-byte records from a stream of byte chunks; raises ValueError if
     the stream ends inside a record."""
@@ -338,8 +384,7 @@ def apply_catchup(index: PageIndex, pages: int, body: Iterable[bytes | memoryvie
 
 def apply_segment(index: PageIndex, body: Iterable[bytes | memoryview]) -> None:
     """Apply a WAL segment body (whole frames ending with a commit frame)."""
-    for run in _records(body, FRAME_HEADER_SIZE + index.page_size):
-        index.apply_frames(run)
+    index.apply_stream(body)
 
 
 def _object_body(path: str, key: str) -> tuple[ObjectHeader, Iterator[bytes]]:

@@ -43,27 +43,38 @@ def frames(writes: list[tuple[int, bytes]], commit: int) -> bytes:
 
 
 def test_incremental_equals_full_recomputation() -> None:
-    """Random transactions that write pages, grow and shrink the database: after each, the
-    index's hash is the hash of the pages a restore would hold (pages past a commit's size are
-    gone, pages that come back unwritten are zeros)."""
+    """Random batches of transactions that write pages, grow and shrink the database: after
+    each, the index's hash is the hash of the pages a restore would hold, frame by frame (pages
+    past a commit's size are gone, pages that come back unwritten are zeros)."""
     rnd = random.Random(5)
     ix = PageIndex(PS)
     pages: dict[int, bytes] = {}
     n = 0
     for _ in range(300):
-        size = max(1, n + rnd.randint(-4, 4))
-        writes = [(rnd.randint(1, size + 2), rnd.randbytes(PS)) for _ in range(rnd.randint(1, 4))]
+        batch = b""
+        after = dict(pages)
+        size = n
+        for _ in range(rnd.randint(1, 4)):
+            size = max(1, size + rnd.randint(-4, 4))
+            writes = [(rnd.randint(1, size + 2), rnd.randbytes(PS))
+                      for _ in range(rnd.randint(1, 4))]
+            batch += frames(writes, size)
+            for pgno, page in writes:
+                after[pgno] = page
+            after = {p: v for p, v in after.items() if p <= size}
         ix.begin()
-        ix.apply_frames(frames(writes, size))
+        if rnd.random() < 0.5:
+            ix.apply_frames(batch)
+        else:  # in chunks cut anywhere
+            cuts = sorted(rnd.sample(range(1, len(batch)), 3))
+            ix.apply_stream(batch[a:b] for a, b in zip([0, *cuts], [*cuts, len(batch)],
+                                                        strict=True))
         if rnd.random() < 0.2:
             ix.rollback()
             assert ix.content == full(pages, n)
             continue
         ix.commit()
-        for pgno, page in writes:
-            pages[pgno] = page
-        pages = {p: v for p, v in pages.items() if p <= size}
-        n = size
+        pages, n = after, size
         assert ix.pages == n and ix.content == full(pages, n)
 
 
