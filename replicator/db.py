@@ -464,6 +464,11 @@ class Database:
 
     # ------------------------------------------------------------------ resume
 
+    def watched_while_closed(self) -> None:
+        """Its file was watched while it was closed (parked), so the transactions a resume from
+        the WAL finds were not missed: the next segment records no unobserved interval."""
+        self._resumed = None
+
     def _stamp(self) -> Stamp:
         assert self.generation is not None
         return Stamp(self.generation, self.txid, self._db_dev, self._db_ino or 0)

@@ -171,6 +171,7 @@ class DatabaseService:
         db, old = self._database(), self.db
         await self._call(db.open)
         self._mark_open(True)
+        db.watched_while_closed()
         db.last_snapshot_ns = max(db.last_snapshot_ns, old.last_snapshot_ns)
         db.last_snapshot_txid = max(db.last_snapshot_txid, old.last_snapshot_txid)
         self.db, self.parked = db, False
