@@ -144,6 +144,20 @@ def _spans(first: int, scan: ScanResult) -> list[TxnSpan]:
     return out
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """How capture trades latency, memory and CPU; the defaults are the module constants of the
+    same names (tests shrink them to reach edge cases quickly)."""
+
+    segment_max_frames: int = SEGMENT_MAX_FRAMES
+    step_batches: int = STEP_BATCHES
+    compress_budget: int = COMPRESS_BUDGET
+    snapshot_log_every: float = SNAPSHOT_LOG_EVERY
+
+
+DEFAULT_TUNING = Tuning()
+
+
 @dataclass
 class CaptureResult:
     """What one capture step produced."""
@@ -186,12 +200,14 @@ class Database:
         name: str | None = None,
         checkpoint_pages: int = DEFAULT_CHECKPOINT_PAGES,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        tuning: Tuning = DEFAULT_TUNING,
     ) -> None:
         self.path = os.path.abspath(path)
         self.name = name or path
         self.spool = spool
         self.checkpoint_pages = checkpoint_pages
         self.busy_timeout = busy_timeout
+        self.tuning = tuning
         self.generation: str | None = None
         self.txid = 0
         self.pos: WalPos | None = None
@@ -226,7 +242,7 @@ class Database:
         self._resumed: tuple[int, int] | None = None
         # a tail read right after a reset seen while rotating: (new salts, _rescue's result)
         self._early_tail: tuple[tuple[int, int], _Rescued | None] | None = None
-        self._compress_tokens = float(COMPRESS_BUDGET)
+        self._compress_tokens = float(tuning.compress_budget)
         self._compress_at = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
@@ -557,7 +573,7 @@ class Database:
             reason, self._catchup = self._catchup, None
             self._catch_up(reason, res)
         more = self._capture(res)
-        for _ in range(STEP_BATCHES):
+        for _ in range(self.tuning.step_batches):
             due = self.pos is not None and self.pos.frame >= self.checkpoint_pages
             if due and not res.rotated and (not more or self._backlog_small()):
                 self._rotate(res)
@@ -706,7 +722,7 @@ class Database:
         return batch.more
 
     def _scan_batch(self, fd: int, hdr: WalHeader, start: WalPos) -> ScanBatch:
-        """Whole committed transactions after ``start``: about SEGMENT_MAX_FRAMES frames of them
+        """Whole committed transactions after ``start``: about ``segment_max_frames`` frames of them
         (more only for a single larger transaction). The frames are kept as read and verified,
         except for a transaction longer than one batch (``data`` None), which is copied again
         in bounded chunks."""
@@ -717,10 +733,10 @@ class Database:
         txns: list[TxnSpan] = []
         window = True  # every transaction so far lies inside the one buffer read
         while True:
-            buf = pread_full(fd, SEGMENT_MAX_FRAMES * fs, frame_offset(idx, ps))
+            buf = pread_full(fd, self.tuning.segment_max_frames * fs, frame_offset(idx, ps))
             r = scan_bytes(buf, hdr, idx, ck, keep_frames=False)
             reason = r.stop_reason
-            if r.valid_end_index - idx + 1 == SEGMENT_MAX_FRAMES:
+            if r.valid_end_index - idx + 1 == self.tuning.segment_max_frames:
                 reason = "limit"
             elif not buf and os.fstat(fd).st_size < frame_offset(idx, ps):
                 reason = "short"  # the file ends before the start slot: it shrank
@@ -839,7 +855,8 @@ class Database:
         """Whether ``nbytes`` of frames fit in the compression budget (a token bucket)."""
         now = time.monotonic()
         self._compress_tokens = min(
-            COMPRESS_BUDGET, self._compress_tokens + (now - self._compress_at) * COMPRESS_BUDGET
+            self.tuning.compress_budget,
+            self._compress_tokens + (now - self._compress_at) * self.tuning.compress_budget,
         )
         self._compress_at = now
         if nbytes > self._compress_tokens:
@@ -897,7 +914,7 @@ class Database:
         self.checkpoints[result] = self.checkpoints.get(result, 0) + 1
         fd = self._wal()
         old_salts = self.pos.salts
-        for _ in range(STEP_BATCHES):
+        for _ in range(self.tuning.step_batches):
             hdr = read_wal_header(fd) if fd is not None else None
             if hdr is None or fd is None or hdr.salts != old_salts:
                 return  # cannot happen while pinned; the next capture sorts it out
@@ -982,7 +999,8 @@ class Database:
             started = time.monotonic()
             fresh = PageIndex(state.page_size)
             info = snapshot_info(gen, txid, observed // 1_000_000)
-            info = self.spool.write(info, header, _indexed(state, fresh, self.name))
+            info = self.spool.write(info, header, _indexed(state, fresh, self.name,
+                                                           self.tuning.snapshot_log_every))
             fresh.resize(state.pages)
             moved = lineage.reason == Reason.INTERVAL and state.pos != upto
             if not state.still_valid() or fresh.content != expect or moved:
@@ -1152,12 +1170,12 @@ def content_hash_of(state: DbState) -> int:
     return h
 
 
-def _indexed(state: DbState, index: PageIndex, name: str) -> Iterator[bytes]:
+def _indexed(state: DbState, index: PageIndex, name: str, every: float) -> Iterator[bytes]:
     """The state's pages as a snapshot body, entered into ``index`` as they go (a long one
-    logs its progress every SNAPSHOT_LOG_EVERY seconds)."""
+    logs its progress every ``every`` seconds)."""
     logged = time.monotonic()
     for first, buf in state.chunks():
-        if time.monotonic() - logged >= SNAPSHOT_LOG_EVERY:
+        if time.monotonic() - logged >= every:
             logged = time.monotonic()
             log.info("%s: snapshot %d%% (%d of %d pages)", name,
                      100 * (first - 1) // state.pages, first - 1, state.pages)

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from . import __version__
 from .aio import wait_any
 from .config import Config, DbConfig
-from .db import CaptureResult, Database
+from .db import DEFAULT_TUNING, CaptureResult, Database, Tuning
 from .drill import DRILL_ATTEMPTS, Driller, Point
 from .errors import ReplicatorError, StorageError
 from .fleet import Fleet
@@ -88,6 +88,7 @@ class DatabaseService:
     def __init__(
         self, cfg: DbConfig, metrics: Metrics | None = None, notifier: Notifier | None = None,
         runtime: Runtime | None = None, thresholds: NoticeThresholds | None = None,
+        *, tuning: Tuning = DEFAULT_TUNING,
     ) -> None:
         self.cfg = cfg
         # the shared pool, watcher and limits (a small runtime of its own when made alone)
@@ -96,6 +97,7 @@ class DatabaseService:
         self._lock = asyncio.Lock()  # the database's blocking methods run one at a time
         self.metrics = metrics if metrics is not None else create_metrics()
         self.spool = Spool(cfg.spool_dir)
+        self.tuning = tuning
         self.db = self._database()
         self.park_after: float | None = None
         """Park after this many idle seconds (None: never)."""
@@ -134,7 +136,7 @@ class DatabaseService:
 
     def _database(self) -> Database:
         return Database(self.cfg.path, self.spool, name=self.cfg.name,
-                        checkpoint_pages=self.cfg.checkpoint_pages)
+                        checkpoint_pages=self.cfg.checkpoint_pages, tuning=self.tuning)
 
     async def park(self) -> bool:
         """Close the database's connections and files while it is idle: only when everything

@@ -1,10 +1,9 @@
-"""Helpers for the observability tests: free ports, plain HTTP GETs, scraping ``/metrics`` and
-processes that are always reaped."""
+"""Helpers for the observability tests: plain HTTP GETs, scraping ``/metrics`` and processes
+that are always reaped."""
 
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -14,13 +13,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from util import Replicate
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get(url: str, timeout: float = 10) -> tuple[int, str]:

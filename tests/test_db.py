@@ -3,18 +3,18 @@ connection."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from util import commit, restore_latest
 from writer import init_db
 
-from replicator.db import Database
+from replicator.db import Database, Tuning
 from replicator.errors import DatabaseError
-from replicator.restore import apply_plan, plan_restore
 from replicator.spool import Spool
 
 
@@ -26,16 +26,7 @@ def app(tmp_path: Path) -> Iterator[sqlite3.Connection]:
     conn.close()
 
 
-def commit(conn: sqlite3.Connection, n: int = 1, size: int = 500) -> None:
-    for _ in range(n):
-        seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM log").fetchone()[0]
-        conn.execute("BEGIN")
-        conn.execute("INSERT INTO data(k, payload) VALUES (?, ?)", (seq, os.urandom(size)))
-        conn.execute("INSERT INTO log(seq, t_ns) VALUES (?, 0)", (seq,))
-        conn.execute("COMMIT")
-
-
-def open_db(tmp_path: Path, **kw: int) -> Database:
+def open_db(tmp_path: Path, **kw: Any) -> Database:
     d = Database(str(tmp_path / "app.db"), Spool(str(tmp_path / "spool")), **kw)
     d.open()
     return d
@@ -43,12 +34,7 @@ def open_db(tmp_path: Path, **kw: int) -> Database:
 
 def restored_dump(tmp_path: Path, name: str = "out.db") -> list[str]:
     spool = Spool(str(tmp_path / "spool"))
-
-    async def go() -> None:
-        plan = await plan_restore(spool.storage)
-        await apply_plan(spool.storage, plan, str(tmp_path / name), force=True)
-
-    asyncio.run(go())
+    restore_latest(spool.storage, tmp_path / name)
     c = sqlite3.connect(tmp_path / name)
     try:
         return list(c.iterdump())
@@ -71,7 +57,7 @@ def test_first_step_snapshots_and_idle_steps_write_nothing(tmp_path: Path, app) 
     assert [o.kind for o in res.objects] == ["snapshot"]
     for _ in range(3):
         assert d.step().objects == []
-    commit(app, 5)
+    commit(app, 5, payload=500)
     res = d.step()
     assert res.transactions == 5 and len(res.objects) == 1
     assert d.step().objects == []
@@ -84,7 +70,7 @@ def test_rotation_keeps_wal_small_and_generation_unbroken(tmp_path: Path, app) -
     d.step()
     sizes = []
     for _ in range(40):
-        commit(app, 20, size=2000)
+        commit(app, 20, payload=2000)
         res = d.step()
         assert res.new_generation is None
         sizes.append(os.path.getsize(tmp_path / "app.db-wal"))
@@ -99,13 +85,14 @@ def test_rotation_keeps_wal_small_and_generation_unbroken(tmp_path: Path, app) -
 def test_reset_in_an_unpinned_gap_with_intact_tail_is_proven(tmp_path: Path, app) -> None:
     d = open_db(tmp_path)
     d.step()
-    commit(app, 30)
+    commit(app, 30, payload=500)
     d.step()
     gen = d.generation
     d._unpin()  # a rotation's window: no pin is held
-    commit(app, 3)  # committed but not captured yet
+    commit(app, 3, payload=500)  # committed but not captured yet
     assert app.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0
-    commit(app, 1)  # this write resets the WAL: the three are only in the old epoch's tail
+    # this write resets the WAL: the three are only in the old epoch's tail
+    commit(app, 1, payload=500)
     res = d.step()
     assert res.new_generation is None
     assert d.generation == gen
@@ -117,18 +104,18 @@ def test_reset_in_an_unpinned_gap_with_intact_tail_is_proven(tmp_path: Path, app
 def test_reset_that_destroyed_the_tail_catches_up(tmp_path: Path, app) -> None:
     d = open_db(tmp_path)
     d.step()
-    commit(app, 5)
+    commit(app, 5, payload=500)
     d.step()
     d._unpin()
-    commit(app, 3)
+    commit(app, 3, payload=500)
     # the application truncates the WAL: the uncaptured tail is gone from it
     assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
-    commit(app, 2)
+    commit(app, 2, payload=500)
     res = d.step()
     assert res.catch_up == "wal_reset" and res.new_generation is None
     assert [o.kind for o in res.objects] == ["catchup"]
     assert len(generations(tmp_path)) == 1
-    commit(app, 2)
+    commit(app, 2, payload=500)
     d.step()
     d.close()
     assert restored_dump(tmp_path) == dump(app)
@@ -142,10 +129,10 @@ def test_truncate_in_an_unpinned_gap_as_the_last_write_catches_up(
     pages that changed) holds them, including at shutdown."""
     d = open_db(tmp_path)
     d.step()
-    commit(app, 5)
+    commit(app, 5, payload=500)
     d.step()
     d._unpin()
-    commit(app, 2)
+    commit(app, 2, payload=500)
     assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
     assert os.path.getsize(tmp_path / "app.db-wal") == 0
     res = d.step()
@@ -160,7 +147,7 @@ def test_pinned_truncate_by_application_never_loses_frames(tmp_path: Path, app) 
     d = open_db(tmp_path, checkpoint_pages=16)
     d.step()
     for i in range(30):
-        commit(app, 7)
+        commit(app, 7, payload=500)
         app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # may or may not succeed
         if i % 2:
             d.step()
@@ -173,13 +160,13 @@ def test_pinned_truncate_by_application_never_loses_frames(tmp_path: Path, app) 
 def test_resume_after_clean_close(tmp_path: Path, app) -> None:
     d = open_db(tmp_path)
     d.step()
-    commit(app, 10)
+    commit(app, 10, payload=500)
     d.step()
     gen = d.generation
     d.close()
     d = open_db(tmp_path)
     assert d.generation == gen and d.txid == 10
-    commit(app, 10)
+    commit(app, 10, payload=500)
     assert d.step().transactions == 10
     d.close()
     assert generations(tmp_path) == [gen]
@@ -190,21 +177,21 @@ def stop_while_the_app_truncates(tmp_path: Path, app: sqlite3.Connection) -> Non
     """Capture 10 transactions, stop; the application commits 5 and truncates its WAL."""
     d = open_db(tmp_path)
     d.step()
-    commit(app, 10)
+    commit(app, 10, payload=500)
     d.step()
     d.close()
-    commit(app, 5)
+    commit(app, 5, payload=500)
     assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
 
 
 def test_wal_changed_while_stopped_catches_up(tmp_path: Path, app) -> None:
     stop_while_the_app_truncates(tmp_path, app)
-    commit(app, 5)
+    commit(app, 5, payload=500)
     d = open_db(tmp_path)
     res = d.step()
     assert res.catch_up == "resume_failed" and res.new_generation is None
     assert d.txid == 11
-    commit(app, 3)
+    commit(app, 3, payload=500)
     assert d.step().transactions == 3
     d.close()
     assert len(generations(tmp_path)) == 1
@@ -214,7 +201,7 @@ def test_wal_changed_while_stopped_catches_up(tmp_path: Path, app) -> None:
 def test_replaced_database_file_starts_a_generation(tmp_path: Path, app) -> None:
     d = open_db(tmp_path)
     d.step()
-    commit(app, 3)
+    commit(app, 3, payload=500)
     d.step()
     other = tmp_path / "other.db"
     init_db(str(other))
@@ -237,10 +224,7 @@ def test_replaced_database_file_starts_a_generation(tmp_path: Path, app) -> None
 
 def test_database_not_in_wal_mode_is_refused(tmp_path: Path) -> None:
     p = tmp_path / "rollback.db"
-    c = sqlite3.connect(p)
-    c.execute("CREATE TABLE t(x)")
-    c.commit()
-    c.close()
+    init_db(str(p), wal=False)
     d = Database(str(p), Spool(str(tmp_path / "spool")))
     with pytest.raises(DatabaseError, match="not in WAL mode"):
         d.open()
@@ -254,17 +238,12 @@ def test_missing_database_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "nope.db").exists()
 
 
-def test_segments_are_bounded_and_long_transactions_whole(
-    tmp_path: Path, app, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import replicator.db as dbmod
-
-    monkeypatch.setattr(dbmod, "SEGMENT_MAX_FRAMES", 8)
-    d = open_db(tmp_path)
+def test_segments_are_bounded_and_long_transactions_whole(tmp_path: Path, app) -> None:
+    d = open_db(tmp_path, tuning=Tuning(segment_max_frames=8))
     d.step()
-    commit(app, 6)  # small transactions: several segments of at most ~8 frames
-    commit(app, 1, size=200_000)  # one transaction of ~50 pages: one segment, whole
-    commit(app, 3)
+    commit(app, 6, payload=500)  # small transactions: several segments of at most ~8 frames
+    commit(app, 1, payload=200_000)  # one transaction of ~50 pages: one segment, whole
+    commit(app, 3, payload=500)
     res = d.step()
     assert res.transactions == 10
     segs = [o for o in res.objects if o.kind == "wal"]
@@ -280,12 +259,12 @@ def test_journal_size_limit_truncation_of_the_tail_is_not_taken_for_its_end(
     app.execute("PRAGMA journal_size_limit=300000")  # not a frame boundary
     d = open_db(tmp_path)
     d.step()
-    commit(app, 10)
+    commit(app, 10, payload=500)
     d.step()
     d._unpin()
-    commit(app, 40, size=3000)  # the WAL grows well past the limit; none of it captured
+    commit(app, 40, payload=3000)  # the WAL grows well past the limit; none of it captured
     assert app.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0
-    commit(app, 1)  # reset, and at this commit the file is cut back to the limit
+    commit(app, 1, payload=500)  # reset, and at this commit the file is cut back to the limit
     assert os.path.getsize(tmp_path / "app.db-wal") == 300_000
     res = d.step()
     assert res.catch_up == "wal_reset"
@@ -301,7 +280,7 @@ def test_page_sizes(tmp_path: Path, page_size: int) -> None:
         d = open_db(tmp_path, checkpoint_pages=32)
         d.step()
         for _ in range(10):
-            commit(app, 5, size=3000)
+            commit(app, 5, payload=3000)
             d.step()
         d.close()
         assert d.page_size == page_size
@@ -318,7 +297,7 @@ def test_untrustworthy_page_index_starts_a_generation(
     moved on starts a new generation, and says why."""
     d = open_db(tmp_path)
     d.step()
-    commit(app, 5)
+    commit(app, 5, payload=500)
     d.step()
     d.close()
     idx = tmp_path / "spool" / "pages.idx"
@@ -332,7 +311,7 @@ def test_untrustworthy_page_index_starts_a_generation(
         raw = bytearray(idx.read_bytes())
         raw[8:24] = b"0123456789abcdef"
         idx.write_bytes(bytes(raw))
-    commit(app, 3)
+    commit(app, 3, payload=500)
     assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
     d = open_db(tmp_path)
     res = d.step()
@@ -351,22 +330,22 @@ def test_page_index_is_replayed_from_the_spool(tmp_path: Path, app) -> None:
     d.step()
     idx = tmp_path / "spool" / "pages.idx"
     stale = idx.read_bytes()  # as of txid 0
-    commit(app, 4)
+    commit(app, 4, payload=500)
     d.step()
     d.snapshot()
-    commit(app, 20, size=3000)  # grows the database
+    commit(app, 20, payload=3000)  # grows the database
     d.step()
     app.execute("DELETE FROM data")
     app.execute("VACUUM")  # shrinks it
     d.step()
     d.close()
     idx.write_bytes(stale)  # as if killed before any save
-    commit(app, 2)
+    commit(app, 2, payload=500)
     assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
     d2 = open_db(tmp_path)
     res = d2.step()
     assert res.catch_up == "resume_failed"
-    commit(app, 2)
+    commit(app, 2, payload=500)
     d2.step()
     d2.close()
     assert len(generations(tmp_path)) == 1
@@ -379,19 +358,19 @@ def test_catchup_of_a_shrunk_database(tmp_path: Path, app) -> None:
     new size; the restore equals the database, its content hash checked."""
     d = open_db(tmp_path)
     d.step()
-    commit(app, 40, size=3000)
+    commit(app, 40, payload=3000)
     d.step()
     d.close()
     before = app.execute("PRAGMA page_count").fetchone()[0]
     app.execute("DELETE FROM data WHERE k > 3")
     app.execute("VACUUM")
-    commit(app, 1)
+    commit(app, 1, payload=500)
     assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
     assert app.execute("PRAGMA page_count").fetchone()[0] < before
     d = open_db(tmp_path)
     res = d.step()
     assert res.catch_up == "resume_failed"
-    commit(app, 2, size=3000)  # and grows again
+    commit(app, 2, payload=3000)  # and grows again
     d.step()
     d.close()
     assert len(generations(tmp_path)) == 1

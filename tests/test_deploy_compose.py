@@ -33,10 +33,10 @@ from deployutil import (
     run,
     tool,
 )
-from obsutil import free_port, reaper
+from obsutil import reaper
+from promutil import run_promtool
 from s3fixtures import S3_ENV_VARS, S3Server
-from test_dashboard_static import run_promtool
-from util import dump, wait_until
+from util import dump, free_port, wait_until
 
 COMPOSE_DIR = DEPLOY / "compose"
 COMPOSE = COMPOSE_DIR / "compose.yml"

@@ -31,9 +31,9 @@ from deployutil import (
     run,
     tool,
 )
-from obsutil import free_port, get
+from obsutil import get
 from s3fixtures import S3Server
-from util import dump
+from util import dump, free_port
 
 from replicator.config import expand_env, parse_config, parse_duration
 

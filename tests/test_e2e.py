@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import re
 import time
@@ -12,37 +11,7 @@ import pytest
 import util
 from writer import init_db
 
-from replicator.format import read_header
 from replicator.restore import fmt_ns
-from replicator.storage import open_storage
-
-
-def observed_times(dest: str) -> dict[tuple[str, int], int]:
-    """(generation, txid) -> observed ns, from every object header of a replica."""
-
-    async def collect() -> dict[tuple[str, int], int]:
-        client = open_storage(dest)
-        out: dict[tuple[str, int], int] = {}
-        try:
-            for gen in await client.generations():
-                for o in await client.objects(gen):
-                    h = await read_header(client.read_object(o), o.key)
-                    if o.kind == "wal":
-                        for txid, ts, _, _ in h["txns"]:
-                            out[(gen, int(txid))] = int(ts)
-                    else:
-                        out[(gen, o.end_txid)] = int(h["ts_ns"])
-        finally:
-            await client.aclose()
-        return out
-
-    return asyncio.run(collect())
-
-
-def wait_for_snapshot(replica: Path) -> None:
-    """Wait until the replicator has shipped its first snapshot."""
-    util.wait_until(lambda: any(replica.glob("generations/*/snapshots/*.snap")), 60,
-                    what="first snapshot")
 
 
 def test_replicate_restore_equals_source(tmp_path: Path) -> None:
@@ -50,7 +19,7 @@ def test_replicate_restore_equals_source(tmp_path: Path) -> None:
     init_db(str(db))
     dest = str(tmp_path / "replica")
     rep = util.Replicate(str(db), dest, "--checkpoint-pages", "200", log=tmp_path / "rep.log")
-    wait_for_snapshot(tmp_path / "replica")
+    util.wait_for_snapshot(tmp_path / "replica")
     log = tmp_path / "commits.log"
     w = util.start_writer(db, log, "--ops", "mixed", "--duration", "6", "--rate", "400")
     instants: list[int] = []
@@ -75,7 +44,7 @@ def test_replicate_restore_equals_source(tmp_path: Path) -> None:
     assert restored.read_bytes() == db.read_bytes()
 
     # point in time: every instant yields exactly what was observed by then
-    times = observed_times(dest)
+    times = util.observed_times(dest)
     by_seq = {c[0]: c for c in commits}
     assert len(instants) >= 10
     for i, t in enumerate(instants):
@@ -102,7 +71,7 @@ def test_restore_to_time_outside_range(tmp_path: Path) -> None:
     dest = str(tmp_path / "replica")
     before = time.time_ns() - 3_600_000_000_000
     rep = util.Replicate(str(db), dest, log=tmp_path / "rep.log")
-    wait_for_snapshot(tmp_path / "replica")
+    util.wait_for_snapshot(tmp_path / "replica")
     w = util.start_writer(db, tmp_path / "c.log", "--count", "50", "--rate", "200")
     w.communicate(timeout=60)
     assert w.returncode == 0

@@ -4,7 +4,6 @@ every point it keeps."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 import sqlite3
@@ -177,7 +176,7 @@ def expected_days(stamps: dict[int, float], now: float, window: float,
     return keep
 
 
-def test_prune_400_days_keeps_the_expected_points_and_each_restores(
+async def test_prune_400_days_keeps_the_expected_points_and_each_restores(
     tmp_path: Path, fake_clock: list[int]
 ) -> None:
     days = 400
@@ -203,7 +202,7 @@ dbs:
     doomed = {line.split()[-1] for line in r.stdout.splitlines()
               if line.startswith("  would delete ")}
     store = FileStorage(str(replica))
-    objs = asyncio.run(_all(store))
+    objs = await _all(store)
     snaps = {o.end_txid: o for o in objs if o.kind == "snapshot" and o.end_txid > 0}
     kept_snaps = {txid for txid, o in snaps.items() if o.key not in doomed}
     # txid i+1 holds the rows of days 0..i; its snapshot was taken on day i
@@ -218,11 +217,11 @@ dbs:
     assert 12 + 3 <= len(kept_snaps) < 40  # months and years alone are 12 + 2 distinct days
     assert "keeps" in r.stdout.splitlines()[0]
     assert all(o.key in {x.key for x in objs} for o in objs)  # dry run: nothing deleted
-    assert len(asyncio.run(_all(store))) == len(objs)
+    assert len(await _all(store)) == len(objs)
 
     r = util.cli("prune", "--config", str(cfg), str(tmp_path / "app.db"))
     assert r.returncode == 0, r.stderr
-    left = asyncio.run(_all(store))
+    left = await _all(store)
     assert {o.key for o in left} == {o.key for o in objs} - doomed
     again = util.cli("prune", "--dry-run", "--config", str(cfg))
     assert "  would delete " not in again.stdout and "would delete 0" in again.stdout
@@ -230,7 +229,7 @@ dbs:
     # every kept point restores, with exactly the rows it had
     for txid in sorted(kept_snaps):
         out = tmp_path / f"r{txid}.db"
-        asyncio.run(_restore(store, txid, out))
+        await _restore(store, txid, out)
         conn = sqlite3.connect(out)
         assert conn.execute("SELECT COUNT(*), MAX(day) FROM t").fetchone() == (txid, txid - 1)
         conn.close()
@@ -253,7 +252,7 @@ async def _restore(store: FileStorage, txid: int, out: Path) -> None:
     await apply_plan(store, plan, str(out))
 
 
-def test_retention_pass_sets_the_inventory_metrics_per_destination(tmp_path: Path) -> None:
+async def test_retention_pass_sets_the_inventory_metrics_per_destination(tmp_path: Path) -> None:
     from replicator.metrics import create_metrics
     from replicator.pos import parse_key
     from replicator.replica import Replica
@@ -265,7 +264,7 @@ def test_retention_pass_sets_the_inventory_metrics_per_destination(tmp_path: Pat
     metrics = create_metrics()
     rep = Replica("archive", store, Spool(str(tmp_path / "spool")), "app", metrics)
     rep.retention = RetentionPolicy(keep_weekly=2, grace=0)
-    plan = asyncio.run(rep.enforce_retention(now=NOW))
+    plan = await rep.enforce_retention(now=NOW)
     assert plan is not None and plan.delete
     left = [parse_key(k) for k in store.data]
     assert sorted(o for o in left if o is not None) == sorted(

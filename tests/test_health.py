@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_notify import SMTP_PASSWORD, SMTP_USER, SmtpTestServer, WebhookTestServer, body_of
+from fakeservers import SMTP_PASSWORD, SMTP_USER, SmtpTestServer, WebhookTestServer, body_of
 
 from replicator.errors import ConfigError
 from replicator.health import (
@@ -66,11 +66,6 @@ def sample(m: Metrics, name: str, **labels: str) -> float | None:
 
 
 @pytest.fixture
-def metrics() -> Metrics:
-    return create_metrics()
-
-
-@pytest.fixture
 def db_path(tmp_path: Path) -> str:
     """A WAL-mode database shaped like the DBA plan's: a ``releases`` table."""
     path = str(tmp_path / "app.db")
@@ -107,18 +102,6 @@ def make_checker() -> Iterator[Callable[..., HealthChecker]]:
         checker.close()
 
 
-@pytest.fixture
-def webhook() -> Iterator[WebhookTestServer]:
-    with WebhookTestServer() as w:
-        yield w
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpTestServer]:
-    with SmtpTestServer() as s:
-        yield s
-
-
 def by_check(results: list[CheckResult]) -> dict[str, CheckResult]:
     return {r.check: r for r in results}
 
@@ -127,7 +110,7 @@ async def test_freshness_size_and_sql_checks_fire_notify_and_recover(
     db_path: str,
     writer: sqlite3.Connection,
     metrics: Metrics,
-    smtp: SmtpTestServer,
+    smtp_plain: SmtpTestServer,
     webhook: WebhookTestServer,
     caplog: pytest.LogCaptureFixture,
     make_checker: MakeChecker,
@@ -142,7 +125,7 @@ async def test_freshness_size_and_sql_checks_fire_notify_and_recover(
     notifier = Notifier(
         [
             SmtpNotifier(
-                "127.0.0.1", smtp.port, username=SMTP_USER, password=SMTP_PASSWORD,
+                "127.0.0.1", smtp_plain.port, username=SMTP_USER, password=SMTP_PASSWORD,
                 sender="replicator@example.test", recipients=["dba@example.test"], timeout=5,
             ),
             WebhookNotifier(webhook.url, timeout=5),
@@ -175,7 +158,7 @@ async def test_freshness_size_and_sql_checks_fire_notify_and_recover(
     assert sample(
         metrics, "replicator_health_check_value", db="app", check="releases_fresh"
     ) == pytest.approx(60, abs=1)
-    assert smtp.messages == [] and webhook.payloads == []
+    assert smtp_plain.messages == [] and webhook.payloads == []
 
     # 2. the application writes: 150 overdue rows and a 1 MiB blob; 26 h pass with no release
     writer.execute("PRAGMA wal_autocheckpoint = 0")
@@ -198,7 +181,7 @@ async def test_freshness_size_and_sql_checks_fire_notify_and_recover(
         metrics, "replicator_health_check_value", db="app", check="releases_fresh"
     ) == pytest.approx(26 * HOUR, abs=1)
 
-    mails = {m["Subject"]: body_of(m) for _, _, m in smtp.messages}
+    mails = {m["Subject"]: body_of(m) for _, _, m in smtp_plain.messages}
     assert set(mails) == {
         f"[replicator] FAILING: {c} on app (db-host)" for c in ("releases_fresh", "size", "overdue")
     }
@@ -212,7 +195,7 @@ async def test_freshness_size_and_sql_checks_fire_notify_and_recover(
 
     # 3. still failing a minute later: not a change, nothing re-sent
     assert all(not x.ok for x in await checker.run_once(now=t1 + 60))
-    assert len(webhook.payloads) == 3 and len(smtp.messages) == 3
+    assert len(webhook.payloads) == 3 and len(smtp_plain.messages) == 3
 
     # 4. the application catches up: a fresh release, rows notified, blob gone, WAL truncated
     writer.execute(
@@ -234,7 +217,7 @@ async def test_freshness_size_and_sql_checks_fire_notify_and_recover(
     assert next(p for p in recovered if p["check"] == "overdue")["reason"] == (
         "value 0 (fails if > 100)"
     )
-    assert [m["X-Replicator-State"] for _, _, m in smtp.messages[3:]] == ["recovered"] * 3
+    assert [m["X-Replicator-State"] for _, _, m in smtp_plain.messages[3:]] == ["recovered"] * 3
 
     # 5. overdue fails again within 10 min of its last failure e-mail: held back (rate limit) ...
     writer.executemany(
@@ -244,13 +227,13 @@ async def test_freshness_size_and_sql_checks_fire_notify_and_recover(
     results = await checker.run_once(now=t1 + 180)
     assert [x.ok for x in results] == [True, True, False]
     assert sample(metrics, "replicator_health_check_ok", db="app", check="overdue") == 0
-    assert len(webhook.payloads) == 6 and len(smtp.messages) == 6
+    assert len(webhook.payloads) == 6 and len(smtp_plain.messages) == 6
     # ... and sent once the interval has passed, as it is still failing
     await checker.run_once(now=t1 + 600)
     assert webhook.payloads[-1]["check"] == "overdue"
     assert webhook.payloads[-1]["state"] == "failing"
     assert webhook.payloads[-1]["reason"] == "value 101 > 100"
-    assert len(webhook.payloads) == 7 and len(smtp.messages) == 7
+    assert len(webhook.payloads) == 7 and len(smtp_plain.messages) == 7
     assert sample(
         metrics, "replicator_errors_total", db="app", replica="", operation="notify"
     ) is None
@@ -479,7 +462,7 @@ async def test_missing_database_is_a_failing_result(
     assert sample(metrics, "replicator_integrity_check_ok", db=path) is None
 
 
-def test_writer_with_no_busy_timeout_never_sees_busy_while_checks_run(db_path: str) -> None:
+async def test_writer_with_no_busy_timeout_never_sees_busy_while_checks_run(db_path: str) -> None:
     """A writer committing flat out with busy_timeout=0 while every kind of check runs.
 
     SQLite leaves one microsecond-wide race that any reader can trigger (see the module docstring
@@ -555,7 +538,7 @@ def test_writer_with_no_busy_timeout_never_sees_busy_while_checks_run(db_path: s
     try:
         assert writing.wait(10)
         assert errors == []
-        runs = asyncio.run(check_repeatedly())
+        runs = await check_repeatedly()
     finally:
         stop.set()
         t.join(10)

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 import util
-from obsutil import Reaper, free_port, get, reaper, scrape, total, value, values
-from test_notify import SMTP_PASSWORD, SMTP_USER, SmtpTestServer, WebhookTestServer
+from fakeservers import SMTP_PASSWORD, SMTP_USER, SmtpTestServer, WebhookTestServer
+from obsutil import Reaper, get, reaper, scrape, total, value, values
+from util import free_port
 from writer import init_db
 
 import replicator

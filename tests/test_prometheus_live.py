@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +23,9 @@ from typing import Any
 import pytest
 import util
 import yaml
-from obsutil import Reaper, free_port, get, reaper
-from test_alerts import ALERTS, EXPECTED_ALERTS
-from test_dashboard_static import query_panels, variables
+from obsutil import Reaper, get, reaper
+from promutil import ALERTS, EXPECTED_ALERTS, query_panels, variables
+from util import free_port
 from writer import init_db
 
 PROMETHEUS = "/usr/bin/prometheus"
@@ -62,35 +61,23 @@ class Prometheus:
                 {"job_name": "replicator", "static_configs": [{"targets": [target]}]},
             ],
         }))
-        self.log = tmp / "prometheus.log"
-        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
+        self.server = util.ServerProcess(
             [prometheus_binary(), f"--config.file={config}",
              f"--storage.tsdb.path={tmp / 'prometheus-data'}",
              f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL,
+            tmp / "prometheus.log",
         )
 
     def stop(self) -> None:
-        """Terminate (kill after 15s) and reap."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
-        self._log.close()
+        """Stop and reap."""
+        self.server.stop(15)
 
     def wait_ready(self) -> None:
-        def is_ready() -> bool:
-            assert self.proc.poll() is None, f"prometheus exited:\n{self.tail()}"
-            return get(f"{self.url}/-/ready")[0] == 200
-
-        util.wait_until(is_ready, WAIT, 0.2, what="prometheus /-/ready")
+        self.server.wait_ready(lambda: get(f"{self.url}/-/ready")[0] == 200, WAIT,
+                               "prometheus /-/ready")
 
     def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
+        return self.server.text()[-3000:]
 
     def api(self, path: str, **params: str) -> Any:
         url = f"{self.url}/api/v1/{path}"
@@ -240,5 +227,5 @@ def test_every_dashboard_query_and_rule_works_on_real_prometheus(
 
         util.wait_until(replica_down_pending, WAIT, 0.5,
                         what="ReplicaDown pending for the broken replica")
-        assert prom.proc.poll() is None, prom.tail()
-    assert prom.proc.poll() is not None, "prometheus still running"
+        assert prom.server.running, prom.tail()
+    assert not prom.server.running, "prometheus still running"

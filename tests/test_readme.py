@@ -8,17 +8,14 @@ import json
 import os
 import re
 import shlex
-import sqlite3
 import subprocess
 import sys
-import time
 import venv
 from pathlib import Path
 
 import pytest
 import util
-from obsutil import free_port
-from util import cli, wait_until
+from util import cli, commit, free_port, wait_until
 from writer import init_db
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,14 +141,6 @@ class Site:
         return out
 
 
-def commit_one(db: Path) -> None:
-    c = sqlite3.connect(db, isolation_level=None)
-    try:
-        c.execute("INSERT INTO log(t_ns) VALUES (?)", (time.time_ns(),))
-    finally:
-        c.close()
-
-
 def shipped(replica: Path) -> bool:
     """Whether the replica holds a transaction past its first snapshot."""
     r = cli("generations", str(replica), "--json")
@@ -164,15 +153,14 @@ def test_readme_commands_run(tmp_path: Path) -> None:
     replicate = [c for c in commands if " replicate " in f"{c} "]
     assert replicate, "the README shows how to replicate"
     logs = [tmp_path / f"replicate{i}.log" for i in range(len(replicate))]
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[util.ServerProcess] = []
     try:
         for c, log in zip(replicate, logs, strict=True):
-            with open(log, "wb") as f:
-                procs.append(subprocess.Popen([sys.executable, "-m", "replicator",
-                                               *site.args(c)], stdout=f, stderr=f))
-            wait_until(lambda log=log: b"replicating" in log.read_bytes(), 60,  # type: ignore[misc]
-                       what=f"{c} to start")
-            commit_one(site.db)
+            p = util.ServerProcess([sys.executable, "-m", "replicator", *site.args(c)], log)
+            procs.append(p)
+            p.wait_ready(lambda p=p: "replicating" in p.text(), 60,
+                         f"{c} to start")
+            commit(site.db)
             wait_until(lambda: shipped(site.replica), 60, what="a commit shipped")
         site.learn()
         for c in commands:
@@ -184,9 +172,7 @@ def test_readme_commands_run(tmp_path: Path) -> None:
             assert r.returncode == 0, (c, r.stdout, r.stderr)
             assert "Traceback" not in r.stderr
     finally:
-        for p in procs:
-            p.terminate()
-        codes = [p.wait(timeout=60) for p in procs]
+        codes = [p.stop(60) for p in procs]
     assert codes == [0] * len(procs), [log.read_text() for log in logs]
     for c, log in zip(replicate, logs, strict=True):
         if "--log-format json" in c:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from util import dump, integrity, seqs
+from util import commit, dump, integrity, seqs
 from writer import init_db
 
 from replicator.db import Database
@@ -53,16 +53,8 @@ class History:
         self.step()
 
     def commit(self, n: int = 1, big: bool = False) -> None:
-        """``n`` transactions."""
-        for _ in range(n):
-            self.seq += 1
-            self.app.execute("BEGIN")
-            if big:
-                self.app.execute(
-                    "INSERT INTO data(k, payload) VALUES (?, randomblob(20000))", (self.seq,))
-            self.app.execute("INSERT INTO log(seq, t_ns) VALUES (?, ?)",
-                             (self.seq, time.time_ns()))
-            self.app.execute("COMMIT")
+        """``n`` transactions (with a large row each if ``big``)."""
+        self.seq = commit(self.app, n, payload=20000 if big else 0)[-1]
 
     def step(self) -> list[ObjectInfo]:
         """Capture; then wait for the clock to move on so the next object has a later ms."""

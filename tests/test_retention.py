@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from replicator.pos import segment_key, snapshot_key
 from replicator.restore import _chain, summarize
 from replicator.retention import apply_retention, plan_retention
@@ -31,41 +29,41 @@ def history() -> MemoryStorage:
     return s
 
 
-def test_window_keeps_the_snapshot_before_the_cutoff_and_everything_after() -> None:
+async def test_window_keeps_the_snapshot_before_the_cutoff_and_everything_after() -> None:
     s = history()
     # cutoff 15 s: generation A ended (7 s) before it and B has a snapshot: A goes whole;
     # in B the newest snapshot at or before 15 s is txid 0 at 10 s: nothing of B goes
-    plan = asyncio.run(plan_retention(s, 15, now=30))
+    plan = await plan_retention(s, 15, now=30)
     assert plan.drop_generations == [GEN_A]
     assert {o.generation for o in plan.delete} == {GEN_A}
     # cutoff 22 s: B's base is the snapshot at txid 4 (20 s): txid 0 snapshot and 1..4 go
-    plan = asyncio.run(plan_retention(s, 8, now=30))
+    plan = await plan_retention(s, 8, now=30)
     assert sorted(o.key for o in plan.delete if o.generation == GEN_B) == sorted(
         [snapshot_key(GEN_B, 0, 10_000), segment_key(GEN_B, 1, 4, 11_000, 14_000)]
     )
-    assert asyncio.run(apply_retention(s, 8, now=30)) == 6
+    assert await apply_retention(s, 8, now=30) == 6
     remaining = sorted(s.data)
     assert remaining == sorted(
         [snapshot_key(GEN_B, 4, 20_000), segment_key(GEN_B, 5, 9, 21_000, 25_000)]
     )
 
 
-def test_nothing_is_deleted_without_a_snapshot_before_the_cutoff() -> None:
+async def test_nothing_is_deleted_without_a_snapshot_before_the_cutoff() -> None:
     s = history()
-    assert asyncio.run(plan_retention(s, 100, now=30)).delete == []
+    assert (await plan_retention(s, 100, now=30)).delete == []
 
 
-def test_newest_generation_is_never_dropped_whole() -> None:
+async def test_newest_generation_is_never_dropped_whole() -> None:
     s = MemoryStorage()
     put(s, snapshot_key(GEN_A, 0, 1000))
     put(s, segment_key(GEN_A, 1, 2, 2000, 3000))
-    plan = asyncio.run(plan_retention(s, 1, now=1000))
+    plan = await plan_retention(s, 1, now=1000)
     assert plan.delete == [] and plan.drop_generations == []
 
 
-def test_latest_point_still_reachable_after_retention() -> None:
+async def test_latest_point_still_reachable_after_retention() -> None:
     s = history()
-    asyncio.run(apply_retention(s, 8, now=30))
-    (gen,) = asyncio.run(summarize(s))
+    await apply_retention(s, 8, now=30)
+    (gen,) = await summarize(s)
     chain, missing = _chain(gen, gen.snapshots[-1], None)
     assert missing is None and chain[-1].end_txid == 9

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import random
-import socket
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -18,8 +17,8 @@ from typing import Any
 import pytest
 from faultproxy import Fault, FaultProxy
 from s3fixtures import TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY, S3Server
+from util import free_port
 
-import replicator.storage.s3 as s3mod
 from replicator.errors import ConfigError, NotFoundError, StorageError
 from replicator.pos import ObjectInfo, new_generation_id, segment_info, snapshot_info
 from replicator.storage import open_storage
@@ -49,13 +48,6 @@ async def chunks(data: bytes, size: int = MIB) -> AsyncIterator[bytes]:
 
 async def read_all(storage: S3Storage, info: ObjectInfo) -> bytes:
     return b"".join([c async for c in storage.read_object(info)])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 @pytest.fixture
@@ -332,11 +324,9 @@ async def test_listing_paginates_and_deletes_batch(
     seaweedfs_server: S3Server,
     weed_bucket: str,
     open_s3: Callable[..., S3Storage],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(s3mod, "LIST_PAGE_SIZE", 3)
-    monkeypatch.setattr(s3mod, "DELETE_BATCH", 4)
     s = open_s3(seaweedfs_server, weed_bucket)
+    s.list_page_size, s.delete_batch = 3, 4
     gens = sorted(new_generation_id(now_ns=(1_700_000_000 + i) * 10**9) for i in range(5))
     infos = [segment_info(gens[0], i, i, i, i) for i in range(1, 11)]
     await asyncio.gather(*(s.write_object(i, chunks(b"w")) for i in infos))

@@ -16,8 +16,6 @@ import json
 import os
 import random
 import re
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -29,7 +27,7 @@ import pytest
 import util
 from faultproxy import FaultProxy
 from s3fixtures import TEST_REGION, TEST_SECRET_KEY, S3Server, StoppableSeaweedFS
-from test_e2e import observed_times
+from util import free_port
 from writer import init_db
 
 from replicator.errors import ReplicatorError
@@ -111,13 +109,6 @@ def local_latest_txid(dest: Path) -> tuple[str, int] | None:
     return last.generation, last.end_txid
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 def metrics(port: int) -> list[tuple[str, dict[str, str], float]]:
     """The samples at ``/metrics``: (name, labels, value)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
@@ -158,12 +149,7 @@ class Replicate(util.Replicate):
 
     def __init__(self, *args: str, log: Path, env: dict[str, str]) -> None:
         Replicate.running.append(self)
-        self.log = log
-        self._f = open(log, "ab")  # noqa: SIM115 - closed by stop() or kill()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "replicator", "--log-level", "info", "replicate", *args],
-            stdout=self._f, stderr=self._f, env=env,
-        )
+        super().__init__(*args, log=log, env=env, log_level="info")
 
 
 def wait_started(rep: util.Replicate) -> None:
@@ -241,7 +227,7 @@ def test_replicate_restore_equals_source(tmp_path: Path, env: dict[str, str], s3
 
     # point in time, from S3: exactly what was observed by each instant (and the same from the
     # local replica)
-    times = observed_times(s3dest.url)
+    times = util.observed_times(s3dest.url)
     by_seq = {c[0]: c for c in commits}
     assert len(instants) >= 4
     for i, t in enumerate(rnd.sample(instants, 4)):
@@ -641,7 +627,7 @@ class Watched:
             self.active -= 1
 
 
-def test_restore_downloads_in_parallel_and_cleans_up(tmp_path: Path, env: dict[str, str],
+async def test_restore_downloads_in_parallel_and_cleans_up(tmp_path: Path, env: dict[str, str],
                                                      s3dest: S3Dest) -> None:
     db = tmp_path / "app.db"
     init_db(str(db))
@@ -665,7 +651,7 @@ def test_restore_downloads_in_parallel_and_cleans_up(tmp_path: Path, env: dict[s
         finally:
             await client.aclose()
 
-    watched, objects = asyncio.run(run(False))
+    watched, objects = await run(False)
     assert 2 <= watched.most <= 4  # the object applied plus at most 3 ahead
     plan_keys = [o.key for o in objects]
     assert sorted(watched.reads) == sorted(plan_keys)  # each object read once
@@ -673,5 +659,5 @@ def test_restore_downloads_in_parallel_and_cleans_up(tmp_path: Path, env: dict[s
     restored = (outdir / "x.db").rename(tmp_path / "x.db")
     assert util.dump(restored) == util.dump(db)
     with pytest.raises(ReplicatorError, match=re.escape(objects[4].key)):
-        asyncio.run(run(True))
+        await run(True)
     assert os.listdir(outdir) == [], "temp files left behind"

@@ -6,31 +6,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import sqlite3
 from pathlib import Path
 
+from util import commit
 from writer import init_db
 
 from replicator.config import DbConfig, ReplicaConfig
+from replicator.db import DEFAULT_TUNING, Tuning
 from replicator.replicator import DatabaseService
 
 
-def service(tmp_path: Path, **kw: float) -> DatabaseService:
+def service(tmp_path: Path, tuning: Tuning = DEFAULT_TUNING, **kw: float) -> DatabaseService:
     cfg = DbConfig(path=str(tmp_path / "app.db"),
                    replicas=[ReplicaConfig("local", str(tmp_path / "replica"))], **kw)
-    return DatabaseService(cfg)
+    return DatabaseService(cfg, tuning=tuning)
 
 
-def commit(db: Path, n: int) -> None:
-    c = sqlite3.connect(db)
-    for i in range(n):
-        c.execute("INSERT INTO log(seq, t_ns) VALUES ((SELECT COALESCE(MAX(seq),0)+1 FROM log), ?)",
-                  (i,))
-        c.commit()
-    c.close()
-
-
-def test_periodic_snapshot_only_when_something_changed(tmp_path: Path) -> None:
+async def test_periodic_snapshot_only_when_something_changed(tmp_path: Path) -> None:
     init_db(str(tmp_path / "app.db"))
 
     async def go() -> list[bool]:
@@ -48,12 +40,12 @@ def test_periodic_snapshot_only_when_something_changed(tmp_path: Path) -> None:
         await s.close(5)
         return out
 
-    assert asyncio.run(go()) == [False, True, False]
+    assert await go() == [False, True, False]
     snaps = sorted((tmp_path / "replica").glob("generations/*/snapshots/*.snap"))
     assert len(snaps) == 2
 
 
-def test_spool_is_pruned_once_shipped_and_restart_resumes(tmp_path: Path) -> None:
+async def test_spool_is_pruned_once_shipped_and_restart_resumes(tmp_path: Path) -> None:
     init_db(str(tmp_path / "app.db"))
 
     async def run_once(n: int) -> tuple[str | None, int]:
@@ -68,31 +60,27 @@ def test_spool_is_pruned_once_shipped_and_restart_resumes(tmp_path: Path) -> Non
         await s.close(5)
         return gen, s.db.txid
 
-    gen1, txid1 = asyncio.run(run_once(5))
+    gen1, txid1 = await run_once(5)
     spool = tmp_path / ".app.db-replicator" / "generations"
     left = list(spool.glob("*/*/*"))
     assert len(left) == 1, "only the resume point stays in the spool"
-    gen2, txid2 = asyncio.run(run_once(4))
+    gen2, txid2 = await run_once(4)
     assert gen2 == gen1 and txid2 == txid1 + 4
     # the restart found the generation's snapshot on the replica: no second snapshot
     assert len(list((tmp_path / "replica").glob("generations/*/snapshots/*.snap"))) == 1
 
 
-def test_final_sync_drains_a_backlog(tmp_path: Path, monkeypatch) -> None:
-    import replicator.db as dbmod
-
-    monkeypatch.setattr(dbmod, "SEGMENT_MAX_FRAMES", 8)
-    monkeypatch.setattr(dbmod, "STEP_BATCHES", 2)
+async def test_final_sync_drains_a_backlog(tmp_path: Path) -> None:
     init_db(str(tmp_path / "app.db"))
 
     async def go() -> int:
-        s = service(tmp_path)
+        s = service(tmp_path, Tuning(segment_max_frames=8, step_batches=2))
         await s.open()
         commit(tmp_path / "app.db", 200)  # far more than one step captures
         await s.close(30)
         return s.db.txid
 
-    assert asyncio.run(go()) == 200
+    assert await go() == 200
     out = tmp_path / "out.db"
     from util import restore, seqs
 
@@ -100,7 +88,7 @@ def test_final_sync_drains_a_backlog(tmp_path: Path, monkeypatch) -> None:
     assert seqs(out) == list(range(1, 201))
 
 
-def test_busy_writer_wal_resets_are_proven_without_a_new_generation(tmp_path: Path) -> None:
+async def test_busy_writer_wal_resets_are_proven_without_a_new_generation(tmp_path: Path) -> None:
     """A writer in another process committing 3000 transactions a second (no busy timeout)
     beside the running service: the WAL keeps resetting (the replicator never holds it), every
     reset is proven continuous (one generation from start to end), and the restore holds every
@@ -130,7 +118,7 @@ def test_busy_writer_wal_resets_are_proven_without_a_new_generation(tmp_path: Pa
         await s.close(30)
         return first, s.db.generation, salts, s.db.checkpoints.get("ok", 0)
 
-    first, last, salts, _ = asyncio.run(go())
+    first, last, salts, _ = await go()
     assert first is not None and last == first
     assert len(salts) >= 3, "the WAL was never reset under a flat-out writer"
     out = tmp_path / "out.db"
@@ -147,7 +135,7 @@ def wal_salt1(path: Path) -> int | None:
     return None
 
 
-def test_follows_a_busy_wal_without_file_events_then_rearms_them(tmp_path: Path) -> None:
+async def test_follows_a_busy_wal_without_file_events_then_rearms_them(tmp_path: Path) -> None:
     """While commits keep coming the loop follows the WAL with file events off; once it is
     quiet they are back on, and a lone commit is captured at once (the 30 s timer backstop
     plays no part)."""
@@ -183,23 +171,21 @@ def test_follows_a_busy_wal_without_file_events_then_rearms_them(tmp_path: Path)
         await s.close(10)
         return armed_at_rest, paused_seen, took
 
-    armed_at_rest, paused_seen, took = asyncio.run(go())
+    armed_at_rest, paused_seen, took = await go()
     assert armed_at_rest and paused_seen
     assert took < 10  # captured on its file event; the backstop would take 30 s
 
 
-def test_segments_past_the_compression_budget_are_stored(tmp_path: Path, monkeypatch) -> None:
+async def test_segments_past_the_compression_budget_are_stored(tmp_path: Path) -> None:
     """Segments are compressed within the budget and stored as they are past it; both restore
     the same."""
     from util import restore, seqs
 
-    import replicator.db as dbmod
-
     db = tmp_path / "app.db"
     init_db(str(db))
 
-    async def go(n: int) -> list[int]:
-        s = service(tmp_path)
+    async def go(n: int, tuning: Tuning = DEFAULT_TUNING) -> list[int]:
+        s = service(tmp_path, tuning)
         await s.open()
         commit(db, n)
         await s.sync()
@@ -208,9 +194,8 @@ def test_segments_past_the_compression_budget_are_stored(tmp_path: Path, monkeyp
         await s.close(10)
         return sizes
 
-    packed = max(asyncio.run(go(100)))
-    monkeypatch.setattr(dbmod, "COMPRESS_BUDGET", 0)
-    stored = max(asyncio.run(go(100)))
+    packed = max(await go(100))
+    stored = max(await go(100, Tuning(compress_budget=0)))
     # about 100 frames of 4 KiB each, mostly zeros: stored is their size, packed far less
     assert stored > 100 * 4096 > 10 * packed
     out = tmp_path / "out.db"
@@ -218,7 +203,7 @@ def test_segments_past_the_compression_budget_are_stored(tmp_path: Path, monkeyp
     assert seqs(out) == list(range(1, 201))
 
 
-def test_remote_replica_ships_consecutive_segments_as_one_object(tmp_path: Path) -> None:
+async def test_remote_replica_ships_consecutive_segments_as_one_object(tmp_path: Path) -> None:
     """A destination that pays per request gets each run of consecutive spooled segments as one
     object (a file replica gets them one by one, linked); runs break where the WAL restarts.
     Restores from both are equal to the source, and a restarted shipper sees the merged parts as
@@ -262,6 +247,6 @@ def test_remote_replica_ships_consecutive_segments_as_one_object(tmp_path: Path)
             await apply_plan(client, plan, str(tmp_path / f"{name}.db"))
         await s.close(10)
 
-    asyncio.run(go())
+    await go()
     assert seqs(tmp_path / "local.db") == seqs(tmp_path / "remote.db") == seqs(db)
     assert seqs(db) == list(range(1, 25))

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+
+from replicator.format import decode_stream, read_header
+from replicator.pos import ObjectInfo
+from replicator.restore import apply_plan, plan_restore
+from replicator.storage import StorageClient, open_storage
 
 TESTS = Path(__file__).resolve().parent
 WRITER = str(TESTS / "writer.py")
@@ -25,35 +32,118 @@ def cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
     )
 
 
-class Replicate:
-    """``replicator replicate ...`` as a subprocess, stderr captured to a file."""
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports on 127.0.0.1 that were free a moment ago."""
+    socks = []
+    try:
+        for _ in range(n):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
-    def __init__(self, *args: str, log: Path, env: dict[str, str] | None = None) -> None:
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    return free_ports(1)[0]
+
+
+class ServerProcess:
+    """A server (or any long-running program) as a child process: every external server of the
+    tests (the replicator, SeaweedFS, Prometheus) runs this way. Its output goes to ``log``;
+    :meth:`wait_ready` fails at once with the log's tail if it exits; :meth:`stop` and
+    :meth:`kill` never leave it running."""
+
+    def __init__(self, argv: Sequence[str], log: Path, *, env: dict[str, str] | None = None,
+                 cwd: str | None = None, new_session: bool = False) -> None:
+        self.argv = list(argv)
         self.log = log
-        self._f = open(log, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "replicator", "--log-level", "debug", "replicate", *args],
-            stdout=self._f, stderr=self._f, env=env,
-        )
+        self.env = env
+        self.cwd = cwd
+        self.new_session = new_session
+        self.start()
+
+    def start(self) -> None:
+        """Start the program (again, after a stop)."""
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=self.env, cwd=self.cwd, start_new_session=self.new_session,
+            )
+
+    @property
+    def running(self) -> bool:
+        """Whether the process runs."""
+        return self.proc.poll() is None
+
+    def text(self) -> str:
+        """What the process wrote so far."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def describe(self) -> str:
+        """The command, its exit status and the end of its output, for failure messages."""
+        return f"`{' '.join(self.argv)}` exited with {self.proc.poll()}:\n{self.text()[-4000:]}"
+
+    def wait_ready(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll ``ready`` until it is true; fail naming ``what`` if the process exits first or
+        ``timeout`` seconds pass."""
+
+        def check() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{what}: {self.describe()}")
+            return ready()
+
+        wait_until(check, timeout, 0.05, what=what)
 
     def stop(self, timeout: float = 30) -> int:
-        """SIGTERM and wait; returns the exit code."""
+        """SIGTERM and wait; returns the exit code. One that does not stop within ``timeout`` is
+        killed and the test fails."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=timeout)
-        self._f.close()
-        return rc
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"`{self.argv[0]}` did not stop within {timeout}s") from None
 
     def kill(self) -> None:
         """SIGKILL and reap."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=30)
-        self._f.close()
 
-    def text(self) -> str:
-        """What the process logged so far."""
-        return self.log.read_text(errors="replace")
+
+class Replicate(ServerProcess):
+    """``replicator replicate ...`` as a subprocess, its log in ``log``."""
+
+    def __init__(self, *args: str, log: Path, env: dict[str, str] | None = None,
+                 log_level: str = "debug", log_format: str = "text") -> None:
+        super().__init__([sys.executable, "-m", "replicator", "--log-level", log_level,
+                          "--log-format", log_format, "replicate", *args], log, env=env)
+
+
+def commit(db: Path | str | sqlite3.Connection, n: int = 1, *, payload: int = 0) -> list[int]:
+    """``n`` transactions like the writer's: each inserts the next ``seq`` into ``log`` (and,
+    with ``payload``, a row of that many random bytes into ``data``). Returns their seqs."""
+    conn = db if isinstance(db, sqlite3.Connection) else sqlite3.connect(db, isolation_level=None)
+    try:
+        out = []
+        for _ in range(n):
+            conn.execute("BEGIN")
+            seq = int(conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM log").fetchone()[0])
+            if payload:
+                conn.execute("INSERT INTO data(k, payload) VALUES (?, randomblob(?))",
+                             (seq, payload))
+            conn.execute("INSERT INTO log(seq, t_ns) VALUES (?, ?)", (seq, time.time_ns()))
+            conn.execute("COMMIT")
+            out.append(seq)
+        return out
+    finally:
+        if conn is not db:
+            conn.close()
 
 
 def start_writer(db: Path, log: Path, *args: str) -> subprocess.Popen[str]:
@@ -153,3 +243,64 @@ def tree(root: Path) -> dict[str, str]:
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
     return out
+
+
+def wait_for_snapshot(replica: Path) -> None:
+    """Wait until the replicator has shipped its first snapshot to a local replica."""
+    wait_until(lambda: any(replica.glob("generations/*/snapshots/*.snap")), 60,
+               what="first snapshot")
+
+
+async def _objects(dest: str) -> AsyncIterator[tuple[ObjectInfo, AsyncIterator[bytes]]]:
+    """Every object of a replica, oldest generation first, with a stream of its bytes."""
+    client = open_storage(dest)
+    try:
+        for gen in await client.generations():
+            for o in await client.objects(gen):
+                yield o, client.read_object(o)
+    finally:
+        await client.aclose()
+
+
+async def _observed_times(dest: str) -> dict[tuple[str, int], int]:
+    out: dict[tuple[str, int], int] = {}
+    async for o, data in _objects(dest):
+        h = await read_header(data, o.key)
+        if o.kind == "wal":
+            for txid, ts, _, _ in h["txns"]:
+                out[(o.generation, int(txid))] = int(ts)
+        else:
+            out[(o.generation, o.end_txid)] = int(h["ts_ns"])
+    return out
+
+
+async def _segment_bodies(dest: str) -> list[bytes]:
+    out = []
+    async for o, data in _objects(dest):
+        _, body = await decode_stream(data, o.key)
+        out.append(b"".join([c async for c in body]))
+    return out
+
+
+async def _restore_latest(client: StorageClient, out: Path) -> None:
+    plan = await plan_restore(client)
+    await apply_plan(client, plan, str(out), force=True)
+
+
+# Blocking forms of the library's async calls, for tests that drive processes and files (a test
+# of async code is an ``async def`` test and awaits the library directly).
+
+
+def observed_times(dest: str) -> dict[tuple[str, int], int]:
+    """(generation, txid) -> observed ns, from every object header of a replica."""
+    return asyncio.run(_observed_times(dest))
+
+
+def segment_bodies(dest: str) -> list[bytes]:
+    """The decoded body of every object of a replica."""
+    return asyncio.run(_segment_bodies(dest))
+
+
+def restore_latest(client: StorageClient, out: Path) -> None:
+    """Restore the latest point of ``client`` to ``out``, in this process (overwriting)."""
+    asyncio.run(_restore_latest(client, out))

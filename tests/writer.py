@@ -24,11 +24,12 @@ CREATE INDEX IF NOT EXISTS data_k ON data(k);
 """
 
 
-def init_db(path: str, page_size: int = 4096) -> None:
-    """Create the database in WAL mode with the test schema."""
+def init_db(path: str, page_size: int = 4096, wal: bool = True) -> None:
+    """Create the database with the test schema, in WAL mode (else in rollback-journal mode)."""
     c = sqlite3.connect(path)
     c.execute(f"PRAGMA page_size={page_size}")
-    c.execute("PRAGMA journal_mode=WAL")
+    if wal:
+        c.execute("PRAGMA journal_mode=WAL")
     c.executescript(SCHEMA)
     c.commit()
     c.close()

@@ -65,6 +65,8 @@ class S3Storage:
 
     local = False
     can_link = False
+    list_page_size = LIST_PAGE_SIZE
+    delete_batch = DELETE_BATCH
 
     def __init__(self, options: S3Options) -> None:
         self.options = options
@@ -103,7 +105,7 @@ class S3Storage:
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix,
-                                      "MaxKeys": LIST_PAGE_SIZE}
+                                      "MaxKeys": self.list_page_size}
             if delimiter:
                 kwargs["Delimiter"] = delimiter
             if token:
@@ -279,8 +281,8 @@ class S3Storage:
             return
         r = self.requests
         client = await r.client()
-        for i in range(0, len(keys), DELETE_BATCH):
-            batch = keys[i : i + DELETE_BATCH]
+        for i in range(0, len(keys), self.delete_batch):
+            batch = keys[i : i + self.delete_batch]
             what = batch[0][len(r.root) :] + (f" and {len(batch) - 1} more" if batch[1:] else "")
             resp: dict[str, Any] = await r.call(
                 "DeleteObjects",
