@@ -401,6 +401,20 @@ class _Scan:
     detail: str  # why the first invalid frame is invalid ("" if none was)
 
 
+def _scan_wal(
+    read: _Reader,
+    header: WalHeader,
+    start_index: int,
+    start_checksum: tuple[int, int],
+    max_frames: int | None,
+    chunk_bytes: int,
+    keep_frames: bool,
+) -> ScanResult:
+    """:func:`_scan` over frames of the WAL that ``header`` describes."""
+    return _scan(read, header.page_size, header.big_endian, header.salts, start_index,
+                 start_checksum, max_frames, chunk_bytes, keep_frames).result
+
+
 def _scan(
     read: _Reader,
     page_size: int,
@@ -532,17 +546,8 @@ def scan_frames(
     def read(first: int, count: int) -> memoryview:
         return _pread_into(fd, buf, count * fs, frame_offset(start_index + first, header.page_size))
 
-    res = _scan(
-        read,
-        header.page_size,
-        header.big_endian,
-        header.salts,
-        start_index,
-        start_checksum,
-        max_frames,
-        chunk_bytes,
-        keep_frames,
-    ).result
+    res = _scan_wal(read, header, start_index, start_checksum, max_frames, chunk_bytes,
+                    keep_frames)
     if (
         res.stop_reason == "eof"
         and res.valid_end_index < start_index
@@ -593,17 +598,7 @@ def scan_bytes(
     def read(first: int, count: int) -> memoryview:
         return mv[first * fs : (first + count) * fs]
 
-    return _scan(
-        read,
-        header.page_size,
-        header.big_endian,
-        header.salts,
-        start_index,
-        start_checksum,
-        None,
-        4 << 20,
-        keep_frames,
-    ).result
+    return _scan_wal(read, header, start_index, start_checksum, None, 4 << 20, keep_frames)
 
 
 def verify_frames(
