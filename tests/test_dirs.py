@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import util
-from obsutil import free_port
+from util import commit, free_port
 from writer import init_db
 
 from replicator.config import DbConfig, ReplicaConfig, parse_config
@@ -34,16 +34,6 @@ def _config(tmp_path: Path, root: Path, dest: Path, port: int | None = None,
         f"    replicas:\n      - {{name: local, path: {dest}}}\n"
     )
     return cfg
-
-
-def _insert(db: Path, n: int, start: int = 0) -> None:
-    c = sqlite3.connect(db)
-    try:
-        for i in range(start, start + n):
-            with c:
-                c.execute("INSERT INTO log(seq, t_ns) VALUES (?, ?)", (i + 1, i))
-    finally:
-        c.close()
 
 
 def test_dir_entry_config_and_paths(tmp_path: Path) -> None:
@@ -132,7 +122,7 @@ def test_databases_appear_and_disappear_while_others_are_written(tmp_path: Path)
 
     def write_a() -> None:
         while not stop.is_set():
-            _insert(root / "a.db", 1, written["a.db"])
+            commit(root / "a.db", 1)
             written["a.db"] += 1
             stop.wait(0.01)
 
@@ -145,7 +135,7 @@ def test_databases_appear_and_disappear_while_others_are_written(tmp_path: Path)
         # non-database file changed again: all while a.db is written
         (root / "sub" / "deeper").mkdir()
         init_db(str(root / "sub" / "deeper" / "d.db"))
-        _insert(root / "sub" / "deeper" / "d.db", 5)
+        commit(root / "sub" / "deeper" / "d.db", 5)
         for suffix in ("", "-wal", "-shm"):
             Path(f"{root / 'b.db'}{suffix}").unlink(missing_ok=True)
         notes.write_text("changed, still not a database\n")
@@ -162,7 +152,7 @@ def test_databases_appear_and_disappear_while_others_are_written(tmp_path: Path)
         assert "databases of dir entries: 3 replicating, 0 queued" in text, text
         assert f"skipped {notes}: not a SQLite database" in text
         assert str(root / "sub" / "c.db") in text
-        _insert(root / "sub" / "deeper" / "d.db", 5, 5)
+        commit(root / "sub" / "deeper" / "d.db", 5)
     finally:
         stop.set()
         if writer.is_alive():
@@ -196,15 +186,15 @@ def test_many_databases_replicated_and_restored_equal(tmp_path: Path) -> None:
     for i, name in enumerate(names):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         init_db(str(root / name))
-        _insert(root / name, 1 + i % 7)
+        commit(root / name, 1 + i % 7)
     port = free_port()
     cfg = _config(tmp_path, root, dest, port)
     rep = util.Replicate("--config", str(cfg), log=tmp_path / "rep.log")
     try:
         util.wait_until(lambda: len(_replicated(port)) == count, 90, 0.5,
                         "every database replicated")
-        for i, name in enumerate(names[:50]):
-            _insert(root / name, 3, 1 + i % 7)  # and more commits after the start
+        for name in names[:50]:
+            commit(root / name, 3)  # and more commits after the start
     finally:
         assert rep.stop(60) == 0, rep.text()
     for name in names:
@@ -243,7 +233,7 @@ def _fds_on(path: Path) -> int:
     return n
 
 
-def test_parked_database_holds_no_files_and_resumes(tmp_path: Path) -> None:
+async def test_parked_database_holds_no_files_and_resumes(tmp_path: Path) -> None:
     db = tmp_path / "app.db"
     init_db(str(db))
     dest = tmp_path / "replica"
@@ -251,12 +241,8 @@ def test_parked_database_holds_no_files_and_resumes(tmp_path: Path) -> None:
     # an application with its database open (as a connection pool keeps it), and a first commit
     # in a process of its own: SQLite keeps a process's closed descriptors on a file open while
     # another connection of that process holds a lock on it
-    app = subprocess.Popen(
-        [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
-         "c.execute('SELECT count(*) FROM log').fetchone(); print('ready', flush=True); "
-         "sys.stdin.read()", str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert app.stdout is not None and app.stdout.readline() == "ready\n"
-    _insert(db, 1)
+    app = util.hold_open(db)
+    commit(db, 1)
 
     async def go() -> tuple[list[str | None], list[bool]]:
         cfg = DbConfig(path=str(db), replicas=[ReplicaConfig("local", str(dest))], health=[])
@@ -267,7 +253,7 @@ def test_parked_database_holds_no_files_and_resumes(tmp_path: Path) -> None:
         await s.replicas[0].sync()
         parked.append(await s.park())
         assert _fds_on(db) == 0
-        _insert(db, 10, 1)  # written while parked: the same epoch goes on
+        commit(db, 10)  # written while parked: the same epoch goes on
         await s.unpark()
         await s.sync()
         gens.append(s.db.generation)
@@ -275,7 +261,7 @@ def test_parked_database_holds_no_files_and_resumes(tmp_path: Path) -> None:
         parked.append(await s.park())
         # while parked the application checkpoints, resets the WAL and writes on (a catch-up)
         util.checkpoint_truncate(db)
-        _insert(db, 5, 11)
+        commit(db, 5)
         await s.unpark()
         await s.sync()
         gens.append(s.db.generation)
@@ -283,7 +269,7 @@ def test_parked_database_holds_no_files_and_resumes(tmp_path: Path) -> None:
         return gens, parked
 
     try:
-        gens, parked = asyncio.run(go())
+        gens, parked = await go()
     finally:
         app.communicate("", timeout=30)
     assert parked == [False, True, True]
@@ -296,13 +282,13 @@ def test_parked_database_holds_no_files_and_resumes(tmp_path: Path) -> None:
     assert len(util.seqs(out)) == 16
 
 
-def test_open_budget_parks_idle_databases_to_open_the_next(tmp_path: Path) -> None:
+async def test_open_budget_parks_idle_databases_to_open_the_next(tmp_path: Path) -> None:
     root, dest = tmp_path / "tenants", tmp_path / "backups"
     root.mkdir()
     names = [f"t{i}.db" for i in range(6)]
     for i, name in enumerate(names):
         init_db(str(root / name))
-        _insert(root / name, i + 1)
+        commit(root / name, i + 1)
     cfg = parse_config({"dbs": [{"dir": str(root), "integrity": "off",
                                  "replicas": [{"name": "local", "path": str(dest)}]}]})
 
@@ -326,7 +312,7 @@ def test_open_budget_parks_idle_databases_to_open_the_next(tmp_path: Path) -> No
             await task
         return most
 
-    assert asyncio.run(go()) <= 2
+    assert await go() <= 2
     (tmp_path / "out").mkdir()
     for name in names:
         out = tmp_path / "out" / name

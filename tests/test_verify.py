@@ -15,19 +15,20 @@ import sqlite3
 import stat
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import util
-from obsutil import Reaper, free_port, get, reaper, scrape, value
+from fakeservers import WebhookTestServer
+from obsutil import Reaper, get, reaper, scrape, value
 from s3fixtures import S3Server
-from test_notify import WebhookTestServer
+from util import free_port
 from writer import init_db
 
 from replicator.config import load_config
 from replicator.drill import POINTS_FILE, load_points
-from replicator.format import KIND_SNAPSHOT, ObjectWriter, decode_stream
+from replicator.format import KIND_SNAPSHOT, ObjectDecoder, ObjectWriter
 from replicator.pos import parse_key
 from replicator.replicator import DatabaseService
 from replicator.server import control_socket_path
@@ -83,13 +84,11 @@ def forge_snapshot(path: Path, old: bytes, new: bytes) -> None:
     changed in place): a self-consistent object, as if another replica had written it."""
     raw = path.read_bytes()
 
-    async def decode() -> tuple[dict[str, object], bytes]:
-        async def chunks() -> AsyncIterator[bytes]:
-            yield raw
-        header, body = await decode_stream(chunks(), path.name)
-        return header, b"".join([c async for c in body])
-
-    header, pages = asyncio.run(decode())
+    dec = ObjectDecoder(path.name)
+    pages = dec.feed(raw)
+    dec.finish()
+    header = dec.header
+    assert header is not None
     assert old in pages
     tmp = path.with_suffix(".forged")
     with open(tmp, "wb") as f:
@@ -210,7 +209,7 @@ def test_control_commands_without_a_running_replicator_say_so(tmp_path: Path) ->
     assert code == 1 and "recorded no content hash" in err
 
 
-def test_scheduled_drill_follows_the_clock(tmp_path: Path) -> None:
+async def test_scheduled_drill_follows_the_clock(tmp_path: Path) -> None:
     db = tmp_path / "app.db"
     init_db(str(db))
     write_rows(db, 1, 10)
@@ -249,7 +248,7 @@ dbs:
             await asyncio.gather(*shippers)
             await svc.close(5.0)
 
-    asyncio.run(run())
+    await run()
     assert (Path(dbcfg.spool_dir) / POINTS_FILE).exists()
 
 

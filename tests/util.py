@@ -146,6 +146,17 @@ def commit(db: Path | str | sqlite3.Connection, n: int = 1, *, payload: int = 0)
             conn.close()
 
 
+def hold_open(db: Path) -> subprocess.Popen[str]:
+    """An application process that has ``db`` open (it has read from it) until its stdin
+    closes: ``communicate("")`` ends it."""
+    app = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+         "c.execute('SELECT count(*) FROM log').fetchone(); print('ready', flush=True); "
+         "sys.stdin.read()", str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert app.stdout is not None and app.stdout.readline() == "ready\n"
+    return app
+
+
 def start_writer(db: Path, log: Path, *args: str) -> subprocess.Popen[str]:
     """Start the writer process."""
     return subprocess.Popen(
