@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from util import free_port
 
+from replicator.notify import SmtpNotifier
+
 __all__ = [
     "SMTP_PASSWORD",
     "SMTP_USER",
@@ -34,6 +36,7 @@ __all__ = [
     "WebhookTestServer",
     "body_of",
     "self_signed_cert",
+    "smtp_for",
     "smtp_plain",
     "smtp_tls",
     "webhook",
@@ -204,3 +207,17 @@ def smtp_tls(tmp_path: Path) -> Iterator[SmtpTestServer]:
 def body_of(msg: EmailMessage) -> str:
     """The text body with SMTP's CRLF line ends made LF."""
     return str(msg.get_content()).replace("\r\n", "\n")
+
+
+def smtp_for(server: SmtpTestServer, **kw: Any) -> SmtpNotifier:
+    args: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": server.port,
+        "username": SMTP_USER,
+        "password": SMTP_PASSWORD,
+        "sender": "replicator@example.test",
+        "recipients": ["dba@example.test", "oncall@example.test"],
+        "timeout": 5.0,
+    }
+    args.update(kw)
+    return SmtpNotifier(**args)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import util
-from test_notify import WebhookTestServer
+from fakeservers import WebhookTestServer
 from writer import init_db
 
 from replicator import maintenance
@@ -197,7 +197,7 @@ async def test_vacuum_larger_than_max_size_is_skipped_with_its_reason(
     assert (task, result) == ("vacuum", "skipped") and "larger than max-size (1000)" in detail
 
 
-def test_a_busy_writer_with_no_busy_timeout_is_never_in_the_way(tmp_path: Path) -> None:
+async def test_a_busy_writer_with_no_busy_timeout_is_never_in_the_way(tmp_path: Path) -> None:
     dbcfg = db_config(tmp_path, '{vacuum: {when: "03:00"}}')
     db = Path(dbcfg.path)
     log = tmp_path / "commits.log"
@@ -222,7 +222,7 @@ def test_a_busy_writer_with_no_busy_timeout_is_never_in_the_way(tmp_path: Path) 
             await svc.close(5.0)
         return seen
 
-    seen = asyncio.run(run())
+    seen = await run()
     _, err = writer.communicate()
     assert writer.returncode == 0, err  # 3 would mean it saw "database is locked"
     # nothing that writes ran: vacuum always skipped, optimize skipped (or had nothing to do)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import util
+from fakeservers import SmtpTestServer, WebhookTestServer, body_of, smtp_for
 from obsutil import Reaper, reaper
-from test_notify import SmtpTestServer, WebhookTestServer, body_of, smtp_for
 from writer import init_db
 
 from replicator.notices import NoticeThresholds, ReplicaNotices

@@ -5,10 +5,15 @@ HTTP receiver, rate limiting per (db, check), and delivery failures that never r
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import pytest
-from fakeservers import SMTP_PASSWORD, SMTP_USER, SmtpTestServer, WebhookTestServer, body_of
+from fakeservers import (
+    SMTP_PASSWORD,
+    SmtpTestServer,
+    WebhookTestServer,
+    body_of,
+    smtp_for,
+)
 from util import free_port
 
 from replicator.metrics import Metrics
@@ -28,20 +33,6 @@ def notify_errors(metrics: Metrics, db: str) -> float:
         "replicator_errors_total", {"db": db, "replica": "", "operation": "notify"}
     )
     return 0.0 if v is None else v
-
-
-def smtp_for(server: SmtpTestServer, **kw: Any) -> SmtpNotifier:
-    args: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "port": server.port,
-        "username": SMTP_USER,
-        "password": SMTP_PASSWORD,
-        "sender": "replicator@example.test",
-        "recipients": ["dba@example.test", "oncall@example.test"],
-        "timeout": 5.0,
-    }
-    args.update(kw)
-    return SmtpNotifier(**args)
 
 
 async def test_webhook_posts_json_with_every_field(
