@@ -41,7 +41,8 @@ def test_kill9_cycles_lose_nothing(tmp_path: Path) -> None:
                 assert k <= len(util.commit_log(log)) + 1
                 out.unlink()
         rep = util.Replicate(str(db), dest, log=tmp_path / "final.log")
-        util.wait_for_snapshot(Path(dest))
+        # a restart continues its generation (no new snapshot): wait until it replicates
+        rep.wait_ready(lambda: "replicating " in rep.text(), 60, "the final replicator")
         time.sleep(0.5)
     finally:
         w.terminate()
