@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .format import DEFAULT_LEVEL, KIND_WAL, ObjectDecoder, ObjectWriter
+from .compact import copy_body
+from .format import DEFAULT_LEVEL, KIND_WAL, ObjectWriter
 from .fsutil import temp_path
 from .headers import SegmentHeader
 from .pos import ObjectInfo, segment_info
@@ -24,7 +25,6 @@ from .wal import frame_size
 MAX_PARTS = 4096
 MAX_BYTES = 32 << 20  # spooled bytes in one merged object
 OUTGOING_DIR = "outgoing"
-_READ = 1 << 20
 
 
 Group = tuple[list[ObjectInfo], list[SegmentHeader]]
@@ -94,13 +94,7 @@ def merge(
         with open(path, "wb") as f:
             w = ObjectWriter(f, KIND_WAL, header.to_json(), level)
             for part in parts:
-                dec = ObjectDecoder(part.key)
-                with open(spool.path(part), "rb") as src:
-                    while chunk := src.read(_READ):
-                        body = dec.feed(chunk)
-                        if body:
-                            w.write(body)
-                dec.finish()
+                copy_body(w, spool.path(part), part.key)
             w.close()
             size = f.tell()
     except BaseException:

@@ -12,11 +12,13 @@ import os
 import re
 import shlex
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from .compact import DEFAULT_LEVELS
 from .db import DEFAULT_CHECKPOINT_PAGES as DEFAULT_CHECKPOINT_PAGES
 from .drill import PartialCheck, VerifyConfig
 from .errors import ConfigError
@@ -50,6 +52,7 @@ from .units import parse_duration as parse_duration
 from .units import parse_size as parse_size
 
 DEFAULT_SNAPSHOT_INTERVAL = 6 * 3600.0
+DEFAULT_SNAPSHOT_WAL_FACTOR = 2.0  # bounds a restore of the newest state to ~3x the database
 DEFAULT_MONITOR_INTERVAL = 1.0
 MIN_CHECKPOINT_PAGES = 16
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
@@ -111,6 +114,11 @@ class DbConfig:
         if replica is not None and replica.retention is not None:
             return replica.retention
         return dataclasses.replace(self.keep, window=self.retention)
+    compaction_levels: tuple[float, ...] = DEFAULT_LEVELS
+    """Compaction level intervals in seconds, shortest first (empty: no compaction)."""
+    snapshot_wal_factor: float = DEFAULT_SNAPSHOT_WAL_FACTOR
+    """A snapshot is taken once the WAL captured since the last one exceeds this many times the
+    database size (0: only on ``snapshot-interval``)."""
 
     def __post_init__(self) -> None:
         self.path = os.path.abspath(self.path)
@@ -487,7 +495,9 @@ _DB_FIELDS = {"path", "name", "replicas", "spool-dir", "spool_dir", "snapshot-in
               "checkpoint_pages", "retention", "health", "ready-max-lag", "ready_max_lag",
               "restore-if-db-not-exists", "restore_if_db_not_exists", "integrity", "verify",
               "maintenance",
-              *(f"keep{sep}{p}" for sep in "-_" for p in PERIODS)}
+              *(f"keep{sep}{p}" for sep in "-_" for p in PERIODS),
+              "compaction-levels", "compaction_levels", "snapshot-wal-factor",
+              "snapshot_wal_factor"}
 
 
 def _db_retention(cfg: DbConfig, raw: dict[str, Any], reps: list[Any], where: str) -> None:
@@ -603,6 +613,7 @@ def _db(raw: Any, where: str) -> DbConfig:
     _db_checks(cfg, raw, where)
     if get("ready-max-lag") is not None:
         cfg.ready_max_lag = _positive_duration(get("ready-max-lag"), f"{where}.ready-max-lag")
+    _db_history(cfg, get, where)
     cfg.restore_if_db_not_exists = _flag(get("restore-if-db-not-exists"),
                                          f"{where}.restore-if-db-not-exists")
     return cfg
@@ -626,6 +637,27 @@ def _dir(raw: dict[str, Any], where: str) -> DirConfig:
     return DirConfig(dir=root, template=template, pattern=pattern,
                      recursive=_flag(raw.get("recursive"), f"{where}.recursive"),
                      spool_root=template.spool_dir if spool is not None else None)
+
+
+def _db_history(cfg: DbConfig, get: Callable[[str], Any], where: str) -> None:
+    """The fields that keep a long history cheap: compaction levels, WAL-volume snapshots."""
+    if get("compaction-levels") is not None:
+        cfg.compaction_levels = _levels(get("compaction-levels"), f"{where}.compaction-levels")
+    factor = get("snapshot-wal-factor")
+    if factor is not None:
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or factor < 0:
+            raise ConfigError(f"{where}.snapshot-wal-factor: expected a number >= 0 (0: off)")
+        cfg.snapshot_wal_factor = float(factor)
+
+
+def _levels(raw: Any, where: str) -> tuple[float, ...]:
+    """Compaction levels: positive durations, each longer than the one before."""
+    levels = tuple(_positive_duration(v, f"{where}[{i}]")
+                   for i, v in enumerate(_list(raw, where)))
+    for i in range(1, len(levels)):
+        if levels[i] <= levels[i - 1]:
+            raise ConfigError(f"{where}[{i}]: must be longer than the level before it")
+    return levels
 
 
 def parse_config(data: Any) -> Config:

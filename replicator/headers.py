@@ -219,6 +219,59 @@ class SnapshotHeader:
 
 
 @dataclass(frozen=True)
+class SegmentPart:
+    """The frames of one WAL epoch inside a segment: transactions ``start_txid..end_txid``,
+    ``frames`` frames from position ``start`` (continuing ``prev``) to ``end``."""
+
+    start_txid: int
+    end_txid: int
+    big_endian: bool
+    prev: WalPos | None
+    start: WalPos
+    end: WalPos
+    wal_header: bytes | None
+    frames: int
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON object of one entry of ``parts``."""
+        return {
+            "start_txid": self.start_txid,
+            "end_txid": self.end_txid,
+            "big_endian": self.big_endian,
+            "prev": _opt_pos_json(self.prev),
+            "start": self.start.to_json(),
+            "end": self.end.to_json(),
+            "wal_header": self.wal_header.hex() if self.wal_header is not None else None,
+            "frames": self.frames,
+        }
+
+    @classmethod
+    def from_json(cls, obj: object, key: str) -> SegmentPart:
+        """Parse and validate one entry of ``parts``."""
+        f = _Fields(obj, key)
+        return cls(
+            start_txid=f.int("start_txid"),
+            end_txid=f.int("end_txid"),
+            big_endian=f.get("big_endian", _bool),
+            prev=f.opt("prev", _pos),
+            start=f.get("start", _pos),
+            end=f.get("end", _pos),
+            wal_header=f.opt("wal_header", _hex),
+            frames=f.int("frames"),
+        )
+
+    def continues(self, prev: SegmentPart) -> bool:
+        """Whether this part continues ``prev`` inside the same WAL epoch."""
+        return (
+            self.start == prev.end
+            and self.prev == prev.end
+            and self.start.frame > 0
+            and self.big_endian == prev.big_endian
+            and self.start_txid == prev.end_txid + 1
+        )
+
+
+@dataclass(frozen=True)
 class SegmentHeader:
     """The header of a WAL segment: whole committed transactions ``start_txid..end_txid``."""
 
@@ -238,6 +291,7 @@ class SegmentHeader:
     # did not observe it (transactions committed then were observed when it came back)
     unobserved_from_ns: int | None = None
     unobserved_to_ns: int | None = None
+    parts: tuple[SegmentPart, ...] | None = None
 
     kind: ClassVar[str] = "wal"
 
@@ -259,6 +313,7 @@ class SegmentHeader:
             "content_hash": _opt_hash_json(self.content_hash),
             "unobserved_from_ns": self.unobserved_from_ns,
             "unobserved_to_ns": self.unobserved_to_ns,
+            "parts": [p.to_json() for p in self.parts] if self.parts is not None else None,
         }
 
     @classmethod
@@ -281,7 +336,10 @@ class SegmentHeader:
             content_hash=f.opt("content_hash", _hash),
             unobserved_from_ns=f.opt("unobserved_from_ns", _int),
             unobserved_to_ns=f.opt("unobserved_to_ns", _int),
+            parts=f.opt("parts", lambda v: _parts(v, key)),
         )
+        if header.parts is not None and not _parts_fit(header, header.parts):
+            raise f.bad("parts")
         if len(header.txns) != header.end_txid - header.start_txid + 1 or any(
             t.txid != header.start_txid + i for i, t in enumerate(header.txns)
         ):
@@ -296,7 +354,39 @@ class SegmentHeader:
             and self.prev == prev.end
             and self.start.frame > 0
             and self.start_txid == prev.end_txid + 1
+            and self.parts is None
+            and prev.parts is None
         )
+
+    def epochs(self) -> tuple[SegmentPart, ...]:
+        """The segment's parts: ``parts``, or the whole segment as one part (one WAL epoch)."""
+        if self.parts is not None:
+            return self.parts
+        return (SegmentPart(self.start_txid, self.end_txid, self.big_endian, self.prev,
+                            self.start, self.end, self.wal_header, self.frames),)
+
+
+def _parts(v: Any, key: str) -> tuple[SegmentPart, ...]:
+    if not isinstance(v, list) or not v:
+        raise ValueError("not a part list")
+    try:
+        return tuple(SegmentPart.from_json(p, key) for p in v)
+    except CorruptObjectError:
+        raise ValueError("bad part") from None
+
+
+def _parts_fit(h: SegmentHeader, parts: tuple[SegmentPart, ...]) -> bool:
+    """Whether parts tile the segment: contiguous txids, its ends, its frame count."""
+    return (
+        parts[0].start_txid == h.start_txid
+        and parts[-1].end_txid == h.end_txid
+        and parts[0].prev == h.prev
+        and parts[0].start == h.start
+        and parts[-1].end == h.end
+        and sum(p.frames for p in parts) == h.frames
+        and all(b.start_txid == a.end_txid + 1 and b.prev == a.end
+                for a, b in zip(parts, parts[1:], strict=False))
+    )
 
 
 @dataclass(frozen=True)

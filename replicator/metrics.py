@@ -45,6 +45,7 @@ class Metrics:
     replica_objects: Gauge
     replica_bytes: Gauge
     replica_oldest_restorable: Gauge
+    compactions: Counter
     errors: Counter
     # health
     integrity_check_ok: Gauge
@@ -157,6 +158,10 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         replica_oldest_restorable=Gauge(
             f"{n}_replica_oldest_restorable_timestamp_seconds",
             "Observation time of the oldest snapshot the replica keeps.", rep, registry=r,
+        ),
+        compactions=Counter(
+            f"{n}_compactions", "Merged objects written by compaction, by level (0: shortest).",
+            ["db", "replica", "level"], registry=r,
         ),
         errors=Counter(
             f"{n}_errors", "Errors by operation.", ["db", "replica", "operation"], registry=r

@@ -9,14 +9,13 @@ idle), and a replica whose lease was taken over stops shipping for good, leaving
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 
 from . import batch
 from .aio import wait_any
+from .compact import DEFAULT_DELETE_GRACE, Compactor, CompactResult, unlink_quiet
 from .errors import ReplicatorError
 from .headers import SegmentHeader
 from .lease import RELEASE_TIMEOUT, Lease, LeaseError, LeaseLostError
@@ -79,6 +78,46 @@ class Replica:
         self._debug = RateLimit(DEBUG_EVERY)
         self.limit: asyncio.Semaphore | None = None
         """Shared by the replicas of many databases: held while shipping (``run()``)."""
+        self.compactor: Compactor | None = None
+        self._last_compact = 0.0
+
+    def set_levels(self, levels: Iterable[float], grace: float = DEFAULT_DELETE_GRACE) -> None:
+        """Compact this destination on these levels (seconds, shortest first; none: never),
+        deleting what a merge replaced ``grace`` seconds after it."""
+        levels = tuple(levels)
+        self.compactor = Compactor(self.client, self.spool, levels, grace) if levels else None
+
+    async def compact(self, now: float | None = None) -> CompactResult | None:
+        """One compaction step (see :mod:`replicator.compact`) with windows closed at ``now``
+        (default: the wall clock); None when this destination does not compact or is fenced."""
+        if self.compactor is None or self.fenced is not None:
+            return None
+        if not await self._check_lease():
+            return None
+        res = await self.compactor.step(now)
+        for info in res.written:
+            self._remember(info.generation, [info.key])
+        if self.metrics is not None:
+            labels = (self.db_name, self.name)
+            for level, n in res.levels.items():
+                self.metrics.compactions.labels(*labels, str(level)).inc(n)
+            self.metrics.replica_objects.labels(*labels).set(res.objects)
+            self.metrics.replica_bytes.labels(*labels).set(res.bytes)
+        return res
+
+    async def compact_if_due(self) -> None:
+        """Compact at most once per shortest level interval; a failure is counted and logged,
+        and never stops shipping."""
+        if self.compactor is None or not self.compactor.levels:
+            return
+        now = time.monotonic()
+        if now - self._last_compact < self.compactor.levels[0]:
+            return
+        self._last_compact = now
+        try:
+            await self.compact()
+        except Exception as exc:  # noqa: BLE001 - retried at the next interval
+            self._log_error("compact", exc)
 
     @property
     def url(self) -> str:
@@ -255,7 +294,7 @@ class Replica:
             try:
                 merged = await self.client.write_object(info, stream_file(path))
             finally:
-                await asyncio.to_thread(_unlink, path)
+                await asyncio.to_thread(unlink_quiet, path)
             if self._debug.ready():
                 log.debug("%s: replica %s: wrote %s (%d spooled objects, %d bytes) in %.3f s",
                           self.db_name, self.name, info.key, len(parts), merged,
@@ -308,13 +347,18 @@ class Replica:
             self.failing_since = time.time()
         if isinstance(exc, LeaseError):
             operation = "lease"
+        self._log_error(operation, exc)
+        if self.metrics is not None:
+            self.metrics.replica_up.labels(self.db_name, self.name).set(0)
+
+    def _log_error(self, operation: str, exc: BaseException) -> None:
+        """Count an error and log it (at most once a minute while it stays the same)."""
         msg = str(exc) if isinstance(exc, ReplicatorError) else f"{type(exc).__name__}: {exc}"
         if self.last_error is None:
             self._errors.reset()  # the replica was fine since the last error: log this one
         self.last_error = msg
         if self.metrics is not None:
             self.metrics.errors.labels(self.db_name, self.name, operation).inc()
-            self.metrics.replica_up.labels(self.db_name, self.name).set(0)
         self._errors.error(msg, f"{self.db_name}: replica {self.name}: {operation} failed: ")
 
     async def run(self, stop: asyncio.Event, backstop: float = DEFAULT_BACKSTOP) -> None:
@@ -329,6 +373,7 @@ class Replica:
                 if self.fenced is not None:
                     break
                 failures = 0
+                await self.compact_if_due()
                 timeout = backstop
             except Exception as exc:  # noqa: BLE001 - every failure is retried with backoff
                 if self.fenced is not None:
@@ -344,11 +389,6 @@ class Replica:
                     self._set_lag()
             await wait_any(self.wake, stop, within=timeout)
             self.wake.clear()
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 def _covered(spooled: list[ObjectInfo], remote: list[ObjectInfo]) -> set[str]:

@@ -37,9 +37,11 @@ from .retry import Backoff, ErrorLog
 from .runtime import Runtime
 from .runtime import signature as runtime_sig
 from .spool import Spool
+from .wal import FRAME_HEADER_SIZE
 from .watcher import Watcher
 
 log = logging.getLogger(__name__)
+WAL_SNAPSHOT_MIN = 64 << 20  # bytes: databases smaller than this count as this big
 T = TypeVar("T")
 # an INFO line per database with what was shipped, at most this often (none while idle)
 SUMMARY_EVERY = 60.0
@@ -112,6 +114,7 @@ class DatabaseService:
             r.on_shipped = self._schedule_prune
             r.retention = cfg.retention_policy(rc)
             r.limit = self.runtime.uploads
+            r.set_levels(cfg.compaction_levels)
         self.health: HealthChecker | None = None
         if cfg.health:
             self.health = HealthChecker(cfg.path, cfg.health, metrics=self.metrics,
@@ -128,6 +131,9 @@ class DatabaseService:
         self._watcher: Watcher | None = None
         self._errors = ErrorLog(log)
         self._prune_task: asyncio.Task[None] | None = None
+        self._db_size = 0
+        self._wal_since_snapshot = 0  # bytes of WAL frames captured since the last snapshot
+        self.wal_snapshot_min = WAL_SNAPSHOT_MIN
         self.last_capture = 0.0
         self._summary_at = time.monotonic()
         self._summary_base = {r.name: (0, 0) for r in self.replicas}
@@ -251,6 +257,10 @@ class DatabaseService:
             m.checkpoints.labels(name, "passive", result).inc(count)
         self.db.checkpoints.clear()
         db_size, wal_size = self.db.sizes()
+        self._db_size = db_size
+        if res.new_generation:
+            self._wal_since_snapshot = 0
+        self._wal_since_snapshot += res.frames * (FRAME_HEADER_SIZE + self._page_size())
         m.db_size_bytes.labels(name).set(db_size)
         m.wal_size_bytes.labels(name).set(wal_size)
         m.wal_frames.labels(name).set(self.db.pos.frame if self.db.pos else 0)
@@ -311,18 +321,31 @@ class DatabaseService:
         m.snapshot_duration_seconds.labels(name).set(self.db.last_snapshot_seconds)
         m.snapshot_size_bytes.labels(name).set(self.db.last_snapshot_size)
 
+    def _page_size(self) -> int:
+        return self.db.page_size or 4096
+
+    def _wal_heavy(self) -> bool:
+        """Whether the WAL captured since the last snapshot exceeds ``snapshot-wal-factor``
+        times the database (at least ``wal_snapshot_min``, so that a small busy database is not
+        snapshotted every few seconds): a restore of the newest state would replay more."""
+        factor = self.cfg.snapshot_wal_factor
+        base = max(self._db_size, self.wal_snapshot_min)
+        return factor > 0 and self._wal_since_snapshot > factor * base
+
     async def snapshot_if_due(self) -> bool:
-        """Take a periodic snapshot when the interval has passed and something changed."""
+        """Take a snapshot when the interval has passed, or the WAL captured since the last one
+        outgrew ``snapshot-wal-factor`` times the database, and something changed."""
         if self.parked:
             return False  # nothing changed since it was parked (a change unparks it)
         due = self.db.last_snapshot_ns / 1e9 + self.cfg.snapshot_interval
-        wanted = any(r.needs_snapshot for r in self.replicas)
+        wanted = any(r.needs_snapshot for r in self.replicas) or self._wal_heavy()
         if not wanted and (time.time() < due or self.cfg.snapshot_interval <= 0):
             return False
         if not wanted and self.db.last_snapshot_txid == self.db.txid:
             return False  # nothing changed since the last snapshot
         async with self.runtime.snapshots:
             await self._call(self.db.snapshot)
+        self._wal_since_snapshot = 0
         for r in self.replicas:
             r.needs_snapshot = False
             r.wake.set()
@@ -413,7 +436,13 @@ class DatabaseService:
 
     async def prune_spool(self) -> None:
         """Drop spooled objects every replica has, keeping the newest (the resume point) and
-        those a restart replays into the page index."""
+        those a restart replays into the page index.
+        While a remote destination compacts, the segments its first level will merge soon are
+        kept too (so that it need not download them)."""
+        levels = [r.compactor.levels[0] for r in self.replicas
+                  if r.batch and r.compactor is not None and r.compactor.levels]
+        keep_ms = int((time.time() - 2 * max(levels)) * 1000) if levels else None
+
         def prune() -> None:
             gens = self.spool.generations()
             for gi, gen in enumerate(gens):
@@ -426,6 +455,8 @@ class DatabaseService:
                     if newest_gen and i == len(objs) - 1:
                         continue
                     if keep_after is not None and o.end_txid > keep_after:
+                        continue
+                    if newest_gen and keep_ms is not None and o.last_ms >= keep_ms:
                         continue
                     if all(o.key in r.known.get(gen, set()) for r in self.replicas):
                         drop.append(o)

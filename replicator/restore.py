@@ -23,16 +23,17 @@ import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from .errors import CorruptObjectError, ReplicatorError, RestoreError, WalError
+from .errors import CorruptObjectError, NotFoundError, ReplicatorError, RestoreError, WalError
 from .format import decode_stream, read_header
 from .fsutil import fsync_dir, lock_owned, owned_temp_dir, remove_stale_temps, temp_path
-from .headers import CatchupHeader, Reason, SegmentHeader, SnapshotHeader, Txn
+from .headers import CatchupHeader, Reason, SegmentHeader, SegmentPart, SnapshotHeader, Txn
 from .pageindex import CATCHUP_PGNO_SIZE, file_content_hash, hash_hex
 from .pos import ObjectInfo, WalPos
 from .storage.base import DEFAULT_CHUNK_SIZE, StorageClient
 from .wal import FRAME_HEADER_SIZE, parse_wal_header, verify_frames
 
 DEFAULT_PREFETCH = 4
+REPLANS = 5
 
 log = logging.getLogger("replicator.restore")
 
@@ -203,27 +204,49 @@ async def _range_text(client: StorageClient, gens: list[GenerationSummary]) -> s
 def _chain(
     gen: GenerationSummary, snap: ObjectInfo, upto_txid: int | None
 ) -> tuple[list[ObjectInfo], int | None]:
-    """Segments continuing from ``snap`` up to ``upto_txid`` (None: as far as they go).
+    """The fewest segments continuing from ``snap`` up to ``upto_txid`` (None: as far as they
+    go). Segments may overlap (a compaction writes its merged object before it deletes the
+    ones it replaces): any chain of them is the same transactions.
 
     Returns the chain and, if it broke before reaching the target, the first missing txid.
     """
-    by_start: dict[int, ObjectInfo] = {}
-    for s in gen.segments:
-        cur = by_start.get(s.start_txid)
-        if cur is None or s.end_txid > cur.end_txid:
-            by_start[s.start_txid] = s
-    chain: list[ObjectInfo] = []
-    nxt = snap.end_txid + 1
-    while upto_txid is None or nxt <= upto_txid:
-        seg = by_start.get(nxt)
-        if seg is None:
-            later = [s for s in gen.segments if s.start_txid > nxt]
-            if upto_txid is not None or later:
-                return chain, nxt
-            break
-        chain.append(seg)
-        nxt = seg.end_txid + 1
-    return chain, None
+    origin = snap.end_txid + 1
+    # best[n]: (segments, bytes, last segment) of the cheapest chain reaching txid n
+    best: dict[int, tuple[int, int, ObjectInfo | None]] = {origin: (0, 0, None)}
+    ends: list[ObjectInfo] = []  # segments that can end a chain to upto_txid
+    for s in sorted(gen.segments, key=lambda o: (o.start_txid, -o.end_txid)):
+        at = best.get(s.start_txid)
+        if at is None or (upto_txid is not None and s.start_txid > upto_txid):
+            continue
+        cost = (at[0] + 1, at[1] + s.size, s)
+        nxt = s.end_txid + 1
+        cur = best.get(nxt)
+        if cur is None or cost[:2] < cur[:2]:
+            best[nxt] = cost
+        if upto_txid is not None and s.end_txid >= upto_txid:
+            ends.append(s)
+    if upto_txid is None:
+        far = max(best)
+        if any(s.start_txid > far for s in gen.segments):
+            return _walk(best, far), far
+        return _walk(best, far), None
+    if upto_txid < origin:
+        return [], None
+    if not ends:
+        return _walk(best, max(best)), max(best)
+    last = min(ends, key=lambda s: (best[s.start_txid][0], best[s.start_txid][1] + s.size))
+    return [*_walk(best, last.start_txid), last], None
+
+
+def _walk(best: dict[int, tuple[int, int, ObjectInfo | None]], node: int) -> list[ObjectInfo]:
+    """The chain of segments that reaches ``node`` in ``best``."""
+    out: list[ObjectInfo] = []
+    seg = best[node][2]
+    while seg is not None:
+        out.append(seg)
+        seg = best[seg.start_txid][2]
+    out.reverse()
+    return out
 
 
 async def _segment_header(client: StorageClient, seg: ObjectInfo) -> SegmentHeader:
@@ -459,6 +482,8 @@ async def _plan_time(
                 f"{client.url}: cannot restore to {fmt_ns(t_ns)}; {await _range_text(client, gens)}"
             )
     if chain:
+        # the fewest objects up to the target (the walk above went towards the latest point)
+        chain, _ = _chain(gen, snap, target)
         ts = await _txn_time(client, snap, chain, target)
     plan = RestorePlan(client.url, gen.generation, snap, chain, target, ts)
     if unobserved is not None:
@@ -545,21 +570,26 @@ async def _apply_snapshot(read: Reader, snap: ObjectInfo, ap: _Applier) -> None:
         )
 
 
-def _check_link(seg: ObjectInfo, header: SegmentHeader, ap: _Applier) -> WalPos:
+def _check_key(seg: ObjectInfo, header: SegmentHeader, ap: _Applier) -> None:
     if (header.start_txid, header.end_txid) != (seg.start_txid, seg.end_txid):
         raise CorruptObjectError(f"{seg.key}: corrupt object (header does not match its key)")
     if header.page_size != ap.page_size:
         raise CorruptObjectError(f"{seg.key}: page size differs from the snapshot's")
-    prev, start = header.prev, header.start
+
+
+def _check_link(seg: ObjectInfo, part: SegmentPart, ap: _Applier) -> WalPos:
+    """The start of a part (a whole segment, or one WAL epoch of a compacted one), which must
+    continue from where the previous one ended."""
+    prev, start = part.prev, part.start
     if prev != ap.end:
         raise CorruptObjectError(
             f"{seg.key}: does not continue from the previous object (broken chain)"
         )
     if start.frame == 0:
-        if header.wal_header is None:
+        if part.wal_header is None:
             raise CorruptObjectError(f"{seg.key}: corrupt object (missing WAL header)")
         try:
-            wh = parse_wal_header(header.wal_header)
+            wh = parse_wal_header(part.wal_header)
         except WalError:
             raise CorruptObjectError(f"{seg.key}: corrupt object (bad WAL header)") from None
         if wh.salts != start.salts or wh.checksum != start.checksum:
@@ -569,33 +599,83 @@ def _check_link(seg: ObjectInfo, header: SegmentHeader, ap: _Applier) -> WalPos:
     return start
 
 
+class _Frames:
+    """Whole WAL frames from a body stream, at most a given number at a time."""
+
+    def __init__(self, body: AsyncIterator[bytes], frame_size: int) -> None:
+        self.body = body
+        self.fs = frame_size
+        self.pending = bytearray()
+        self.eof = False
+
+    async def take(self, most: int) -> bytes:
+        """Up to ``most`` whole frames (fewer only at the end of the stream: maybe none)."""
+        want = most * self.fs
+        while len(self.pending) < want and not self.eof:
+            try:
+                self.pending += await self.body.__anext__()
+            except StopAsyncIteration:
+                self.eof = True
+        n = min(want, len(self.pending) // self.fs * self.fs)
+        out = bytes(self.pending[:n])
+        del self.pending[:n]
+        return out
+
+    async def drain(self) -> int:
+        """Read the rest (the object's checksum is verified at its end); bytes left over."""
+        async for chunk in self.body:
+            self.pending += chunk
+        self.eof = True
+        return len(self.pending)
+
+
+_FRAMES_AT_ONCE = 256
+
+
 async def _apply_segment(read: Reader, seg: ObjectInfo, ap: _Applier, stop_txid: int) -> bool:
     """Apply a segment's frames up to ``stop_txid``; True if the stop point was reached."""
     raw, body = await decode_stream(read(seg), seg.key)
     header = SegmentHeader.from_json(raw, seg.key)
-    start = _check_link(seg, header, ap)
-    big_endian = header.big_endian
+    _check_key(seg, header, ap)
+    src = _Frames(body, FRAME_HEADER_SIZE + ap.page_size)
+    txid = seg.start_txid - 1
+    stopped = False
+    for part in header.epochs():
+        txid, stopped = await _apply_part(seg, part, src, ap, txid, stop_txid)
+        if stopped:
+            break
+        if part.end != ap.end or txid != part.end_txid:
+            raise CorruptObjectError(f"{seg.key}: corrupt object (ends at the wrong frame)")
+    left = await src.drain()
+    if not stopped and (left or txid != seg.end_txid):
+        raise CorruptObjectError(f"{seg.key}: corrupt object (ends at the wrong frame)")
+    at_end = txid == seg.end_txid and header.content_hash is not None
+    ap.expect = (header.content_hash, seg.key) if at_end and header.content_hash else None
+    return stopped
+
+
+async def _apply_part(
+    seg: ObjectInfo, part: SegmentPart, src: _Frames, ap: _Applier, txid: int, stop_txid: int
+) -> tuple[int, bool]:
+    """Apply the frames of one part (one WAL epoch); (last txid applied, stop point reached)."""
+    start = _check_link(seg, part, ap)
     ps = ap.page_size
     fs = FRAME_HEADER_SIZE + ps
     ck = start.checksum
-    txid = seg.start_txid - 1
-    pending = bytearray()
-    stopped = False
     frame_no = start.frame
-    async for chunk in body:
-        if stopped:
-            continue  # keep reading: the object's checksum is verified at its end
-        pending += chunk
-        n = len(pending) // fs
-        if n == 0:
-            continue
-        buf = bytes(pending[: n * fs])
-        del pending[: n * fs]
+    left = part.frames
+    while left > 0:
+        buf = await src.take(min(left, _FRAMES_AT_ONCE))
+        if not buf:
+            raise CorruptObjectError(f"{seg.key}: corrupt object (partial frame at the end)")
+        n = len(buf) // fs
+        left -= n
         try:
-            ck_end = verify_frames(buf, ps, big_endian, start.salts, ck)
+            ck = verify_frames(buf, ps, part.big_endian, start.salts, ck)
         except WalError as exc:
             raise CorruptObjectError(f"{seg.key}: corrupt object ({exc})") from None
         writes = []
+        stopped = False
         for k in range(n):
             off = k * fs
             pgno, commit = struct.unpack_from(">II", buf, off)
@@ -615,15 +695,9 @@ async def _apply_segment(read: Reader, seg: ObjectInfo, ap: _Applier, stop_txid:
                     stopped = True
                     break
         await asyncio.to_thread(_write_all, ap, writes)
-        ck = ck_end
-    if pending and not stopped:
-        raise CorruptObjectError(f"{seg.key}: corrupt object (partial frame at the end)")
-    if not stopped:
-        if header.end != ap.end or txid != seg.end_txid:
-            raise CorruptObjectError(f"{seg.key}: corrupt object (ends at the wrong frame)")
-    at_end = txid == seg.end_txid and header.content_hash is not None
-    ap.expect = (header.content_hash, seg.key) if at_end and header.content_hash else None
-    return stopped
+        if stopped:
+            return txid, True
+    return txid, False
 
 
 async def _apply_catchup(read: Reader, obj: ObjectInfo, ap: _Applier) -> None:
@@ -846,7 +920,30 @@ async def apply_plan(
     a local directory or memory) download concurrently into a temp directory beside the output
     while the objects are applied strictly in order; the directory is removed either way.
     Temp files and directories that a killed restore left beside ``output`` are removed first
-    (see ``remove_stale_temps``). ``progress`` hears of every chunk and object read."""
+    (see ``remove_stale_temps``). ``progress`` hears of every chunk and object read.
+
+    An object of the plan that is gone when it is read (a compaction replaced it, after writing
+    the merged object) makes the restore plan the same txid of the same generation again, at
+    most ``REPLANS`` times: the result is the same database."""
+    for attempt in range(REPLANS + 1):
+        try:
+            return await _apply_plan(client, plan, output, force, check, prefetch, progress)
+        except NotFoundError:
+            if attempt == REPLANS:
+                raise
+            plan = await plan_restore(client, txid=plan.txid, generation=plan.generation)
+    raise AssertionError("unreachable")
+
+
+async def _apply_plan(
+    client: StorageClient,
+    plan: RestorePlan,
+    output: str,
+    force: bool,
+    check: bool,
+    prefetch: int | None,
+    progress: Progress | None,
+) -> RestoreResult:
     output = await asyncio.to_thread(check_output, output, force)
     for stale in await asyncio.to_thread(remove_stale_temps, output):
         log.info("removed %s, left by a restore that was killed", stale)

@@ -1,0 +1,401 @@
+"""Compaction: a real application connection, the capture engine stepped in-process, replicas
+shipped and compacted one step at a time with a clock the test sets; every restore is compared
+with the source's content at the same txid."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import sqlite3
+from collections.abc import AsyncIterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from writer import init_db
+
+from replicator.compact import Compactor, plan_level
+from replicator.db import Database
+from replicator.errors import StorageError
+from replicator.format import read_header
+from replicator.headers import SegmentHeader
+from replicator.pos import ObjectInfo
+from replicator.replica import Replica
+from replicator.restore import apply_plan, plan_restore
+from replicator.retention import apply_retention
+from replicator.spool import Spool
+from replicator.storage.base import StorageClient
+from replicator.storage.file import FileStorage
+
+LEVELS = (0.05, 0.4, 2.0)  # seconds: short, so thousands of commits span many windows
+
+
+@dataclass
+class History:
+    """A replicated run: where it is, and the observed time of every txid."""
+
+    app: Path
+    spool: Spool
+    dest: FileStorage
+    replica: Replica
+    times: dict[int, int]  # txid -> observed ns
+    end_ns: int
+
+
+def commit(conn: sqlite3.Connection, seq: int, rnd: random.Random) -> None:
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO data(k, payload) VALUES (?, ?)", (seq, rnd.randbytes(200)))
+    if seq % 7 == 0:  # some transactions rewrite older pages too
+        conn.execute("UPDATE data SET payload = ? WHERE k = ?", (rnd.randbytes(200), seq // 2))
+    conn.execute("INSERT INTO log(seq, t_ns) VALUES (?, 0)", (seq,))
+    conn.execute("COMMIT")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> History:
+    """2,000 commits, captured one by one (one segment each), many WAL epochs (a checkpoint
+    every 128 pages), a snapshot every 400 txids, shipped to a directory; built once."""
+    return asyncio.run(_build(tmp_path_factory.mktemp("history"), commits=2000,
+                              compact_every=0))
+
+
+@pytest.fixture
+def history(built: History, tmp_path: Path) -> Iterator[History]:
+    """A copy of the built history's replica (and spool) for one test to change."""
+    shutil.copytree(built.dest.root, tmp_path / "replica")
+    shutil.copytree(built.spool.root, tmp_path / "spool")
+    (tmp_path / "replica" / "lease.json").unlink()  # the copy gets a lease of its own
+    spool = Spool(str(tmp_path / "spool"))
+    dest = FileStorage(str(tmp_path / "replica"))
+    replica = Replica("dir", dest, spool, "app")
+    replica.set_levels(LEVELS, grace=0)
+    asyncio.run(replica.init())
+    yield History(built.app, spool, dest, replica, built.times, built.end_ns)
+
+
+async def _build(tmp_path: Path, commits: int, compact_every: int) -> History:
+    app = tmp_path / "app.db"
+    init_db(str(app))
+    conn = sqlite3.connect(app, isolation_level=None, timeout=0)
+    conn.execute("PRAGMA synchronous=OFF")  # the test's own speed; capture is unaffected
+    spool = Spool(str(tmp_path / "spool"))
+    db = Database(str(app), spool, checkpoint_pages=128)
+    db.open()
+    dest = FileStorage(str(tmp_path / "replica"))
+    replica = Replica("dir", dest, spool, "app")
+    replica.set_levels(LEVELS, grace=0)
+    await replica.init()
+    rnd = random.Random(5)
+    try:
+        db.step()
+        for seq in range(1, commits + 1):
+            commit(conn, seq, rnd)
+            db.step()
+            if seq % 400 == 0:
+                db.snapshot()
+            if seq % 50 == 0:
+                await replica.sync()
+            if compact_every and seq % compact_every == 0:
+                await replica.compact()
+        db.step()
+        await replica.sync()
+    finally:
+        db.close()
+        conn.close()
+    times: dict[int, int] = {}
+    for gen in await dest.generations():
+        for o in await dest.objects(gen):
+            if o.kind == "wal":
+                h = SegmentHeader.from_json(await read_header(dest.read_object(o), o.key), o.key)
+                times.update((t.txid, t.observed_ns) for t in h.txns)
+    return History(app, spool, dest, replica, times, max(times.values()))
+
+
+async def restore_at(client: StorageClient, out: Path, **kw: int) -> tuple[int, list[int]]:
+    plan = await plan_restore(client, **kw)
+    res = await apply_plan(client, plan, str(out), force=True, check=False)
+    c = sqlite3.connect(out)
+    try:
+        seqs = [int(s) for (s,) in c.execute("SELECT seq FROM log ORDER BY seq")]
+    finally:
+        c.close()
+    return res.txid, seqs
+
+
+def expected_txid(times: dict[int, int], t_ns: int) -> int:
+    return max((txid for txid, ns in times.items() if ns <= t_ns), default=0)
+
+
+def objects(h: History) -> list[ObjectInfo]:
+    async def go() -> list[ObjectInfo]:
+        return [o for g in await h.dest.generations() for o in await h.dest.objects(g)]
+
+    return asyncio.run(go())
+
+
+def content(db: Path) -> list[tuple[int, bytes]]:
+    c = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return [(int(k), bytes(p)) for k, p in c.execute("SELECT k, payload FROM data ORDER BY k")]
+    finally:
+        c.close()
+
+
+def test_compaction_bounds_objects_and_keeps_every_instant_exact(
+    history: History, tmp_path: Path
+) -> None:
+    h = history
+    before = objects(h)
+    assert sum(o.kind == "wal" for o in before) >= 1900
+    instants = sorted(random.Random(11).randrange(min(h.times.values()), h.end_ns + 1)
+                      for _ in range(200))
+    instants += [h.times[t] for t in random.Random(12).sample(sorted(h.times), 20)]
+
+    async def plans(tag: str) -> list[int]:
+        out = []
+        for t in instants:
+            plan = await plan_restore(h.dest, to_time_ns=t)
+            assert plan.txid == expected_txid(h.times, t), (tag, t)
+            out.append(plan.txid)
+        return out
+
+    async def check(tag: str, which: list[int]) -> dict[int, list[tuple[int, bytes]]]:
+        seen: dict[int, list[tuple[int, bytes]]] = {}
+        for i in which:
+            t = instants[i]
+            txid, seqs = await restore_at(h.dest, tmp_path / f"{tag}.db", to_time_ns=t)
+            want = expected_txid(h.times, t)
+            assert txid == want, (tag, i, t)
+            assert seqs == list(range(1, want + 1)), (tag, i, t)
+            seen[txid] = content(tmp_path / f"{tag}.db")
+        return seen
+
+    # before: every instant planned to its exact txid, a sample restored (each restore reads up
+    # to 400 small objects; after compaction every instant is restored)
+    planned = asyncio.run(plans("pre"))
+    pre = asyncio.run(check("pre", list(range(0, len(instants), 6))))
+    # compaction with every window closed: all three levels in one step each
+    end_s = h.end_ns / 1e9
+    res = asyncio.run(h.replica.compact(now=end_s + 10 * LEVELS[-1]))
+    assert res is not None and res.merged > 0 and set(res.levels) == {0, 1, 2}
+    after = objects(h)
+    snaps = sum(o.kind == "snapshot" for o in after)
+    segs = [o for o in after if o.kind == "wal"]
+    start_s = min(h.times.values()) / 1e9
+    windows = int(end_s // LEVELS[-1]) - int(start_s // LEVELS[-1]) + 1
+    # one per window of the longest level, one straddling each boundary between them, one more
+    # per snapshot (a merge never crosses a snapshot's txid)
+    assert len(segs) <= 2 * windows + snaps, (len(segs), windows, snaps)
+    assert any(len(_header(h, o).epochs()) > 1 for o in segs)  # several WAL epochs in one
+    assert asyncio.run(plans("post")) == planned
+    post = asyncio.run(check("post", list(range(len(instants)))))
+    for txid in pre:
+        assert pre[txid] == post[txid], txid
+    # the newest state: fewest objects, the source's content
+    latest, _ = asyncio.run(restore_at(h.dest, tmp_path / "latest.db"))
+    assert latest == max(h.times)
+    assert content(tmp_path / "latest.db") == content(h.app)
+
+
+def _header(h: History, o: ObjectInfo) -> SegmentHeader:
+    async def go() -> SegmentHeader:
+        return SegmentHeader.from_json(await read_header(h.dest.read_object(o), o.key), o.key)
+
+    return asyncio.run(go())
+
+
+def test_compaction_while_replicating_stays_within_the_levels(tmp_path: Path) -> None:
+    """Compaction steps on the real clock between shipments: the merged objects are merged
+    again at the next levels, and the count stays within what the levels allow."""
+    h = asyncio.run(_build(tmp_path, commits=1500, compact_every=100))
+    asyncio.run(h.replica.compact())
+    segs = [o for o in objects(h) if o.kind == "wal"]
+    start_s, end_s = min(h.times.values()) / 1e9, h.end_ns / 1e9
+    top = int(end_s // LEVELS[-1]) - int(start_s // LEVELS[-1]) + 1
+    mid = int(LEVELS[-1] / LEVELS[1]) + 1
+    low = int(LEVELS[1] / LEVELS[0]) + 1
+    # closed windows of each level inside the open one above it, their boundary straddlers,
+    # the snapshots' breaks, and what the open shortest window holds (objects shipped since)
+    recent = sum(1 for o in segs if o.last_ms >= (end_s - LEVELS[0]) * 1000)
+    assert len(segs) <= 2 * (top + mid + low) + 2 + recent, len(segs)
+    _, seqs = asyncio.run(restore_at(h.dest, tmp_path / "out.db"))
+    assert seqs == list(range(1, 1501))
+    assert content(tmp_path / "out.db") == content(h.app)
+
+
+class FlakyDeletes:
+    """A FileStorage whose next ``fail`` delete calls fail (a crash between a merge's write
+    and its deletes, as far as the replica can tell)."""
+
+    def __init__(self, inner: FileStorage) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.fail = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def write_object(self, info: ObjectInfo, data: AsyncIterable[bytes]) -> int:
+        return await self.inner.write_object(info, data)
+
+    async def delete_objects(self, infos: Sequence[ObjectInfo]) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise StorageError(f"{self.url}: cannot delete objects: injected")
+        await self.inner.delete_objects(infos)
+
+
+def test_a_merge_left_beside_its_parts_restores_and_is_cleaned_up(
+    history: History, tmp_path: Path
+) -> None:
+    h = history
+    flaky = FlakyDeletes(h.dest)
+    comp = Compactor(flaky, h.spool, LEVELS, grace=0)  # type: ignore[arg-type]
+    flaky.fail = 1
+    with pytest.raises(StorageError, match="injected"):
+        asyncio.run(comp.step(now=h.end_ns / 1e9 + 100))
+    objs = [o for o in objects(h) if o.kind == "wal"]
+    overlapping = [o for o in objs for p in objs
+                   if p is not o and p.start_txid <= o.start_txid and o.end_txid <= p.end_txid]
+    assert overlapping  # the merged object and its parts, side by side
+    txid, seqs = asyncio.run(restore_at(h.dest, tmp_path / "a.db"))
+    assert seqs == list(range(1, txid + 1)) and txid == max(h.times)
+    plan = asyncio.run(plan_restore(h.dest))
+    assert not set(plan.segments) & set(overlapping)  # the chain skips what is covered
+    res = asyncio.run(comp.step(now=h.end_ns / 1e9 + 100))
+    assert res.replaced >= len(overlapping)
+    objs = [o for o in objects(h) if o.kind == "wal"]
+    assert not [o for o in objs for p in objs
+                if p is not o and p.start_txid <= o.start_txid and o.end_txid <= p.end_txid]
+
+
+def test_restores_racing_compaction_and_retention_never_fail_or_differ(
+    history: History, tmp_path: Path
+) -> None:
+    h = history
+    # replaced objects stay a moment (as in production, where it is 30 s): restores that
+    # planned with them finish, and any that take longer plan again
+    h.replica.set_levels(LEVELS, grace=0.3)
+    snaps = sorted((o for o in objects(h) if o.kind == "snapshot"), key=lambda o: o.end_txid)
+    keep = snaps[-2]  # retention keeps this snapshot and everything after it
+    targets = [t for t in sorted(h.times) if t > keep.end_txid]
+    rnd = random.Random(3)
+    start_s = min(h.times.values()) / 1e9
+    end_s = h.end_ns / 1e9
+    results: list[tuple[int, int]] = []
+    done = asyncio.Event()
+
+    async def compact_gradually() -> None:
+        now = start_s
+        while now < end_s + 3 * LEVELS[-1]:
+            now += LEVELS[0] * 3
+            await h.replica.compact(now=now)
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.4)
+        await h.replica.compact(now=now)  # the last replaced objects go
+        done.set()
+
+    async def retain() -> None:
+        while not done.is_set():
+            await apply_retention(h.dest, 1.0, now=keep.last_ms / 1000 + 1.0005)
+            await asyncio.sleep(0.01)
+
+    async def restore_loop(worker: int) -> None:
+        i = 0
+        while not done.is_set() or i < 10:
+            txid = rnd.choice(targets)
+            got, seqs = await restore_at(h.dest, tmp_path / f"r{worker}.db", txid=txid)
+            assert got == txid and seqs == list(range(1, txid + 1))
+            results.append((txid, len(seqs)))
+            i += 1
+
+    async def race() -> None:
+        await asyncio.gather(compact_gradually(), retain(), *(restore_loop(w) for w in range(3)))
+
+    asyncio.run(race())
+    assert len(results) >= 30
+    assert sum(o.kind == "snapshot" for o in objects(h)) == 2  # retention did run
+    for txid in rnd.sample(targets, 5):
+        got, _ = asyncio.run(restore_at(h.dest, tmp_path / "final.db", txid=txid))
+        assert got == txid
+
+
+def test_levels_plan_only_closed_windows_and_never_cross_a_snapshot() -> None:
+    from replicator.pos import segment_info, snapshot_info
+
+    gen = "0123456789abcdef"
+    segs = [segment_info(gen, i, i, 1000 + 10 * i, 1000 + 10 * i, 100) for i in range(1, 21)]
+    snap = snapshot_info(gen, 5, 1050)
+    runs = plan_level([*segs, snap], 0.1, now_ms=1200)
+    # windows of 100 ms: [1000, 1100) holds txids 1..9 (but 5 is a snapshot's), [1100, 1200)
+    # 10..19; [1200, 1300) is still open
+    assert [[o.start_txid for o in r] for r in runs] == [
+        [1, 2, 3, 4, 5], [6, 7, 8, 9], list(range(10, 20))]
+    holed = [s for s in segs if s.start_txid != 13]
+    runs = plan_level(holed, 0.1, now_ms=1200)
+    assert [[o.start_txid for o in r] for r in runs] == [
+        list(range(1, 10)), [10, 11, 12], [14, 15, 16, 17, 18, 19]]
+
+
+def test_compaction_levels_config() -> None:
+    from replicator.config import parse_config
+    from replicator.errors import ConfigError
+
+    cfg = parse_config({"dbs": [{"path": "/x/a.db", "replicas": ["/r"],
+                                 "compaction-levels": ["30s", "10m"]}]})
+    assert cfg.dbs[0].compaction_levels == (30.0, 600.0)
+    assert parse_config({"dbs": [{"path": "/x/a.db", "replicas": ["/r"],
+                                  "compaction-levels": []}]}).dbs[0].compaction_levels == ()
+    with pytest.raises(ConfigError, match=r"compaction-levels\[1\]: must be longer"):
+        parse_config({"dbs": [{"path": "/x/a.db", "replicas": ["/r"],
+                               "compaction-levels": ["1m", "30s"]}]})
+    with pytest.raises(ConfigError, match=r"compaction-levels\[0\]"):
+        parse_config({"dbs": [{"path": "/x/a.db", "replicas": ["/r"],
+                               "compaction-levels": ["soon"]}]})
+
+
+
+def test_a_snapshot_once_the_wal_outgrows_the_database(tmp_path: Path) -> None:
+    """With a long snapshot interval, the WAL captured since the last snapshot still triggers
+    one when it exceeds ``snapshot-wal-factor`` times the database: the newest state never
+    needs more than that replayed."""
+    from replicator.config import DbConfig, ReplicaConfig
+    from replicator.replicator import DatabaseService
+
+    app = tmp_path / "app.db"
+    init_db(str(app))
+
+    def svc(factor: float) -> DatabaseService:
+        cfg = DbConfig(path=str(app), replicas=[ReplicaConfig("local", str(tmp_path / "r"))],
+                       snapshot_interval=3600.0, snapshot_wal_factor=factor)
+        return DatabaseService(cfg)
+
+    async def go(factor: float, base: int) -> int:
+        s = svc(factor)
+        s.wal_snapshot_min = 0  # a small database counts as what it is
+        await s.open()
+        conn = sqlite3.connect(app, isolation_level=None)
+        rnd = random.Random(1)
+        taken = 0
+        try:
+            for seq in range(base + 1, base + 3001):
+                commit(conn, seq, rnd)
+                if seq % 100 == 0:
+                    await s.sync()
+                    taken += await s.snapshot_if_due()
+        finally:
+            conn.close()
+            await s.close(10)
+        return taken
+
+    assert asyncio.run(go(0.0, 0)) == 0  # off: only the interval would take one
+    shutil.rmtree(tmp_path / "r")
+    shutil.rmtree(tmp_path / ".app.db-replicator")
+    assert asyncio.run(go(1.0, 3000)) >= 2
+    assert asyncio.run(go(1.0, 6000)) >= 1
+    with pytest.raises(Exception, match="snapshot-wal-factor"):
+        from replicator.config import parse_config
+
+        parse_config({"dbs": [{"path": "/x/a.db", "replicas": ["/r"],
+                               "snapshot-wal-factor": -1}]})
