@@ -193,20 +193,18 @@ class Compactor:
         # merge: a restore that planned with them meanwhile can still read them
         self._doomed: dict[str, tuple[float, ObjectInfo]] = {}
 
-    async def _delete_due(self, res: CompactResult, everything: bool = False) -> None:
+    async def _delete_due(self, res: CompactResult) -> None:
         now = time.monotonic()
-        due = [o for t, o in self._doomed.values() if everything or t <= now]
+        due = [o for t, o in self._doomed.values() if t <= now]
         if due:
             await self.client.delete_objects(due)
             for o in due:
                 self._doomed.pop(o.key, None)
             res.replaced += len(due)
 
-    async def flush(self) -> CompactResult:
-        """Delete every replaced object now, whatever its grace (e.g. at shutdown)."""
-        res = CompactResult()
-        await self._delete_due(res, everything=True)
-        return res
+    def pending_deletes(self) -> int:
+        """Replaced objects awaiting their grace period."""
+        return len(self._doomed)
 
     async def step(self, now: float | None = None,
                    generations: Iterable[str] | None = None) -> CompactResult:

@@ -79,7 +79,9 @@ class Replica:
         self.limit: asyncio.Semaphore | None = None
         """Shared by the replicas of many databases: held while shipping (``run()``)."""
         self.compactor: Compactor | None = None
-        self._last_compact = 0.0
+        # wall-clock times at which a window holding shipped objects closes (compaction is due
+        # then, and only then: an idle destination costs no listing); 0.0: once at start
+        self._compact_due: set[float] = {0.0}
 
     def set_levels(self, levels: Iterable[float], grace: float = DEFAULT_DELETE_GRACE) -> None:
         """Compact this destination on these levels (seconds, shortest first; none: never),
@@ -105,19 +107,31 @@ class Replica:
             self.metrics.replica_bytes.labels(*labels).set(res.bytes)
         return res
 
+    def _note_shipped(self, info: ObjectInfo) -> None:
+        """Compaction will be due when the windows holding ``info`` close, at every level."""
+        if self.compactor is not None and info.kind == "wal":
+            for interval in self.compactor.levels:
+                width = max(1, int(interval * 1000))
+                self._compact_due.add((info.last_ms // width + 1) * width / 1000)
+
     async def compact_if_due(self) -> None:
-        """Compact at most once per shortest level interval; a failure is counted and logged,
-        and never stops shipping."""
+        """Compact when a window holding shipped objects has closed (or replaced objects are
+        due for deletion); a failure is counted, logged and retried a level later, and never
+        stops shipping."""
         if self.compactor is None or not self.compactor.levels:
             return
-        now = time.monotonic()
-        if now - self._last_compact < self.compactor.levels[0]:
+        now = time.time()
+        due = {t for t in self._compact_due if t <= now}
+        if not due:
             return
-        self._last_compact = now
+        self._compact_due -= due
         try:
             await self.compact()
-        except Exception as exc:  # noqa: BLE001 - retried at the next interval
+        except Exception as exc:  # noqa: BLE001 - retried later
             self._log_error("compact", exc)
+            self._compact_due.add(now + self.compactor.levels[0])
+        if self.compactor.pending_deletes():
+            self._compact_due.add(now + self.compactor.grace)
 
     @property
     def url(self) -> str:
@@ -244,6 +258,7 @@ class Replica:
             done = time.time()
             for (parts, _), (info, size, frames) in zip(window, results, strict=True):
                 self._remember(info.generation, [info.key, *(p.key for p in parts)])
+                self._note_shipped(info)
                 written += 1
                 snapshot_shipped = snapshot_shipped or info.kind == "snapshot"
                 self._count(info, size, frames, done)

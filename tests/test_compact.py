@@ -399,3 +399,38 @@ def test_a_snapshot_once_the_wal_outgrows_the_database(tmp_path: Path) -> None:
 
         parse_config({"dbs": [{"path": "/x/a.db", "replicas": ["/r"],
                                "snapshot-wal-factor": -1}]})
+
+
+def test_compaction_is_due_only_when_a_window_with_shipped_objects_closes(
+    history: History,
+) -> None:
+    """An idle destination is not even listed: compaction runs once at start, then only when a
+    window holding something shipped since has closed."""
+    h = history
+    listed: list[str] = []
+    inner = h.dest.objects
+
+    async def counted(gen: str) -> list[ObjectInfo]:
+        listed.append(gen)
+        return await inner(gen)
+
+    h.dest.objects = counted  # type: ignore[method-assign]
+    asyncio.run(h.replica.compact_if_due())  # the pass at start
+    after_start = len(listed)
+    assert after_start >= 1
+    for _ in range(3):
+        asyncio.run(h.replica.compact_if_due())
+    assert len(listed) == after_start  # idle: nothing due, nothing listed
+    gen = asyncio.run(h.dest.generations())[-1]
+    import time
+
+    from replicator.pos import segment_info
+
+    now_ms = int(time.time() * 1000)
+    h.replica._note_shipped(segment_info(gen, 1, 1, now_ms, now_ms))
+    ends = sorted(h.replica._compact_due)
+    assert len(ends) == len(LEVELS) and all(e > now_ms / 1000 for e in ends)
+    time.sleep(max(0.0, ends[0] - time.time()) + 0.01)
+    asyncio.run(h.replica.compact_if_due())
+    assert len(listed) > after_start  # the shortest window closed: one pass
+    assert sorted(h.replica._compact_due) == ends[1:]
