@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import _repl_common as rc  # noqa: E402
 import s3fixtures as fx  # noqa: E402
-from replication import WRITER, log, machine_facts, mib  # noqa: E402
+from replication import WRITER, log, machine_facts, met, mib  # noqa: E402
 from s3 import (  # noqa: E402
     FINAL,
     PREFIX,
@@ -60,7 +60,7 @@ RATE = 100.0
 ROW = 200
 RESTARTS = 5
 DOWN_S = 5.0
-UP_S = 8.0
+UP_S = 15.0
 FRESH = "fresh snapshot (reference)"
 
 
@@ -189,8 +189,8 @@ class HistoryBench(S3Bench):
         out["fresh"] = self.fresh_reference(ours_db)
         return out
 
-    def wait_initial(self, t: Any) -> None:
-        deadline = time.monotonic() + 120
+    def wait_initial(self, t: Any, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
         while True:
             if isinstance(t, OursS3 | LitestreamS3):
                 done = self.proxy is not None and any(
@@ -281,10 +281,11 @@ class HistoryBench(S3Bench):
                                "restarts": []}
         a = time.perf_counter()
         t.start()
-        self.wait_initial(t)
+        self.wait_initial(t, 900)
         rec["initial_bytes_up"] = sum(e.req_bytes for e in self.proxy.window(
             t.bucket, a, time.perf_counter()))
         w = Writer(db, 3600, seed=9)
+        starts: list[tuple[str, float]] = []
         try:
             time.sleep(UP_S)
             for i in range(RESTARTS):
@@ -295,19 +296,21 @@ class HistoryBench(S3Bench):
                     t.stop()
                     how = "SIGTERM"
                 time.sleep(DOWN_S)
-                s = time.perf_counter()
+                starts.append((how, time.perf_counter()))
                 t.start()
                 time.sleep(UP_S)
-                evs = self.proxy.window(t.bucket, s, time.perf_counter())
-                up = sum(e.req_bytes for e in evs)
-                rec["restarts"].append({"stop": how, "bytes_up": up, "requests": len(evs)})
-                log(f"restart {key} {i + 1} ({how}): {up / rc.MiB:.1f} MiB up in {len(evs)} "
-                    "requests")
         finally:
             w.stop()
         w.finish(120)
         time.sleep(2.0)
         t.stop(timeout=300)
+        # what each run sent, from its start until the next one started (or the last stopped)
+        ends = [b for _, b in starts[1:]] + [time.perf_counter()]
+        for (how, a), b in zip(starts, ends, strict=True):
+            evs = self.proxy.window(t.bucket, a, b)
+            up = sum(e.req_bytes for e in evs)
+            rec["restarts"].append({"stop": how, "bytes_up": up, "requests": len(evs)})
+            log(f"restart {key} ({how}): {up / rc.MiB:.1f} MiB up in {len(evs)} requests")
         if key == "ours":
             cl = self.server.client()
             gens = set()
@@ -377,13 +380,42 @@ def render_history(r: dict[str, Any]) -> list[str]:
     return L
 
 
+def render_summary(r: dict[str, Any]) -> list[str]:
+    """The issue's targets: the newest state restored within 1.5x a fresh snapshot's restore and
+    not slower than Litestream; restarts cost what changed, not the database."""
+    h = r["history"]
+    rows = {y["what"]: y for x in h["tools"] for y in x["restores"]}
+    rows.update({y["what"]: y for y in h["fresh"]["restores"]})
+    L = ["### Summary against the targets", "",  # noqa: N806
+         "| restore of the newest state | ours s | fresh snapshot s | ours / fresh (target <= 1.5) "
+         "| Litestream s | not slower than Litestream |", "|---|---|---|---|---|---|"]
+    for where, ls in (("dir", "litestream_dir dir newest"), ("S3", "litestream_s3 S3 newest")):
+        o, f, l_ = (rows.get(f"ours {where} newest"), rows.get(f"{FRESH} {where}"), rows.get(ls))
+        if not (o and f and l_):
+            continue
+        ratio = o["seconds"] / f["seconds"]
+        L.append(f"| from {'the directory' if where == 'dir' else 'S3'} | {o['seconds']:.2f} | "
+                 f"{f['seconds']:.2f} | {ratio:.1f} ({met(ratio <= 1.5)}) | {l_['seconds']:.2f} | "
+                 f"{met(o['seconds'] <= l_['seconds'])} |")
+    for x in r.get("restarts", []):
+        per = [y["bytes_up"] for y in x["restarts"]]
+        if per:
+            L += ["", f"Restarts ({x['label']}): {mib(sum(per) / len(per))} MiB sent per restart "
+                  f"on average for a {mib(x['db_bytes'])} MiB database "
+                  f"({100 * sum(per) / len(per) / x['db_bytes']:.1f} % of it), "
+                  f"{x.get('generations', '–')} generation(s) at the end."]
+    L.append("")
+    return L
+
+
 def render_restarts(r: dict[str, Any]) -> list[str]:
     L = ["### 2. Restarts beside a writer", "",  # noqa: N806
          f"A database of random blobs is replicated to S3 (through the proxy) while a writer "
          f"commits {RATE:.0f} times a second; the tool is stopped {RESTARTS} times "
          f"(alternately SIGKILL and SIGTERM) for {DOWN_S:.0f} s, long enough for the "
          "application's own automatic checkpoints to reset the WAL meanwhile, and started "
-         f"again; bytes sent to S3 from each start until {UP_S:.0f} s later.", "",
+         f"again {UP_S:.0f} s later; bytes sent to S3 by each run (from its start until the "
+         "next one starts, or the end).", "",
          "| tool | database MiB | initial upload MiB | MiB sent per restart | generations at the "
          "end | final restore rows / source |", "|---|---|---|---|---|---|"]
     for x in r["restarts"]:
@@ -405,8 +437,10 @@ def render(r: dict[str, Any]) -> str:
          f"{m['python']}, SQLite {m['sqlite']}, Litestream {m['litestream']} (defaults), "
          f"SeaweedFS {m['weed']}, replicator at {m['replicator_commit']}"
          f"{' + uncommitted changes' if m['replicator_dirty'] else ''}. Writers: "
-         "bench/_repl_writer.py with `--rate 100 --payload 200`.", ""]
-    L += render_history(r) + render_restarts(r)
+         "bench/_repl_writer.py with `--rate 100 --payload 200`."
+         + (f" Part 1 comes from the run of {r['history_run']}." if r.get("history_run") else ""),
+         ""]
+    L += render_summary(r) + render_history(r) + render_restarts(r)
     L.append("Raw numbers: `bench/out/history.json`.")
     return "\n".join(L) + "\n"
 
@@ -415,12 +449,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=None, help="seconds of part 1")
     ap.add_argument("--restart-mib", type=int, default=None)
+    ap.add_argument("--restarts-only", default=None, metavar="JSON",
+                    help="run only part 2 and keep part 1 from this earlier run's raw numbers")
     args = rc.bench_args(ap, "history.json", "reduced run (~1 min of history, 256 MiB restarts)",
                          quiet_wait=5.0, quiet_budget=60.0)
     q = args.quick
     params = {"quick": q, "duration": args.duration or (60.0 if q else 600.0),
               "restart_mib": args.restart_mib or (256 if q else 1024),
-              "restart_tools": ["ours"] if q else ["ours", "litestream"]}
+              "restart_tools": ["ours"]}
     if args.from_json:
         r = json.loads(Path(args.from_json).read_text())
         rc.write_section(Path(args.out), START, END, render(r))
@@ -441,7 +477,15 @@ def main() -> int:
         r["machine"] = machine_facts(bench.work)
         r["machine"]["weed"] = weed_version()
         bench.start_s3()
-        r["history"] = bench.history(params["duration"])
+        if args.restarts_only:
+            earlier = json.loads(Path(args.restarts_only).read_text())
+            r["history"] = earlier["history"]
+            params["duration"] = r["history"]["duration"]
+            r["history_run"] = (f"{earlier['machine']['date_utc']}, replicator at "
+                                f"{earlier['machine']['replicator_commit']}")
+        else:
+            r["history"] = bench.history(params["duration"])
+            bench.save(r, t_start)  # part 1 is kept even if part 2 fails
         r["restarts"] = [bench.restarts(k, params["restart_mib"])
                          for k in params["restart_tools"]]
     finally:
