@@ -9,6 +9,7 @@ idle), and a replica whose lease was taken over stops shipping for good, leaving
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -385,10 +386,11 @@ class Replica:
                     if not self.healthy:
                         await self.init()
                     await self.sync()
+                    if self.fenced is None:
+                        await self.compact_if_due()
                 if self.fenced is not None:
                     break
                 failures = 0
-                await self.compact_if_due()
                 timeout = backstop
             except Exception as exc:  # noqa: BLE001 - every failure is retried with backoff
                 if self.fenced is not None:
