@@ -413,9 +413,9 @@ def render_restarts(r: dict[str, Any]) -> list[str]:
          f"A database of random blobs is replicated to S3 (through the proxy) while a writer "
          f"commits {RATE:.0f} times a second; the tool is stopped {RESTARTS} times "
          f"(alternately SIGKILL and SIGTERM) for {DOWN_S:.0f} s, long enough for the "
-         "application's own automatic checkpoints to reset the WAL meanwhile, and started "
-         f"again {UP_S:.0f} s later; bytes sent to S3 by each run (from its start until the "
-         "next one starts, or the end).", "",
+         "application's own automatic checkpoints to reset the WAL meanwhile, then started "
+         f"again and left running {UP_S:.0f} s; bytes sent to S3 by each run (from its start "
+         "until the next one starts, or the end).", "",
          "| tool | database MiB | initial upload MiB | MiB sent per restart | generations at the "
          "end | final restore rows / source |", "|---|---|---|---|---|---|"]
     for x in r["restarts"]:
@@ -441,6 +441,8 @@ def render(r: dict[str, Any]) -> str:
          + (f" Part 1 comes from the run of {r['history_run']}." if r.get("history_run") else ""),
          ""]
     L += render_summary(r) + render_history(r) + render_restarts(r)
+    if r.get("notes"):
+        L += ["### Observations", ""] + [f"- {n}" for n in r["notes"]] + [""]
     L.append("Raw numbers: `bench/out/history.json`.")
     return "\n".join(L) + "\n"
 

@@ -142,6 +142,7 @@ def content(db: Path) -> list[tuple[int, bytes]]:
         c.close()
 
 
+@pytest.mark.timeout(900)  # thousands of commits, hundreds of restores; slow on a busy machine
 def test_compaction_bounds_objects_and_keeps_every_instant_exact(
     history: History, tmp_path: Path
 ) -> None:
@@ -174,7 +175,7 @@ def test_compaction_bounds_objects_and_keeps_every_instant_exact(
     # before: every instant planned to its exact txid, a sample restored (each restore reads up
     # to 400 small objects; after compaction every instant is restored)
     planned = asyncio.run(plans("pre"))
-    pre = asyncio.run(check("pre", list(range(0, len(instants), 6))))
+    pre = asyncio.run(check("pre", list(range(0, len(instants), 10))))
     # compaction with every window closed: all three levels in one step each
     end_s = h.end_ns / 1e9
     res = asyncio.run(h.replica.compact(now=end_s + 10 * LEVELS[-1]))
@@ -270,6 +271,7 @@ def test_a_merge_left_beside_its_parts_restores_and_is_cleaned_up(
                 if p is not o and p.start_txid <= o.start_txid and o.end_txid <= p.end_txid]
 
 
+@pytest.mark.timeout(900)
 def test_restores_racing_compaction_and_retention_never_fail_or_differ(
     history: History, tmp_path: Path
 ) -> None:
@@ -429,7 +431,8 @@ def test_compaction_is_due_only_when_a_window_with_shipped_objects_closes(
     now_ms = int(time.time() * 1000)
     h.replica._note_shipped(segment_info(gen, 1, 1, now_ms, now_ms))
     ends = sorted(h.replica._compact_due)
-    assert len(ends) == len(LEVELS) and all(e > now_ms / 1000 for e in ends)
+    # the end of the window holding the object, at each level (two levels' may coincide)
+    assert ends == sorted({(now_ms // int(i * 1000) + 1) * int(i * 1000) / 1000 for i in LEVELS})
     time.sleep(max(0.0, ends[0] - time.time()) + 0.01)
     asyncio.run(h.replica.compact_if_due())
     assert len(listed) > after_start  # the shortest window closed: one pass
