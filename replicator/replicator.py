@@ -161,6 +161,8 @@ class DatabaseService:
             self.health.close()  # its next check opens a connection again
         self.parked = True
         self._mark_open(False)
+        log.debug("%s: parked at txid %d (idle, every replica caught up)", self.cfg.name,
+                  self.db.txid)
         return True
 
     async def _changed_since_parked(self) -> bool:
