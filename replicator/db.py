@@ -235,6 +235,10 @@ class Database:
         self._db_ino: int | None = None
         self._pending: Reason | None = None
         self._catchup: Reason | None = None  # a catch-up is due (a restart that cannot resume)
+        # the database file's (inode, size, mtime) before the last state read, and when
+        # capture continues from a state without a WAL, that state's (see _set_position)
+        self._state_sig: tuple[int, int, int] | None = None
+        self._nowal_sig: tuple[int, int, int] | None = None
         self._db_dev = 0
         self.keeper = IndexKeeper(spool)
         self._last_observed_ns = 0  # when the last captured state was observed
@@ -597,6 +601,11 @@ class Database:
         """Capture one batch of committed transactions; True if more are waiting."""
         fd = self._wal()
         hdr = read_wal_header(fd) if fd is not None else None
+        if self.pos is None and self._nowal_changed():
+            # the state had no WAL, and the file changed since: frames were written and
+            # checkpointed (the WAL perhaps gone or restarted) in a moment no pin was held
+            self._catch_up(Reason.WAL_SHRUNK, res)
+            return False
         if hdr is None or fd is None:
             if self.pos is not None and self.pos.frame > 0 and (
                 fd is None or os.fstat(fd).st_size < WAL_HEADER_SIZE
@@ -635,6 +644,11 @@ class Database:
         self.pos = WalPos(hdr.salt1, hdr.salt2, 0, hdr.checksum)
         self._learn_reset_bound()
         return self._ship(fd, hdr, self.pos, res)
+
+    def _nowal_changed(self) -> bool:
+        """Whether the database file changed since the state without a WAL was read."""
+        return (self._nowal_sig is not None and self._db_fd is not None
+                and _file_sig(self._db_fd) != self._nowal_sig)
 
     def _rescue(self, fd: int, new: WalHeader) -> _Rescued | None:
         """After a WAL reset: read the old epoch's tail and prove it is complete, or None.
@@ -950,8 +964,7 @@ class Database:
             gen, 0, None, _Lineage(reason, prev_gen, prev_txid if prev_gen else None,
                                    self.confirmed_ns or None),
         )
-        self.pos = pos
-        self._last_end = pos
+        self._set_position(pos)
         self._learn_reset_bound()
         res.objects.append(info)
         res.new_generation = reason
@@ -971,7 +984,17 @@ class Database:
 
     def _read_state(self, upto: WalPos | None = None) -> DbState:
         assert self._db_fd is not None
+        self._state_sig = _file_sig(self._db_fd)  # before the read: a later write changes it
         return read_state(self.path, self._db_fd, self._wal(), self.page_size, upto)
+
+    def _set_position(self, pos: WalPos | None) -> None:
+        """Capture continues from ``pos``, the position of the state just read. Without a WAL
+        (None) the database file alone is that state: remember it, so that a change reaching
+        the file without frames this capture saw (written and checkpointed while no pin was
+        held) is caught up rather than missed."""
+        self.pos = pos
+        self._last_end = pos
+        self._nowal_sig = self._state_sig if pos is None else None
 
     def _write_snapshot(
         self, gen: str, txid: int, upto: WalPos | None, lineage: _Lineage
@@ -1136,8 +1159,7 @@ class Database:
             raise
         ix.commit()
         self.txid += 1
-        self.pos = state.pos
-        self._last_end = state.pos
+        self._set_position(state.pos)
         if state.hdr is not None:
             self.big_endian = state.hdr.big_endian
         self._last_observed_ns = observed
@@ -1150,6 +1172,12 @@ class Database:
             state.pages, (observed - since) / 1e9,
         )
         return info
+
+
+def _file_sig(fd: int) -> tuple[int, int, int]:
+    """(inode, size, mtime) of an open file: it changes with every write."""
+    st = os.fstat(fd)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class _StateMoved(Exception):

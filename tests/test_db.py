@@ -143,6 +143,35 @@ def test_truncate_in_an_unpinned_gap_as_the_last_write_catches_up(
     assert restored_dump(tmp_path) == dump(app)
 
 
+@pytest.mark.parametrize("then", ["truncate", "restart"])
+def test_unpinned_writes_after_a_state_without_wal_catch_up(tmp_path: Path, then: str) -> None:
+    """The first state is read while the database has no WAL (the application's last
+    connection closed and removed it). In a moment no pin is held the application commits and
+    checkpoints: with the WAL then empty (or restarted with new frames) only the database file
+    shows those commits, and a catch-up must hold them."""
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    commit(db, 3, payload=500)  # its own connection, the last one: the WAL is removed
+    assert not os.path.exists(f"{db}-wal")
+    d = open_db(tmp_path)
+    assert d.step().new_generation is not None and d.pos is None
+    d._unpin()
+    app = sqlite3.connect(db, isolation_level=None, timeout=0)
+    try:
+        commit(app, 4, payload=500)
+        assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        if then == "restart":
+            commit(app, 2, payload=500)  # new frames in a WAL that restarted
+        res = d.step()
+        assert res.catch_up == "wal_shrunk" and res.new_generation is None
+        commit(app, 1, payload=500)
+        assert d.step().transactions == 1
+        d.close()
+        assert restored_dump(tmp_path) == dump(app)
+    finally:
+        app.close()
+
+
 def test_pinned_truncate_by_application_never_loses_frames(tmp_path: Path, app) -> None:
     d = open_db(tmp_path, checkpoint_pages=16)
     d.step()
