@@ -143,15 +143,14 @@ async def verify(args: argparse.Namespace) -> int:
     DESTINATION, its newest point and an earlier snapshot are restored and integrity-checked.
     Exit 0 when every drill passed, 1 with one line per failure."""
     if args.config:
-        results = []
+        results: list[tuple[str, bool, str]] = []
         for db in select_dbs(load_config(args.config), args.target, args.config):
             try:
                 doc = await asyncio.to_thread(ask, db, "/verify")
-                results.append((db.name, bool(doc.get("ok")),
-                                str(doc.get("message") or doc.get("error"))))
+                results += _destination_lines(db.name, doc)
             except NotRunning:
                 r = await _verify_offline(db)
-                results.append((db.name, r.ok, r.message))
+                results += _destination_lines(db.name, r.to_json())
     else:
         if args.target is None:
             raise ConfigError("verify needs a DESTINATION, or --config FILE")
@@ -160,6 +159,16 @@ async def verify(args: argparse.Namespace) -> int:
     for name, ok, message in results:
         print(f"{name}: {message}", file=sys.stdout if ok else sys.stderr)
     return 0 if all(ok for _, ok, _ in results) else 1
+
+
+def _destination_lines(db: str, doc: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """One ``(who, ok, message)`` per destination of a drill's JSON form: a failed one named;
+    every one ok, one line for the database."""
+    failed = [(f"{db}: {r.get('replica')}", False, str(r.get("message")))
+              for r in doc.get("replicas") or [] if not r.get("ok")]
+    if failed:
+        return failed
+    return [(db, bool(doc.get("ok")), str(doc.get("message") or doc.get("error")))]
 
 
 async def _verify_offline(db: DbConfig) -> DrillResult:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -42,6 +43,7 @@ from .restore import apply_plan, plan_restore
 from .storage.base import StorageClient
 
 if TYPE_CHECKING:
+    from .replica import Replica
     from .replicator import DatabaseService
 
 log = logging.getLogger("replicator.drill")
@@ -60,6 +62,8 @@ class Point:
     sha256: str
     time: float = 0.0
     """When it was recorded (unix seconds)."""
+    replicas: tuple[str, ...] = ()
+    """The destinations a drill proved it on (empty: every one)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,9 @@ class DrillResult:
     """One line: what was proven, or what differed."""
     checked: list[str] = field(default_factory=list)
     duration: float = 0.0
+    replica: str = ""
+    """The destination drilled (empty: every destination, each one in ``replicas``)."""
+    replicas: list[DrillResult] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         """The JSON form (``/verify``, ``verify --json``)."""
@@ -95,7 +102,8 @@ def load_points(spool_dir: str) -> list[Point]:
         with open(os.path.join(spool_dir, POINTS_FILE), encoding="utf-8") as f:
             raw = json.load(f)
         return [Point(str(p["generation"]), int(p["txid"]), str(p["sha256"]),
-                      float(p.get("time", 0.0))) for p in raw]
+                      float(p.get("time", 0.0)), tuple(str(n) for n in p.get("replicas", ())))
+                for p in raw]
     except (OSError, ValueError, KeyError, TypeError):
         return []
 
@@ -169,8 +177,9 @@ async def pick_earlier(
     return None
 
 
-async def drill(
-    clients: Sequence[tuple[str, StorageClient]],
+async def drill_replica(
+    name: str,
+    client: StorageClient,
     newest: Point,
     points: Sequence[Point],
     *,
@@ -178,37 +187,60 @@ async def drill(
     temp_parent: str | None = None,
     rng: random.Random | None = None,
 ) -> DrillResult:
-    """Restore ``newest`` and a random earlier point from every replica and prove them equal;
-    ``partial`` pairs each check with the rows the live database returned at ``newest``."""
+    """Restore ``newest`` and a random earlier point from one destination and prove them
+    equal; ``partial`` pairs each check with the rows the live database returned at
+    ``newest``."""
     started = time.monotonic()
     rng = rng or random.Random()
     checked: list[str] = []
+    tmp = await asyncio.to_thread(tempfile.mkdtemp, ".drill", "replicator-", temp_parent)
     try:
-        for name, client in clients:
-            tmp = await asyncio.to_thread(tempfile.mkdtemp, ".drill", "replicator-", temp_parent)
-            try:
-                out = await restore_point(client, newest, tmp)
-                checked.append(f"{name}@{newest.txid}")
-                for check, rows in partial:
-                    got = await asyncio.to_thread(query_rows, out, check.sql)
-                    if got != rows:
-                        raise DrillFailed(
-                            f"{client.url}: partial check {check.name} at txid {newest.txid}: "
-                            f"{len(got)} rows restored, {len(rows)} in the database"
-                            + (" (same count, different values)" if len(got) == len(rows) else "")
-                        )
-                    checked.append(f"{name}@{newest.txid}:{check.name}")
-                earlier = await pick_earlier(client, points, newest, rng)
-                if earlier is not None:
-                    await restore_point(client, earlier, tmp)
-                    checked.append(f"{name}@{earlier.txid}")
-            finally:
-                await asyncio.to_thread(shutil.rmtree, tmp, True)
+        out = await restore_point(client, newest, tmp)
+        checked.append(f"{name}@{newest.txid}")
+        for check, rows in partial:
+            got = await asyncio.to_thread(query_rows, out, check.sql)
+            if got != rows:
+                raise DrillFailed(
+                    f"{client.url}: partial check {check.name} at txid {newest.txid}: "
+                    f"{len(got)} rows restored, {len(rows)} in the database"
+                    + (" (same count, different values)" if len(got) == len(rows) else "")
+                )
+            checked.append(f"{name}@{newest.txid}:{check.name}")
+        earlier = await pick_earlier(client, points, newest, rng)
+        if earlier is not None:
+            await restore_point(client, earlier, tmp)
+            checked.append(f"{name}@{earlier.txid}")
     except DrillFailed as exc:
-        return DrillResult(False, str(exc), checked, time.monotonic() - started)
-    message = (f"restore drill ok: generation {newest.generation} txid {newest.txid} equal on "
-               f"{len(clients)} replica(s); checked {', '.join(checked)}")
-    return DrillResult(True, message, checked, time.monotonic() - started)
+        return DrillResult(False, str(exc), checked, time.monotonic() - started, name)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, tmp, True)
+    return DrillResult(True, f"restore drill ok: generation {newest.generation} txid "
+                       f"{newest.txid} equal; checked {', '.join(checked)}", checked,
+                       time.monotonic() - started, name)
+
+
+def combine(newest: Point | None, results: list[DrillResult], duration: float) -> DrillResult:
+    """The outcome of a drill of every destination from the outcome of each: ok only when
+    every one is."""
+    checked = [c for r in results for c in r.checked]
+    failed = [r for r in results if not r.ok]
+    if failed:
+        message = "; ".join(f"{r.replica}: {r.message}" for r in failed)
+    elif newest is None or not results:
+        message = "restore drill ok: no destination"
+    else:
+        message = (f"restore drill ok: generation {newest.generation} txid {newest.txid} "
+                   f"equal on {len(results)} replica(s); checked {', '.join(checked)}")
+    return DrillResult(not failed, message, checked, duration, replicas=results)
+
+
+async def drill(
+    clients: Sequence[tuple[str, StorageClient]], newest: Point, points: Sequence[Point]
+) -> DrillResult:
+    """:func:`drill_replica` of every destination in turn (no partial checks), combined."""
+    started = time.monotonic()
+    results = [await drill_replica(name, client, newest, points) for name, client in clients]
+    return combine(newest, results, time.monotonic() - started)
 
 
 def source_rows(path: str, sql: str) -> list[tuple[object, ...]]:
@@ -257,41 +289,60 @@ class Driller:
         return self.service.cfg.spool_dir
 
     async def run_once(self, now: float | None = None) -> DrillResult:
-        """One drill of every destination; metrics, a log line, and a notification when the
-        outcome changes."""
+        """One drill of every destination, each on its own: a destination that does not hold
+        the newest point within the timeout fails its own drill while the others are proven.
+        Metrics per destination, log lines, and a notification when the outcome changes."""
         async with self._lock:
             started = time.monotonic()
             s = self.service
             try:
                 point, rows = await s.drill_point([c.sql for c in self.cfg.partial])
-                await s.wait_shipped(point.generation, point.txid, self.cfg.timeout)
+            except ReplicatorError as exc:
+                failed = [DrillResult(False, f"restore drill failed: {exc}", replica=r.name)
+                          for r in s.replicas]
+                result = combine(None, failed, time.monotonic() - started)
+            else:
                 points = await asyncio.to_thread(load_points, self.spool_dir)
-                result = await drill(
-                    [(r.name, r.client) for r in s.replicas], point, points,
-                    partial=list(zip(self.cfg.partial, rows, strict=True)),
-                    temp_parent=self.spool_dir,
-                )
-                if result.ok:  # a proven point: later drills restore it again
-                    await asyncio.to_thread(save_point, self.spool_dir, point)
-            except (ReplicatorError, TimeoutError) as exc:
-                result = DrillResult(False, f"restore drill failed: {exc}")
-            result.duration = time.monotonic() - started
+                partial = list(zip(self.cfg.partial, rows, strict=True))
+                results = await asyncio.gather(*(
+                    self._drill_replica(r, point, points, partial) for r in s.replicas))
+                result = combine(point, list(results), time.monotonic() - started)
+                proven = tuple(r.replica for r in results if r.ok)
+                if proven:  # a proven point: later drills restore it again
+                    await asyncio.to_thread(save_point, self.spool_dir,
+                                            dataclasses.replace(point, replicas=proven))
             await self._record(result, time.time() if now is None else now)
             return result
+
+    async def _drill_replica(
+        self, replica: Replica, point: Point, points: list[Point],
+        partial: list[tuple[PartialCheck, list[tuple[object, ...]]]],
+    ) -> DrillResult:
+        started = time.monotonic()
+        try:
+            await self.service.wait_shipped(point.generation, point.txid, self.cfg.timeout,
+                                            [replica])
+            result = await drill_replica(replica.name, replica.client, point, points,
+                                         partial=partial, temp_parent=self.spool_dir)
+        except (ReplicatorError, TimeoutError) as exc:
+            result = DrillResult(False, f"restore drill failed: {exc}", replica=replica.name)
+        result.duration = time.monotonic() - started
+        return result
 
     async def _record(self, result: DrillResult, now: float) -> None:
         name = self.service.cfg.name
         m = self.service.metrics
         before = self.last
         self.last = result
-        m.verify_ok.labels(name).set(1 if result.ok else 0)
-        m.verify_duration.labels(name).set(result.duration)
         self._last_run = now
-        if result.ok:
-            m.verify_last_success.labels(name).set(now)
-            log.info("%s: %s", name, result.message)
-        else:
-            log.error("%s: %s", name, result.message)
+        for r in result.replicas:
+            m.verify_ok.labels(name, r.replica).set(1 if r.ok else 0)
+            m.verify_duration.labels(name, r.replica).set(r.duration)
+            if r.ok:
+                m.verify_last_success.labels(name, r.replica).set(now)
+                log.info("%s: %s: %s", name, r.replica, r.message)
+            else:
+                log.error("%s: %s: %s", name, r.replica, r.message)
         if self.notifier is None:
             return
         if not result.ok:
@@ -315,8 +366,10 @@ class Driller:
         name, m = self.service.cfg.name, self.service.metrics
         m.verify_interval.labels(name).set(self.cfg.interval)
         points = await asyncio.to_thread(load_points, self.spool_dir)
-        if points:  # the last success before a restart
-            m.verify_last_success.labels(name).set(max(p.time for p in points))
+        for r in self.service.replicas:  # the last success before a restart
+            proven = [p.time for p in points if not p.replicas or r.name in p.replicas]
+            if proven:
+                m.verify_last_success.labels(name, r.name).set(max(proven))
         while not stop.is_set():
             wait = self.next_due() - time.time()
             if wait > 0:

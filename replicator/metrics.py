@@ -188,16 +188,16 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         verify_ok=Gauge(
             f"{n}_verify_ok",
-            "1 if the last restore drill proved every replica equal to the database, else 0.",
-            db, registry=r,
+            "1 if the last restore drill proved the replica equal to the database, else 0.",
+            rep, registry=r,
         ),
         verify_last_success=Gauge(
-            f"{n}_verify_last_success_timestamp_seconds", "Time of the last successful drill.",
-            db, registry=r,
+            f"{n}_verify_last_success_timestamp_seconds",
+            "Time of the last successful drill of the replica.", rep, registry=r,
         ),
         verify_duration=Gauge(
-            f"{n}_verify_duration_seconds", "Duration of the last restore drill.", db,
-            registry=r,
+            f"{n}_verify_duration_seconds", "Duration of the last restore drill of the replica.",
+            rep, registry=r,
         ),
         verify_interval=Gauge(
             f"{n}_verify_interval_seconds", "The configured interval of scheduled drills.", db,

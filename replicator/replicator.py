@@ -15,7 +15,7 @@ import os
 import platform
 import sqlite3
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from . import __version__
@@ -369,12 +369,14 @@ class DatabaseService:
         self._snapshot_metrics()
         return info
 
-    async def wait_shipped(self, generation: str, txid: int, within: float) -> None:
-        """Return once every destination holds ``txid`` of ``generation``; TimeoutError naming
-        the ones that do not after ``within`` seconds."""
+    async def wait_shipped(self, generation: str, txid: int, within: float,
+                           replicas: Sequence[Replica] | None = None) -> None:
+        """Return once every destination (of ``replicas``, default all) holds ``txid`` of
+        ``generation``; TimeoutError naming the ones that do not after ``within`` seconds."""
         deadline = time.monotonic() + within
+        replicas = self.replicas if replicas is None else replicas
         while True:
-            behind = [r for r in self.replicas if _before(r.newest_txid(generation), txid)]
+            behind = [r for r in replicas if _before(r.newest_txid(generation), txid)]
             if not behind:
                 return
             if time.monotonic() >= deadline:

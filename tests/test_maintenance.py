@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import util
 from fakeservers import WebhookTestServer
+from svcutil import running_service
 from writer import init_db
 
 from replicator import maintenance
@@ -104,18 +105,10 @@ def db_config(tmp_path: Path, maintenance: str) -> DbConfig:
 
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[DatabaseService]:
-    svc = DatabaseService(db_config(tmp_path, (
-        '{optimize: 24h, checkpoint: {mode: truncate, when: "Sun 03:00", timeout: 2s}, '
-        'vacuum: {when: "Sun 03:30", max-size: 100MB}}')))
-    await svc.open()
-    stop = asyncio.Event()
-    shippers = [asyncio.create_task(r.run(stop)) for r in svc.replicas]
-    try:
+    async with running_service(db_config(tmp_path, (
+            '{optimize: 24h, checkpoint: {mode: truncate, when: "Sun 03:00", timeout: 2s}, '
+            'vacuum: {when: "Sun 03:30", max-size: 100MB}}'))) as svc:
         yield svc
-    finally:
-        stop.set()
-        await asyncio.gather(*shippers)
-        await svc.close(5.0)
 
 
 async def test_default_optimize_only_reports_stale_statistics(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ a webhook notification). The schedule is checked in-process with a clock the tes
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import os
@@ -23,6 +22,7 @@ import util
 from fakeservers import WebhookTestServer
 from obsutil import Reaper, get, reaper, scrape, value
 from s3fixtures import S3Server
+from svcutil import running_service
 from util import free_port
 from writer import init_db
 
@@ -30,7 +30,6 @@ from replicator.config import load_config
 from replicator.drill import POINTS_FILE, load_points
 from replicator.format import KIND_SNAPSHOT, ObjectDecoder, ObjectWriter
 from replicator.pos import parse_key
-from replicator.replicator import DatabaseService
 from replicator.server import control_socket_path
 
 WAIT = 60.0
@@ -141,16 +140,24 @@ def test_sync_snapshot_and_drills_catch_every_kind_of_damage(
         assert len(load_points(os.path.dirname(sock))) == 2
         assert out.count("local@") == 3  # newest, its partial check, the earlier point
         m = scrape(port)
-        assert value(m, "replicator_verify_ok", db="app") == 1
-        assert (value(m, "replicator_verify_last_success_timestamp_seconds", db="app") or 0) > 0
-        assert (value(m, "replicator_verify_duration_seconds", db="app") or 0) > 0
+        for name in ("local", "second"):
+            assert value(m, "replicator_verify_ok", db="app", replica=name) == 1
+            assert (value(m, "replicator_verify_last_success_timestamp_seconds", db="app",
+                          replica=name) or 0) > 0
+            assert (value(m, "replicator_verify_duration_seconds", db="app",
+                          replica=name) or 0) > 0
 
-        def failing(what: str) -> str:
+        def failing(what: str, bad: str = "local") -> str:
+            """One line naming the damaged destination; the other one still proven."""
             code, out, err = verify(cfg)
             assert code == 1, f"{what}: drill passed: {out}"
             lines = err.strip().splitlines()
             assert len(lines) == 1 and "Traceback" not in err, err
-            assert value(scrape(port), "replicator_verify_ok", db="app") == 0
+            assert lines[0].startswith(f"app: {bad}: "), lines[0]
+            m = scrape(port)
+            good = "second" if bad == "local" else "local"
+            assert value(m, "replicator_verify_ok", db="app", replica=bad) == 0
+            assert value(m, "replicator_verify_ok", db="app", replica=good) == 1
             return lines[0]
 
         local = tmp_path / "local"
@@ -183,7 +190,7 @@ def test_sync_snapshot_and_drills_catch_every_kind_of_damage(
         snap = max((p for p in objects(tmp_path / "second") if p.suffix == ".snap"),
                    key=lambda p: parse_key(str(p.relative_to(tmp_path / "second"))).end_txid)
         forge_snapshot(snap, b"ROW-00000103", b"XXX-00000103")
-        line = failing("different content")
+        line = failing("different content", bad="second")
         assert "second" in line and "differs" in line
 
         # every failure went out as a notification
@@ -223,33 +230,71 @@ dbs:
     dbcfg = load_config(str(cfg)).dbs[0]
 
     async def run() -> None:
-        svc = DatabaseService(dbcfg)
-        await svc.open()
-        stop = asyncio.Event()
-        shippers = [asyncio.create_task(r.run(stop)) for r in svc.replicas]
-        try:
+        async with running_service(dbcfg) as svc:
             assert svc.driller.next_due() == 0.0  # never drilled: due at once
             t0 = 1_800_000_000.0
             result = await svc.driller.run_once(now=t0)
             assert result.ok, result.message
             assert svc.driller.next_due() == t0 + 86400
             m = svc.metrics.registry.get_sample_value
-            assert m("replicator_verify_ok", {"db": dbcfg.name}) == 1
-            assert m("replicator_verify_last_success_timestamp_seconds", {"db": dbcfg.name}) == t0
+            labels = {"db": dbcfg.name, "replica": svc.replicas[0].name}
+            assert m("replicator_verify_ok", labels) == 1
+            assert m("replicator_verify_last_success_timestamp_seconds", labels) == t0
             # a damaged replica fails the drill, and the next one is still an interval later
             for p in objects(tmp_path / "rep"):
                 p.unlink()
             result = await svc.driller.run_once(now=t0 + 86400)
             assert not result.ok and "rep" in result.message
-            assert m("replicator_verify_ok", {"db": dbcfg.name}) == 0
+            assert m("replicator_verify_ok", labels) == 0
+            assert m("replicator_verify_last_success_timestamp_seconds", labels) == t0
             assert svc.driller.next_due() == t0 + 2 * 86400
-        finally:
-            stop.set()
-            await asyncio.gather(*shippers)
-            await svc.close(5.0)
 
     await run()
     assert (Path(dbcfg.spool_dir) / POINTS_FILE).exists()
+
+
+async def test_a_destination_that_is_down_fails_its_own_drill(tmp_path: Path) -> None:
+    """A destination that never gets the newest point fails its drill after the timeout; the
+    other one is proven, and the point is recorded as proven there."""
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    write_rows(db, 1, 10)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a regular file where a replica directory should be\n")
+    cfg = tmp_path / "r.yml"
+    cfg.write_text(f"""
+dbs:
+  - path: {db}
+    name: app
+    verify: {{interval: 24h, timeout: 2s}}
+    replicas:
+      - {{name: good, path: {tmp_path / "good"}}}
+      - {{name: down, path: {blocker / "replica"}}}
+""")
+    dbcfg = load_config(str(cfg)).dbs[0]
+
+    async def run() -> None:
+        async with running_service(dbcfg) as svc:
+            t0 = 1_800_000_000.0
+            result = await svc.driller.run_once(now=t0)
+            assert not result.ok
+            by_name = {r.replica: r for r in result.replicas}
+            assert by_name["good"].ok, by_name["good"].message
+            assert not by_name["down"].ok and "within 2s: down" in by_name["down"].message
+            assert "down: " in result.message and "good" not in result.message
+            m = svc.metrics.registry.get_sample_value
+            assert m("replicator_verify_ok", {"db": "app", "replica": "good"}) == 1
+            assert m("replicator_verify_ok", {"db": "app", "replica": "down"}) == 0
+            assert m("replicator_verify_last_success_timestamp_seconds",
+                     {"db": "app", "replica": "good"}) == t0
+            assert m("replicator_verify_last_success_timestamp_seconds",
+                     {"db": "app", "replica": "down"}) is None
+            assert (m("replicator_verify_duration_seconds",
+                      {"db": "app", "replica": "down"}) or 0) >= 2
+
+    await run()
+    [point] = load_points(dbcfg.spool_dir)
+    assert point.replicas == ("good",)
 
 
 def test_drills_on_seaweedfs(
