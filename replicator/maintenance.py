@@ -58,6 +58,7 @@ QUIET = 5.0
 """Seconds without a commit before a task that writes may start."""
 ANALYSIS_LIMIT = 400
 TASKS = ("optimize", "checkpoint", "vacuum")
+RESULTS = ("ok", "skipped", "failed")
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _WHEN_RE = re.compile(r"^(?:([A-Za-z]{3})\s+)?(\d{1,2}):(\d{2})$")
 
@@ -208,6 +209,9 @@ class Maintainer:
             self.tasks["checkpoint"] = _Task("checkpoint", cfg.checkpoint.next_after(t))
         if cfg.vacuum is not None:
             self.tasks["vacuum"] = _Task("vacuum", cfg.vacuum.next_after(t))
+        for task in self.tasks:  # each configured task's runs count from 0
+            for result in RESULTS:
+                service.metrics.maintenance_runs.labels(service.cfg.name, task, result)
 
     def next_due(self) -> float:
         """The earliest time a task is due (inf: none configured)."""
