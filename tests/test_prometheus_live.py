@@ -1,7 +1,8 @@
 """The dashboard and the alert rules against a real Prometheus scraping a real replicator.
 
-``replicator replicate`` runs under a small write load with health checks and one broken replica
-(so error series exist); ``/usr/bin/prometheus`` (bound to 127.0.0.1, storage in a temp dir)
+``replicator replicate`` runs under a small write load with health checks, restore drills every
+few seconds, ``PRAGMA optimize`` every few seconds and one broken replica (so error series and
+failed drills exist); ``/usr/bin/prometheus`` (bound to 127.0.0.1, storage in a temp dir)
 scrapes it every second with ``deploy/prometheus/alerts.yml`` loaded. Then every query of every
 panel of ``grafana/replicator.json`` (template variables substituted) must succeed with a
 non-empty result, and every rule must evaluate without error.
@@ -151,6 +152,8 @@ dbs:
         - {{name: size, max-bytes: 1GB, interval: 1s}}
       sql:
         - {{name: rows, sql: "SELECT COUNT(*) FROM log", fail-if: "> 1000000", interval: 1s}}
+    verify: {{interval: 5s, timeout: 3s}}
+    maintenance: {{optimize: 2s}}
     replicas:
       - {{name: {GOOD_REPLICA}, path: {tmp_path / "replica"}}}
       - {{name: {BROKEN_REPLICA}, path: {blocker / "replica"}}}
@@ -201,6 +204,15 @@ def test_every_dashboard_query_and_rule_works_on_real_prometheus(
                      for s in prom.query(substitute(selector, ".*", ".*"))}
             want = {DB} if name == "db" else {GOOD_REPLICA, BROKEN_REPLICA}
             assert want <= found, f"variable {name}: {found}"
+
+        # drills have an outcome per destination: the good one proven, the broken one failed
+        def drill_ok(replica: str) -> list[str]:
+            return [r["value"][1] for r in prom.query(
+                f'replicator_verify_ok{{db="{DB}", replica="{replica}"}}')]
+
+        util.wait_until(lambda: drill_ok(GOOD_REPLICA) == ["1"], WAIT, 0.5,
+                        what="a proven drill of the good replica")
+        assert drill_ok(BROKEN_REPLICA) == ["0"]
 
         # the error series the broken replica produces are there, per operation
         errors = prom.query(f'replicator_errors_total{{replica="{BROKEN_REPLICA}"}}')
