@@ -87,6 +87,8 @@ log = logging.getLogger("replicator.db")
 
 DEFAULT_CHECKPOINT_PAGES = 1000
 DEFAULT_BUSY_TIMEOUT = 1.0
+CATCH_UP_REASONS = (Reason.RESUME_FAILED, Reason.WAL_RESET, Reason.WAL_SHRUNK)
+"""Why a catch-up is written: the intervals the capture did not observe."""
 SEGMENT_MAX_FRAMES = 2048
 STEP_BATCHES = 16
 SNAPSHOT_LOG_EVERY = 5.0  # a long snapshot logs its progress this often (INFO)

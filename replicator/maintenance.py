@@ -14,8 +14,8 @@ checkpoint and ``VACUUM``.
 * **checkpoint** (off by default; ``mode: truncate``): a blocking operation by nature. The
   replicator captures everything, lets go of its read transaction and runs ``PRAGMA
   wal_checkpoint(TRUNCATE)``, which holds the write lock while it waits up to ``timeout`` for
-  the application's readers. The next capture proves the WAL's continuity or starts a new
-  generation (a full snapshot).
+  the application's readers. The next capture writes a catch-up in the same generation (the
+  pages that differ from the captured state: none, as everything was captured first).
 * **vacuum** (off by default): ``VACUUM`` holds the write lock for its whole run, so it is
   skipped with a logged reason when the database is larger than ``max-size`` or the application
   committed within the last :data:`QUIET` seconds or holds the write lock; it is interrupted

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from . import __version__
 from .aio import wait_any
 from .config import Config, DbConfig
-from .db import DEFAULT_TUNING, CaptureResult, Database, Tuning
+from .db import CATCH_UP_REASONS, DEFAULT_TUNING, CaptureResult, Database, Tuning
 from .drill import DRILL_ATTEMPTS, Driller, Point
 from .errors import ReplicatorError, StorageError
 from .fleet import Fleet
@@ -198,6 +198,8 @@ class DatabaseService:
             counter.labels(name)
         for result in CHECKPOINT_RESULTS:
             m.checkpoints.labels(name, "passive", result)
+        for reason in CATCH_UP_REASONS:
+            m.catch_ups.labels(name, reason.value)
         for r in self.replicas:
             for family in (m.replica_shipped_transactions, m.replica_shipped_frames,
                            m.replica_shipped_bytes):
