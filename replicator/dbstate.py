@@ -101,6 +101,12 @@ class DbState:
         return hdr2 is not None and hdr2.salts == self.hdr.salts
 
 
+def pages_of(buf: bytes | bytearray, page_size: int) -> list[memoryview]:
+    """The pages of a run of pages read in one piece."""
+    mv = memoryview(buf)
+    return [mv[k * page_size : (k + 1) * page_size] for k in range(len(buf) // page_size)]
+
+
 def read_state(
     path: str, db_fd: int, wal_fd: int | None, page_size: int, upto: WalPos | None = None
 ) -> DbState:

@@ -88,7 +88,7 @@ def test_reset_in_an_unpinned_gap_with_intact_tail_is_proven(tmp_path: Path, app
     commit(app, 30, payload=500)
     d.step()
     gen = d.generation
-    d._unpin()  # a rotation's window: no pin is held
+    d.handles.unpin()  # a rotation's window: no pin is held
     commit(app, 3, payload=500)  # committed but not captured yet
     assert app.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0
     # this write resets the WAL: the three are only in the old epoch's tail
@@ -106,7 +106,7 @@ def test_reset_that_destroyed_the_tail_catches_up(tmp_path: Path, app) -> None:
     d.step()
     commit(app, 5, payload=500)
     d.step()
-    d._unpin()
+    d.handles.unpin()
     commit(app, 3, payload=500)
     # the application truncates the WAL: the uncaptured tail is gone from it
     assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
@@ -131,7 +131,7 @@ def test_truncate_in_an_unpinned_gap_as_the_last_write_catches_up(
     d.step()
     commit(app, 5, payload=500)
     d.step()
-    d._unpin()
+    d.handles.unpin()
     commit(app, 2, payload=500)
     assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
     assert os.path.getsize(tmp_path / "app.db-wal") == 0
@@ -155,7 +155,7 @@ def test_unpinned_writes_after_a_state_without_wal_catch_up(tmp_path: Path, then
     assert not os.path.exists(f"{db}-wal")
     d = open_db(tmp_path)
     assert d.step().new_generation is not None and d.pos is None
-    d._unpin()
+    d.handles.unpin()
     app = sqlite3.connect(db, isolation_level=None, timeout=0)
     try:
         commit(app, 4, payload=500)
@@ -290,7 +290,7 @@ def test_journal_size_limit_truncation_of_the_tail_is_not_taken_for_its_end(
     d.step()
     commit(app, 10, payload=500)
     d.step()
-    d._unpin()
+    d.handles.unpin()
     commit(app, 40, payload=3000)  # the WAL grows well past the limit; none of it captured
     assert app.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0
     commit(app, 1, payload=500)  # reset, and at this commit the file is cut back to the limit
@@ -410,23 +410,23 @@ def test_crash_while_writing_a_catchup(tmp_path: Path, app,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A catch-up that fails half-written leaves no object and the page index as it was: the
     next start catches up again, exactly."""
-    import replicator.db
+    import replicator.catchup
 
     stop_while_the_app_truncates(tmp_path, app)
-    real = replicator.db._changed_body
+    real = replicator.catchup._changed_body
 
     def dies(*args: object) -> Iterator[bytes]:
         it = real(*args)
         yield next(it)[:100]
         raise OSError("disk gone")
 
-    monkeypatch.setattr(replicator.db, "_changed_body", dies)
+    monkeypatch.setattr(replicator.catchup, "_changed_body", dies)
     d = open_db(tmp_path)
     with pytest.raises(OSError, match="disk gone"):
         d.step()
     assert not list((tmp_path / "spool").rglob("*.cu"))
     d.close()
-    monkeypatch.setattr(replicator.db, "_changed_body", real)
+    monkeypatch.setattr(replicator.catchup, "_changed_body", real)
     d = open_db(tmp_path)
     assert d.step().catch_up == "resume_failed"
     d.close()

@@ -1,0 +1,375 @@
+"""Change capture: the committed transactions of the WAL, shipped to the spool as segments, and
+the rotation of the pin that lets the WAL reset (see :mod:`replicator.db`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from .catchup import CatchUp
+from .errors import WalError
+from .format import DEFAULT_LEVEL
+from .handles import NO_RESET, file_sig
+from .headers import Reason, SegmentHeader, Txn
+from .pos import WalPos, segment_info
+from .progress import CaptureResult, Part, Shared
+from .rescue import Rescued, pseudo_header, rescue
+from .snapshots import Snapshots
+from .wal import (
+    WAL_HEADER_SIZE,
+    ScanResult,
+    WalHeader,
+    frame_offset,
+    frame_size,
+    pread_full,
+    read_wal_header,
+    scan_bytes,
+    verify_frames,
+)
+
+log = logging.getLogger("replicator.db")
+
+COPY_CHUNK_FRAMES = 256
+ROTATE_WAIT = 0.02
+ROTATE_POLL = 0.0002
+
+
+@dataclass(frozen=True, slots=True)
+class TxnSpan:
+    """One committed transaction in the WAL: its first and commit frame, the database size
+    after it (pages) and the running checksum after its commit frame."""
+
+    first: int
+    commit: int
+    db_size: int
+    checksum: tuple[int, int]
+
+    @property
+    def frames(self) -> int:
+        """How many frames it wrote."""
+        return self.commit - self.first + 1
+
+
+@dataclass
+class ScanBatch:
+    """What ``Capture._scan_batch`` found: whole transactions, whether more may follow, why
+    the scan stopped, and the frames as read and verified (None when they were not kept)."""
+
+    txns: list[TxnSpan]
+    more: bool
+    stop: str
+    data: memoryview | None
+
+
+def _spans(first: int, scan: ScanResult) -> list[TxnSpan]:
+    """The transactions of a scan that started at frame ``first``."""
+    out = []
+    for (_, commit, size), ck in zip(scan.transactions, scan.commit_checksums, strict=True):
+        out.append(TxnSpan(first, commit, size, ck))
+        first = commit + 1
+    return out
+
+
+class Capture(Part):
+    """Ships committed WAL frames as segments and rotates the pin."""
+
+    def __init__(self, shared: Shared, snapshots: Snapshots, catchup: CatchUp) -> None:
+        super().__init__(shared)
+        self.snapshots = snapshots
+        self.catchup = catchup
+        self.checkpoints: dict[str, int] = {}
+        # a tail read right after a reset seen while rotating: (new salts, rescue's result)
+        self._early_tail: tuple[tuple[int, int], Rescued | None] | None = None
+        self._compress_tokens = float(self.tuning.compress_budget)
+        self._compress_at = time.monotonic()
+
+    def capture(self, res: CaptureResult) -> bool:
+        """Capture one batch of committed transactions; True if more are waiting."""
+        p = self.progress
+        fd = self.handles.wal()
+        hdr = read_wal_header(fd) if fd is not None else None
+        if p.pos is None and self._nowal_changed():
+            # the state had no WAL, and the file changed since: frames were written and
+            # checkpointed (the WAL perhaps gone or restarted) in a moment no pin was held
+            self.catchup.run(Reason.WAL_SHRUNK, res)
+            return False
+        if hdr is None or fd is None:
+            if p.pos is not None and p.pos.frame > 0 and (
+                fd is None or os.fstat(fd).st_size < WAL_HEADER_SIZE
+            ):
+                # truncated (wal_checkpoint(TRUNCATE)) in a moment the pin was not held: what
+                # was committed after the captured position is in the database file only now
+                self.catchup.run(Reason.WAL_SHRUNK, res)
+            return False
+        if hdr.page_size != p.page_size:
+            self.snapshots.start_generation(Reason.PAGE_SIZE, res)
+            return False
+        if p.pos is None:
+            return self.ship(fd, hdr, WalPos(hdr.salt1, hdr.salt2, 0, hdr.checksum), res)
+        if hdr.salts == p.pos.salts:
+            return self.ship(fd, hdr, p.pos, res)
+        early, self._early_tail = self._early_tail, None
+        if early is not None and early[0] == hdr.salts:
+            rescued = early[1]
+        else:
+            rescued = rescue(fd, hdr, p, self.handles, self.name)
+        if rescued is None:
+            self.catchup.run(Reason.WAL_RESET, res)
+            return False
+        tail, data = rescued
+        old_hdr = pseudo_header(p.pos, p.page_size, p.big_endian)
+        if tail.transactions:
+            txns = _spans(p.pos.frame + 1, tail)
+            n = (tail.end_index - p.pos.frame) * frame_size(p.page_size)
+            self._emit(fd, old_hdr, p.pos, txns, res, compress=self._may_compress(n),
+                       data=data)
+        log.info(
+            "%s: WAL restarted (checkpoint seq %d); continuity proven at frame %d",
+            self.name, hdr.checkpoint_seq, tail.end_index,
+        )
+        p.big_endian = hdr.big_endian
+        p.pos = WalPos(hdr.salt1, hdr.salt2, 0, hdr.checksum)
+        self.handles.learn_reset_bound()
+        return self.ship(fd, hdr, p.pos, res)
+
+    def _nowal_changed(self) -> bool:
+        """Whether the database file changed since the state without a WAL was read."""
+        sig, fd = self.progress.nowal_sig, self.handles.db_fd
+        return sig is not None and fd is not None and file_sig(fd) != sig
+
+    def ship(self, fd: int, hdr: WalHeader, start: WalPos, res: CaptureResult) -> bool:
+        """Capture the next batch of committed transactions after ``start`` in this epoch as one
+        segment (memory stays bounded by the batch size, however long the WAL). True if more
+        are waiting."""
+        p = self.progress
+        if p.pos is None or p.pos.salts != start.salts:
+            p.pos = start
+            p.big_endian = hdr.big_endian
+        batch = self._scan_batch(fd, hdr, p.pos)
+        txns = batch.txns
+        if not txns and batch.stop == "short" and p.pos.frame > 0 and self.handles.pinned:
+            if os.fstat(fd).st_size < frame_offset(p.pos.frame + 1, p.page_size):
+                self.catchup.run(Reason.WAL_SHRUNK, res)
+                return False
+        self.handles.wal_size_seen = os.fstat(fd).st_size
+        if not txns:
+            return False
+        try:
+            # behind the writer, compression would keep the capture behind (and the WAL from
+            # resetting): store the frames as they are; they are compressed when it keeps up
+            n = (txns[-1].commit - txns[0].first + 1) * frame_size(p.page_size)
+            self._emit(fd, hdr, p.pos, txns, res,
+                       compress=not batch.more and self._may_compress(n), data=batch.data)
+        except WalError as exc:
+            # the frames changed under the copy: the WAL was reset meanwhile; the next capture
+            # sees the new epoch and proves (or not) that nothing was lost
+            log.debug("%s: %s", self.name, exc)
+            return True
+        return batch.more
+
+    def _scan_batch(self, fd: int, hdr: WalHeader, start: WalPos) -> ScanBatch:
+        """Whole committed transactions after ``start``: about ``segment_max_frames`` frames of them
+        (more only for a single larger transaction). The frames are kept as read and verified,
+        except for a transaction longer than one batch (``data`` None), which is copied again
+        in bounded chunks."""
+        ps = self.progress.page_size
+        fs = frame_size(ps)
+        idx, ck = start.frame + 1, start.checksum
+        txn_first = idx
+        txns: list[TxnSpan] = []
+        window = True  # every transaction so far lies inside the one buffer read
+        while True:
+            buf = pread_full(fd, self.tuning.segment_max_frames * fs, frame_offset(idx, ps))
+            r = scan_bytes(buf, hdr, idx, ck, keep_frames=False)
+            reason = r.stop_reason
+            if r.valid_end_index - idx + 1 == self.tuning.segment_max_frames:
+                reason = "limit"
+            elif not buf and os.fstat(fd).st_size < frame_offset(idx, ps):
+                reason = "short"  # the file ends before the start slot: it shrank
+            spans = _spans(txn_first, r)
+            txns += spans
+            txn_first = spans[-1].commit + 1 if spans else txn_first
+            data = memoryview(buf)[: (r.end_index - idx + 1) * fs] if window else None
+            if reason != "limit":
+                return ScanBatch(txns, False, reason, data)
+            if txns:
+                return ScanBatch(txns, True, reason, data)
+            # one transaction longer than the window: follow its chain, keeping nothing
+            window = False
+            idx, ck = r.valid_end_index + 1, r.valid_checksum
+
+    def _emit(
+        self,
+        fd: int,
+        hdr: WalHeader,
+        start: WalPos,
+        txns: list[TxnSpan],
+        res: CaptureResult,
+        compress: bool = True,
+        data: memoryview | None = None,
+    ) -> None:
+        """Write transactions (consecutive, starting right after ``start``) to the spool as one
+        segment (zstd-compressed, or stored as they are). ``data``: their frames, already read
+        and verified; otherwise they are read again from the WAL."""
+        p = self.progress
+        observed = time.time_ns()
+        assert p.generation is not None
+        first, last = txns[0].first, txns[-1].commit
+        end = WalPos(start.salt1, start.salt2, last, txns[-1].checksum)
+        end_txid = p.txid + len(txns)
+        ms = observed // 1_000_000
+        info = segment_info(p.generation, p.txid + 1, end_txid, ms, ms)
+        # while pinned where no reset can happen, the frames cannot change under the copy;
+        # otherwise (a reset is possible, or this is a rescued tail) verify them again
+        h = self.handles
+        verify = not (h.reset_end == NO_RESET and h.reset_salts == start.salts)
+
+        def body() -> Iterable[bytes | memoryview]:
+            if data is not None:
+                assert len(data) == (last - first + 1) * frame_size(p.page_size)
+                return [data]
+            return self._frames_body(fd, hdr, start, first, last, verify)
+
+        # the page index follows the frames (read once more first for a long transaction):
+        # the content hash after them goes into the header, which precedes them
+        ix = self.keeper.index
+        if ix is not None:
+            ix.begin()
+        try:
+            if ix is not None:
+                ix.apply_stream(body())
+            header = self._segment_header(hdr, start, end, txns, observed,
+                                          ix.content if ix is not None else None)
+            info = self.spool.write(info, header, body(), DEFAULT_LEVEL if compress else None)
+        except BaseException:
+            if ix is not None:
+                ix.rollback()
+            raise
+        if ix is not None:
+            ix.commit()
+        p.last_observed_ns = observed
+        p.resumed = None
+        p.txid = end_txid
+        p.pos = end
+        p.last_end = end
+        res.objects.append(info)
+        res.transactions += len(txns)
+        res.frames += last - first + 1
+
+    def _segment_header(
+        self, hdr: WalHeader, start: WalPos, end: WalPos, txns: list[TxnSpan], observed: int,
+        content: int | None,
+    ) -> SegmentHeader:
+        p = self.progress
+        assert p.generation is not None
+        start_txid = p.txid + 1
+        return SegmentHeader(
+            generation=p.generation,
+            start_txid=start_txid,
+            end_txid=p.txid + len(txns),
+            page_size=p.page_size,
+            big_endian=hdr.big_endian,
+            prev=p.last_end,
+            start=start,
+            end=end,
+            wal_header=hdr.raw if start.frame == 0 else None,
+            frames=txns[-1].commit - txns[0].first + 1,
+            txns=tuple(
+                Txn(start_txid + k, observed, t.frames, t.db_size) for k, t in enumerate(txns)
+            ),
+            content_hash=content,
+            unobserved_from_ns=p.resumed[0] if p.resumed else None,
+            unobserved_to_ns=p.resumed[1] if p.resumed else None,
+        )
+
+    def _frames_body(
+        self, fd: int, hdr: WalHeader, start: WalPos, first: int, last: int, verify: bool
+    ) -> Iterator[bytes]:
+        """Re-read frames first..last (verifying the chain again while copying, if asked)."""
+        ps = self.progress.page_size
+        fs = frame_size(ps)
+        ck = start.checksum
+        idx = first
+        while idx <= last:
+            n = min(COPY_CHUNK_FRAMES, last - idx + 1)
+            buf = os.pread(fd, n * fs, frame_offset(idx, ps))
+            if len(buf) != n * fs:
+                raise WalError(f"{self.handles.wal_path}: frames {idx}.. vanished while copying")
+            if verify:
+                ck = verify_frames(buf, ps, hdr.big_endian, start.salts, ck)
+            yield buf
+            idx += n
+
+    def _may_compress(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` of frames fit in the compression budget (a token bucket)."""
+        now = time.monotonic()
+        self._compress_tokens = min(
+            self.tuning.compress_budget,
+            self._compress_tokens + (now - self._compress_at) * self.tuning.compress_budget,
+        )
+        self._compress_at = now
+        if nbytes > self._compress_tokens:
+            return False
+        self._compress_tokens -= nbytes
+        return True
+
+    def backlog_small(self) -> bool:
+        """Whether the uncaptured part of the epoch is at most half of what is captured: then a
+        reset in the rotation window is safe to prove, since reading the tail back is much faster
+        than the application can write the half of a new epoch that would overtake it."""
+        fd, pos, ps = self.handles.wal_fd, self.progress.pos, self.progress.page_size
+        if fd is None or pos is None:
+            return False
+        backlog = max(0, os.fstat(fd).st_size - frame_offset(pos.frame + 1, ps))
+        return backlog // frame_size(ps) <= pos.frame // 2
+
+    def rotate(self, res: CaptureResult) -> None:
+        """Let the WAL reset: backfill while pinned, then release the pin only briefly.
+
+        1. Pinned on the newest commit (a handover), a PASSIVE checkpoint backfills what the pin
+           covers. It never waits for anyone, and pinned it may take as long as the disk needs
+           (it ends with an fsync of the database). Then everything up to the end of the WAL is
+           captured, still pinned: while a pin is held no reset can happen.
+        2. Unpinned, the replicator only watches the wal-index, with nothing in between that can
+           block (no checkpoint, no spool write). The application's next autocheckpoint
+           backfills the rest and its next write resets the WAL. As soon as the WAL was reset,
+           or is wholly backfilled (a pin taken then reads the database file alone and lets the
+           reset through at exactly that frame), or after ``ROTATE_WAIT``, it pins again on the
+           other connection. The application cannot fill a new epoch up to the frames written
+           in that window and reset it again that fast; ``rescue`` proves the old epoch's tail
+           was read in full, or a new generation starts.
+        """
+        p, h = self.progress, self.handles
+        assert p.pos is not None and h.ckpt is not None
+        h.handover()
+        result = h.checkpoint_passive()
+        self.checkpoints[result] = self.checkpoints.get(result, 0) + 1
+        fd = h.wal()
+        old_salts = p.pos.salts
+        for _ in range(self.tuning.step_batches):
+            hdr = read_wal_header(fd) if fd is not None else None
+            if hdr is None or fd is None or hdr.salts != old_salts:
+                return  # cannot happen while pinned; the next capture sorts it out
+            if not self.ship(fd, hdr, p.pos, res):
+                break
+        else:
+            return  # the writer outpaces the capture: no reset now (see backlog_small)
+        other = 1 - h.active
+        h.unpin()
+        deadline = time.monotonic() + ROTATE_WAIT
+        while time.monotonic() < deadline:
+            hdr = read_wal_header(fd) if fd is not None else None
+            if hdr is None or fd is None:
+                break
+            if hdr.salts != old_salts:
+                # read the old epoch's tail at once, before the new epoch can reach it
+                self._early_tail = (hdr.salts, rescue(fd, hdr, p, h, self.name))
+                break
+            shm = h.read_shm()
+            if shm is not None and shm[1] == shm[2]:
+                break
+            time.sleep(ROTATE_POLL)
+        h.pin(other)
