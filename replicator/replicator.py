@@ -9,7 +9,6 @@ checks (if configured) run in a task of their own on their own read-only connect
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import os
 import platform
@@ -21,32 +20,29 @@ from typing import Any, TypeVar
 from . import __version__
 from .aio import wait_any
 from .config import Config, DbConfig
-from .db import CATCH_UP_REASONS, DEFAULT_TUNING, CaptureResult, Database, Tuning
+from .db import DEFAULT_TUNING, CaptureResult, Database, Tuning
 from .drill import DRILL_ATTEMPTS, Driller, Point
 from .errors import ReplicatorError, StorageError
 from .fleet import Fleet
-from .health import CheckResult, HealthChecker
-from .logs import RateLimit, fmt_bytes
+from .health import HealthChecker
 from .maintenance import Maintainer, Skipped
 from .metrics import Metrics, create_metrics
 from .notices import NoticeThresholds, ReplicaNotices
 from .notify import Notifier
 from .pos import ObjectInfo
+from .pruning import keep_recent_ms, prune_spool
 from .replica import DEFAULT_BACKSTOP, Replica
+from .report import SUMMARY_EVERY as SUMMARY_EVERY
+from .report import CaptureReport, iso, service_status
 from .retry import Backoff, ErrorLog
 from .runtime import Runtime
 from .runtime import signature as runtime_sig
+from .schedule import SnapshotSchedule
 from .spool import Spool
-from .wal import FRAME_HEADER_SIZE
 from .watcher import Watcher
 
 log = logging.getLogger(__name__)
-WAL_SNAPSHOT_MIN = 64 << 20  # bytes: databases smaller than this count as this big
 T = TypeVar("T")
-# an INFO line per database with what was shipped, at most this often (none while idle)
-SUMMARY_EVERY = 60.0
-# the DEBUG capture line, at most this often (a busy WAL is captured every few ms)
-DEBUG_EVERY = 1.0
 # a capture that fails is retried after this backoff (it fails only when the database does)
 CAPTURE_RETRY = Backoff(base=0.1, cap=10.0)
 # how long a health check in progress may finish at shutdown before it is interrupted
@@ -56,7 +52,6 @@ HEALTH_STOP_GRACE = 2.0
 # nothing new, events wake it again.
 FOLLOW_POLL = 0.002
 FOLLOW_QUIET = 0.05
-CHECKPOINT_RESULTS = ("ok", "busy", "error")
 # how often a wait for the destinations (sync --wait, drills) looks at their positions
 SHIPPED_POLL = 0.05
 # an idle database's loop looks whether a snapshot is due about this often (jittered)
@@ -66,22 +61,9 @@ IDLE_TIMER = 10.0
 PARK_AFTER = 30.0
 
 
-def _iso(ts: float) -> str | None:
-    """Unix seconds as RFC 3339 UTC (None for 0, "never")."""
-    if not ts:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
-
-
 def _before(held: int | None, txid: int) -> bool:
     """Whether a destination holding ``held`` (None: nothing) lacks ``txid``."""
     return held is None or held < txid
-
-
-def _result_json(r: CheckResult) -> dict[str, Any]:
-    return {"check": r.check, "kind": r.kind, "ok": r.ok, "ran": r.ran, "value": r.value,
-            "reason": r.reason, "time": _iso(r.timestamp)}
 
 
 class DatabaseService:
@@ -126,19 +108,13 @@ class DatabaseService:
         self.notices = None if notifier is None else ReplicaNotices(
             cfg.name, self.replicas, notifier, thresholds or NoticeThresholds())
         self._tasks: set[asyncio.Task[None]] = set()
-        self._init_metrics()
+        self.report = CaptureReport(cfg.name, self.metrics, self.replicas)
+        self.schedule = SnapshotSchedule(self)
         self.wake = asyncio.Event()
         self._watcher: Watcher | None = None
         self._errors = ErrorLog(log)
         self._prune_task: asyncio.Task[None] | None = None
-        self._db_size = 0
-        self._wal_since_snapshot = 0  # bytes of WAL frames captured since the last snapshot
-        self.wal_snapshot_min = WAL_SNAPSHOT_MIN
         self.last_capture = 0.0
-        self._summary_at = time.monotonic()
-        self._summary_base = {r.name: (0, 0) for r in self.replicas}
-        self._debug = RateLimit(DEBUG_EVERY)
-        self._debug_counts = [0, 0]  # transactions, frames captured since the last debug line
 
     def _database(self) -> Database:
         return Database(self.cfg.path, self.spool, name=self.cfg.name,
@@ -155,7 +131,7 @@ class DatabaseService:
         for r in self.replicas:
             if not r.healthy or await r.pending(remote=False):
                 return False
-        await self._call(self.db.close, False)
+        await self.call(self.db.close, False)
         self._parked_sig = await self.runtime.call(runtime_sig, self.cfg.path)
         if self.health is not None:
             self.health.close()  # its next check opens a connection again
@@ -179,36 +155,22 @@ class DatabaseService:
         if not self.parked:
             return
         db, old = self._database(), self.db
-        await self._call(db.open)
+        await self.call(db.open)
         self._mark_open(True)
         db.watched_while_closed()
         db.last_snapshot_ns = max(db.last_snapshot_ns, old.last_snapshot_ns)
         db.last_snapshot_txid = max(db.last_snapshot_txid, old.last_snapshot_txid)
         self.db, self.parked = db, False
 
-    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a blocking method of the database on the runtime's pool, one at a time."""
         async with self._lock:
             return await self.runtime.call(fn, *args)
-
-    def _init_metrics(self) -> None:
-        """Create the series whose label values are known up front, so they read 0 (not
-        "absent") until something happens."""
-        m, name = self.metrics, self.cfg.name
-        for counter in (m.captured_transactions, m.captured_frames, m.snapshots):
-            counter.labels(name)
-        for result in CHECKPOINT_RESULTS:
-            m.checkpoints.labels(name, "passive", result)
-        for reason in CATCH_UP_REASONS:
-            m.catch_ups.labels(name, reason.value)
-        for r in self.replicas:
-            for family in (m.replica_shipped_transactions, m.replica_shipped_frames,
-                           m.replica_shipped_bytes):
-                family.labels(name, r.name)
 
     async def open(self) -> None:
         """Open the database (errors are fatal) and check every replica (a failing replica is
         logged and retried; if every replica fails, that is fatal)."""
-        await self._call(self.db.open)
+        await self.call(self.db.open)
         async def check(r: Replica) -> str | None:
             try:
                 await r.init()
@@ -222,139 +184,43 @@ class DatabaseService:
         results = await asyncio.gather(*(check(r) for r in self.replicas))
         failures = [f for f in results if f is not None]
         if failures and len(failures) == len(self.replicas):
-            await self._call(self.db.close)
+            await self.call(self.db.close)
             for r in self.replicas:
                 await r.aclose()
             raise ReplicatorError("; ".join(failures))
         self._mark_open(True)
         await self.sync()
-        await self._recall_last_snapshot()
+        await self.schedule.recall_last()
 
     async def sync(self) -> CaptureResult:
         """Capture once, then wake the shippers if anything new was spooled."""
         started = time.monotonic()
-        res = await self._call(self.db.step)
+        res = await self.call(self.db.step)
         self.last_capture = time.time()
-        self._debug_counts[0] += res.transactions
-        self._debug_counts[1] += res.frames
-        if self._debug_counts[0] and log.isEnabledFor(logging.DEBUG) and self._debug.ready():
-            log.debug("%s: captured %d transactions (%d frames) to txid %d, pos %s",
-                      self.cfg.name, *self._debug_counts, self.db.txid, self.db.pos)
-            self._debug_counts = [0, 0]
-        m, name = self.metrics, self.cfg.name
-        m.capture_seconds.labels(name).observe(time.monotonic() - started)
         if res.transactions:
             self.last_commit = time.monotonic()
-            m.captured_transactions.labels(name).inc(res.transactions)
-            m.captured_frames.labels(name).inc(res.frames)
-        if res.new_generation:
-            m.generation_changes.labels(name, res.new_generation).inc()
-            self._snapshot_metrics()
-            if self.notices is not None and self.db.generation is not None:
-                task = asyncio.ensure_future(
-                    self.notices.new_generation(self.db.generation, res.new_generation))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-        if res.catch_up:
-            m.catch_ups.labels(name, res.catch_up).inc()
-        for result, count in self.db.checkpoints.items():
-            m.checkpoints.labels(name, "passive", result).inc(count)
-        self.db.checkpoints.clear()
-        db_size, wal_size = self.db.sizes()
-        self._db_size = db_size
-        if res.new_generation:
-            self._wal_since_snapshot = 0
-        self._wal_since_snapshot += res.frames * (FRAME_HEADER_SIZE + self._page_size())
-        m.db_size_bytes.labels(name).set(db_size)
-        m.wal_size_bytes.labels(name).set(wal_size)
-        m.wal_frames.labels(name).set(self.db.pos.frame if self.db.pos else 0)
+        sizes = self.db.sizes()
+        self.report.captured(self.db, res, time.monotonic() - started, sizes)
+        if res.new_generation and self.notices is not None and self.db.generation is not None:
+            task = asyncio.ensure_future(
+                self.notices.new_generation(self.db.generation, res.new_generation))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self.schedule.captured(res, sizes[0])
         if res.objects:
             for r in self.replicas:
                 r.wake.set()
         return res
 
-    async def _recall_last_snapshot(self) -> None:
-        """After a restart the spool may no longer hold the generation's last snapshot (it was
-        pruned once shipped): take its time from the destinations, so a restart does not force a
-        new snapshot."""
-        gen = self.db.generation
-        if gen is None or self.db.last_snapshot_ns:
-            return
-        for r in self.replicas:
-            if not r.healthy:
-                continue
-            try:
-                objs = await r.client.objects(gen)
-            except Exception:  # noqa: BLE001 - only an optimisation; shipping reports errors
-                continue
-            snaps = [o for o in objs if o.kind == "snapshot"]
-            if snaps:
-                newest = max(snaps, key=lambda o: o.end_txid)
-                self.db.last_snapshot_ns = max(self.db.last_snapshot_ns, newest.last_ms * 1_000_000)
-                self.db.last_snapshot_txid = max(self.db.last_snapshot_txid, newest.end_txid)
-        if self.db.last_snapshot_ns:
-            self.metrics.snapshot_last_timestamp.labels(self.cfg.name).set(
-                self.db.last_snapshot_ns / 1e9
-            )
-
     def log_summary(self, now: float | None = None) -> str | None:
         """Log (at INFO) and return what each replica shipped since the last summary, if
         ``SUMMARY_EVERY`` seconds have passed and anything was shipped; else None."""
-        now = time.monotonic() if now is None else now
-        elapsed = now - self._summary_at
-        if elapsed < SUMMARY_EVERY:
-            return None
-        current = {r.name: (r.shipped_transactions, r.shipped_bytes) for r in self.replicas}
-        parts = []
-        for name, (txns, nbytes) in current.items():
-            base = self._summary_base.get(name, (0, 0))
-            if (txns, nbytes) != base:
-                parts.append(f"{txns - base[0]} transactions ({fmt_bytes(nbytes - base[1])}) "
-                             f"to {name}")
-        self._summary_at, self._summary_base = now, current
-        if not parts:
-            return None
-        line = f"{self.cfg.name}: shipped {', '.join(parts)} in the last {elapsed:.0f}s"
-        log.info("%s", line)
-        return line
-
-    def _snapshot_metrics(self) -> None:
-        m, name = self.metrics, self.cfg.name
-        m.snapshots.labels(name).inc()
-        m.snapshot_last_timestamp.labels(name).set(self.db.last_snapshot_ns / 1e9)
-        m.snapshot_duration_seconds.labels(name).set(self.db.last_snapshot_seconds)
-        m.snapshot_size_bytes.labels(name).set(self.db.last_snapshot_size)
-
-    def _page_size(self) -> int:
-        return self.db.page_size or 4096
-
-    def _wal_heavy(self) -> bool:
-        """Whether the WAL captured since the last snapshot exceeds ``snapshot-wal-factor``
-        times the database (at least ``wal_snapshot_min``, so that a small busy database is not
-        snapshotted every few seconds): a restore of the newest state would replay more."""
-        factor = self.cfg.snapshot_wal_factor
-        base = max(self._db_size, self.wal_snapshot_min)
-        return factor > 0 and self._wal_since_snapshot > factor * base
+        return self.report.summary(now)
 
     async def snapshot_if_due(self) -> bool:
         """Take a snapshot when the interval has passed, or the WAL captured since the last one
         outgrew ``snapshot-wal-factor`` times the database, and something changed."""
-        if self.parked:
-            return False  # nothing changed since it was parked (a change unparks it)
-        due = self.db.last_snapshot_ns / 1e9 + self.cfg.snapshot_interval
-        wanted = any(r.needs_snapshot for r in self.replicas) or self._wal_heavy()
-        if not wanted and (time.time() < due or self.cfg.snapshot_interval <= 0):
-            return False
-        if not wanted and self.db.last_snapshot_txid == self.db.txid:
-            return False  # nothing changed since the last snapshot
-        async with self.runtime.snapshots:
-            await self._call(self.db.snapshot)
-        self._wal_since_snapshot = 0
-        for r in self.replicas:
-            r.needs_snapshot = False
-            r.wake.set()
-        self._snapshot_metrics()
-        return True
+        return await self.schedule.if_due()
 
     async def awake(self) -> None:
         """Open the database again if it is parked (an on-demand operation needs it)."""
@@ -363,13 +229,7 @@ class DatabaseService:
 
     async def snapshot_now(self) -> ObjectInfo:
         """Take a snapshot at once (``replicator snapshot``) and wake the shippers."""
-        await self.awake()
-        await self.sync()
-        info = await self._call(self.db.snapshot)
-        for r in self.replicas:
-            r.wake.set()
-        self._snapshot_metrics()
-        return info
+        return await self.schedule.now()
 
     async def wait_shipped(self, generation: str, txid: int, within: float,
                            replicas: Sequence[Replica] | None = None) -> None:
@@ -410,7 +270,7 @@ class DatabaseService:
         await self.awake()
         while (await self.sync()).more:
             pass
-        busy, _, _ = await self._call(self.db.checkpoint_truncate, within)
+        busy, _, _ = await self.call(self.db.checkpoint_truncate, within)
         await self.sync()
         if busy:
             raise Skipped(f"readers kept the WAL busy for {within:g}s; the WAL was not truncated")
@@ -430,7 +290,7 @@ class DatabaseService:
 
         for _ in range(DRILL_ATTEMPTS):
             await self.sync()
-            got = await self._call(take)
+            got = await self.call(take)
             if got is not None:
                 return got
         raise ReplicatorError(f"{self.cfg.name}: the database never stopped changing long "
@@ -441,36 +301,13 @@ class DatabaseService:
             self._prune_task = asyncio.ensure_future(self.prune_spool())
 
     async def prune_spool(self) -> None:
-        """Drop spooled objects every replica has, keeping the newest (the resume point) and
-        those a restart replays into the page index.
-        While a remote destination compacts, the segments its first level will merge soon are
-        kept too (so that it need not download them)."""
-        levels = [r.compactor.levels[0] for r in self.replicas
-                  if r.batch and r.compactor is not None and r.compactor.levels]
-        keep_ms = int((time.time() - 2 * max(levels)) * 1000) if levels else None
+        """Drop spooled objects every replica has (see :mod:`replicator.pruning`)."""
+        keep_ms = keep_recent_ms(self.replicas)
 
         def prune() -> None:
-            gens = self.spool.generations()
-            for gi, gen in enumerate(gens):
-                objs = self.spool.objects(gen)
-                newest_gen = gi == len(gens) - 1
-                # a restart replays the objects after the saved page index
-                keep_after = self.db.keeper.keep_from(gen)
-                drop = []
-                for i, o in enumerate(objs):
-                    if newest_gen and i == len(objs) - 1:
-                        continue
-                    if keep_after is not None and o.end_txid > keep_after:
-                        continue
-                    if newest_gen and keep_ms is not None and o.last_ms >= keep_ms:
-                        continue
-                    if all(o.key in r.known.get(gen, set()) for r in self.replicas):
-                        drop.append(o)
-                self.spool.delete(drop)
-                if not newest_gen and len(drop) == len(objs):
-                    self.spool.delete_generation(gen)
+            prune_spool(self.spool, self.db.keeper, self.replicas, keep_ms)
 
-        await self._call(prune)
+        await self.call(prune)
 
     def _record_error(self, operation: str, exc: BaseException) -> None:
         msg = str(exc) if isinstance(exc, ReplicatorError) else f"{type(exc).__name__}: {exc}"
@@ -603,44 +440,16 @@ class DatabaseService:
             self._record_error("final sync", exc)
         if self.health is not None:
             self.health.close()
-        await self._call(self.db.close)
+        await self.call(self.db.close)
         self._mark_open(False)
         for r in self.replicas:
             await r.aclose()
         if self._own_runtime:
             await self.runtime.aclose()
 
-    def _replica_txid(self, r: Replica) -> int | None:
-        """The newest transaction of the current generation the replica is known to hold."""
-        return r.newest_txid(self.db.generation or "")
-
     def status(self) -> dict[str, Any]:
         """The database's state for ``/status`` (call from the event loop)."""
-        db = self.db
-        health = self.health.last_results if self.health is not None else {}
-        integrity = next((r for r in health.values() if r.kind == "integrity"), None)
-        return {
-            "name": self.cfg.name,
-            "path": self.cfg.path,
-            "generation": db.generation,
-            "txid": db.txid,
-            "position": db.pos.to_json() if db.pos is not None else None,
-            "last_capture": _iso(self.last_capture),
-            "parked": self.parked,
-            "last_snapshot": {"time": _iso(db.last_snapshot_ns / 1e9),
-                              "txid": db.last_snapshot_txid} if db.last_snapshot_ns else None,
-            "ready_max_lag_seconds": self.cfg.ready_max_lag,
-            "replicas": [
-                {"name": r.name, "url": r.url, "healthy": r.healthy,
-                 "generation": db.generation if r.known.get(db.generation or "") else None,
-                 "txid": self._replica_txid(r), "lag_seconds": round(r.lag, 3),
-                 "last_sync": _iso(r.last_sync), "error": r.last_error}
-                for r in self.replicas
-            ],
-            "integrity": _result_json(integrity) if integrity is not None else None,
-            "health": [_result_json(r) for r in health.values() if r.kind != "integrity"],
-            "verify": self.driller.last.to_json() if self.driller.last is not None else None,
-        }
+        return service_status(self)
 
 
 class Replicator:
@@ -683,7 +492,7 @@ class Replicator:
 
     def status(self) -> dict[str, Any]:
         """Every database's state for ``/status`` (call from the event loop)."""
-        doc: dict[str, Any] = {"version": __version__, "started": _iso(self.started),
+        doc: dict[str, Any] = {"version": __version__, "started": iso(self.started),
                                "dbs": [s.status() for s in self.all_services()]}
         if self.config.dirs:
             doc["databases"] = self.fleet.status()

@@ -375,7 +375,7 @@ def test_a_snapshot_once_the_wal_outgrows_the_database(tmp_path: Path) -> None:
 
     async def go(factor: float, base: int) -> int:
         s = svc(factor)
-        s.wal_snapshot_min = 0  # a small database counts as what it is
+        s.schedule.wal_snapshot_min = 0  # a small database counts as what it is
         await s.open()
         conn = sqlite3.connect(app, isolation_level=None)
         rnd = random.Random(1)

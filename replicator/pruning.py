@@ -1,0 +1,43 @@
+"""Pruning the spool: a spooled object goes once every replica holds it, except the newest (the
+resume point), those a restart replays into the page index, and, while a remote destination
+compacts, the segments its first level will merge soon (so that it need not download them)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from .pageindex import IndexKeeper
+from .replica import Replica
+from .spool import Spool
+
+
+def keep_recent_ms(replicas: Sequence[Replica]) -> int | None:
+    """Segments last written at or after this time (ms) stay while a destination compacts."""
+    levels = [r.compactor.levels[0] for r in replicas
+              if r.batch and r.compactor is not None and r.compactor.levels]
+    return int((time.time() - 2 * max(levels)) * 1000) if levels else None
+
+
+def prune_spool(spool: Spool, keeper: IndexKeeper, replicas: Sequence[Replica],
+                keep_ms: int | None) -> None:
+    """Drop the spooled objects every replica has (blocking), keeping those named above."""
+    gens = spool.generations()
+    for gi, gen in enumerate(gens):
+        objs = spool.objects(gen)
+        newest_gen = gi == len(gens) - 1
+        # a restart replays the objects after the saved page index
+        keep_after = keeper.keep_from(gen)
+        drop = []
+        for i, o in enumerate(objs):
+            if newest_gen and i == len(objs) - 1:
+                continue
+            if keep_after is not None and o.end_txid > keep_after:
+                continue
+            if newest_gen and keep_ms is not None and o.last_ms >= keep_ms:
+                continue
+            if all(o.key in r.known.get(gen, set()) for r in replicas):
+                drop.append(o)
+        spool.delete(drop)
+        if not newest_gen and len(drop) == len(objs):
+            spool.delete_generation(gen)

@@ -1,0 +1,153 @@
+"""What one database reports: the metric series of its capture, a DEBUG line per capture (rate
+limited), an INFO summary of what each replica shipped, and its entry in ``/status``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from .db import CATCH_UP_REASONS, CaptureResult, Database
+from .logs import RateLimit, fmt_bytes
+from .metrics import Metrics
+from .replica import Replica
+
+if TYPE_CHECKING:
+    from .health import CheckResult
+    from .replicator import DatabaseService
+
+log = logging.getLogger("replicator.replicator")
+
+# an INFO line per database with what was shipped, at most this often (none while idle)
+SUMMARY_EVERY = 60.0
+# the DEBUG capture line, at most this often (a busy WAL is captured every few ms)
+DEBUG_EVERY = 1.0
+CHECKPOINT_RESULTS = ("ok", "busy", "error")
+
+
+class CaptureReport:
+    """The metrics and logs of one database's capture and shipping."""
+
+    def __init__(self, name: str, metrics: Metrics, replicas: list[Replica]) -> None:
+        self.name = name
+        self.metrics = metrics
+        self.replicas = replicas
+        self._summary_at = time.monotonic()
+        self._summary_base = {r.name: (0, 0) for r in replicas}
+        self._debug = RateLimit(DEBUG_EVERY)
+        self._debug_counts = [0, 0]  # transactions, frames captured since the last debug line
+        self._init_metrics()
+
+    def _init_metrics(self) -> None:
+        """Create the series whose label values are known up front, so they read 0 (not
+        "absent") until something happens."""
+        m, name = self.metrics, self.name
+        for counter in (m.captured_transactions, m.captured_frames, m.snapshots):
+            counter.labels(name)
+        for result in CHECKPOINT_RESULTS:
+            m.checkpoints.labels(name, "passive", result)
+        for reason in CATCH_UP_REASONS:
+            m.catch_ups.labels(name, reason.value)
+        for r in self.replicas:
+            for family in (m.replica_shipped_transactions, m.replica_shipped_frames,
+                           m.replica_shipped_bytes):
+                family.labels(name, r.name)
+
+    def captured(self, db: Database, res: CaptureResult, seconds: float,
+                 sizes: tuple[int, int]) -> None:
+        """Record a capture step that took ``seconds``; ``sizes``: the database's and the
+        WAL's file sizes after it."""
+        self._debug_counts[0] += res.transactions
+        self._debug_counts[1] += res.frames
+        if self._debug_counts[0] and log.isEnabledFor(logging.DEBUG) and self._debug.ready():
+            log.debug("%s: captured %d transactions (%d frames) to txid %d, pos %s",
+                      self.name, *self._debug_counts, db.txid, db.pos)
+            self._debug_counts = [0, 0]
+        m, name = self.metrics, self.name
+        m.capture_seconds.labels(name).observe(seconds)
+        if res.transactions:
+            m.captured_transactions.labels(name).inc(res.transactions)
+            m.captured_frames.labels(name).inc(res.frames)
+        if res.new_generation:
+            m.generation_changes.labels(name, res.new_generation).inc()
+            self.snapshot_taken(db)
+        if res.catch_up:
+            m.catch_ups.labels(name, res.catch_up).inc()
+        for result, count in db.checkpoints.items():
+            m.checkpoints.labels(name, "passive", result).inc(count)
+        db.checkpoints.clear()
+        m.db_size_bytes.labels(name).set(sizes[0])
+        m.wal_size_bytes.labels(name).set(sizes[1])
+        m.wal_frames.labels(name).set(db.pos.frame if db.pos else 0)
+
+    def snapshot_taken(self, db: Database) -> None:
+        """Record the snapshot ``db`` took last."""
+        m, name = self.metrics, self.name
+        m.snapshots.labels(name).inc()
+        m.snapshot_last_timestamp.labels(name).set(db.last_snapshot_ns / 1e9)
+        m.snapshot_duration_seconds.labels(name).set(db.last_snapshot_seconds)
+        m.snapshot_size_bytes.labels(name).set(db.last_snapshot_size)
+
+    def summary(self, now: float | None = None) -> str | None:
+        """Log (at INFO) and return what each replica shipped since the last summary, if
+        ``SUMMARY_EVERY`` seconds have passed and anything was shipped; else None."""
+        now = time.monotonic() if now is None else now
+        elapsed = now - self._summary_at
+        if elapsed < SUMMARY_EVERY:
+            return None
+        current = {r.name: (r.shipped_transactions, r.shipped_bytes) for r in self.replicas}
+        parts = []
+        for name, (txns, nbytes) in current.items():
+            base = self._summary_base.get(name, (0, 0))
+            if (txns, nbytes) != base:
+                parts.append(f"{txns - base[0]} transactions ({fmt_bytes(nbytes - base[1])}) "
+                             f"to {name}")
+        self._summary_at, self._summary_base = now, current
+        if not parts:
+            return None
+        line = f"{self.name}: shipped {', '.join(parts)} in the last {elapsed:.0f}s"
+        log.info("%s", line)
+        return line
+
+
+def iso(ts: float) -> str | None:
+    """Unix seconds as RFC 3339 UTC (None for 0, "never")."""
+    if not ts:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def _result_json(r: CheckResult) -> dict[str, Any]:
+    return {"check": r.check, "kind": r.kind, "ok": r.ok, "ran": r.ran, "value": r.value,
+            "reason": r.reason, "time": iso(r.timestamp)}
+
+
+def service_status(s: DatabaseService) -> dict[str, Any]:
+    """The state of a database's service for ``/status`` (call from the event loop)."""
+    db = s.db
+    health = s.health.last_results if s.health is not None else {}
+    integrity = next((r for r in health.values() if r.kind == "integrity"), None)
+    return {
+        "name": s.cfg.name,
+        "path": s.cfg.path,
+        "generation": db.generation,
+        "txid": db.txid,
+        "position": db.pos.to_json() if db.pos is not None else None,
+        "last_capture": iso(s.last_capture),
+        "parked": s.parked,
+        "last_snapshot": {"time": iso(db.last_snapshot_ns / 1e9),
+                          "txid": db.last_snapshot_txid} if db.last_snapshot_ns else None,
+        "ready_max_lag_seconds": s.cfg.ready_max_lag,
+        "replicas": [
+            {"name": r.name, "url": r.url, "healthy": r.healthy,
+             "generation": db.generation if r.known.get(db.generation or "") else None,
+             "txid": r.newest_txid(db.generation or ""), "lag_seconds": round(r.lag, 3),
+             "last_sync": iso(r.last_sync), "error": r.last_error}
+            for r in s.replicas
+        ],
+        "integrity": _result_json(integrity) if integrity is not None else None,
+        "health": [_result_json(r) for r in health.values() if r.kind != "integrity"],
+        "verify": s.driller.last.to_json() if s.driller.last is not None else None,
+    }

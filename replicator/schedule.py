@@ -1,0 +1,99 @@
+"""When a database's snapshots are taken: every ``snapshot-interval`` once something changed,
+when the WAL captured since the last one outgrew ``snapshot-wal-factor`` times the database, or
+when a destination needs one; and, after a restart, when the last one was taken."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from .pos import ObjectInfo
+from .progress import CaptureResult
+from .wal import FRAME_HEADER_SIZE
+
+if TYPE_CHECKING:
+    from .replicator import DatabaseService
+
+WAL_SNAPSHOT_MIN = 64 << 20  # bytes: databases smaller than this count as this big
+
+
+class SnapshotSchedule:
+    """The snapshot policy of one database service."""
+
+    def __init__(self, service: DatabaseService) -> None:
+        self.service = service
+        self.wal_snapshot_min = WAL_SNAPSHOT_MIN
+        self._db_size = 0
+        self._wal_since_snapshot = 0  # bytes of WAL frames captured since the last snapshot
+
+    def captured(self, res: CaptureResult, db_size: int) -> None:
+        """Count what a capture step wrote (``db_size``: the database's size after it)."""
+        self._db_size = db_size
+        if res.new_generation:
+            self._wal_since_snapshot = 0
+        page_size = self.service.db.page_size or 4096
+        self._wal_since_snapshot += res.frames * (FRAME_HEADER_SIZE + page_size)
+
+    def _wal_heavy(self) -> bool:
+        """Whether the WAL captured since the last snapshot exceeds ``snapshot-wal-factor``
+        times the database (at least ``wal_snapshot_min``, so that a small busy database is not
+        snapshotted every few seconds): a restore of the newest state would replay more."""
+        factor = self.service.cfg.snapshot_wal_factor
+        base = max(self._db_size, self.wal_snapshot_min)
+        return factor > 0 and self._wal_since_snapshot > factor * base
+
+    async def if_due(self) -> bool:
+        """Take a snapshot when the interval has passed, or the WAL captured since the last one
+        outgrew ``snapshot-wal-factor`` times the database, and something changed."""
+        s = self.service
+        if s.parked:
+            return False  # nothing changed since it was parked (a change unparks it)
+        due = s.db.last_snapshot_ns / 1e9 + s.cfg.snapshot_interval
+        wanted = any(r.needs_snapshot for r in s.replicas) or self._wal_heavy()
+        if not wanted and (time.time() < due or s.cfg.snapshot_interval <= 0):
+            return False
+        if not wanted and s.db.last_snapshot_txid == s.db.txid:
+            return False  # nothing changed since the last snapshot
+        async with s.runtime.snapshots:
+            await s.call(s.db.snapshot)
+        self._wal_since_snapshot = 0
+        for r in s.replicas:
+            r.needs_snapshot = False
+            r.wake.set()
+        s.report.snapshot_taken(s.db)
+        return True
+
+    async def now(self) -> ObjectInfo:
+        """Take a snapshot at once (``replicator snapshot``) and wake the shippers."""
+        s = self.service
+        await s.awake()
+        await s.sync()
+        info = await s.call(s.db.snapshot)
+        for r in s.replicas:
+            r.wake.set()
+        s.report.snapshot_taken(s.db)
+        return info
+
+    async def recall_last(self) -> None:
+        """After a restart the spool may no longer hold the generation's last snapshot (it was
+        pruned once shipped): take its time from the destinations, so a restart does not force a
+        new snapshot."""
+        s = self.service
+        db = s.db
+        gen = db.generation
+        if gen is None or db.last_snapshot_ns:
+            return
+        for r in s.replicas:
+            if not r.healthy:
+                continue
+            try:
+                objs = await r.client.objects(gen)
+            except Exception:  # noqa: BLE001 - only an optimisation; shipping reports errors
+                continue
+            snaps = [o for o in objs if o.kind == "snapshot"]
+            if snaps:
+                newest = max(snaps, key=lambda o: o.end_txid)
+                db.last_snapshot_ns = max(db.last_snapshot_ns, newest.last_ms * 1_000_000)
+                db.last_snapshot_txid = max(db.last_snapshot_txid, newest.end_txid)
+        if db.last_snapshot_ns:
+            s.metrics.snapshot_last_timestamp.labels(s.cfg.name).set(db.last_snapshot_ns / 1e9)
