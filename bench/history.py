@@ -26,6 +26,7 @@ Run from the repository root: ``python bench/history.py [--quick] [--duration S]
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's replicator
 
 import _repl_common as rc  # noqa: E402
 import s3fixtures as fx  # noqa: E402
@@ -131,11 +133,12 @@ class HistoryBench(S3Bench):
         assert self.proxy is not None
         remove_db(out)
         self.quiet()
+        load = os.getloadavg()[0]
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=out.parent)
         t1 = time.perf_counter()
         rec: dict[str, Any] = {"what": name, "seconds": t1 - t0, "exit_code": p.returncode,
-                               "stderr": p.stderr[-500:]}
+                               "stderr": p.stderr[-500:], "load": load}
         rec["rows"] = rc.count_rows(out) if p.returncode == 0 and out.exists() else None
         rec["want_rows"] = want
         if bucket is not None:
@@ -214,6 +217,9 @@ class HistoryBench(S3Bench):
         has_s3 = key in ("ours", "litestream_s3")
         if has_dir:
             rec["dir_objects"], rec["dir_bytes"] = count_files(t.replica)
+        if key == "ours":
+            rec["newest_plan"] = newest_plan(t.replica)
+        rec["db_bytes"] = db.stat().st_size
         if has_s3:
             rec["s3_objects"], rec["s3_bytes"] = list_bucket(self.server, t.bucket)
             rec["s3_requests"] = request_stats(self.proxy.window(t.bucket, t0, t2), t.is_change)
@@ -328,6 +334,21 @@ class HistoryBench(S3Bench):
         return rec
 
 
+def newest_plan(replica: Path) -> dict[str, Any]:
+    """What our restore of the newest state reads from the directory: objects and bytes, and
+    whether it starts from a differential snapshot."""
+    from replicator.restore import plan_restore
+    from replicator.storage.file import FileStorage
+
+    async def go() -> dict[str, Any]:
+        plan = await plan_restore(FileStorage(str(replica)))
+        objs = plan.objects
+        return {"objects": len(objs), "bytes": sum(o.size for o in objs),
+                "diff": plan.diff is not None, "segments": len(plan.segments)}
+
+    return asyncio.run(go())
+
+
 def restore_cmd(t: Any, out: Path, at: int | None, *, s3: bool, endpoint: str = "") -> list[str]:
     """The tool's restore command (its default integrity-check setting), to a time or the
     newest state."""
@@ -368,14 +389,15 @@ def render_history(r: dict[str, Any]) -> list[str]:
           "differ by one or two). From S3 the restore goes through the proxy, which counts "
           "its requests. The reference is the same final database replicated afresh by ours "
           f"(one snapshot, {mib(h['fresh']['db_bytes'])} MiB) and restored the same ways.", "",
-          "| restore | seconds | S3 requests | rows | committed by then | exit |",
-          "|---|---|---|---|---|---|"]
+          "\"load\" is the 1-minute load average when the restore started.", "",
+          "| restore | seconds | S3 requests | rows | committed by then | exit | load |",
+          "|---|---|---|---|---|---|---|"]
     rows = [y for x in h["tools"] for y in x["restores"]] + h["fresh"]["restores"]
     for y in rows:
         q = y.get("requests")
         L.append(f"| {y['what']} | {y['seconds']:.2f} | {q['requests'] if q else '–'} | "
                  f"{y['rows'] if y['rows'] is not None else 'failed'} | {y['want_rows']} | "
-                 f"{y['exit_code']} |")
+                 f"{y['exit_code']} | {y.get('load', 0):.1f} |")
     L.append("")
     return L
 
@@ -397,6 +419,14 @@ def render_summary(r: dict[str, Any]) -> list[str]:
         L.append(f"| from {'the directory' if where == 'dir' else 'S3'} | {o['seconds']:.2f} | "
                  f"{f['seconds']:.2f} | {ratio:.1f} ({met(ratio <= 1.5)}) | {l_['seconds']:.2f} | "
                  f"{met(o['seconds'] <= l_['seconds'])} |")
+    for x in h["tools"]:
+        p = x.get("newest_plan")
+        if p and x.get("db_bytes"):
+            L += ["", f"Our restore of the newest state reads {p['objects']} objects, "
+                  f"{mib(p['bytes'])} MiB from the directory ({p['bytes'] / x['db_bytes']:.2f}x "
+                  f"the {mib(x['db_bytes'])} MiB database; target: a few dozen objects, <= ~2x): "
+                  f"a full snapshot, {'a differential snapshot, ' if p['diff'] else ''}"
+                  f"{p['segments']} segment(s)."]
     for x in r.get("restarts", []):
         per = [y["bytes_up"] for y in x["restarts"]]
         if per:

@@ -447,7 +447,7 @@ def _restore_checks(args: argparse.Namespace) -> bool:
 
 def _download(plan: RestorePlan) -> tuple[int, int]:
     """Bytes and objects a restore of ``plan`` reads."""
-    objects = [plan.snapshot, *plan.segments]
+    objects = plan.objects
     return sum(o.size for o in objects), len(objects)
 
 
@@ -497,7 +497,7 @@ async def _restore(args: argparse.Namespace) -> int:
                     continue
                 plans.append((src, await plan_restore(
                     src.client, to_time_ns=to_time, txid=args.txid, generation=args.generation,
-                    exact=args.exact)))
+                    exact=args.exact, gens=gens)))
             except ReplicatorError as exc:
                 errors.append(exc)
         if not plans:
@@ -549,7 +549,7 @@ async def _list(args: argparse.Namespace) -> int:
                         "start": fmt_ns(g.start) if g.snapshots else None,
                         "end": fmt_ns(g.end) if g.snapshots else None,
                         "end_txid": g.end_txid, "snapshots": len(g.snapshots),
-                        "segments": len(g.segments), "size": g.size,
+                        "segments": len(g.segments), "diffs": len(g.diffs), "size": g.size,
                         "restorable": bool(g.snapshots), "unobserved": gaps,
                     })
                 else:

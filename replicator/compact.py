@@ -6,7 +6,10 @@ and holds more than one segment of a generation, each wholly inside it, gets the
 one: a segment whose transactions are exactly theirs, with their frames and observed times, so a
 restore to any instant stays exact to the commit. Segments of several WAL epochs merge into one
 object with one *part* per epoch (docs/format.md). A merge never crosses a txid that a snapshot
-holds (a restore from that snapshot must find a segment starting right after it) nor a hole.
+(full or differential) holds (a restore from that snapshot must find a segment starting right
+after it) nor a hole. Differential snapshots are thinned on the same levels first: in each
+closed window only the newest stays (they only shorten restores; the segments hold every
+transaction), so they neither pile up nor keep the segments around them apart for long.
 
 The merged object is written (temp name, fsync, rename; or a completed S3 upload) before the
 segments it replaces are deleted, so a listing at any moment sees the merged object, its parts,
@@ -153,7 +156,7 @@ def plan_level(
     seconds: each run lies in one closed window, breaks at holes and at snapshot txids, and has
     more than one segment. Segments covered by another must be left out first."""
     width = max(1, int(interval * 1000))
-    breaks = {o.end_txid for o in objects if o.kind == "snapshot"}
+    breaks = {o.end_txid for o in objects if o.kind in ("snapshot", "diff")}
     runs: list[list[ObjectInfo]] = []
     run: list[ObjectInfo] = []
     window = -1
@@ -172,6 +175,21 @@ def plan_level(
     if len(run) > 1:
         runs.append(run)
     return runs
+
+
+def thin_diffs(objects: list[ObjectInfo], interval: float, now_ms: int) -> list[ObjectInfo]:
+    """The differential snapshots a level of ``interval`` seconds lets go: in each closed
+    window of a generation, every one but the newest."""
+    width = max(1, int(interval * 1000))
+    windows: dict[tuple[str, int], list[ObjectInfo]] = {}
+    for o in objects:
+        w = o.last_ms // width
+        if o.kind == "diff" and (w + 1) * width <= now_ms:
+            windows.setdefault((o.generation, w), []).append(o)
+    out: list[ObjectInfo] = []
+    for diffs in windows.values():
+        out += sorted(diffs, key=lambda o: (o.end_txid, o.last_ms))[:-1]
+    return out
 
 
 # ------------------------------------------------------------------------------------ doing
@@ -226,6 +244,11 @@ class Compactor:
                 gone = {o.key for o in covered}
                 held = [o for o in held if o.key not in gone]
             for li, interval in enumerate(self.levels):
+                thinned = thin_diffs(held, interval, now_ms)
+                if thinned:
+                    await self._replaced(thinned, res)
+                    gone = {o.key for o in thinned}
+                    held = [o for o in held if o.key not in gone]
                 for run in plan_level(held, interval, now_ms):
                     for parts, info in await self._merge(run):
                         await self._replaced(parts, res)

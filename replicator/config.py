@@ -52,7 +52,9 @@ from .units import parse_duration as parse_duration
 from .units import parse_size as parse_size
 
 DEFAULT_SNAPSHOT_INTERVAL = 6 * 3600.0
-DEFAULT_SNAPSHOT_WAL_FACTOR = 2.0  # bounds a restore of the newest state to ~3x the database
+# with differential snapshots of at most half the pages, a restore of the newest state reads
+# about 2x the database: the full snapshot, a differential one, and this much WAL
+DEFAULT_SNAPSHOT_WAL_FACTOR = 0.5
 DEFAULT_MONITOR_INTERVAL = 1.0
 MIN_CHECKPOINT_PAGES = 16
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0

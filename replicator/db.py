@@ -42,6 +42,7 @@ from typing import Any, Generic, TypeVar, overload
 from .capture import Capture
 from .catchup import CatchUp
 from .dbstate import read_db_header
+from .diffsnap import DEFAULT_DIFF_MAX
 from .errors import DatabaseError
 from .fsutil import atomic_writer
 from .handles import Handles
@@ -317,6 +318,14 @@ class Database:
         info, _ = self.snapshots.write(self.generation, self.txid, self.pos,
                                        Lineage(Reason.INTERVAL))
         return info
+
+    def diff_snapshot(self, max_fraction: float = DEFAULT_DIFF_MAX) -> ObjectInfo | None:
+        """Take a differential snapshot of the current position (the pages changed since the
+        last full snapshot); None if a full one should be taken instead (see
+        ``Snapshots.diff``)."""
+        self._ensure_pinned()
+        self.capture.capture(CaptureResult())
+        return self.snapshots.diff(max_fraction)
 
     def read_captured(self, sqls: Sequence[str]) -> list[list[tuple[Any, ...]]] | None:
         """The rows of each query, read in one transaction of a connection of its own that sees

@@ -1,9 +1,10 @@
-"""Encoding of replica objects (snapshots, WAL segments, catch-ups), format version 2.
+"""Encoding of replica objects (snapshots, WAL segments, catch-ups, differential snapshots),
+format version 3.
 
 An object is::
 
     preamble   8 bytes   magic b"\\x89RPL", version u16 BE, kind u16 BE (1 snapshot, 2 wal,
-                         3 catch-up)
+                         3 catch-up, 4 differential snapshot)
     hlen       4 bytes   u32 BE length of the header
     header     hlen      UTF-8 JSON (fields in docs/format.md)
     body       ...       one zstd frame: snapshot = pages 1..n; segment = raw WAL frames
@@ -28,16 +29,22 @@ from .errors import CorruptObjectError, FormatError
 
 MAGIC = b"\x89RPL"
 FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)  # version 1: no content hashes, no catch-up objects
+# Version 3 added differential snapshots, which carry it; objects of the other kinds did not
+# change and still carry 2, so a version-2 reader (which ignores the keys it does not know)
+# restores a version-3 replica from its full snapshots and segments.
+DIFF_VERSION = 3
+READ_VERSIONS = (1, 2, 3)  # version 1: no content hashes, no catch-up objects
 KIND_SNAPSHOT = 1
 KIND_WAL = 2
 KIND_CATCHUP = 3
+KIND_DIFF = 4
 TRAILER_MAGIC = b"RPLT"
 DEFAULT_LEVEL = 1
 _PREAMBLE = struct.Struct(">4sHHI")
 _TRAILER_SIZE = 4 + 4
 _MAX_HEADER = 64 << 20
-_KIND_NAMES = {KIND_SNAPSHOT: "snapshot", KIND_WAL: "wal", KIND_CATCHUP: "catchup"}
+_KIND_NAMES = {KIND_SNAPSHOT: "snapshot", KIND_WAL: "wal", KIND_CATCHUP: "catchup",
+               KIND_DIFF: "diff"}
 
 
 class _Crc:
@@ -91,9 +98,11 @@ class ObjectWriter:
 
     def __init__(
         self, f: BinaryIO, kind: int, header: dict[str, Any], level: int | None = DEFAULT_LEVEL,
-        version: int = FORMAT_VERSION,
+        version: int | None = None,
     ):
         self._f = f
+        if version is None:
+            version = DIFF_VERSION if kind == KIND_DIFF else FORMAT_VERSION
         raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
         f.write(_PREAMBLE.pack(MAGIC, version, kind, len(raw)))
         f.write(raw)

@@ -453,7 +453,63 @@ class CatchupHeader:
         return Txn(self.txid, self.ts_ns, self.changed, self.pages)
 
 
-ObjectHeader = SnapshotHeader | SegmentHeader | CatchupHeader
+@dataclass(frozen=True)
+class DiffHeader:
+    """The header of a differential snapshot: the pages of the state after ``txid`` that differ
+    from the full snapshot of ``base_txid`` (whose content hash is ``base_content_hash``)."""
+
+    generation: str
+    txid: int
+    base_txid: int
+    base_content_hash: int
+    ts_ns: int
+    page_size: int
+    pages: int
+    big_endian: bool
+    position: WalPos | None
+    changed: int
+    content_hash: int
+
+    kind: ClassVar[str] = "diff"
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON object written into the object."""
+        return {
+            "kind": self.kind,
+            "generation": self.generation,
+            "txid": self.txid,
+            "base_txid": self.base_txid,
+            "base_content_hash": _opt_hash_json(self.base_content_hash),
+            "ts_ns": self.ts_ns,
+            "page_size": self.page_size,
+            "pages": self.pages,
+            "big_endian": self.big_endian,
+            "position": _opt_pos_json(self.position),
+            "changed": self.changed,
+            "content_hash": _opt_hash_json(self.content_hash),
+        }
+
+    @classmethod
+    def from_json(cls, obj: object, key: str) -> DiffHeader:
+        """Parse and validate; raises CorruptObjectError naming ``key`` and the bad field."""
+        f = _Fields(obj, key)
+        _check_kind(f, cls.kind)
+        return cls(
+            generation=f.get("generation", _str),
+            txid=f.int("txid"),
+            base_txid=f.int("base_txid"),
+            base_content_hash=f.get("base_content_hash", _hash),
+            ts_ns=f.int("ts_ns"),
+            page_size=f.int("page_size"),
+            pages=f.int("pages"),
+            big_endian=f.get("big_endian", _bool),
+            position=f.opt("position", _pos),
+            changed=f.int("changed"),
+            content_hash=f.get("content_hash", _hash),
+        )
+
+
+ObjectHeader = SnapshotHeader | SegmentHeader | CatchupHeader | DiffHeader
 ChangeHeader = SegmentHeader | CatchupHeader
 
 
@@ -471,4 +527,6 @@ def header_from_json(obj: object, key: str) -> ObjectHeader:
         return SegmentHeader.from_json(obj, key)
     if kind == CatchupHeader.kind:
         return CatchupHeader.from_json(obj, key)
+    if kind == DiffHeader.kind:
+        return DiffHeader.from_json(obj, key)
     raise _Fields(obj, key).bad("kind")

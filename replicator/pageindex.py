@@ -145,6 +145,12 @@ class PageIndex:
         if self._undo is not None and last > first:
             self._undo.append((first, self.hashes[first:last].copy()))
 
+    def entry(self, pgno: int) -> int:
+        """``H(p)`` of page ``pgno`` as recorded (0: no page)."""
+        if pgno > len(self._hashes):
+            return 0
+        return self._entry(pgno)
+
     def _entry(self, pgno: int) -> int:
         w = self._words
         return int((w[2 * pgno - 2] << 64) | w[2 * pgno - 1])
@@ -464,8 +470,8 @@ class IndexKeeper:
         at = saved.txid
         try:
             for info in self.spool.objects(generation):
-                if info.end_txid <= at:
-                    continue
+                if info.end_txid <= at or info.kind == "diff":
+                    continue  # a differential snapshot repeats a state the others reach
                 if info.kind != "snapshot" and info.start_txid != at + 1:
                     raise IndexUnusable(f"spooled txid {at + 1} missing")
                 index = replay(index, self.spool.path(info), info.key)

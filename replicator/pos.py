@@ -8,10 +8,13 @@ of the last transaction they contain. Every key is built and parsed here and now
     generations/<gen>/snapshots/<txid:016x>-<ts_ms:012x>.snap
     generations/<gen>/wal/<start:016x>-<end:016x>-<first_ms:012x>-<last_ms:012x>.seg
     generations/<gen>/wal/<txid:016x>-<txid:016x>-<from_ms:012x>-<ts_ms:012x>.cu
+    generations/<gen>/snapshots/<txid:016x>-<base:016x>-<ts_ms:012x>.dsnap
     lease.json                                     (the fencing record, see replicator.lease)
 
 A ``.cu`` object is a *catch-up*: the pages that changed while the replicator could not observe
-the WAL (from ``from_ms`` to ``ts_ms``), as one pseudo-transaction ``txid``.
+the WAL (from ``from_ms`` to ``ts_ms``), as one pseudo-transaction ``txid``. A ``.dsnap``
+object is a *differential snapshot*: the pages of the state after ``txid`` that differ from the
+full snapshot at txid ``base`` of the same generation.
 
 ``ts_ms`` values are the wall-clock times (ms since the Unix epoch) at which the replicator observed
 the transactions; the object header carries the same times in nanoseconds, per transaction.
@@ -31,12 +34,13 @@ GENERATIONS_DIR = "generations"
 LEASE_KEY = "lease.json"
 _GEN_RE = re.compile(r"^[0-9a-f]{16}$")
 _SNAP_RE = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{12})\.snap$")
+_DIFF_RE = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{12})\.dsnap$")
 _SEG_RE = re.compile(
     r"^([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{12})-([0-9a-f]{12})\.(seg|cu)$"
 )
 
-Kind = Literal["snapshot", "wal", "catchup"]
-_KINDS: tuple[Kind, ...] = ("wal", "catchup", "snapshot")  # by kind_order
+Kind = Literal["snapshot", "wal", "catchup", "diff"]
+_KINDS: tuple[Kind, ...] = ("wal", "catchup", "snapshot", "diff")  # by kind_order
 
 
 def new_generation_id(now_ns: int | None = None) -> str:
@@ -63,12 +67,14 @@ class ObjectInfo:
     """One snapshot or WAL segment, as named by its key.
 
     For a snapshot ``start_txid == end_txid`` is the txid of the last transaction it contains and
-    ``first_ms == last_ms`` its observation time.
+    ``first_ms == last_ms`` its observation time. For a differential snapshot ``end_txid`` is
+    the txid of its state and ``start_txid`` the txid of the full snapshot it is based on.
     """
 
     generation: str
     end_txid: int
-    # 0 = wal, 1 = catch-up, 2 = snapshot: at equal end_txid a snapshot sorts last
+    # 0 = wal, 1 = catch-up, 2 = snapshot, 3 = differential snapshot: at equal end_txid the
+    # snapshots sort last
     kind_order: int
     start_txid: int
     first_ms: int
@@ -77,7 +83,7 @@ class ObjectInfo:
 
     @property
     def kind(self) -> Kind:
-        """``"snapshot"``, ``"wal"`` or ``"catchup"``."""
+        """``"snapshot"``, ``"wal"``, ``"catchup"`` or ``"diff"``."""
         return _KINDS[self.kind_order]
 
     @functools.cached_property
@@ -85,6 +91,8 @@ class ObjectInfo:
         """The object's key relative to the replica root."""
         if self.kind == "snapshot":
             return snapshot_key(self.generation, self.end_txid, self.last_ms)
+        if self.kind == "diff":
+            return diff_key(self.generation, self.end_txid, self.start_txid, self.last_ms)
         if self.kind == "catchup":
             return catchup_key(self.generation, self.end_txid, self.first_ms, self.last_ms)
         return segment_key(
@@ -114,6 +122,12 @@ def catchup_info(gen: str, txid: int, from_ms: int, ts_ms: int, size: int = 0) -
     return ObjectInfo(gen, txid, 1, txid, from_ms, ts_ms, size)
 
 
+def diff_info(gen: str, txid: int, base_txid: int, ts_ms: int, size: int = 0) -> ObjectInfo:
+    """The ObjectInfo of a differential snapshot of txid ``txid`` over the full snapshot of
+    ``base_txid``."""
+    return ObjectInfo(gen, txid, 3, base_txid, ts_ms, ts_ms, size)
+
+
 def generation_prefix(gen: str) -> str:
     """The key prefix of a generation."""
     return f"{GENERATIONS_DIR}/{gen}/"
@@ -134,6 +148,11 @@ def catchup_key(gen: str, txid: int, from_ms: int, ts_ms: int) -> str:
     return f"{GENERATIONS_DIR}/{gen}/wal/{txid:016x}-{txid:016x}-{from_ms:012x}-{ts_ms:012x}.cu"
 
 
+def diff_key(gen: str, txid: int, base_txid: int, ts_ms: int) -> str:
+    """The key of a differential snapshot."""
+    return f"{GENERATIONS_DIR}/{gen}/snapshots/{txid:016x}-{base_txid:016x}-{ts_ms:012x}.dsnap"
+
+
 def parse_key(key: str, size: int = 0) -> ObjectInfo | None:
     """Parse a key (relative to the replica root); None for a key that is not an object."""
     parts = key.split("/")
@@ -144,6 +163,9 @@ def parse_key(key: str, size: int = 0) -> ObjectInfo | None:
         m = _SNAP_RE.fullmatch(name)
         if m:
             return snapshot_info(gen, int(m[1], 16), int(m[2], 16), size)
+        m = _DIFF_RE.fullmatch(name)
+        if m and int(m[2], 16) < int(m[1], 16):
+            return diff_info(gen, int(m[1], 16), int(m[2], 16), int(m[3], 16), size)
     elif folder == "wal":
         m = _SEG_RE.fullmatch(name)
         if m and m[5] == "cu":

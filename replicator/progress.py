@@ -14,6 +14,7 @@ from .headers import Reason
 from .pos import ObjectInfo, WalPos
 
 if TYPE_CHECKING:
+    from .diffsnap import DiffBase
     from .handles import Handles
     from .pageindex import IndexKeeper
     from .spool import Spool
@@ -78,6 +79,8 @@ class Progress:
     # when capture continues from a state without a WAL: the database file's (inode, size,
     # mtime) before that state was read (see Snapshots.set_position)
     nowal_sig: tuple[int, int, int] | None = None
+    # what differential snapshots compare against: the last full snapshot taken here
+    diff_base: DiffBase | None = None
 
 
 @dataclass(frozen=True)

@@ -219,7 +219,10 @@ class Replica:
         """Whether the replica holds what ``first`` continues from."""
         if first.kind == "snapshot":
             return True
-        return first.start_txid - 1 in self._ends.get(first.generation, set())
+        ends = self._ends.get(first.generation, set())
+        if first.kind == "diff":  # the segments after it continue from its own txid
+            return first.end_txid in ends
+        return first.start_txid - 1 in ends
 
     async def sync(self) -> int:
         """Copy every missing spooled object, oldest first; return how many were written.

@@ -218,8 +218,7 @@ class DatabaseService:
         return self.report.summary(now)
 
     async def snapshot_if_due(self) -> bool:
-        """Take a snapshot when the interval has passed, or the WAL captured since the last one
-        outgrew ``snapshot-wal-factor`` times the database, and something changed."""
+        """Take a snapshot if one is due (see ``SnapshotSchedule.if_due``)."""
         return await self.schedule.if_due()
 
     async def awake(self) -> None:

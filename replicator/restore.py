@@ -26,13 +26,23 @@ from dataclasses import dataclass, field
 from .errors import CorruptObjectError, NotFoundError, ReplicatorError, RestoreError, WalError
 from .format import decode_stream, read_header
 from .fsutil import fsync_dir, lock_owned, owned_temp_dir, remove_stale_temps, temp_path
-from .headers import CatchupHeader, Reason, SegmentHeader, SegmentPart, SnapshotHeader, Txn
+from .headers import (
+    CatchupHeader,
+    DiffHeader,
+    Reason,
+    SegmentHeader,
+    SegmentPart,
+    SnapshotHeader,
+    Txn,
+)
 from .pageindex import CATCHUP_PGNO_SIZE, file_content_hash, hash_hex
 from .pos import ObjectInfo, WalPos
 from .storage.base import DEFAULT_CHUNK_SIZE, StorageClient
 from .wal import FRAME_HEADER_SIZE, parse_wal_header, verify_frames
 
 DEFAULT_PREFETCH = 4
+CHECK_MMAP = 1 << 30  # bytes of the restored file integrity_check reads through a map
+CHECK_CACHE_KIB = 64 << 10  # its page cache
 REPLANS = 5
 
 log = logging.getLogger("replicator.restore")
@@ -100,10 +110,12 @@ class GenerationSummary:
     @property
     def size(self) -> int:
         """Total bytes of its objects."""
-        return sum(o.size for o in self.snapshots + self.segments)
+        return sum(o.size for o in self.snapshots + self.segments + self.diffs)
 
     start_ns: int = 0
     end_ns: int = 0
+    diffs: list[ObjectInfo] = field(default_factory=list)
+    """Its differential snapshots (each needs the full snapshot of its ``start_txid``)."""
 
     async def refine(self, client: StorageClient) -> GenerationSummary:
         """Read the exact (nanosecond) start and end times from the object headers; keys carry
@@ -155,7 +167,8 @@ async def summarize(client: StorageClient) -> list[GenerationSummary]:
             GenerationSummary(
                 gen,
                 [o for o in objs if o.kind == "snapshot"],
-                [o for o in objs if o.kind != "snapshot"],  # segments and catch-ups
+                [o for o in objs if o.kind in ("wal", "catchup")],
+                diffs=[o for o in objs if o.kind == "diff"],
             )
         )
     return out
@@ -174,6 +187,13 @@ class RestorePlan:
     notes: list[str] = field(default_factory=list)
     # the state restored is older than the time asked for, and why (printed on stderr)
     warnings: list[str] = field(default_factory=list)
+    # a differential snapshot over ``snapshot`` applied before the segments
+    diff: ObjectInfo | None = None
+
+    @property
+    def objects(self) -> list[ObjectInfo]:
+        """Every object the restore reads, in the order it applies them."""
+        return [self.snapshot, *([self.diff] if self.diff else []), *self.segments]
 
     def describe(self) -> str:
         """The plan as lines for people (``--dry-run``)."""
@@ -182,8 +202,11 @@ class RestorePlan:
             f"generation: {self.generation}",
             f"snapshot:   {self.snapshot.key} (txid {self.snapshot.end_txid}, "
             f"{fmt_ns(self.snapshot.last_ms * 1_000_000)})",
-            f"segments:   {len(self.segments)}",
         ]
+        if self.diff is not None:
+            lines.append(f"diff:       {self.diff.key} (txid {self.diff.end_txid}, "
+                         f"{fmt_ns(self.diff.last_ms * 1_000_000)})")
+        lines.append(f"segments:   {len(self.segments)}")
         lines += [f"  {s.key}" for s in self.segments]
         lines.append(f"stops at:   txid {self.txid}, committed (observed) at {fmt_ns(self.ts_ns)}")
         lines += [f"unobserved: {fmt_ns(s.first_ms * 1_000_000)} .. "
@@ -238,6 +261,23 @@ def _chain(
     return [*_walk(best, last.start_txid), last], None
 
 
+def _shorten(gen: GenerationSummary, plan: RestorePlan) -> RestorePlan:
+    """Start ``plan`` from the newest differential snapshot of ``gen`` that lies between its
+    snapshot and its target, whose full snapshot is there, and from which the segments reach
+    the target; the plan as it is if there is none. The state restored is the same: a
+    differential snapshot is the state after its txid, however it was found."""
+    fulls = {s.end_txid: s for s in sorted(gen.snapshots)}
+    for d in sorted(gen.diffs, key=lambda o: (o.end_txid, o.last_ms), reverse=True):
+        base = fulls.get(d.start_txid)
+        if base is None or not plan.snapshot.end_txid < d.end_txid <= plan.txid:
+            continue
+        chain, missing = _chain(gen, d, plan.txid)
+        if missing is None:
+            plan.snapshot, plan.diff, plan.segments = base, d, chain
+            return plan
+    return plan
+
+
 def _walk(best: dict[int, tuple[int, int, ObjectInfo | None]], node: int) -> list[ObjectInfo]:
     """The chain of segments that reaches ``node`` in ``best``."""
     out: list[ObjectInfo] = []
@@ -282,13 +322,15 @@ async def plan_restore(
     txid: int | None = None,
     generation: str | None = None,
     exact: bool = False,
+    gens: list[GenerationSummary] | None = None,
 ) -> RestorePlan:
-    """Plan a restore to a time, a txid, or (neither) the latest point.
+    """Plan a restore to a time, a txid, or (neither) the latest point, from ``gens`` (what
+    ``summarize`` says, listed again if not given).
 
     A time in an interval the replicator did not observe, or in a gap between generations,
     gets the newest state captured before it, with a warning saying how far before and why;
     ``exact`` refuses it instead."""
-    gens = await summarize(client)
+    gens = gens if gens is not None else await summarize(client)
     if generation is not None:
         gens_sel = [g for g in gens if g.generation == generation]
         if not gens_sel:
@@ -322,7 +364,8 @@ async def plan_restore(
                 f"{client.url}; {await _range_text(client, gens)}"
             )
         ts = await _txn_time(client, snap, chain, txid)
-        return RestorePlan(client.url, gen.generation, snap, chain, txid, ts, notes)
+        return _shorten(gen, RestorePlan(client.url, gen.generation, snap, chain, txid, ts,
+                                         notes))
     snap = gen.snapshots[-1]
     chain, missing = _chain(gen, snap, None)
     if missing is not None:
@@ -332,7 +375,7 @@ async def plan_restore(
         )
     end = chain[-1].end_txid if chain else snap.end_txid
     ts = await _txn_time(client, snap, chain, end)
-    return RestorePlan(client.url, gen.generation, snap, chain, end, ts, notes)
+    return _shorten(gen, RestorePlan(client.url, gen.generation, snap, chain, end, ts, notes))
 
 
 async def _txn_time(
@@ -494,7 +537,7 @@ async def _plan_time(
                              f"{_before(ts, t_ns)}")
     if target == gen.end_txid:
         await _check_end(client, gens, usable, gen, ts, t_ns, plan, exact)
-    return plan
+    return _shorten(gen, plan)
 
 
 @dataclass
@@ -712,6 +755,31 @@ async def _apply_catchup(read: Reader, obj: ObjectInfo, ap: _Applier) -> None:
         raise CorruptObjectError(
             f"{obj.key}: does not continue from the previous object (broken chain)"
         )
+    await _apply_pages(obj, body, header, ap)
+
+
+async def _apply_diff(read: Reader, obj: ObjectInfo, ap: _Applier) -> None:
+    """Apply a differential snapshot over the full snapshot just applied."""
+    raw, body = await decode_stream(read(obj), obj.key)
+    header = DiffHeader.from_json(raw, obj.key)
+    if (header.txid, header.base_txid) != (obj.end_txid, obj.start_txid):
+        raise CorruptObjectError(f"{obj.key}: corrupt object (header does not match its key)")
+    if header.page_size != ap.page_size:
+        raise CorruptObjectError(f"{obj.key}: page size differs from the snapshot's")
+    if ap.expect is not None and ap.expect[0] != header.base_content_hash:
+        raise CorruptObjectError(
+            f"{obj.key}: not based on {ap.expect[1]} (its base content hash differs)"
+        )
+    await _apply_pages(obj, body, header, ap)
+
+
+async def _apply_pages(
+    obj: ObjectInfo, body: AsyncIterator[bytes], header: CatchupHeader | DiffHeader,
+    ap: _Applier,
+) -> None:
+    """Write a body of (page number, page) records, then set the database size to the
+    header's ``pages`` (pages past it are gone); the output then stands at its position."""
+    pages, changed = header.pages, header.changed
     rec = CATCHUP_PGNO_SIZE + ap.page_size
     pending = bytearray()
     count = 0
@@ -721,20 +789,20 @@ async def _apply_catchup(read: Reader, obj: ObjectInfo, ap: _Applier) -> None:
         writes = []
         for k in range(n):
             pgno = int.from_bytes(pending[k * rec : k * rec + CATCHUP_PGNO_SIZE], "big")
-            if not 1 <= pgno <= header.pages:
+            if not 1 <= pgno <= pages:
                 raise CorruptObjectError(f"{obj.key}: corrupt object (page {pgno})")
             page = bytes(pending[k * rec + CATCHUP_PGNO_SIZE : (k + 1) * rec])
             writes.append((page, (pgno - 1) * ap.page_size))
         del pending[: n * rec]
         count += n
         await asyncio.to_thread(_write_all, ap, writes)
-    if pending or count != header.changed:
+    if pending or count != changed:
         raise CorruptObjectError(f"{obj.key}: corrupt object ({count} pages, expected "
-                                 f"{header.changed})")
-    ap.pages = header.pages
-    if header.pages < max(ap.extent, header.pages):
-        ap.truncate(header.pages)
-    ap.extent = max(ap.extent, header.pages)
+                                 f"{changed})")
+    ap.pages = pages
+    if pages < max(ap.extent, pages):
+        ap.truncate(pages)
+    ap.extent = max(ap.extent, pages)
     ap.end = header.position
     ap.big_endian = header.big_endian
     ap.expect = (header.content_hash, obj.key)
@@ -765,6 +833,10 @@ def integrity_check(path: str) -> str:
     returns "ok" or the first problems reported."""
     conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
     try:
+        # the check looks every index entry up in its table: pages read from a map and a
+        # larger cache instead of a system call each time (bounded, whatever the size)
+        conn.execute(f"PRAGMA mmap_size = {CHECK_MMAP}")
+        conn.execute(f"PRAGMA cache_size = -{CHECK_CACHE_KIB}")
         rows = conn.execute("PRAGMA integrity_check").fetchall()
     except sqlite3.DatabaseError as exc:
         return str(exc)
@@ -950,7 +1022,7 @@ async def _apply_plan(
     parent = os.path.dirname(output)
     if prefetch is None:
         prefetch = 0 if client.local else DEFAULT_PREFETCH
-    objects = [plan.snapshot, *plan.segments]
+    objects = plan.objects
     pf: _Prefetcher | None = None
     tmpdir: str | None = None
     dir_fd = -1
@@ -989,6 +1061,8 @@ async def _apply(read: Reader, plan: RestorePlan, output: str, check: bool) -> R
         lock_owned(fd)
         ap = _Applier(fd)
         await _apply_snapshot(read, plan.snapshot, ap)
+        if plan.diff is not None:
+            await _apply_diff(read, plan.diff, ap)
         for seg in plan.segments:
             if seg.kind == "catchup":
                 await _apply_catchup(read, seg, ap)

@@ -1,6 +1,8 @@
-"""When a database's snapshots are taken: every ``snapshot-interval`` once something changed,
-when the WAL captured since the last one outgrew ``snapshot-wal-factor`` times the database, or
-when a destination needs one; and, after a restart, when the last one was taken."""
+"""When a database's snapshots are taken: a full one every ``snapshot-interval`` once something
+changed, or when a destination needs one; a differential one (see replicator.diffsnap) when the
+WAL captured since the last snapshot outgrew ``snapshot-wal-factor`` times the database, or a
+full one if too many pages changed since the last full one; and, after a restart, when the last
+one was taken."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from .wal import FRAME_HEADER_SIZE
 if TYPE_CHECKING:
     from .replicator import DatabaseService
 
-WAL_SNAPSHOT_MIN = 64 << 20  # bytes: databases smaller than this count as this big
+WAL_SNAPSHOT_MIN = 4 << 20  # bytes: databases smaller than this count as this big
 
 
 class SnapshotSchedule:
@@ -24,7 +26,8 @@ class SnapshotSchedule:
         self.service = service
         self.wal_snapshot_min = WAL_SNAPSHOT_MIN
         self._db_size = 0
-        self._wal_since_snapshot = 0  # bytes of WAL frames captured since the last snapshot
+        # bytes of WAL frames captured since the last snapshot, full or differential
+        self._wal_since_snapshot = 0
 
     def captured(self, res: CaptureResult, db_size: int) -> None:
         """Count what a capture step wrote (``db_size``: the database's size after it)."""
@@ -35,32 +38,42 @@ class SnapshotSchedule:
         self._wal_since_snapshot += res.frames * (FRAME_HEADER_SIZE + page_size)
 
     def _wal_heavy(self) -> bool:
-        """Whether the WAL captured since the last snapshot exceeds ``snapshot-wal-factor``
-        times the database (at least ``wal_snapshot_min``, so that a small busy database is not
-        snapshotted every few seconds): a restore of the newest state would replay more."""
+        """Whether the WAL captured since the last snapshot (full or differential) exceeds
+        ``snapshot-wal-factor`` times the database (at least ``wal_snapshot_min``, so that a
+        tiny busy database is not snapshotted every moment): a restore of the newest state
+        would replay more."""
         factor = self.service.cfg.snapshot_wal_factor
         base = max(self._db_size, self.wal_snapshot_min)
         return factor > 0 and self._wal_since_snapshot > factor * base
 
     async def if_due(self) -> bool:
-        """Take a snapshot when the interval has passed, or the WAL captured since the last one
-        outgrew ``snapshot-wal-factor`` times the database, and something changed."""
+        """Take a full snapshot when the interval has passed and something changed, or a
+        destination needs one; when the WAL captured since the last snapshot outgrew
+        ``snapshot-wal-factor`` times the database, a differential one (the pages changed since
+        the last full snapshot), or a full one if too many pages changed."""
         s = self.service
         if s.parked:
             return False  # nothing changed since it was parked (a change unparks it)
         due = s.db.last_snapshot_ns / 1e9 + s.cfg.snapshot_interval
-        wanted = any(r.needs_snapshot for r in s.replicas) or self._wal_heavy()
-        if not wanted and (time.time() < due or s.cfg.snapshot_interval <= 0):
+        needed = any(r.needs_snapshot for r in s.replicas)
+        heavy = self._wal_heavy()
+        interval = time.time() >= due and s.cfg.snapshot_interval > 0
+        if not (needed or heavy or interval):
             return False
-        if not wanted and s.db.last_snapshot_txid == s.db.txid:
+        if not needed and s.db.last_snapshot_txid == s.db.txid:
             return False  # nothing changed since the last snapshot
         async with s.runtime.snapshots:
-            await s.call(s.db.snapshot)
+            diff = None
+            if heavy and not (needed or interval):
+                diff = await s.call(s.db.diff_snapshot)
+            if diff is None:
+                await s.call(s.db.snapshot)
         self._wal_since_snapshot = 0
         for r in s.replicas:
             r.needs_snapshot = False
             r.wake.set()
-        s.report.snapshot_taken(s.db)
+        if diff is None:
+            s.report.snapshot_taken(s.db)
         return True
 
     async def now(self) -> ObjectInfo:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .dbstate import DbState, pages_of, read_state
+from .diffsnap import DEFAULT_DIFF_MAX, DiffBase, write_diff
 from .errors import DatabaseError
 from .handles import file_sig
 from .headers import Reason, SnapshotHeader
@@ -118,6 +119,7 @@ class Snapshots(Part):
                                         "later")
                 continue
             self.keeper.index = fresh
+            p.diff_base = DiffBase.of(gen, txid, fresh)
             p.page_size = state.page_size
             if state.hdr is not None:
                 p.big_endian = state.hdr.big_endian
@@ -129,6 +131,23 @@ class Snapshots(Part):
             self.keeper.save(Stamp(gen, txid, self.handles.db_dev, self.handles.db_ino or 0))
             return info, state.pos
         raise DatabaseError(f"{self.handles.path}: the WAL kept resetting during the snapshot")
+
+    def diff(self, max_fraction: float = DEFAULT_DIFF_MAX) -> ObjectInfo | None:
+        """Write a differential snapshot of the captured state (the pin is held, capture just
+        ran) over the last full snapshot taken in this generation; None when there is none to
+        compare with, nothing changed, more than ``max_fraction`` of the pages did (take a full
+        one), or the WAL moved."""
+        p = self.progress
+        base, ix = p.diff_base, self.keeper.index
+        if base is None or ix is None or base.generation != p.generation or p.txid <= base.txid:
+            return None
+        state = self.read_state(p.pos)
+        if state.pos != p.pos:
+            return None
+        info = write_diff(self.spool, state, ix, base, p.txid, max_fraction)
+        if info is not None:
+            p.last_snapshot_txid = p.txid
+        return info
 
     def content_hash(self) -> tuple[str, int, str]:
         """See :meth:`Database.content_hash` (the pin is held)."""

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from .format import (
     DEFAULT_LEVEL,
     KIND_CATCHUP,
+    KIND_DIFF,
     KIND_SNAPSHOT,
     KIND_WAL,
     ObjectWriter,
@@ -31,7 +32,8 @@ from .headers import ObjectHeader, header_from_json
 from .pos import GENERATIONS_DIR, ObjectInfo
 from .storage.file import FileStorage
 
-_KIND_CODES = {"snapshot": KIND_SNAPSHOT, "wal": KIND_WAL, "catchup": KIND_CATCHUP}
+_KIND_CODES = {"snapshot": KIND_SNAPSHOT, "wal": KIND_WAL, "catchup": KIND_CATCHUP,
+               "diff": KIND_DIFF}
 
 
 class Spool:

@@ -23,7 +23,7 @@ from replicator.restore import fmt_ns, parse_time
 from replicator.spool import Spool
 
 GEN_COLUMNS = ["replica", "generation", "start", "end", "end_txid", "snapshots", "segments",
-               "size", "restorable", "unobserved"]
+               "diffs", "size", "restorable", "unobserved"]
 SNAP_COLUMNS = ["replica", "generation", "txid", "time", "size", "key"]
 
 

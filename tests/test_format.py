@@ -21,6 +21,7 @@ from replicator.format import (
     KIND_SNAPSHOT,
     KIND_WAL,
     MAGIC,
+    READ_VERSIONS,
     TRAILER_MAGIC,
     ObjectDecoder,
     ObjectWriter,
@@ -236,8 +237,9 @@ class TestDamage:
         assert_rejected(b"PK\x03\x04" + obj[4:], "not a replica object", FormatError, chunks)
 
     def test_unsupported_version(self, obj: bytes, chunks: list[int] | None) -> None:
-        raw = obj[:4] + struct.pack(">H", FORMAT_VERSION + 1) + obj[6:]
-        assert_rejected(raw, f"unsupported format version {FORMAT_VERSION + 1}", FormatError,
+        newer = max(READ_VERSIONS) + 1
+        raw = obj[:4] + struct.pack(">H", newer) + obj[6:]
+        assert_rejected(raw, f"unsupported format version {newer}", FormatError,
                         chunks)
         assert_rejected(flip(obj, 4), "unsupported format version", FormatError, chunks)
 

@@ -1,0 +1,364 @@
+"""Differential snapshots: a restore of the newest state reads a bounded chain (one full
+snapshot, one differential snapshot, the WAL since it) however long the history, every instant
+stays exact, and compaction, retention, restarts and damage keep it correct."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from test_compact import LEVELS, commit, content, expected_txid, restore_at
+from writer import init_db
+
+from replicator.config import DbConfig, ReplicaConfig
+from replicator.db import Database
+from replicator.diffsnap import DiffBase, write_diff
+from replicator.errors import CorruptObjectError, RestoreError
+from replicator.format import read_header
+from replicator.headers import SegmentHeader
+from replicator.pageindex import PageIndex
+from replicator.pos import ObjectInfo
+from replicator.replica import Replica
+from replicator.replicator import DatabaseService
+from replicator.restore import RestorePlan, apply_plan, plan_restore
+from replicator.retention import apply_retention
+from replicator.spool import Spool
+from replicator.storage.file import FileStorage
+
+
+def db_bytes(app: Path) -> int:
+    c = sqlite3.connect(f"file:{app}?mode=ro", uri=True)
+    try:
+        return int(c.execute("PRAGMA page_count").fetchone()[0]) * 4096
+    finally:
+        c.close()
+
+
+async def all_objects(dest: FileStorage) -> list[ObjectInfo]:
+    return [o for g in await dest.generations() for o in await dest.objects(g)]
+
+
+async def txn_times(dest: FileStorage) -> dict[int, int]:
+    times: dict[int, int] = {}
+    for o in await all_objects(dest):
+        if o.kind == "wal":
+            h = SegmentHeader.from_json(await read_header(dest.read_object(o), o.key), o.key)
+            times.update((t.txid, t.observed_ns) for t in h.txns)
+    return times
+
+
+def cost(plan: RestorePlan) -> tuple[int, int]:
+    return len(plan.objects), sum(o.size for o in plan.objects)
+
+
+@pytest.mark.timeout(900)
+def test_newest_state_reads_a_bounded_chain_however_long_the_history(tmp_path: Path) -> None:
+    """A service left to its own snapshot policy (a 1 h interval, so only the WAL triggers
+    snapshots): at every checkpoint of a growing history the newest state is one full snapshot,
+    one differential snapshot and a few segments, at most 2x the database; every sampled
+    instant restores exactly; the newest restore equals the source."""
+    app = tmp_path / "app.db"
+    init_db(str(app))
+    rep = tmp_path / "r"
+    cfg = DbConfig(path=str(app), replicas=[ReplicaConfig("local", str(rep))],
+                   snapshot_interval=3600.0)
+    dest = FileStorage(str(rep))
+    seen: list[tuple[int, int, int, bool]] = []  # objects, bytes, db bytes, from a diff
+
+    async def go() -> None:
+        s = DatabaseService(cfg)
+        s.schedule.wal_snapshot_min = 0  # a small database counts as what it is
+        await s.open()
+        conn = sqlite3.connect(app, isolation_level=None)
+        rnd = random.Random(7)
+        try:
+            for seq in range(1, 8001):
+                commit(conn, seq, rnd)
+                if seq % 20 == 0:
+                    await s.sync()
+                    await s.snapshot_if_due()
+                if seq % 1000 == 0:
+                    await s.sync()
+                    for r in s.replicas:
+                        await r.sync()
+                    n, size = cost(plan := await plan_restore(dest))
+                    seen.append((n, size, db_bytes(app), plan.diff is not None))
+        finally:
+            conn.close()
+            await s.close(10)
+
+    asyncio.run(go())
+    assert sum(d for *_, d in seen) >= 5, seen  # differential snapshots did the bounding
+    for n, size, db, _ in seen:
+        assert n <= 16 and size <= 2 * db, seen
+    times = asyncio.run(txn_times(dest))
+    snaps = [o for o in asyncio.run(all_objects(dest)) if o.kind == "snapshot"]
+    # a full snapshot only once the database has grown (or changed) by half since the last
+    # one: together they stay a small multiple of the database, not one per WAL threshold
+    assert sum(o.size for o in snaps) <= 4 * db_bytes(app), snaps
+    assert sum(o.kind == "diff" for o in asyncio.run(all_objects(dest))) > len(snaps)
+    instants = [random.Random(1).randrange(min(times.values()), max(times.values()) + 1)
+                for _ in range(200)]
+
+    async def plans() -> None:
+        for t in instants:
+            assert (await plan_restore(dest, to_time_ns=t)).txid == expected_txid(times, t)
+
+    asyncio.run(plans())
+    for t in instants[:25]:
+        txid, seqs = asyncio.run(restore_at(dest, tmp_path / "t.db", to_time_ns=t))
+        assert seqs == list(range(1, expected_txid(times, t) + 1))
+    txid, seqs = asyncio.run(restore_at(dest, tmp_path / "newest.db"))
+    assert seqs == list(range(1, 8001))
+    assert content(tmp_path / "newest.db") == content(app)
+
+
+# --------------------------------------------------------------- a history built step by step
+
+
+@dataclass
+class Built:
+    app: Path
+    spool: Spool
+    dest: FileStorage
+    replica: Replica
+    times: dict[int, int]
+
+
+async def _build(tmp: Path, commits: int) -> Built:
+    """Captured commit by commit; a differential snapshot every 100 txids, a full one every
+    700; shipped to a directory."""
+    app = tmp / "app.db"
+    init_db(str(app))
+    conn = sqlite3.connect(app, isolation_level=None, timeout=0)
+    conn.execute("PRAGMA synchronous=OFF")
+    spool = Spool(str(tmp / "spool"))
+    db = Database(str(app), spool, checkpoint_pages=128)
+    db.open()
+    dest = FileStorage(str(tmp / "replica"))
+    replica = Replica("dir", dest, spool, "app")
+    replica.set_levels(LEVELS, grace=0)
+    await replica.init()
+    rnd = random.Random(9)
+    try:
+        db.step()
+        for seq in range(1, commits + 1):
+            commit(conn, seq, rnd)
+            db.step()
+            if seq % 700 == 0:
+                db.snapshot()
+            elif seq % 100 == 0:
+                assert db.diff_snapshot(max_fraction=1.0) is not None
+            if seq % 50 == 0:
+                await replica.sync()
+        db.step()
+        await replica.sync()
+    finally:
+        db.close()
+        conn.close()
+    return Built(app, spool, dest, replica, await txn_times(dest))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return asyncio.run(_build(tmp_path_factory.mktemp("diffs"), commits=1750))
+
+
+@pytest.fixture
+def history(built: Built, tmp_path: Path) -> Iterator[Built]:
+    shutil.copytree(built.dest.root, tmp_path / "replica")
+    (tmp_path / "replica" / "lease.json").unlink()
+    dest = FileStorage(str(tmp_path / "replica"))
+    replica = Replica("dir", dest, built.spool, "app")
+    replica.set_levels(LEVELS, grace=0)
+    asyncio.run(replica.init())
+    yield Built(built.app, built.spool, dest, replica, built.times)
+
+
+def objects(h: Built) -> list[ObjectInfo]:
+    return asyncio.run(all_objects(h.dest))
+
+
+@pytest.mark.timeout(900)
+def test_compaction_thins_diffs_and_keeps_every_instant_exact(
+    history: Built, tmp_path: Path
+) -> None:
+    h = history
+    newest = asyncio.run(plan_restore(h.dest))
+    assert newest.diff is not None and newest.diff.end_txid == 1700
+    assert newest.snapshot.end_txid == 1400 and len(newest.segments) == 50  # one per commit
+    instants = sorted(random.Random(4).randrange(min(h.times.values()), max(h.times.values()))
+                      for _ in range(200))
+    before = [asyncio.run(plan_restore(h.dest, to_time_ns=t)).txid for t in instants]
+    assert before == [expected_txid(h.times, t) for t in instants]
+    end_s = max(h.times.values()) / 1e9
+    res = asyncio.run(h.replica.compact(now=end_s + 10 * LEVELS[-1]))
+    assert res is not None and res.merged > 0
+    after = objects(h)
+    diffs = [o for o in after if o.kind == "diff"]
+    start_s = min(h.times.values()) / 1e9
+    windows = int(end_s // LEVELS[-1]) - int(start_s // LEVELS[-1]) + 1
+    assert 1 <= len(diffs) <= windows, (len(diffs), windows)
+    assert [asyncio.run(plan_restore(h.dest, to_time_ns=t)).txid for t in instants] == before
+    for i in range(0, 200, 8):
+        txid, seqs = asyncio.run(restore_at(h.dest, tmp_path / "t.db", to_time_ns=instants[i]))
+        assert txid == before[i] and seqs == list(range(1, txid + 1))
+    plan = asyncio.run(plan_restore(h.dest))
+    assert plan.diff is not None and plan.diff.key in {o.key for o in diffs}
+    txid, seqs = asyncio.run(restore_at(h.dest, tmp_path / "newest.db"))
+    assert seqs == list(range(1, 1751))
+    assert content(tmp_path / "newest.db") == content(h.app)
+
+
+def test_a_damaged_diff_stops_the_restore_naming_it(history: Built, tmp_path: Path) -> None:
+    h = history
+    plan = asyncio.run(plan_restore(h.dest))
+    assert plan.diff is not None
+    path = Path(h.dest.root, plan.diff.key)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    out = tmp_path / "out.db"
+    with pytest.raises((CorruptObjectError, RestoreError), match=plan.diff.name):
+        asyncio.run(apply_plan(h.dest, plan, str(out)))
+    assert not out.exists()
+
+
+def test_a_diff_without_its_full_snapshot_is_not_used(history: Built, tmp_path: Path) -> None:
+    """A differential snapshot whose full snapshot is gone (deleted by a tool that does not
+    know differential snapshots) is passed over; the restore is the same."""
+    h = history
+    plan = asyncio.run(plan_restore(h.dest))
+    assert plan.diff is not None
+    Path(h.dest.root, plan.snapshot.key).unlink()
+    again = asyncio.run(plan_restore(h.dest))
+    assert again.diff is None or again.diff.start_txid != plan.snapshot.end_txid
+    assert again.txid == plan.txid
+    _, seqs = asyncio.run(restore_at(h.dest, tmp_path / "a.db"))
+    assert seqs == list(range(1, 1751))
+    # and a reader that knows no differential snapshots restores the same from the rest
+    for o in objects(h):
+        if o.kind == "diff":
+            Path(h.dest.root, o.key).unlink()
+    _, seqs = asyncio.run(restore_at(h.dest, tmp_path / "b.db"))
+    assert content(tmp_path / "b.db") == content(tmp_path / "a.db") == content(h.app)
+
+
+def test_retention_keeps_what_the_chain_needs(history: Built, tmp_path: Path) -> None:
+    h = history
+    snaps = sorted((o for o in objects(h) if o.kind == "snapshot"), key=lambda o: o.end_txid)
+    newest = snaps[-1]
+    asyncio.run(apply_retention(h.dest, 1.0, now=newest.last_ms / 1000 + 1.0005))
+    left = objects(h)
+    assert min(o.end_txid for o in left if o.kind == "snapshot") == newest.end_txid
+    assert all(o.start_txid == newest.end_txid for o in left if o.kind == "diff")
+    plan = asyncio.run(plan_restore(h.dest))
+    assert plan.diff is not None and plan.snapshot == newest
+    _, seqs = asyncio.run(restore_at(h.dest, tmp_path / "a.db"))
+    assert seqs == list(range(1, 1751))
+
+
+def test_a_diff_of_a_moved_state_is_not_written(tmp_path: Path) -> None:
+    """If a page read for a differential snapshot is not the one the index records (the
+    database moved under the read), nothing is written."""
+    app = tmp_path / "app.db"
+    init_db(str(app))
+    spool = Spool(str(tmp_path / "spool"))
+    db = Database(str(app), spool)
+    db.open()
+    conn = sqlite3.connect(app, isolation_level=None)
+    try:
+        db.step()
+        for seq in range(1, 30):
+            commit(conn, seq, random.Random(seq))
+        db.step()
+        ix = db.keeper.index
+        assert ix is not None and db.progress.diff_base is not None
+        lying = ix.copy()
+        lying.set_page(2, bytes(4096))  # the index says page 2 is zeros
+        state = db.snapshots.read_state(db.pos)
+        before = spool.objects(db.generation or "")
+        assert write_diff(spool, state, lying, db.progress.diff_base, db.txid, 1.0) is None
+        assert spool.objects(db.generation or "") == before
+        assert db.diff_snapshot(max_fraction=0.0) is None  # too many pages: take a full one
+        assert db.diff_snapshot(max_fraction=1.0) is not None
+    finally:
+        conn.close()
+        db.close()
+
+
+def test_a_restart_after_diffs_continues_the_generation(tmp_path: Path) -> None:
+    """The page index is brought up to date past differential snapshots in the spool: a restart
+    resumes the generation, and the next snapshot due is a full one."""
+    app = tmp_path / "app.db"
+    init_db(str(app))
+    rep = tmp_path / "r"
+    cfg = DbConfig(path=str(app), replicas=[ReplicaConfig("local", str(rep))],
+                   snapshot_interval=3600.0)
+
+    async def run(first: int, last: int) -> list[str]:
+        s = DatabaseService(cfg)
+        s.schedule.wal_snapshot_min = 0
+        await s.open()
+        conn = sqlite3.connect(app, isolation_level=None)
+        try:
+            for seq in range(first, last + 1):
+                commit(conn, seq, random.Random(seq))
+                if seq % 20 == 0:
+                    await s.sync()
+                    await s.snapshot_if_due()
+        finally:
+            conn.close()
+            await s.close(10)
+        return await FileStorage(str(rep)).generations()
+
+    gens = asyncio.run(run(1, 1500))
+    assert any(o.kind == "diff" for o in asyncio.run(all_objects(FileStorage(str(rep)))))
+    assert asyncio.run(run(1501, 2500)) == gens
+    _, seqs = asyncio.run(restore_at(FileStorage(str(rep)), tmp_path / "a.db"))
+    assert seqs == list(range(1, 2501))
+    assert content(tmp_path / "a.db") == content(app)
+
+
+def test_changed_pages_compares_with_the_full_snapshot() -> None:
+    from replicator.diffsnap import changed_pages
+
+    ix = PageIndex(512)
+    for p in range(1, 5):
+        ix.set_page(p, bytes([p]) * 512)
+    ix.resize(4)
+    base = DiffBase.of("g" * 16, 0, ix)
+    ix.set_page(3, b"x" * 512)
+    ix.set_page(6, b"y" * 512)
+    ix.resize(6)
+    assert changed_pages(base, ix) == [3, 5, 6]  # page 5 came back as zeros
+    ix.resize(2)
+    assert changed_pages(base, ix) == []
+
+
+def test_diff_keys_headers_and_versions(history: Built) -> None:
+    """A differential snapshot's key names its full snapshot, its header round-trips, and it
+    alone carries format version 3 (a version-2 reader never opens it: it ignores the key)."""
+    from replicator.headers import DiffHeader
+    from replicator.pos import diff_info, parse_key
+
+    info = diff_info("0123456789abcdef", 17, 5, 1234, 99)
+    assert info.key.endswith("/snapshots/0000000000000011-0000000000000005-0000000004d2.dsnap")
+    assert parse_key(info.key, 99) == info
+    assert parse_key(info.key.replace("0000000000000005", "0000000000000011")) is None
+    for o in objects(history):
+        raw = Path(history.dest.root, o.key).read_bytes()
+        assert int.from_bytes(raw[4:6], "big") == (3 if o.kind == "diff" else 2), o.key
+    d = next(o for o in objects(history) if o.kind == "diff")
+    h = DiffHeader.from_json(asyncio.run(read_header(history.dest.read_object(d), d.key)), d.key)
+    assert (h.txid, h.base_txid) == (d.end_txid, d.start_txid)
+    assert DiffHeader.from_json(h.to_json(), d.key) == h
+    bad = h.to_json() | {"base_content_hash": "xyz"}
+    with pytest.raises(CorruptObjectError, match="base_content_hash"):
+        DiffHeader.from_json(bad, d.key)
