@@ -4,7 +4,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .config import Config, DbConfig, ReplicaConfig, load_config  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
 from .errors import (  # noqa: E402
     ConfigError,
     CorruptObjectError,
@@ -13,6 +14,22 @@ from .errors import (  # noqa: E402
     RestoreError,
     StorageError,
 )
+
+if TYPE_CHECKING:
+    from .config import Config, DbConfig, ReplicaConfig, load_config
+
+_FROM_CONFIG = ("Config", "DbConfig", "ReplicaConfig", "load_config")
+
+
+def __getattr__(name: str) -> Any:
+    """The configuration's names, imported on first use: a command that needs no configuration
+    (a restore from a destination) starts without importing what it pulls in."""
+    if name in _FROM_CONFIG:
+        from . import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Config",

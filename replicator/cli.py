@@ -18,22 +18,9 @@ import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .cli_ops import select_dbs
-from .config import (
-    Config,
-    DbConfig,
-    load_config,
-    load_metrics_addr,
-    parse_checkpoint_pages,
-    parse_command,
-    parse_duration,
-    parse_monitor_interval,
-    replica_from_url,
-    validate_addr,
-)
 from .errors import ConfigError, ReplicatorError, RestoreError
 from .logs import LOG_FORMATS, fmt_bytes, setup_logging
 from .redact import redact
@@ -49,6 +36,12 @@ from .restore import (
 from .storage import open_storage
 from .storage.base import StorageClient
 from .supervise import Supervisor, check_command
+
+if TYPE_CHECKING:
+    from .config import Config
+
+# The configuration (and with it the capture, compaction, drills, notifications...) is imported
+# only by the commands that need it: a restore from a destination starts without it.
 
 log = logging.getLogger("replicator")
 
@@ -219,6 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _replicate_config(args: argparse.Namespace) -> Config:
+    from .config import (
+        Config,
+        DbConfig,
+        load_config,
+        parse_checkpoint_pages,
+        parse_command,
+        parse_duration,
+        parse_monitor_interval,
+        replica_from_url,
+        validate_addr,
+    )
+
     if args.config:
         if args.db or args.destinations:
             raise ConfigError("give either --config or DB DESTINATION..., not both")
@@ -411,6 +416,8 @@ def _replicate_main(args: argparse.Namespace) -> int:
 
 @dataclass
 class _Source:
+    """A destination to restore or list from, with the name it is known by."""
+
     name: str
     client: StorageClient
 
@@ -420,6 +427,9 @@ def _sources(args: argparse.Namespace) -> list[_Source]:
         if getattr(args, "replica", None):
             raise ConfigError("--replica needs --config")
         return [_Source(args.target, open_storage(args.target))]
+    from .cli_ops import select_dbs
+    from .config import load_config
+
     cfg = load_config(args.config)
     db = select_dbs(cfg, args.target, args.config)[0]
     reps = db.replicas
@@ -583,6 +593,7 @@ async def _list(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from .config import load_metrics_addr, validate_addr
     from .status import fetch_status, format_status
 
     if args.config:

@@ -332,6 +332,8 @@ class ScanResult:
 
 @dataclass
 class _BlockCheck:
+    """What checking one block of frames found."""
+
     n_valid: int
     reason: str | None
     detail: str | None
@@ -396,6 +398,8 @@ _Reader = Callable[[int, int], bytes | memoryview]
 
 @dataclass
 class _Scan:
+    """The running state of a scan over the frames."""
+
     result: ScanResult
     valid_checksum: tuple[int, int]  # running checksum after the last valid frame
     detail: str  # why the first invalid frame is invalid ("" if none was)

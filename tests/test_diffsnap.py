@@ -362,3 +362,24 @@ def test_diff_keys_headers_and_versions(history: Built) -> None:
     bad = h.to_json() | {"base_content_hash": "xyz"}
     with pytest.raises(CorruptObjectError, match="base_content_hash"):
         DiffHeader.from_json(bad, d.key)
+
+
+def test_a_directory_restore_imports_neither_the_configuration_nor_s3(
+    history: Built, tmp_path: Path
+) -> None:
+    """A restore from a directory starts lean: the configuration (capture, compaction, drills,
+    notifications) and the S3 client are not imported."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.db"
+    code = ("import sys; from replicator.cli import main; rc = main(sys.argv[1:]); "
+            "bad = [m for m in ('replicator.config', 'replicator.db', 'replicator.storage.s3', "
+            "'aiobotocore', 'botocore', 'yaml') if m in sys.modules]; "
+            "print('IMPORTED', bad); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "restore", history.dest.root, "-o",
+                        str(out)], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr
+    assert "IMPORTED []" in r.stdout, r.stdout
+    assert content(out) == content(history.app)
