@@ -397,9 +397,13 @@ def render_history(r: dict[str, Any]) -> list[str]:
         q = y.get("requests")
         L.append(f"| {y['what']} | {y['seconds']:.2f} | {q['requests'] if q else '–'} | "
                  f"{y['rows'] if y['rows'] is not None else 'failed'} | {y['want_rows']} | "
-                 f"{y['exit_code']} | {y.get('load', 0):.1f} |")
+                 f"{y['exit_code']} | {_load(y)} |")
     L.append("")
     return L
+
+
+def _load(rec: dict[str, Any]) -> str:
+    return f"{rec['load']:.1f}" if "load" in rec else "–"
 
 
 def render_summary(r: dict[str, Any]) -> list[str]:
