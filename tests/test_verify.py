@@ -6,6 +6,7 @@ a webhook notification). The schedule is checked in-process with a clock the tes
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import os
@@ -30,7 +31,9 @@ from replicator.config import load_config
 from replicator.drill import POINTS_FILE, load_points
 from replicator.format import KIND_SNAPSHOT, ObjectDecoder, ObjectWriter
 from replicator.pos import parse_key
+from replicator.restore import plan_restore
 from replicator.server import control_socket_path
+from replicator.storage.file import FileStorage
 
 WAIT = 60.0
 
@@ -171,7 +174,11 @@ def test_sync_snapshot_and_drills_catch_every_kind_of_damage(
         victim.write_bytes(saved)
         assert verify(cfg)[0] == 0
 
-        # 2. a corrupted object
+        # 2. a corrupted object: the last one the newest state is restored from (a segment,
+        # or a differential snapshot that makes the segments before it unnecessary)
+        newest = asyncio.run(plan_restore(FileStorage(str(local))))
+        victim = local / newest.objects[-1].key
+        saved = victim.read_bytes()
         data = bytearray(saved)
         data[len(data) // 2] ^= 0xFF
         victim.write_bytes(bytes(data))
