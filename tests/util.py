@@ -280,8 +280,12 @@ async def _observed_times(dest: str) -> dict[tuple[str, int], int]:
         if o.kind == "wal":
             for txid, ts, _, _ in h["txns"]:
                 out[(o.generation, int(txid))] = int(ts)
-        else:
+        elif o.kind == "catchup" or o.end_txid == 0:
             out[(o.generation, o.end_txid)] = int(h["ts_ns"])
+        else:
+            # a later snapshot (full or differential) of a transaction: read after it was
+            # observed, it does not change when the transaction was
+            out.setdefault((o.generation, o.end_txid), int(h["ts_ns"]))
     return out
 
 
