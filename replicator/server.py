@@ -149,61 +149,69 @@ async def _verify(svc: DatabaseService) -> dict[str, Any]:
     return {"db": svc.cfg.name, **result.to_json()}
 
 
+class _Quiet(BaseHTTPRequestHandler):
+    """A request handler that answers with one whole body and logs nothing."""
+
+    def _send(self, code: int, body: bytes, ctype: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        return
+
+
+class _Endpoints(_Quiet):
+    """The HTTP endpoints of one replicator (set ``rep`` and ``loop`` in a subclass)."""
+
+    rep: Replicator
+    loop: asyncio.AbstractEventLoop
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        path, rep = self.path.split("?", 1)[0], self.rep
+        if path == "/metrics":
+            body = redact(generate_latest(rep.metrics.registry).decode()).encode()
+            self._send(200, body, CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._send(200, b"ok\n", "text/plain")
+        elif path == "/readyz":
+            ok, detail = readiness(rep)
+            doc = redact_tree({"ready": ok, "replicas": detail})
+            body = json.dumps(doc).encode() + b"\n"
+            self._send(200 if ok else 503, body, "application/json")
+        elif path == "/status":
+            try:
+                doc = _in_loop(self.loop, lambda: status(rep), STATUS_TIMEOUT)
+            except (TimeoutError, RuntimeError):  # busy, or shutting down
+                self._send(503, b"status unavailable\n", "text/plain")
+                return
+            body = json.dumps(redact_tree(doc), indent=2).encode() + b"\n"
+            self._send(200, body, "application/json")
+        else:
+            self._send(404, b"not found\n", "text/plain")
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server API
+        path, _, query = self.path.partition("?")
+        if path not in CONTROL_PATHS:
+            self._send(404, b"not found\n", "text/plain")
+            return
+        if not ipaddress.ip_address(self.client_address[0]).is_loopback:
+            self._send(403, b"control is only answered on loopback\n", "text/plain")
+            return
+        params = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
+        code, doc = control(self.loop, self.rep, path, params)
+        self._send(code, json.dumps(doc).encode() + b"\n", "application/json")
+
+
 async def start_server(addr: str, rep: Replicator) -> MetricsServer:
     """Serve the endpoints on ``HOST:PORT`` in a background thread."""
     host, _, port_s = addr.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
-    registry = rep.metrics.registry
-    loop = asyncio.get_running_loop()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server API
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                body = redact(generate_latest(registry).decode()).encode()
-                self._send(200, body, CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                self._send(200, b"ok\n", "text/plain")
-            elif path == "/readyz":
-                ok, detail = readiness(rep)
-                doc = redact_tree({"ready": ok, "replicas": detail})
-                body = json.dumps(doc).encode() + b"\n"
-                self._send(200 if ok else 503, body, "application/json")
-            elif path == "/status":
-                try:
-                    doc = _in_loop(loop, lambda: status(rep), STATUS_TIMEOUT)
-                except (TimeoutError, RuntimeError):  # busy, or shutting down
-                    self._send(503, b"status unavailable\n", "text/plain")
-                    return
-                body = json.dumps(redact_tree(doc), indent=2).encode() + b"\n"
-                self._send(200, body, "application/json")
-            else:
-                self._send(404, b"not found\n", "text/plain")
-
-        def do_POST(self) -> None:  # noqa: N802 - http.server API
-            path, _, query = self.path.partition("?")
-            if path not in CONTROL_PATHS:
-                self._send(404, b"not found\n", "text/plain")
-                return
-            if not ipaddress.ip_address(self.client_address[0]).is_loopback:
-                self._send(403, b"control is only answered on loopback\n", "text/plain")
-                return
-            params = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
-            code, doc = control(loop, rep, path, params)
-            self._send(code, json.dumps(doc).encode() + b"\n", "application/json")
-
-        def _send(self, code: int, body: bytes, ctype: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            return
-
+    handler = type("Handler", (_Endpoints,), {"rep": rep, "loop": asyncio.get_running_loop()})
     try:
-        httpd = ThreadingHTTPServer((host, int(port_s)), Handler)
+        httpd = ThreadingHTTPServer((host, int(port_s)), handler)
     except OSError as exc:
         raise ConfigError(f"metrics-addr {addr}: cannot listen: {exc.strerror}") from None
     httpd.daemon_threads = True
@@ -232,29 +240,21 @@ def start_control_socket(
     path = control_socket_path(svc.cfg.spool_dir)
     name = svc.cfg.name
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(_Quiet):
         def do_POST(self) -> None:  # noqa: N802 - http.server API
             req, _, query = self.path.partition("?")
             if req not in CONTROL_PATHS:
-                self._send(404, {"ok": False, "error": "not found"})
+                self._reply(404, {"ok": False, "error": "not found"})
                 return
             params = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
             params["db"] = name
-            self._send(*control(loop, rep, req, params))
+            self._reply(*control(loop, rep, req, params))
 
-        def _send(self, code: int, doc: dict[str, Any]) -> None:
-            body = json.dumps(doc).encode() + b"\n"
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+        def _reply(self, code: int, doc: dict[str, Any]) -> None:
+            self._send(code, json.dumps(doc).encode() + b"\n", "application/json")
 
         def address_string(self) -> str:
             return path
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            return
 
     os.makedirs(svc.cfg.spool_dir, exist_ok=True)
     tmp = f"{path}.{os.getpid()}{TMP_SUFFIX}"  # short: a socket path has ~100 bytes at most
