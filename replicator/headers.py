@@ -4,14 +4,20 @@ Every module that writes or reads a header goes through these classes; the JSON 
 only here. ``from_json`` validates every field and raises CorruptObjectError naming the object
 and the bad key, so a damaged or foreign header never reaches the code that plans or applies a
 restore.
+
+A header's JSON object has its ``kind`` and then its fields in the order they are declared;
+each field's JSON form follows from its type (:data:`_CODECS`, or a field's own codec) and a
+field typed ``X | None`` may be null or absent.
 """
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 from .errors import CorruptObjectError
 from .pos import WalPos
@@ -114,19 +120,11 @@ def _pos(v: Any) -> WalPos:
     return pos
 
 
-def _opt_pos_json(pos: WalPos | None) -> dict[str, object] | None:
-    return pos.to_json() if pos is not None else None
-
-
 def _hash(v: Any) -> int:
     text = _str(v)
     if len(text) != 32 or text != text.lower():
         raise ValueError("not a content hash")
     return int(text, 16)
-
-
-def _opt_hash_json(value: int | None) -> str | None:
-    return f"{value:032x}" if value is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +156,49 @@ def _txns(v: Any) -> tuple[Txn, ...]:
 
 
 @dataclass(frozen=True)
-class SnapshotHeader:
+class _Codec:
+    """A field's JSON form: ``parse`` checks and converts it (raising TypeError/ValueError),
+    ``dump`` makes it from a value that is not None."""
+
+    parse: Callable[[Any], Any]
+    dump: Callable[[Any], object]
+
+
+def _same(v: Any) -> object:
+    return v
+
+
+_HASH = {"codec": _Codec(_hash, lambda v: f"{v:032x}")}
+"""The metadata of a content hash field: 32 lowercase hex digits."""
+
+
+class _Record:
+    """A header, or a part of one, whose JSON form follows its dataclass fields (see the
+    module docstring); ``kind`` (if any) is checked on parsing and written first."""
+
+    kind: ClassVar[str] = ""
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON object written into the object."""
+        doc: dict[str, object] = {"kind": self.kind} if self.kind else {}
+        for name, codec, _ in _layout(type(self)):
+            value = getattr(self, name)
+            doc[name] = None if value is None else codec.dump(value)
+        return doc
+
+    @classmethod
+    def from_json(cls, obj: object, key: str) -> Self:
+        """Parse and validate; raises CorruptObjectError naming ``key`` and the bad field."""
+        f = _Fields(obj, key)
+        if cls.kind and f.obj.get("kind") != cls.kind:
+            raise f.bad("kind")
+        values = {name: f.opt(name, codec.parse) if optional else f.get(name, codec.parse)
+                  for name, codec, optional in _layout(cls)}
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class SnapshotHeader(_Record):
     """The header of a snapshot: the database's pages 1..``pages`` as of ``txid``."""
 
     generation: str
@@ -173,53 +213,13 @@ class SnapshotHeader:
     previous_generation: str | None = None
     previous_txid: int | None = None
     previous_confirmed_ns: int | None = None
-    content_hash: int | None = None
+    content_hash: int | None = field(default=None, metadata=_HASH)
 
     kind: ClassVar[str] = "snapshot"
 
-    def to_json(self) -> dict[str, object]:
-        """The JSON object written into the object."""
-        return {
-            "kind": self.kind,
-            "generation": self.generation,
-            "txid": self.txid,
-            "ts_ns": self.ts_ns,
-            "page_size": self.page_size,
-            "pages": self.pages,
-            "big_endian": self.big_endian,
-            "position": _opt_pos_json(self.position),
-            "reason": self.reason.value,
-            "db": self.db,
-            "previous_generation": self.previous_generation,
-            "previous_txid": self.previous_txid,
-            "previous_confirmed_ns": self.previous_confirmed_ns,
-            "content_hash": _opt_hash_json(self.content_hash),
-        }
-
-    @classmethod
-    def from_json(cls, obj: object, key: str) -> SnapshotHeader:
-        """Parse and validate; raises CorruptObjectError naming ``key`` and the bad field."""
-        f = _Fields(obj, key)
-        _check_kind(f, cls.kind)
-        return cls(
-            generation=f.get("generation", _str),
-            txid=f.int("txid"),
-            ts_ns=f.int("ts_ns"),
-            page_size=f.int("page_size"),
-            pages=f.int("pages"),
-            big_endian=f.get("big_endian", _bool),
-            position=f.opt("position", _pos),
-            reason=f.get("reason", Reason),
-            db=f.opt("db", _str),
-            previous_generation=f.opt("previous_generation", _str),
-            previous_txid=f.opt("previous_txid", _int),
-            previous_confirmed_ns=f.opt("previous_confirmed_ns", _int),
-            content_hash=f.opt("content_hash", _hash),
-        )
-
 
 @dataclass(frozen=True)
-class SegmentPart:
+class SegmentPart(_Record):
     """The frames of one WAL epoch inside a segment: transactions ``start_txid..end_txid``,
     ``frames`` frames from position ``start`` (continuing ``prev``) to ``end``."""
 
@@ -229,36 +229,8 @@ class SegmentPart:
     prev: WalPos | None
     start: WalPos
     end: WalPos
-    wal_header: bytes | None
+    wal_header: bytes | None  # its epoch's WAL header, when the part starts it (frame 0)
     frames: int
-
-    def to_json(self) -> dict[str, object]:
-        """The JSON object of one entry of ``parts``."""
-        return {
-            "start_txid": self.start_txid,
-            "end_txid": self.end_txid,
-            "big_endian": self.big_endian,
-            "prev": _opt_pos_json(self.prev),
-            "start": self.start.to_json(),
-            "end": self.end.to_json(),
-            "wal_header": self.wal_header.hex() if self.wal_header is not None else None,
-            "frames": self.frames,
-        }
-
-    @classmethod
-    def from_json(cls, obj: object, key: str) -> SegmentPart:
-        """Parse and validate one entry of ``parts``."""
-        f = _Fields(obj, key)
-        return cls(
-            start_txid=f.int("start_txid"),
-            end_txid=f.int("end_txid"),
-            big_endian=f.get("big_endian", _bool),
-            prev=f.opt("prev", _pos),
-            start=f.get("start", _pos),
-            end=f.get("end", _pos),
-            wal_header=f.opt("wal_header", _hex),
-            frames=f.int("frames"),
-        )
 
     def continues(self, prev: SegmentPart) -> bool:
         """Whether this part continues ``prev`` inside the same WAL epoch."""
@@ -272,7 +244,7 @@ class SegmentPart:
 
 
 @dataclass(frozen=True)
-class SegmentHeader:
+class SegmentHeader(_Record):
     """The header of a WAL segment: whole committed transactions ``start_txid..end_txid``."""
 
     generation: str
@@ -283,10 +255,10 @@ class SegmentHeader:
     prev: WalPos | None
     start: WalPos
     end: WalPos
-    wal_header: bytes | None
+    wal_header: bytes | None  # the WAL header, when the segment starts an epoch (frame 0)
     frames: int
     txns: tuple[Txn, ...]
-    content_hash: int | None = None
+    content_hash: int | None = field(default=None, metadata=_HASH)
     # the first segment after a restart that resumed from the WAL: the interval the replicator
     # did not observe it (transactions committed then were observed when it came back)
     unobserved_from_ns: int | None = None
@@ -295,55 +267,17 @@ class SegmentHeader:
 
     kind: ClassVar[str] = "wal"
 
-    def to_json(self) -> dict[str, object]:
-        """The JSON object written into the object."""
-        return {
-            "kind": self.kind,
-            "generation": self.generation,
-            "start_txid": self.start_txid,
-            "end_txid": self.end_txid,
-            "page_size": self.page_size,
-            "big_endian": self.big_endian,
-            "prev": _opt_pos_json(self.prev),
-            "start": self.start.to_json(),
-            "end": self.end.to_json(),
-            "wal_header": self.wal_header.hex() if self.wal_header is not None else None,
-            "frames": self.frames,
-            "txns": [t.to_json() for t in self.txns],
-            "content_hash": _opt_hash_json(self.content_hash),
-            "unobserved_from_ns": self.unobserved_from_ns,
-            "unobserved_to_ns": self.unobserved_to_ns,
-            "parts": [p.to_json() for p in self.parts] if self.parts is not None else None,
-        }
-
     @classmethod
-    def from_json(cls, obj: object, key: str) -> SegmentHeader:
-        """Parse and validate; raises CorruptObjectError naming ``key`` and the bad field."""
-        f = _Fields(obj, key)
-        _check_kind(f, cls.kind)
-        header = cls(
-            generation=f.get("generation", _str),
-            start_txid=f.int("start_txid"),
-            end_txid=f.int("end_txid"),
-            page_size=f.int("page_size"),
-            big_endian=f.get("big_endian", _bool),
-            prev=f.opt("prev", _pos),
-            start=f.get("start", _pos),
-            end=f.get("end", _pos),
-            wal_header=f.opt("wal_header", _hex),
-            frames=f.int("frames"),
-            txns=f.get("txns", _txns),
-            content_hash=f.opt("content_hash", _hash),
-            unobserved_from_ns=f.opt("unobserved_from_ns", _int),
-            unobserved_to_ns=f.opt("unobserved_to_ns", _int),
-            parts=f.opt("parts", lambda v: _parts(v, key)),
-        )
+    def from_json(cls, obj: object, key: str) -> Self:
+        """Parse and validate (its parts and transactions must add up); raises
+        CorruptObjectError naming ``key`` and the bad field."""
+        header = super().from_json(obj, key)
         if header.parts is not None and not _parts_fit(header, header.parts):
-            raise f.bad("parts")
+            raise _Fields(obj, key).bad("parts")
         if len(header.txns) != header.end_txid - header.start_txid + 1 or any(
             t.txid != header.start_txid + i for i, t in enumerate(header.txns)
         ):
-            raise f.bad("txns")
+            raise _Fields(obj, key).bad("txns")
         return header
 
     def follows(self, prev: SegmentHeader) -> bool:
@@ -366,11 +300,11 @@ class SegmentHeader:
                             self.start, self.end, self.wal_header, self.frames),)
 
 
-def _parts(v: Any, key: str) -> tuple[SegmentPart, ...]:
+def _parts(v: Any) -> tuple[SegmentPart, ...]:
     if not isinstance(v, list) or not v:
         raise ValueError("not a part list")
     try:
-        return tuple(SegmentPart.from_json(p, key) for p in v)
+        return tuple(SegmentPart.from_json(p, "") for p in v)
     except CorruptObjectError:
         raise ValueError("bad part") from None
 
@@ -390,7 +324,7 @@ def _parts_fit(h: SegmentHeader, parts: tuple[SegmentPart, ...]) -> bool:
 
 
 @dataclass(frozen=True)
-class CatchupHeader:
+class CatchupHeader(_Record):
     """The header of a catch-up object: the pages that differ between the state after txid - 1
     and the database as found at ``ts_ns``, after an interval the replicator did not observe."""
 
@@ -404,48 +338,10 @@ class CatchupHeader:
     prev: WalPos | None
     position: WalPos | None
     changed: int
-    content_hash: int
+    content_hash: int = field(metadata=_HASH)
     reason: Reason
 
     kind: ClassVar[str] = "catchup"
-
-    def to_json(self) -> dict[str, object]:
-        """The JSON object written into the object."""
-        return {
-            "kind": self.kind,
-            "generation": self.generation,
-            "txid": self.txid,
-            "ts_ns": self.ts_ns,
-            "unobserved_from_ns": self.unobserved_from_ns,
-            "page_size": self.page_size,
-            "pages": self.pages,
-            "big_endian": self.big_endian,
-            "prev": _opt_pos_json(self.prev),
-            "position": _opt_pos_json(self.position),
-            "changed": self.changed,
-            "content_hash": _opt_hash_json(self.content_hash),
-            "reason": self.reason.value,
-        }
-
-    @classmethod
-    def from_json(cls, obj: object, key: str) -> CatchupHeader:
-        """Parse and validate; raises CorruptObjectError naming ``key`` and the bad field."""
-        f = _Fields(obj, key)
-        _check_kind(f, cls.kind)
-        return cls(
-            generation=f.get("generation", _str),
-            txid=f.int("txid"),
-            ts_ns=f.int("ts_ns"),
-            unobserved_from_ns=f.int("unobserved_from_ns"),
-            page_size=f.int("page_size"),
-            pages=f.int("pages"),
-            big_endian=f.get("big_endian", _bool),
-            prev=f.opt("prev", _pos),
-            position=f.opt("position", _pos),
-            changed=f.int("changed"),
-            content_hash=f.get("content_hash", _hash),
-            reason=f.get("reason", Reason),
-        )
 
     @property
     def txn(self) -> Txn:
@@ -454,68 +350,64 @@ class CatchupHeader:
 
 
 @dataclass(frozen=True)
-class DiffHeader:
+class DiffHeader(_Record):
     """The header of a differential snapshot: the pages of the state after ``txid`` that differ
     from the full snapshot of ``base_txid`` (whose content hash is ``base_content_hash``)."""
 
     generation: str
     txid: int
     base_txid: int
-    base_content_hash: int
+    base_content_hash: int = field(metadata=_HASH)
     ts_ns: int
     page_size: int
     pages: int
     big_endian: bool
     position: WalPos | None
     changed: int
-    content_hash: int
+    content_hash: int = field(metadata=_HASH)
 
     kind: ClassVar[str] = "diff"
-
-    def to_json(self) -> dict[str, object]:
-        """The JSON object written into the object."""
-        return {
-            "kind": self.kind,
-            "generation": self.generation,
-            "txid": self.txid,
-            "base_txid": self.base_txid,
-            "base_content_hash": _opt_hash_json(self.base_content_hash),
-            "ts_ns": self.ts_ns,
-            "page_size": self.page_size,
-            "pages": self.pages,
-            "big_endian": self.big_endian,
-            "position": _opt_pos_json(self.position),
-            "changed": self.changed,
-            "content_hash": _opt_hash_json(self.content_hash),
-        }
-
-    @classmethod
-    def from_json(cls, obj: object, key: str) -> DiffHeader:
-        """Parse and validate; raises CorruptObjectError naming ``key`` and the bad field."""
-        f = _Fields(obj, key)
-        _check_kind(f, cls.kind)
-        return cls(
-            generation=f.get("generation", _str),
-            txid=f.int("txid"),
-            base_txid=f.int("base_txid"),
-            base_content_hash=f.get("base_content_hash", _hash),
-            ts_ns=f.int("ts_ns"),
-            page_size=f.int("page_size"),
-            pages=f.int("pages"),
-            big_endian=f.get("big_endian", _bool),
-            position=f.opt("position", _pos),
-            changed=f.int("changed"),
-            content_hash=f.get("content_hash", _hash),
-        )
 
 
 ObjectHeader = SnapshotHeader | SegmentHeader | CatchupHeader | DiffHeader
 ChangeHeader = SegmentHeader | CatchupHeader
 
+_CODECS: dict[object, _Codec] = {
+    str: _Codec(_str, _same),
+    int: _Codec(_int, _same),
+    bool: _Codec(_bool, _same),
+    bytes: _Codec(_hex, bytes.hex),
+    WalPos: _Codec(_pos, WalPos.to_json),
+    Reason: _Codec(Reason, lambda r: r.value),
+    tuple[Txn, ...]: _Codec(_txns, lambda ts: [t.to_json() for t in ts]),
+    tuple[SegmentPart, ...]: _Codec(_parts, lambda ps: [p.to_json() for p in ps]),
+}
+"""The JSON form of each field type."""
 
-def _check_kind(f: _Fields, kind: str) -> None:
-    if f.obj.get("kind") != kind:
-        raise f.bad("kind")
+
+_Layout = tuple[tuple[str, _Codec, bool], ...]
+_LAYOUTS: dict[type, _Layout] = {}
+
+
+def _layout(cls: type) -> _Layout:
+    """(name, codec, may be null) of each field of a header class, in order."""
+    if cls not in _LAYOUTS:
+        _LAYOUTS[cls] = _make_layout(cls)
+    return _LAYOUTS[cls]
+
+
+def _make_layout(cls: type) -> _Layout:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        tp = hints[f.name]
+        args = typing.get_args(tp)
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and (
+            type(None) in args)
+        if optional:
+            (tp,) = (a for a in args if a is not type(None))
+        out.append((f.name, f.metadata.get("codec") or _CODECS[tp], optional))
+    return tuple(out)
 
 
 def header_from_json(obj: object, key: str) -> ObjectHeader:
