@@ -70,11 +70,11 @@ def _log_options(p: argparse.ArgumentParser, default: bool) -> None:
 
 
 def _add_replicate(sub: Any, common: argparse.ArgumentParser) -> None:
-    r = sub.add_parser(
-        "replicate", parents=[common], help="replicate databases until stopped",
-        description="Replicate DB to each DESTINATION, or every database of a config file, "
-        "until SIGTERM/SIGINT (then a final sync). Without DB, a demo: ./demo/app.db is "
-        "created, written to a few rows a second and replicated to ./demo/replica.")
+    r = sub.add_parser("replicate", parents=[common], help="replicate databases until stopped",
+                       description="Replicate DB to each DESTINATION, or every database of a "
+                       "config file, until SIGTERM/SIGINT (then a final sync). Without DB, a "
+                       "demo: ./demo/app.db is created, written to a few rows a second and "
+                       "replicated to ./demo/replica.")
     r.add_argument("db", nargs="?", metavar="DB",
                    help="the SQLite database, in WAL mode (omitted: the demo)")
     r.add_argument("destinations", nargs="*", metavar="DESTINATION",
@@ -101,11 +101,10 @@ def _add_replicate(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_restore(sub: Any, common: argparse.ArgumentParser) -> None:
-    s = sub.add_parser(
-        "restore", parents=[common], help="restore a database",
-        description="Restore from DESTINATION (or, with --config, the database DB from its "
-        "configured replicas) to OUTPUT: the latest point, a TIME or a transaction. Progress "
-        "is shown on a terminal.")
+    s = sub.add_parser("restore", parents=[common], help="restore a database",
+                       description="Restore from DESTINATION (or, with --config, the database "
+                       "DB from its configured replicas) to OUTPUT: the latest point, a TIME or "
+                       "a transaction. Progress is shown on a terminal.")
     s.add_argument("target", metavar="DESTINATION|DB",
                    help="the replica to restore from; with --config, a database of the config "
                    "(its path or name)")

@@ -242,16 +242,8 @@ class Notifier:
         self.hostname = hostname if hostname is not None else socket.gethostname()
         self._keys: dict[tuple[str, str], _KeyState] = {}
 
-    async def notify(
-        self,
-        db: str,
-        check: str,
-        state: State,
-        reason: str,
-        *,
-        value: float | None = None,
-        now: float | None = None,
-    ) -> bool:
+    async def notify(self, db: str, check: str, state: State, reason: str, *,
+                     value: float | None = None, now: float | None = None) -> bool:
         """Report that ``check`` on ``db`` became ``state``; return True if it was sent.
 
         Delivery errors are logged and counted, never raised.
