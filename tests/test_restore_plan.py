@@ -12,7 +12,7 @@ import io
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +67,15 @@ class History:
         time.sleep(0.003)
         return info
 
-    def restart_with_gap(self, n: int) -> None:
+    def restart(self, n: int, *, keep_index: bool) -> None:
         """Stop capturing, let the application commit ``n`` transactions and reset the WAL
-        (TRUNCATE checkpoint) behind the replicator's back, then capture again without the
-        page index (lost with the local state): a new generation whose first snapshot holds
-        those transactions."""
+        (TRUNCATE checkpoint) behind the replicator's back, then capture again. With the local
+        state intact (``keep_index``) the generation continues with a catch-up object holding
+        those transactions; without the page index (lost with the local state) a new
+        generation starts whose first snapshot holds them."""
         self.db.close()
-        os.unlink(self.spool.root + "/pages.idx")
+        if not keep_index:
+            os.unlink(self.spool.root + "/pages.idx")
         self.commit(n)
         busy = self.app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         assert busy == 0
@@ -81,21 +83,10 @@ class History:
         self.db = Database(str(self.path), self.spool)
         self.db.open()
         res = self.db.step()
-        assert res.new_generation == "no_index"
-        time.sleep(0.003)
-
-    def restart_with_catchup(self, n: int) -> None:
-        """As ``restart_with_gap``, with the local state intact: the generation continues with
-        a catch-up object holding those transactions."""
-        self.db.close()
-        self.commit(n)
-        busy = self.app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-        assert busy == 0
-        self.commit(1)
-        self.db = Database(str(self.path), self.spool)
-        self.db.open()
-        res = self.db.step()
-        assert res.catch_up == "resume_failed" and res.new_generation is None
+        if keep_index:
+            assert res.catch_up == "resume_failed" and res.new_generation is None
+        else:
+            assert res.new_generation == "no_index"
         time.sleep(0.003)
 
     def close(self) -> None:
@@ -512,19 +503,20 @@ async def test_header_that_does_not_match_the_key(simple: tuple[History, Storage
 async def two_generations(tmp_path: Path, backend: StorageClient) -> tuple[History, StorageClient]:
     """Generation 1: txids 1..3 (seq 1..3); a gap (seq 4..6 never captured in it); generation 2:
     a snapshot holding seq 1..6, then txids 1..2 (seq 7..8)."""
-    return await three_restart_two(tmp_path, backend, History.restart_with_gap)
+    return await three_restart_two(tmp_path, backend, keep_index=False)
 
 
 async def three_restart_two(
-    tmp_path: Path, backend: StorageClient, restart: Callable[[History, int], None]
+    tmp_path: Path, backend: StorageClient, *, keep_index: bool
 ) -> tuple[History, StorageClient]:
     """Three transactions, a restart while the application commits two (and a third after
-    truncating its WAL), two more transactions; shipped to ``backend``."""
+    truncating its WAL; see ``History.restart``), two more transactions; shipped to
+    ``backend``."""
     h = History(tmp_path / "h")
     for _ in range(3):
         h.commit()
         h.step()
-    restart(h, 2)
+    h.restart(2, keep_index=keep_index)
     for _ in range(2):
         h.commit()
         h.step()
@@ -750,7 +742,7 @@ async def test_printed_stop_times_restore_the_same_point(
 async def caught_up(tmp_path: Path, backend: StorageClient) -> tuple[History, StorageClient]:
     """One generation: txids 1..3 (seq 1..3); the replicator stopped while seq 4..6 were
     committed and the WAL truncated; a catch-up (txid 4) holding them; txids 5..6 (seq 7..8)."""
-    return await three_restart_two(tmp_path, backend, History.restart_with_catchup)
+    return await three_restart_two(tmp_path, backend, keep_index=True)
 
 
 async def catchup_header(client: StorageClient) -> tuple[ObjectInfo, dict[str, Any]]:
