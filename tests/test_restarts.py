@@ -46,21 +46,14 @@ def kill_loop(db: Path, dest: str, tmp_path: Path, cycles: int,
     (kill time, next start) and how many foreign truncates happened meanwhile."""
     down: list[tuple[int, int]] = []
     truncates = 0
-    for cycle in range(cycles):
-        if down:
-            down[-1] = (down[-1][0], time.time_ns())
-        rep = util.Replicate(str(db), dest, "--checkpoint-pages",
-                             str(rnd.choice([32, 128, 1000])), log=tmp_path / f"rep{cycle}.log")
-        util.wait_until(lambda rep=rep: bool(STARTED.search(rep.text())), 60,
-                        what="capture started")
-        time.sleep(rnd.uniform(0.05, 0.4))
-        rep.kill()
-        down.append((time.time_ns(), 0))
-        assert "Traceback" not in rep.text()
+    for cycle, _ in util.kill9_cycles(db, [dest], tmp_path, cycles, rnd, up=(0.05, 0.4),
+                                      short_snapshots=False,
+                                      started=lambda text: bool(STARTED.search(text))):
+        killed = time.time_ns()
         if cycle % 4 == 1:
             truncates += foreign_truncate(db)
         time.sleep(rnd.uniform(0.05, 0.2))
-    down[-1] = (down[-1][0], time.time_ns())
+        down.append((killed, time.time_ns()))
     return down, truncates
 
 

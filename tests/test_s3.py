@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from faultproxy import Fault, FaultProxy
 from s3fixtures import TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY, S3Server
-from util import free_port
+from util import closing_all, free_port
 
 from replicator.errors import ConfigError, NotFoundError, StorageError
 from replicator.pos import ObjectInfo, new_generation_id, segment_info, snapshot_info
@@ -59,29 +59,14 @@ def weed_bucket(s3_url_factory: Callable[..., str]) -> str:
 @pytest.fixture
 async def open_s3(s3_env: dict[str, str]) -> AsyncIterator[Callable[..., S3Storage]]:
     """``open_s3(server, bucket, prefix="replica", endpoint=None, **kwargs)``, closed afterwards."""
-    opened: list[S3Storage] = []
 
-    def make(
-        server: S3Server,
-        bucket: str,
-        prefix: str = "replica",
-        endpoint: str | None = None,
-        **kwargs: Any,
-    ) -> S3Storage:
-        s = S3Storage(S3Options(
-            bucket,
-            prefix,
-            endpoint=endpoint or server.endpoint,
-            region=TEST_REGION,
-            force_path_style=True,
-            **kwargs,
-        ))
-        opened.append(s)
-        return s
+    def make(server: S3Server, bucket: str, prefix: str = "replica",
+             endpoint: str | None = None, **kwargs: Any) -> S3Storage:
+        return S3Storage(S3Options(bucket, prefix, endpoint=endpoint or server.endpoint,
+                                   region=TEST_REGION, force_path_style=True, **kwargs))
 
-    yield make
-    for s in opened:
-        await s.aclose()
+    async with closing_all(make) as tracked:
+        yield tracked
 
 
 @pytest.fixture

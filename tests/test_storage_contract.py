@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from util import closing_all
 
 from replicator.errors import NotFoundError, StorageError
 from replicator.headers import ObjectHeader, Reason, SegmentHeader, SnapshotHeader, Txn
@@ -47,27 +48,21 @@ Factory = Callable[[str], StorageClient]
 async def make_storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Factory]:
     """``make(prefix)``: a client for location ``prefix`` of one fresh destination per test."""
     kind: str = request.param
-    opened: list[StorageClient] = []
     bucket: str | None = None
     if kind in ("seaweedfs", "moto"):
         factory = request.getfixturevalue("s3_url_factory")
         bucket = S3Storage.from_url(factory(kind, prefix="")).bucket
 
     def make(prefix: str = "replica") -> StorageClient:
-        client: StorageClient
         if kind == "memory":
-            client = MemoryStorage()
-        elif kind == "file":
-            client = FileStorage(str(tmp_path / "dest" / prefix))
-        else:
-            url = factory(kind, prefix=prefix, bucket=bucket, part_size=PART, max_retries=2)
-            client = S3Storage.from_url(url)
-        opened.append(client)
-        return client
+            return MemoryStorage()
+        if kind == "file":
+            return FileStorage(str(tmp_path / "dest" / prefix))
+        url = factory(kind, prefix=prefix, bucket=bucket, part_size=PART, max_retries=2)
+        return S3Storage.from_url(url)
 
-    yield make
-    for client in opened:
-        await client.aclose()
+    async with closing_all(make) as tracked:
+        yield tracked
 
 
 @pytest.fixture

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import random
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from replicator.format import decode_stream, read_header
 from replicator.pos import ObjectInfo
@@ -21,6 +24,8 @@ from replicator.storage import StorageClient, open_storage
 
 TESTS = Path(__file__).resolve().parent
 WRITER = str(TESTS / "writer.py")
+P = ParamSpec("P")
+C = TypeVar("C", bound=StorageClient)
 
 
 def cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
@@ -238,6 +243,51 @@ def assert_prefix(restored: list[int]) -> int:
     return len(restored)
 
 
+def assert_prefix_of(out: Path, log: Path) -> int:
+    """A restore taken while the writer runs passes integrity_check and holds commits 1..k,
+    none the writer's log does not have but the one it may be writing; returns k."""
+    assert integrity(out) == "ok"
+    k = assert_prefix(seqs(out))
+    assert k <= len(commit_log(log)) + 1
+    return k
+
+
+def assert_every_commit(out: Path, log: Path, db: Path | None = None) -> None:
+    """A final restore passes integrity_check and holds every commit of the writer's log (and,
+    given the database, equals it row for row)."""
+    assert integrity(out) == "ok"
+    assert seqs(out) == [c[0] for c in commit_log(log)]
+    if db is not None:
+        assert dump(out) == dump(db)
+
+
+def kill9_cycles(
+    db: Path, dests: Sequence[str], logs: Path, cycles: int, rnd: random.Random, *,
+    up: tuple[float, float], short_snapshots: bool = True,
+    started: Callable[[str], bool] | None = None, env: dict[str, str] | None = None,
+    replicate: type[Replicate] = Replicate,
+) -> Iterator[tuple[int, Replicate]]:
+    """Start ``replicator replicate DB DESTS...`` and kill -9 it, ``cycles`` times: each time
+    with a random ``--checkpoint-pages`` (and, with ``short_snapshots``, a snapshot interval of
+    0.3 s every third time), killed a random while (``up``: its bounds in seconds) after it
+    started (after ``started(its log)`` holds, if given). Yields each cycle and its killed
+    process, which logged no traceback (its log: ``logs/rep<cycle>.log``)."""
+    def has_started(rep: Replicate) -> Callable[[], bool]:
+        return lambda: started is not None and started(rep.text())
+
+    for cycle in range(cycles):
+        args = [str(db), *dests, "--checkpoint-pages", str(rnd.choice([32, 128, 1000]))]
+        if short_snapshots and cycle % 3 == 0:
+            args += ["--snapshot-interval", "0.3s"]
+        rep = replicate(*args, log=logs / f"rep{cycle}.log", env=env)
+        if started is not None:
+            wait_until(has_started(rep), 60, what="capture started")
+        time.sleep(rnd.uniform(*up))
+        rep.kill()
+        assert "Traceback" not in rep.text()
+        yield cycle, rep
+
+
 def env_without_aws() -> dict[str, str]:
     """The environment minus the caller's AWS_* variables."""
     return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -319,3 +369,18 @@ def segment_bodies(dest: str) -> list[bytes]:
 def restore_latest(client: StorageClient, out: Path) -> None:
     """Restore the latest point of ``client`` to ``out``, in this process (overwriting)."""
     asyncio.run(_restore_latest(client, out))
+
+
+@contextlib.asynccontextmanager
+async def closing_all(make: Callable[P, C]) -> AsyncIterator[Callable[P, C]]:
+    """``make``, remembering every client it makes: each is closed at the end."""
+    opened: list[C] = []
+
+    def tracked(*args: P.args, **kwargs: P.kwargs) -> C:
+        client = make(*args, **kwargs)
+        opened.append(client)
+        return client
+
+    yield tracked
+    for client in opened:
+        await client.aclose()
