@@ -14,6 +14,16 @@ from util import Replicate
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
+HEALTH_CHECKS = """\
+      freshness:
+        - {name: fresh, sql: "SELECT MAX(t_ns) / 1e9 FROM log", max-age: 1h, interval: 1s}
+      size:
+        - {name: size, max-bytes: 1GB, interval: 1s}
+      sql:
+        - {name: rows, sql: "SELECT COUNT(*) FROM log", fail-if: "> 1000000", interval: 1s}"""
+"""A freshness, a size and an SQL check of the writer's ``log`` table, every second: the lines
+under ``health:`` of a database in a config file."""
+
 
 def get(url: str, timeout: float = 10) -> tuple[int, str]:
     """``(status, body)`` of a GET; status 0 when nothing answers."""

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import util
 from fakeservers import SMTP_PASSWORD, SMTP_USER, SmtpTestServer, WebhookTestServer
-from obsutil import Reaper, get, reaper, scrape, total, value, values
+from obsutil import HEALTH_CHECKS, Reaper, get, reaper, scrape, total, value, values
 from util import free_port
 from writer import init_db
 
@@ -89,12 +89,7 @@ dbs:
     checkpoint-pages: 64
     ready-max-lag: 30s
     health:
-      freshness:
-        - {{name: fresh, sql: "SELECT MAX(t_ns) / 1e9 FROM log", max-age: 1h, interval: 1s}}
-      size:
-        - {{name: size, max-bytes: 1GB, interval: 1s}}
-      sql:
-        - {{name: rows, sql: "SELECT COUNT(*) FROM log", fail-if: "> 1000000", interval: 1s}}
+{HEALTH_CHECKS}
     replicas:
       - {{name: local, path: {tmp_path / "local"}}}
       - {{name: second, path: {second}}}

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import util
 import yaml
-from obsutil import Reaper, get, reaper
+from obsutil import HEALTH_CHECKS, Reaper, get, reaper
 from promutil import ALERTS, EXPECTED_ALERTS, query_panels, variables
 from util import free_port
 from writer import init_db
@@ -146,12 +146,7 @@ dbs:
     snapshot-interval: 3s
     health:
       integrity: {{interval: 2s}}
-      freshness:
-        - {{name: fresh, sql: "SELECT MAX(t_ns) / 1e9 FROM log", max-age: 1h, interval: 1s}}
-      size:
-        - {{name: size, max-bytes: 1GB, interval: 1s}}
-      sql:
-        - {{name: rows, sql: "SELECT COUNT(*) FROM log", fail-if: "> 1000000", interval: 1s}}
+{HEALTH_CHECKS}
     verify: {{interval: 5s, timeout: 3s}}
     maintenance: {{optimize: 2s}}
     replicas:
