@@ -5,10 +5,11 @@ with the source's content at the same txid."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shutil
 import sqlite3
-from collections.abc import AsyncIterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,42 +75,63 @@ def history(built: History, tmp_path: Path) -> Iterator[History]:
     yield History(built.app, spool, dest, replica, built.times, built.end_ns)
 
 
-async def _build(tmp_path: Path, commits: int, compact_every: int) -> History:
-    app = tmp_path / "app.db"
+@dataclass
+class Rig:
+    """An application database captured into a spool and shipped to a directory whose
+    compaction levels are LEVELS."""
+
+    app: Path
+    conn: sqlite3.Connection
+    spool: Spool
+    db: Database
+    dest: FileStorage
+    replica: Replica
+
+
+@contextlib.asynccontextmanager
+async def rig(tmp: Path) -> AsyncIterator[Rig]:
+    """A :class:`Rig` in ``tmp`` (a checkpoint every 128 pages); closed at the end."""
+    app = tmp / "app.db"
     init_db(str(app))
     conn = sqlite3.connect(app, isolation_level=None, timeout=0)
     conn.execute("PRAGMA synchronous=OFF")  # the test's own speed; capture is unaffected
-    spool = Spool(str(tmp_path / "spool"))
+    spool = Spool(str(tmp / "spool"))
     db = Database(str(app), spool, checkpoint_pages=128)
     db.open()
-    dest = FileStorage(str(tmp_path / "replica"))
+    dest = FileStorage(str(tmp / "replica"))
     replica = Replica("dir", dest, spool, "app")
     replica.set_levels(LEVELS, grace=0)
     await replica.init()
-    rnd = random.Random(5)
     try:
-        db.step()
-        for seq in range(1, commits + 1):
-            commit(conn, seq, rnd)
-            db.step()
-            if seq % 400 == 0:
-                db.snapshot()
-            if seq % 50 == 0:
-                await replica.sync()
-            if compact_every and seq % compact_every == 0:
-                await replica.compact()
-        db.step()
-        await replica.sync()
+        yield Rig(app, conn, spool, db, dest, replica)
     finally:
         db.close()
         conn.close()
+
+
+async def _build(tmp_path: Path, commits: int, compact_every: int) -> History:
+    async with rig(tmp_path) as r:
+        rnd = random.Random(5)
+        r.db.step()
+        for seq in range(1, commits + 1):
+            commit(r.conn, seq, rnd)
+            r.db.step()
+            if seq % 400 == 0:
+                r.db.snapshot()
+            if seq % 50 == 0:
+                await r.replica.sync()
+            if compact_every and seq % compact_every == 0:
+                await r.replica.compact()
+        r.db.step()
+        await r.replica.sync()
     times: dict[int, int] = {}
-    for gen in await dest.generations():
-        for o in await dest.objects(gen):
+    for gen in await r.dest.generations():
+        for o in await r.dest.objects(gen):
             if o.kind == "wal":
-                h = SegmentHeader.from_json(await read_header(dest.read_object(o), o.key), o.key)
+                h = SegmentHeader.from_json(await read_header(r.dest.read_object(o), o.key),
+                                            o.key)
                 times.update((t.txid, t.observed_ns) for t in h.txns)
-    return History(app, spool, dest, replica, times, max(times.values()))
+    return History(r.app, r.spool, r.dest, r.replica, times, max(times.values()))
 
 
 async def restore_at(client: StorageClient, out: Path, **kw: int) -> tuple[int, list[int]]:

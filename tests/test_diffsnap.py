@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_compact import LEVELS, commit, content, expected_txid, restore_at
+from test_compact import LEVELS, commit, content, expected_txid, restore_at, rig
 from writer import init_db
 
 from replicator.config import DbConfig, ReplicaConfig
@@ -134,35 +134,21 @@ class Built:
 async def _build(tmp: Path, commits: int) -> Built:
     """Captured commit by commit; a differential snapshot every 100 txids, a full one every
     700; shipped to a directory."""
-    app = tmp / "app.db"
-    init_db(str(app))
-    conn = sqlite3.connect(app, isolation_level=None, timeout=0)
-    conn.execute("PRAGMA synchronous=OFF")
-    spool = Spool(str(tmp / "spool"))
-    db = Database(str(app), spool, checkpoint_pages=128)
-    db.open()
-    dest = FileStorage(str(tmp / "replica"))
-    replica = Replica("dir", dest, spool, "app")
-    replica.set_levels(LEVELS, grace=0)
-    await replica.init()
-    rnd = random.Random(9)
-    try:
-        db.step()
+    async with rig(tmp) as r:
+        rnd = random.Random(9)
+        r.db.step()
         for seq in range(1, commits + 1):
-            commit(conn, seq, rnd)
-            db.step()
+            commit(r.conn, seq, rnd)
+            r.db.step()
             if seq % 700 == 0:
-                db.snapshot()
+                r.db.snapshot()
             elif seq % 100 == 0:
-                assert db.diff_snapshot(max_fraction=1.0) is not None
+                assert r.db.diff_snapshot(max_fraction=1.0) is not None
             if seq % 50 == 0:
-                await replica.sync()
-        db.step()
-        await replica.sync()
-    finally:
-        db.close()
-        conn.close()
-    return Built(app, spool, dest, replica, await txn_times(dest))
+                await r.replica.sync()
+        r.db.step()
+        await r.replica.sync()
+    return Built(r.app, r.spool, r.dest, r.replica, await txn_times(r.dest))
 
 
 @pytest.fixture(scope="module")
