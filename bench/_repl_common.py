@@ -28,6 +28,9 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# child processes (``python -m replicator``) run this checkout, whatever is installed
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 MiB = 1024 * 1024
 
 # ---------------------------------------------------------------------------------------- /proc
@@ -225,6 +228,28 @@ class DirWatch:
                     stages[label] = now
             if new:
                 return now, new, stages
+
+    def events(self, timeout: float) -> list[tuple[float, str]]:
+        """The new accepted names finished in the main directory within ``timeout`` seconds
+        (inotify mode only), each with the wall-clock time (``time.time()``) it was seen."""
+        out: list[tuple[float, str]] = []
+        if not self._poll.poll(max(1, int(timeout * 1000))):
+            return out
+        try:
+            buf = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return out
+        now = time.time()
+        off = 0
+        while off + _EVENT.size <= len(buf):
+            wd, mask, _cookie, length = _EVENT.unpack_from(buf, off)
+            name = os.fsdecode(buf[off + _EVENT.size : off + _EVENT.size + length].rstrip(b"\0"))
+            off += _EVENT.size + length
+            if (self.wds.get(wd) is None and mask & (_IN_CLOSE_WRITE | _IN_MOVED_TO)
+                    and self.accept(name) and name not in self.seen[None]):
+                self.seen[None].add(name)
+                out.append((now, name))
+        return out
 
     def _wait_poll(self, deadline: float) -> tuple[float, list[str], dict[str, float]] | None:
         stages: dict[str, float] = {}

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 RETRY = Backoff(base=0.25, cap=1.0)
 DEFAULT_BACKSTOP = 5.0
 SHIP_CONCURRENCY = 4
+LINK_BATCH = 256  # spooled objects linked into a local destination in one go (one dir fsync)
 DEBUG_EVERY = 1.0  # per-round debug lines, at most this often (a busy database ships every ms)
 
 
@@ -83,6 +84,10 @@ class Replica:
         # wall-clock times at which a window holding shipped objects closes (compaction is due
         # then, and only then: an idle destination costs no listing); 0.0: once at start
         self._compact_due: set[float] = {0.0}
+        # compaction runs beside shipping (a long merge must not hold up new objects), never
+        # beside retention: both delete objects
+        self._compacting: asyncio.Task[None] | None = None
+        self._maintenance = asyncio.Lock()
 
     def set_levels(self, levels: Iterable[float], grace: float = DEFAULT_DELETE_GRACE) -> None:
         """Compact this destination on these levels (seconds, shortest first; none: never),
@@ -97,7 +102,8 @@ class Replica:
             return None
         if not await self._check_lease():
             return None
-        res = await self.compactor.step(now)
+        async with self._maintenance:
+            res = await self.compactor.step(now)
         for info in res.written:
             self._remember(info.generation, [info.key])
         if self.metrics is not None:
@@ -252,13 +258,17 @@ class Replica:
         else:
             groups = [([o], []) for o in missing]
         # a remote destination takes several objects at once (a backlog after an outage is
-        # shipped in rounds of SHIP_CONCURRENCY); each round completes before the next starts
-        width = SHIP_CONCURRENCY if self.batch else 1
+        # shipped in rounds of SHIP_CONCURRENCY); each round completes before the next starts.
+        # A local one links what it lacks in rounds of LINK_BATCH, one directory fsync each.
+        linking = not self.batch and self.client.can_link
+        width = SHIP_CONCURRENCY if self.batch else LINK_BATCH if linking else 1
         for first in range(0, len(groups), width):
             if not await self._check_lease():
                 return written
             window = groups[first : first + width]
-            results = await asyncio.gather(*(self._ship(p, h) for p, h in window))
+            results = await self._link(window) if linking else None
+            if results is None:
+                results = await asyncio.gather(*(self._ship(p, h) for p, h in window))
             done = time.time()
             for (parts, _), (info, size, frames) in zip(window, results, strict=True):
                 self._remember(info.generation, [info.key, *(p.key for p in parts)])
@@ -302,6 +312,25 @@ class Replica:
                 max(0.0, done - info.first_ms / 1000)
             )
 
+    async def _frames(self, info: ObjectInfo) -> int:
+        """How many WAL frames a spooled object holds (for metrics; from the spool's memory
+        when it wrote the object lately)."""
+        if info.kind != "wal" or self.metrics is None:
+            return 0
+        header = self.spool.cached_header(info) or await asyncio.to_thread(
+            self.spool.read_header, info)
+        return header.frames if isinstance(header, SegmentHeader) else 0
+
+    async def _link(
+        self, window: list[batch.Group]
+    ) -> list[tuple[ObjectInfo, int, int]] | None:
+        """Link single spooled objects into the destination at once; None if it cannot link."""
+        infos = [parts[0] for parts, _ in window]
+        sizes = await self.client.link_objects([(i, self.spool.path(i)) for i in infos])
+        if sizes is None:
+            return None
+        return [(i, size, await self._frames(i)) for i, size in zip(infos, sizes, strict=True)]
+
     async def _ship(
         self, parts: list[ObjectInfo], headers: list[SegmentHeader]
     ) -> tuple[ObjectInfo, int, int]:
@@ -320,11 +349,7 @@ class Replica:
                           time.monotonic() - t0)
             return info, merged, sum(h.frames for h in headers)
         info = parts[0]
-        frames = 0
-        if info.kind == "wal" and self.metrics is not None:
-            header = headers[0] if headers else await asyncio.to_thread(
-                self.spool.read_header, info)
-            frames = header.frames if isinstance(header, SegmentHeader) else 0
+        frames = headers[0].frames if headers else await self._frames(info)
         # a destination on the spool's file system links the spooled file instead of copying it
         linked = await self.client.link_object(info, self.spool.path(info))
         if linked is not None:
@@ -337,9 +362,10 @@ class Replica:
         inventory metrics; None when that failed (logged and counted)."""
         policy = self.retention or RetentionPolicy()
         try:
-            plan = await plan_retention(self.client, policy, now)
-            if await apply_plan(self.client, plan):
-                self._relist = True
+            async with self._maintenance:
+                plan = await plan_retention(self.client, policy, now)
+                if await apply_plan(self.client, plan):
+                    self._relist = True
         except Exception as exc:  # noqa: BLE001 - retention failures never stop shipping
             self.record_error("retention", exc)
             return None
@@ -380,8 +406,29 @@ class Replica:
             self.metrics.errors.labels(self.db_name, self.name, operation).inc()
         self._errors.error(msg, f"{self.db_name}: replica {self.name}: {operation} failed: ")
 
+    def _compact_beside(self) -> None:
+        """Start a compaction step in a task of its own, unless one is running."""
+        if self._compacting is not None and not self._compacting.done():
+            return
+        if self.compactor is None or not any(t <= time.time() for t in self._compact_due):
+            return
+
+        async def step() -> None:
+            async with self.limit or contextlib.nullcontext():
+                await self.compact_if_due()
+
+        self._compacting = asyncio.ensure_future(step())
+
     async def run(self, stop: asyncio.Event, backstop: float = DEFAULT_BACKSTOP) -> None:
-        """Ship whenever woken (or every ``backstop`` seconds) until ``stop`` is set."""
+        """Ship whenever woken (or every ``backstop`` seconds) until ``stop`` is set;
+        compaction runs beside it."""
+        try:
+            await self._run(stop, backstop)
+        finally:
+            if self._compacting is not None:
+                await asyncio.gather(self._compacting, return_exceptions=True)
+
+    async def _run(self, stop: asyncio.Event, backstop: float) -> None:
         failures = 0
         while not stop.is_set() and self.fenced is None:
             try:
@@ -389,8 +436,8 @@ class Replica:
                     if not self.healthy:
                         await self.init()
                     await self.sync()
-                    if self.fenced is None:
-                        await self.compact_if_due()
+                if self.fenced is None:
+                    self._compact_beside()
                 if self.fenced is not None:
                     break
                 failures = 0

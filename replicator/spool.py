@@ -6,8 +6,10 @@ thread; shippers read it asynchronously. It is what lets the WAL reset freely wh
 is slow or down, and what a restart resumes from.
 
 The spool belongs to one process, which keeps an index of it in memory (read from the directory
-once, then kept up to date by ``write`` and ``delete``), so that listing it costs nothing however
-many objects a slow destination leaves waiting.
+once, then kept up to date by ``write`` and ``delete``, each generation's objects kept in order),
+so that listing it costs nothing however many objects a slow destination leaves waiting. The
+headers of the objects it wrote last are kept too (at most ``HEADER_CACHE``), so that shipping
+them never reads and parses back what was just written.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import os
 import shutil
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from .format import (
@@ -34,6 +37,8 @@ from .storage.file import FileStorage
 
 _KIND_CODES = {"snapshot": KIND_SNAPSHOT, "wal": KIND_WAL, "catchup": KIND_CATCHUP,
                "diff": KIND_DIFF}
+HEADER_CACHE = 4096
+"""Headers of the most recently written objects kept in memory."""
 
 
 class Spool:
@@ -44,6 +49,8 @@ class Spool:
         self.storage = FileStorage(self.root)
         self._lock = threading.Lock()
         self._index: dict[str, dict[str, ObjectInfo]] | None = None  # generation -> key -> info
+        self._sorted: dict[str, list[ObjectInfo]] = {}  # generation -> its objects, in order
+        self._headers: OrderedDict[str, ObjectHeader] = OrderedDict()  # key -> header
 
     def _scan(self) -> dict[str, dict[str, ObjectInfo]]:
         """The index (read from the directory the first time, sizes included); call with the
@@ -92,6 +99,15 @@ class Spool:
         out = dataclasses.replace(info, size=size)
         with self._lock:
             self._scan().setdefault(out.generation, {})[out.key] = out
+            ordered = self._sorted.get(out.generation)
+            if ordered is not None:
+                if not ordered or _order(ordered[-1]) < _order(out):
+                    ordered.append(out)  # capture writes in order: the usual case
+                else:
+                    del self._sorted[out.generation]
+            self._headers[out.key] = header
+            if len(self._headers) > HEADER_CACHE:
+                self._headers.popitem(last=False)
         return out
 
     def generations(self) -> list[str]:
@@ -102,11 +118,24 @@ class Spool:
     def objects(self, generation: str) -> list[ObjectInfo]:
         """Objects of a generation in the spool, sorted, with their sizes."""
         with self._lock:
-            objs = list(self._scan().get(generation, {}).values())
-        return sorted(objs, key=_order)
+            ordered = self._sorted.get(generation)
+            if ordered is None:
+                objs = self._scan().get(generation)
+                if objs is None:
+                    return []
+                ordered = self._sorted[generation] = sorted(objs.values(), key=_order)
+            return list(ordered)
+
+    def cached_header(self, info: ObjectInfo) -> ObjectHeader | None:
+        """The header of an object this spool wrote lately, from memory (None otherwise)."""
+        with self._lock:
+            return self._headers.get(info.key)
 
     def read_header(self, info: ObjectInfo) -> ObjectHeader:
-        """The header of a spooled object."""
+        """The header of a spooled object (from memory if it was written lately)."""
+        header = self.cached_header(info)
+        if header is not None:
+            return header
         with open(self.path(info), "rb") as f:
             return header_from_json(read_header_file(f, info.key), info.key)
 
@@ -123,6 +152,8 @@ class Spool:
         for info in infos:
             with self._lock:
                 self._scan().get(info.generation, {}).pop(info.key, None)
+                self._sorted.pop(info.generation, None)
+                self._headers.pop(info.key, None)
             try:
                 os.unlink(self.path(info))
             except FileNotFoundError:
@@ -132,6 +163,9 @@ class Spool:
         """Remove a generation."""
         with self._lock:
             self._scan().pop(generation, None)
+            self._sorted.pop(generation, None)
+            for key in [k for k in self._headers if k.split("/")[1:2] == [generation]]:
+                del self._headers[key]
         shutil.rmtree(os.path.join(self.root, GENERATIONS_DIR, generation), ignore_errors=True)
 
 

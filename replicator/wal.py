@@ -149,15 +149,18 @@ def parse_wal_header(buf: bytes | memoryview) -> WalHeader:
     return WalHeader(magic, version, page_size, ckpt, salt1, salt2, ck1, ck2, raw)
 
 
-def read_wal_header(fd: int) -> WalHeader | None:
+def read_wal_header(fd: int, last: WalHeader | None = None) -> WalHeader | None:
     """The header of the WAL open at ``fd``, or None if it has none that is valid.
 
     None covers a file shorter than 32 bytes (e.g. truncated by a TRUNCATE checkpoint), a zeroed
-    header and any header ``parse_wal_header`` rejects.
+    header and any header ``parse_wal_header`` rejects. ``last``, a header read before, is
+    returned as it is when the bytes are still the same (nothing to decode or check again).
     """
     raw = pread_full(fd, WAL_HEADER_SIZE, 0)
     if len(raw) < WAL_HEADER_SIZE:
         return None
+    if last is not None and raw == last.raw:
+        return last
     try:
         return parse_wal_header(raw)
     except WalError:
@@ -419,6 +422,76 @@ def _scan_wal(
                  start_checksum, max_frames, chunk_bytes, keep_frames).result
 
 
+def _check_scan_args(
+    page_size: int, start_index: int, max_frames: int | None, chunk_bytes: int
+) -> None:
+    if start_index < 1:
+        raise ValueError(f"start_index must be >= 1, got {start_index}")
+    if max_frames is not None and max_frames < 0:
+        raise ValueError(f"max_frames must be >= 0, got {max_frames}")
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    if not _valid_page_size(page_size):
+        raise ValueError(f"invalid page size {page_size}")
+
+
+class _Scanner:
+    """The state of one scan: frames examined so far, transactions found, running checksums."""
+
+    def __init__(self, start_index: int, start_checksum: tuple[int, int], keep_frames: bool):
+        self.start_index = start_index
+        self.keep_frames = keep_frames
+        self.frames: list[Frame] = []  # valid frames; the uncommitted tail is cut off at the end
+        self.txns: list[tuple[int, int, int]] = []
+        self.commit_cks: list[tuple[int, int]] = []
+        self.txn_first = start_index
+        self.valid_checksum = (start_checksum[0] & _MASK, start_checksum[1] & _MASK)
+        self.examined = 0
+        self.reason = "limit"
+        self.detail = ""
+
+    def add(self, chk: _BlockCheck) -> bool:
+        """Take in the checked frames of one chunk; False once an invalid frame ended the scan."""
+        base = self.start_index + self.examined
+        if self.keep_frames:
+            self.frames += [
+                Frame(base + i, pgno, commit, (c0, c1))
+                for i, (pgno, commit, c0, c1) in enumerate(
+                    zip(chk.pgno.tolist(), chk.commit.tolist(), chk.ck0.tolist(),
+                        chk.ck1.tolist(), strict=True)
+                )
+            ]
+        for i in np.flatnonzero(chk.commit).tolist():
+            self.txns.append((self.txn_first, base + i, int(chk.commit[i])))
+            self.commit_cks.append((int(chk.ck0[i]), int(chk.ck1[i])))
+            self.txn_first = base + i + 1
+        if chk.n_valid:
+            self.valid_checksum = (int(chk.ck0[-1]), int(chk.ck1[-1]))
+        self.examined += chk.n_valid
+        if chk.reason is not None:
+            self.reason = chk.reason
+            self.detail = chk.detail or ""
+            return False
+        return True
+
+    def result(self, start_checksum: tuple[int, int]) -> _Scan:
+        del self.frames[self.txn_first - self.start_index :]
+        txns = self.txns
+        end_checksum = self.commit_cks[-1] if txns else (
+            start_checksum[0] & _MASK, start_checksum[1] & _MASK)
+        result = ScanResult(
+            frames=self.frames,
+            end_index=txns[-1][1] if txns else self.start_index - 1,
+            end_checksum=end_checksum,
+            transactions=txns,
+            valid_end_index=self.start_index + self.examined - 1,
+            stop_reason=self.reason,
+            valid_checksum=self.valid_checksum,
+            commit_checksums=self.commit_cks,
+        )
+        return _Scan(result, self.valid_checksum, self.detail)
+
+
 def _scan(
     read: _Reader,
     page_size: int,
@@ -431,67 +504,22 @@ def _scan(
     keep_frames: bool = True,
 ) -> _Scan:
     """The scan shared by scan_frames, scan_bytes and verify_frames."""
-    if start_index < 1:
-        raise ValueError(f"start_index must be >= 1, got {start_index}")
-    if max_frames is not None and max_frames < 0:
-        raise ValueError(f"max_frames must be >= 0, got {max_frames}")
-    if chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    if not _valid_page_size(page_size):
-        raise ValueError(f"invalid page size {page_size}")
+    _check_scan_args(page_size, start_index, max_frames, chunk_bytes)
     fs = frame_size(page_size)
     per_chunk = max(1, chunk_bytes // fs)
-    frames: list[Frame] = []  # valid frames; the uncommitted tail is cut off at the end
-    txns: list[tuple[int, int, int]] = []
-    commit_cks: list[tuple[int, int]] = []
-    txn_first = start_index
-    end_checksum = valid_checksum = (start_checksum[0] & _MASK, start_checksum[1] & _MASK)
-    examined = 0
-    reason = "limit"
-    detail = ""
-    while max_frames is None or examined < max_frames:
-        count = per_chunk if max_frames is None else min(per_chunk, max_frames - examined)
-        data = read(examined, count)
+    st = _Scanner(start_index, start_checksum, keep_frames)
+    while max_frames is None or st.examined < max_frames:
+        count = per_chunk if max_frames is None else min(per_chunk, max_frames - st.examined)
+        data = read(st.examined, count)
         whole = min(len(data) // fs, count)
         if whole:
-            chk = _check_block(data, whole, page_size, big_endian, salts, valid_checksum)
-            base = start_index + examined
-            if keep_frames:
-                frames += [
-                    Frame(base + i, pgno, commit, (c0, c1))
-                    for i, (pgno, commit, c0, c1) in enumerate(
-                        zip(chk.pgno.tolist(), chk.commit.tolist(), chk.ck0.tolist(),
-                            chk.ck1.tolist(), strict=True)
-                    )
-                ]
-            for i in np.flatnonzero(chk.commit).tolist():
-                txns.append((txn_first, base + i, int(chk.commit[i])))
-                commit_cks.append((int(chk.ck0[i]), int(chk.ck1[i])))
-                txn_first = base + i + 1
-            if chk.n_valid:
-                valid_checksum = (int(chk.ck0[-1]), int(chk.ck1[-1]))
-            examined += chk.n_valid
-            if chk.reason is not None:
-                reason = chk.reason
-                detail = chk.detail or ""
+            chk = _check_block(data, whole, page_size, big_endian, salts, st.valid_checksum)
+            if not st.add(chk):
                 break
         if whole < count:
-            reason = "short" if len(data) > whole * fs else "eof"
+            st.reason = "short" if len(data) > whole * fs else "eof"
             break
-    del frames[txn_first - start_index :]
-    if txns:
-        end_checksum = commit_cks[-1]
-    result = ScanResult(
-        frames=frames,
-        end_index=txns[-1][1] if txns else start_index - 1,
-        end_checksum=end_checksum,
-        transactions=txns,
-        valid_end_index=start_index + examined - 1,
-        stop_reason=reason,
-        valid_checksum=valid_checksum,
-        commit_checksums=commit_cks,
-    )
-    return _Scan(result, valid_checksum, detail)
+    return st.result(start_checksum)
 
 
 def pread_full(fd: int, length: int, offset: int) -> bytes:

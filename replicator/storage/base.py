@@ -58,6 +58,11 @@ class StorageClient(Protocol):
         the caller writes it with :meth:`write_object`)."""
         ...
 
+    async def link_objects(self, items: Sequence[tuple[ObjectInfo, str]]) -> list[int] | None:
+        """:meth:`link_object` for several objects at once, made durable together (one flush
+        per directory); their sizes, or None when this backend cannot link."""
+        ...
+
     def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
         """Stream an object's bytes; raises NotFoundError if it is absent."""
         ...

@@ -152,30 +152,45 @@ class FileStorage:
         when the file system cannot link it (another device, no hard links): then
         :meth:`write_object` copies it. Objects are never modified in place, so sharing the
         file is safe."""
-        path = self._path(info.key)
+        sizes = await self.link_objects([(info, source)])
+        return sizes[0] if sizes is not None else None
 
-        def link() -> int | None:
-            makedirs_durable(os.path.dirname(path))
-            tmp = temp_path(path)
-            try:
-                os.link(source, tmp)
-            except OSError as exc:
-                if exc.errno in _NO_LINK:
-                    return None
-                raise
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            fsync_dir(os.path.dirname(path))
-            return os.stat(path).st_size
+    async def link_objects(self, items: Sequence[tuple[ObjectInfo, str]]) -> list[int] | None:
+        """:meth:`link_object` for several objects in one worker call, each directory fsynced
+        once after all its links (an object whose link is not yet durable is not reported)."""
+
+        def link_all() -> list[int] | None:
+            dirs: dict[str, None] = {}
+            sizes = []
+            for info, source in items:
+                path = self._path(info.key)
+                parent = os.path.dirname(path)
+                if parent not in dirs:
+                    makedirs_durable(parent)
+                    dirs[parent] = None
+                tmp = temp_path(path)
+                try:
+                    os.link(source, tmp)
+                except OSError as exc:
+                    if exc.errno in _NO_LINK:
+                        return None
+                    raise
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+                sizes.append(info.size or os.stat(path).st_size)
+            for parent in dirs:
+                fsync_dir(parent)
+            return sizes
 
         try:
-            return await asyncio.to_thread(link)
+            return await asyncio.to_thread(link_all)
         except OSError as exc:
-            raise self._error(f"cannot write {info.key}", exc) from None
+            more = f" and {len(items) - 1} more" if len(items) > 1 else ""
+            raise self._error(f"cannot write {items[0][0].key}{more}", exc) from None
 
     async def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
         """Stream a file in chunks."""

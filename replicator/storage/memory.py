@@ -50,6 +50,10 @@ class MemoryStorage:
         """Not supported: None (the caller writes the object instead)."""
         return None
 
+    async def link_objects(self, items: Sequence[tuple[ObjectInfo, str]]) -> list[int] | None:
+        """Not supported: None (the caller writes the objects instead)."""
+        return None
+
     async def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
         """Stream the stored bytes."""
         try:

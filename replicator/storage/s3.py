@@ -233,6 +233,10 @@ class S3Storage:
         """Not supported: None (the caller writes the object instead)."""
         return None
 
+    async def link_objects(self, items: Sequence[tuple[ObjectInfo, str]]) -> list[int] | None:
+        """Not supported: None (the caller writes the objects instead)."""
+        return None
+
     def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
         """Stream an object; a connection that breaks mid-body is resumed with a ranged GET."""
         return self._read(info.key)
