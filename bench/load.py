@@ -4,7 +4,7 @@ Same machine, same run, each tool with a local directory replica (ours with its 
 Litestream 0.5 with its defaults and tuned to 10 ms intervals, as in ``bench/replication.py``).
 
 1. **Bursts**: a writer process commits one-row transactions (512-byte rows) at 200 a second for
-   1 s, rests 2 s, and again. For each burst, the lag is from the moment its last COMMIT returned
+   1 s, rests 3 s, and again. For each burst, the lag is from the moment its last COMMIT returned
    to the moment the replica object holding it was finished in the replica directory (an inotify
    watch; the object holding it is the one that brings the replica's newest txid to its final
    value before the next burst).
@@ -54,7 +54,7 @@ LABELS = {"ours": "replicator (ours)", "litestream": "Litestream 0.5, defaults (
           "litestream_tuned": "Litestream 0.5, monitor/sync-interval 10ms",
           "baseline": "nothing (baseline)"}
 BURST_RATE = 200.0
-BURST_PAUSE = 2.0
+BURST_PAUSE = 3.0
 BULK_ROWS = 250
 BULK_PAYLOAD = 4000  # a 4 KB row fits one 4 KiB page
 PITR_SLACK_NS = 20_000_000

@@ -17,6 +17,7 @@ from .headers import Reason, SegmentHeader, Txn
 from .pos import WalPos, segment_info
 from .progress import CaptureResult, Part, Shared
 from .rescue import Rescued, pseudo_header, rescue
+from .sightings import salt_bytes
 from .snapshots import Snapshots
 from .wal import (
     WAL_HEADER_SIZE,
@@ -85,12 +86,18 @@ class Capture(Part):
         self._early_tail: tuple[tuple[int, int], Rescued | None] | None = None
         self._compress_tokens = float(self.tuning.compress_budget)
         self._compress_at = time.monotonic()
+        self._wal_hdr: WalHeader | None = None  # the WAL header read last
+
+    @property
+    def proof_pending(self) -> bool:
+        """Whether a WAL reset seen while rotating still has to be proven lossless."""
+        return self._early_tail is not None
 
     def capture(self, res: CaptureResult) -> bool:
         """Capture one batch of committed transactions; True if more are waiting."""
         p = self.progress
         fd = self.handles.wal()
-        hdr = read_wal_header(fd) if fd is not None else None
+        hdr = self._wal_hdr = read_wal_header(fd, self._wal_hdr) if fd is not None else None
         if p.pos is None and self._nowal_changed():
             # the state had no WAL, and the file changed since: frames were written and
             # checkpointed (the WAL perhaps gone or restarted) in a moment no pin was held
@@ -182,12 +189,17 @@ class Capture(Part):
         txns: list[TxnSpan] = []
         window = True  # every transaction so far lies inside the one buffer read
         while True:
-            buf = pread_full(fd, self.tuning.segment_max_frames * fs, frame_offset(idx, ps))
+            # no further than the file's end: a read sized for a whole batch would cost an
+            # allocation of that size for every commit
+            off = frame_offset(idx, ps)
+            size = os.fstat(fd).st_size
+            want = min(self.tuning.segment_max_frames * fs, size - off)
+            buf = pread_full(fd, want, off) if want > 0 else b""
             r = scan_bytes(buf, hdr, idx, ck, keep_frames=False)
             reason = r.stop_reason
             if r.valid_end_index - idx + 1 == self.tuning.segment_max_frames:
                 reason = "limit"
-            elif not buf and os.fstat(fd).st_size < frame_offset(idx, ps):
+            elif not buf and size < off:
                 reason = "short"  # the file ends before the start slot: it shrank
             spans = _spans(txn_first, r)
             txns += spans
@@ -213,15 +225,21 @@ class Capture(Part):
     ) -> None:
         """Write transactions (consecutive, starting right after ``start``) to the spool as one
         segment (zstd-compressed, or stored as they are). ``data``: their frames, already read
-        and verified; otherwise they are read again from the WAL."""
+        and verified; otherwise they are read again from the WAL. Each transaction is stamped
+        with the moment its commit was first seen (see :mod:`replicator.sightings`)."""
         p = self.progress
-        observed = time.time_ns()
         assert p.generation is not None
         first, last = txns[0].first, txns[-1].commit
         end = WalPos(start.salt1, start.salt2, last, txns[-1].checksum)
         end_txid = p.txid + len(txns)
-        ms = observed // 1_000_000
-        info = segment_info(p.generation, p.txid + 1, end_txid, ms, ms)
+        salts = salt_bytes(start.salts)
+        stamps = []
+        floor = p.last_observed_ns
+        for t in txns:
+            floor = self.handles.sightings.stamp(salts, t.commit, floor)
+            stamps.append(floor)
+        info = segment_info(p.generation, p.txid + 1, end_txid, stamps[0] // 1_000_000,
+                            stamps[-1] // 1_000_000)
         # while pinned where no reset can happen, the frames cannot change under the copy;
         # otherwise (a reset is possible, or this is a rescued tail) verify them again
         h = self.handles
@@ -241,7 +259,7 @@ class Capture(Part):
         try:
             if ix is not None:
                 ix.apply_stream(body())
-            header = self._segment_header(hdr, start, end, txns, observed,
+            header = self._segment_header(hdr, start, end, txns, stamps,
                                           ix.content if ix is not None else None)
             info = self.spool.write(info, header, body(), DEFAULT_LEVEL if compress else None)
         except BaseException:
@@ -250,7 +268,8 @@ class Capture(Part):
             raise
         if ix is not None:
             ix.commit()
-        p.last_observed_ns = observed
+        self.handles.sightings.forget(salts, last)
+        p.last_observed_ns = stamps[-1]
         p.resumed = None
         p.txid = end_txid
         p.pos = end
@@ -260,8 +279,8 @@ class Capture(Part):
         res.frames += last - first + 1
 
     def _segment_header(
-        self, hdr: WalHeader, start: WalPos, end: WalPos, txns: list[TxnSpan], observed: int,
-        content: int | None,
+        self, hdr: WalHeader, start: WalPos, end: WalPos, txns: list[TxnSpan],
+        stamps: list[int], content: int | None,
     ) -> SegmentHeader:
         p = self.progress
         assert p.generation is not None
@@ -278,7 +297,8 @@ class Capture(Part):
             wal_header=hdr.raw if start.frame == 0 else None,
             frames=txns[-1].commit - txns[0].first + 1,
             txns=tuple(
-                Txn(start_txid + k, observed, t.frames, t.db_size) for k, t in enumerate(txns)
+                Txn(start_txid + k, ns, t.frames, t.db_size)
+                for k, (t, ns) in enumerate(zip(txns, stamps, strict=True))
             ),
             content_hash=content,
             unobserved_from_ns=p.resumed[0] if p.resumed else None,

@@ -54,9 +54,10 @@ from .progress import CaptureResult as CaptureResult
 from .progress import Progress, Shared
 from .progress import Tuning as Tuning
 from .rescue import frame_is
+from .sightings import SIGHTER, salt_bytes
 from .snapshots import Lineage, Snapshots
 from .spool import Spool
-from .wal import read_wal_header
+from .wal import FRAME_HEADER_SIZE, frame_offset, read_wal_header
 
 log = logging.getLogger("replicator.db")
 
@@ -66,6 +67,8 @@ CATCH_UP_REASONS = (Reason.RESUME_FAILED, Reason.WAL_RESET, Reason.WAL_SHRUNK)
 """Why a catch-up is written: the intervals the capture did not observe."""
 
 T = TypeVar("T")
+# a database file signature, the wal-index salts and mxFrame (see Database.step)
+_Quiet = tuple[tuple[int, int, int], bytes, int]
 
 
 class _InProgress(Generic[T]):
@@ -132,6 +135,9 @@ class Database:
         """PASSIVE checkpoints run by rotations, by result (the caller counts and clears)."""
         self._pending: Reason | None = None  # a new generation is due
         self._catchup: Reason | None = None  # a catch-up is due (a restart that cannot resume)
+        # (database file signature, wal-index salts and mxFrame) at the start of the last step,
+        # when that step captured everything: while all stay the same there is nothing to do
+        self._settled: _Quiet | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -173,6 +179,7 @@ class Database:
             except OSError as exc:
                 log.warning("%s: cannot save the page index: %s", self.name, exc)
         self.handles.close(tidy)
+        self._settled = None
 
     def sizes(self) -> tuple[int, int]:
         """(database file size, WAL file size) in bytes."""
@@ -274,6 +281,44 @@ class Database:
         the pin when needed. Safe to call at any time; does nothing when nothing changed."""
         res = CaptureResult()
         started = time.time_ns()
+        seen = self._quiet_signature()
+        if seen is not None and seen == self._settled:
+            self.confirmed_ns = started  # nothing committed since a step that captured all
+            if self.generation is not None:
+                self.keeper.save_if_due(self.snapshots.stamp())
+            return res
+        self._settled = None
+        with SIGHTER.watching(self.handles.sightings):
+            self._step(res, started)
+        pos = self.pos
+        if not res.more and seen is not None and pos is not None and (
+            seen[1] == salt_bytes(pos.salts) and seen[2] <= pos.frame
+        ):
+            self._settled = seen
+        return res
+
+    def _quiet_signature(self) -> _Quiet | None:
+        """(database file signature, wal-index salts, mxFrame) now, read first (and noted as a
+        sighting); None when a step has work regardless: not pinned, a generation, catch-up,
+        rotation or proof pending, no wal-index, or a frame of the current epoch in the WAL
+        slot after the captured end (a commit's frames are written, and file events sent,
+        before the wal-index shows it)."""
+        shm = self.handles.sightings.take()
+        pos, fd = self.pos, self.handles.wal_fd
+        if (shm is None or not self.handles.pinned or pos is None or fd is None
+                or self._pending is not None or self._catchup is not None
+                or self.capture.proof_pending or pos.frame >= self.checkpoint_pages):
+            return None
+        try:
+            st = os.stat(self.path)
+            nxt = os.pread(fd, FRAME_HEADER_SIZE, frame_offset(pos.frame + 1, self.page_size))
+        except OSError:
+            return None
+        if len(nxt) == FRAME_HEADER_SIZE and nxt[8:16] == salt_bytes(pos.salts):
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns), shm[0], shm[1]
+
+    def _step(self, res: CaptureResult, started: int) -> None:
         self._check_identity()
         self._ensure_pinned()
         if self._pending is not None:
@@ -302,7 +347,6 @@ class Database:
             self.confirmed_ns = started
         if self.generation is not None:
             self.keeper.save_if_due(self.snapshots.stamp())
-        return res
 
     def _ensure_pinned(self) -> None:
         if not self.handles.pinned:

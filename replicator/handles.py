@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import struct
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,10 +19,10 @@ from typing import Any
 from .dbstate import read_db_header
 from .errors import DatabaseError
 from .progress import Progress
+from .sightings import Sightings, read_walindex
 from .wal import WAL_HEADER_SIZE
 
 PIN_RETRY = 0.00005
-_SHM_READ = 136
 NO_RESET = -1
 """``Handles.reset_end`` when no reset can happen while the pin is held."""
 
@@ -54,6 +53,9 @@ class Handles:
         self.db_fd: int | None = None
         self.db_ino: int | None = None
         self.db_dev = 0
+        # when committed frames were first seen (transactions are stamped with it); its own
+        # descriptor on -shm, closed last like the others
+        self.sightings = Sightings(path + "-shm")
 
     @property
     def wal_path(self) -> str:
@@ -142,6 +144,7 @@ class Handles:
             if fd is not None:
                 os.close(fd)
                 setattr(self, attr, None)
+        self.sightings.close()
 
     # ------------------------------------------------------------------ pins
 
@@ -195,15 +198,7 @@ class Handles:
                 self._shm_fd = os.open(self.path + "-shm", os.O_RDONLY)
             except OSError:
                 return None
-        for _ in range(8):
-            raw = os.pread(self._shm_fd, _SHM_READ, 0)
-            if len(raw) < _SHM_READ:
-                return None
-            if raw[:48] == raw[48:96] and raw[12] == 1:
-                mx = int.from_bytes(raw[16:20], sys.byteorder)
-                nb = int.from_bytes(raw[96:100], sys.byteorder)
-                return raw[32:40], mx, nb
-        return None
+        return read_walindex(self._shm_fd)
 
     def learn_reset_bound(self) -> None:
         """Right after pinning: where can the current epoch still be reset?

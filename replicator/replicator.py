@@ -49,9 +49,13 @@ CAPTURE_RETRY = Backoff(base=0.1, cap=10.0)
 HEALTH_STOP_GRACE = 2.0
 # While commits keep coming the loop follows the WAL itself, looking every FOLLOW_POLL seconds,
 # with file events off (a busy writer makes two per WAL frame); after FOLLOW_QUIET seconds with
-# nothing new, events wake it again.
-FOLLOW_POLL = 0.002
+# nothing new, events wake it again. The commits of one poll interval go into one segment: the
+# interval trades a few milliseconds of lag for far fewer objects (each a file written, fsynced
+# and linked) under a busy writer.
+FOLLOW_POLL = 0.005
 FOLLOW_QUIET = 0.05
+# the spool is pruned at most this often (seconds)
+PRUNE_EVERY = 1.0
 # how often a wait for the destinations (sync --wait, drills) looks at their positions
 SHIPPED_POLL = 0.05
 # an idle database's loop looks whether a snapshot is due about this often (jittered)
@@ -114,6 +118,8 @@ class DatabaseService:
         self._watcher: Watcher | None = None
         self._errors = ErrorLog(log)
         self._prune_task: asyncio.Task[None] | None = None
+        self._prune_waiting = False
+        self._pruned_at = 0.0
         self.last_capture = 0.0
 
     def _database(self) -> Database:
@@ -296,8 +302,29 @@ class DatabaseService:
                               "enough to read it at the captured txid")
 
     def _schedule_prune(self) -> None:
+        """Prune the spool soon: at most every PRUNE_EVERY seconds (a busy database ships
+        every few milliseconds, and a prune looks at every spooled object)."""
         if self._prune_task is None or self._prune_task.done():
-            self._prune_task = asyncio.ensure_future(self.prune_spool())
+            self._prune_task = asyncio.ensure_future(self._prune_soon())
+
+    async def _prune_soon(self) -> None:
+        wait = self._pruned_at + PRUNE_EVERY - time.monotonic()
+        if wait > 0:
+            self._prune_waiting = True
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                self._prune_waiting = False
+        self._pruned_at = time.monotonic()
+        await self.prune_spool()
+
+    async def _stop_pruning(self) -> None:
+        """Drop a prune that is waiting for its turn; let one that runs finish."""
+        task = self._prune_task
+        if task is not None and not task.done():
+            if self._prune_waiting:
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def prune_spool(self) -> None:
         """Drop spooled objects every replica has (see :mod:`replicator.pruning`)."""
@@ -430,6 +457,7 @@ class DatabaseService:
 
             # concurrently: a destination that is down cannot use up the others' time budget
             await asyncio.gather(*(ship(r) for r in self.replicas))
+            await self._stop_pruning()
             await self.prune_spool()
             log.info("%s: stopped after final sync at txid %d", self.cfg.name, self.db.txid)
 
@@ -437,6 +465,7 @@ class DatabaseService:
             await self._bounded(final(), grace, skip)
         except Exception as exc:  # noqa: BLE001 - shutdown goes on; the error is logged
             self._record_error("final sync", exc)
+        await self._stop_pruning()
         if self.health is not None:
             self.health.close()
         await self.call(self.db.close)

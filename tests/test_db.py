@@ -3,18 +3,23 @@ connection."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from util import commit, restore_latest
+from util import seqs as util_seqs
 from writer import init_db
 
 from replicator.db import Database, Tuning
 from replicator.errors import DatabaseError
+from replicator.headers import SegmentHeader
+from replicator.restore import apply_plan, plan_restore
 from replicator.spool import Spool
 
 
@@ -431,4 +436,73 @@ def test_crash_while_writing_a_catchup(tmp_path: Path, app,
     assert d.step().catch_up == "resume_failed"
     d.close()
     assert len(generations(tmp_path)) == 1
+    assert restored_dump(tmp_path) == dump(app)
+
+
+def _segment_txns(tmp_path: Path) -> list[tuple[int, int]]:
+    """(txid, observed ns) of every captured transaction, from the spooled headers."""
+    spool = Spool(str(tmp_path / "spool"))
+    out = []
+    for gen in spool.generations():
+        for o in spool.objects(gen):
+            h = spool.read_header(o)
+            if o.kind == "wal":
+                assert isinstance(h, SegmentHeader)
+                out += [(t.txid, t.observed_ns) for t in h.txns]
+    return out
+
+
+def _restore_at(tmp_path: Path, ns: int, name: str) -> list[int]:
+    async def run() -> None:
+        client = Spool(str(tmp_path / "spool")).storage
+        plan = await plan_restore(client, to_time_ns=ns)
+        await apply_plan(client, plan, str(tmp_path / name), force=True)
+
+    asyncio.run(run())
+    return util_seqs(tmp_path / name)
+
+
+def test_transactions_are_stamped_when_first_seen_not_when_written(
+    tmp_path: Path, app
+) -> None:
+    d = open_db(tmp_path)
+    d.step()
+    t0 = time.time_ns()
+    commit(app, 1)
+    d.handles.sightings.take()  # what the capture (or the sighter, in a step) reads
+    t1 = time.time_ns()
+    commit(app, 2)
+    d.handles.sightings.take()
+    t2 = time.time_ns()
+    time.sleep(0.05)  # the capture comes later; the transactions keep the times they were seen
+    commit(app, 1)
+    before_step = time.time_ns()
+    res = d.step()
+    after = time.time_ns()
+    d.close()
+    assert res.transactions == 4 and len(res.objects) == 1  # grouped into one segment
+    stamps = [ns for _, ns in _segment_txns(tmp_path)]
+    assert t0 <= stamps[0] <= t1
+    assert stamps[1] == stamps[2] and t1 <= stamps[1] <= t2  # seen together
+    assert before_step <= stamps[3] <= after  # first seen by the step itself
+    assert stamps == sorted(stamps)
+    # a point in time between two sightings restores exactly what had been seen by then
+    assert _restore_at(tmp_path, stamps[0], "a.db") == [1]
+    assert _restore_at(tmp_path, stamps[1] - 1, "b.db") == [1]
+    assert _restore_at(tmp_path, stamps[1], "c.db") == [1, 2, 3]
+    assert _restore_at(tmp_path, stamps[3], "d.db") == [1, 2, 3, 4]
+
+
+def test_idle_steps_skip_work_and_still_see_every_commit(tmp_path: Path, app) -> None:
+    d = open_db(tmp_path)
+    d.step()
+    commit(app, 3)
+    assert d.step().transactions == 3
+    for _ in range(5):
+        res = d.step()
+        assert res.objects == [] and res.transactions == 0
+    for n in (1, 2, 1):
+        commit(app, n)
+        assert d.step().transactions == n
+    d.close()
     assert restored_dump(tmp_path) == dump(app)
