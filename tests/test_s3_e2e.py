@@ -434,16 +434,22 @@ def test_only_replica_with_wrong_credentials_exits(tmp_path: Path, env: dict[str
     assert s3dest.objects() == []
 
 
+def replicate_every_segment(db: Path, s3dest: S3Dest, env: dict[str, str],
+                            tmp_path: Path) -> Replicate:
+    """``replicate`` to ``s3dest`` without differential snapshots: a restore of the newest state
+    reads every segment after the first snapshot."""
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(json.dumps({"dbs": [{"path": str(db), "replicas": [s3dest.url],
+                                        "snapshot-wal-factor": 0}]}))
+    return Replicate("--config", str(cfg), log=tmp_path / "rep.log", env=env)
+
+
 def test_corrupt_or_missing_object_stops_restore(tmp_path: Path, env: dict[str, str],
                                                  s3dest: S3Dest) -> None:
     db = tmp_path / "app.db"
     init_db(str(db))
-    # no differential snapshots: the newest restore must read every segment after the first
-    # snapshot (a differential one would make the damaged ones below unnecessary)
-    cfg = tmp_path / "cfg.yml"
-    cfg.write_text(json.dumps({"dbs": [{"path": str(db), "replicas": [s3dest.url],
-                                        "snapshot-wal-factor": 0}]}))
-    rep = Replicate("--config", str(cfg), log=tmp_path / "rep.log", env=env)
+    # the newest restore must read the damaged segments below
+    rep = replicate_every_segment(db, s3dest, env, tmp_path)
     util.wait_until(s3dest.has_snapshot, 60, what="first snapshot in S3")
     w = util.start_writer(db, tmp_path / "c.log", "--count", "300", "--rate", "300")
     w.communicate(timeout=60)
@@ -645,7 +651,7 @@ async def test_restore_downloads_in_parallel_and_cleans_up(tmp_path: Path, env: 
                                                      s3dest: S3Dest) -> None:
     db = tmp_path / "app.db"
     init_db(str(db))
-    rep = Replicate(str(db), s3dest.url, log=tmp_path / "rep.log", env=env)
+    rep = replicate_every_segment(db, s3dest, env, tmp_path)  # a plan of many objects
     util.wait_until(s3dest.has_snapshot, 60, what="first snapshot in S3")
     w = util.start_writer(db, tmp_path / "c.log", "--count", "200", "--rate", "200")
     w.communicate(timeout=60)
