@@ -3,13 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 
-async def wait_any(*events: asyncio.Event, within: float | None) -> None:
-    """Return as soon as any of ``events`` is set, or after ``within`` seconds."""
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+async def wait_event(event: asyncio.Event, within: float | None) -> None:
+    """Return once ``event`` is set, or after ``within`` seconds (None: no limit). It makes
+    no task: a loop that wakes a thousand times a second waits with it, on its own wake-up
+    alone (and learns of its stop through :func:`relay`)."""
+    if event.is_set():
+        return
+    if within is None:
+        await event.wait()
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            await event.wait()
+
+
+@contextlib.asynccontextmanager
+async def relay(stop: asyncio.Event, *wakes: asyncio.Event) -> AsyncIterator[None]:
+    """While inside, ``stop`` being set sets every one of ``wakes`` too, so that a loop can wait
+    for its wake-up alone with :func:`wait_event`."""
+
+    async def forward() -> None:
+        await stop.wait()
+        for w in wakes:
+            w.set()
+
+    task = asyncio.ensure_future(forward())
     try:
-        await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        yield
     finally:
-        for w in waiters:
-            w.cancel()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from .aio import wait_any
+from .aio import wait_event
 from .errors import ReplicatorError
 from .fsutil import atomic_writer
 from .notify import FAILING, RECOVERED, Notifier
@@ -373,7 +373,7 @@ class Driller:
         while not stop.is_set():
             wait = self.next_due() - time.time()
             if wait > 0:
-                await wait_any(stop, within=min(wait, 3600.0))
+                await wait_event(stop, min(wait, 3600.0))
                 continue
             await self.run_once()  # failed or not, the next one is an interval later
 

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .aio import wait_any
+from .aio import wait_event
 from .config import DbConfig, DirConfig
 from .discovery import DirWatch
 from .metrics import Metrics
@@ -102,7 +102,7 @@ class Fleet:
                 await self._more.wait()
                 continue
             while self.runtime.open_dbs >= self.runtime.max_open and not self._stop.is_set():
-                await wait_any(self._stop, within=OPEN_WAIT)  # open databases park when idle
+                await wait_event(self._stop, OPEN_WAIT)  # open databases park when idle
             _, path = heapq.heappop(self._queue)
             cfg = self._queued.pop(path, None)
             if cfg is None:
@@ -144,6 +144,7 @@ class Fleet:
                 "failed": len(self.failed)}
 
     def _set_metrics(self) -> None:
+        self.runtime.queued = len(self._queued)
         for state, n in self.progress().items():
             self.metrics.databases.labels(state).set(n)
 

@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .aio import wait_any
+from .aio import wait_event
 from .errors import ConfigError
 from .notify import FAILING, RECOVERED, Notifier
 
@@ -279,6 +279,6 @@ class Maintainer:
         while not stop.is_set() and self.tasks:
             wait = self.next_due() - time.time()
             if wait > 0:
-                await wait_any(stop, within=min(wait, 3600.0))
+                await wait_event(stop, min(wait, 3600.0))
                 continue
             await self.run_due()

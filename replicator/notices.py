@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .aio import wait_any
+from .aio import wait_event
 from .headers import Reason
 from .notify import FAILING, NOTICE, RECOVERED, Notifier
 
@@ -103,4 +103,4 @@ class ReplicaNotices:
         """:meth:`step` every :data:`NOTICE_POLL` seconds until ``stop`` is set."""
         while not stop.is_set():
             await self.step()
-            await wait_any(stop, within=NOTICE_POLL)
+            await wait_event(stop, NOTICE_POLL)

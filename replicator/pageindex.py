@@ -20,6 +20,7 @@ being written again reads as zeros.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import time
@@ -49,6 +50,11 @@ _HASH_CHUNK = 1024
 CATCHUP_PGNO_SIZE = 4  # a catch-up body is records of (page number u32 BE, page)
 
 Hashes = npt.NDArray[np.uint64]  # shape (n, 2): the high and low 64 bits of H(p)
+
+
+@functools.cache
+def _zeros(page_size: int) -> bytes:
+    return bytes(page_size)
 
 
 def page_hash(pgno: int, page: bytes | memoryview) -> int:
@@ -101,7 +107,7 @@ class PageIndex:
         self.hashes = np.zeros((max(pages, 1), 2), dtype=np.uint64)
         self.content = 0
         self.high = pages  # no entry past this page is set
-        self._zero = bytes(page_size)
+        self._zero = _zeros(page_size)  # one per page size, shared by every index
         # while a change is pending (begin .. commit/rollback): what to put back, as
         # (page number, old entry) or (first index, old entries)
         self._undo: list[tuple[int, int | Hashes]] | None = None

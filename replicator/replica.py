@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from . import batch
-from .aio import wait_any
+from .aio import relay, wait_event
 from .compact import DEFAULT_DELETE_GRACE, Compactor, CompactResult, unlink_quiet
 from .errors import ReplicatorError
 from .headers import SegmentHeader
@@ -71,6 +71,7 @@ class Replica:
         self._errors = ErrorLog(log)
         self.failing_since = 0.0  # wall-clock time of the first error since the last success
         self.on_shipped: Callable[[], None] | None = None
+        self.on_needs_snapshot: Callable[[], None] | None = None
         self.retention: RetentionPolicy | None = None
         self._relist = False
         self.lease = Lease(client, db_name)
@@ -80,6 +81,9 @@ class Replica:
         self._debug = RateLimit(DEBUG_EVERY)
         self.limit: asyncio.Semaphore | None = None
         """Shared by the replicas of many databases: held while shipping (``run()``)."""
+        self.quiet = False
+        """Nothing can reach the spool without a wake-up (the database is parked): ``run()``
+        then has no backstop timer, only the closing of compaction windows."""
         self.compactor: Compactor | None = None
         # wall-clock times at which a window holding shipped objects closes (compaction is due
         # then, and only then: an idle destination costs no listing); 0.0: once at start
@@ -193,7 +197,9 @@ class Replica:
     async def pending(self, remote: bool = True) -> list[ObjectInfo]:
         """Spooled objects this destination does not have yet, in shipping order. With
         ``remote=False`` nothing is asked of the destination (what it holds is as last known)."""
-        objs = await asyncio.to_thread(self._spool_objects)
+        # the spool's index is in memory once read: no thread needed for it then
+        objs = (self._spool_objects() if self.spool.indexed
+                else await asyncio.to_thread(self._spool_objects))
         if remote and self._relist:
             self.known.clear()
             self._ends.clear()
@@ -250,6 +256,8 @@ class Replica:
         self._set_lag()
         if missing and not self._has_base(missing[0]):
             self.needs_snapshot = True
+            if self.on_needs_snapshot is not None:
+                self.on_needs_snapshot()
         written = 0
         snapshot_shipped = False
         if self.batch:
@@ -419,11 +427,21 @@ class Replica:
 
         self._compacting = asyncio.ensure_future(step())
 
+    def _idle_wait(self, backstop: float) -> float | None:
+        """How long ``run()`` waits for a wake-up after a successful round: ``backstop``, or
+        while :attr:`quiet` until the next compaction window closes (None: until woken)."""
+        if not self.quiet:
+            return backstop
+        if self.compactor is None or not self._compact_due:
+            return None
+        return max(0.0, min(self._compact_due) - time.time())
+
     async def run(self, stop: asyncio.Event, backstop: float = DEFAULT_BACKSTOP) -> None:
-        """Ship whenever woken (or every ``backstop`` seconds) until ``stop`` is set;
-        compaction runs beside it."""
+        """Ship whenever woken (or every ``backstop`` seconds, none while :attr:`quiet`) until
+        ``stop`` is set; compaction runs beside it."""
         try:
-            await self._run(stop, backstop)
+            async with relay(stop, self.wake):
+                await self._run(stop, backstop)
         finally:
             if self._compacting is not None:
                 await asyncio.gather(self._compacting, return_exceptions=True)
@@ -441,7 +459,7 @@ class Replica:
                 if self.fenced is not None:
                     break
                 failures = 0
-                timeout = backstop
+                timeout = self._idle_wait(backstop)
             except Exception as exc:  # noqa: BLE001 - every failure is retried with backoff
                 if self.fenced is not None:
                     break  # already counted and logged
@@ -454,7 +472,7 @@ class Replica:
                 if missing:
                     self.lag = max(0.0, time.time() - missing[0].first_ms / 1000)
                     self._set_lag()
-            await wait_any(self.wake, stop, within=timeout)
+            await wait_event(self.wake, timeout)
             self.wake.clear()
 
 

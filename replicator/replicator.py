@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from . import __version__
-from .aio import wait_any
+from .aio import relay, wait_event
 from .config import Config, DbConfig
 from .db import DEFAULT_TUNING, CaptureResult, Database, Tuning
 from .drill import DRILL_ATTEMPTS, Driller, Point
@@ -92,12 +92,14 @@ class DatabaseService:
         self.parked = False
         self._parked_sig: object = None
         self._open = False  # counted in the runtime's open databases
+        self.wake = asyncio.Event()
         self.replicas = [
             Replica(rc.name, rc.open(), self.spool, cfg.name, self.metrics)
             for rc in cfg.replicas
         ]
         for r, rc in zip(self.replicas, cfg.replicas, strict=True):
             r.on_shipped = self._schedule_prune
+            r.on_needs_snapshot = self.wake.set
             r.retention = cfg.retention_policy(rc)
             r.limit = self.runtime.uploads
             r.set_levels(cfg.compaction_levels)
@@ -114,7 +116,6 @@ class DatabaseService:
         self._tasks: set[asyncio.Task[None]] = set()
         self.report = CaptureReport(cfg.name, self.metrics, self.replicas)
         self.schedule = SnapshotSchedule(self)
-        self.wake = asyncio.Event()
         self._watcher: Watcher | None = None
         self._errors = ErrorLog(log)
         self._prune_task: asyncio.Task[None] | None = None
@@ -142,7 +143,11 @@ class DatabaseService:
         if self.health is not None:
             self.health.close()  # its next check opens a connection again
         self.parked = True
+        for r in self.replicas:
+            r.quiet = True  # nothing reaches the spool until the database opens again
+            r.wake.set()  # a round with nothing to ship, then no backstop timer
         self._mark_open(False)
+        self.runtime.release_memory()
         log.debug("%s: parked at txid %d (idle, every replica caught up)", self.cfg.name,
                   self.db.txid)
         return True
@@ -167,6 +172,8 @@ class DatabaseService:
         db.last_snapshot_ns = max(db.last_snapshot_ns, old.last_snapshot_ns)
         db.last_snapshot_txid = max(db.last_snapshot_txid, old.last_snapshot_txid)
         self.db, self.parked = db, False
+        for r in self.replicas:
+            r.quiet = False
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run a blocking method of the database on the runtime's pool, one at a time."""
@@ -355,7 +362,8 @@ class DatabaseService:
         upkeep = asyncio.create_task(self.maintainer.run(stop))
         notices = asyncio.create_task(self.notices.run(stop)) if self.notices else None
         try:
-            await self._loop(stop, self._watcher)
+            async with relay(stop, self.wake):
+                await self._loop(stop, self._watcher)
         finally:
             self.runtime.unwatch(self.cfg.path)
             await asyncio.gather(*shippers, return_exceptions=True)
@@ -370,22 +378,34 @@ class DatabaseService:
                 checks.cancel()
                 await asyncio.gather(checks, return_exceptions=True)
 
+    def _wait_for(self, watcher: Watcher, last_change: float) -> float | None:
+        """How long the loop waits for a wake-up: a moment while it follows a busy writer, none
+        while parked (only a change, which wakes it, gives it work), else until it is time to
+        park or the backstop (which looks whether a snapshot is due)."""
+        if watcher.paused:
+            return FOLLOW_POLL
+        if self.parked:
+            return None
+        timeout = self.runtime.backstop(IDLE_TIMER)
+        if self.park_after is not None:
+            park_at = last_change + self.runtime.park_delay(self.park_after)
+            timeout = min(timeout, max(0.5, park_at - time.monotonic()))
+        return timeout
+
     async def _loop(self, stop: asyncio.Event, watcher: Watcher) -> None:
         failures = 0
         last_change = time.monotonic()
         while not stop.is_set():
             if not self.wake.is_set():
-                timeout = FOLLOW_POLL if watcher.paused else self.runtime.backstop(IDLE_TIMER)
-                if self.park_after is not None and not self.parked:
-                    park_at = last_change + self.runtime.park_delay(self.park_after)
-                    timeout = min(timeout, max(0.5, park_at - time.monotonic()))
-                await wait_any(self.wake, stop, within=timeout)
+                await wait_event(self.wake, self._wait_for(watcher, last_change))
             if stop.is_set():
                 break
             woken = self.wake.is_set() or watcher.paused
             self.wake.clear()
             try:
-                if woken and self.parked and not await self._changed_since_parked():
+                wanted = any(r.needs_snapshot for r in self.replicas)
+                if (woken and self.parked and not wanted
+                        and not await self._changed_since_parked()):
                     continue  # its own closing, or a look at the files: nothing was written
                 if woken:
                     await self.unpark()
@@ -413,7 +433,7 @@ class DatabaseService:
             except Exception as exc:  # noqa: BLE001 - logged, counted, retried
                 self._record_error("capture", exc)
                 failures += 1
-                await wait_any(stop, within=CAPTURE_RETRY.delay(failures))
+                await wait_event(stop, CAPTURE_RETRY.delay(failures))
 
     async def _bounded(
         self, final: Coroutine[Any, Any, None], grace: float, skip: asyncio.Event | None
@@ -474,6 +494,8 @@ class DatabaseService:
             await r.aclose()
         if self._own_runtime:
             await self.runtime.aclose()
+        else:
+            self.runtime.release_memory()
 
     def status(self) -> dict[str, Any]:
         """The database's state for ``/status`` (call from the event loop)."""

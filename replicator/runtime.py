@@ -5,13 +5,18 @@ Nothing here grows a thread per database. The pool has ``workers`` threads whate
 databases (each database's work is serialized by its own lock, as its SQLite connections
 require); the watcher has one thread per watched directory tree; timers are jittered so that a
 thousand databases started together do not wake together. The backstop for missed file events
-is one job a tick that stats every watched database (its file and ``-wal``) and wakes only those
-that changed, instead of a capture step per database per tick.
+is one job a tick that stats the watched databases that are due (their file and ``-wal``) and
+wakes only those that changed, instead of a capture step per database per tick; with file events
+working it looks at no more than ``BACKSTOP_STATS`` databases a second, so an idle fleet of any
+size costs next to nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import ctypes.util
 import os
 import random
 import resource
@@ -20,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from .watcher import FileEvents
+from .watcher import FileEvents, file_events
 
 T = TypeVar("T")
 
@@ -32,11 +37,19 @@ DEFAULT_TICK = 1.0
 JITTER = 0.2
 # descriptors an open (unparked) database may hold: its connections, -wal/-shm, spool work
 FDS_PER_OPEN_DB = 12
-# with more than half of the open budget in use, idle databases park after this many seconds
+# with databases waiting to open and more than half of the open budget in use, idle databases
+# park after this many seconds
 CROWDED_PARK_AFTER = 2.0
 # timer backstops (e.g. a replica's) are stretched so that all of them together wake at most
 # this often a second
 BACKSTOP_RATE = 20.0
+# the stat backstop looks at most this many databases a second whose changes file events report
+# (a database without a file watch is looked at every monitor-interval, however many there are)
+BACKSTOP_STATS = 100.0
+
+# freed memory is handed back to the system this many seconds after a database closed (once for
+# a burst of them)
+TRIM_DELAY = 2.0
 
 # (inode, size, mtime_ns) of a database file and of its -wal
 _Sig = tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]
@@ -70,6 +83,18 @@ def open_budget() -> int:
     return max(16, (soft - 256) // FDS_PER_OPEN_DB)
 
 
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)`` (None elsewhere): it hands the freed parts of the heap back
+    to the system, which glibc otherwise keeps (a closed SQLite connection's caches among
+    them: without it a thousand parked databases hold hundreds of MiB they no longer use)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return lambda: trim(0)
+
+
 def jitter(seconds: float, spread: float = JITTER) -> float:
     """``seconds`` give or take ``spread`` of it, at random."""
     return seconds * random.uniform(1 - spread, 1 + spread)
@@ -85,7 +110,7 @@ class Runtime:
         self.health = ThreadPoolExecutor(DEFAULT_HEALTH_WORKERS,
                                          thread_name_prefix="replicator-health")
         """Health checks' pool: a long integrity check never holds a capture worker."""
-        self.events = FileEvents()
+        self.events: FileEvents = file_events()
         self.snapshots = asyncio.Semaphore(snapshots)
         """Held while a snapshot is written (and while a database opens, which may take one)."""
         self.uploads = asyncio.Semaphore(uploads)
@@ -97,17 +122,35 @@ class Runtime:
         """Databases of ``dir:`` entries wait to open while this many are open."""
         self.open_dbs = 0
         """Databases open now (not parked)."""
+        self.queued = 0
+        """Databases of ``dir:`` entries waiting to open."""
         self._watched: dict[str, tuple[asyncio.Event, float]] = {}
         self._sigs: dict[str, _Sig] = {}
         self._due: dict[str, float] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self._trim = _malloc_trim()
+        self._trimming: asyncio.Task[None] | None = None
 
     def park_delay(self, park_after: float) -> float:
-        """How long an idle database waits before it parks: shorter while many are open."""
-        if self.open_dbs * 2 >= self.max_open:
+        """How long an idle database waits before it parks: shorter while others wait to open
+        and many are open (parking is cheap, but opening again costs a little: a database that
+        pauses a few seconds between commits stays open while nothing waits)."""
+        if self.queued and self.open_dbs * 2 >= self.max_open:
             return min(park_after, CROWDED_PARK_AFTER)
         return park_after
+
+    def release_memory(self) -> None:
+        """A database closed its connections: hand the memory they freed back to the system
+        soon (one trim for all that close within ``TRIM_DELAY``; nothing where there is no
+        glibc)."""
+        if self._trim is None or (self._trimming is not None and not self._trimming.done()):
+            return
+        self._trimming = asyncio.ensure_future(self._trim_later(self._trim))
+
+    async def _trim_later(self, trim: Callable[[], object]) -> None:
+        await asyncio.sleep(TRIM_DELAY)
+        await self.call(trim)
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run blocking ``fn(*args)`` on the pool."""
@@ -152,8 +195,12 @@ class Runtime:
         due = [p for p, t in self._due.items() if t <= now]
         if not due:
             return 0
+        spread = len(self._watched) / BACKSTOP_STATS
         for p in due:
-            self._due[p] = now + jitter(self._watched[p][1], JITTER / 2)
+            interval = self._watched[p][1]
+            if self.events.watching(p):
+                interval = max(interval, spread)
+            self._due[p] = now + jitter(interval, JITTER / 2)
         changed = await self.call(self._changed, due)
         for p in changed:
             entry = self._watched.get(p)
@@ -175,6 +222,10 @@ class Runtime:
         self._stop.set()
         if self._ticker is not None:
             await asyncio.gather(self._ticker, return_exceptions=True)
+        if self._trimming is not None:
+            self._trimming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._trimming
         self.events.stop()
         self.health.shutdown(wait=False)  # a check in progress is interrupted by its checker
         await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)

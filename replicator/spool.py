@@ -110,6 +110,11 @@ class Spool:
                 self._headers.popitem(last=False)
         return out
 
+    @property
+    def indexed(self) -> bool:
+        """Whether the index is in memory (listing then touches no file)."""
+        return self._index is not None
+
     def generations(self) -> list[str]:
         """Generations in the spool, oldest first."""
         with self._lock:

@@ -1,13 +1,15 @@
-"""File-change wake-ups: one watchdog observer for every database and watched directory.
+"""File-change wake-ups: one file watcher for every database and watched directory.
 
 Events only wake the sync loops; they carry no data. The loops also have a timer backstop, so a
 missed event costs latency, never correctness. A busy writer makes two file events per WAL frame;
 while commits keep coming a loop follows the WAL on its own and :meth:`Watcher.pause` drops its
 events (they would only cost CPU), then :meth:`Watcher.resume` takes them again once it is quiet.
 
-:class:`FileEvents` is the one observer of a process: one inotify watch per directory, whatever
-the number of databases in it (one per tree for a recursive directory entry), and one thread per
-watch, so thousands of databases do not mean thousands of threads.
+:class:`FileEvents` is the one watcher of a process: one watch per directory, whatever the number
+of databases in it. On Linux it is inotify read by the event loop itself (:class:`InotifyEvents`:
+no thread at all, and a recursive directory entry watches only the directories that can hold its
+databases, not the hidden spools beside them, so the spools' own writes cost nothing); elsewhere
+a watchdog observer (:class:`WatchdogEvents`: one thread per watch, one watch per tree).
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from . import inotify as ino
+
 log = logging.getLogger(__name__)
 
 _WAKE_TYPES = {"modified", "created", "deleted", "moved"}
 # what a directory listener is told: (path, event type), on the event loop
 TreeCallback = Callable[[str, str], None]
+# which file paths of a tree its listener wants
+TreeMatch = Callable[[str], bool]
 
 
 class _Target:
@@ -44,18 +50,282 @@ class _Target:
         self.event.set()
 
 
-class FileEvents(FileSystemEventHandler):
+class FileEvents:
     """The process's one file watcher: databases register their paths, directory entries their
-    trees; events are handed to the event loop thread-safely."""
+    trees. Every method is called on the event loop; wake-ups and listeners run there too."""
 
     def __init__(self) -> None:
+        self._targets: dict[str, _Target] = {}
+
+    def start(self) -> None:
+        """Start watching (from the event loop; again after :meth:`stop` is fine)."""
+
+    def stop(self) -> None:
+        """Stop watching and forget every watch."""
+
+    def add_db(self, db_path: str, event: asyncio.Event) -> _Target:
+        """Wake ``event`` when ``db_path`` or its ``-wal`` changes."""
+        target = _Target(event)
+        self._targets[db_path] = target
+        self._targets[db_path + "-wal"] = target
+        return target
+
+    def remove_db(self, db_path: str) -> None:
+        """Forget ``db_path`` (its directory's watch goes with its last user)."""
+        self._targets.pop(db_path, None)
+        self._targets.pop(db_path + "-wal", None)
+
+    def watching(self, db_path: str) -> bool:
+        """Whether file events report changes to ``db_path`` (its directory is watched)."""
+        raise NotImplementedError
+
+    def add_tree(self, root: str, recursive: bool, match: TreeMatch,
+                 callback: TreeCallback) -> None:
+        """Tell ``callback`` about every created, modified, deleted or moved file under ``root``
+        (below its hidden directories: never) that ``match`` accepts and no database is
+        registered for, and about the deletion of those that are."""
+        raise NotImplementedError
+
+    def remove_tree(self, root: str) -> None:
+        """Stop telling about ``root``."""
+        raise NotImplementedError
+
+
+def file_events() -> FileEvents:
+    """The best watcher this system has: inotify on the event loop, else watchdog."""
+    inotify = ino.open_inotify()
+    return InotifyEvents(inotify) if inotify is not None else WatchdogEvents()
+
+
+class _Dir:
+    """A watched directory: its watch, how many databases in it are registered, and the trees
+    it belongs to."""
+
+    __slots__ = ("path", "trees", "users", "wd")
+
+    def __init__(self, path: str, wd: int) -> None:
+        self.path = path
+        self.wd = wd
+        self.users = 0
+        self.trees: set[str] = set()
+
+
+class InotifyEvents(FileEvents):
+    """inotify, read by the event loop when its descriptor is readable: no thread, no hand-over
+    between threads, one watch per directory that holds a database or may hold one."""
+
+    def __init__(self, inotify: ino.Inotify) -> None:
+        super().__init__()
+        self._ino: ino.Inotify | None = inotify
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dirs: dict[str, _Dir] = {}
+        self._wds: dict[int, _Dir] = {}
+        self._trees: dict[str, tuple[bool, TreeMatch, TreeCallback]] = {}
+
+    def start(self) -> None:
+        """Start reading events on the running loop."""
+        if self._loop is not None:
+            return
+        if self._ino is None:
+            self._ino = ino.open_inotify()
+            if self._ino is None:
+                raise OSError("inotify is no longer available")
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._ino.fd, self._on_readable)
+
+    def stop(self) -> None:
+        """Stop reading and close the descriptor (every watch goes with it)."""
+        loop, self._loop = self._loop, None
+        inotify, self._ino = self._ino, None
+        if loop is not None and inotify is not None and not loop.is_closed():
+            loop.remove_reader(inotify.fd)
+        if inotify is not None:
+            inotify.close()
+        self._dirs.clear()
+        self._wds.clear()
+        self._trees.clear()
+
+    def _watch(self, directory: str) -> _Dir | None:
+        d = self._dirs.get(directory)
+        if d is not None:
+            return d
+        assert self._ino is not None
+        try:
+            wd = self._ino.add_watch(directory)
+        except OSError as exc:  # the timer backstop still applies
+            log.warning("cannot watch %s for changes: %s", directory, exc.strerror)
+            return None
+        d = self._wds.get(wd)  # the same directory under another name
+        if d is None:
+            d = self._wds[wd] = _Dir(directory, wd)
+        self._dirs[directory] = d
+        return d
+
+    def _release(self, d: _Dir) -> None:
+        if d.users > 0 or d.trees:
+            return
+        self._forget(d)
+        if self._ino is not None:
+            self._ino.rm_watch(d.wd)
+
+    def _forget(self, d: _Dir) -> None:
+        self._wds.pop(d.wd, None)
+        for path in [p for p, x in self._dirs.items() if x is d]:
+            del self._dirs[path]
+
+    def add_db(self, db_path: str, event: asyncio.Event) -> _Target:
+        """Wake ``event`` when ``db_path`` or its ``-wal`` changes."""
+        self.start()
+        target = super().add_db(db_path, event)
+        d = self._watch(os.path.dirname(db_path))
+        if d is not None:
+            d.users += 1
+        return target
+
+    def remove_db(self, db_path: str) -> None:
+        """Forget ``db_path`` (its directory's watch goes with its last user)."""
+        if db_path not in self._targets:
+            return
+        super().remove_db(db_path)
+        d = self._dirs.get(os.path.dirname(db_path))
+        if d is not None:
+            d.users -= 1
+            self._release(d)
+
+    def watching(self, db_path: str) -> bool:
+        """Whether file events report changes to ``db_path`` (its directory is watched)."""
+        return os.path.dirname(db_path) in self._dirs
+
+    def add_tree(self, root: str, recursive: bool, match: TreeMatch,
+                 callback: TreeCallback) -> None:
+        """See :meth:`FileEvents.add_tree` (the directories are watched one by one)."""
+        self.start()
+        self._trees[root] = (recursive, match, callback)
+        self._grow(root, root, report=False)
+
+    def remove_tree(self, root: str) -> None:
+        """Stop telling about ``root``."""
+        if self._trees.pop(root, None) is None:
+            return
+        for d in list(self._wds.values()):
+            if root in d.trees:
+                d.trees.discard(root)
+                self._release(d)
+
+    def _grow(self, root: str, top: str, report: bool) -> None:
+        """Watch ``top`` and (for a recursive tree) its directories below, as part of the tree
+        ``root``; with ``report``, tell the files already in them as created (they may have been
+        written before the watch was there)."""
+        recursive, match, callback = self._trees[root]
+        for path, dirs, files in os.walk(top):
+            dirs[:] = [x for x in dirs if not x.startswith(".")] if recursive else []
+            d = self._watch(path)
+            if d is not None:
+                d.trees.add(root)
+            for name in files if report else ():
+                file = os.path.join(path, name)
+                if match(file):
+                    callback(file, "created")
+
+    def _on_readable(self) -> None:
+        if self._ino is None:
+            return
+        for ev in self._ino.read():
+            try:
+                self._dispatch(ev)
+            except Exception:  # a listener's bug must not stop the watcher
+                log.exception("file event %s dispatch failed", ev)
+
+    def _dispatch(self, ev: ino.InotifyEvent) -> None:
+        if ev.mask & ino.IN_Q_OVERFLOW:
+            self._overflow()
+            return
+        d = self._wds.get(ev.wd)
+        if d is None:
+            return
+        if ev.mask & ino.IN_IGNORED:
+            self._forget(d)  # the directory is gone
+            return
+        if not ev.name:
+            return
+        path = os.path.join(d.path, ev.name)
+        if ev.mask & ino.IN_ISDIR:
+            self._dir_event(d, path, ev.mask)
+            return
+        kind = _kind(ev.mask)
+        target = self._targets.get(path)
+        if target is not None and not target.paused:
+            target.event.set()
+        if d.trees and (target is None or kind in ("deleted", "moved")):
+            for root in list(d.trees):
+                _, match, callback = self._trees[root]
+                if match(path):
+                    callback(path, kind)
+
+    def _dir_event(self, d: _Dir, path: str, mask: int) -> None:
+        """A directory created or moved in (watched, if a recursive tree wants it) or moved
+        away."""
+        if mask & (ino.IN_CREATE | ino.IN_MOVED_TO):
+            if not os.path.basename(path).startswith("."):
+                for root in list(d.trees):
+                    if self._trees[root][0]:
+                        self._grow(root, path, report=True)
+        elif mask & ino.IN_MOVED_FROM:
+            self._moved_away(path)
+
+    def _moved_away(self, directory: str) -> None:
+        """A directory moved away: its watches would report under a wrong name; the databases
+        in it are gone from here (and its new place, if watched, reports them as created)."""
+        prefix = directory + os.sep
+        for d in list(self._wds.values()):
+            if d.path == directory or d.path.startswith(prefix):
+                d.users, d.trees = 0, set()
+                self._release(d)
+        for path in [p for p in self._targets if p.startswith(prefix)]:
+            for root, (_, match, callback) in list(self._trees.items()):
+                if path.startswith(root + os.sep) and match(path):
+                    callback(path, "moved")
+
+    def _overflow(self) -> None:
+        """Events were lost: wake every database and tell every tree's files as modified."""
+        log.warning("file events were lost (inotify queue overflow); looking at every database")
+        for target in list(self._targets.values()):
+            if not target.paused:
+                target.event.set()
+        for root in list(self._trees):
+            _, match, callback = self._trees[root]
+            recursive = self._trees[root][0]
+            for path, dirs, files in os.walk(root):
+                dirs[:] = [x for x in dirs if not x.startswith(".")] if recursive else []
+                for name in files:
+                    file = os.path.join(path, name)
+                    if match(file) and file not in self._targets:
+                        callback(file, "modified")
+
+
+def _kind(mask: int) -> str:
+    """What an inotify event on a file is called here (watchdog's event types)."""
+    if mask & (ino.IN_CREATE | ino.IN_MOVED_TO):
+        return "created"
+    if mask & ino.IN_DELETE:
+        return "deleted"
+    if mask & ino.IN_MOVED_FROM:
+        return "moved"
+    return "modified"
+
+
+class WatchdogEvents(FileEvents, FileSystemEventHandler):
+    """A watchdog observer (where there is no inotify): events are handed to the event loop
+    thread-safely."""
+
+    def __init__(self) -> None:
+        FileEvents.__init__(self)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._observer: Any = None
         self._lock = threading.Lock()
-        self._targets: dict[str, _Target] = {}
         self._dirs: dict[str, tuple[Any, int]] = {}  # directory -> (watch, users)
         # root -> (watch, which paths it wants, callback)
-        self._trees: dict[str, tuple[Any, Callable[[str], bool], TreeCallback]] = {}
+        self._trees: dict[str, tuple[Any, TreeMatch, TreeCallback]] = {}
 
     def start(self) -> None:
         """Start the observer (from the event loop; again after :meth:`stop` is fine)."""
@@ -80,13 +350,16 @@ class FileEvents(FileSystemEventHandler):
         return any(directory == root or directory.startswith(root + os.sep)
                    for root in self._trees)
 
+    def watching(self, db_path: str) -> bool:
+        """Whether file events report changes to ``db_path`` (its directory is watched)."""
+        directory = os.path.dirname(db_path)
+        return directory in self._dirs or self._covered(directory)
+
     def add_db(self, db_path: str, event: asyncio.Event) -> _Target:
         """Wake ``event`` when ``db_path`` or its ``-wal`` changes."""
         self.start()
-        target = _Target(event)
         with self._lock:
-            self._targets[db_path] = target
-            self._targets[db_path + "-wal"] = target
+            target = super().add_db(db_path, event)
         directory = os.path.dirname(db_path)
         if self._covered(directory):
             return target
@@ -103,8 +376,7 @@ class FileEvents(FileSystemEventHandler):
     def remove_db(self, db_path: str) -> None:
         """Forget ``db_path`` (its directory's watch goes with its last database)."""
         with self._lock:
-            self._targets.pop(db_path, None)
-            self._targets.pop(db_path + "-wal", None)
+            super().remove_db(db_path)
         directory = os.path.dirname(db_path)
         watch, users = self._dirs.get(directory, (None, 0))
         if watch is None:
@@ -115,11 +387,9 @@ class FileEvents(FileSystemEventHandler):
         del self._dirs[directory]
         self._unschedule(watch)
 
-    def add_tree(self, root: str, recursive: bool, match: Callable[[str], bool],
+    def add_tree(self, root: str, recursive: bool, match: TreeMatch,
                  callback: TreeCallback) -> None:
-        """Tell ``callback`` about every created, modified, deleted or moved path under
-        ``root`` that ``match`` accepts (called in the observer's thread) and no database is
-        registered for, and about the deletion of those that are."""
+        """See :meth:`FileEvents.add_tree` (``match`` is called in the observer's thread)."""
         self.start()
         watch = self._observer.schedule(self, root, recursive=recursive)
         self._trees[root] = (watch, match, callback)
@@ -166,8 +436,14 @@ class FileEvents(FileSystemEventHandler):
 
     def _tell_trees(self, path: str, kind: str) -> None:
         for root, (_, match, callback) in list(self._trees.items()):
-            if path.startswith(root + os.sep) and match(path):
+            if path.startswith(root + os.sep) and match(path) and not _hidden(root, path):
                 self._call(callback, path, kind)
+
+
+def _hidden(root: str, path: str) -> bool:
+    """Whether ``path`` is below a hidden directory of ``root``."""
+    parts = path[len(root) + 1:].split(os.sep)
+    return any(p.startswith(".") for p in parts[:-1])
 
 
 class Watcher:
@@ -179,7 +455,7 @@ class Watcher:
         self.db_path = os.path.abspath(db_path)
         self.event = event
         self._own = events is None
-        self._events = events if events is not None else FileEvents()
+        self._events = events if events is not None else file_events()
         self._target: _Target | None = None
 
     @property
@@ -188,7 +464,7 @@ class Watcher:
         return self._target is not None and self._target.paused
 
     def start(self) -> None:
-        """Register with the observer (started on first use)."""
+        """Register with the watcher (started on first use)."""
         self._target = self._events.add_db(self.db_path, self.event)
 
     def pause(self) -> None:
@@ -202,7 +478,7 @@ class Watcher:
             self._target.paused = False
 
     def stop(self) -> None:
-        """Unregister (and stop the observer if it is this watcher's own)."""
+        """Unregister (and stop the watcher if it is this watcher's own)."""
         if self._target is not None:
             self._target = None
             self._events.remove_db(self.db_path)

@@ -10,17 +10,22 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import util
+from faultproxy import FaultProxy
+from s3fixtures import TEST_REGION, S3Server
 from util import commit, free_port
 from writer import init_db
 
 from replicator.config import DbConfig, ReplicaConfig, parse_config
 from replicator.discovery import EMPTY, classify, find_db, matches, scan, sub_url
 from replicator.errors import ConfigError
+from replicator.pos import parse_key
 from replicator.replicator import DatabaseService, Replicator
+from replicator.storage.s3 import S3Storage
 
 
 def _config(tmp_path: Path, root: Path, dest: Path, port: int | None = None,
@@ -318,3 +323,62 @@ async def test_open_budget_parks_idle_databases_to_open_the_next(tmp_path: Path)
         out = tmp_path / "out" / name
         util.restore(str(dest / name), out)
         assert util.dump(out) == util.dump(root / name)
+
+
+@pytest.mark.s3
+async def test_idle_fleet_makes_no_requests_and_a_write_wakes_its_database(
+        tmp_path: Path, seaweedfs_server: S3Server, s3_url_factory: Callable[..., str]) -> None:
+    root = tmp_path / "tenants"
+    names = [f"g{i % 3}/t{i}.db" for i in range(12)]
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        init_db(str(root / name))
+        commit(root / name, 1 + i % 3)
+    bucket = S3Storage.from_url(s3_url_factory("seaweedfs")).bucket
+    woken = names[4]
+
+    def shipped_txid() -> int:
+        prefix = f"t/{woken}/"
+        infos = [parse_key(k[len(prefix):]) for k in seaweedfs_server.keys(bucket)
+                 if k.startswith(prefix)]
+        return max((i.end_txid for i in infos if i is not None), default=0)
+
+    with FaultProxy(("127.0.0.1", seaweedfs_server.port)) as proxy:
+        url = (f"s3://{bucket}/t?endpoint={proxy.endpoint}&region={TEST_REGION}"
+               "&force_path_style=true")
+        # compaction off: it follows the last writes with a listing as each level's window
+        # closes, which is bounded work, not polling
+        cfg = parse_config({"dbs": [{"dir": str(root), "recursive": True, "integrity": "off",
+                                     "compaction-levels": [],
+                                     "replicas": [{"name": "s3", "url": url}]}]})
+        rep = Replicator(cfg)
+        rep.runtime.park_after = 0.2
+        stop = asyncio.Event()
+        task = asyncio.create_task(rep.run(stop))
+        try:
+            def all_parked() -> bool:
+                services = list(rep.fleet.services.values())
+                return len(services) == len(names) and all(s.parked for s in services)
+
+            await util.until(all_parked, "every database replicated and parked")
+            loop = asyncio.get_running_loop()
+            before = proxy.client_bytes, proxy.connections
+            await asyncio.sleep(3)
+            assert (proxy.client_bytes, proxy.connections) == before, "requests while idle"
+            # nothing of a database wakes within the next minute (a few timers of the process,
+            # and an hourly look at the maintenance schedule)
+            soon = [h for h in loop._scheduled  # type: ignore[attr-defined]
+                    if not h.cancelled() and h.when() < loop.time() + 60]
+            assert len(soon) < len(names) // 2, soon
+            txid = shipped_txid()
+            w = util.start_writer(root / woken, tmp_path / "w.log", "--count", "5")
+            await asyncio.to_thread(w.communicate, timeout=60)
+            # shipped as WAL segments, or as one catch-up when the WAL restarted while the
+            # database was parked: the restore below has every commit either way
+            await util.until(lambda: shipped_txid() > txid, "the parked database's commits")
+        finally:
+            stop.set()
+            await task
+    out = tmp_path / "out.db"
+    await asyncio.to_thread(util.restore, seaweedfs_server.url(bucket, f"t/{woken}"), out)
+    assert util.dump(out) == util.dump(root / woken)

@@ -230,6 +230,16 @@ def wait_until(pred: Callable[[], bool], timeout: float = 30, interval: float = 
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def until(pred: Callable[[], bool], what: str, within: float = 120) -> None:
+    """``wait_until`` for async tests: poll ``pred`` without blocking the event loop."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def restore(dest: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """``replicator restore DEST -o OUT ...``; asserts success."""
     r = cli("restore", dest, "-o", str(out), *extra)
