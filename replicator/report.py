@@ -54,6 +54,14 @@ class CaptureReport:
                            m.replica_shipped_bytes):
                 family.labels(name, r.name)
 
+    def counted(self, res: CaptureResult) -> None:
+        """Count the transactions and frames ``res`` captured (a step's, or what a snapshot
+        captured before it was taken)."""
+        if res.transactions:
+            m, name = self.metrics, self.name
+            m.captured_transactions.labels(name).inc(res.transactions)
+            m.captured_frames.labels(name).inc(res.frames)
+
     def captured(self, db: Database, res: CaptureResult, seconds: float,
                  sizes: tuple[int, int]) -> None:
         """Record a capture step that took ``seconds``; ``sizes``: the database's and the
@@ -66,9 +74,7 @@ class CaptureReport:
             self._debug_counts = [0, 0]
         m, name = self.metrics, self.name
         m.capture_seconds.labels(name).observe(seconds)
-        if res.transactions:
-            m.captured_transactions.labels(name).inc(res.transactions)
-            m.captured_frames.labels(name).inc(res.frames)
+        self.counted(res)
         if res.new_generation:
             m.generation_changes.labels(name, res.new_generation).inc()
             self.snapshot_taken(db)

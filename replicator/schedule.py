@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from .diffsnap import DEFAULT_DIFF_MAX
 from .pos import ObjectInfo
 from .progress import CaptureResult
 from .wal import FRAME_HEADER_SIZE
@@ -62,12 +63,14 @@ class SnapshotSchedule:
             return False
         if not needed and s.db.last_snapshot_txid == s.db.txid:
             return False  # nothing changed since the last snapshot
+        res = CaptureResult()  # what the snapshot captures first is counted like any capture
         async with s.runtime.snapshots:
             diff = None
             if heavy and not (needed or interval):
-                diff = await s.call(s.db.diff_snapshot)
+                diff = await s.call(s.db.diff_snapshot, DEFAULT_DIFF_MAX, res)
             if diff is None:
-                await s.call(s.db.snapshot)
+                await s.call(s.db.snapshot, res)
+        s.report.counted(res)
         self._wal_since_snapshot = 0
         for r in s.replicas:
             r.needs_snapshot = False
@@ -81,7 +84,9 @@ class SnapshotSchedule:
         s = self.service
         await s.awake()
         await s.sync()
-        info = await s.call(s.db.snapshot)
+        res = CaptureResult()
+        info = await s.call(s.db.snapshot, res)
+        s.report.counted(res)
         for r in s.replicas:
             r.wake.set()
         s.report.snapshot_taken(s.db)
