@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from enum import Enum
+from typing import Any
 
 
 async def wait_event(event: asyncio.Event, within: float | None) -> None:
@@ -37,3 +39,33 @@ async def relay(stop: asyncio.Event, *wakes: asyncio.Event) -> AsyncIterator[Non
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class Outcome(Enum):
+    """How :func:`bounded` ended."""
+
+    DONE = "done"
+    SKIPPED = "skipped"
+    LATE = "late"
+
+
+async def bounded(
+    work: Coroutine[Any, Any, None], grace: float, skip: asyncio.Event | None
+) -> Outcome:
+    """Run ``work`` until it is done, ``grace`` seconds pass or ``skip`` is set (whichever
+    comes first; the work is then cancelled). Re-raises what the work raised."""
+    task = asyncio.ensure_future(work)
+    skipping = asyncio.ensure_future((skip or asyncio.Event()).wait())
+    in_time = False
+    try:
+        done, _ = await asyncio.wait({task, skipping}, timeout=grace,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        in_time = task in done
+    finally:
+        for t in (skipping, task):
+            t.cancel()
+        await asyncio.gather(skipping, task, return_exceptions=True)
+    if in_time:
+        task.result()  # re-raises what failed
+        return Outcome.DONE
+    return Outcome.SKIPPED if skip is not None and skip.is_set() else Outcome.LATE

@@ -4,8 +4,9 @@ compacts, the segments its first level will merge soon (so that it need not down
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from .pageindex import IndexKeeper
 from .replica import Replica
@@ -41,3 +42,39 @@ def prune_spool(spool: Spool, keeper: IndexKeeper, replicas: Sequence[Replica],
         spool.delete(drop)
         if not newest_gen and len(drop) == len(objs):
             spool.delete_generation(gen)
+
+
+class PruneSchedule:
+    """Runs ``prune`` soon after each :meth:`soon`, at most every ``every`` seconds (a busy
+    database ships every few milliseconds, and a prune looks at every spooled object)."""
+
+    def __init__(self, prune: Callable[[], Awaitable[None]], every: float) -> None:
+        self._prune = prune
+        self._every = every
+        self._task: asyncio.Task[None] | None = None
+        self._waiting = False
+        self._pruned_at = 0.0
+
+    def soon(self) -> None:
+        """Prune soon (once, however often it is asked before that)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._after_wait())
+
+    async def _after_wait(self) -> None:
+        wait = self._pruned_at + self._every - time.monotonic()
+        if wait > 0:
+            self._waiting = True
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                self._waiting = False
+        self._pruned_at = time.monotonic()
+        await self._prune()
+
+    async def stop(self) -> None:
+        """Drop a prune that is waiting for its turn; let one that runs finish."""
+        task = self._task
+        if task is not None and not task.done():
+            if self._waiting:
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -14,11 +14,11 @@ import os
 import platform
 import sqlite3
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from . import __version__
-from .aio import relay, wait_event
+from .aio import Outcome, bounded, relay, wait_event
 from .config import Config, DbConfig
 from .db import DEFAULT_TUNING, CaptureResult, Database, Tuning
 from .drill import DRILL_ATTEMPTS, Driller, Point
@@ -30,7 +30,7 @@ from .metrics import Metrics, create_metrics
 from .notices import NoticeThresholds, ReplicaNotices
 from .notify import Notifier
 from .pos import ObjectInfo
-from .pruning import keep_recent_ms, prune_spool
+from .pruning import PruneSchedule, keep_recent_ms, prune_spool
 from .replica import DEFAULT_BACKSTOP, Replica
 from .report import SUMMARY_EVERY as SUMMARY_EVERY
 from .report import CaptureReport, iso, service_status
@@ -93,12 +93,13 @@ class DatabaseService:
         self._parked_sig: object = None
         self._open = False  # counted in the runtime's open databases
         self.wake = asyncio.Event()
+        self.pruning = PruneSchedule(self.prune_spool, PRUNE_EVERY)
         self.replicas = [
             Replica(rc.name, rc.open(), self.spool, cfg.name, self.metrics)
             for rc in cfg.replicas
         ]
         for r, rc in zip(self.replicas, cfg.replicas, strict=True):
-            r.on_shipped = self._schedule_prune
+            r.on_shipped = self.pruning.soon
             r.on_needs_snapshot = self.wake.set
             r.retention = cfg.retention_policy(rc)
             r.limit = self.runtime.uploads
@@ -118,9 +119,6 @@ class DatabaseService:
         self.schedule = SnapshotSchedule(self)
         self._watcher: Watcher | None = None
         self._errors = ErrorLog(log)
-        self._prune_task: asyncio.Task[None] | None = None
-        self._prune_waiting = False
-        self._pruned_at = 0.0
         self.last_capture = 0.0
 
     def _database(self) -> Database:
@@ -308,31 +306,6 @@ class DatabaseService:
         raise ReplicatorError(f"{self.cfg.name}: the database never stopped changing long "
                               "enough to read it at the captured txid")
 
-    def _schedule_prune(self) -> None:
-        """Prune the spool soon: at most every PRUNE_EVERY seconds (a busy database ships
-        every few milliseconds, and a prune looks at every spooled object)."""
-        if self._prune_task is None or self._prune_task.done():
-            self._prune_task = asyncio.ensure_future(self._prune_soon())
-
-    async def _prune_soon(self) -> None:
-        wait = self._pruned_at + PRUNE_EVERY - time.monotonic()
-        if wait > 0:
-            self._prune_waiting = True
-            try:
-                await asyncio.sleep(wait)
-            finally:
-                self._prune_waiting = False
-        self._pruned_at = time.monotonic()
-        await self.prune_spool()
-
-    async def _stop_pruning(self) -> None:
-        """Drop a prune that is waiting for its turn; let one that runs finish."""
-        task = self._prune_task
-        if task is not None and not task.done():
-            if self._prune_waiting:
-                task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
     async def prune_spool(self) -> None:
         """Drop spooled objects every replica has (see :mod:`replicator.pruning`)."""
         keep_ms = keep_recent_ms(self.replicas)
@@ -435,28 +408,6 @@ class DatabaseService:
                 failures += 1
                 await wait_event(stop, CAPTURE_RETRY.delay(failures))
 
-    async def _bounded(
-        self, final: Coroutine[Any, Any, None], grace: float, skip: asyncio.Event | None
-    ) -> None:
-        """Run the final sync until it is done, ``grace`` seconds pass or ``skip`` is set."""
-        task = asyncio.ensure_future(final)
-        skipping = asyncio.ensure_future((skip or asyncio.Event()).wait())
-        in_time = False
-        try:
-            done, _ = await asyncio.wait({task, skipping}, timeout=grace,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            in_time = task in done
-        finally:
-            for t in (skipping, task):
-                t.cancel()
-            await asyncio.gather(skipping, task, return_exceptions=True)
-        if in_time:
-            task.result()  # re-raises what failed
-        elif skip is not None and skip.is_set():
-            log.warning("%s: final sync skipped", self.cfg.name)
-        else:
-            log.error("%s: final sync did not finish within %.1fs", self.cfg.name, grace)
-
     async def close(self, grace: float, skip: asyncio.Event | None = None) -> None:
         """Final capture and ship within ``grace`` seconds (none once ``skip`` is set), then
         release everything."""
@@ -477,15 +428,19 @@ class DatabaseService:
 
             # concurrently: a destination that is down cannot use up the others' time budget
             await asyncio.gather(*(ship(r) for r in self.replicas))
-            await self._stop_pruning()
+            await self.pruning.stop()
             await self.prune_spool()
             log.info("%s: stopped after final sync at txid %d", self.cfg.name, self.db.txid)
 
         try:
-            await self._bounded(final(), grace, skip)
+            outcome = await bounded(final(), grace, skip)
+            if outcome is Outcome.SKIPPED:
+                log.warning("%s: final sync skipped", self.cfg.name)
+            elif outcome is Outcome.LATE:
+                log.error("%s: final sync did not finish within %.1fs", self.cfg.name, grace)
         except Exception as exc:  # noqa: BLE001 - shutdown goes on; the error is logged
             self._record_error("final sync", exc)
-        await self._stop_pruning()
+        await self.pruning.stop()
         if self.health is not None:
             self.health.close()
         await self.call(self.db.close)
