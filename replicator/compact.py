@@ -195,6 +195,41 @@ def thin_diffs(objects: list[ObjectInfo], interval: float, now_ms: int) -> list[
 # ------------------------------------------------------------------------------------ doing
 
 
+class DueTimes:
+    """The wall-clock times at which compaction of one destination is due: when a window
+    holding shipped objects closes, at every level (and only then: an idle destination costs
+    no listing), or when a retry or a deletion is due. Due once at start."""
+
+    def __init__(self, levels: tuple[float, ...]) -> None:
+        self.levels = levels
+        self.times: set[float] = {0.0}
+
+    def shipped(self, info: ObjectInfo) -> None:
+        """Due when the windows holding the shipped segment ``info`` close, at every level."""
+        if info.kind == "wal":
+            for interval in self.levels:
+                width = max(1, int(interval * 1000))
+                self.times.add((info.last_ms // width + 1) * width / 1000)
+
+    def at(self, when: float) -> None:
+        """Due (again) at ``when``."""
+        self.times.add(when)
+
+    def is_due(self, now: float) -> bool:
+        """Whether something is due at ``now``."""
+        return any(t <= now for t in self.times)
+
+    def take(self, now: float) -> bool:
+        """Whether something is due at ``now``, forgetting what is."""
+        due = {t for t in self.times if t <= now}
+        self.times -= due
+        return bool(due)
+
+    def next(self) -> float | None:
+        """The earliest time something is due (None: nothing is)."""
+        return min(self.times) if self.times else None
+
+
 class Compactor:
     """Compaction of one destination, reading bodies from the spool where it can."""
 
@@ -210,6 +245,7 @@ class Compactor:
         # replaced objects, deleted by the first step ``grace`` seconds (monotonic) after their
         # merge: a restore that planned with them meanwhile can still read them
         self._doomed: dict[str, tuple[float, ObjectInfo]] = {}
+        self.due = DueTimes(self.levels)
 
     async def _delete_due(self, res: CompactResult) -> None:
         now = time.monotonic()

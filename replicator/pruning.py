@@ -37,7 +37,7 @@ def prune_spool(spool: Spool, keeper: IndexKeeper, replicas: Sequence[Replica],
                 continue
             if newest_gen and keep_ms is not None and o.last_ms >= keep_ms:
                 continue
-            if all(o.key in r.known.get(gen, set()) for r in replicas):
+            if all(r.holdings.holds(o) for r in replicas):
                 drop.append(o)
         spool.delete(drop)
         if not newest_gen and len(drop) == len(objs):

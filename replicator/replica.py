@@ -19,10 +19,11 @@ from .aio import relay, wait_event
 from .compact import DEFAULT_DELETE_GRACE, Compactor, CompactResult, unlink_quiet
 from .errors import ReplicatorError
 from .headers import SegmentHeader
+from .holdings import Holdings, covered
 from .lease import RELEASE_TIMEOUT, Lease, LeaseError, LeaseLostError
 from .logs import RateLimit
 from .metrics import Metrics
-from .pos import ObjectInfo, parse_key
+from .pos import ObjectInfo
 from .retention import RetentionPlan, RetentionPolicy, apply_plan, plan_retention
 from .retry import Backoff, ErrorLog
 from .spool import Spool
@@ -61,8 +62,7 @@ class Replica:
         self.db_name = db_name
         self.metrics = metrics
         self.wake = asyncio.Event()
-        self.known: dict[str, set[str]] = {}  # generation -> keys the destination holds
-        self._ends: dict[str, set[int]] = {}  # generation -> end txids of those
+        self.holdings = Holdings()
         self.lag = 0.0
         self.last_sync = 0.0
         self.last_error: str | None = None
@@ -85,9 +85,6 @@ class Replica:
         """Nothing can reach the spool without a wake-up (the database is parked): ``run()``
         then has no backstop timer, only the closing of compaction windows."""
         self.compactor: Compactor | None = None
-        # wall-clock times at which a window holding shipped objects closes (compaction is due
-        # then, and only then: an idle destination costs no listing); 0.0: once at start
-        self._compact_due: set[float] = {0.0}
         # compaction runs beside shipping (a long merge must not hold up new objects), never
         # beside retention: both delete objects
         self._compacting: asyncio.Task[None] | None = None
@@ -109,7 +106,7 @@ class Replica:
         async with self._maintenance:
             res = await self.compactor.step(now)
         for info in res.written:
-            self._remember(info.generation, [info.key])
+            self.holdings.remember(info.generation, [info.key])
         if self.metrics is not None:
             labels = (self.db_name, self.name)
             for level, n in res.levels.items():
@@ -118,13 +115,6 @@ class Replica:
             self.metrics.replica_bytes.labels(*labels).set(res.bytes)
         return res
 
-    def _note_shipped(self, info: ObjectInfo) -> None:
-        """Compaction will be due when the windows holding ``info`` close, at every level."""
-        if self.compactor is not None and info.kind == "wal":
-            for interval in self.compactor.levels:
-                width = max(1, int(interval * 1000))
-                self._compact_due.add((info.last_ms // width + 1) * width / 1000)
-
     async def compact_if_due(self) -> None:
         """Compact when a window holding shipped objects has closed (or replaced objects are
         due for deletion); a failure is counted, logged and retried a level later, and never
@@ -132,17 +122,15 @@ class Replica:
         if self.compactor is None or not self.compactor.levels:
             return
         now = time.time()
-        due = {t for t in self._compact_due if t <= now}
-        if not due:
+        if not self.compactor.due.take(now):
             return
-        self._compact_due -= due
         try:
             await self.compact()
         except Exception as exc:  # noqa: BLE001 - retried later
             self._log_error("compact", exc)
-            self._compact_due.add(now + self.compactor.levels[0])
+            self.compactor.due.at(now + self.compactor.levels[0])
         if self.compactor.pending_deletes():
-            self._compact_due.add(now + self.compactor.grace)
+            self.compactor.due.at(now + self.compactor.grace)
 
     @property
     def url(self) -> str:
@@ -201,40 +189,13 @@ class Replica:
         objs = (self._spool_objects() if self.spool.indexed
                 else await asyncio.to_thread(self._spool_objects))
         if remote and self._relist:
-            self.known.clear()
-            self._ends.clear()
+            self.holdings.clear()
             self._relist = False
         for gen in sorted({o.generation for o in objs}):
-            if gen not in self.known and remote:
+            if gen not in self.holdings.keys and remote:
                 have = await self.client.objects(gen)
-                self.known[gen] = set()
-                self._remember(gen, [o.key for o in have] + sorted(_covered(objs, have)))
-        return [o for o in objs if o.key not in self.known.get(o.generation, set())]
-
-    def _remember(self, generation: str, keys: Iterable[str]) -> None:
-        """Record keys the destination holds (and the txids they end at)."""
-        known = self.known.setdefault(generation, set())
-        ends = self._ends.setdefault(generation, set())
-        for key in keys:
-            if key not in known:
-                known.add(key)
-                info = parse_key(key)
-                if info is not None:
-                    ends.add(info.end_txid)
-
-    def newest_txid(self, generation: str) -> int | None:
-        """The newest txid of ``generation`` the destination is known to hold."""
-        ends = self._ends.get(generation)
-        return max(ends) if ends else None
-
-    def _has_base(self, first: ObjectInfo) -> bool:
-        """Whether the replica holds what ``first`` continues from."""
-        if first.kind == "snapshot":
-            return True
-        ends = self._ends.get(first.generation, set())
-        if first.kind == "diff":  # the segments after it continue from its own txid
-            return first.end_txid in ends
-        return first.start_txid - 1 in ends
+                self.holdings.remember(gen, [o.key for o in have] + sorted(covered(objs, have)))
+        return [o for o in objs if not self.holdings.holds(o)]
 
     async def sync(self) -> int:
         """Copy every missing spooled object, oldest first; return how many were written.
@@ -254,7 +215,7 @@ class Replica:
         now = time.time()
         self.lag = max(0.0, now - missing[0].first_ms / 1000) if missing else 0.0
         self._set_lag()
-        if missing and not self._has_base(missing[0]):
+        if missing and not self.holdings.has_base(missing[0]):
             self.needs_snapshot = True
             if self.on_needs_snapshot is not None:
                 self.on_needs_snapshot()
@@ -279,22 +240,16 @@ class Replica:
                 results = await asyncio.gather(*(self._ship(p, h) for p, h in window))
             done = time.time()
             for (parts, _), (info, size, frames) in zip(window, results, strict=True):
-                self._remember(info.generation, [info.key, *(p.key for p in parts)])
-                self._note_shipped(info)
+                self.holdings.remember(info.generation, [info.key, *(p.key for p in parts)])
+                if self.compactor is not None:
+                    self.compactor.due.shipped(info)
                 written += 1
                 snapshot_shipped = snapshot_shipped or info.kind == "snapshot"
                 self._count(info, size, frames, done)
             nxt = groups[first + width][0][0] if first + width < len(groups) else None
             self.lag = max(0.0, done - nxt.first_ms / 1000) if nxt else 0.0
             self._set_lag()
-        self.last_sync = time.time()
-        self.healthy = True
-        self.failing_since = 0.0
-        self.last_error = None
-        if self.metrics is not None:
-            labels = (self.db_name, self.name)
-            self.metrics.replica_last_sync_timestamp.labels(*labels).set(self.last_sync)
-            self.metrics.replica_up.labels(*labels).set(1)
+        self._synced()
         if written and self.on_shipped is not None:
             self.on_shipped()
         if snapshot_shipped:
@@ -365,6 +320,17 @@ class Replica:
         size = await self.client.write_object(info, self.spool.storage.read_object(info))
         return info, size, frames
 
+    def _synced(self) -> None:
+        """A round went through: the replica is up."""
+        self.last_sync = time.time()
+        self.healthy = True
+        self.failing_since = 0.0
+        self.last_error = None
+        if self.metrics is not None:
+            labels = (self.db_name, self.name)
+            self.metrics.replica_last_sync_timestamp.labels(*labels).set(self.last_sync)
+            self.metrics.replica_up.labels(*labels).set(1)
+
     async def enforce_retention(self, now: float | None = None) -> RetentionPlan | None:
         """Apply the retention policy to this destination (one listing) and update its
         inventory metrics; None when that failed (logged and counted)."""
@@ -418,7 +384,7 @@ class Replica:
         """Start a compaction step in a task of its own, unless one is running."""
         if self._compacting is not None and not self._compacting.done():
             return
-        if self.compactor is None or not any(t <= time.time() for t in self._compact_due):
+        if self.compactor is None or not self.compactor.due.is_due(time.time()):
             return
 
         async def step() -> None:
@@ -432,9 +398,8 @@ class Replica:
         while :attr:`quiet` until the next compaction window closes (None: until woken)."""
         if not self.quiet:
             return backstop
-        if self.compactor is None or not self._compact_due:
-            return None
-        return max(0.0, min(self._compact_due) - time.time())
+        due = None if self.compactor is None else self.compactor.due.next()
+        return None if due is None else max(0.0, due - time.time())
 
     async def run(self, stop: asyncio.Event, backstop: float = DEFAULT_BACKSTOP) -> None:
         """Ship whenever woken (or every ``backstop`` seconds, none while :attr:`quiet`) until
@@ -475,11 +440,3 @@ class Replica:
             await wait_event(self.wake, timeout)
             self.wake.clear()
 
-
-def _covered(spooled: list[ObjectInfo], remote: list[ObjectInfo]) -> set[str]:
-    """Keys of spooled segments the destination holds inside a merged segment."""
-    ranges = [(o.start_txid, o.end_txid) for o in remote if o.kind == "wal"]
-    return {
-        o.key for o in spooled
-        if o.kind == "wal" and any(a <= o.start_txid and o.end_txid <= b for a, b in ranges)
-    }

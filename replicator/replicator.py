@@ -248,7 +248,7 @@ class DatabaseService:
         deadline = time.monotonic() + within
         replicas = self.replicas if replicas is None else replicas
         while True:
-            behind = [r for r in replicas if _before(r.newest_txid(generation), txid)]
+            behind = [r for r in replicas if _before(r.holdings.newest_txid(generation), txid)]
             if not behind:
                 return
             if time.monotonic() >= deadline:

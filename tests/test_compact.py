@@ -451,11 +451,12 @@ def test_compaction_is_due_only_when_a_window_with_shipped_objects_closes(
     from replicator.pos import segment_info
 
     now_ms = int(time.time() * 1000)
-    h.replica._note_shipped(segment_info(gen, 1, 1, now_ms, now_ms))
-    ends = sorted(h.replica._compact_due)
+    assert h.replica.compactor is not None
+    h.replica.compactor.due.shipped(segment_info(gen, 1, 1, now_ms, now_ms))
+    ends = sorted(h.replica.compactor.due.times)
     # the end of the window holding the object, at each level (two levels' may coincide)
     assert ends == sorted({(now_ms // int(i * 1000) + 1) * int(i * 1000) / 1000 for i in LEVELS})
     time.sleep(max(0.0, ends[0] - time.time()) + 0.01)
     asyncio.run(h.replica.compact_if_due())
     assert len(listed) > after_start  # the shortest window closed: one pass
-    assert sorted(h.replica._compact_due) == ends[1:]
+    assert sorted(h.replica.compactor.due.times) == ends[1:]

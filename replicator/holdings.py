@@ -1,0 +1,60 @@
+"""What one destination is known to hold: per generation, the keys of its objects and the txids
+they end at (as listed once, and as shipped or written since), so that shipping asks the
+destination for a listing only once per generation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .pos import ObjectInfo, parse_key
+
+
+class Holdings:
+    """The keys a destination holds, and the txids they end at, per generation."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, set[str]] = {}  # generation -> keys the destination holds
+        self._ends: dict[str, set[int]] = {}  # generation -> end txids of those
+
+    def clear(self) -> None:
+        """Forget everything (the destination is listed again)."""
+        self.keys.clear()
+        self._ends.clear()
+
+    def remember(self, generation: str, keys: Iterable[str]) -> None:
+        """Record keys the destination holds (and the txids they end at)."""
+        known = self.keys.setdefault(generation, set())
+        ends = self._ends.setdefault(generation, set())
+        for key in keys:
+            if key not in known:
+                known.add(key)
+                info = parse_key(key)
+                if info is not None:
+                    ends.add(info.end_txid)
+
+    def holds(self, info: ObjectInfo) -> bool:
+        """Whether the destination holds ``info`` (as last known)."""
+        return info.key in self.keys.get(info.generation, ())
+
+    def newest_txid(self, generation: str) -> int | None:
+        """The newest txid of ``generation`` the destination is known to hold."""
+        ends = self._ends.get(generation)
+        return max(ends) if ends else None
+
+    def has_base(self, first: ObjectInfo) -> bool:
+        """Whether the destination holds what ``first`` continues from."""
+        if first.kind == "snapshot":
+            return True
+        ends = self._ends.get(first.generation, set())
+        if first.kind == "diff":  # the segments after it continue from its own txid
+            return first.end_txid in ends
+        return first.start_txid - 1 in ends
+
+
+def covered(spooled: list[ObjectInfo], remote: list[ObjectInfo]) -> set[str]:
+    """Keys of spooled segments the destination holds inside a merged segment."""
+    ranges = [(o.start_txid, o.end_txid) for o in remote if o.kind == "wal"]
+    return {
+        o.key for o in spooled
+        if o.kind == "wal" and any(a <= o.start_txid and o.end_txid <= b for a, b in ranges)
+    }
