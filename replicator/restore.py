@@ -315,6 +315,27 @@ async def _snapshot_ns(client: StorageClient, snap: ObjectInfo) -> int:
     return (await _snapshot_header(client, snap)).ts_ns
 
 
+async def _plan_txid(
+    client: StorageClient, gens: list[GenerationSummary], gen: GenerationSummary, txid: int,
+    notes: list[str],
+) -> RestorePlan:
+    """The plan to ``txid`` of ``gen`` (the newest restorable generation)."""
+    snaps = [s for s in gen.snapshots if s.end_txid <= txid]
+    if not snaps or txid > gen.end_txid:
+        raise RestoreError(
+            f"txid {txid} is not in generation {gen.generation}; {gen.describe()}"
+        )
+    snap = snaps[-1]
+    chain, missing = _chain(gen, snap, txid)
+    if missing is not None:
+        raise RestoreError(
+            f"missing WAL segment for txid {missing} in generation {gen.generation} on "
+            f"{client.url}; {await _range_text(client, gens)}"
+        )
+    ts = await _txn_time(client, snap, chain, txid)
+    return _shorten(gen, RestorePlan(client.url, gen.generation, snap, chain, txid, ts, notes))
+
+
 async def plan_restore(
     client: StorageClient,
     *,
@@ -351,21 +372,7 @@ async def plan_restore(
         if not g.snapshots and g.generation > gen.generation
     ]
     if txid is not None:
-        snaps = [s for s in gen.snapshots if s.end_txid <= txid]
-        if not snaps or txid > gen.end_txid:
-            raise RestoreError(
-                f"txid {txid} is not in generation {gen.generation}; {gen.describe()}"
-            )
-        snap = snaps[-1]
-        chain, missing = _chain(gen, snap, txid)
-        if missing is not None:
-            raise RestoreError(
-                f"missing WAL segment for txid {missing} in generation {gen.generation} on "
-                f"{client.url}; {await _range_text(client, gens)}"
-            )
-        ts = await _txn_time(client, snap, chain, txid)
-        return _shorten(gen, RestorePlan(client.url, gen.generation, snap, chain, txid, ts,
-                                         notes))
+        return await _plan_txid(client, gens, gen, txid, notes)
     snap = gen.snapshots[-1]
     chain, missing = _chain(gen, snap, None)
     if missing is not None:

@@ -9,7 +9,7 @@ import contextlib
 import random
 import shutil
 import sqlite3
-from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +57,7 @@ def commit(conn: sqlite3.Connection, seq: int, rnd: random.Random) -> None:
 def built(tmp_path_factory: pytest.TempPathFactory) -> History:
     """2,000 commits, captured one by one (one segment each), many WAL epochs (a checkpoint
     every 128 pages), a snapshot every 400 txids, shipped to a directory; built once."""
-    return asyncio.run(_build(tmp_path_factory.mktemp("history"), commits=2000,
-                              compact_every=0))
+    return asyncio.run(build(tmp_path_factory.mktemp("history"), commits=2000, seed=5))
 
 
 @pytest.fixture
@@ -109,29 +108,47 @@ async def rig(tmp: Path) -> AsyncIterator[Rig]:
         conn.close()
 
 
-async def _build(tmp_path: Path, commits: int, compact_every: int) -> History:
-    async with rig(tmp_path) as r:
-        rnd = random.Random(5)
+def full_every_400(db: Database, seq: int) -> None:
+    """A full snapshot every 400 txids."""
+    if seq % 400 == 0:
+        db.snapshot()
+
+
+async def build(tmp: Path, commits: int, seed: int,
+                snapshots: Callable[[Database, int], None] = full_every_400,
+                compact_every: int = 0) -> History:
+    """``commits`` commits captured one by one (one segment each), ``snapshots(db, seq)`` after
+    each, shipped every 50 and compacted every ``compact_every`` (0: never)."""
+    async with rig(tmp) as r:
+        rnd = random.Random(seed)
         r.db.step()
         for seq in range(1, commits + 1):
             commit(r.conn, seq, rnd)
             r.db.step()
-            if seq % 400 == 0:
-                r.db.snapshot()
+            snapshots(r.db, seq)
             if seq % 50 == 0:
                 await r.replica.sync()
             if compact_every and seq % compact_every == 0:
                 await r.replica.compact()
         r.db.step()
         await r.replica.sync()
-    times: dict[int, int] = {}
-    for gen in await r.dest.generations():
-        for o in await r.dest.objects(gen):
-            if o.kind == "wal":
-                h = SegmentHeader.from_json(await read_header(r.dest.read_object(o), o.key),
-                                            o.key)
-                times.update((t.txid, t.observed_ns) for t in h.txns)
+    times = await txn_times(r.dest)
     return History(r.app, r.spool, r.dest, r.replica, times, max(times.values()))
+
+
+async def all_objects(dest: StorageClient) -> list[ObjectInfo]:
+    """Every object ``dest`` holds, generation by generation."""
+    return [o for g in await dest.generations() for o in await dest.objects(g)]
+
+
+async def txn_times(dest: FileStorage) -> dict[int, int]:
+    """The observed time (ns) of every txid in ``dest``'s segments."""
+    times: dict[int, int] = {}
+    for o in await all_objects(dest):
+        if o.kind == "wal":
+            h = SegmentHeader.from_json(await read_header(dest.read_object(o), o.key), o.key)
+            times.update((t.txid, t.observed_ns) for t in h.txns)
+    return times
 
 
 async def restore_at(client: StorageClient, out: Path, **kw: int) -> tuple[int, list[int]]:
@@ -231,7 +248,7 @@ def _header(h: History, o: ObjectInfo) -> SegmentHeader:
 def test_compaction_while_replicating_stays_within_the_levels(tmp_path: Path) -> None:
     """Compaction steps on the real clock between shipments: the merged objects are merged
     again at the next levels, and the count stays within what the levels allow."""
-    h = asyncio.run(_build(tmp_path, commits=1500, compact_every=100))
+    h = asyncio.run(build(tmp_path, commits=1500, seed=5, compact_every=100))
     asyncio.run(h.replica.compact())
     segs = [o for o in objects(h) if o.kind == "wal"]
     start_s, end_s = min(h.times.values()) / 1e9, h.end_ns / 1e9

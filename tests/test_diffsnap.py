@@ -9,11 +9,20 @@ import random
 import shutil
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_compact import LEVELS, commit, content, expected_txid, restore_at, rig
+from test_compact import (
+    LEVELS,
+    History,
+    all_objects,
+    build,
+    commit,
+    content,
+    expected_txid,
+    restore_at,
+    txn_times,
+)
 from writer import init_db
 
 from replicator.config import DbConfig, ReplicaConfig
@@ -21,7 +30,6 @@ from replicator.db import Database
 from replicator.diffsnap import DiffBase, write_diff
 from replicator.errors import CorruptObjectError, RestoreError
 from replicator.format import read_header
-from replicator.headers import SegmentHeader
 from replicator.pageindex import PageIndex
 from replicator.pos import ObjectInfo
 from replicator.replica import Replica
@@ -38,19 +46,6 @@ def db_bytes(app: Path) -> int:
         return int(c.execute("PRAGMA page_count").fetchone()[0]) * 4096
     finally:
         c.close()
-
-
-async def all_objects(dest: FileStorage) -> list[ObjectInfo]:
-    return [o for g in await dest.generations() for o in await dest.objects(g)]
-
-
-async def txn_times(dest: FileStorage) -> dict[int, int]:
-    times: dict[int, int] = {}
-    for o in await all_objects(dest):
-        if o.kind == "wal":
-            h = SegmentHeader.from_json(await read_header(dest.read_object(o), o.key), o.key)
-            times.update((t.txid, t.observed_ns) for t in h.txns)
-    return times
 
 
 def cost(plan: RestorePlan) -> tuple[int, int]:
@@ -122,58 +117,38 @@ def test_newest_state_reads_a_bounded_chain_however_long_the_history(tmp_path: P
 # --------------------------------------------------------------- a history built step by step
 
 
-@dataclass
-class Built:
-    app: Path
-    spool: Spool
-    dest: FileStorage
-    replica: Replica
-    times: dict[int, int]
-
-
-async def _build(tmp: Path, commits: int) -> Built:
-    """Captured commit by commit; a differential snapshot every 100 txids, a full one every
-    700; shipped to a directory."""
-    async with rig(tmp) as r:
-        rnd = random.Random(9)
-        r.db.step()
-        for seq in range(1, commits + 1):
-            commit(r.conn, seq, rnd)
-            r.db.step()
-            if seq % 700 == 0:
-                r.db.snapshot()
-            elif seq % 100 == 0:
-                assert r.db.diff_snapshot(max_fraction=1.0) is not None
-            if seq % 50 == 0:
-                await r.replica.sync()
-        r.db.step()
-        await r.replica.sync()
-    return Built(r.app, r.spool, r.dest, r.replica, await txn_times(r.dest))
+def diff_every_100(db: Database, seq: int) -> None:
+    """A differential snapshot every 100 txids, a full one every 700."""
+    if seq % 700 == 0:
+        db.snapshot()
+    elif seq % 100 == 0:
+        assert db.diff_snapshot(max_fraction=1.0) is not None
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    return asyncio.run(_build(tmp_path_factory.mktemp("diffs"), commits=1750))
+def built(tmp_path_factory: pytest.TempPathFactory) -> History:
+    return asyncio.run(build(tmp_path_factory.mktemp("diffs"), commits=1750, seed=9,
+                             snapshots=diff_every_100))
 
 
 @pytest.fixture
-def history(built: Built, tmp_path: Path) -> Iterator[Built]:
+def history(built: History, tmp_path: Path) -> Iterator[History]:
     shutil.copytree(built.dest.root, tmp_path / "replica")
     (tmp_path / "replica" / "lease.json").unlink()
     dest = FileStorage(str(tmp_path / "replica"))
     replica = Replica("dir", dest, built.spool, "app")
     replica.set_levels(LEVELS, grace=0)
     asyncio.run(replica.init())
-    yield Built(built.app, built.spool, dest, replica, built.times)
+    yield History(built.app, built.spool, dest, replica, built.times, built.end_ns)
 
 
-def objects(h: Built) -> list[ObjectInfo]:
+def objects(h: History) -> list[ObjectInfo]:
     return asyncio.run(all_objects(h.dest))
 
 
 @pytest.mark.timeout(900)
 def test_compaction_thins_diffs_and_keeps_every_instant_exact(
-    history: Built, tmp_path: Path
+    history: History, tmp_path: Path
 ) -> None:
     h = history
     newest = asyncio.run(plan_restore(h.dest))
@@ -202,7 +177,7 @@ def test_compaction_thins_diffs_and_keeps_every_instant_exact(
     assert content(tmp_path / "newest.db") == content(h.app)
 
 
-def test_a_damaged_diff_stops_the_restore_naming_it(history: Built, tmp_path: Path) -> None:
+def test_a_damaged_diff_stops_the_restore_naming_it(history: History, tmp_path: Path) -> None:
     h = history
     plan = asyncio.run(plan_restore(h.dest))
     assert plan.diff is not None
@@ -216,7 +191,7 @@ def test_a_damaged_diff_stops_the_restore_naming_it(history: Built, tmp_path: Pa
     assert not out.exists()
 
 
-def test_a_diff_without_its_full_snapshot_is_not_used(history: Built, tmp_path: Path) -> None:
+def test_a_diff_without_its_full_snapshot_is_not_used(history: History, tmp_path: Path) -> None:
     """A differential snapshot whose full snapshot is gone (deleted by a tool that does not
     know differential snapshots) is passed over; the restore is the same."""
     h = history
@@ -236,7 +211,7 @@ def test_a_diff_without_its_full_snapshot_is_not_used(history: Built, tmp_path: 
     assert content(tmp_path / "b.db") == content(tmp_path / "a.db") == content(h.app)
 
 
-def test_retention_keeps_what_the_chain_needs(history: Built, tmp_path: Path) -> None:
+def test_retention_keeps_what_the_chain_needs(history: History, tmp_path: Path) -> None:
     h = history
     snaps = sorted((o for o in objects(h) if o.kind == "snapshot"), key=lambda o: o.end_txid)
     newest = snaps[-1]
@@ -328,7 +303,7 @@ def test_changed_pages_compares_with_the_full_snapshot() -> None:
     assert changed_pages(base, ix) == []
 
 
-def test_diff_keys_headers_and_versions(history: Built) -> None:
+def test_diff_keys_headers_and_versions(history: History) -> None:
     """A differential snapshot's key names its full snapshot, its header round-trips, and it
     alone carries format version 3 (a version-2 reader never opens it: it ignores the key)."""
     from replicator.headers import DiffHeader
@@ -351,7 +326,7 @@ def test_diff_keys_headers_and_versions(history: Built) -> None:
 
 
 def test_a_directory_restore_imports_neither_the_configuration_nor_s3(
-    history: Built, tmp_path: Path
+    history: History, tmp_path: Path
 ) -> None:
     """A restore from a directory starts lean: the configuration (capture, compaction, drills,
     notifications) and the S3 client are not imported."""
