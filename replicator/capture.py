@@ -233,11 +233,7 @@ class Capture(Part):
         end = WalPos(start.salt1, start.salt2, last, txns[-1].checksum)
         end_txid = p.txid + len(txns)
         salts = salt_bytes(start.salts)
-        stamps = []
-        floor = p.last_observed_ns
-        for t in txns:
-            floor = self.handles.sightings.stamp(salts, t.commit, floor)
-            stamps.append(floor)
+        stamps = self._stamps(salts, txns)
         info = segment_info(p.generation, p.txid + 1, end_txid, stamps[0] // 1_000_000,
                             stamps[-1] // 1_000_000)
         # while pinned where no reset can happen, the frames cannot change under the copy;
@@ -277,6 +273,15 @@ class Capture(Part):
         res.objects.append(info)
         res.transactions += len(txns)
         res.frames += last - first + 1
+
+    def _stamps(self, salts: bytes, txns: list[TxnSpan]) -> list[int]:
+        """When each of ``txns`` was first seen (ns), never earlier than the one before."""
+        stamps = []
+        floor = self.progress.last_observed_ns
+        for t in txns:
+            floor = self.handles.sightings.stamp(salts, t.commit, floor)
+            stamps.append(floor)
+        return stamps
 
     def _segment_header(
         self, hdr: WalHeader, start: WalPos, end: WalPos, txns: list[TxnSpan],
