@@ -291,17 +291,13 @@ def wal_checksum(
 
 @dataclass(frozen=True)
 class Frame:
-    """One valid WAL frame's metadata (the page itself is not kept)."""
+    """One valid WAL frame's metadata (the page itself is not kept); a commit frame (the end of
+    a transaction) has a nonzero ``commit_size``."""
 
     index: int
     pgno: int
     commit_size: int
     checksum: tuple[int, int]
-
-    @property
-    def is_commit(self) -> bool:
-        """Whether this frame ends a transaction (its commit size is nonzero)."""
-        return self.commit_size != 0
 
 
 @dataclass

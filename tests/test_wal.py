@@ -168,15 +168,15 @@ def assert_well_formed(res: ScanResult, start_index: int = 1) -> None:
     assert idx == list(range(start_index, start_index + len(idx)))
     assert res.end_index == start_index + len(idx) - 1
     if res.frames:
-        assert res.frames[-1].is_commit
+        assert res.frames[-1].commit_size
         assert res.end_checksum == res.frames[-1].checksum
-    commits = [(f.index, f.commit_size) for f in res.frames if f.is_commit]
+    commits = [(f.index, f.commit_size) for f in res.frames if f.commit_size]
     assert commits == [(c, size) for _, c, size in res.transactions]
     firsts = [start_index] + [c + 1 for _, c, _ in res.transactions]
     firsts = firsts[: len(res.transactions)]
     assert [t[0] for t in res.transactions] == firsts
     assert res.valid_end_index >= res.end_index
-    assert res.commit_checksums == [f.checksum for f in res.frames if f.is_commit]
+    assert res.commit_checksums == [f.checksum for f in res.frames if f.commit_size]
 
 
 def assert_lean_scan_agrees(data: bytes, res: ScanResult) -> None:
@@ -413,8 +413,6 @@ def test_frame_geometry() -> None:
     assert frame_offset(3, 512) == 32 + 2 * 536
     with pytest.raises(ValueError):
         frame_offset(0, 4096)
-    assert Frame(1, 2, 3, (0, 0)).is_commit
-    assert not Frame(1, 2, 0, (0, 0)).is_commit
 
 
 # ------------------------------------------------------------------------------------------
