@@ -123,8 +123,9 @@ class Bench:
         log(f"raw numbers: {jp}")
 
     def run_writer(self, db: Path, duration: float, seed: int = 1) -> dict[str, Any]:
+        rate = ["--rate", str(self.args.tp_rate)] if self.args.tp_rate else []
         p = subprocess.Popen([sys.executable, WRITER, str(db), "--duration", str(duration),
-                              "--seed", str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              "--seed", str(seed), *rate], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
         self.procs.append(p)
         out, err = p.communicate(timeout=duration + 120)
@@ -273,11 +274,13 @@ class Bench:
                 t.stop()
                 t.clean()
             shutil.rmtree(d, ignore_errors=True)
-        log(f"throughput {key}: {res['commits_per_s']:.0f} commits/s, max WAL "
+        log(f"throughput {key}: load {os.getloadavg()[0]:.2f}, "
+            f"{res['commits_per_s']:.0f} commits/s, max WAL "
             f"{res['max_wal'] / MiB:.1f} MiB, busy {res['busy']}, other load "
             f"{res['load']['other_cpus']:.2f} CPUs"
             + (f", tool CPU {res.get('tool_cpu_pct', 0):.0f}%, HWM "
-               f"{res.get('tool_hwm', 0) / MiB:.1f} MiB, caught up after "
+               f"{res.get('tool_hwm', 0) / MiB:.1f} MiB, CPU {res.get('tool_cpu_total_s', 0):.1f}s, "
+               f"caught up after "
                f"{res['catch_up_s']:.1f}s, new generations {res['new_generations']}, restored "
                f"{res['restored_rows']}/{res['commits']} commits" if t else ""))
         return res
@@ -809,6 +812,16 @@ def main() -> int:
                     help="how the lag test sees new replica objects")
     ap.add_argument("--only", default="lag,throughput,idle,size",
                     help="comma-separated phases to run (report needs all)")
+    ap.add_argument("--tools", default="baseline,ours,litestream,litestream_tuned",
+                    help="throughput phase: which of baseline, ours, litestream, "
+                    "litestream_tuned to run (e.g. baseline,ours for a quick flat-out check)")
+    ap.add_argument("--tp-duration", type=float, default=None,
+                    help="throughput phase: seconds per writer run (default 10, 3 with --quick)")
+    ap.add_argument("--tp-reps", type=int, default=None,
+                    help="throughput phase: interleaved repetitions (default 3, 1 with --quick)")
+    ap.add_argument("--tp-rate", type=float, default=None,
+                    help="throughput phase: commit this many times a second instead of flat out "
+                    "(compares CPU per commit of versions that both keep up)")
     args = rc.bench_args(ap, "replication.json", "reduced smoke run (~1.5 min)", quiet_wait=8.0,
                          quiet_budget=60.0)
     q = args.quick
@@ -816,8 +829,8 @@ def main() -> int:
         "quick": q, "watch": args.watch,
         "lag_samples": 30 if q else 200,
         "lag_samples_default_ls": 10 if q else 100,
-        "tp_duration": 3.0 if q else 10.0,
-        "tp_reps": 1 if q else 3,
+        "tp_duration": args.tp_duration or (3.0 if q else 10.0),
+        "tp_reps": args.tp_reps or (1 if q else 3),
         "idle_seconds": 3.0 if q else 10.0,
         "sizes": [10, 50] if q else [50, 500],
         "burst": 1.0 if q else 3.0,
@@ -850,7 +863,7 @@ def main() -> int:
                 bench.lag("litestream", params["lag_samples_default_ls"]),
             ]
         if "throughput" in phases:
-            order = ["baseline", "ours", "litestream", "litestream_tuned"]
+            order = args.tools.split(",")
             runs = []
             for rep in range(params["tp_reps"]):
                 for key in order:
