@@ -16,7 +16,14 @@ from dataclasses import dataclass
 
 from .errors import DatabaseError
 from .pos import WalPos
-from .wal import WalHeader, page_offsets, read_wal_header, scan_frames
+from .wal import (
+    FRAME_HEADER_SIZE,
+    WalHeader,
+    frame_offset,
+    page_offsets,
+    read_wal_header,
+    scan_frames,
+)
 
 CHUNK_PAGES = 256
 
@@ -108,10 +115,14 @@ def pages_of(buf: bytes | bytearray, page_size: int) -> list[memoryview]:
 
 
 def read_state(
-    path: str, db_fd: int, wal_fd: int | None, page_size: int, upto: WalPos | None = None
+    path: str, db_fd: int, wal_fd: int | None, page_size: int, upto: WalPos | None = None,
+    verified: bool = False,
 ) -> DbState:
     """The state after the current epoch's last committed frame, or after frame ``upto.frame``
-    when ``upto`` is in the current epoch."""
+    when ``upto`` is in the current epoch. ``verified``: ``upto`` is the end of a committed
+    transaction whose frames (and checksum chain) the capture already verified in this epoch,
+    so they are not scanned again (a WAL is only rewritten after a reset, which changes its
+    salts; ``still_valid`` checks them after the read)."""
     hdr = read_wal_header(wal_fd) if wal_fd is not None else None
     dbh = read_db_header(path, db_fd)
     page_size = hdr.page_size if hdr else (dbh.page_size if dbh else page_size)
@@ -120,9 +131,24 @@ def read_state(
     pos: WalPos | None = None
     if hdr is not None and wal_fd is not None:
         limit = upto.frame if upto is not None and upto.salts == hdr.salts else None
-        scan = scan_frames(wal_fd, hdr, 1, hdr.checksum, max_frames=limit, keep_frames=False)
-        pagemap = page_offsets(wal_fd, hdr, scan.end_index)
-        if scan.transactions:
-            pages = scan.transactions[-1][2]
-        pos = WalPos(hdr.salt1, hdr.salt2, scan.end_index, scan.end_checksum)
+        if verified and upto is not None and limit is not None:
+            end, checksum = upto.frame, upto.checksum
+            if end:
+                pages = _commit_size(wal_fd, hdr, end)
+        else:
+            scan = scan_frames(wal_fd, hdr, 1, hdr.checksum, max_frames=limit, keep_frames=False)
+            end, checksum = scan.end_index, scan.end_checksum
+            if scan.transactions:
+                pages = scan.transactions[-1][2]
+        pagemap = page_offsets(wal_fd, hdr, end)
+        pos = WalPos(hdr.salt1, hdr.salt2, end, checksum)
     return DbState(db_fd, wal_fd, hdr, page_size, pages, pagemap, pos)
+
+
+def _commit_size(wal_fd: int, hdr: WalHeader, frame: int) -> int:
+    """The database size (pages) recorded by commit frame ``frame``."""
+    raw = os.pread(wal_fd, FRAME_HEADER_SIZE, frame_offset(frame, hdr.page_size))
+    size = struct.unpack_from(">I", raw, 4)[0] if len(raw) == FRAME_HEADER_SIZE else 0
+    if not size:
+        raise DatabaseError(f"WAL frame {frame} is not a commit frame")
+    return int(size)

@@ -88,6 +88,9 @@ class Replica:
         # compaction runs beside shipping (a long merge must not hold up new objects), never
         # beside retention: both delete objects
         self._compacting: asyncio.Task[None] | None = None
+        # the capture is behind a writer faster than it: compaction (which rewrites what was
+        # shipped) waits until it caught up rather than take the CPU it needs
+        self.source_behind = False
         self._maintenance = asyncio.Lock()
 
     def set_levels(self, levels: Iterable[float], grace: float = DEFAULT_DELETE_GRACE) -> None:
@@ -382,7 +385,7 @@ class Replica:
 
     def _compact_beside(self) -> None:
         """Start a compaction step in a task of its own, unless one is running."""
-        if self._compacting is not None and not self._compacting.done():
+        if self.source_behind or (self._compacting is not None and not self._compacting.done()):
             return
         if self.compactor is None or not self.compactor.due.is_due(time.time()):
             return

@@ -218,9 +218,10 @@ class DatabaseService:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         self.schedule.captured(res, sizes[0])
-        if res.objects:
-            for r in self.replicas:
+        for r in self.replicas:
+            if res.objects or (r.source_behind and not res.more):
                 r.wake.set()
+            r.source_behind = res.more
         return res
 
     def log_summary(self, now: float | None = None) -> str | None:

@@ -1,7 +1,8 @@
 """When a database's snapshots are taken: a full one every ``snapshot-interval`` once something
 changed, or when a destination needs one; a differential one (see replicator.diffsnap) when the
 WAL captured since the last snapshot outgrew ``snapshot-wal-factor`` times the database, or a
-full one if too many pages changed since the last full one; and, after a restart, when the last
+full one if too many pages changed since the last full one (those taken for WAL volume spaced so
+that they use at most ``WAL_SNAPSHOT_DUTY`` of the time); and, after a restart, when the last
 one was taken."""
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ if TYPE_CHECKING:
     from .replicator import DatabaseService
 
 WAL_SNAPSHOT_MIN = 4 << 20  # bytes: databases smaller than this count as this big
+WAL_SNAPSHOT_DUTY = 0.1
+"""Snapshots taken for WAL volume use at most this fraction of the time: after one that took
+d seconds the next waits (1 / duty - 1) * d, so a writer faster than the capture is not slowed
+further by snapshots of a state that is already out of date."""
 
 
 class SnapshotSchedule:
@@ -26,9 +31,11 @@ class SnapshotSchedule:
     def __init__(self, service: DatabaseService) -> None:
         self.service = service
         self.wal_snapshot_min = WAL_SNAPSHOT_MIN
+        self.wal_snapshot_duty = WAL_SNAPSHOT_DUTY
         self._db_size = 0
         # bytes of WAL frames captured since the last snapshot, full or differential
         self._wal_since_snapshot = 0
+        self._wal_snapshot_after = 0.0  # monotonic time before which none is taken for volume
 
     def captured(self, res: CaptureResult, db_size: int) -> None:
         """Count what a capture step wrote (``db_size``: the database's size after it)."""
@@ -45,7 +52,8 @@ class SnapshotSchedule:
         would replay more."""
         factor = self.service.cfg.snapshot_wal_factor
         base = max(self._db_size, self.wal_snapshot_min)
-        return factor > 0 and self._wal_since_snapshot > factor * base
+        return (factor > 0 and self._wal_since_snapshot > factor * base
+                and time.monotonic() >= self._wal_snapshot_after)
 
     async def if_due(self) -> bool:
         """Take a full snapshot when the interval has passed and something changed, or a
@@ -65,13 +73,16 @@ class SnapshotSchedule:
             return False  # nothing changed since the last snapshot
         res = CaptureResult()  # what the snapshot captures first is counted like any capture
         async with s.runtime.snapshots:
+            started = time.monotonic()
             diff = None
             if heavy and not (needed or interval):
                 diff = await s.call(s.db.diff_snapshot, DEFAULT_DIFF_MAX, res)
             if diff is None:
                 await s.call(s.db.snapshot, res)
+            took = time.monotonic() - started
         s.report.counted(res)
         self._wal_since_snapshot = 0
+        self._wal_snapshot_after = time.monotonic() + took * (1 / self.wal_snapshot_duty - 1)
         for r in s.replicas:
             r.needs_snapshot = False
             r.wake.set()

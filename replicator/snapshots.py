@@ -65,11 +65,13 @@ class Snapshots(Part):
         log.log(level, "%s: new generation %s: %s", self.name, gen, reason.text)
 
     def read_state(self, upto: WalPos | None = None) -> DbState:
-        """The state as of the pin (up to ``upto`` in the current epoch, or all of it)."""
+        """The state as of the pin (up to ``upto`` in the current epoch, or all of it). Up to
+        the captured position, the frames the capture verified are not scanned again."""
         h = self.handles
         assert h.db_fd is not None
         self._state_sig = file_sig(h.db_fd)  # before the read: a later write changes it
-        return read_state(h.path, h.db_fd, h.wal(), self.progress.page_size, upto)
+        verified = upto is not None and upto == self.progress.pos and h.pinned
+        return read_state(h.path, h.db_fd, h.wal(), self.progress.page_size, upto, verified)
 
     def set_position(self, pos: WalPos | None) -> None:
         """Capture continues from ``pos``, the position of the state just read. Without a WAL

@@ -415,6 +415,7 @@ def test_a_snapshot_once_the_wal_outgrows_the_database(tmp_path: Path) -> None:
     async def go(factor: float, base: int) -> int:
         s = svc(factor)
         s.schedule.wal_snapshot_min = 0  # a small database counts as what it is
+        s.schedule.wal_snapshot_duty = 1.0  # as soon as due, however long the last took
         await s.open()
         conn = sqlite3.connect(app, isolation_level=None)
         rnd = random.Random(1)
@@ -477,3 +478,24 @@ def test_compaction_is_due_only_when_a_window_with_shipped_objects_closes(
     asyncio.run(h.replica.compact_if_due())
     assert len(listed) > after_start  # the shortest window closed: one pass
     assert sorted(h.replica.compactor.due.times) == ends[1:]
+
+
+def test_compaction_waits_while_the_capture_is_behind(history: History) -> None:
+    """A replica whose capture is behind a faster writer does not start compacting; it does
+    once the capture caught up."""
+    h = history
+
+    due = h.replica.compactor.due if h.replica.compactor is not None else None
+    assert due is not None and due.is_due(0.0)  # the pass at start is due
+
+    async def go() -> None:
+        h.replica.source_behind = True
+        h.replica._compact_beside()
+        assert h.replica._compacting is None and due.is_due(0.0)
+        h.replica.source_behind = False
+        h.replica._compact_beside()
+        assert h.replica._compacting is not None
+        await h.replica._compacting
+        assert 0.0 not in due.times
+
+    asyncio.run(go())

@@ -5,10 +5,12 @@ stays exact, and compaction, retention, restarts and damage keep it correct."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shutil
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from writer import init_db
 
 from replicator.config import DbConfig, ReplicaConfig
 from replicator.db import Database
+from replicator.dbstate import read_state
 from replicator.diffsnap import DiffBase, write_diff
 from replicator.errors import CorruptObjectError, RestoreError
 from replicator.format import read_header
@@ -69,6 +72,7 @@ def test_newest_state_reads_a_bounded_chain_however_long_the_history(tmp_path: P
     async def go() -> None:
         s = DatabaseService(cfg)
         s.schedule.wal_snapshot_min = 0  # a small database counts as what it is
+        s.schedule.wal_snapshot_duty = 1.0  # as soon as due, however long the last took
         await s.open()
         conn = sqlite3.connect(app, isolation_level=None)
         rnd = random.Random(7)
@@ -228,17 +232,8 @@ def test_retention_keeps_what_the_chain_needs(history: History, tmp_path: Path) 
 def test_a_diff_of_a_moved_state_is_not_written(tmp_path: Path) -> None:
     """If a page read for a differential snapshot is not the one the index records (the
     database moved under the read), nothing is written."""
-    app = tmp_path / "app.db"
-    init_db(str(app))
-    spool = Spool(str(tmp_path / "spool"))
-    db = Database(str(app), spool)
-    db.open()
-    conn = sqlite3.connect(app, isolation_level=None)
-    try:
-        db.step()
-        for seq in range(1, 30):
-            commit(conn, seq, random.Random(seq))
-        db.step()
+    with captured(tmp_path, 30) as (db, _):
+        spool = db.spool
         ix = db.keeper.index
         assert ix is not None and db.progress.diff_base is not None
         lying = ix.copy()
@@ -249,6 +244,23 @@ def test_a_diff_of_a_moved_state_is_not_written(tmp_path: Path) -> None:
         assert spool.objects(db.generation or "") == before
         assert db.diff_snapshot(max_fraction=0.0) is None  # too many pages: take a full one
         assert db.diff_snapshot(max_fraction=1.0) is not None
+
+
+@contextlib.contextmanager
+def captured(tmp_path: Path, commits: int) -> Iterator[tuple[Database, sqlite3.Connection]]:
+    """A database with a capture (its spool in tmp_path) that captured ``commits - 1`` commits
+    of the application's connection, which it yields with it."""
+    app = tmp_path / "app.db"
+    init_db(str(app))
+    db = Database(str(app), Spool(str(tmp_path / "spool")))
+    db.open()
+    conn = sqlite3.connect(app, isolation_level=None)
+    try:
+        db.step()
+        for seq in range(1, commits):
+            commit(conn, seq, random.Random(seq))
+        db.step()
+        yield db, conn
     finally:
         conn.close()
         db.close()
@@ -266,6 +278,7 @@ def test_a_restart_after_diffs_continues_the_generation(tmp_path: Path) -> None:
     async def run(first: int, last: int) -> list[str]:
         s = DatabaseService(cfg)
         s.schedule.wal_snapshot_min = 0
+        s.schedule.wal_snapshot_duty = 1.0  # as soon as due, however long the last took
         await s.open()
         conn = sqlite3.connect(app, isolation_level=None)
         try:
@@ -344,3 +357,55 @@ def test_a_directory_restore_imports_neither_the_configuration_nor_s3(
     assert r.returncode == 0, r.stderr
     assert "IMPORTED []" in r.stdout, r.stdout
     assert content(out) == content(history.app)
+
+
+def test_the_captured_state_is_read_without_scanning_the_wal_again(tmp_path: Path) -> None:
+    """Up to the captured position (pinned) the state is read without a second scan of the
+    frames the capture verified: the same pages, size and position as a full scan finds, and
+    a position of an older epoch still scans."""
+    with captured(tmp_path, 60) as (db, conn):
+        h = db.handles
+        assert db.pos is not None and db.pos.frame > 0 and h.db_fd is not None
+        quick = db.snapshots.read_state(db.pos)
+        full = read_state(h.path, h.db_fd, h.wal(), db.page_size, db.pos)
+        assert (quick.pos, quick.pages, quick.pagemap) == (full.pos, full.pages, full.pagemap)
+        assert [bytes(b) for _, b in quick.chunks()] == [bytes(b) for _, b in full.chunks()]
+        for seq in range(60, 70):  # committed past the captured position: not in the state
+            commit(conn, seq, random.Random(seq))
+        again = db.snapshots.read_state(db.pos)
+        assert (again.pos, again.pages, again.pagemap) == (full.pos, full.pages, full.pagemap)
+        other = replace(db.pos, salt1=db.pos.salt1 ^ 1)  # not this epoch: the whole WAL
+        whole = read_state(h.path, h.db_fd, h.wal(), db.page_size, other, verified=True)
+        assert whole.pos is not None and whole.pos.frame > db.pos.frame
+
+
+def test_snapshots_for_wal_volume_are_spaced_by_their_duration(tmp_path: Path) -> None:
+    """After a snapshot taken for WAL volume, the next waits (1 / duty - 1) times as long as it
+    took, however much WAL comes meanwhile; a snapshot a destination needs does not wait."""
+    app = tmp_path / "app.db"
+    init_db(str(app))
+    cfg = DbConfig(path=str(app), replicas=[ReplicaConfig("local", str(tmp_path / "r"))],
+                   snapshot_interval=3600.0)
+
+    async def go() -> None:
+        s = DatabaseService(cfg)
+        s.schedule.wal_snapshot_min = 0
+        s.schedule.wal_snapshot_duty = 1e-9  # the next one waits for ages
+        await s.open()
+        conn = sqlite3.connect(app, isolation_level=None)
+        rnd = random.Random(3)
+        try:
+            taken = 0
+            for seq in range(1, 601):
+                commit(conn, seq, rnd)
+                if seq % 20 == 0:
+                    await s.sync()
+                    taken += await s.snapshot_if_due()
+            assert taken == 1
+            s.replicas[0].needs_snapshot = True
+            assert await s.snapshot_if_due()
+        finally:
+            conn.close()
+            await s.close(10)
+
+    asyncio.run(go())
