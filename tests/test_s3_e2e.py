@@ -436,11 +436,13 @@ def test_only_replica_with_wrong_credentials_exits(tmp_path: Path, env: dict[str
 
 def replicate_every_segment(db: Path, s3dest: S3Dest, env: dict[str, str],
                             tmp_path: Path) -> Replicate:
-    """``replicate`` to ``s3dest`` without differential snapshots: a restore of the newest state
-    reads every segment after the first snapshot."""
+    """``replicate`` to ``s3dest`` without differential snapshots or compaction: a restore of the
+    newest state reads every segment after the first snapshot, and no merged object covers one
+    that a test deletes."""
     cfg = tmp_path / "cfg.yml"
     cfg.write_text(json.dumps({"dbs": [{"path": str(db), "replicas": [s3dest.url],
-                                        "snapshot-wal-factor": 0}]}))
+                                        "snapshot-wal-factor": 0,
+                                        "compaction-levels": []}]}))
     return Replicate("--config", str(cfg), log=tmp_path / "rep.log", env=env)
 
 
