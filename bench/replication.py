@@ -125,8 +125,8 @@ class Bench:
     def run_writer(self, db: Path, duration: float, seed: int = 1) -> dict[str, Any]:
         rate = ["--rate", str(self.args.tp_rate)] if self.args.tp_rate else []
         p = subprocess.Popen([sys.executable, WRITER, str(db), "--duration", str(duration),
-                              "--seed", str(seed), *rate], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+                              "--seed", str(seed), *rate],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.procs.append(p)
         out, err = p.communicate(timeout=duration + 120)
         if p.returncode != 0:
@@ -279,7 +279,8 @@ class Bench:
             f"{res['max_wal'] / MiB:.1f} MiB, busy {res['busy']}, other load "
             f"{res['load']['other_cpus']:.2f} CPUs"
             + (f", tool CPU {res.get('tool_cpu_pct', 0):.0f}%, HWM "
-               f"{res.get('tool_hwm', 0) / MiB:.1f} MiB, CPU {res.get('tool_cpu_total_s', 0):.1f}s, "
+               f"{res.get('tool_hwm', 0) / MiB:.1f} MiB, "
+               f"CPU {res.get('tool_cpu_total_s', 0):.1f}s, "
                f"caught up after "
                f"{res['catch_up_s']:.1f}s, new generations {res['new_generations']}, restored "
                f"{res['restored_rows']}/{res['commits']} commits" if t else ""))
