@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import json
 import os
 import re
 import select
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -661,6 +663,32 @@ def bench_args(ap: argparse.ArgumentParser, json_name: str, quick_help: str, qui
     if args.quiet_wait is None:
         args.quiet_wait = 0.0 if args.quick else quiet_wait
     return args
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM ends a run as Ctrl-C does: the ``finally`` blocks stop every tool started and
+    remove the work directory."""
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+
+
+def report_from_json(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The raw numbers of an earlier run when ``--from-json`` asks to re-render them, else None."""
+    if not args.from_json:
+        return None
+    raw: dict[str, Any] = json.loads(Path(args.from_json).read_text())
+    return raw
+
+
+def compile_tree() -> None:
+    """Bytecode as an installed package has it (pip compiles at install): with
+    PYTHONDONTWRITEBYTECODE set, every command would otherwise compile its modules anew, and
+    start-up times would measure the compiler."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "replicator")],
+                   check=True, stdout=subprocess.DEVNULL)
 
 
 DOC_INTRO = """# Benchmarks

@@ -53,6 +53,7 @@ from s3 import (  # noqa: E402
     kinds_text,
     remove_db,
     request_stats,
+    use_test_identity,
     weed_version,
 )
 
@@ -493,23 +494,13 @@ def main() -> int:
     params = {"quick": q, "duration": args.duration or (60.0 if q else 600.0),
               "restart_mib": args.restart_mib or (256 if q else 1024),
               "restart_tools": ["ours"]}
-    if args.from_json:
-        r = json.loads(Path(args.from_json).read_text())
-        rc.write_section(Path(args.out), START, END, render(r))
+    if (old := rc.report_from_json(args)) is not None:
+        rc.write_section(Path(args.out), START, END, render(old))
         return 0
 
-    def on_signal(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    os.environ.update(fx.S3_ENV_VARS, AWS_REGION=fx.TEST_REGION)
-    os.environ.pop("AWS_CA_BUNDLE", None)
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(rc.ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    # bytecode as an installed package has it (pip compiles at install): with
-    # PYTHONDONTWRITEBYTECODE set, every command would otherwise compile its modules anew
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(rc.ROOT / "replicator")],
-                   check=True, stdout=subprocess.DEVNULL)
+    rc.interrupt_on_sigterm()
+    use_test_identity()
+    rc.compile_tree()
     bench = HistoryBench(args)
     t_start = time.monotonic()
     r: dict[str, Any] = {"params": params}

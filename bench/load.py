@@ -31,7 +31,6 @@ import argparse
 import datetime as dt
 import json
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -437,15 +436,11 @@ def main() -> int:
     params = {"quick": q, "bursts": 5 if q else 10, "flat_s": 3.0 if q else 10.0,
               "reps": 1 if q else 3, "bulk_mib": 256 if q else 1024,
               "pitr_points": [0.5] if q else [0.25, 0.5, 0.75]}
-    if args.from_json:
-        r = json.loads(Path(args.from_json).read_text())
-        rc.write_section(Path(args.out), START, END, render(r))
+    if (old := rc.report_from_json(args)) is not None:
+        rc.write_section(Path(args.out), START, END, render(old))
         return 0
 
-    def on_signal(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
+    rc.interrupt_on_sigterm()
     phases = set(args.only.split(","))
     bench = Bench(args, params)
     t0 = time.monotonic()

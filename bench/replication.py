@@ -29,7 +29,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
@@ -837,19 +836,15 @@ def main() -> int:
         "burst": 1.0 if q else 3.0,
     }
     phases = set(args.only.split(","))
-    if args.from_json:
-        r = json.loads(Path(args.from_json).read_text())
-        t = r["throughput"]
+    if (old := rc.report_from_json(args)) is not None:
+        t = old["throughput"]
         t["summary"] = throughput_summary(t["runs"], t["order"])
-        r["notes"] = observations(r)
-        write_report(Path(args.out), render(r))
+        old["notes"] = observations(old)
+        write_report(Path(args.out), render(old))
         log(f"report: {args.out} (from {args.from_json})")
         return 0
 
-    def on_signal(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
+    rc.interrupt_on_sigterm()
     bench = Bench(args)
     t_start = time.monotonic()
     r: dict[str, Any] = {"params": params}

@@ -24,11 +24,9 @@ minutes).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -40,6 +38,7 @@ from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's replicator
 
 import _repl_common as rc  # noqa: E402
 import s3fixtures as fx  # noqa: E402
@@ -903,6 +902,13 @@ def weed_version() -> str:
     return m.group(1) if m else out.strip()[:40]
 
 
+def use_test_identity() -> None:
+    """Both tools (and botocore here) take the test identity from the environment; no CA bundle
+    (Litestream's client refuses a bundle it does not need)."""
+    os.environ.update(fx.S3_ENV_VARS, AWS_REGION=fx.TEST_REGION)
+    os.environ.pop("AWS_CA_BUNDLE", None)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     args = rc.bench_args(ap, "s3.json", "reduced smoke run (~3 min, a 100 MiB database)",
@@ -917,23 +923,14 @@ def main() -> int:
         "idle_seconds": 5.0 if q else 20.0,
         "restore_mib": 100 if q else 1024,
     }
-    if args.from_json:
-        r = json.loads(Path(args.from_json).read_text())
-        r["notes"] = observations(r)
-        rc.write_section(Path(args.out), START, END, render(r))
+    if (old := rc.report_from_json(args)) is not None:
+        old["notes"] = observations(old)
+        rc.write_section(Path(args.out), START, END, render(old))
         log(f"report: {args.out} (from {args.from_json})")
         return 0
 
-    def on_signal(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    # both tools (and botocore here) take the test identity from the environment; no CA bundle
-    # (Litestream's client refuses a bundle it does not need), and `-m replicator` from this tree
-    os.environ.update(fx.S3_ENV_VARS, AWS_REGION=fx.TEST_REGION)
-    os.environ.pop("AWS_CA_BUNDLE", None)
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(rc.ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    rc.interrupt_on_sigterm()
+    use_test_identity()
     bench = S3Bench(args)
     t_start = time.monotonic()
     r: dict[str, Any] = {"params": params}

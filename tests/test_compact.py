@@ -17,12 +17,14 @@ import pytest
 from writer import init_db
 
 from replicator.compact import Compactor, plan_level
+from replicator.config import DbConfig, ReplicaConfig
 from replicator.db import Database
 from replicator.errors import StorageError
 from replicator.format import read_header
 from replicator.headers import SegmentHeader
 from replicator.pos import ObjectInfo
 from replicator.replica import Replica
+from replicator.replicator import DatabaseService
 from replicator.restore import apply_plan, plan_restore
 from replicator.retention import apply_retention
 from replicator.spool import Spool
@@ -106,6 +108,19 @@ async def rig(tmp: Path) -> AsyncIterator[Rig]:
     finally:
         db.close()
         conn.close()
+
+
+def wal_snapshot_service(app: Path, replica: Path, factor: float = 0.5,
+                         duty: float = 1.0) -> DatabaseService:
+    """A service left to its own snapshot policy (a 1 h interval, so only the WAL triggers
+    snapshots) that counts a small test database as what it is (no size floor) and takes a WAL
+    snapshot as soon as due, or after ``duty`` of the time spent on the last one."""
+    cfg = DbConfig(path=str(app), replicas=[ReplicaConfig("local", str(replica))],
+                   snapshot_interval=3600.0, snapshot_wal_factor=factor)
+    s = DatabaseService(cfg)
+    s.schedule.wal_snapshot_min = 0
+    s.schedule.wal_snapshot_duty = duty
+    return s
 
 
 def full_every_400(db: Database, seq: int) -> None:
@@ -401,21 +416,11 @@ def test_a_snapshot_once_the_wal_outgrows_the_database(tmp_path: Path) -> None:
     """With a long snapshot interval, the WAL captured since the last snapshot still triggers
     one when it exceeds ``snapshot-wal-factor`` times the database: the newest state never
     needs more than that replayed."""
-    from replicator.config import DbConfig, ReplicaConfig
-    from replicator.replicator import DatabaseService
-
     app = tmp_path / "app.db"
     init_db(str(app))
 
-    def svc(factor: float) -> DatabaseService:
-        cfg = DbConfig(path=str(app), replicas=[ReplicaConfig("local", str(tmp_path / "r"))],
-                       snapshot_interval=3600.0, snapshot_wal_factor=factor)
-        return DatabaseService(cfg)
-
     async def go(factor: float, base: int) -> int:
-        s = svc(factor)
-        s.schedule.wal_snapshot_min = 0  # a small database counts as what it is
-        s.schedule.wal_snapshot_duty = 1.0  # as soon as due, however long the last took
+        s = wal_snapshot_service(app, tmp_path / "r", factor)
         await s.open()
         conn = sqlite3.connect(app, isolation_level=None)
         rnd = random.Random(1)

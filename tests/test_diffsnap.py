@@ -24,10 +24,10 @@ from test_compact import (
     expected_txid,
     restore_at,
     txn_times,
+    wal_snapshot_service,
 )
 from writer import init_db
 
-from replicator.config import DbConfig, ReplicaConfig
 from replicator.db import Database
 from replicator.dbstate import read_state
 from replicator.diffsnap import DiffBase, write_diff
@@ -36,7 +36,6 @@ from replicator.format import read_header
 from replicator.pageindex import PageIndex
 from replicator.pos import ObjectInfo
 from replicator.replica import Replica
-from replicator.replicator import DatabaseService
 from replicator.restore import RestorePlan, apply_plan, plan_restore
 from replicator.retention import apply_retention
 from replicator.spool import Spool
@@ -64,15 +63,11 @@ def test_newest_state_reads_a_bounded_chain_however_long_the_history(tmp_path: P
     app = tmp_path / "app.db"
     init_db(str(app))
     rep = tmp_path / "r"
-    cfg = DbConfig(path=str(app), replicas=[ReplicaConfig("local", str(rep))],
-                   snapshot_interval=3600.0)
     dest = FileStorage(str(rep))
     seen: list[tuple[int, int, int, bool]] = []  # objects, bytes, db bytes, from a diff
 
     async def go() -> None:
-        s = DatabaseService(cfg)
-        s.schedule.wal_snapshot_min = 0  # a small database counts as what it is
-        s.schedule.wal_snapshot_duty = 1.0  # as soon as due, however long the last took
+        s = wal_snapshot_service(app, rep)
         await s.open()
         conn = sqlite3.connect(app, isolation_level=None)
         rnd = random.Random(7)
@@ -272,13 +267,9 @@ def test_a_restart_after_diffs_continues_the_generation(tmp_path: Path) -> None:
     app = tmp_path / "app.db"
     init_db(str(app))
     rep = tmp_path / "r"
-    cfg = DbConfig(path=str(app), replicas=[ReplicaConfig("local", str(rep))],
-                   snapshot_interval=3600.0)
 
     async def run(first: int, last: int) -> list[str]:
-        s = DatabaseService(cfg)
-        s.schedule.wal_snapshot_min = 0
-        s.schedule.wal_snapshot_duty = 1.0  # as soon as due, however long the last took
+        s = wal_snapshot_service(app, rep)
         await s.open()
         conn = sqlite3.connect(app, isolation_level=None)
         try:
@@ -384,13 +375,9 @@ def test_snapshots_for_wal_volume_are_spaced_by_their_duration(tmp_path: Path) -
     took, however much WAL comes meanwhile; a snapshot a destination needs does not wait."""
     app = tmp_path / "app.db"
     init_db(str(app))
-    cfg = DbConfig(path=str(app), replicas=[ReplicaConfig("local", str(tmp_path / "r"))],
-                   snapshot_interval=3600.0)
 
     async def go() -> None:
-        s = DatabaseService(cfg)
-        s.schedule.wal_snapshot_min = 0
-        s.schedule.wal_snapshot_duty = 1e-9  # the next one waits for ages
+        s = wal_snapshot_service(app, tmp_path / "r", duty=1e-9)  # the next one waits for ages
         await s.open()
         conn = sqlite3.connect(app, isolation_level=None)
         rnd = random.Random(3)
