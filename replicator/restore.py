@@ -350,7 +350,28 @@ async def plan_restore(
 
     A time in an interval the replicator did not observe, or in a gap between generations,
     gets the newest state captured before it, with a warning saying how far before and why;
-    ``exact`` refuses it instead."""
+    ``exact`` refuses it instead.
+
+    An object listed but gone when its header is read (a compaction or retention pass replaced
+    it meanwhile) makes the plan start again from a new listing, at most ``REPLANS`` times."""
+    for attempt in range(REPLANS + 1):
+        try:
+            return await _plan(client, to_time_ns, txid, generation, exact, gens)
+        except NotFoundError:
+            if attempt == REPLANS:
+                raise
+            gens = None
+    raise AssertionError("unreachable")
+
+
+async def _plan(
+    client: StorageClient,
+    to_time_ns: int | None,
+    txid: int | None,
+    generation: str | None,
+    exact: bool,
+    gens: list[GenerationSummary] | None,
+) -> RestorePlan:
     gens = gens if gens is not None else await summarize(client)
     if generation is not None:
         gens_sel = [g for g in gens if g.generation == generation]

@@ -9,7 +9,14 @@ import contextlib
 import random
 import shutil
 import sqlite3
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -375,6 +382,46 @@ def test_restores_racing_compaction_and_retention_never_fail_or_differ(
     for txid in rnd.sample(targets, 5):
         got, _ = asyncio.run(restore_at(h.dest, tmp_path / "final.db", txid=txid))
         assert got == txid
+
+
+class CompactsBeforeFirstSegmentRead(FileStorage):
+    """A directory in which a compaction (grace 0: replaced objects deleted at once) runs just
+    after a restore listed it and before the restore reads its first segment header."""
+
+    def __init__(self, root: Path, compact: Callable[[], Awaitable[object]]) -> None:
+        super().__init__(str(root))
+        self.compact: Callable[[], Awaitable[object]] | None = compact
+
+    async def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
+        if self.compact is not None and info.kind == "wal":
+            compact, self.compact = self.compact, None
+            await compact()
+        async with contextlib.aclosing(super().read_object(info)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+
+def test_a_plan_whose_objects_a_compaction_replaced_plans_again(history: History) -> None:
+    """Planning a time reads segment headers after listing; when a compaction replaced those
+    segments in between, the plan starts again from a new listing and lands on the same
+    transaction."""
+    h = history
+    txids = sorted(h.times)
+    target = txids[len(txids) * 9 // 10]
+    t_ns = h.times[target]
+
+    async def go() -> tuple[int, int]:
+        racing = CompactsBeforeFirstSegmentRead(
+            h.dest.root, lambda: h.replica.compact(now=h.end_ns / 1e9 + 3 * LEVELS[-1]))
+        before = len(await h.dest.objects((await h.dest.generations())[-1]))
+        plan = await plan_restore(racing, to_time_ns=t_ns)
+        assert racing.compact is None, "the compaction ran during planning"
+        after = len(await h.dest.objects((await h.dest.generations())[-1]))
+        assert after < before  # segments were replaced
+        return plan.txid, before
+
+    got, _ = asyncio.run(go())
+    assert got == expected_txid(h.times, t_ns) == target
 
 
 def test_levels_plan_only_closed_windows_and_never_cross_a_snapshot() -> None:

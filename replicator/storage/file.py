@@ -12,7 +12,7 @@ import contextlib
 import errno
 import os
 import shutil
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
 
 import aiofiles
 import aiofiles.os
@@ -36,7 +36,7 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-async def stream_file(path: str) -> AsyncIterator[bytes]:
+async def stream_file(path: str) -> AsyncGenerator[bytes, None]:
     """A local file's bytes in ``DEFAULT_CHUNK_SIZE`` chunks, read in a thread."""
     async with aiofiles.open(path, "rb") as f:
         while chunk := await f.read(DEFAULT_CHUNK_SIZE):
@@ -195,8 +195,10 @@ class FileStorage:
     async def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
         """Stream a file in chunks."""
         try:
-            async for chunk in stream_file(self._path(info.key)):
-                yield chunk
+            # closed with this iterator, so a reader that stops early (a header) closes the file
+            async with contextlib.aclosing(stream_file(self._path(info.key))) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         except FileNotFoundError:
             raise NotFoundError(f"{self.url}: {info.key}: object not found") from None
         except OSError as exc:
