@@ -3,7 +3,8 @@
 Events only wake the sync loops; they carry no data. The loops also have a timer backstop, so a
 missed event costs latency, never correctness. A busy writer makes two file events per WAL frame;
 while commits keep coming a loop follows the WAL on its own and :meth:`Watcher.pause` drops its
-events (they would only cost CPU), then :meth:`Watcher.resume` takes them again once it is quiet.
+events (they would only cost CPU; for a database alone in its directory the kernel stops queueing
+them at all), then :meth:`Watcher.resume` takes them again once it is quiet.
 
 :class:`FileEvents` is the one watcher of a process: one watch per directory, whatever the number
 of databases in it. On Linux it is inotify read by the event loop itself (:class:`InotifyEvents`:
@@ -38,9 +39,10 @@ TreeMatch = Callable[[str], bool]
 class _Target:
     """One database's wake-up: an event set on the loop, at most one call on its way."""
 
-    __slots__ = ("event", "paused", "pending")
+    __slots__ = ("db_path", "event", "paused", "pending")
 
-    def __init__(self, event: asyncio.Event) -> None:
+    def __init__(self, db_path: str, event: asyncio.Event) -> None:
+        self.db_path = db_path
         self.event = event
         self.paused = False
         self.pending = False
@@ -65,7 +67,7 @@ class FileEvents:
 
     def add_db(self, db_path: str, event: asyncio.Event) -> _Target:
         """Wake ``event`` when ``db_path`` or its ``-wal`` changes."""
-        target = _Target(event)
+        target = _Target(db_path, event)
         self._targets[db_path] = target
         self._targets[db_path + "-wal"] = target
         return target
@@ -78,6 +80,10 @@ class FileEvents:
     def watching(self, db_path: str) -> bool:
         """Whether file events report changes to ``db_path`` (its directory is watched)."""
         raise NotImplementedError
+
+    def set_paused(self, target: _Target, paused: bool) -> None:
+        """Drop (or deliver again) ``target``'s events."""
+        target.paused = paused
 
     def add_tree(self, root: str, recursive: bool, match: TreeMatch,
                  callback: TreeCallback) -> None:
@@ -101,12 +107,13 @@ class _Dir:
     """A watched directory: its watch, how many databases in it are registered, and the trees
     it belongs to."""
 
-    __slots__ = ("path", "trees", "users", "wd")
+    __slots__ = ("path", "quiet", "trees", "users", "wd")
 
     def __init__(self, path: str, wd: int) -> None:
         self.path = path
         self.wd = wd
         self.users = 0
+        self.quiet = False  # the watch leaves out IN_MODIFY
         self.trees: set[str] = set()
 
 
@@ -180,6 +187,7 @@ class InotifyEvents(FileEvents):
         d = self._watch(os.path.dirname(db_path))
         if d is not None:
             d.users += 1
+            self._tune(d, False)  # its other database may be paused: this one is not
         return target
 
     def remove_db(self, db_path: str) -> None:
@@ -191,6 +199,26 @@ class InotifyEvents(FileEvents):
         if d is not None:
             d.users -= 1
             self._release(d)
+
+    def set_paused(self, target: _Target, paused: bool) -> None:
+        """Drop (or deliver again) ``target``'s events. While the only database of a directory
+        that no tree watches is paused, the directory's watch leaves out modifications: a busy
+        writer's events (one or two a WAL frame) then cost nothing at all, not even a wake-up."""
+        target.paused = paused
+        d = self._dirs.get(os.path.dirname(target.db_path))
+        if d is not None:
+            self._tune(d, paused and d.users == 1 and not d.trees)
+
+    def _tune(self, d: _Dir, quiet: bool) -> None:
+        """Leave modifications out of ``d``'s watch (``quiet``), or take them again."""
+        if quiet == d.quiet or self._ino is None:
+            return
+        try:
+            self._ino.add_watch(d.path, ino.DIR_MASK & ~ino.IN_MODIFY if quiet else ino.DIR_MASK)
+        except OSError as exc:  # gone: its IN_IGNORED follows; a paused loop polls anyway
+            log.debug("cannot change the watch of %s: %s", d.path, exc.strerror)
+            return
+        d.quiet = quiet
 
     def watching(self, db_path: str) -> bool:
         """Whether file events report changes to ``db_path`` (its directory is watched)."""
@@ -222,6 +250,7 @@ class InotifyEvents(FileEvents):
             d = self._watch(path)
             if d is not None:
                 d.trees.add(root)
+                self._tune(d, False)
             for name in files if report else ():
                 file = os.path.join(path, name)
                 if match(file):
@@ -470,12 +499,12 @@ class Watcher:
     def pause(self) -> None:
         """Stop delivering events until :meth:`resume`."""
         if self._target is not None:
-            self._target.paused = True
+            self._events.set_paused(self._target, True)
 
     def resume(self) -> None:
         """Deliver events again. Changes made while paused have no event: look once more."""
         if self._target is not None:
-            self._target.paused = False
+            self._events.set_paused(self._target, False)
 
     def stop(self) -> None:
         """Unregister (and stop the watcher if it is this watcher's own)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ import util
 from util import commit
 from writer import init_db
 
-from replicator.inotify import open_inotify
+from replicator.inotify import IN_MODIFY, open_inotify
 from replicator.watcher import FileEvents, InotifyEvents, WatchdogEvents
 
 WAIT = 30.0
@@ -80,5 +81,44 @@ async def test_database_woken_by_a_writer_in_another_process(
         await asyncio.wait_for(wake.wait(), WAIT)
         events.remove_db(str(db))
         assert not events.watching(str(db))
+    finally:
+        events.stop()
+
+
+async def test_paused_database_alone_in_its_directory_costs_no_wake_up(tmp_path: Path) -> None:
+    """While the only database of a directory is paused its writes queue no modification event
+    (the process is not even woken); a database registered beside it, and resuming, bring them
+    back."""
+    a, b = tmp_path / "a.db", tmp_path / "b.db"
+    init_db(str(a))
+    init_db(str(b))
+    wake_a, wake_b = asyncio.Event(), asyncio.Event()
+    events = _inotify()
+    assert isinstance(events, InotifyEvents)
+    target = events.add_db(str(a), wake_a)
+    try:
+        events.set_paused(target, True)
+        loop = asyncio.get_running_loop()
+        assert events._ino is not None
+        inotify = events._ino
+        loop.remove_reader(inotify.fd)  # read by this test for a moment
+        # the -wal stays while this connection is open: the writes only modify it
+        conn = sqlite3.connect(a, isolation_level=None, check_same_thread=False)
+        try:
+            await asyncio.to_thread(commit, conn, 1)
+            list(inotify.read())
+            await asyncio.to_thread(commit, conn, 20)
+            await asyncio.sleep(0.2)
+            assert not [ev for ev in inotify.read() if ev.mask & IN_MODIFY]
+        finally:
+            conn.close()
+        loop.add_reader(inotify.fd, events._on_readable)
+        events.add_db(str(b), wake_b)  # a neighbour that is not paused: modifications again
+        await asyncio.to_thread(commit, b, 1)
+        await asyncio.wait_for(wake_b.wait(), WAIT)
+        events.remove_db(str(b))
+        events.set_paused(target, False)
+        await asyncio.to_thread(commit, a, 1)
+        await asyncio.wait_for(wake_a.wait(), WAIT)
     finally:
         events.stop()
