@@ -20,6 +20,7 @@ from .rescue import Rescued, pseudo_header, rescue
 from .sightings import salt_bytes
 from .snapshots import Snapshots
 from .wal import (
+    FRAME_HEADER_SIZE,
     WAL_HEADER_SIZE,
     ScanResult,
     WalHeader,
@@ -188,12 +189,15 @@ class Capture(Part):
         txn_first = idx
         txns: list[TxnSpan] = []
         window = True  # every transaction so far lies inside the one buffer read
+        end = self._committed_end(fd, hdr)
         while True:
-            # no further than the file's end: a read sized for a whole batch would cost an
-            # allocation of that size for every commit
+            # no further than the file's end (a read sized for a whole batch would cost an
+            # allocation of that size for every commit), nor past the last committed frame
             off = frame_offset(idx, ps)
             size = os.fstat(fd).st_size
             want = min(self.tuning.segment_max_frames * fs, size - off)
+            if end is not None:
+                want = min(want, frame_offset(end + 1, ps) - off)
             buf = pread_full(fd, want, off) if want > 0 else b""
             r = scan_bytes(buf, hdr, idx, ck, keep_frames=False)
             reason = r.stop_reason
@@ -212,6 +216,26 @@ class Capture(Part):
             # one transaction longer than the window: follow its chain, keeping nothing
             window = False
             idx, ck = r.valid_end_index + 1, r.valid_checksum
+
+    def _committed_end(self, fd: int, hdr: WalHeader) -> int | None:
+        """The last committed frame of the epoch of ``hdr``, as the wal-index shows it now (the
+        reading is also a sighting), when the slot after it holds no frame of this epoch; else
+        None (the file's end is the limit). Past a WAL reset the file keeps the older epochs'
+        frames beyond the new one's end: without this limit every step would read and check
+        them all (up to a whole batch) only to find their salts wrong. A frame of this epoch
+        after the limit belongs to a commit the wal-index does not show yet, or to one in
+        progress: the scan then reads on, as without a limit."""
+        try:
+            shm = self.handles.sightings.take()
+        except OSError:
+            return None
+        salts = salt_bytes(hdr.salts)
+        if shm is None or shm[0] != salts:
+            return None
+        nxt = os.pread(fd, FRAME_HEADER_SIZE, frame_offset(shm[1] + 1, hdr.page_size))
+        if len(nxt) == FRAME_HEADER_SIZE and nxt[8:16] == salts:
+            return None
+        return shm[1]
 
     def _emit(
         self,
