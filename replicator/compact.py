@@ -45,12 +45,15 @@ from .pos import ObjectInfo, segment_info
 from .spool import Spool
 from .storage.base import StorageClient
 from .storage.file import stream_file
+from .wal import FRAME_HEADER_SIZE
 
 log = logging.getLogger("replicator.compact")
 
 DEFAULT_LEVELS: tuple[float, ...] = (10.0, 300.0, 3600.0)
 DEFAULT_DELETE_GRACE = 30.0  # seconds a replaced object stays readable after its merge
 MAX_BYTES = 256 << 20  # stored bytes of the inputs of one merge
+# a merge is compressed when its sources take less than this fraction of their frames' size
+COMPRESSED_BELOW = 0.75
 WORK_DIR = "compact"
 _READ = 1 << 20
 
@@ -110,9 +113,19 @@ def copy_body(w: ObjectWriter, path: str, key: str) -> None:
     dec.finish()
 
 
+def _compressed(sources: list[str], headers: list[SegmentHeader]) -> bool:
+    """Whether the segments were mostly stored compressed: the capture compresses frames only
+    within its CPU budget (a flat-out writer's are stored as they are), and a merge follows
+    it, so that compaction never spends more on compression than the capture chose to."""
+    stored = sum(os.path.getsize(src) for src in sources)
+    body = sum(h.frames * (FRAME_HEADER_SIZE + h.page_size) for h in headers)
+    return stored < body * COMPRESSED_BELOW
+
+
 def write_merged(path: str, sources: list[str], keys: list[str]) -> tuple[SegmentHeader, int]:
     """Write the merge of the segment files ``sources`` (in order) to ``path``; returns its
-    header and size. Each source is verified (trailer checksum) as it is read. Blocking."""
+    header and size. Each source is verified (trailer checksum) as it is read. The merge is
+    compressed when its sources mostly were (see :func:`_compressed`). Blocking."""
     headers = []
     for src, key in zip(sources, keys, strict=True):
         with open(src, "rb") as f:
@@ -122,8 +135,9 @@ def write_merged(path: str, sources: list[str], keys: list[str]) -> tuple[Segmen
         if b.start_txid != a.end_txid + 1 or b.prev != a.end:
             raise CorruptObjectError(f"{keys[i]}: does not continue {keys[i - 1]}")
     header = merged_header(headers)
+    level = DEFAULT_LEVEL if _compressed(sources, headers) else None
     with open(path, "wb") as f:
-        w = ObjectWriter(f, KIND_WAL, header.to_json(), DEFAULT_LEVEL)
+        w = ObjectWriter(f, KIND_WAL, header.to_json(), level)
         for src, key in zip(sources, keys, strict=True):
             copy_body(w, src, key)
         w.close()

@@ -38,6 +38,11 @@ DEFAULT_BACKSTOP = 5.0
 SHIP_CONCURRENCY = 4
 LINK_BATCH = 256  # spooled objects linked into a local destination in one go (one dir fsync)
 DEBUG_EVERY = 1.0  # per-round debug lines, at most this often (a busy database ships every ms)
+COMPACT_DUTY = 0.1
+"""Compaction uses at most this fraction of the time: after a step that took d seconds the next
+waits (1 / duty - 1) * d. Under a flat-out writer a merge rewrites every byte the capture just
+wrote; spaced out, it takes no more of the application's CPU than a tenth of the time (the
+windows it has not merged yet wait, whole, for the next step)."""
 
 
 class Replica:
@@ -91,6 +96,7 @@ class Replica:
         # the capture is behind a writer faster than it: compaction (which rewrites what was
         # shipped) waits until it caught up rather than take the CPU it needs
         self.source_behind = False
+        self._compact_after = 0.0  # monotonic time before which no compaction step starts
         self._maintenance = asyncio.Lock()
 
     def set_levels(self, levels: Iterable[float], grace: float = DEFAULT_DELETE_GRACE) -> None:
@@ -389,10 +395,15 @@ class Replica:
             return
         if self.compactor is None or not self.compactor.due.is_due(time.time()):
             return
+        if time.monotonic() < self._compact_after:
+            return  # the next round after it looks again
 
         async def step() -> None:
             async with self.limit or contextlib.nullcontext():
+                started = time.monotonic()
                 await self.compact_if_due()
+                took = time.monotonic() - started
+                self._compact_after = time.monotonic() + took * (1 / COMPACT_DUTY - 1)
 
         self._compacting = asyncio.ensure_future(step())
 

@@ -9,6 +9,7 @@ import contextlib
 import random
 import shutil
 import sqlite3
+import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -23,11 +24,11 @@ from pathlib import Path
 import pytest
 from writer import init_db
 
-from replicator.compact import Compactor, plan_level
+from replicator.compact import COMPRESSED_BELOW, Compactor, plan_level, write_merged
 from replicator.config import DbConfig, ReplicaConfig
 from replicator.db import Database
 from replicator.errors import StorageError
-from replicator.format import read_header
+from replicator.format import KIND_WAL, ObjectDecoder, ObjectWriter, read_header
 from replicator.headers import SegmentHeader
 from replicator.pos import ObjectInfo
 from replicator.replica import Replica
@@ -549,5 +550,61 @@ def test_compaction_waits_while_the_capture_is_behind(history: History) -> None:
         assert h.replica._compacting is not None
         await h.replica._compacting
         assert 0.0 not in due.times
+
+    asyncio.run(go())
+
+
+def test_a_merge_is_compressed_only_when_its_segments_were(history: History,
+                                                           tmp_path: Path) -> None:
+    """The capture stores a flat-out writer's frames as they are (its compression budget);
+    a merge of such segments is stored too, one of compressed segments is compressed, and both
+    read back as the same frames."""
+    segs = [o for o in objects(history) if o.kind == "wal"][:40]
+    sources = [history.dest._path(o.key) for o in segs]
+    keys = [o.key for o in segs]
+    stored = []
+    for src, key in zip(sources, keys, strict=True):
+        out = tmp_path / f"{len(stored)}.seg"
+        dec = ObjectDecoder(key)
+        with open(src, "rb") as f, open(out, "wb") as g:
+            body = dec.feed(f.read())
+            dec.finish()
+            assert dec.header is not None
+            w = ObjectWriter(g, KIND_WAL, dec.header, None)
+            w.write(body)
+            w.close()
+        stored.append(str(out))
+    frames = sum(_header(history, o).frames for o in segs)
+    body_size = frames * (24 + 4096)
+    _, packed = write_merged(str(tmp_path / "packed"), sources, keys)
+    _, raw = write_merged(str(tmp_path / "raw"), stored, keys)
+    assert packed < body_size * COMPRESSED_BELOW <= body_size < raw
+    bodies = []
+    for path in (tmp_path / "packed", tmp_path / "raw"):
+        dec = ObjectDecoder("merged")
+        bodies.append(dec.feed(path.read_bytes()))
+        dec.finish()
+    assert bodies[0] == bodies[1] and len(bodies[0]) == body_size
+
+
+def test_compaction_takes_at_most_its_share_of_the_time(history: History) -> None:
+    """After a compaction step that took d seconds the next starts (1 / COMPACT_DUTY - 1) * d
+    later at the earliest, even with a window due."""
+    h = history
+
+    async def go() -> None:
+        h.replica._compact_beside()
+        first = h.replica._compacting
+        assert first is not None
+        await first
+        assert h.replica._compact_after > time.monotonic()
+        assert h.replica.compactor is not None
+        h.replica.compactor.due.at(0.0)
+        h.replica._compact_beside()
+        assert h.replica._compacting is first  # none started
+        h.replica._compact_after = 0.0
+        h.replica._compact_beside()
+        assert h.replica._compacting is not first
+        await h.replica._compacting
 
     asyncio.run(go())
