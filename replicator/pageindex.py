@@ -236,28 +236,25 @@ class PageIndex:
         if len(mv) % fs:
             raise ValueError("partial WAL frame")
         n = len(mv) // fs
-        heads = [struct.unpack_from(">II", mv, k * fs) for k in range(n)]
-        if not n or not heads[-1][1]:
+        # the page numbers and commit sizes of every frame at once (a frame is a whole number
+        # of big-endian words)
+        heads = np.frombuffer(mv, dtype=">u4").reshape(n, fs // 4)[:, :2].astype(np.int64)
+        if not n or not heads[-1, 1]:
             raise ValueError("WAL frames must end with a commit frame")
         # the smallest database size committed from each frame on
-        low = [0] * n
-        least = heads[-1][1]
-        for k in range(n - 1, -1, -1):
-            commit = heads[k][1]
-            if commit:
-                least = min(least, commit)
-            low[k] = least
-        last: dict[int, int] = {}
-        for k, (pgno, _) in enumerate(heads):
-            last[pgno] = k
+        sizes = np.where(heads[:, 1] > 0, heads[:, 1], np.iinfo(np.int64).max)
+        low = np.minimum.accumulate(sizes[::-1])[::-1]
+        # the last frame of each page, in page order
+        pgnos, from_end = np.unique(heads[::-1, 0], return_index=True)
+        last = n - 1 - from_end
+        keep = pgnos <= low[last]
         # every page past the smallest size is cut off at some commit; a page written after its
         # last cut survives with that write, any other past the end comes back as zeros
-        self.resize(low[0])
-        for pgno, k in sorted(last.items()):
-            if pgno <= low[k]:
-                off = k * fs + FRAME_HEADER_SIZE
-                self.set_page(pgno, mv[off : off + self.page_size])
-        self.resize(heads[-1][1])
+        self.resize(int(low[0]))
+        for pgno, k in zip(pgnos[keep].tolist(), last[keep].tolist(), strict=True):
+            off = k * fs + FRAME_HEADER_SIZE
+            self.set_page(pgno, mv[off : off + self.page_size])
+        self.resize(int(heads[-1, 1]))
 
     def apply_stream(self, chunks: Iterable[bytes | memoryview]) -> None:
         """Apply a run of whole committed transactions given in chunks cut anywhere."""
