@@ -300,12 +300,8 @@ class Capture(Part):
 
     def _stamps(self, salts: bytes, txns: list[TxnSpan]) -> list[int]:
         """When each of ``txns`` was first seen (ns), never earlier than the one before."""
-        stamps = []
-        floor = self.progress.last_observed_ns
-        for t in txns:
-            floor = self.handles.sightings.stamp(salts, t.commit, floor)
-            stamps.append(floor)
-        return stamps
+        return self.handles.sightings.stamps(salts, [t.commit for t in txns],
+                                             self.progress.last_observed_ns)
 
     def _segment_header(
         self, hdr: WalHeader, start: WalPos, end: WalPos, txns: list[TxnSpan],

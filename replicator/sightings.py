@@ -92,12 +92,23 @@ class Sightings:
                     return seen
         return None
 
-    def stamp(self, salts: bytes, commit: int, floor: int) -> int:
-        """The observation time of the transaction whose commit frame is ``commit`` in the
-        epoch of ``salts``: when it was first seen (now if no reading showed it), not before
-        ``floor``."""
-        seen = self.first_seen(salts, commit)
-        return max(time.time_ns() if seen is None else seen, floor)
+    def stamps(self, salts: bytes, commits: list[int], floor: int) -> list[int]:
+        """The observation times of the transactions whose commit frames are ``commits``
+        (ascending) in the epoch of ``salts``: when each was first seen (now if no reading
+        showed it), never before ``floor`` nor before the one ahead of it. One pass over the
+        readings: a reading that does not show a commit shows none after it either."""
+        now = time.time_ns()
+        out = []
+        with self._lock:
+            readings, i = self._readings, 0
+            for commit in commits:
+                while i < len(readings) and not (
+                    readings[i][0] == salts and readings[i][1] >= commit
+                ):
+                    i += 1
+                floor = max(readings[i][2] if i < len(readings) else now, floor)
+                out.append(floor)
+        return out
 
     def forget(self, salts: bytes, upto: int) -> None:
         """Drop the readings no later transaction can use: those of the epoch of ``salts`` up to

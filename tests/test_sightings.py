@@ -55,11 +55,13 @@ def test_stamps_are_the_first_reading_that_shows_the_commit(tmp_path: Path, app)
     assert seen_a is not None and seen_a <= t_a
     assert seen_b is not None and t_a <= seen_b <= t_b
     assert s.first_seen(salts, b[1] + 1) is None
-    assert s.stamp(salts, a[1], 0) == seen_a
     before = time.time_ns()
-    assert s.stamp(salts, b[1] + 1, 0) >= before  # not seen yet: now
-    # never before the floor, and nothing from another epoch
-    assert s.stamp(salts, a[1], t_b + 5) == t_b + 5
+    # in one pass: seen by a, by b, not yet (now)
+    stamps = s.stamps(salts, [a[1], b[1], b[1] + 1], 0)
+    assert stamps[:2] == [seen_a, seen_b] and stamps[2] >= before
+    # never before the floor nor the one ahead, and nothing from another epoch
+    assert s.stamps(salts, [a[1], b[1]], t_b + 5) == [t_b + 5, t_b + 5]
+    assert s.stamps(b"\0" * 8, [a[1]], 0)[0] >= before
     assert s.first_seen(b"\0" * 8, 1) is None
     # once captured up to a's end, a is forgotten; b is still the stamp of what follows it
     s.forget(salts, a[1])
