@@ -149,37 +149,12 @@ class ObjectDecoder:
         self._tail = bytearray()
         self._done = False
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes | memoryview) -> bytes:
         """Consume raw bytes; return any body bytes they complete."""
         if self.header is None:
-            self._buf += data
-            if len(self._buf) < _PREAMBLE.size:
+            data = self._header(data)
+            if self.header is None:
                 return b""
-            magic, version, kind, hlen = _PREAMBLE.unpack_from(self._buf)
-            if magic != MAGIC:
-                raise FormatError(f"{self.key}: not a replica object (bad magic)")
-            if version not in READ_VERSIONS:
-                raise FormatError(f"{self.key}: unsupported format version {version}")
-            if kind not in _KIND_NAMES:
-                # the preamble is not covered by the trailer's digest: check it on its own
-                raise CorruptObjectError(f"{self.key}: corrupt object (unknown kind {kind})")
-            if hlen > _MAX_HEADER:
-                raise CorruptObjectError(f"{self.key}: corrupt object (header length {hlen})")
-            if len(self._buf) < _PREAMBLE.size + hlen:
-                return b""
-            raw = bytes(self._buf[_PREAMBLE.size : _PREAMBLE.size + hlen])
-            header = _parse_header(raw, self.key)
-            if header.get("kind", _KIND_NAMES[kind]) != _KIND_NAMES[kind]:
-                raise CorruptObjectError(
-                    f"{self.key}: corrupt object (kind {_KIND_NAMES[kind]} in the preamble, "
-                    f"{header.get('kind')!r} in the header)"
-                )
-            self.header = header
-            self.kind = kind
-            self._hash.update(raw)
-            self._dobj = zstandard.ZstdDecompressor().decompressobj()
-            data = bytes(self._buf[_PREAMBLE.size + hlen :])
-            self._buf = bytearray()
         if self._done:
             self._tail += data
             return b""
@@ -192,6 +167,48 @@ class ObjectDecoder:
             self._done = True
             self._tail += self._dobj.unused_data
         return out
+
+    def _header(self, data: bytes | memoryview) -> memoryview:
+        """Take in bytes of the preamble and header (parsed once complete); returns the bytes
+        after them. The first chunk is not copied when it holds the whole header."""
+        if self._buf:
+            self._buf += data
+            buf: bytes | bytearray | memoryview = self._buf
+        else:
+            buf = data
+        if len(buf) < _PREAMBLE.size:
+            return self._keep(buf)
+        magic, version, kind, hlen = _PREAMBLE.unpack_from(buf)
+        if magic != MAGIC:
+            raise FormatError(f"{self.key}: not a replica object (bad magic)")
+        if version not in READ_VERSIONS:
+            raise FormatError(f"{self.key}: unsupported format version {version}")
+        if kind not in _KIND_NAMES:
+            # the preamble is not covered by the trailer's digest: check it on its own
+            raise CorruptObjectError(f"{self.key}: corrupt object (unknown kind {kind})")
+        if hlen > _MAX_HEADER:
+            raise CorruptObjectError(f"{self.key}: corrupt object (header length {hlen})")
+        if len(buf) < _PREAMBLE.size + hlen:
+            return self._keep(buf)
+        raw = bytes(buf[_PREAMBLE.size : _PREAMBLE.size + hlen])
+        header = _parse_header(raw, self.key)
+        if header.get("kind", _KIND_NAMES[kind]) != _KIND_NAMES[kind]:
+            raise CorruptObjectError(
+                f"{self.key}: corrupt object (kind {_KIND_NAMES[kind]} in the preamble, "
+                f"{header.get('kind')!r} in the header)"
+            )
+        self.header = header
+        self.kind = kind
+        self._hash.update(raw)
+        self._dobj = zstandard.ZstdDecompressor().decompressobj()
+        self._buf = bytearray()
+        return memoryview(buf)[_PREAMBLE.size + hlen :]
+
+    def _keep(self, buf: bytes | bytearray | memoryview) -> memoryview:
+        """Keep an incomplete header's bytes for the next chunk."""
+        if buf is not self._buf:
+            self._buf = bytearray(buf)
+        return memoryview(b"")
 
     def finish(self) -> None:
         """Check the body ended and the trailer matches; raise CorruptObjectError if not."""
