@@ -8,10 +8,10 @@ import logging
 import time
 from collections.abc import Iterator
 
+from .contenthash import CATCHUP_PGNO_SIZE, page_hash
 from .dbstate import DbState, pages_of
 from .errors import DatabaseError
 from .headers import CatchupHeader, Reason
-from .pageindex import CATCHUP_PGNO_SIZE, page_hash
 from .pos import ObjectInfo, catchup_info
 from .progress import CaptureResult, Part, Shared
 from .snapshots import Snapshots

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .contenthash import CATCHUP_PGNO_SIZE, page_hash
 from .dbstate import DbState
 from .headers import DiffHeader
-from .pageindex import CATCHUP_PGNO_SIZE, Hashes, PageIndex, page_hash
+from .pageindex import Hashes, PageIndex
 from .pos import ObjectInfo, diff_info
 from .spool import Spool
 

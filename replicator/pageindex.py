@@ -1,10 +1,7 @@
-"""The content hash of a database and the per-page index that keeps it current.
+"""The per-page index that keeps a database's content hash current.
 
-Content hash (docs/format.md, "Content hash"): for a database of ``n`` pages of ``page_size``
-bytes, page ``p`` (1-based) hashes to ``H(p) = XXH3-128(page bytes, seed = p)`` taken as an
-unsigned 128-bit integer, and the content hash is ``H(1) xor H(2) xor ... xor H(n)``, written as
-32 lowercase hex digits (big-endian). XOR makes it incremental: a page that changes from ``a`` to
-``b`` changes the hash by ``H_a xor H_b``; a database that shrinks drops the pages past its end.
+The content hash itself (``H(p)`` per page, XORed over pages 1..n) is defined in
+:mod:`replicator.contenthash`.
 
 The capture keeps ``H(p)`` for every page of the state it has captured (the *page index*): 16
 bytes per page in memory (4 MiB for a 1 GiB database of 4 KiB pages), and the same again on
@@ -32,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from .contenthash import CATCHUP_PGNO_SIZE, page_hash
 from .errors import CorruptObjectError, ReplicatorError
 from .format import ObjectDecoder
 from .fsutil import atomic_writer
@@ -46,8 +44,6 @@ _MAGIC = b"RPLIDX01"
 # magic, generation (16 ascii), txid, page size, pages, device, inode, content hash (16 bytes)
 _HEAD = struct.Struct(">8s16sQIIQQ16s")
 _MASK64 = (1 << 64) - 1
-_HASH_CHUNK = 1024
-CATCHUP_PGNO_SIZE = 4  # a catch-up body is records of (page number u32 BE, page)
 
 Hashes = npt.NDArray[np.uint64]  # shape (n, 2): the high and low 64 bits of H(p)
 
@@ -55,40 +51,6 @@ Hashes = npt.NDArray[np.uint64]  # shape (n, 2): the high and low 64 bits of H(p
 @functools.cache
 def _zeros(page_size: int) -> bytes:
     return bytes(page_size)
-
-
-def page_hash(pgno: int, page: bytes | memoryview) -> int:
-    """``H(p)``: XXH3-128 of the page with the page number as the seed."""
-    return int(xxhash.xxh3_128_intdigest(page, seed=pgno))
-
-
-def hash_hex(value: int) -> str:
-    """The written form of a content hash: 32 lowercase hex digits."""
-    return f"{value:032x}"
-
-
-def content_hash(pages: Iterable[tuple[int, bytes | memoryview]]) -> int:
-    """The content hash of ``(pgno, page)`` pairs that cover pages 1..n exactly once."""
-    h = 0
-    for pgno, page in pages:
-        h ^= page_hash(pgno, page)
-    return h
-
-
-def file_content_hash(fd: int, page_size: int, pages: int) -> int:
-    """The content hash of pages 1..``pages`` of an open database file (short reads are zeros)."""
-    h = 0
-    pgno = 1
-    while pgno <= pages:
-        n = min(_HASH_CHUNK, pages - pgno + 1)
-        buf = os.pread(fd, n * page_size, (pgno - 1) * page_size)
-        if len(buf) < n * page_size:
-            buf += bytes(n * page_size - len(buf))
-        mv = memoryview(buf)
-        for k in range(n):
-            h ^= page_hash(pgno + k, mv[k * page_size : (k + 1) * page_size])
-        pgno += n
-    return h
 
 
 class IndexUnusable(Exception):

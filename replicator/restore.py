@@ -23,6 +23,7 @@ import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from .contenthash import CATCHUP_PGNO_SIZE, file_content_hash, hash_hex
 from .errors import CorruptObjectError, NotFoundError, ReplicatorError, RestoreError, WalError
 from .format import decode_stream, read_header
 from .fsutil import fsync_dir, lock_owned, owned_temp_dir, remove_stale_temps, temp_path
@@ -35,7 +36,6 @@ from .headers import (
     SnapshotHeader,
     Txn,
 )
-from .pageindex import CATCHUP_PGNO_SIZE, file_content_hash, hash_hex
 from .pos import ObjectInfo, WalPos
 from .storage.base import DEFAULT_CHUNK_SIZE, StorageClient
 from .wal import FRAME_HEADER_SIZE, parse_wal_header, verify_frames

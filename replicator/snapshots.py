@@ -9,12 +9,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .contenthash import page_hash
 from .dbstate import DbState, pages_of, read_state
 from .diffsnap import DEFAULT_DIFF_MAX, DiffBase, write_diff
 from .errors import DatabaseError
 from .handles import file_sig
 from .headers import Reason, SnapshotHeader
-from .pageindex import PageIndex, Stamp, page_hash
+from .pageindex import PageIndex, Stamp
 from .pos import ObjectInfo, WalPos, new_generation_id, snapshot_info
 from .progress import CaptureResult, Part, Shared
 

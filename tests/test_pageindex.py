@@ -11,14 +11,8 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from replicator.pageindex import (
-    IndexUnusable,
-    PageIndex,
-    SavedIndex,
-    content_hash,
-    file_content_hash,
-    page_hash,
-)
+from replicator.contenthash import content_hash, file_content_hash, page_hash
+from replicator.pageindex import IndexUnusable, PageIndex, SavedIndex
 from replicator.wal import FRAME_HEADER_SIZE
 
 PS = 512
