@@ -43,6 +43,9 @@ from .wal import FRAME_HEADER_SIZE, parse_wal_header, verify_frames
 DEFAULT_PREFETCH = 4
 CHECK_MMAP = 1 << 30  # bytes of the restored file integrity_check reads through a map
 CHECK_CACHE_KIB = 64 << 10  # its page cache
+# WAL segments (stored bytes) up to which a restore checks frames in plain Python: for this
+# little WAL that is quicker than importing numpy for the vectorised check
+PLAIN_WAL_BYTES = 1 << 20
 REPLANS = 5
 
 log = logging.getLogger("replicator.restore")
@@ -585,8 +588,9 @@ class RestoreResult:
 class _Applier:
     """Applies decoded snapshot pages and WAL frames to an open output file."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, plain: bool = False) -> None:
         self.fd = fd
+        self.plain = plain  # check WAL frames in plain Python (see PLAIN_WAL_BYTES)
         self.pages = 0
         self.page_size = 0
         self.end: WalPos | None = None
@@ -742,7 +746,7 @@ async def _apply_part(
         n = len(buf) // fs
         left -= n
         try:
-            ck = verify_frames(buf, ps, part.big_endian, start.salts, ck)
+            ck = verify_frames(buf, ps, part.big_endian, start.salts, ck, plain=ap.plain)
         except WalError as exc:
             raise CorruptObjectError(f"{seg.key}: corrupt object ({exc})") from None
         writes = []
@@ -1087,7 +1091,8 @@ async def _apply(read: Reader, plan: RestorePlan, output: str, check: bool) -> R
     ok = False
     try:
         lock_owned(fd)
-        ap = _Applier(fd)
+        wal_bytes = sum(s.size for s in plan.segments if s.kind == "wal")
+        ap = _Applier(fd, plain=wal_bytes <= PLAIN_WAL_BYTES)
         await _apply_snapshot(read, plan.snapshot, ap)
         if plan.diff is not None:
             await _apply_diff(read, plan.diff, ap)

@@ -597,30 +597,60 @@ def test_scan_bytes_of_a_segment_body_matches_file_scan() -> None:
 # verify_frames
 
 
+@pytest.mark.parametrize("plain", [False, True], ids=["numpy", "plain"])
 @pytest.mark.parametrize("big_endian", [False, True])
-def test_verify_frames(big_endian: bool) -> None:
+def test_verify_frames(big_endian: bool, plain: bool) -> None:
     w = build_wal([2, 3], tail=1, big_endian=big_endian, seed=5)
     h = parse_wal_header(w.data)
     body = w.data[WAL_HEADER_SIZE:]
-    final = verify_frames(body, 512, big_endian, h.salts, h.checksum)
+
+    def verify(buf: bytes, ck: tuple[int, int], *, salts: tuple[int, int] = h.salts,
+               be: bool = big_endian) -> tuple[int, int]:
+        return verify_frames(buf, 512, be, salts, ck, plain=plain)
+
+    final = verify(body, h.checksum)
     assert final == stored_checksum(w.data, 6, 512)  # uncommitted frames are fine here
-    assert verify_frames(b"", 512, big_endian, h.salts, (3, 4)) == (3, 4)
+    assert verify(b"", (3, 4)) == (3, 4)
     fs = frame_size(512)
     part = body[2 * fs : 4 * fs]
-    assert verify_frames(part, 512, big_endian, h.salts, stored_checksum(w.data, 2, 512)) == (
-        stored_checksum(w.data, 4, 512)
-    )
+    assert verify(part, stored_checksum(w.data, 2, 512)) == stored_checksum(w.data, 4, 512)
 
     bad = bytearray(body)
     bad[3 * fs + 100] ^= 0x40
     with pytest.raises(WalError, match=r"frame 4 of 6 .*checksum mismatch"):
-        verify_frames(bytes(bad), 512, big_endian, h.salts, h.checksum)
+        verify(bytes(bad), h.checksum)
     with pytest.raises(WalError, match=r"frame 1 of 6 .*salt mismatch"):
-        verify_frames(body, 512, big_endian, (h.salt1 + 1, h.salt2), h.checksum)
+        verify(body, h.checksum, salts=(h.salt1 + 1, h.salt2))
     with pytest.raises(WalError, match="frame 1 of 6"):
-        verify_frames(body, 512, not big_endian, h.salts, h.checksum)
+        verify(body, h.checksum, be=not big_endian)
     with pytest.raises(WalError, match="whole number"):
-        verify_frames(body[:-1], 512, big_endian, h.salts, h.checksum)
+        verify(body[:-1], h.checksum)
+    zero = encode_frames([(3, 0, bytes(512)), (0, 1, bytes(512))], big_endian, h.salts,
+                         h.checksum)
+    with pytest.raises(WalError, match=r"frame 2 of 2 .*page number 0"):
+        verify(zero, h.checksum)
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 4), min_size=1, max_size=5), big_endian=st.booleans(),
+       flip=st.none() | st.integers(0, 20 * 536 * 8 - 1), seed=st.integers(0, 99))
+def test_plain_verify_agrees_with_numpy(
+    sizes: list[int], big_endian: bool, flip: int | None, seed: int
+) -> None:
+    """Frame by frame in plain Python and vectorised: the same checksum, the same error."""
+    w = build_wal(sizes, big_endian=big_endian, seed=seed)
+    h = parse_wal_header(w.data)
+    body = bytearray(w.data[WAL_HEADER_SIZE:])
+    if flip is not None and flip < len(body) * 8:
+        body[flip // 8] ^= 1 << (flip % 8)
+    got = []
+    for plain in (False, True):
+        try:
+            got.append(verify_frames(bytes(body), 512, big_endian, h.salts, h.checksum,
+                                     plain=plain))
+        except WalError as exc:
+            got.append(str(exc))
+    assert got[0] == got[1]
 
 
 def test_file_shorter_than_start_slot_is_short(tmp_path: Path) -> None:
