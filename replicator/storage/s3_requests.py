@@ -278,6 +278,11 @@ class S3Requests:
         )
         session = get_session()
         session.register_component("data_loader", _shared_loader(session))
+        # timestamps (LastModified of every listed object) stay text: nothing here reads them,
+        # and parsing them with dateutil is most of the cost of a long listing
+        session.get_component("response_parser_factory").set_parser_defaults(
+            timestamp_parser=str
+        )
         client = await stack.enter_async_context(
             session.create_client(
                 "s3", region_name=o.region, endpoint_url=o.endpoint, config=config
