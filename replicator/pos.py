@@ -23,9 +23,11 @@ the transactions; the object header carries the same times in nanoseconds, per t
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,6 +105,18 @@ class ObjectInfo:
     def name(self) -> str:
         """The last path component of the key."""
         return self.key.rsplit("/", 1)[1]
+
+
+# ObjectInfo's fields in order: the key that sorts as the dataclass compares, in C
+_ORDER = operator.attrgetter(
+    "generation", "end_txid", "kind_order", "start_txid", "first_ms", "last_ms", "size"
+)
+
+
+def sort_objects(infos: Iterable[ObjectInfo]) -> list[ObjectInfo]:
+    """``sorted(infos)``, without a Python-level comparison per pair (a listing of thousands of
+    objects sorts several times faster)."""
+    return sorted(infos, key=_ORDER)
 
 
 def snapshot_info(gen: str, txid: int, ts_ms: int, size: int = 0) -> ObjectInfo:

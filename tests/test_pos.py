@@ -21,6 +21,7 @@ from replicator.pos import (
     segment_key,
     snapshot_info,
     snapshot_key,
+    sort_objects,
 )
 
 GEN = "018c2f5e9a3b4c7d"
@@ -216,3 +217,13 @@ def test_object_info_properties() -> None:
     assert seg.name == "0000000000000002-0000000000000009-00000000000a-000000000014.seg"
     snap = snapshot_info(GEN, 9, 30)
     assert snap.name == "0000000000000009-00000000001e.snap"
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["01a22ca7f1178eea", "01a22ca7f1178eeb"]),
+                          *[st.integers(0, 4)] * 6), max_size=40))
+def test_sort_objects_sorts_as_the_dataclass_compares(
+    rows: list[tuple[str, int, int, int, int, int, int]],
+) -> None:
+    infos = [ObjectInfo(g, e, k % 4, s, f, la, z) for g, e, k, s, f, la, z in rows]
+    assert sort_objects(infos) == sorted(infos)

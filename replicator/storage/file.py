@@ -19,7 +19,14 @@ import aiofiles.os
 
 from ..errors import NotFoundError, StorageError
 from ..fsutil import TMP_SUFFIX, atomic_writer, fsync_dir, makedirs_durable, temp_path
-from ..pos import GENERATIONS_DIR, LEASE_KEY, ObjectInfo, is_generation_id, parse_key
+from ..pos import (
+    GENERATIONS_DIR,
+    LEASE_KEY,
+    ObjectInfo,
+    is_generation_id,
+    parse_key,
+    sort_objects,
+)
 from .base import DEFAULT_CHUNK_SIZE
 
 # link() errors that mean "copy instead": another file system, or one without hard links
@@ -105,7 +112,7 @@ class FileStorage:
                 info = parse_key(key, size)
                 if info is not None:
                     out.append(info)
-        return sorted(out)
+        return sort_objects(out)
 
     async def generations(self) -> list[str]:
         """Generation ids present, oldest first."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 
 from ..errors import NotFoundError
-from ..pos import GENERATIONS_DIR, ObjectInfo, is_generation_id, parse_key
+from ..pos import GENERATIONS_DIR, ObjectInfo, is_generation_id, parse_key, sort_objects
 from .base import DEFAULT_CHUNK_SIZE
 
 
@@ -37,7 +37,7 @@ class MemoryStorage:
             info = parse_key(key, len(value))
             if info is not None and info.generation == generation:
                 out.append(info)
-        return sorted(out)
+        return sort_objects(out)
 
     async def write_object(self, info: ObjectInfo, data: AsyncIterable[bytes]) -> int:
         """Collect the stream, then store it in one assignment (atomic)."""

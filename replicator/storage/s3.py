@@ -30,6 +30,7 @@ from ..pos import (
     generation_prefix,
     is_generation_id,
     parse_key,
+    sort_objects,
 )
 from .base import DEFAULT_CHUNK_SIZE
 from .s3_multipart import BodyReader, MultipartUpload, release
@@ -175,7 +176,7 @@ class S3Storage:
                 info = parse_key(str(item["Key"])[len(root) :], int(item.get("Size", 0)))
                 if info is not None and info.generation == generation:
                     out.append(info)
-        return sorted(out)
+        return sort_objects(out)
 
     async def write_object(self, info: ObjectInfo, data: AsyncIterable[bytes]) -> int:
         """Stream ``data`` to ``info.key``: one PutObject if it fits in a part, else multipart."""
