@@ -116,6 +116,7 @@ async def restore_if_missing(db: DbConfig, *, check: bool = True) -> RestoreResu
     finally:
         for c in clients:
             await c.aclose()
-    log.info("restored %s from %s: generation %s, txid %d (%s), integrity_check %s", db.path,
-             best.client.url, plan.generation, plan.txid, fmt_ns(plan.ts_ns), result.integrity)
+    log.info("restored %s from %s: generation %s, txid %d (%s), %s %s", db.path,
+             best.client.url, plan.generation, plan.txid, fmt_ns(plan.ts_ns), result.check,
+             result.integrity)
     return result

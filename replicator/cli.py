@@ -131,8 +131,12 @@ def _add_restore(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="do nothing (exit 0) if OUTPUT already exists")
     s.add_argument("--if-replica-exists", action="store_true",
                    help="do nothing (exit 0) if there is no replica to restore from")
-    s.add_argument("--no-integrity-check", action="store_true",
-                   help="skip PRAGMA integrity_check on the result")
+    c = s.add_mutually_exclusive_group()
+    c.add_argument("--full-integrity-check", action="store_true",
+                   help="run PRAGMA integrity_check even when the content hash proved the result "
+                   "(by default PRAGMA quick_check then)")
+    c.add_argument("--no-integrity-check", action="store_true",
+                   help="skip the content hash check and the SQLite check of the result")
 
 
 def _add_listings(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -525,14 +529,15 @@ async def _restore(args: argparse.Namespace) -> int:
         bar = _ProgressBar(size, count) if sys.stderr.isatty() else None
         try:
             result = await apply_plan(src.client, plan, args.output, force=args.force,
-                                      check=not args.no_integrity_check, progress=bar)
+                                      check=not args.no_integrity_check, progress=bar,
+                                      full_check=args.full_integrity_check)
         finally:
             if bar is not None:
                 bar.close()
         print(redact(
             f"restored {result.output} from {src.client.url}: generation {plan.generation}, "
             f"txid {plan.txid} ({fmt_ns(plan.ts_ns)}), {result.pages} pages, "
-            f"integrity_check {result.integrity}"
+            f"{result.check} {result.integrity}"
             + (f", content hash matches {result.verified}" if result.verified else "")
         ))
         for note in plan.notes:

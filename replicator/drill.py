@@ -146,7 +146,7 @@ async def restore_point(
     where = f"{client.url}: generation {point.generation} txid {point.txid}"
     try:
         plan = await plan_restore(client, txid=point.txid, generation=point.generation)
-        await apply_plan(client, plan, out)
+        await apply_plan(client, plan, out, full_check=True)
     except ReplicatorError as exc:
         raise DrillFailed(f"{where}: restore failed: {exc}") from None
     got = await asyncio.to_thread(file_sha256, out)

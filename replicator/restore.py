@@ -5,8 +5,10 @@ WAL segments after it, and resolves the exact last transaction. It refuses, with
 range in the message, a target before the earliest restorable point, inside a gap between
 generations, or behind a missing segment: a restore never silently stops short.
 ``apply_plan`` writes the pages to a temp file beside the output, verifies every object's checksum
-and every WAL frame's chained checksum and link to its predecessor, runs ``PRAGMA
-integrity_check``, then renames the file into place.
+and every WAL frame's chained checksum and link to its predecessor, checks the result against the
+content hash recorded where it stops, runs ``PRAGMA quick_check`` (the content hash proved the
+file is the application's, page for page) or ``PRAGMA integrity_check`` (no hash to prove it, or
+asked for), then renames the file into place.
 """
 
 from __future__ import annotations
@@ -583,6 +585,8 @@ class RestoreResult:
     # the object whose recorded content hash the restored file matched (None: the restore
     # stopped inside a segment, or at an object of a version-1 replica, which records none)
     verified: str | None = None
+    # the check ``integrity`` is the answer of: "quick_check" or "integrity_check"
+    check: str = "integrity_check"
 
 
 class _Applier:
@@ -860,8 +864,9 @@ def _write_all(ap: _Applier, writes: list[tuple[bytes, int]]) -> None:
         os.pwrite(ap.fd, data, off)
 
 
-def integrity_check(path: str) -> str:
-    """``PRAGMA integrity_check`` on a closed database file without creating -wal/-shm files;
+def integrity_check(path: str, quick: bool = False) -> str:
+    """``PRAGMA integrity_check`` (``quick``: ``PRAGMA quick_check``, which skips comparing
+    every index with its table) on a closed database file without creating -wal/-shm files;
     returns "ok" or the first problems reported."""
     conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
     try:
@@ -869,7 +874,7 @@ def integrity_check(path: str) -> str:
         # larger cache instead of a system call each time (bounded, whatever the size)
         conn.execute(f"PRAGMA mmap_size = {CHECK_MMAP}")
         conn.execute(f"PRAGMA cache_size = -{CHECK_CACHE_KIB}")
-        rows = conn.execute("PRAGMA integrity_check").fetchall()
+        rows = conn.execute(f"PRAGMA {'quick_check' if quick else 'integrity_check'}").fetchall()
     except sqlite3.DatabaseError as exc:
         return str(exc)
     finally:
@@ -1017,8 +1022,13 @@ async def apply_plan(
     check: bool = True,
     prefetch: int | None = None,
     progress: Progress | None = None,
+    full_check: bool = False,
 ) -> RestoreResult:
-    """Write the planned database to ``output`` (temp file, fsync, integrity check, rename).
+    """Write the planned database to ``output`` (temp file, fsync, checks, rename).
+
+    ``check``: compare the result with the content hash recorded where the restore stops, then
+    run ``PRAGMA quick_check`` if it matched, ``PRAGMA integrity_check`` if there was none (or
+    ``full_check``); False skips all three.
 
     From a remote destination the next ``prefetch`` objects (default ``DEFAULT_PREFETCH``; 0 for
     a local directory or memory) download concurrently into a temp directory beside the output
@@ -1031,7 +1041,8 @@ async def apply_plan(
     most ``REPLANS`` times: the result is the same database."""
     for attempt in range(REPLANS + 1):
         try:
-            return await _apply_plan(client, plan, output, force, check, prefetch, progress)
+            return await _apply_plan(client, plan, output, force, (check, full_check),
+                                     prefetch, progress)
         except NotFoundError:
             if attempt == REPLANS:
                 raise
@@ -1044,7 +1055,7 @@ async def _apply_plan(
     plan: RestorePlan,
     output: str,
     force: bool,
-    check: bool,
+    check: tuple[bool, bool],
     prefetch: int | None,
     progress: Progress | None,
 ) -> RestoreResult:
@@ -1081,7 +1092,10 @@ async def _apply_plan(
             os.close(dir_fd)
 
 
-async def _apply(read: Reader, plan: RestorePlan, output: str, check: bool) -> RestoreResult:
+async def _apply(
+    read: Reader, plan: RestorePlan, output: str, checks: tuple[bool, bool]
+) -> RestoreResult:
+    check, full_check = checks
     parent = os.path.dirname(output)
     tmp = temp_path(output)
     try:
@@ -1108,13 +1122,17 @@ async def _apply(read: Reader, plan: RestorePlan, output: str, check: bool) -> R
         verified = await asyncio.to_thread(_verify_content, ap) if check else None
         os.close(fd)
         fd = -1
-        result = await asyncio.to_thread(integrity_check, tmp) if check else "skipped"
+        pragma = ("quick_check" if verified is not None and not full_check
+                  else "integrity_check")
+        result = (await asyncio.to_thread(integrity_check, tmp, pragma == "quick_check")
+                  if check else "skipped")
         if check and result != "ok":
-            raise RestoreError(f"restored database failed integrity_check: {result}")
+            raise RestoreError(f"restored database failed {pragma}: {result}")
         os.replace(tmp, output)
         fsync_dir(parent)
         ok = True
-        return RestoreResult(output, plan.txid, ap.pages, ap.page_size, result, verified)
+        return RestoreResult(output, plan.txid, ap.pages, ap.page_size, result, verified,
+                             pragma if check else "integrity_check")
     except OSError as exc:
         raise RestoreError(f"cannot write {tmp}: {exc.strerror}") from None
     finally:

@@ -247,8 +247,27 @@ def test_restore_prints_what_it_did(replica: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.db"
     text = run("restore", str(replica), "-o", str(out))
     assert text.startswith(f"restored {out} from file://{replica}: generation {gen2}, txid 3 (")
-    assert "integrity_check ok" in text
+    # the content hash proved the file is the application's: quick_check is enough
+    assert "pages, quick_check ok, content hash matches generations/" in text
     assert seqs(out) == list(range(1, 11))  # 1..6, 7 (the gap, in the snapshot), 8..10
+
+
+def test_restore_full_integrity_check(replica: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o.db"
+    text = run("restore", str(replica), "-o", str(out), "--full-integrity-check")
+    assert "pages, integrity_check ok, content hash matches generations/" in text
+    assert seqs(out) == list(range(1, 11))
+
+
+def test_restore_integrity_check_flags_exclude_each_other(replica: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o.db"
+    r = cli("restore", str(replica), "-o", str(out), "--full-integrity-check",
+            "--no-integrity-check", timeout=60)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "--no-integrity-check" in r.stderr and "--full-integrity-check" in r.stderr
+    assert not out.exists()
 
 
 def test_config_selects_replicas(replica: Path, tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ def test_db_absent_replica_present_restores_the_newest_state(tmp_path: Path) -> 
     want = make_replica(tmp_path, 50)
     code, err = start(tmp_path, tmp_path / "started")
     assert code == 0, err
-    assert "restored " in err and "integrity_check ok" in err
+    assert "restored " in err and "quick_check ok" in err  # content hash matched
     assert (tmp_path / "started").exists()
     assert dump(tmp_path / "app.db") == want
     assert integrity(tmp_path / "app.db") == "ok"

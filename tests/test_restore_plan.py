@@ -25,7 +25,7 @@ from replicator.errors import CorruptObjectError, FormatError, RestoreError
 from replicator.format import KIND_WAL, ObjectDecoder, ObjectWriter, read_header
 from replicator.pos import ObjectInfo
 from replicator.replica import Replica
-from replicator.restore import apply_plan, fmt_ns, parse_time, plan_restore
+from replicator.restore import apply_plan, fmt_ns, integrity_check, parse_time, plan_restore
 from replicator.spool import Spool
 from replicator.storage import FileStorage, MemoryStorage
 from replicator.storage.base import StorageClient
@@ -668,6 +668,42 @@ async def test_restore_without_integrity_check(
     result = await apply_plan(client, plan, str(tmp_path / "o.db"), check=False)
     assert result.integrity == "skipped"
     assert seqs(tmp_path / "o.db") == [1, 2, 3]
+
+
+async def test_which_sqlite_check_a_restore_runs(
+    simple: tuple[History, StorageClient], tmp_path: Path
+) -> None:
+    """quick_check where the content hash proved the file, integrity_check where there was no
+    hash to prove it, or when asked for."""
+    _, client = simple
+    latest = await plan_restore(client)
+    seen = set()
+    for txid in range(latest.txid + 1):
+        out = tmp_path / f"{txid}.db"
+        result = await apply_plan(client, await plan_restore(client, txid=txid), str(out))
+        assert result.integrity == "ok"
+        assert result.check == ("quick_check" if result.verified else "integrity_check")
+        seen.add(result.check)
+        assert seqs(out) == list(range(1, txid + 1))
+    assert "quick_check" in seen
+    result = await apply_plan(client, latest, str(tmp_path / "full.db"), full_check=True)
+    assert (result.check, result.integrity) == ("integrity_check", "ok")
+    assert result.verified is not None
+
+
+def test_integrity_check_of_a_damaged_file(tmp_path: Path) -> None:
+    db = tmp_path / "d.db"
+    c = sqlite3.connect(db)
+    c.execute("CREATE TABLE t(x)")
+    c.executemany("INSERT INTO t VALUES (?)", [(os.urandom(300),) for _ in range(200)])
+    c.commit()
+    c.close()
+    assert integrity_check(str(db), quick=True) == integrity_check(str(db)) == "ok"
+    with open(db, "r+b") as f:  # a b-tree page of the table, overwritten
+        f.seek(3 * 4096)
+        f.write(b"\x0d" + bytes(4095))
+    for quick in (True, False):
+        assert integrity_check(str(db), quick) != "ok"
 
 
 async def test_restored_file_opens_without_wal(simple: tuple[History, StorageClient],
