@@ -202,14 +202,24 @@ class FileStorage:
     async def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
         """Stream a file in chunks."""
         try:
-            # closed with this iterator, so a reader that stops early (a header) closes the file
-            async with contextlib.aclosing(stream_file(self._path(info.key))) as chunks:
-                async for chunk in chunks:
-                    yield chunk
+            fd = await asyncio.to_thread(os.open, self._path(info.key), os.O_RDONLY)
         except FileNotFoundError:
             raise NotFoundError(f"{self.url}: {info.key}: object not found") from None
         except OSError as exc:
             raise self._error(f"cannot read {info.key}", exc) from None
+        # closed with this iterator, so a reader that stops early (a header) closes the file;
+        # no inner generator, which asyncio would close on its own at shutdown, at the same time
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.to_thread(os.read, fd, DEFAULT_CHUNK_SIZE)
+                except OSError as exc:
+                    raise self._error(f"cannot read {info.key}", exc) from None
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            os.close(fd)
 
     async def delete_objects(self, infos: Sequence[ObjectInfo]) -> None:
         """Unlink files; absent ones are ignored."""
