@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -256,6 +258,29 @@ def test_restore_full_integrity_check(replica: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.db"
     text = run("restore", str(replica), "-o", str(out), "--full-integrity-check")
     assert "pages, integrity_check ok, content hash matches generations/" in text
+    assert seqs(out) == list(range(1, 11))
+
+
+def test_restore_from_a_directory_imports_only_what_it_needs(
+    replica: Path, tmp_path: Path
+) -> None:
+    """A restore from a directory that replays little WAL starts without numpy, the S3 client
+    or anything only replication needs."""
+    out = tmp_path / "o.db"
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['replicator', 'restore', {str(replica)!r}, '-o', {str(out)!r}]\n"
+        "try:\n"
+        "    runpy.run_module('replicator', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n"
+        "heavy = ('numpy', 'aiobotocore', 'botocore', 'aiohttp', 'prometheus_client', 'yaml',\n"
+        "         'tqdm', 'watchdog')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "[]"
     assert seqs(out) == list(range(1, 11))
 
 
