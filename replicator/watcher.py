@@ -214,7 +214,14 @@ class InotifyEvents(FileEvents):
         if quiet == d.quiet or self._ino is None:
             return
         try:
-            self._ino.add_watch(d.path, ino.DIR_MASK & ~ino.IN_MODIFY if quiet else ino.DIR_MASK)
+            wd = self._ino.add_watch(d.path, _mask(quiet))
+            if wd != d.wd:  # another directory by that name now: put its watch back
+                other = self._wds.get(wd)
+                if other is None:
+                    self._ino.rm_watch(wd)
+                else:
+                    self._ino.add_watch(other.path, _mask(other.quiet))
+                return
         except OSError as exc:  # gone: its IN_IGNORED follows; a paused loop polls anyway
             log.debug("cannot change the watch of %s: %s", d.path, exc.strerror)
             return
@@ -330,6 +337,11 @@ class InotifyEvents(FileEvents):
                     file = os.path.join(path, name)
                     if match(file) and file not in self._targets:
                         callback(file, "modified")
+
+
+def _mask(quiet: bool) -> int:
+    """A directory watch's events: without modifications while ``quiet``."""
+    return ino.DIR_MASK & ~ino.IN_MODIFY if quiet else ino.DIR_MASK
 
 
 def _kind(mask: int) -> str:
