@@ -34,11 +34,17 @@ from .errors import CorruptObjectError, ReplicatorError
 from .format import ObjectDecoder
 from .fsutil import atomic_writer
 from .headers import CatchupHeader, ObjectHeader, SnapshotHeader, header_from_json
+from .retry import TokenBucket
 from .spool import Spool
 from .wal import FRAME_HEADER_SIZE
 
 INDEX_FILE = "pages.idx"
 INDEX_SAVE_SECONDS = 10.0
+INDEX_SAVES_PER_SECOND = 10.0
+"""Periodic saves of all the databases of a process together, at most (each costs two fsyncs:
+with a thousand databases committing, saving each every ``INDEX_SAVE_SECONDS`` would cost more
+fsyncs than their commits; a save put off only keeps a few more objects in the spool)."""
+SAVES = TokenBucket(INDEX_SAVES_PER_SECOND)
 _READ = 1 << 20
 _MAGIC = b"RPLIDX01"
 # magic, generation (16 ascii), txid, page size, pages, device, inode, content hash (16 bytes)
@@ -413,8 +419,9 @@ class Stamp:
 
 class IndexKeeper:
     """The capture's page index and its copy in the spool (saved at most every
-    ``INDEX_SAVE_SECONDS`` while transactions come, and whenever asked). Spooled objects after
-    the saved txid must stay in the spool: a restart replays them."""
+    ``INDEX_SAVE_SECONDS`` while transactions come, as the process's ``SAVES`` allow, and
+    whenever asked). Spooled objects after the saved txid must stay in the spool: a restart
+    replays them."""
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
@@ -458,10 +465,12 @@ class IndexKeeper:
         self._saved_at = time.monotonic()
 
     def save_if_due(self, stamp: Stamp) -> None:
-        """Save when the state moved on and the last save is old enough."""
+        """Save when the state moved on, the last save is old enough and the process's budget of
+        periodic saves allows one now (else a later step saves)."""
         if self.saved == stamp or time.monotonic() - self._saved_at < INDEX_SAVE_SECONDS:
             return
-        self.save(stamp)
+        if SAVES.take():
+            self.save(stamp)
 
     def keep_from(self, generation: str) -> int | None:
         """Spooled objects of ``generation`` past this txid must stay (None: keep none)."""

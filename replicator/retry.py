@@ -8,12 +8,16 @@ destination that is back goes unnoticed.
 
 :class:`ErrorLog` logs an error when its text changes and otherwise at most once every
 ``every`` seconds, so a destination that stays down does not flood the log.
+
+:class:`TokenBucket` paces work that many databases share: at most ``rate`` a second on
+average, ``burst`` at once.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass
 
@@ -62,3 +66,26 @@ class ErrorLog:
     def reset(self) -> None:
         """Forget the last error (it was resolved): the next one is logged at once."""
         self.last = None
+
+
+class TokenBucket:
+    """At most ``rate`` units a second on average and ``burst`` at once (thread-safe: the
+    workers of every database take from one bucket)."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = rate if burst is None else burst
+        self._tokens = self.burst
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, n: float = 1.0) -> bool:
+        """Take ``n`` units if the bucket holds them now; False (nothing taken) otherwise."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if n > self._tokens:
+                return False
+            self._tokens -= n
+            return True
