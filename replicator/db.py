@@ -286,6 +286,7 @@ class Database:
             self.confirmed_ns = started  # nothing committed since a step that captured all
             if self.generation is not None:
                 self.keeper.save_if_due(self.snapshots.stamp())
+            res.sizes = self.handles.sizes()
             return res
         self._settled = None
         with SIGHTER.watching(self.handles.sightings):
@@ -295,6 +296,7 @@ class Database:
             seen[1] == salt_bytes(pos.salts) and seen[2] <= pos.frame
         ):
             self._settled = seen
+        res.sizes = self.handles.sizes()  # here, on a worker: a stat may wait on the disk
         return res
 
     def _quiet_signature(self) -> _Quiet | None:

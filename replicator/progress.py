@@ -53,6 +53,7 @@ class CaptureResult:
     catch_up: Reason | None = None  # a catch-up object was written, and why
     rotated: bool = False
     more: bool = False  # the step stopped with committed frames still to capture
+    sizes: tuple[int, int] = (0, 0)  # database and WAL file sizes after the step (bytes)
 
 
 @dataclass

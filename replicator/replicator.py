@@ -210,7 +210,7 @@ class DatabaseService:
         self.last_capture = time.time()
         if res.transactions:
             self.last_commit = time.monotonic()
-        sizes = self.db.sizes()
+        sizes = res.sizes
         self.report.captured(self.db, res, time.monotonic() - started, sizes)
         if res.new_generation and self.notices is not None and self.db.generation is not None:
             task = asyncio.ensure_future(
