@@ -101,10 +101,12 @@ def remove_stale_temps(path: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str) -> Iterator[BinaryIO]:
+def atomic_writer(path: str, parent_exists: bool = False) -> Iterator[BinaryIO]:
     """Open a temp file beside ``path``; on clean exit fsync it, rename it over ``path`` and
-    fsync the directory. On error the temp file is removed and ``path`` is untouched."""
-    makedirs_durable(os.path.dirname(path) or ".")
+    fsync the directory. On error the temp file is removed and ``path`` is untouched.
+    ``parent_exists``: the caller knows the directory is there (and durable): no look."""
+    if not parent_exists:
+        makedirs_durable(os.path.dirname(path) or ".")
     tmp = temp_path(path)
     f = open(tmp, "xb")  # noqa: SIM115 - closed below on every path
     try:

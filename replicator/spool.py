@@ -51,6 +51,7 @@ class Spool:
         self._index: dict[str, dict[str, ObjectInfo]] | None = None  # generation -> key -> info
         self._sorted: dict[str, list[ObjectInfo]] = {}  # generation -> its objects, in order
         self._headers: OrderedDict[str, ObjectHeader] = OrderedDict()  # key -> header
+        self._dirs: set[str] = set()  # directories this spool made (or found) durable
 
     def _scan(self) -> dict[str, dict[str, ObjectInfo]]:
         """The index (read from the directory the first time, sizes included); call with the
@@ -90,7 +91,8 @@ class Spool:
         with the size filled in (the index keeps it too)."""
         kind = _KIND_CODES[info.kind]
         path = self.path(info)
-        with atomic_writer(path) as f:
+        parent = os.path.dirname(path)
+        with atomic_writer(path, parent_exists=parent in self._dirs) as f:
             w = ObjectWriter(f, kind, header.to_json(), level)
             for chunk in body:
                 w.write(chunk)
@@ -98,6 +100,7 @@ class Spool:
             size = f.tell()
         out = dataclasses.replace(info, size=size)
         with self._lock:
+            self._dirs.add(parent)
             self._scan().setdefault(out.generation, {})[out.key] = out
             ordered = self._sorted.get(out.generation)
             if ordered is not None:
@@ -167,6 +170,7 @@ class Spool:
     def delete_generation(self, generation: str) -> None:
         """Remove a generation."""
         with self._lock:
+            self._dirs.clear()
             self._scan().pop(generation, None)
             self._sorted.pop(generation, None)
             for key in [k for k in self._headers if k.split("/")[1:2] == [generation]]:
