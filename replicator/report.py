@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import random
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,8 @@ class CaptureReport:
         self.name = name
         self.metrics = metrics
         self.replicas = replicas
-        self._summary_at = time.monotonic()
+        # spread over the interval: a thousand databases started together log apart
+        self._summary_at = time.monotonic() - random.uniform(0, SUMMARY_EVERY / 2)
         self._summary_base = {r.name: (0, 0) for r in replicas}
         self._debug = RateLimit(DEBUG_EVERY)
         self._debug_counts = [0, 0]  # transactions, frames captured since the last debug line
