@@ -85,7 +85,10 @@ class Replica:
         self.shipped_bytes = 0
         self._debug = RateLimit(DEBUG_EVERY)
         self.limit: asyncio.Semaphore | None = None
-        """Shared by the replicas of many databases: held while shipping (``run()``)."""
+        """Shared by the replicas of many databases: held while uploading (``run()``) and
+        compacting. Not while linking spooled files into a local destination: that costs a
+        rename and a directory fsync an object, bounded by the threads that do it, and a
+        thousand databases committing would otherwise queue behind each other."""
         self.quiet = False
         """Nothing can reach the spool without a wake-up (the database is parked): ``run()``
         then has no backstop timer, only the closing of compaction windows."""
@@ -429,7 +432,8 @@ class Replica:
         failures = 0
         while not stop.is_set() and self.fenced is None:
             try:
-                async with self.limit or contextlib.nullcontext():
+                links = not self.batch and self.client.can_link
+                async with (None if links else self.limit) or contextlib.nullcontext():
                     if not self.healthy:
                         await self.init()
                     await self.sync()
