@@ -306,8 +306,9 @@ with open(out + ".busy", "w") as f:
 
 
 def lags(commits: list[tuple[int, float]], events: list[tuple[float, str]], replica: Path,
-         rels: list[str]) -> list[float]:
-    """Per commit: the time to the next finished object of its database (None-less list)."""
+         rels: list[str], keep_none: bool = False) -> list[Any]:
+    """Per commit: the time to the next finished object of its database (None-less list;
+    ``keep_none``: one entry per commit, None where no object followed)."""
     by_rel: dict[str, list[float]] = {}
     for t, d in events:
         rel = os.path.relpath(d, replica) + "/"
@@ -322,6 +323,8 @@ def lags(commits: list[tuple[int, float]], events: list[tuple[float, str]], repl
         k = bisect.bisect_left(ts, t)
         if k < len(ts):
             out.append(ts[k] - t)
+        elif keep_none:
+            out.append(None)
     return out
 
 
@@ -427,7 +430,18 @@ def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
         commits = [(int(x), float(y)) for x, y in
                    (line.split() for line in out.read_text().splitlines() if line)]
         ls = lags(commits, watch.events, replica, rels)
+        # the same lags by when the commit was made (10 s windows): the first one includes
+        # opening every parked database again
+        t0 = min((t for _, t in commits), default=0.0)
+        windows: dict[int, list[float]] = {}
+        for (_i, t), lag in zip(commits, lags(commits, watch.events, replica, rels,
+                                             keep_none=True), strict=True):
+            if lag is not None:
+                windows.setdefault(int((t - t0) // 10), []).append(lag)
+        by_window = [{"from_s": 10 * k, "commits": len(v), "p50_ms": 1000 * pct(v, 50),
+                      "p99_ms": 1000 * pct(v, 99)} for k, v in sorted(windows.items())]
         return {"ok": True, "databases": n, "commits": len(commits), "matched": len(ls),
+                "lag_by_window": by_window,
                 "writer_busy": busy_count,
                 "lag_p50_ms": 1000 * pct(ls, 50), "lag_p99_ms": 1000 * pct(ls, 99),
                 "lag_max_ms": 1000 * max(ls, default=float("nan")),
