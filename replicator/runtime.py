@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import heapq
 import os
 import random
 import resource
@@ -127,6 +128,8 @@ class Runtime:
         self._watched: dict[str, tuple[asyncio.Event, float]] = {}
         self._sigs: dict[str, _Sig] = {}
         self._due: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []  # (due, path), stale entries left in place
+        self._min_interval = DEFAULT_TICK
         self._ticker: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._trim = _malloc_trim()
@@ -166,7 +169,8 @@ class Runtime:
         """Set ``wake`` within about ``interval`` seconds of any change to ``path`` or its
         ``-wal`` that no file event reported."""
         self._watched[path] = (wake, interval)
-        self._due[path] = time.monotonic() + random.uniform(0, interval)
+        self._set_due(path, time.monotonic() + random.uniform(0, interval))
+        self._min_interval = min(i for _, i in self._watched.values())
         if self._ticker is None or self._ticker.done():
             self._stop.clear()
             self._ticker = asyncio.ensure_future(self._tick_loop())
@@ -176,6 +180,23 @@ class Runtime:
         self._watched.pop(path, None)
         self._sigs.pop(path, None)
         self._due.pop(path, None)
+        self._min_interval = min((i for _, i in self._watched.values()), default=DEFAULT_TICK)
+        if len(self._heap) > 2 * len(self._due) + 64:
+            self._heap = [(t, p) for p, t in self._due.items()]
+            heapq.heapify(self._heap)
+
+    def _set_due(self, path: str, at: float) -> None:
+        self._due[path] = at
+        heapq.heappush(self._heap, (at, path))
+
+    def _take_due(self, now: float) -> list[str]:
+        """The watched paths due by ``now`` (each once), oldest first."""
+        due = []
+        while self._heap and self._heap[0][0] <= now:
+            at, p = heapq.heappop(self._heap)
+            if self._due.get(p) == at:  # not unwatched or rescheduled since
+                due.append(p)
+        return due
 
     def _changed(self, paths: list[str]) -> list[str]:
         """Which of ``paths`` changed since they were last looked at (blocking)."""
@@ -192,7 +213,7 @@ class Runtime:
         """One backstop step: stat the databases that are due, wake those that changed;
         returns how many were woken."""
         now = time.monotonic()
-        due = [p for p, t in self._due.items() if t <= now]
+        due = self._take_due(now)
         if not due:
             return 0
         spread = len(self._watched) / BACKSTOP_STATS
@@ -200,7 +221,7 @@ class Runtime:
             interval = self._watched[p][1]
             if self.events.watching(p):
                 interval = max(interval, spread)
-            self._due[p] = now + jitter(interval, JITTER / 2)
+            self._set_due(p, now + jitter(interval, JITTER / 2))
         changed = await self.call(self._changed, due)
         for p in changed:
             entry = self._watched.get(p)
@@ -211,9 +232,8 @@ class Runtime:
     async def _tick_loop(self) -> None:
         while self._watched and not self._stop.is_set():
             await self.tick()
-            step = min((i for _, i in self._watched.values()), default=DEFAULT_TICK)
             try:
-                await asyncio.wait_for(self._stop.wait(), min(step, DEFAULT_TICK) / 2)
+                await asyncio.wait_for(self._stop.wait(), min(self._min_interval, DEFAULT_TICK) / 2)
             except TimeoutError:
                 pass
 
