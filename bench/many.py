@@ -3,8 +3,9 @@ configuration), side by side on the same machine in the same run.
 
 1. **idle**: ``--idle`` databases (default 1,000) in one directory tree, replicated to S3
    (SeaweedFS through bench/s3.py's recording proxy, when ``weed`` is installed; else a local
-   directory): once every database is replicated and the requests have stopped, the tool's RSS,
-   threads, file descriptors, CPU and S3 requests over ``--idle-seconds``.
+   directory): once every database is replicated and the requests have stopped (and 25 s more:
+   ours parks an idle database 30 s after its last change, which costs it a little CPU), the
+   tool's RSS, threads, file descriptors, CPU and S3 requests over ``--idle-seconds``.
 2. **big**: ``--big`` databases (default 10,000) to a local directory: time until every one of
    them has its first object in the replica, RSS, threads, file descriptors then. Bounded: the
    tool is stopped after ``--big-timeout`` seconds or past ``--mem-cap`` MiB of RSS.
@@ -53,6 +54,7 @@ TOOLS = ("ours", "litestream")
 LABELS = {"ours": "replicator (ours)", "litestream": "Litestream 0.5 (dir, watch)"}
 SETTLE = 10.0  # seconds without new objects (or writes) before a tool counts as settled
 SETTLE_MAX = 300.0
+IDLE_AFTER = 25.0  # the idle measurement starts SETTLE + IDLE_AFTER s after the last write
 
 
 def writes(proxy: Any) -> int:
@@ -363,6 +365,7 @@ def idle(tool: str, work: Path, n: int, seconds: float, s3: Any) -> dict[str, An
                 last, last_change = cur, time.monotonic()
             time.sleep(1.0)
         settled = time.monotonic() - run.t0 - SETTLE
+        time.sleep(IDLE_AFTER)  # ours parks an idle database this long after its last change
         a = facts(run.pid)
         req0 = proxy.mark() if s3 is not None else None
         busy = rc.Background()
