@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -69,8 +69,8 @@ def _log_options(p: argparse.ArgumentParser, default: bool) -> None:
                    help="text, or json: one object a line for log shippers (default: text)")
 
 
-def _add_replicate(sub: Any, common: argparse.ArgumentParser) -> None:
-    r = sub.add_parser("replicate", parents=[common], help="replicate databases until stopped",
+def _add_replicate(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
+    r = sub.add_parser(name, parents=[common], help="replicate databases until stopped",
                        description="Replicate DB to each DESTINATION, or every database of a "
                        "config file, until SIGTERM/SIGINT (then a final sync). Without DB, a "
                        "demo: ./demo/app.db is created, written to a few rows a second and "
@@ -100,8 +100,8 @@ def _add_replicate(sub: Any, common: argparse.ArgumentParser) -> None:
                    help=f"demo only: rows written a second (default {DEMO_RATE:g}; 0: none)")
 
 
-def _add_restore(sub: Any, common: argparse.ArgumentParser) -> None:
-    s = sub.add_parser("restore", parents=[common], help="restore a database",
+def _add_restore(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
+    s = sub.add_parser(name, parents=[common], help="restore a database",
                        description="Restore from DESTINATION (or, with --config, the database "
                        "DB from its configured replicas) to OUTPUT: the latest point, a TIME or "
                        "a transaction. Progress is shown on a terminal.")
@@ -139,60 +139,22 @@ def _add_restore(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="skip the content hash check and the SQLite check of the result")
 
 
-def _add_listings(sub: Any, common: argparse.ArgumentParser) -> None:
-    for name, helptext in (("generations", "list generations and their restorable ranges"),
-                           ("snapshots", "list snapshots")):
-        c = sub.add_parser(name, parents=[common], help=helptext,
-                           description=f"{helptext[0].upper()}{helptext[1:]} of DESTINATION "
-                           "(or, with --config, of every replica of the database DB).")
-        c.add_argument("target", metavar="DESTINATION|DB",
-                       help="a replica; with --config, a database of the config")
-        c.add_argument("-c", "--config", metavar="FILE",
-                       help="YAML config file; then the argument names a database")
-        c.add_argument("--replica", metavar="NAME", help="with --config: this replica only")
-        c.add_argument("--json", action="store_true", help="machine-readable output")
+def _add_listing(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
+    helptext = {"generations": "list generations and their restorable ranges",
+                "snapshots": "list snapshots"}[name]
+    c = sub.add_parser(name, parents=[common], help=helptext,
+                       description=f"{helptext[0].upper()}{helptext[1:]} of DESTINATION "
+                       "(or, with --config, of every replica of the database DB).")
+    c.add_argument("target", metavar="DESTINATION|DB",
+                   help="a replica; with --config, a database of the config")
+    c.add_argument("-c", "--config", metavar="FILE",
+                   help="YAML config file; then the argument names a database")
+    c.add_argument("--replica", metavar="NAME", help="with --config: this replica only")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _add_ops(sub: Any, common: argparse.ArgumentParser) -> None:
-    v = sub.add_parser("verify", parents=[common], help="run a restore drill",
-                       description="Restore the newest point and a random earlier one into a "
-                       "temp directory, run integrity_check and prove each equal to the "
-                       "database at that txid (with --config: by the running replicator, which "
-                       "hashes the live database at the same txid). Exit 0 when equal, 1 with "
-                       "one line saying what differed.")
-    v.add_argument("target", nargs="?", metavar="DESTINATION|DB",
-                   help="a destination, or with --config a database (default: all of them)")
-    v.add_argument("-c", "--config", metavar="FILE", help="YAML config file")
-    for name, helptext in (("snapshot", "take a snapshot now"),
-                           ("sync", "capture now and ship (--wait: return once every "
-                                    "destination has everything committed so far)")):
-        c = sub.add_parser(name, parents=[common], help=helptext,
-                           description=f"{helptext[0].upper()}{helptext[1:]}, in the replicator "
-                           "running DB (over the control socket in its spool directory).")
-        c.add_argument("db", metavar="DB", help="database file (or with --config its name)")
-        c.add_argument("-c", "--config", metavar="FILE",
-                       help="YAML config file (for the spool directory)")
-        if name == "sync":
-            c.add_argument("--wait", action="store_true",
-                           help="wait until every destination has it")
-            c.add_argument("--timeout", metavar="DURATION", default="60s",
-                           help="how long to wait (default 60s)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (its help is the user documentation of every flag)."""
-    p = _Parser(prog="replicator", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-V", "--version", action="version", version=f"replicator {__version__}")
-    _log_options(p, default=True)
-    common = _Parser(add_help=False)
-    _log_options(common, default=False)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands",
-                           parser_class=_Parser)
-    _add_replicate(sub, common)
-    _add_restore(sub, common)
-    _add_listings(sub, common)
-    st = sub.add_parser("status", parents=[common], help="show a running replicator's state",
+def _add_status(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
+    st = sub.add_parser(name, parents=[common], help="show a running replicator's state",
                         description="Ask a running `replicator replicate` (at its metrics-addr) "
                         "for every database and replica: generation, txid, lag, last sync, last "
                         "snapshot, and the last integrity and health check results.")
@@ -201,16 +163,104 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the replicator's YAML config (its metrics-addr)")
     where.add_argument("--addr", metavar="HOST:PORT", help="the replicator's metrics-addr")
     st.add_argument("--json", action="store_true", help="print /status as JSON")
-    pr = sub.add_parser("prune", parents=[common], help="apply retention to the destinations now",
+
+
+def _add_prune(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
+    pr = sub.add_parser(name, parents=[common], help="apply retention to the destinations now",
                         description="Delete what each destination's retention (retention, "
                         "keep-daily, keep-weekly, keep-monthly, keep-yearly) no longer needs, "
                         "and print what goes.")
     pr.add_argument("db", nargs="?", metavar="DB", help="only this database (path or name)")
     pr.add_argument("-c", "--config", metavar="FILE", required=True, help="YAML config file")
     pr.add_argument("--dry-run", action="store_true", help="print what would go, delete nothing")
-    _add_ops(sub, common)
-    sub.add_parser("version", parents=[common], help="print the version (also: --version)",
+
+
+def _add_verify(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
+    v = sub.add_parser(name, parents=[common], help="run a restore drill",
+                       description="Restore the newest point and a random earlier one into a "
+                       "temp directory, run integrity_check and prove each equal to the "
+                       "database at that txid (with --config: by the running replicator, which "
+                       "hashes the live database at the same txid). Exit 0 when equal, 1 with "
+                       "one line saying what differed.")
+    v.add_argument("target", nargs="?", metavar="DESTINATION|DB",
+                   help="a destination, or with --config a database (default: all of them)")
+    v.add_argument("-c", "--config", metavar="FILE", help="YAML config file")
+
+
+def _add_control(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
+    helptext = {"snapshot": "take a snapshot now",
+                "sync": "capture now and ship (--wait: return once every destination has "
+                        "everything committed so far)"}[name]
+    c = sub.add_parser(name, parents=[common], help=helptext,
+                       description=f"{helptext[0].upper()}{helptext[1:]}, in the replicator "
+                       "running DB (over the control socket in its spool directory).")
+    c.add_argument("db", metavar="DB", help="database file (or with --config its name)")
+    c.add_argument("-c", "--config", metavar="FILE",
+                   help="YAML config file (for the spool directory)")
+    if name == "sync":
+        c.add_argument("--wait", action="store_true",
+                       help="wait until every destination has it")
+        c.add_argument("--timeout", metavar="DURATION", default="60s",
+                       help="how long to wait (default 60s)")
+
+
+def _add_version(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
+    sub.add_parser(name, parents=[common], help="print the version (also: --version)",
                    description="Print the version.")
+
+
+_Adder = Callable[[Any, argparse.ArgumentParser, str], None]
+COMMANDS: dict[str, _Adder] = {
+    "replicate": _add_replicate,
+    "restore": _add_restore,
+    "generations": _add_listing,
+    "snapshots": _add_listing,
+    "status": _add_status,
+    "prune": _add_prune,
+    "verify": _add_verify,
+    "snapshot": _add_control,
+    "sync": _add_control,
+    "version": _add_version,
+}
+"""Each command and what adds its parser, in the order ``replicator -h`` lists them."""
+
+# what may come before the command (the top level's own options, with their values)
+_LEADING_OPTIONS = ("--log-level", "--log-format")
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command of a command line whose only other arguments before it are --log-level and
+    --log-format; None for anything else (top-level help, a misspelt command...)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in COMMANDS:
+            return arg
+        if arg in _LEADING_OPTIONS:
+            i += 2
+        elif arg.partition("=")[0] in _LEADING_OPTIONS:
+            i += 1
+        else:
+            return None
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser (its help is the user documentation of every flag). Given the
+    command line, only its command's parser is built when that is unambiguous (building all
+    of them costs a short command a good part of its start-up)."""
+    p = _Parser(prog="replicator", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-V", "--version", action="version", version=f"replicator {__version__}")
+    _log_options(p, default=True)
+    common = _Parser(add_help=False)
+    _log_options(common, default=False)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands",
+                           parser_class=_Parser)
+    command = _command_in(argv) if argv is not None else None
+    for name, add in COMMANDS.items():
+        if command is None or name == command:
+            add(sub, common, name)
     return p
 
 
@@ -665,7 +715,8 @@ def _quiet_stdout() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -5,6 +5,7 @@ happened (JSON too), and a demo that leads to a point-in-time restore."""
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -329,6 +330,27 @@ def test_help_describes_arguments() -> None:
     restore = cli("restore", "-h").stdout
     assert "--to-time TIME" in restore and "2026-11-27T10:30:00Z" in restore
     assert "no offset: UTC" in restore
+
+
+def test_a_command_line_builds_its_own_parser_only() -> None:
+    """A command's parser built alone (as a command line builds it) is the one of the full
+    parser; anything else before the command builds them all."""
+    from replicator.cli import COMMANDS, build_parser
+
+    def subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        (sub,) = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        return dict(sub.choices)
+
+    full = subparsers(build_parser())
+    assert list(full) == list(COMMANDS)
+    for name in COMMANDS:
+        for argv in ([name], ["--log-level", "debug", name, "x"], ["--log-format=json", name]):
+            (alone,) = subparsers(build_parser(argv)).values()
+            assert alone.format_help() == full[name].format_help(), argv
+    for argv in ([], ["-h"], ["--log-level", "debug"], ["restor", "x"], ["-V", "restore"]):
+        assert subparsers(build_parser(argv)).keys() == full.keys(), argv
+    args = build_parser(["restore", "R", "-o", "O"]).parse_args(["restore", "R", "-o", "O"])
+    assert (args.command, args.target, args.output) == ("restore", "R", "O")
 
 
 def test_log_options_after_the_command(tmp_path: Path) -> None:
