@@ -265,7 +265,7 @@ def test_restore_from_a_directory_imports_only_what_it_needs(
     replica: Path, tmp_path: Path
 ) -> None:
     """A restore from a directory that replays little WAL starts without numpy, the S3 client
-    or anything only replication needs."""
+    and its options, or anything only replication (or writing to a directory) needs."""
     out = tmp_path / "o.db"
     code = (
         "import runpy, sys\n"
@@ -275,7 +275,8 @@ def test_restore_from_a_directory_imports_only_what_it_needs(
         "except SystemExit as exc:\n"
         "    assert exc.code == 0, exc.code\n"
         "heavy = ('numpy', 'aiobotocore', 'botocore', 'aiohttp', 'prometheus_client', 'yaml',\n"
-        "         'tqdm', 'watchdog')\n"
+        "         'tqdm', 'watchdog', 'aiofiles', 'replicator.config',\n"
+        "         'replicator.storage.s3_options')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

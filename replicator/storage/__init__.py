@@ -7,13 +7,18 @@ client; :func:`open_destination` then builds the client. ``open_storage(url)`` d
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigError
 from .base import StorageClient
 from .file import FileStorage
 from .memory import MemoryStorage
-from .s3_options import S3Options, parse_s3_url
+
+if TYPE_CHECKING:
+    from .s3_options import S3Options
+
+# the S3 options are imported on first use: a restore from a directory starts without them
 
 __all__ = [
     "Destination",
@@ -43,7 +48,18 @@ class MemoryDestination:
     url: str = "memory://"
 
 
-Destination = FileDestination | MemoryDestination | S3Options
+if TYPE_CHECKING:
+    Destination = FileDestination | MemoryDestination | S3Options
+
+
+def __getattr__(name: str) -> object:
+    """``S3Options`` and ``Destination``, imported on first use."""
+    if name in ("S3Options", "Destination"):
+        from .s3_options import S3Options
+
+        return S3Options if name == "S3Options" else (
+            FileDestination | MemoryDestination | S3Options)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_destination(url: str) -> Destination:
@@ -64,6 +80,8 @@ def parse_destination(url: str) -> Destination:
     if scheme == "memory":
         return MemoryDestination(url)
     if scheme == "s3":
+        from .s3_options import parse_s3_url
+
         return parse_s3_url(url)
     raise ConfigError(f"{url}: unsupported replica scheme {scheme!r} (use a path, file:// or s3://)")
 

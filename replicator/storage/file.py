@@ -14,9 +14,6 @@ import os
 import shutil
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
 
-import aiofiles
-import aiofiles.os
-
 from ..errors import NotFoundError, StorageError
 from ..fsutil import TMP_SUFFIX, atomic_writer, fsync_dir, makedirs_durable, temp_path
 from ..pos import (
@@ -45,6 +42,8 @@ def _describe(exc: OSError) -> str:
 
 async def stream_file(path: str) -> AsyncGenerator[bytes, None]:
     """A local file's bytes in ``DEFAULT_CHUNK_SIZE`` chunks, read in a thread."""
+    import aiofiles  # not at the top: a restore, which only reads, starts without it
+
     async with aiofiles.open(path, "rb") as f:
         while chunk := await f.read(DEFAULT_CHUNK_SIZE):
             yield chunk
@@ -130,6 +129,9 @@ class FileStorage:
 
     async def write_object(self, info: ObjectInfo, data: AsyncIterable[bytes]) -> int:
         """Write to a temp file, fsync, rename, fsync the directory."""
+        import aiofiles  # not at the top: a restore, which only reads, starts without it
+        import aiofiles.os
+
         path = self._path(info.key)
         tmp = temp_path(path)
         total = 0
