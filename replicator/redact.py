@@ -14,20 +14,21 @@ from typing import Any
 MASK = "***"
 
 # scheme://userinfo@ : the userinfo runs to the last '@' before the query, fragment or the end of
-# the URL (a secret access key may itself contain '/' or '+')
-_USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s'\"?#]*@")
+# the URL (a secret access key may itself contain '/' or '+'). The patterns are compiled on first
+# use (and then kept in re's cache): most text has neither '@' nor '='.
+_USERINFO = r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s'\"?#]*@"
 _SECRET_NAME = (r"[a-z0-9_.-]*(?:secret|passw(?:or)?d|pwd|token|signature|credential|auth|"
                 r"api[-_]?key|access[-_]?key|private[-_]?key|session)[a-z0-9_.-]*")
 # a query parameter (?token=...) or a command-line option (--password=...)
-_PARAM_RE = re.compile(rf"(?i)((?:[?&;]|(?<!\S)--?){_SECRET_NAME}=)[^&#\s'\"]*")
+_PARAM = rf"(?i)((?:[?&;]|(?<!\S)--?){_SECRET_NAME}=)[^&#\s'\"]*"
 
 
 def redact(text: str) -> str:
     """``text`` with URL userinfo and credential-looking query parameter values masked."""
     if "@" in text:
-        text = _USERINFO_RE.sub(lambda m: f"{m[1]}{MASK}@", text)
+        text = re.sub(_USERINFO, lambda m: f"{m[1]}{MASK}@", text)
     if "=" in text:
-        text = _PARAM_RE.sub(lambda m: f"{m[1]}{MASK}", text)
+        text = re.sub(_PARAM, lambda m: f"{m[1]}{MASK}", text)
     return text
 
 

@@ -53,7 +53,8 @@ REPLANS = 5
 log = logging.getLogger("replicator.restore")
 
 
-_FRACTION_RE = re.compile(r"^(.*T\d\d:\d\d:\d\d)[.,](\d+)(.*)$")
+# compiled on first use (a restore of the newest state parses no time)
+_FRACTION = r"^(.*T\d\d:\d\d:\d\d)[.,](\d+)(.*)$"
 
 
 def fmt_ns(ns: int) -> str:
@@ -68,7 +69,7 @@ def parse_time(text: str) -> int:
     kept); a time without an offset is UTC."""
     s = text.strip().replace("z", "Z")
     frac_ns = 0
-    m = _FRACTION_RE.match(s)
+    m = re.match(_FRACTION, s)
     if m and len(m[2]) <= 9:
         frac_ns = int(m[2].ljust(9, "0"))
         s = m[1] + m[3]
