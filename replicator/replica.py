@@ -39,10 +39,12 @@ SHIP_CONCURRENCY = 4
 LINK_BATCH = 256  # spooled objects linked into a local destination in one go (one dir fsync)
 DEBUG_EVERY = 1.0  # per-round debug lines, at most this often (a busy database ships every ms)
 COMPACT_DUTY = 0.1
-"""Compaction uses at most this fraction of the time: after a step that took d seconds the next
-waits (1 / duty - 1) * d. Under a flat-out writer a merge rewrites every byte the capture just
-wrote; spaced out, it takes no more of the application's CPU than a tenth of the time (the
-windows it has not merged yet wait, whole, for the next step)."""
+"""Compaction aims at this fraction of the time: after a step that took d seconds the next
+waits (1 / duty - 1) * d, but never longer than the first level's window. Under a flat-out
+writer a merge rewrites every byte the capture just wrote; spaced out, it takes little of the
+application's CPU (the windows it has not merged yet wait, whole, for the next step). The cap
+keeps a slow step from spacing the next ones ever further apart: objects would pile up faster
+than the steps merge them, and each step would take longer still."""
 
 
 class Replica:
@@ -406,7 +408,9 @@ class Replica:
                 started = time.monotonic()
                 await self.compact_if_due()
                 took = time.monotonic() - started
-                self._compact_after = time.monotonic() + took * (1 / COMPACT_DUTY - 1)
+                assert self.compactor is not None
+                self._compact_after = time.monotonic() + min(
+                    took * (1 / COMPACT_DUTY - 1), self.compactor.levels[0])
 
         self._compacting = asyncio.ensure_future(step())
 

@@ -589,7 +589,8 @@ def test_a_merge_is_compressed_only_when_its_segments_were(history: History,
 
 def test_compaction_takes_at_most_its_share_of_the_time(history: History) -> None:
     """After a compaction step that took d seconds the next starts (1 / COMPACT_DUTY - 1) * d
-    later at the earliest, even with a window due."""
+    later at the earliest, even with a window due, but never later than one first-level window
+    after it (a slow step must not space the next ones ever further apart)."""
     h = history
 
     async def go() -> None:
@@ -606,5 +607,15 @@ def test_compaction_takes_at_most_its_share_of_the_time(history: History) -> Non
         h.replica._compact_beside()
         assert h.replica._compacting is not first
         await h.replica._compacting
+
+        async def slow_step() -> None:
+            await asyncio.sleep(LEVELS[0] * 4)  # uncapped, the next would wait 36 windows
+
+        h.replica.compact_if_due = slow_step  # a step that takes long
+        h.replica._compact_after = 0.0
+        h.replica.compactor.due.at(0.0)
+        h.replica._compact_beside()
+        await h.replica._compacting
+        assert h.replica._compact_after <= time.monotonic() + LEVELS[0]
 
     asyncio.run(go())
