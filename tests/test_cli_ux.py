@@ -66,8 +66,11 @@ def leftovers(directory: Path) -> list[str]:
 
 def start_restore(rep: Path, out: Path) -> subprocess.Popen[str]:
     """A restore, paused (SIGSTOP) once its temp file exists."""
+    # SIGINT as a terminal gives it: a shell without job control starts background jobs (a CI
+    # run among them) with SIGINT ignored, and a child inherits that
     p = subprocess.Popen([sys.executable, "-m", "replicator", "restore", str(rep), "-o", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_until(lambda: bool(leftovers(out.parent)) or p.poll() is not None, 60, interval=0.001,
                what="the restore's temp file")
     p.send_signal(signal.SIGSTOP)
