@@ -11,10 +11,11 @@ replicator keeps one read transaction (a *pin*) open at all times on one of its 
   WAL can then reset at most once, and only at the frame it had when the pin was taken.
 
 So while pinned, every committed frame stays readable until captured. To keep the WAL small the
-replicator *rotates*: when caught up and the epoch holds ``checkpoint_pages`` frames it releases
-the pin, runs a PASSIVE checkpoint (never waits, never blocks a writer) and pins again on the other
-connection. In that short window the application may reset the WAL. A reset is accepted as
-continuous only when it is *proven* that no committed frame was lost:
+replicator *rotates*: when caught up and the epoch holds ``checkpoint_pages`` frames (and began at
+least ``rotate_min_age`` ago, see :meth:`Capture.rotation_due`) it releases the pin, runs a
+PASSIVE checkpoint (never waits, never blocks a writer) and pins again on the other connection.
+In that short window the application may reset the WAL. A reset is accepted as continuous only
+when it is *proven* that no committed frame was lost:
 
 * the wal-index (``-shm``) showed, when the pin was taken, that the epoch could only end at frame X
   and everything up to X was captured; or
@@ -25,9 +26,11 @@ continuous only when it is *proven* that no committed frame was lost:
   has not shrunk (a ``journal_size_limit`` truncation at the new epoch's first commit leaves a
   partial frame at the limit, which proves nothing).
 
-Anything else (the replicator was down, the file was replaced, two resets, the tail overwritten)
-starts a new generation with a snapshot. Nothing here takes a write lock or runs a checkpoint mode
-that waits; SQLite work runs on the database's own worker thread, never on the event loop.
+Anything else (the replicator was down, two resets, the tail overwritten) is bridged in the same
+generation by a catch-up: the pages that changed, found against the page index (see
+:mod:`replicator.catchup`); a replaced file, a page-size change or a page index that cannot be
+trusted starts a new generation with a snapshot. Nothing here takes a write lock or runs a
+checkpoint mode that waits; SQLite work runs on a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -332,7 +335,7 @@ class Database:
             self.catchup.run(reason, res)
         more = self.capture.capture(res)
         for _ in range(self.tuning.step_batches):
-            due = self.pos is not None and self.pos.frame >= self.checkpoint_pages
+            due = self.capture.rotation_due(self.checkpoint_pages)
             if due and not res.rotated and (not more or self.capture.backlog_small()):
                 self.capture.rotate(res)
                 res.rotated = True

@@ -29,6 +29,7 @@ from .wal import (
 log = logging.getLogger("replicator.db")
 
 RESCUE_MAX_BYTES = 8 << 20
+RESCUE_FIRST_READ = 256 << 10
 _MASK32 = 0xFFFFFFFF
 
 Rescued = tuple[ScanResult, memoryview | None]
@@ -52,14 +53,34 @@ def frame_is(fd: int, pos: WalPos, page_size: int) -> bool:
     return struct.unpack(">IIII", raw[8:24]) == (*pos.salts, *pos.checksum)
 
 
+def _read_tail(fd: int, old: WalHeader, pos: WalPos, fs: int, off: int) -> Rescued | None:
+    """The old epoch's tail from ``off``, read into memory and scanned, when it is at most
+    RESCUE_MAX_BYTES; else None. The file past a reset still holds older epochs' frames (its
+    size is the largest the WAL ever was), so the read grows from RESCUE_FIRST_READ until the
+    scan stops inside it or it covers the file: reading the file to its end instead would
+    push a long file to the slow path, whose second read can find the tail already
+    overwritten by the new epoch."""
+    length = max(0, os.fstat(fd).st_size - off)
+    want = min(length, max(1, RESCUE_FIRST_READ // fs) * fs)
+    while True:
+        buf = pread_full(fd, want, off)
+        tail = scan_bytes(buf, old, pos.frame + 1, pos.checksum, keep_frames=False)
+        if tail.stop_reason in ("salt", "checksum") or len(buf) < want or want >= length:
+            return tail, memoryview(buf)[: (tail.end_index - pos.frame) * fs]
+        if want >= RESCUE_MAX_BYTES:
+            return None
+        want = min(length, want * 4, RESCUE_MAX_BYTES // fs * fs)
+
+
 def rescue(
     fd: int, new: WalHeader, progress: Progress, handles: Handles, name: str
 ) -> Rescued | None:
     """After a WAL reset: read the old epoch's tail and prove it is complete, or None.
 
     The tail is read once into memory when it is at most RESCUE_MAX_BYTES (always, after a
-    rotation), so the frames written to the spool are the ones the proof was made on, however
-    soon the new epoch overwrites them; a longer one is read again while copying, verified."""
+    rotation, however large the file), so the frames written to the spool are the ones the
+    proof was made on, however soon the new epoch overwrites them; a longer one is read again
+    while copying, verified."""
     pos, page_size = progress.pos, progress.page_size
     assert pos is not None
     if new.salt1 != (pos.salt1 + 1) & _MASK32 or new.page_size != page_size:
@@ -70,14 +91,11 @@ def rescue(
     off = frame_offset(pos.frame + 1, page_size)
     before = os.pread(fd, fs, off)
     old = pseudo_header(pos, page_size, progress.big_endian)
-    length = os.fstat(fd).st_size - off
-    data: memoryview | None = None
-    if length <= RESCUE_MAX_BYTES:
-        buf = pread_full(fd, max(0, length), off)
-        tail = scan_bytes(buf, old, pos.frame + 1, pos.checksum, keep_frames=False)
-        data = memoryview(buf)[: (tail.end_index - pos.frame) * fs]
+    in_memory = _read_tail(fd, old, pos, fs, off)
+    if in_memory is not None:
+        tail, data = in_memory
     else:
-        tail = scan_frames(fd, old, pos.frame + 1, pos.checksum, keep_frames=False)
+        tail, data = scan_frames(fd, old, pos.frame + 1, pos.checksum, keep_frames=False), None
     after = os.pread(fd, fs, off)
     size = os.fstat(fd).st_size  # once the tail was read: has the file shrunk since?
     bound = handles.reset_end if handles.reset_salts == pos.salts else None

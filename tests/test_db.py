@@ -19,8 +19,10 @@ from writer import init_db
 from replicator.db import Database, Tuning
 from replicator.errors import DatabaseError
 from replicator.headers import SegmentHeader
+from replicator.rescue import rescue
 from replicator.restore import apply_plan, plan_restore
 from replicator.spool import Spool
+from replicator.wal import read_wal_header
 
 
 @pytest.fixture
@@ -32,6 +34,9 @@ def app(tmp_path: Path) -> Iterator[sqlite3.Connection]:
 
 
 def open_db(tmp_path: Path, **kw: Any) -> Database:
+    """The engine on ``app.db``, stepped by the test: it rotates as soon as the epoch holds
+    ``checkpoint_pages`` frames (no application writes concurrently here)."""
+    kw.setdefault("tuning", Tuning(rotate_min_age=0.0))
     d = Database(str(tmp_path / "app.db"), Spool(str(tmp_path / "spool")), **kw)
     d.open()
     return d
@@ -87,6 +92,22 @@ def test_rotation_keeps_wal_small_and_generation_unbroken(tmp_path: Path, app) -
     assert restored_dump(tmp_path) == dump(app)
 
 
+def test_rotation_waits_until_the_epoch_is_old_enough(tmp_path: Path, app) -> None:
+    """An epoch that filled its pages faster than the minimum age is not rotated yet: a reset in
+    the window would give the capture no longer to read the old tail than the application took
+    to write the epoch."""
+    d = open_db(tmp_path, checkpoint_pages=64, tuning=Tuning(rotate_min_age=3600.0))
+    d.step()
+    for _ in range(10):
+        commit(app, 20, payload=2000)
+        res = d.step()
+        assert not res.rotated and res.new_generation is None
+    assert os.path.getsize(tmp_path / "app.db-wal") > 64 * 4096 * 5
+    assert d.txid == 200
+    d.close()
+    assert restored_dump(tmp_path) == dump(app)
+
+
 def test_reset_in_an_unpinned_gap_with_intact_tail_is_proven(tmp_path: Path, app) -> None:
     d = open_db(tmp_path)
     d.step()
@@ -102,6 +123,39 @@ def test_reset_in_an_unpinned_gap_with_intact_tail_is_proven(tmp_path: Path, app
     assert res.new_generation is None
     assert d.generation == gen
     assert res.transactions == 4
+    d.close()
+    assert restored_dump(tmp_path) == dump(app)
+
+
+def test_tail_of_a_reset_in_a_long_wal_file_is_kept_as_read(tmp_path: Path, app) -> None:
+    """Past a reset the WAL file keeps its largest size, older epochs' frames beyond the new
+    one's end. The old epoch's short tail is still read into memory at once (as a rotation does
+    right after it pinned again), so the new epoch overwriting it before it is written to the
+    spool loses nothing."""
+    d = open_db(tmp_path)
+    d.step()
+    commit(app, 900, payload=4000)  # ~11 MB of WAL, captured; a rotation then lets it reset
+    while d.step().transactions:
+        pass
+    commit(app, 30, payload=500)  # the reset: a new epoch at the start of the long file
+    d.step()
+    assert os.path.getsize(tmp_path / "app.db-wal") > 10 << 20
+    gen = d.generation
+    h = d.handles
+    h.unpin()  # a rotation's window: no pin is held
+    commit(app, 3, payload=500)  # the tail: committed but not captured
+    assert app.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0
+    commit(app, 1, payload=500)  # this write resets the WAL
+    h.pin(1 - h.active)
+    fd = h.wal()
+    assert fd is not None
+    hdr = read_wal_header(fd)
+    assert hdr is not None and d.pos is not None and hdr.salts != d.pos.salts
+    d.capture._early_tail = (hdr.salts, rescue(fd, hdr, d.progress, h, "app"))
+    commit(app, 60, payload=500)  # the new epoch grows over the old tail's frames
+    res = d.step()
+    assert res.catch_up is None and res.new_generation is None and d.generation == gen
+    assert res.transactions == 3 + 1 + 60
     d.close()
     assert restored_dump(tmp_path) == dump(app)
 
@@ -273,7 +327,7 @@ def test_missing_database_is_refused(tmp_path: Path) -> None:
 
 
 def test_segments_are_bounded_and_long_transactions_whole(tmp_path: Path, app) -> None:
-    d = open_db(tmp_path, tuning=Tuning(segment_max_frames=8))
+    d = open_db(tmp_path, tuning=Tuning(segment_max_frames=8, rotate_min_age=0.0))
     d.step()
     commit(app, 6, payload=500)  # small transactions: several segments of at most ~8 frames
     commit(app, 1, payload=200_000)  # one transaction of ~50 pages: one segment, whole
