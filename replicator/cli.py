@@ -80,7 +80,7 @@ def _add_replicate(sub: Any, common: argparse.ArgumentParser, name: str) -> None
                    help="the SQLite database, in WAL mode (omitted: the demo)")
     r.add_argument("destinations", nargs="*", metavar="DESTINATION",
                    help="where to replicate (default: the directory DB.replica beside DB)")
-    r.add_argument("-c", "--config", metavar="FILE", help="YAML config file (instead of DB)")
+    _config_option(r, "YAML config file (instead of DB)")
     r.add_argument("--metrics-addr", metavar="HOST:PORT",
                    help="serve /metrics, /healthz, /readyz and /status there")
     r.add_argument("--snapshot-interval", metavar="DURATION",
@@ -111,8 +111,7 @@ def _add_restore(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
                    "(its path or name)")
     s.add_argument("-o", "--output", metavar="OUTPUT",
                    help="the database file to write (required unless --dry-run)")
-    s.add_argument("-c", "--config", metavar="FILE",
-                   help="YAML config file; then the argument names a database")
+    _config_option(s, "YAML config file; then the argument names a database")
     s.add_argument("--replica", metavar="NAME", help="with --config: restore from this replica "
                    "(default: the one with the newest restorable point)")
     g = s.add_mutually_exclusive_group()
@@ -148,10 +147,17 @@ def _add_listing(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
                        "(or, with --config, of every replica of the database DB).")
     c.add_argument("target", metavar="DESTINATION|DB",
                    help="a replica; with --config, a database of the config")
-    c.add_argument("-c", "--config", metavar="FILE",
-                   help="YAML config file; then the argument names a database")
+    _config_option(c, "YAML config file; then the argument names a database")
     c.add_argument("--replica", metavar="NAME", help="with --config: this replica only")
-    c.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(c, "machine-readable output")
+
+
+def _config_option(p: Any, helptext: str) -> None:
+    p.add_argument("-c", "--config", metavar="FILE", help=helptext)
+
+
+def _json_option(p: Any, helptext: str) -> None:
+    p.add_argument("--json", action="store_true", help=helptext)
 
 
 def _add_status(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
@@ -160,10 +166,9 @@ def _add_status(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
                         "for every database and replica: generation, txid, lag, last sync, last "
                         "snapshot, and the last integrity and health check results.")
     where = st.add_mutually_exclusive_group(required=True)
-    where.add_argument("-c", "--config", metavar="FILE",
-                       help="the replicator's YAML config (its metrics-addr)")
+    _config_option(where, "the replicator's YAML config (its metrics-addr)")
     where.add_argument("--addr", metavar="HOST:PORT", help="the replicator's metrics-addr")
-    st.add_argument("--json", action="store_true", help="print /status as JSON")
+    _json_option(st, "print /status as JSON")
 
 
 def _add_prune(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
@@ -185,7 +190,7 @@ def _add_verify(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
                        "one line saying what differed.")
     v.add_argument("target", nargs="?", metavar="DESTINATION|DB",
                    help="a destination, or with --config a database (default: all of them)")
-    v.add_argument("-c", "--config", metavar="FILE", help="YAML config file")
+    _config_option(v, "YAML config file")
 
 
 def _add_control(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
@@ -196,8 +201,7 @@ def _add_control(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
                        description=f"{helptext[0].upper()}{helptext[1:]}, in the replicator "
                        "running DB (over the control socket in its spool directory).")
     c.add_argument("db", metavar="DB", help="database file (or with --config its name)")
-    c.add_argument("-c", "--config", metavar="FILE",
-                   help="YAML config file (for the spool directory)")
+    _config_option(c, "YAML config file (for the spool directory)")
     if name == "sync":
         c.add_argument("--wait", action="store_true",
                        help="wait until every destination has it")
