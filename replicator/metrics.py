@@ -3,15 +3,29 @@
 Metrics are created on a registry passed in (tests use a fresh one). Labels: ``db`` (the database
 path as configured) and ``replica`` (the replica's name). Each family is declared once, as a field
 of :class:`Metrics`: its type, its name (after ``replicator_``), its help and its labels.
+
+The labelled families are this module's own :class:`Counter`, :class:`Gauge` and
+:class:`Histogram`, collected by the registry like any collector and exposed exactly as
+``prometheus_client``'s are. They exist for the memory of a process with thousands of databases
+(about 75 series each): ``prometheus_client`` makes every series a full metric object with its
+own lock (about 700 bytes, 4 KiB for a histogram's); here a series is a dictionary entry holding
+its number (about 150 bytes, 350 for a histogram's), and each family has one lock.
 """
 
 from __future__ import annotations
 
+import bisect
+import threading
+import time
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Info
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 NAMESPACE = "replicator"
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -19,6 +33,164 @@ DB = ("db",)
 REPLICA = ("db", "replica")
 CHECK = ("db", "check")
 TASK = ("db", "task")
+
+
+class _Family:
+    """A labelled metric family: one entry per series in ``_series``, created by ``labels()``
+    at its zero value, and registered on a registry as a collector."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, name: str, help: str, labelnames: tuple[str, ...],
+                 registry: CollectorRegistry) -> None:
+        self.name = name
+        self.help = help
+        self.labelnames = labelnames
+        self._series: dict[tuple[str, ...], Any] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def _key(self, values: tuple[object, ...], kw: dict[str, object]) -> tuple[str, ...]:
+        """The series' label values, positional or by name (all of them, one way)."""
+        if kw:
+            if values or sorted(kw) != sorted(self.labelnames):
+                raise ValueError(f"{self.name}: labels must be {self.labelnames}")
+            values = tuple(kw[n] for n in self.labelnames)
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: labels must be {self.labelnames}")
+        key = tuple(str(v) for v in values)
+        with self._lock:
+            if key not in self._series:
+                self._series[key] = self._zero()
+        return key
+
+    def _zero(self) -> Any:
+        return 0.0
+
+    def describe(self) -> list[Metric]:
+        """The family without samples (what the registry checks names against)."""
+        return [Metric(self.name, self.help, self.kind)]
+
+    def collect(self) -> Iterator[Metric]:
+        """The family with a sample per series (more for counters and histograms)."""
+        m = Metric(self.name, self.help, self.kind)
+        with self._lock:
+            series = [(k, _copy(v)) for k, v in self._series.items()]
+        for key, value in series:
+            labels = dict(zip(self.labelnames, key, strict=True))
+            m.samples.extend(self._samples(labels, value))
+        yield m
+
+    def _samples(self, labels: dict[str, str], value: Any) -> list[Sample]:
+        return [Sample(self.name, labels, value)]
+
+
+class _Series:
+    """One series of a family, as ``labels()`` returns it."""
+
+    __slots__ = ("_f", "_k")
+
+    def __init__(self, family: _Family, key: tuple[str, ...]) -> None:
+        self._f, self._k = family, key
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+class Gauge(_Family):
+    """A family of gauges."""
+
+    kind = "gauge"
+
+    def labels(self, *values: object, **kw: object) -> _GaugeSeries:
+        """One series of the family."""
+        return _GaugeSeries(self, self._key(values, kw))
+
+
+class _GaugeSeries(_Series):
+    __slots__ = ()
+
+    def set(self, value: float) -> None:
+        """Set the gauge."""
+        f = self._f
+        with f._lock:
+            f._series[self._k] = float(value)
+
+    def inc(self, amount: float = 1) -> None:
+        """Add ``amount``."""
+        f = self._f
+        with f._lock:
+            f._series[self._k] += amount
+
+
+class Counter(_Family):
+    """A family of counters (``_total`` and ``_created`` samples); a series holds
+    [count, created]."""
+
+    kind = "counter"
+
+    def _zero(self) -> Any:
+        return [0.0, time.time()]
+
+    def labels(self, *values: object, **kw: object) -> _CounterSeries:
+        """One series of the family."""
+        return _CounterSeries(self, self._key(values, kw))
+
+    def _samples(self, labels: dict[str, str], value: Any) -> list[Sample]:
+        return [Sample(self.name + "_total", labels, value[0]),
+                Sample(self.name + "_created", labels, value[1])]
+
+
+class _CounterSeries(_Series):
+    __slots__ = ()
+
+    def inc(self, amount: float = 1) -> None:
+        """Add ``amount`` (never negative)."""
+        if amount < 0:
+            raise ValueError("counters can only be incremented by non-negative amounts")
+        f = self._f
+        with f._lock:
+            f._series[self._k][0] += amount
+
+
+class Histogram(_Family):
+    """A family of histograms over ``LAG_BUCKETS``; a series holds the count of each bucket
+    (not cumulative), then the sum, then the time it was created."""
+
+    kind = "histogram"
+    bounds = (*LAG_BUCKETS, float("inf"))
+    _les = tuple(floatToGoString(b) for b in bounds)  # type: ignore[no-untyped-call]
+
+    def _zero(self) -> Any:
+        return [0] * len(self.bounds) + [0.0, time.time()]
+
+    def labels(self, *values: object, **kw: object) -> _HistogramSeries:
+        """One series of the family."""
+        return _HistogramSeries(self, self._key(values, kw))
+
+    def _samples(self, labels: dict[str, str], value: Any) -> list[Sample]:
+        out, total = [], 0.0
+        for le, n in zip(self._les, value, strict=False):
+            total += n
+            out.append(Sample(self.name + "_bucket", {**labels, "le": le}, total))
+        n = len(self.bounds)
+        return [*out, Sample(self.name + "_count", labels, total),
+                Sample(self.name + "_sum", labels, value[n]),
+                Sample(self.name + "_created", labels, value[n + 1])]
+
+
+class _HistogramSeries(_Series):
+    __slots__ = ()
+
+    def observe(self, amount: float) -> None:
+        """Count one observation."""
+        f = self._f
+        i = bisect.bisect_left(Histogram.bounds, amount)
+        with f._lock:
+            v = f._series[self._k]
+            v[i] += 1
+            v[len(Histogram.bounds)] += amount
 
 
 @dataclass(frozen=True)
@@ -132,8 +304,5 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         spec: Family | None = f.metadata.get("family")
         if spec is None:
             continue
-        kind = kinds[f.name]
-        extra = {"buckets": LAG_BUCKETS} if kind is Histogram else {}
-        families[f.name] = kind(f"{NAMESPACE}_{spec.name}", spec.help, spec.labels, registry=r,
-                                **extra)
+        families[f.name] = kinds[f.name](f"{NAMESPACE}_{spec.name}", spec.help, spec.labels, r)
     return Metrics(registry=r, build_info=build_info, **families)

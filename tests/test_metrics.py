@@ -1,0 +1,75 @@
+"""The metric families: exposed exactly as ``prometheus_client``'s own would be."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from typing import Any
+
+import prometheus_client
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from replicator.metrics import LAG_BUCKETS, create_metrics
+
+
+def _exercise(families: dict[str, tuple[Any, tuple[str, ...]]]) -> None:
+    """The same updates, whichever implementation ``families`` holds."""
+    for i, (fam, labelnames) in enumerate(families.values()):
+        vals = [f"v{j}" for j in range(len(labelnames))]
+        one = fam.labels(*vals)
+        other = fam.labels(**{n: "k" + v for n, v in zip(labelnames, vals, strict=True)})
+        fam.labels(*["untouched" + v for v in vals])
+        if hasattr(one, "observe"):
+            for x in (0.0005, 0.001, 0.003, 0.3, 7, 100, 0.1):
+                one.observe(x)
+        elif hasattr(one, "set"):
+            one.set(i * 1.5)
+            other.set(3)
+            other.inc(2)
+        else:
+            one.inc()
+            one.inc(2.5)
+            other.inc(0)
+
+
+def _text(registry: CollectorRegistry) -> str:
+    out = generate_latest(registry).decode()
+    return re.sub(r"(_created\{[^}]*\}) \S+", r"\1 T", out)
+
+
+def test_families_expose_like_prometheus_client() -> None:
+    ours = create_metrics()
+    ref_registry = CollectorRegistry()
+    prometheus_client.Info("replicator_build", "Build information.", registry=ref_registry)
+    ref: dict[str, tuple[Any, tuple[str, ...]]] = {}
+    kinds = {"counter": prometheus_client.Counter, "gauge": prometheus_client.Gauge,
+             "histogram": prometheus_client.Histogram}
+    mine: dict[str, tuple[Any, tuple[str, ...]]] = {}
+    for f in fields(ours):
+        spec = f.metadata.get("family")
+        if spec is None:
+            continue
+        fam = getattr(ours, f.name)
+        extra = {"buckets": LAG_BUCKETS} if fam.kind == "histogram" else {}
+        ref[f.name] = (kinds[fam.kind](fam.name, fam.help, spec.labels, registry=ref_registry,
+                                       **extra), spec.labels)
+        mine[f.name] = (fam, spec.labels)
+    _exercise(mine)
+    _exercise(ref)
+    assert _text(ours.registry) == _text(ref_registry)
+    assert ours.registry.get_sample_value(
+        "replicator_snapshots_total", {"db": "v0"}) == 3.5
+
+
+def test_bad_labels_and_negative_increments_are_refused() -> None:
+    m = create_metrics()
+    with pytest.raises(ValueError):
+        m.snapshots.labels()
+    with pytest.raises(ValueError):
+        m.snapshots.labels("a", "b")
+    with pytest.raises(ValueError):
+        m.errors.labels(db="a", replica="b")
+    with pytest.raises(ValueError):
+        m.snapshots.labels("a").inc(-1)
+    assert m.registry.get_sample_value("replicator_snapshots_total", {"db": "a"}) == 0
