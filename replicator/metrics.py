@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry, Info
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
@@ -94,6 +95,14 @@ class _Series:
         self._f, self._k = family, key
 
 
+def _created(name: str, labels: dict[str, str], created: float) -> list[Sample]:
+    """The ``_created`` sample, unless ``prometheus_client.disable_created_metrics()`` (or its
+    environment variable) turned them off, as for its own metrics."""
+    if not getattr(prometheus_metrics, "_use_created", True):
+        return []
+    return [Sample(name + "_created", labels, created)]
+
+
 def _copy(value: Any) -> Any:
     return list(value) if isinstance(value, list) else value
 
@@ -138,8 +147,8 @@ class Counter(_Family):
         return _CounterSeries(self, self._key(values, kw))
 
     def _samples(self, labels: dict[str, str], value: Any) -> list[Sample]:
-        return [Sample(self.name + "_total", labels, value[0]),
-                Sample(self.name + "_created", labels, value[1])]
+        out = [Sample(self.name + "_total", labels, value[0])]
+        return out + _created(self.name, labels, value[1])
 
 
 class _CounterSeries(_Series):
@@ -177,7 +186,7 @@ class Histogram(_Family):
         n = len(self.bounds)
         return [*out, Sample(self.name + "_count", labels, total),
                 Sample(self.name + "_sum", labels, value[n]),
-                Sample(self.name + "_created", labels, value[n + 1])]
+                *_created(self.name, labels, value[n + 1])]
 
 
 class _HistogramSeries(_Series):

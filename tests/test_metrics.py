@@ -73,3 +73,15 @@ def test_bad_labels_and_negative_increments_are_refused() -> None:
     with pytest.raises(ValueError):
         m.snapshots.labels("a").inc(-1)
     assert m.registry.get_sample_value("replicator_snapshots_total", {"db": "a"}) == 0
+
+
+def test_created_samples_follow_prometheus_client_switch() -> None:
+    m = create_metrics()
+    m.snapshots.labels("a").inc()
+    m.capture_seconds.labels("a").observe(0.5)
+    prometheus_client.disable_created_metrics()
+    try:
+        assert "_created" not in generate_latest(m.registry).decode()
+    finally:
+        prometheus_client.enable_created_metrics()
+    assert "replicator_snapshots_created" in generate_latest(m.registry).decode()
