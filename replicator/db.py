@@ -57,6 +57,7 @@ from .progress import CaptureResult as CaptureResult
 from .progress import Progress, Shared
 from .progress import Tuning as Tuning
 from .rescue import frame_is
+from .retry import Deferral
 from .sightings import SIGHTER, salt_bytes
 from .snapshots import Lineage, Snapshots
 from .spool import Spool
@@ -66,6 +67,9 @@ log = logging.getLogger("replicator.db")
 
 DEFAULT_CHECKPOINT_PAGES = 1000
 DEFAULT_BUSY_TIMEOUT = 1.0
+INDEX_SAVE_DEFER = 10.0
+"""The periodic save of the page index waits at most this long (seconds) for a capture step
+that found no commits (see :class:`replicator.retry.Deferral`)."""
 CATCH_UP_REASONS = (Reason.RESUME_FAILED, Reason.WAL_RESET, Reason.WAL_SHRUNK)
 """Why a catch-up is written: the intervals the capture did not observe."""
 
@@ -141,6 +145,7 @@ class Database:
         # (database file signature, wal-index salts and mxFrame) at the start of the last step,
         # when that step captured everything: while all stay the same there is nothing to do
         self._settled: _Quiet | None = None
+        self._index_wait = Deferral(INDEX_SAVE_DEFER)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -350,8 +355,11 @@ class Database:
         res.more = more
         if not more:
             self.confirmed_ns = started
-        if self.generation is not None:
-            self.keeper.save_if_due(self.snapshots.stamp())
+        # a step that captured commits may be followed by more at once: the periodic save of
+        # the page index (a write and an fsync) waits for a step without any, within bounds
+        if self.generation is not None and not self._index_wait.defers(res.transactions > 0):
+            if self.keeper.save_if_due(self.snapshots.stamp()):
+                self._index_wait.done()
 
     def _ensure_pinned(self) -> None:
         if not self.handles.pinned:

@@ -464,13 +464,15 @@ class IndexKeeper:
         self.saved = stamp
         self._saved_at = time.monotonic()
 
-    def save_if_due(self, stamp: Stamp) -> None:
+    def save_if_due(self, stamp: Stamp) -> bool:
         """Save when the state moved on, the last save is old enough and the process's budget of
-        periodic saves allows one now (else a later step saves)."""
+        periodic saves allows one now (else a later step saves); True if it saved."""
         if self.saved == stamp or time.monotonic() - self._saved_at < INDEX_SAVE_SECONDS:
-            return
+            return False
         if SAVES.take():
             self.save(stamp)
+            return True
+        return False
 
     def keep_from(self, generation: str) -> int | None:
         """Spooled objects of ``generation`` past this txid must stay (None: keep none)."""

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from .pageindex import IndexKeeper
 from .replica import Replica
+from .retry import Deferral
 from .spool import Spool
 
 
@@ -44,13 +45,22 @@ def prune_spool(spool: Spool, keeper: IndexKeeper, replicas: Sequence[Replica],
             spool.delete_generation(gen)
 
 
+PRUNE_DEFER = 5.0
+"""While the capture follows a busy writer a prune waits (for at most this many seconds): it
+takes the database's turn (the spool is the capture's too) and its unlinks take the disk."""
+
+
 class PruneSchedule:
     """Runs ``prune`` soon after each :meth:`soon`, at most every ``every`` seconds (a busy
-    database ships every few milliseconds, and a prune looks at every spooled object)."""
+    database ships every few milliseconds, and a prune looks at every spooled object), and not
+    while ``busy()`` says the capture follows a busy writer (see :class:`Deferral`)."""
 
-    def __init__(self, prune: Callable[[], Awaitable[None]], every: float) -> None:
+    def __init__(self, prune: Callable[[], Awaitable[None]], every: float,
+                 busy: Callable[[], bool] = lambda: False, defer: float = PRUNE_DEFER) -> None:
         self._prune = prune
         self._every = every
+        self._busy = busy
+        self._deferral = Deferral(defer)
         self._task: asyncio.Task[None] | None = None
         self._waiting = False
         self._pruned_at = 0.0
@@ -68,6 +78,13 @@ class PruneSchedule:
                 await asyncio.sleep(wait)
             finally:
                 self._waiting = False
+        while self._deferral.defers(self._busy()):
+            self._waiting = True
+            try:
+                await asyncio.sleep(self._every / 10)
+            finally:
+                self._waiting = False
+        self._deferral.done()
         self._pruned_at = time.monotonic()
         await self._prune()
 

@@ -25,7 +25,7 @@ from .logs import RateLimit
 from .metrics import Metrics
 from .pos import ObjectInfo
 from .retention import RetentionPlan, RetentionPolicy, apply_plan, plan_retention
-from .retry import Backoff, ErrorLog
+from .retry import Backoff, Deferral, ErrorLog
 from .spool import Spool
 from .storage.base import StorageClient
 from .storage.file import stream_file
@@ -101,6 +101,12 @@ class Replica:
         # the capture is behind a writer faster than it: compaction (which rewrites what was
         # shipped) waits until it caught up rather than take the CPU it needs
         self.source_behind = False
+        # the capture follows a busy writer: a compaction step put off until the writer pauses
+        # (at most one first-level window) takes neither its CPU nor its disk
+        self.source_busy = False
+        self._busy = Deferral(0.0)
+        self._retaining: asyncio.Task[None] | None = None
+        self._retain_again = False
         self._compact_after = 0.0  # monotonic time before which no compaction step starts
         self._maintenance = asyncio.Lock()
 
@@ -109,6 +115,7 @@ class Replica:
         deleting what a merge replaced ``grace`` seconds after it."""
         levels = tuple(levels)
         self.compactor = Compactor(self.client, self.spool, levels, grace) if levels else None
+        self._busy = Deferral(levels[0] if levels else 0.0)
 
     async def compact(self, now: float | None = None) -> CompactResult | None:
         """One compaction step (see :mod:`replicator.compact`) with windows closed at ``now``
@@ -211,12 +218,14 @@ class Replica:
                 self.holdings.remember(gen, [o.key for o in have] + sorted(covered(objs, have)))
         return [o for o in objs if not self.holdings.holds(o)]
 
-    async def sync(self) -> int:
+    async def sync(self, *, beside: bool = False) -> int:
         """Copy every missing spooled object, oldest first; return how many were written.
 
         A replica marked down (a failed init or sync) is initialised again first, so a final sync
         at shutdown follows the same steps as the loop. Nothing is written (0 is returned) once
-        the replica is fenced."""
+        the replica is fenced. After a snapshot was shipped the retention policy is applied:
+        before returning, or (``beside``) in a task of its own, so that the next objects need
+        not wait for its listing (nor for a compaction step that holds the destination)."""
         if self.fenced is not None:
             return 0
         if not self.healthy:
@@ -269,8 +278,26 @@ class Replica:
         if snapshot_shipped:
             # only after a new snapshot can anything become unnecessary; an idle database
             # therefore costs no listing requests for retention
-            await self.enforce_retention()
+            if beside:
+                self._retain_beside()
+            else:
+                await self.enforce_retention()
         return written
+
+    def _retain_beside(self) -> None:
+        """Apply the retention policy in a task of its own (once more after it, if one runs)."""
+        if self._retaining is not None and not self._retaining.done():
+            self._retain_again = True
+            return
+
+        async def retain() -> None:
+            while True:
+                self._retain_again = False
+                await self.enforce_retention()
+                if not self._retain_again:
+                    return
+
+        self._retaining = asyncio.ensure_future(retain())
 
     def _count(self, info: ObjectInfo, size: int, frames: int, done: float) -> None:
         """Counters and metrics for one object written at ``done``."""
@@ -400,12 +427,15 @@ class Replica:
             return
         if self.compactor is None or not self.compactor.due.is_due(time.time()):
             return
+        if self._busy.defers(self.source_busy):
+            return  # the round after the writer's pause looks again
         if time.monotonic() < self._compact_after:
             return  # the next round after it looks again
 
         async def step() -> None:
             async with self.limit or contextlib.nullcontext():
                 started = time.monotonic()
+                self._busy.done()
                 await self.compact_if_due()
                 took = time.monotonic() - started
                 assert self.compactor is not None
@@ -429,8 +459,8 @@ class Replica:
             async with relay(stop, self.wake):
                 await self._run(stop, backstop)
         finally:
-            if self._compacting is not None:
-                await asyncio.gather(self._compacting, return_exceptions=True)
+            tasks = [t for t in (self._compacting, self._retaining) if t is not None]
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self, stop: asyncio.Event, backstop: float) -> None:
         failures = 0
@@ -440,7 +470,7 @@ class Replica:
                 async with (None if links else self.limit) or contextlib.nullcontext():
                     if not self.healthy:
                         await self.init()
-                    await self.sync()
+                    await self.sync(beside=True)
                 if self.fenced is None:
                     self._compact_beside()
                 if self.fenced is not None:

@@ -93,7 +93,7 @@ class DatabaseService:
         self._parked_sig: object = None
         self._open = False  # counted in the runtime's open databases
         self.wake = asyncio.Event()
-        self.pruning = PruneSchedule(self.prune_spool, PRUNE_EVERY)
+        self.pruning = PruneSchedule(self.prune_spool, PRUNE_EVERY, lambda: self.following)
         self.replicas = [
             Replica(rc.name, rc.open(), self.spool, cfg.name, self.metrics)
             for rc in cfg.replicas
@@ -120,6 +120,24 @@ class DatabaseService:
         self._watcher: Watcher | None = None
         self._errors = ErrorLog(log)
         self.last_capture = 0.0
+        self.following = False
+        """Whether the loop follows a busy writer (commits keep coming, file events are off):
+        housekeeping yields to the capture meanwhile (see :class:`replicator.retry.Deferral`)."""
+
+    def _follow(self, on: bool) -> None:
+        """Follow a busy writer (file events off), or stop; tell the shippers, whose compaction
+        yields to the capture while it follows."""
+        self.following = on
+        if self._watcher is None:
+            return
+        if on:
+            self._watcher.pause()
+        else:
+            self._watcher.resume()
+        for r in self.replicas:
+            r.source_busy = on
+            if not on:
+                r.wake.set()  # a compaction put off may start now
 
     def _database(self) -> Database:
         return Database(self.cfg.path, self.spool, name=self.cfg.name,
@@ -389,10 +407,10 @@ class DatabaseService:
                         # a second change within FOLLOW_QUIET: a busy writer, follow it (a
                         # database committing now and then only costs its file events)
                         if res.more or now - last_change < FOLLOW_QUIET:
-                            watcher.pause()
+                            self._follow(True)
                         last_change = now
                     elif watcher.paused and now - last_change >= FOLLOW_QUIET:
-                        watcher.resume()
+                        self._follow(False)
                         self.wake.set()  # what changed before the events were back has none
                     if res.more:
                         self.wake.set()  # a backlog: capture again at once

@@ -11,6 +11,9 @@ destination that is back goes unnoticed.
 
 :class:`TokenBucket` paces work that many databases share: at most ``rate`` a second on
 average, ``burst`` at once.
+
+:class:`Deferral` makes housekeeping (snapshots taken for WAL volume, compaction, spool pruning)
+yield to the capture while it follows a busy writer, for a bounded time.
 """
 
 from __future__ import annotations
@@ -89,3 +92,27 @@ class TokenBucket:
                 return False
             self._tokens -= n
             return True
+
+
+class Deferral:
+    """Housekeeping that yields to a busy capture: :meth:`defers` says to wait while the capture
+    is busy, but never for longer than ``limit`` seconds in a row (a writer that never pauses
+    still gets its snapshots, merges and prunes, only later)."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._since: float | None = None  # monotonic time of the first deferral in a row
+
+    def defers(self, busy: bool, now: float | None = None) -> bool:
+        """Whether work due now waits: ``busy`` and deferred for less than ``limit``."""
+        now = time.monotonic() if now is None else now
+        if not busy:
+            self._since = None
+            return False
+        if self._since is None:
+            self._since = now
+        return now - self._since < self.limit
+
+    def done(self) -> None:
+        """The work ran: the next deferral counts from scratch."""
+        self._since = None

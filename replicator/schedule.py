@@ -2,7 +2,8 @@
 changed, or when a destination needs one; a differential one (see replicator.diffsnap) when the
 WAL captured since the last snapshot outgrew ``snapshot-wal-factor`` times the database, or a
 full one if too many pages changed since the last full one (those taken for WAL volume spaced so
-that they use at most ``WAL_SNAPSHOT_DUTY`` of the time); and, after a restart, when the last
+that they use at most ``WAL_SNAPSHOT_DUTY`` of the time, and put off while the capture follows a
+busy writer, for at most ``WAL_SNAPSHOT_DEFER`` seconds); and, after a restart, when the last
 one was taken."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 from .diffsnap import DEFAULT_DIFF_MAX
 from .pos import ObjectInfo
 from .progress import CaptureResult
+from .retry import Deferral
 from .wal import FRAME_HEADER_SIZE
 
 if TYPE_CHECKING:
@@ -23,6 +25,10 @@ WAL_SNAPSHOT_DUTY = 0.1
 """Snapshots taken for WAL volume use at most this fraction of the time: after one that took
 d seconds the next waits (1 / duty - 1) * d, so a writer faster than the capture is not slowed
 further by snapshots of a state that is already out of date."""
+WAL_SNAPSHOT_DEFER = 5.0
+"""A snapshot due for WAL volume waits at most this long (seconds) while the capture follows a
+busy writer: taken in the writer's next pause, it does not hold up the capture of the commits
+of a burst (the capture and the snapshot take turns on the database)."""
 
 
 class SnapshotSchedule:
@@ -36,6 +42,8 @@ class SnapshotSchedule:
         # bytes of WAL frames captured since the last snapshot, full or differential
         self._wal_since_snapshot = 0
         self._wal_snapshot_after = 0.0  # monotonic time before which none is taken for volume
+        self.deferral = Deferral(WAL_SNAPSHOT_DEFER)
+        """Puts off snapshots due for WAL volume while the capture follows a busy writer."""
 
     def captured(self, res: CaptureResult, db_size: int) -> None:
         """Count what a capture step wrote (``db_size``: the database's size after it)."""
@@ -69,6 +77,8 @@ class SnapshotSchedule:
         interval = time.time() >= due and s.cfg.snapshot_interval > 0
         if not (needed or heavy or interval):
             return False
+        if not (needed or interval) and self.deferral.defers(s.following):
+            return False  # only the WAL volume asks for it: in the writer's next pause
         if not needed and s.db.last_snapshot_txid == s.db.txid:
             return False  # nothing changed since the last snapshot
         res = CaptureResult()  # what the snapshot captures first is counted like any capture
@@ -81,6 +91,7 @@ class SnapshotSchedule:
                 await s.call(s.db.snapshot, res)
             took = time.monotonic() - started
         s.report.counted(res)
+        self.deferral.done()
         self._wal_since_snapshot = 0
         self._wal_snapshot_after = time.monotonic() + took * (1 / self.wal_snapshot_duty - 1)
         for r in s.replicas:

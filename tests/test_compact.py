@@ -554,6 +554,35 @@ def test_compaction_waits_while_the_capture_is_behind(history: History) -> None:
     asyncio.run(go())
 
 
+def test_compaction_waits_while_the_capture_follows_a_busy_writer(history: History) -> None:
+    """While the capture follows a busy writer a due compaction step waits for its pause, but
+    not longer than one first-level window."""
+    h = history
+    due = h.replica.compactor.due if h.replica.compactor is not None else None
+    assert due is not None and due.is_due(0.0)
+
+    async def go() -> None:
+        h.replica.source_busy = True
+        h.replica._compact_beside()
+        assert h.replica._compacting is None
+        h.replica._busy.limit = 0.0  # put off for as long as it may be
+        h.replica._compact_beside()
+        assert h.replica._compacting is not None
+        await h.replica._compacting
+        h.replica._busy.limit = LEVELS[0]
+        h.replica._compacting = None
+        h.replica._compact_after = 0.0
+        h.replica.compactor.due.at(0.0)
+        h.replica._compact_beside()
+        assert h.replica._compacting is None
+        h.replica.source_busy = False  # the writer paused
+        h.replica._compact_beside()
+        assert h.replica._compacting is not None
+        await h.replica._compacting
+
+    asyncio.run(go())
+
+
 def test_a_merge_is_compressed_only_when_its_segments_were(history: History,
                                                            tmp_path: Path) -> None:
     """The capture stores a flat-out writer's frames as they are (its compression budget);

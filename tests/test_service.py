@@ -13,6 +13,7 @@ from writer import init_db
 
 from replicator.config import DbConfig, ReplicaConfig
 from replicator.db import DEFAULT_TUNING, Tuning
+from replicator.pruning import PruneSchedule
 from replicator.replicator import DatabaseService
 
 
@@ -250,3 +251,83 @@ async def test_remote_replica_ships_consecutive_segments_as_one_object(tmp_path:
     await go()
     assert seqs(tmp_path / "local.db") == seqs(tmp_path / "remote.db") == seqs(db)
     assert seqs(db) == list(range(1, 25))
+
+
+async def test_housekeeping_waits_while_the_capture_follows_a_busy_writer(
+        tmp_path: Path) -> None:
+    """While the loop follows a busy writer, a snapshot due for WAL volume and a spool prune
+    wait for the writer's pause, but not beyond their limit; a snapshot a destination needs
+    does not wait."""
+    db = tmp_path / "app.db"
+    init_db(str(db))
+
+    async def go() -> None:
+        s = service(tmp_path, snapshot_interval=3600, snapshot_wal_factor=0.5)
+        s.schedule.wal_snapshot_min = 0
+        await s.open()
+        commit(db, 200, payload=500)
+        await s.sync()
+        s.following = True
+        assert not await s.snapshot_if_due()  # due for WAL volume, put off
+        s.following = False
+        assert await s.snapshot_if_due()  # the writer paused
+        commit(db, 200, payload=500)
+        await s.sync()
+        s.following = True
+        s.schedule.deferral.limit = 0.0
+        assert await s.snapshot_if_due()  # put off for as long as it may be
+        s.schedule.deferral.limit = 3600.0
+        s.replicas[0].needs_snapshot = True
+        assert await s.snapshot_if_due()  # a destination needs it: at once
+        await s.close(10)
+
+    await go()
+
+
+async def test_a_prune_waits_for_the_writers_pause_within_its_limit() -> None:
+    pruned: list[float] = []
+    busy = [True]
+
+    async def prune() -> None:
+        pruned.append(asyncio.get_running_loop().time())
+
+    waits = PruneSchedule(prune, 0.01, lambda: busy[0], defer=3600.0)
+    waits.soon()
+    await asyncio.sleep(0.1)
+    assert pruned == []  # the capture is busy
+    busy[0] = False
+    await asyncio.sleep(0.1)
+    assert len(pruned) == 1  # the writer paused
+    bounded = PruneSchedule(prune, 0.01, lambda: True, defer=0.05)
+    bounded.soon()
+    await asyncio.sleep(0.3)
+    assert len(pruned) == 2  # busy all along, but put off no longer than its limit
+    await waits.stop()
+    await bounded.stop()
+
+
+async def test_retention_after_a_snapshot_does_not_hold_up_shipping(tmp_path: Path) -> None:
+    """In the shipping loop the retention policy runs beside shipping: a destination held by
+    another maintenance step (a compaction) still receives the objects that follow a snapshot;
+    the retention runs once it is free."""
+    db = tmp_path / "app.db"
+    init_db(str(db))
+
+    async def go() -> None:
+        s = service(tmp_path, snapshot_interval=3600)
+        await s.open()
+        r = s.replicas[0]
+        await r.sync()
+        async with r._maintenance:  # as a compaction step holds it
+            await s.snapshot_now()
+            commit(db, 3)
+            await s.sync()
+            assert await asyncio.wait_for(r.sync(beside=True), 10) == 2
+            assert r._retaining is not None and not r._retaining.done()
+        await asyncio.wait_for(r._retaining, 10)
+        assert r.last_error is None
+        await s.close(10)
+
+    await go()
+    snaps = sorted((tmp_path / "replica").glob("generations/*/snapshots/*.snap"))
+    assert len(snaps) == 2
