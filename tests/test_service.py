@@ -331,3 +331,37 @@ async def test_retention_after_a_snapshot_does_not_hold_up_shipping(tmp_path: Pa
     await go()
     snaps = sorted((tmp_path / "replica").glob("generations/*/snapshots/*.snap"))
     assert len(snaps) == 2
+
+
+async def test_a_bulk_writer_is_followed_in_larger_steps(tmp_path: Path) -> None:
+    """While the loop follows a writer, it looks again after FOLLOW_POLL when the last look
+    found a few commits, and after FOLLOW_POLL_BULK when it found FOLLOW_BULK bytes or more
+    (fewer, larger segments); everything committed is captured either way."""
+    from replicator.replicator import FOLLOW_BULK, FOLLOW_POLL, FOLLOW_POLL_BULK
+    from replicator.watcher import FileEvents, Watcher
+
+    db = tmp_path / "app.db"
+    init_db(str(db))
+
+    async def go() -> None:
+        s = service(tmp_path, snapshot_interval=3600)
+        await s.open()
+        w = Watcher(str(db), s.wake, FileEvents())
+        w.start()
+        w.pause()
+        before = s.db.txid
+        seqs = commit(db, 1)
+        await s.sync()
+        assert s._wait_for(w, 0.0) == FOLLOW_POLL
+        seqs += commit(db, FOLLOW_BULK // 2000 + 1, payload=4000)
+        while (await s.sync()).more:
+            pass
+        assert s._wait_for(w, 0.0) == FOLLOW_POLL_BULK
+        seqs += commit(db, 1)
+        await s.sync()
+        assert s._wait_for(w, 0.0) == FOLLOW_POLL
+        assert s.db.txid - before == len(seqs)
+        w.stop()
+        await s.close(10)
+
+    await go()
