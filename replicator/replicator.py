@@ -56,9 +56,10 @@ HEALTH_STOP_GRACE = 2.0
 FOLLOW_POLL = 0.005
 FOLLOW_QUIET = 0.05
 # While each look finds at least FOLLOW_BULK bytes of new frames (a writer far faster than
-# commits one at a time), the loop looks every FOLLOW_POLL_BULK seconds instead: the same bytes
-# in fewer, larger segments, each one fsync, rename and link fewer for the application's disk
-# and the capture's CPU. Single commits in quick succession stay at FOLLOW_POLL.
+# commits one at a time: two looks in a row, so a backlog caught up once does not count), the
+# loop looks every FOLLOW_POLL_BULK seconds instead: the same bytes in fewer, larger segments,
+# each one fsync, rename and link fewer for the application's disk and the capture's CPU.
+# Single commits in quick succession stay at FOLLOW_POLL.
 FOLLOW_BULK = 256 << 10
 FOLLOW_POLL_BULK = 0.02
 # the spool is pruned at most this often (seconds)
@@ -130,7 +131,7 @@ class DatabaseService:
         self.following = False
         """Whether the loop follows a busy writer (commits keep coming, file events are off):
         housekeeping yields to the capture meanwhile (see :class:`replicator.retry.Deferral`)."""
-        self._last_bytes = 0  # WAL bytes the last capture step found
+        self._bulk_looks = 0  # capture steps in a row that found FOLLOW_BULK bytes or more
 
     def _follow(self, on: bool) -> None:
         """Follow a busy writer (file events off), or stop; tell the shippers, whose compaction
@@ -234,7 +235,8 @@ class DatabaseService:
         started = time.monotonic()
         res = await self.call(self.db.step)
         self.last_capture = time.time()
-        self._last_bytes = res.frames * (self.db.page_size + FRAME_HEADER_SIZE)
+        bulk = res.frames * (self.db.page_size + FRAME_HEADER_SIZE) >= FOLLOW_BULK
+        self._bulk_looks = self._bulk_looks + 1 if bulk else 0
         if res.transactions:
             self.last_commit = time.monotonic()
         sizes = res.sizes
@@ -384,7 +386,7 @@ class DatabaseService:
         while parked (only a change, which wakes it, gives it work), else until it is time to
         park or the backstop (which looks whether a snapshot is due)."""
         if watcher.paused:
-            return FOLLOW_POLL_BULK if self._last_bytes >= FOLLOW_BULK else FOLLOW_POLL
+            return FOLLOW_POLL_BULK if self._bulk_looks >= 2 else FOLLOW_POLL
         if self.parked:
             return None
         timeout = self.runtime.backstop(IDLE_TIMER)
