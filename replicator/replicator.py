@@ -9,6 +9,7 @@ checks (if configured) run in a task of their own on their own read-only connect
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import platform
@@ -38,6 +39,7 @@ from .retry import Backoff, ErrorLog
 from .runtime import Runtime
 from .runtime import signature as runtime_sig
 from .schedule import SnapshotSchedule
+from .sightings import SIGHTER
 from .spool import Spool
 from .wal import FRAME_HEADER_SIZE
 from .watcher import Watcher
@@ -132,11 +134,20 @@ class DatabaseService:
         """Whether the loop follows a busy writer (commits keep coming, file events are off):
         housekeeping yields to the capture meanwhile (see :class:`replicator.retry.Deferral`)."""
         self._bulk_looks = 0  # capture steps in a row that found FOLLOW_BULK bytes or more
+        self._sighting: contextlib.ExitStack | None = None  # readings while following
 
     def _follow(self, on: bool) -> None:
         """Follow a busy writer (file events off), or stop; tell the shippers, whose compaction
-        yields to the capture while it follows."""
+        yields to the capture while it follows. Meanwhile the wal-index is read every few
+        milliseconds between capture steps too (see :mod:`replicator.sightings`): a commit is
+        stamped when it was first seen, however long the loop waits before its next look."""
         self.following = on
+        if on and self._sighting is None:
+            self._sighting = contextlib.ExitStack()
+            self._sighting.enter_context(SIGHTER.watching(self.db.handles.sightings))
+        elif not on and self._sighting is not None:
+            self._sighting.close()
+            self._sighting = None
         if self._watcher is None:
             return
         if on:
@@ -368,6 +379,9 @@ class DatabaseService:
             async with relay(stop, self.wake):
                 await self._loop(stop, self._watcher)
         finally:
+            if self._sighting is not None:
+                self._sighting.close()
+                self._sighting = None
             self.runtime.unwatch(self.cfg.path)
             await asyncio.gather(*shippers, return_exceptions=True)
             drills.cancel()  # a drill in progress only reads: it may stop anywhere

@@ -264,6 +264,7 @@ async def test_housekeeping_waits_while_the_capture_follows_a_busy_writer(
     async def go() -> None:
         s = service(tmp_path, snapshot_interval=3600, snapshot_wal_factor=0.5)
         s.schedule.wal_snapshot_min = 0
+        s.schedule.wal_snapshot_duty = 1.0  # no spacing after a snapshot (not tested here)
         await s.open()
         commit(db, 200, payload=500)
         await s.sync()
@@ -367,3 +368,36 @@ async def test_a_bulk_writer_is_followed_in_larger_steps(tmp_path: Path) -> None
         await s.close(10)
 
     await go()
+
+
+async def test_while_following_commits_are_stamped_when_seen_between_looks(
+        tmp_path: Path) -> None:
+    """While the loop follows a writer, the wal-index is read between its looks too: a commit
+    made long before the next look is stamped with a moment before that look (and not before
+    the commit); once it stops following, only a look sees commits."""
+    import time
+
+    db = tmp_path / "app.db"
+    init_db(str(db))
+
+    async def stamp_after_pause(follow: bool) -> tuple[int, int, int]:
+        s.following = False
+        if follow:
+            s._follow(True)
+        before = time.time_ns()
+        commit(db, 1)
+        await asyncio.sleep(0.3)
+        looked = time.time_ns()
+        await s.sync()
+        s._follow(False)
+        return before, s.db.progress.last_observed_ns, looked
+
+    s = service(tmp_path, snapshot_interval=3600)
+    await s.open()
+    try:
+        before, seen, looked = await stamp_after_pause(True)
+        assert before <= seen < looked
+        before, seen, looked = await stamp_after_pause(False)
+        assert seen >= looked
+    finally:
+        await s.close(10)
