@@ -446,11 +446,14 @@ class Replica:
 
     def _idle_wait(self, backstop: float) -> float | None:
         """How long ``run()`` waits for a wake-up after a successful round: ``backstop``, or
-        while :attr:`quiet` until the next compaction window closes (None: until woken)."""
-        if not self.quiet:
-            return backstop
+        until the next compaction window closes if that is sooner (a compaction step then
+        starts in the writer's pause, not with the first object after it), or while
+        :attr:`quiet` until that window closes (None: until woken)."""
         due = None if self.compactor is None else self.compactor.due.next()
-        return None if due is None else max(0.0, due - time.time())
+        now = time.time()
+        if not self.quiet:
+            return min(backstop, due - now) if due is not None and due > now else backstop
+        return None if due is None else max(0.0, due - now)
 
     async def run(self, stop: asyncio.Event, backstop: float = DEFAULT_BACKSTOP) -> None:
         """Ship whenever woken (or every ``backstop`` seconds, none while :attr:`quiet`) until

@@ -583,6 +583,21 @@ def test_compaction_waits_while_the_capture_follows_a_busy_writer(history: Histo
     asyncio.run(go())
 
 
+async def test_an_idle_shipper_wakes_when_a_compaction_window_closes(tmp_path: Path) -> None:
+    """Between objects the shipping loop waits for the backstop, or for the close of the next
+    compaction window if that comes first (so a step starts in the writer's pause)."""
+    r = Replica("dir", FileStorage(str(tmp_path / "r")), Spool(str(tmp_path / "s")), "app")
+    r.set_levels(LEVELS)
+    assert r.compactor is not None
+    r.compactor.due.times = {time.time() + 2.0}
+    wait = r._idle_wait(5.0)
+    assert wait is not None and 1.0 < wait <= 2.0
+    r.compactor.due.times = {time.time() + 9.0}
+    assert r._idle_wait(5.0) == 5.0
+    r.compactor.due.times = {time.time() - 1.0}  # due, but put off or spaced: no spinning
+    assert r._idle_wait(5.0) == 5.0
+
+
 def test_a_merge_is_compressed_only_when_its_segments_were(history: History,
                                                            tmp_path: Path) -> None:
     """The capture stores a flat-out writer's frames as they are (its compression budget);
