@@ -6,7 +6,11 @@ request, so a replica ships each run of consecutive segments it lacks as one obj
 object is an ordinary segment (docs/format.md): the same header fields, the parts' frames back to
 back in one zstd frame, the parts' transactions and observed times; restore cannot tell it from
 a captured one. Runs break where a WAL epoch ends (a segment starting at frame 0), at a snapshot,
-or at MAX_PARTS / MAX_BYTES. Parts are verified (trailer checksum) as they are read.
+at MAX_PARTS / MAX_BYTES, and, for a destination that compacts, where a window of its first
+level ends: every object it holds then lies in one window (or is a single captured segment),
+as a local directory's do, so that its merges are a local directory's merges, under the same
+keys, and compaction reads them locally instead of downloading them. Parts are verified
+(trailer checksum) as they are read.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ OUTGOING_DIR = "outgoing"
 Group = tuple[list[ObjectInfo], list[SegmentHeader]]
 
 
-def plan(spool: Spool, pending: list[ObjectInfo]) -> list[Group]:
+def plan(spool: Spool, pending: list[ObjectInfo], window: float | None = None) -> list[Group]:
     """Group ``pending`` (in shipping order) into runs to ship as one object each, with the
-    parts' headers (none for a snapshot). Sizes come from the spool's index."""
+    parts' headers (none for a snapshot), none spanning two windows of ``window`` seconds
+    (None: no such break). Sizes come from the spool's index."""
+    width = max(1, int(window * 1000)) if window else None
     groups: list[Group] = []
     size = 0
     for info in pending:
@@ -50,6 +56,7 @@ def plan(spool: Spool, pending: list[ObjectInfo]) -> list[Group]:
                 and len(parts) < MAX_PARTS
                 and size + info.size <= MAX_BYTES
                 and header.follows(headers[-1])
+                and (width is None or info.last_ms // width == parts[0].first_ms // width)
             ):
                 parts.append(info)
                 headers.append(header)

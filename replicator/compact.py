@@ -19,8 +19,12 @@ planned with them just before can still read them (one that takes longer plans a
 segment wholly covered by another one that is not awaiting its grace (left by a crash between
 the write and the deletes) is deleted.
 
-Bodies are read from the local spool when it still holds the same transactions (the first level
-runs within seconds of shipping) and downloaded only otherwise.
+Bodies are read from local copies where they hold the same transactions: the spool (the first
+level runs within seconds of shipping) and any destination that is a local directory (a remote
+destination's later levels merge what a local one holds under the same keys, since both merge
+the same windows); only what no local copy holds is downloaded. A merge's blocking work runs in
+a few calls on the compaction's own thread (``executor``), never on the threads the capture
+uses, so that neither waits behind the other's queue.
 """
 
 from __future__ import annotations
@@ -28,12 +32,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import heapq
 import logging
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import aiofiles
 
@@ -44,10 +52,11 @@ from .headers import SegmentHeader, SegmentPart
 from .pos import ObjectInfo, segment_info
 from .spool import Spool
 from .storage.base import StorageClient
-from .storage.file import stream_file
+from .storage.file import FileStorage, stream_file
 from .wal import FRAME_HEADER_SIZE
 
 log = logging.getLogger("replicator.compact")
+T = TypeVar("T")
 
 DEFAULT_LEVELS: tuple[float, ...] = (10.0, 300.0, 3600.0)
 DEFAULT_DELETE_GRACE = 30.0  # seconds a replaced object stays readable after its merge
@@ -56,6 +65,7 @@ MAX_BYTES = 256 << 20  # stored bytes of the inputs of one merge
 COMPRESSED_BELOW = 0.75
 WORK_DIR = "compact"
 _READ = 1 << 20
+REMOTE_COST = 1 << 20  # a downloaded object, against 1 for a local one, when choosing sources
 
 
 @dataclass
@@ -69,6 +79,7 @@ class CompactResult:
     objects: int = 0  # objects of the destination after the step (not counting replaced ones
     # awaiting their grace period)
     bytes: int = 0
+    downloaded: int = 0  # objects read back from the destination (no local copy held them)
 
 
 def join_parts(headers: list[SegmentHeader]) -> list[SegmentPart]:
@@ -151,16 +162,58 @@ def write_merged(path: str, sources: list[str], keys: list[str]) -> tuple[Segmen
 
 
 def _covered(segs: list[ObjectInfo]) -> list[ObjectInfo]:
-    """Segments wholly inside another one (the other is kept)."""
+    """Segments wholly inside another one (the other is kept: of two alike, the first by key).
+    In order of (start, -end, key) a segment is covered by one before it exactly when one
+    before it ends at or after its end."""
     out = []
-    for s in segs:
-        for o in segs:
-            if o is not s and o.start_txid <= s.start_txid and s.end_txid <= o.end_txid and (
-                (o.start_txid, -o.end_txid, o.key) < (s.start_txid, -s.end_txid, s.key)
-            ):
-                out.append(s)
-                break
+    reach = -1
+    for s in sorted(segs, key=lambda o: (o.start_txid, -o.end_txid, o.key)):
+        if s.end_txid <= reach:
+            out.append(s)
+        reach = max(reach, s.end_txid)
     return out
+
+
+Source = tuple[ObjectInfo, str | None]
+"""An object a merge reads, with the local file holding it (None: to be downloaded)."""
+
+
+def choose_sources(run: list[ObjectInfo], local: Iterable[tuple[ObjectInfo, str]]
+                   ) -> list[Source] | None:
+    """The objects a merge of ``run`` (consecutive segments) reads, in order: a chain of
+    consecutive segments from its first txid to its last, each local (with its file) or one of
+    ``run`` itself (to download), the fewest downloads first, then the fewest objects; None
+    if there is none (a hole)."""
+    start, end = run[0].start_txid, run[-1].end_txid
+    edges: dict[int, list[tuple[int, ObjectInfo, str | None]]] = {}
+    for o, file in local:
+        if o.kind == "wal" and start <= o.start_txid and o.end_txid <= end:
+            edges.setdefault(o.start_txid, []).append((1, o, file))
+    for o in run:
+        edges.setdefault(o.start_txid, []).append((REMOTE_COST, o, None))
+    best: dict[int, int] = {start: 0}
+    came: dict[int, tuple[int, Source]] = {}
+    heap = [(0, start)]
+    while heap:
+        cost, at = heapq.heappop(heap)
+        if at == end + 1:
+            break
+        if cost > best.get(at, cost):
+            continue
+        for c, o, path in edges.get(at, []):
+            nxt = o.end_txid + 1
+            if cost + c < best.get(nxt, cost + c + 1):
+                best[nxt] = cost + c
+                came[nxt] = (at, (o, path))
+                heapq.heappush(heap, (cost + c, nxt))
+    if end + 1 not in came:
+        return None
+    out: list[Source] = []
+    at = end + 1
+    while at != start:
+        at, src = came[at]
+        out.append(src)
+    return out[::-1]
 
 
 def plan_level(
@@ -245,21 +298,34 @@ class DueTimes:
 
 
 class Compactor:
-    """Compaction of one destination, reading bodies from the spool where it can."""
+    """Compaction of one destination, reading bodies from local copies where it can: the
+    spool and ``local``, directories holding objects of the same database (a destination that
+    is a local directory, this one among them). Blocking work runs on ``executor`` (default:
+    asyncio's)."""
 
     def __init__(self, client: StorageClient, spool: Spool | None,
                  levels: Iterable[float] = DEFAULT_LEVELS,
-                 grace: float = DEFAULT_DELETE_GRACE) -> None:
+                 grace: float = DEFAULT_DELETE_GRACE, *,
+                 local: Sequence[FileStorage] = (), executor: Executor | None = None) -> None:
         self.client = client
         self.spool = spool
         self.levels = tuple(levels)
         self.grace = grace
+        self.local = tuple(local)
+        self.executor = executor
         root = spool.root if spool is not None else None
         self.workdir = os.path.join(root, WORK_DIR) if root else None
         # replaced objects, deleted by the first step ``grace`` seconds (monotonic) after their
         # merge: a restore that planned with them meanwhile can still read them
         self._doomed: dict[str, tuple[float, ObjectInfo]] = {}
         self.due = DueTimes(self.levels)
+        # objects of the ``local`` directories by generation, listed once a step (one that is
+        # gone when read is passed over)
+        self._listed: dict[str, list[tuple[ObjectInfo, str]]] = {}
+
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run blocking ``fn(*args)`` on the compaction's executor."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def _delete_due(self, res: CompactResult) -> None:
         now = time.monotonic()
@@ -274,13 +340,26 @@ class Compactor:
         """Replaced objects awaiting their grace period."""
         return len(self._doomed)
 
+    async def delete_replaced(self) -> int:
+        """Delete every replaced object now, without waiting for its grace period (at a clean
+        shutdown: a restore that planned with one plans again, as after a crash, when the next
+        start deletes them as covered); returns how many."""
+        doomed = [o for _, o in self._doomed.values()]
+        if doomed:
+            await self.client.delete_objects(doomed)
+            for o in doomed:
+                self._doomed.pop(o.key, None)
+        return len(doomed)
+
     async def step(self, now: float | None = None,
                    generations: Iterable[str] | None = None) -> CompactResult:
         """One compaction pass over the given generations (default: all), every level in turn,
         with windows closed at ``now`` (default: the wall clock); returns what it did. A failure
         leaves the destination valid: nothing is deleted before its merge is durable."""
+        t0 = time.monotonic()
         now_ms = int((time.time() if now is None else now) * 1000)
         res = CompactResult()
+        self._listed = {}
         await self._delete_due(res)
         gens = list(generations) if generations is not None else await self.client.generations()
         for gen in gens:
@@ -300,7 +379,7 @@ class Compactor:
                     gone = {o.key for o in thinned}
                     held = [o for o in held if o.key not in gone]
                 for run in plan_level(held, interval, now_ms):
-                    for parts, info in await self._merge(run):
+                    for parts, info in await self._merge(run, res):
                         await self._replaced(parts, res)
                         res.written.append(info)
                         res.merged += 1
@@ -309,6 +388,10 @@ class Compactor:
                         held = [o for o in held if o.key not in drop] + [info]
             res.objects += len(held)
             res.bytes += sum(o.size for o in held)
+        if res.merged:
+            log.debug("%s: compacted in %.3f s: %d merges, %d objects downloaded, %d objects "
+                      "left", self.client.url, time.monotonic() - t0, res.merged,
+                      res.downloaded, res.objects)
         return res
 
     async def _replaced(self, run: list[ObjectInfo], res: CompactResult) -> None:
@@ -322,98 +405,125 @@ class Compactor:
             self._doomed[o.key] = (until, o)
 
     async def _merge(
-        self, run: list[ObjectInfo]
+        self, run: list[ObjectInfo], res: CompactResult
     ) -> list[tuple[list[ObjectInfo], ObjectInfo]]:
         """Write the merge of ``run`` to the destination (durably); returns each merged object
         with the objects it replaces. The run is cut before any segment that records an
         unobserved interval (the first after a restart that resumed from the WAL), so that its
         record stays on a segment's first transaction; pieces of one segment are left alone."""
         workdir = self.workdir or tempfile.gettempdir()
-        await asyncio.to_thread(os.makedirs, workdir, exist_ok=True)
         temps: list[str] = []
         out = []
         try:
-            sources = [await self._sources(o, workdir, temps) for o in run]
-            cuts = [0, *[i for i in range(1, len(run))
-                         if await asyncio.to_thread(_resumed, *sources[i][0])], len(run)]
-            for a, b in zip(cuts, cuts[1:], strict=False):
-                if b - a > 1:
-                    files = [f for src in sources[a:b] for f in src]
-                    out.append((run[a:b], await self._write(run[a:b], files, workdir)))
+            chain = await self._call(self._local_sources, run, workdir, temps)
+            files: list[tuple[ObjectInfo, str]] = []
+            for o, path in chain:
+                if path is None:
+                    path = temp_path(os.path.join(workdir, o.name))
+                    temps.append(path)
+                    await download(self.client, o, path)
+                    res.downloaded += 1
+                files.append((o, path))
+            pieces = await self._call(write_pieces, run, files, workdir, temps)
+            for a, b, path, size in pieces:
+                out.append((run[a:b], await self._put(run[a:b], path, size)))
         finally:
-            for p in temps:
-                await asyncio.to_thread(unlink_quiet, p)
+            await self._call(unlink_all, temps)
         return out
 
-    async def _write(
-        self, run: list[ObjectInfo], files: list[tuple[str, str]], workdir: str
-    ) -> ObjectInfo:
-        """Write the merge of ``files`` (path, key), the bodies of ``run``, durably."""
-        t0 = time.monotonic()
+    async def _put(self, run: list[ObjectInfo], path: str, size: int) -> ObjectInfo:
+        """Put the merge of ``run``, written durably to ``path``, in the destination."""
         first, last = run[0], run[-1]
         info = segment_info(first.generation, first.start_txid, last.end_txid, first.first_ms,
                             last.last_ms)
-        path = temp_path(os.path.join(workdir, info.name))
-        try:
-            _, size = await asyncio.to_thread(write_merged, path, [p for p, _ in files],
-                                              [k for _, k in files])
-            # a directory on the spool's file system links the (fsynced) file into place
-            linked = await self.client.link_object(info, path) if self.client.can_link else None
-            if linked is None:
-                await self.client.write_object(info, stream_file(path))
-        finally:
-            await asyncio.to_thread(unlink_quiet, path)
-        log.debug("%s: merged %d objects into %s in %.3f s", self.client.url, len(run),
-                  info.key, time.monotonic() - t0)
+        # a directory on the spool's file system links the (fsynced) file into place
+        linked = await self.client.link_object(info, path) if self.client.can_link else None
+        if linked is None:
+            await self.client.write_object(info, stream_file(path))
         return dataclasses.replace(info, size=size)
 
-    async def _sources(
-        self, o: ObjectInfo, workdir: str, temps: list[str]
-    ) -> list[tuple[str, str]]:
-        """Local files (path, key) holding the body of ``o`` in order: spooled segments with
-        the same transactions where the spool has them (hard-linked, so pruning the spool
-        meanwhile cannot take them away), else a download. Every file made is appended to
-        ``temps``."""
-        linked = await asyncio.to_thread(self._link_spooled, o, workdir, temps)
-        if linked is not None:
-            return linked
-        path = temp_path(os.path.join(workdir, o.name))
+    def _local_sources(self, run: list[ObjectInfo], workdir: str,
+                       temps: list[str]) -> list[Source]:
+        """The objects to read for ``run`` (see :func:`choose_sources`), the local ones linked
+        (or copied) into ``workdir`` so that a deletion meanwhile cannot take them away; each
+        file made is appended to ``temps``. Blocking."""
+        os.makedirs(workdir, exist_ok=True)
+        gen = run[0].generation
+        if gen not in self._listed:
+            listed = self._listed[gen] = []
+            for store in self.local:
+                try:
+                    listed += [(o, store.object_path(o)) for o in store.scan_objects(gen)]
+                except OSError:
+                    continue  # unreadable now: download instead
+        local = list(self._listed[gen])
+        if self.spool is not None:
+            local += [(o, self.spool.path(o)) for o in self.spool.objects(gen)]
+        while True:
+            chain = choose_sources(run, local)
+            if chain is None:
+                raise CorruptObjectError(f"{run[0].key}: segments to merge are not consecutive")
+            out: list[Source] = []
+            for o, path in chain:
+                if path is None:
+                    out.append((o, None))
+                    continue
+                copy = temp_path(os.path.join(workdir, o.name))
+                try:
+                    link_or_copy(path, copy)
+                except FileNotFoundError:
+                    # deleted meanwhile (pruned, or replaced by a merge): choose again
+                    local = [x for x in local if x[1] != path]
+                    self._listed[gen] = [x for x in self._listed[gen] if x[1] != path]
+                    break
+                temps.append(copy)
+                out.append((o, copy))
+            else:
+                return out
+
+
+def write_pieces(run: list[ObjectInfo], files: list[tuple[ObjectInfo, str]], workdir: str,
+                 temps: list[str]) -> list[tuple[int, int, str, int]]:
+    """Write the merges of ``run`` from ``files`` (the objects holding its transactions, in
+    order, with their local files), cut before every segment of the run whose first file
+    records an unobserved interval; returns (first index, end index, path, size) of each
+    piece of more than one segment. Each file made is appended to ``temps``. Blocking."""
+    at = {o.start_txid: i for i, (o, _) in enumerate(files)}
+    cuts = [0]
+    for i in range(1, len(run)):
+        j = at.get(run[i].start_txid)
+        if j is not None and _resumed(files[j][1], files[j][0].key):
+            cuts.append(i)
+    cuts.append(len(run))
+    out = []
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        if b - a < 2:
+            continue
+        lo, hi = run[a].start_txid, run[b - 1].end_txid
+        part = [(p, o.key) for o, p in files if lo <= o.start_txid and o.end_txid <= hi]
+        path = temp_path(os.path.join(workdir, segment_info(
+            run[a].generation, lo, hi, run[a].first_ms, run[b - 1].last_ms).name))
         temps.append(path)
-        await download(self.client, o, path)
-        return [(path, o.key)]
+        _, size = write_merged(path, [p for p, _ in part], [k for _, k in part])
+        out.append((a, b, path, size))
+    return out
 
-    def _link_spooled(
-        self, o: ObjectInfo, workdir: str, temps: list[str]
-    ) -> list[tuple[str, str]] | None:
-        """Hard links (path, key) to the spooled segments of ``o``, or None."""
-        local = self._spooled(o)
-        if local is None or self.spool is None:
-            return None
-        paths = []
-        for s in local:
-            path = temp_path(os.path.join(workdir, s.name))
-            try:
-                os.link(self.spool.path(s), path)
-            except OSError:
-                return None  # pruned meanwhile, or no hard links here: download instead
-            temps.append(path)
-            paths.append((path, s.key))
-        return paths
 
-    def _spooled(self, o: ObjectInfo) -> list[ObjectInfo] | None:
-        """Consecutive spooled segments holding exactly the transactions of ``o``, or None."""
-        if self.spool is None:
-            return None
-        segs = {s.start_txid: s for s in self.spool.objects(o.generation) if s.kind == "wal"}
-        out = []
-        nxt = o.start_txid
-        while nxt <= o.end_txid:
-            s = segs.get(nxt)
-            if s is None or s.end_txid > o.end_txid:
-                return None
-            out.append(s)
-            nxt = s.end_txid + 1
-        return out
+def link_or_copy(src: str, dst: str) -> None:
+    """Make ``dst`` a hard link to ``src``, or a copy where the file system cannot link
+    (FileNotFoundError when ``src`` is gone)."""
+    try:
+        os.link(src, dst)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def unlink_all(paths: Iterable[str]) -> None:
+    """Remove files that may already be gone."""
+    for p in paths:
+        unlink_quiet(p)
 
 
 def _resumed(path: str, key: str) -> bool:

@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
 
 from . import batch
 from .aio import relay, wait_event
@@ -28,7 +29,7 @@ from .retention import RetentionPlan, RetentionPolicy, apply_plan, plan_retentio
 from .retry import Backoff, Deferral, ErrorLog
 from .spool import Spool
 from .storage.base import StorageClient
-from .storage.file import stream_file
+from .storage.file import FileStorage, stream_file
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ DEFAULT_BACKSTOP = 5.0
 SHIP_CONCURRENCY = 4
 LINK_BATCH = 256  # spooled objects linked into a local destination in one go (one dir fsync)
 DEBUG_EVERY = 1.0  # per-round debug lines, at most this often (a busy database ships every ms)
+DELETE_AT_EXIT = 10.0  # seconds a clean shutdown spends deleting objects merges replaced
 COMPACT_DUTY = 0.1
 """Compaction aims at this fraction of the time: after a step that took d seconds the next
 waits (1 / duty - 1) * d, but never longer than the first level's window. Under a flat-out
@@ -110,11 +112,15 @@ class Replica:
         self._compact_after = 0.0  # monotonic time before which no compaction step starts
         self._maintenance = asyncio.Lock()
 
-    def set_levels(self, levels: Iterable[float], grace: float = DEFAULT_DELETE_GRACE) -> None:
+    def set_levels(self, levels: Iterable[float], grace: float = DEFAULT_DELETE_GRACE, *,
+                   local: Sequence[FileStorage] = (), executor: Executor | None = None) -> None:
         """Compact this destination on these levels (seconds, shortest first; none: never),
-        deleting what a merge replaced ``grace`` seconds after it."""
+        deleting what a merge replaced ``grace`` seconds after it, reading what the spool and
+        the directories ``local`` hold rather than downloading it, its blocking work on
+        ``executor`` (see :class:`~replicator.compact.Compactor`)."""
         levels = tuple(levels)
-        self.compactor = Compactor(self.client, self.spool, levels, grace) if levels else None
+        self.compactor = Compactor(self.client, self.spool, levels, grace, local=local,
+                                   executor=executor) if levels else None
         self._busy = Deferral(levels[0] if levels else 0.0)
 
     async def compact(self, now: float | None = None) -> CompactResult | None:
@@ -246,7 +252,9 @@ class Replica:
         snapshot_shipped = False
         if self.batch:
             # a remote destination pays per request: consecutive segments go as one object
-            groups = await asyncio.to_thread(batch.plan, self.spool, missing)
+            levels = self.compactor.levels if self.compactor is not None else ()
+            groups = await asyncio.to_thread(batch.plan, self.spool, missing,
+                                             levels[0] if levels else None)
         else:
             groups = [([o], []) for o in missing]
         # a remote destination takes several objects at once (a backlog after an outage is
@@ -464,6 +472,18 @@ class Replica:
         finally:
             tasks = [t for t in (self._compacting, self._retaining) if t is not None]
             await asyncio.gather(*tasks, return_exceptions=True)
+        await self._delete_replaced()
+
+    async def _delete_replaced(self) -> None:
+        """At shutdown, delete what merges replaced rather than leave it for the next start
+        (bounded: a destination that does not answer keeps them)."""
+        if self.compactor is None or not self.compactor.pending_deletes() or self.fenced:
+            return
+        try:
+            async with self._maintenance:
+                await asyncio.wait_for(self.compactor.delete_replaced(), DELETE_AT_EXIT)
+        except Exception as exc:  # noqa: BLE001 - the next start deletes them as covered
+            self._log_error("compact", exc)
 
     async def _run(self, stop: asyncio.Event, backstop: float) -> None:
         failures = 0

@@ -41,6 +41,7 @@ from .runtime import signature as runtime_sig
 from .schedule import SnapshotSchedule
 from .sightings import SIGHTER
 from .spool import Spool
+from .storage.file import FileStorage
 from .wal import FRAME_HEADER_SIZE
 from .watcher import Watcher
 
@@ -108,12 +109,14 @@ class DatabaseService:
             Replica(rc.name, rc.open(), self.spool, cfg.name, self.metrics)
             for rc in cfg.replicas
         ]
+        # compaction reads what a local directory destination holds rather than download it
+        local = [r.client for r in self.replicas if isinstance(r.client, FileStorage)]
         for r, rc in zip(self.replicas, cfg.replicas, strict=True):
             r.on_shipped = self.pruning.soon
             r.on_needs_snapshot = self.wake.set
             r.retention = cfg.retention_policy(rc)
             r.limit = self.runtime.uploads
-            r.set_levels(cfg.compaction_levels)
+            r.set_levels(cfg.compaction_levels, local=local, executor=self.runtime.compaction)
         self.health: HealthChecker | None = None
         if cfg.health:
             self.health = HealthChecker(cfg.path, cfg.health, metrics=self.metrics,

@@ -32,6 +32,9 @@ T = TypeVar("T")
 
 DEFAULT_WORKERS = 8
 DEFAULT_HEALTH_WORKERS = 2
+# compaction is background work: one thread bounds it to one CPU whatever the number of
+# databases (each destination's steps are spaced to take a tenth of the time besides)
+COMPACTION_WORKERS = 1
 DEFAULT_SNAPSHOTS = 2
 DEFAULT_UPLOADS = 16
 DEFAULT_TICK = 1.0
@@ -111,6 +114,9 @@ class Runtime:
         self.health = ThreadPoolExecutor(DEFAULT_HEALTH_WORKERS,
                                          thread_name_prefix="replicator-health")
         """Health checks' pool: a long integrity check never holds a capture worker."""
+        self.compaction = ThreadPoolExecutor(COMPACTION_WORKERS,
+                                             thread_name_prefix="replicator-compact")
+        """Compaction's pool: a merge never waits for a capture worker nor holds one."""
         self.events: FileEvents = file_events()
         self.snapshots = asyncio.Semaphore(snapshots)
         """Held while a snapshot is written (and while a database opens, which may take one)."""
@@ -248,4 +254,6 @@ class Runtime:
                 await self._trimming
         self.events.stop()
         self.health.shutdown(wait=False)  # a check in progress is interrupted by its checker
+        # replicas wait for their compaction steps before they close
+        await asyncio.get_running_loop().run_in_executor(None, self.compaction.shutdown, True)
         await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)

@@ -663,3 +663,199 @@ def test_compaction_takes_at_most_its_share_of_the_time(history: History) -> Non
         assert h.replica._compact_after <= time.monotonic() + LEVELS[0]
 
     asyncio.run(go())
+
+
+class CountedReads:
+    """A remote-like destination (objects in memory, nothing to link) that counts the objects
+    read back from it."""
+
+    def __init__(self) -> None:
+        from replicator.storage.memory import MemoryStorage
+
+        self.inner = MemoryStorage()
+        self.url = self.inner.url
+        self.reads: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
+        self.reads.append(info.key)
+        return self.inner.read_object(info)
+
+
+async def copy_all(src: StorageClient, dst: CountedReads) -> None:
+    for o in await all_objects(src):
+        await dst.inner.write_object(o, src.read_object(o))
+
+
+def test_a_remote_destination_merges_what_a_local_directory_holds_without_reading_it_back(
+    history: History, tmp_path: Path
+) -> None:
+    """A remote destination holding the same objects as a local directory, both compacted step
+    by step, compacts from the directory's files (its merges, on the same windows, carry the
+    keys the remote's merges read): nothing is read back. What no local copy holds is read
+    back. Either way the result restores every state exactly."""
+    h = history
+    start_s, end_s = min(h.times.values()) / 1e9, h.end_ns / 1e9
+    shutil.copytree(h.dest.root, tmp_path / "lossy")
+    lossy = FileStorage(str(tmp_path / "lossy"))
+
+    async def go() -> None:
+        # without a local copy: read back
+        alone = CountedReads()
+        await copy_all(h.dest, alone)
+        res = await Compactor(alone, None, LEVELS, grace=0).step(now=end_s + 5)  # type: ignore[arg-type]
+        assert res.merged > 0 and res.downloaded > 0 and alone.reads
+        # step by step beside the directory (whose replaced objects wait out a grace period)
+        remote = CountedReads()
+        await copy_all(h.dest, remote)
+        h.replica.set_levels(LEVELS, grace=3600)
+        comp = Compactor(remote, None, LEVELS, grace=0, local=[h.dest])  # type: ignore[arg-type]
+        levels: set[int] = set()
+        for i in range(1, 13):
+            now = start_s + (end_s + 5 * LEVELS[-1] - start_s) * i / 12
+            assert (await h.replica.compact(now=now)) is not None
+            res = await comp.step(now=now)
+            levels |= set(res.levels)
+            assert res.downloaded == 0
+        assert levels == {0, 1, 2} and not remote.reads
+        # a local copy that lost some objects: only what it lacks is read back
+        gone = [o for o in await all_objects(lossy) if o.kind == "wal"][2:4]
+        more = CountedReads()
+        await copy_all(lossy, more)
+        await lossy.delete_objects(gone)
+        comp = Compactor(more, None, (LEVELS[-1] * 100,), grace=0,  # type: ignore[arg-type]
+                         local=[lossy])
+        res = await comp.step(now=end_s + 1000 * LEVELS[-1])
+        assert res.merged > 0 and sorted(more.reads) == sorted(o.key for o in gone)
+        for dest in (remote, more):
+            plan = await plan_restore(dest)  # type: ignore[arg-type]
+            assert plan.txid == max(h.times)
+            await apply_plan(dest, plan, str(tmp_path / "out.db"), force=True)  # type: ignore[arg-type]
+            assert content(tmp_path / "out.db") == content(h.app)
+            for t in random.Random(3).sample(sorted(h.times), 5):
+                txid, seqs = await restore_at(dest, tmp_path / "t.db",  # type: ignore[arg-type]
+                                              to_time_ns=h.times[t])
+                assert txid == t and seqs == list(range(1, t + 1))
+
+    asyncio.run(go())
+
+
+def test_merge_sources_prefer_local_copies_then_the_fewest_objects() -> None:
+    from replicator.compact import choose_sources
+    from replicator.pos import segment_info
+
+    def seg(a: int, b: int) -> ObjectInfo:
+        return segment_info("0" * 16, a, b, a, b)
+
+    run = [seg(1, 3), seg(4, 6), seg(7, 9)]
+    # nothing local: the run itself, to download
+    assert choose_sources(run, []) == [(o, None) for o in run]
+    # one merged local object covering it all beats three local pieces
+    local = [(seg(1, 3), "a"), (seg(4, 6), "b"), (seg(7, 9), "c"), (seg(1, 9), "all")]
+    assert choose_sources(run, local) == [(seg(1, 9), "all")]
+    # local pieces that do not line up with the run's objects still tile it
+    local = [(seg(1, 2), "a"), (seg(3, 7), "b"), (seg(8, 9), "c"), (seg(1, 12), "too long")]
+    assert [p for _, p in choose_sources(run, local) or []] == ["a", "b", "c"]
+    # a hole in the local copies: that one object is downloaded
+    local = [(seg(1, 3), "a"), (seg(7, 9), "c")]
+    assert choose_sources(run, local) == [(seg(1, 3), "a"), (seg(4, 6), None), (seg(7, 9), "c")]
+
+
+def test_covered_segments_are_found_as_before() -> None:
+    """The sweep finds exactly the segments another one contains (one of two alike stays)."""
+    from replicator.compact import _covered
+    from replicator.pos import segment_info
+
+    rnd = random.Random(4)
+    for _ in range(50):
+        keyed = {}
+        for _ in range(rnd.randrange(1, 40)):
+            a = rnd.randrange(1, 60)
+            b = a + rnd.randrange(0, 10)
+            o = segment_info("0" * 16, a, b, a, b + rnd.randrange(2))
+            keyed[o.key] = o  # a listing holds a key once
+        segs = list(keyed.values())
+        brute = {s.key for s in segs for o in segs
+                 if o is not s and o.start_txid <= s.start_txid and s.end_txid <= o.end_txid
+                 and (o.start_txid, -o.end_txid, o.key) < (s.start_txid, -s.end_txid, s.key)}
+        assert {s.key for s in _covered(segs)} == brute
+
+
+def test_batches_for_a_compacting_destination_stay_in_one_window(history: History) -> None:
+    """Shipping batches consecutive segments, but not across a first-level window boundary:
+    each batch lies in one window or is a single segment."""
+    from replicator import batch
+
+    pending = [o for g in history.spool.generations() for o in history.spool.objects(g)]
+    width = int(LEVELS[0] * 1000)
+    groups = batch.plan(history.spool, pending, LEVELS[0])
+    assert len(groups) < len(pending)
+    for parts, _ in groups:
+        assert len(parts) == 1 or parts[0].first_ms // width == parts[-1].last_ms // width
+    assert len(batch.plan(history.spool, pending)) < len(groups)
+
+
+def test_compaction_does_not_wait_for_the_capture_workers(tmp_path: Path) -> None:
+    """A database service compacts on a pool of its own: with every capture worker busy a
+    compaction step still completes (and reads the local directory destination)."""
+    import threading
+
+    from replicator.runtime import Runtime
+
+    app = tmp_path / "app.db"
+    init_db(str(app))
+    cfg = DbConfig(path=str(app), replicas=[ReplicaConfig("a", str(tmp_path / "a")),
+                                            ReplicaConfig("b", str(tmp_path / "b"))],
+                   compaction_levels=LEVELS)
+
+    async def go() -> None:
+        runtime = Runtime(workers=1)
+        s = DatabaseService(cfg, runtime=runtime)
+        await s.open()
+        conn = sqlite3.connect(app, isolation_level=None)
+        rnd = random.Random(2)
+        release = threading.Event()
+        try:
+            for seq in range(1, 301):
+                commit(conn, seq, rnd)
+                if seq % 20 == 0:
+                    await s.sync()
+                    for r in s.replicas:
+                        await r.sync()
+            b = s.replicas[1]
+            assert b.compactor is not None
+            assert [c.root for c in b.compactor.local] == [str(tmp_path / "a"), str(tmp_path / "b")]
+            busy = asyncio.get_running_loop().run_in_executor(runtime.executor, release.wait)
+            res = await asyncio.wait_for(b.compact(now=time.time() + 10 * LEVELS[-1]), 120)
+            assert res is not None and res.merged > 0 and res.downloaded == 0
+            assert not busy.done()  # the capture's worker was held all along
+        finally:
+            release.set()
+            conn.close()
+            await s.close(10)
+            await runtime.aclose()
+
+    asyncio.run(go())
+
+
+def test_a_clean_shutdown_deletes_what_merges_replaced(history: History) -> None:
+    """Replaced objects wait out their grace period while the replica runs; when it stops they
+    are deleted rather than left for the next start."""
+    h = history
+    h.replica.set_levels(LEVELS, grace=3600)
+
+    async def go() -> None:
+        res = await h.replica.compact(now=h.end_ns / 1e9 + 10 * LEVELS[-1])
+        assert res is not None and res.merged > 0 and res.replaced == 0
+        assert h.replica.compactor is not None and h.replica.compactor.pending_deletes()
+        stop = asyncio.Event()
+        stop.set()
+        await h.replica.run(stop)
+        assert not h.replica.compactor.pending_deletes()
+
+    asyncio.run(go())
+    segs = [o for o in objects(h) if o.kind == "wal"]
+    assert not [o for o in segs for p in segs
+                if p is not o and p.start_txid <= o.start_txid and o.end_txid <= p.end_txid]

@@ -62,6 +62,10 @@ class FileStorage:
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *key.split("/"))
 
+    def object_path(self, info: ObjectInfo) -> str:
+        """The file that holds an object (which may not exist)."""
+        return self._path(info.key)
+
     def _error(self, what: str, exc: OSError) -> StorageError:
         return StorageError(f"{self.url}: {what}: {_describe(exc)}")
 
