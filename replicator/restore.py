@@ -48,6 +48,7 @@ CHECK_CACHE_KIB = 64 << 10  # its page cache
 # WAL segments (stored bytes) up to which a restore checks frames in plain Python: for this
 # little WAL that is quicker than importing numpy for the vectorised check
 PLAIN_WAL_BYTES = 1 << 20
+WRITE_BATCH = 4 << 20  # bytes of WAL pages a restore writes in one worker call
 REPLANS = 5
 
 log = logging.getLogger("replicator.restore")
@@ -603,6 +604,22 @@ class _Applier:
         self.extent = 0  # pages the output file may hold (past ``pages`` after a shrink)
         # the content hash recorded where the restore stands, if it stands at an object's end
         self.expect: tuple[int, str] | None = None
+        # WAL pages not written yet, in order: written together, one worker call for many
+        # small segments
+        self.queued: list[tuple[bytes, int]] = []
+        self.queued_bytes = 0
+
+    def queue(self, writes: list[tuple[bytes, int]]) -> None:
+        """Write these (data, offset) pages later, after those queued before."""
+        self.queued += writes
+        self.queued_bytes += sum(len(d) for d, _ in writes)
+
+    async def flush(self, force: bool = True) -> None:
+        """Write the queued pages (unless ``force`` is off and they are fewer than
+        ``WRITE_BATCH`` bytes)."""
+        if self.queued and (force or self.queued_bytes >= WRITE_BATCH):
+            writes, self.queued, self.queued_bytes = self.queued, [], 0
+            await asyncio.to_thread(_write_all, self, writes)
 
     def truncate(self, pages: int) -> None:
         """Drop the pages past ``pages`` (a commit shrank the database)."""
@@ -766,15 +783,17 @@ async def _apply_part(
                 txid += 1
                 ap.pages = commit
                 if commit < ap.extent:  # pages past a commit's size are gone
-                    await asyncio.to_thread(_write_all, ap, writes)
+                    ap.queue(writes)
                     writes = []
+                    await ap.flush()
                     ap.truncate(commit)
                 ck_here = struct.unpack_from(">II", buf, off + 16)
                 ap.end = WalPos(start.salt1, start.salt2, frame_no, (ck_here[0], ck_here[1]))
                 if txid >= stop_txid:
                     stopped = True
                     break
-        await asyncio.to_thread(_write_all, ap, writes)
+        ap.queue(writes)
+        await ap.flush(force=False)
         if stopped:
             return txid, True
     return txid, False
@@ -792,6 +811,7 @@ async def _apply_catchup(read: Reader, obj: ObjectInfo, ap: _Applier) -> None:
         raise CorruptObjectError(
             f"{obj.key}: does not continue from the previous object (broken chain)"
         )
+    await ap.flush()  # the segments' pages before the catch-up's
     await _apply_pages(obj, body, header, ap)
 
 
@@ -1118,6 +1138,7 @@ async def _apply(
                     break
             elif await _apply_segment(read, seg, ap, plan.txid):
                 break
+        await ap.flush()
         os.ftruncate(fd, ap.pages * ap.page_size)
         os.fsync(fd)
         verified = await asyncio.to_thread(_verify_content, ap) if check else None

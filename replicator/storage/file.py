@@ -49,6 +49,16 @@ async def stream_file(path: str) -> AsyncGenerator[bytes, None]:
             yield chunk
 
 
+def _open_read(path: str) -> tuple[int, int, bytes]:
+    """Open a file: (descriptor, size, first chunk) (blocking)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return fd, os.fstat(fd).st_size, os.read(fd, DEFAULT_CHUNK_SIZE)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class FileStorage:
     """Objects as files below a root directory."""
 
@@ -206,9 +216,9 @@ class FileStorage:
             raise self._error(f"cannot write {items[0][0].key}{more}", exc) from None
 
     async def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
-        """Stream a file in chunks."""
+        """Stream a file in chunks (an object of one chunk in one worker call)."""
         try:
-            fd = await asyncio.to_thread(os.open, self._path(info.key), os.O_RDONLY)
+            fd, size, chunk = await asyncio.to_thread(_open_read, self._path(info.key))
         except FileNotFoundError:
             raise NotFoundError(f"{self.url}: {info.key}: object not found") from None
         except OSError as exc:
@@ -216,14 +226,16 @@ class FileStorage:
         # closed with this iterator, so a reader that stops early (a header) closes the file;
         # no inner generator, which asyncio would close on its own at shutdown, at the same time
         try:
-            while True:
+            done = len(chunk)
+            while chunk:
+                yield chunk
+                if done >= size:
+                    return  # objects are never modified: nothing follows
                 try:
                     chunk = await asyncio.to_thread(os.read, fd, DEFAULT_CHUNK_SIZE)
                 except OSError as exc:
                     raise self._error(f"cannot read {info.key}", exc) from None
-                if not chunk:
-                    return
-                yield chunk
+                done += len(chunk)
         finally:
             os.close(fd)
 
