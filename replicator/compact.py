@@ -416,20 +416,35 @@ class Compactor:
         out = []
         try:
             chain = await self._call(self._local_sources, run, workdir, temps)
-            files: list[tuple[ObjectInfo, str]] = []
-            for o, path in chain:
-                if path is None:
-                    path = temp_path(os.path.join(workdir, o.name))
-                    temps.append(path)
-                    await download(self.client, o, path)
-                    res.downloaded += 1
-                files.append((o, path))
-            pieces = await self._call(write_pieces, run, files, workdir, temps)
+            files = await self._fetch(chain, workdir, temps, res)
+            try:
+                pieces = await self._call(write_pieces, run, files, workdir, temps)
+            except CorruptObjectError as exc:
+                if all(path is None for _, path in chain):
+                    raise
+                # a damaged local copy never blocks a merge: read the destination's own
+                log.warning("%s: %s; merging from the destination's objects instead",
+                            self.client.url, exc)
+                files = await self._fetch([(o, None) for o in run], workdir, temps, res)
+                pieces = await self._call(write_pieces, run, files, workdir, temps)
             for a, b, path, size in pieces:
                 out.append((run[a:b], await self._put(run[a:b], path, size)))
         finally:
             await self._call(unlink_all, temps)
         return out
+
+    async def _fetch(self, chain: list[Source], workdir: str, temps: list[str],
+                     res: CompactResult) -> list[tuple[ObjectInfo, str]]:
+        """The local files of ``chain``, downloading the objects no local copy holds."""
+        files = []
+        for o, path in chain:
+            if path is None:
+                path = temp_path(os.path.join(workdir, o.name))
+                temps.append(path)
+                await download(self.client, o, path)
+                res.downloaded += 1
+            files.append((o, path))
+        return files
 
     async def _put(self, run: list[ObjectInfo], path: str, size: int) -> ObjectInfo:
         """Put the merge of ``run``, written durably to ``path``, in the destination."""

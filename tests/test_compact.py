@@ -859,3 +859,30 @@ def test_a_clean_shutdown_deletes_what_merges_replaced(history: History) -> None
     segs = [o for o in objects(h) if o.kind == "wal"]
     assert not [o for o in segs for p in segs
                 if p is not o and p.start_txid <= o.start_txid and o.end_txid <= p.end_txid]
+
+
+def test_a_damaged_local_copy_does_not_block_a_merge(history: History, tmp_path: Path) -> None:
+    """A local directory whose copy of a segment is damaged: the remote destination's merge
+    reads its own objects instead, and restores stay exact."""
+    h = history
+    shutil.copytree(h.dest.root, tmp_path / "damaged")
+    damaged = FileStorage(str(tmp_path / "damaged"))
+    gen = damaged.scan_generations()[0]
+    seg = [o for o in damaged.scan_objects(gen) if o.kind == "wal"][5]
+    path = Path(damaged.object_path(seg))
+    data = bytearray(path.read_bytes())
+    data[-12] ^= 0xFF  # a body byte (the trailer is the last 8)
+    path.write_bytes(bytes(data))
+
+    async def go() -> None:
+        remote = CountedReads()
+        await copy_all(h.dest, remote)
+        comp = Compactor(remote, None, (LEVELS[-1] * 100,), grace=0,  # type: ignore[arg-type]
+                         local=[damaged])
+        res = await comp.step(now=h.end_ns / 1e9 + 1000 * LEVELS[-1])
+        assert res.merged > 0 and res.downloaded > 0
+        plan = await plan_restore(remote)  # type: ignore[arg-type]
+        await apply_plan(remote, plan, str(tmp_path / "out.db"), force=True)  # type: ignore[arg-type]
+        assert content(tmp_path / "out.db") == content(h.app)
+
+    asyncio.run(go())
