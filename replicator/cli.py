@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import ConfigError, ReplicatorError, RestoreError
+from .heap import tune_heap
 from .logs import LOG_FORMATS, fmt_bytes, setup_logging
 from .redact import redact
 from .restore import (
@@ -469,6 +470,7 @@ def _replicate_main(args: argparse.Namespace) -> int:
     # the capture thread must get the GIL back within a millisecond, not the default 5: it has a
     # few milliseconds to read a WAL tail after the application resets the WAL
     sys.setswitchinterval(0.001)
+    tune_heap()
     return asyncio.run(_replicate(cfg, demo_rate))
 
 
