@@ -136,7 +136,7 @@ class Capture(Part):
             n = (tail.end_index - p.pos.frame) * frame_size(p.page_size)
             self._emit(fd, old_hdr, p.pos, txns, res, compress=self._may_compress(n),
                        data=data)
-        log.info(
+        log.debug(
             "%s: WAL restarted (checkpoint seq %d); continuity proven at frame %d",
             self.name, hdr.checkpoint_seq, tail.end_index,
         )
