@@ -45,6 +45,11 @@ _TRAILER_SIZE = 4 + 4
 _MAX_HEADER = 64 << 20
 _KIND_NAMES = {KIND_SNAPSHOT: "snapshot", KIND_WAL: "wal", KIND_CATCHUP: "catchup",
                KIND_DIFF: "diff"}
+# the versions each kind is written with (version 3 changed nothing but add differential
+# snapshots): a preamble's version, which the trailer's digest does not cover, is checked
+# against its kind
+_KIND_VERSIONS = {KIND_SNAPSHOT: (1, 2), KIND_WAL: (1, 2), KIND_CATCHUP: (2,),
+                  KIND_DIFF: (DIFF_VERSION,)}
 
 
 class _Crc:
@@ -186,6 +191,9 @@ class ObjectDecoder:
         if kind not in _KIND_NAMES:
             # the preamble is not covered by the trailer's digest: check it on its own
             raise CorruptObjectError(f"{self.key}: corrupt object (unknown kind {kind})")
+        if version not in _KIND_VERSIONS[kind]:
+            raise CorruptObjectError(
+                f"{self.key}: corrupt object ({_KIND_NAMES[kind]} of version {version})")
         if hlen > _MAX_HEADER:
             raise CorruptObjectError(f"{self.key}: corrupt object (header length {hlen})")
         if len(buf) < _PREAMBLE.size + hlen:
@@ -231,7 +239,7 @@ def header_length(preamble: bytes, key: str) -> int:
         raise FormatError(f"{key}: not a replica object (bad magic)")
     if version not in READ_VERSIONS:
         raise FormatError(f"{key}: unsupported format version {version}")
-    if kind not in _KIND_NAMES or hlen > _MAX_HEADER:
+    if kind not in _KIND_NAMES or hlen > _MAX_HEADER or version not in _KIND_VERSIONS[kind]:
         raise CorruptObjectError(f"{key}: corrupt object (bad preamble)")
     return int(hlen)
 
