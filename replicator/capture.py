@@ -88,8 +88,6 @@ class Capture(Part):
         self._compress_tokens = float(self.tuning.compress_budget)
         self._compress_at = time.monotonic()
         self._wal_hdr: WalHeader | None = None  # the WAL header read last
-        # the salts of the epoch the capture is in, and when it first shipped from it
-        self._epoch: tuple[tuple[int, int], float] | None = None
 
     @property
     def proof_pending(self) -> bool:
@@ -158,8 +156,6 @@ class Capture(Part):
         if p.pos is None or p.pos.salts != start.salts:
             p.pos = start
             p.big_endian = hdr.big_endian
-        if self._epoch is None or self._epoch[0] != p.pos.salts:
-            self._epoch = (p.pos.salts, time.monotonic())
         batch = self._scan_batch(fd, hdr, p.pos)
         txns = batch.txns
         if not txns and batch.stop == "short" and p.pos.frame > 0 and self.handles.pinned:
@@ -364,20 +360,6 @@ class Capture(Part):
             return False
         self._compress_tokens -= nbytes
         return True
-
-    def rotation_due(self, checkpoint_pages: int) -> bool:
-        """Whether the epoch is long enough to rotate: ``checkpoint_pages`` frames, and begun
-        at least ``rotate_min_age`` ago. The second bounds the race a reset in the rotation
-        window starts: the old epoch's tail (after the captured end) must be read before the new
-        epoch, written from slot 1 at the application's pace, reaches it. A writer flat out
-        fills ``checkpoint_pages`` in tens of milliseconds, as short as a pause of a busy
-        machine's scheduler; the age makes the race at least that long, whatever the pace."""
-        pos = self.progress.pos
-        if pos is None or pos.frame < checkpoint_pages:
-            return False
-        epoch = self._epoch
-        return epoch is None or epoch[0] != pos.salts or (
-            time.monotonic() - epoch[1] >= self.tuning.rotate_min_age)
 
     def backlog_small(self) -> bool:
         """Whether the uncaptured part of the epoch is at most half of what is captured: then a

@@ -11,9 +11,10 @@ replicator keeps one read transaction (a *pin*) open at all times on one of its 
   WAL can then reset at most once, and only at the frame it had when the pin was taken.
 
 So while pinned, every committed frame stays readable until captured. To keep the WAL small the
-replicator *rotates*: when caught up and the epoch holds ``checkpoint_pages`` frames (and began at
-least ``rotate_min_age`` ago, see :meth:`Capture.rotation_due`) it releases the pin, runs a
-PASSIVE checkpoint (never waits, never blocks a writer) and pins again on the other connection.
+replicator *rotates*: when caught up and the epoch holds ``checkpoint_pages`` frames it releases
+the pin, runs a PASSIVE checkpoint (never waits, never blocks a writer) and pins again on the
+other connection. (Sooner is better for the application: while its WAL holds
+``wal_autocheckpoint`` frames or more, each of its commits runs a checkpoint of its own.)
 In that short window the application may reset the WAL. A reset is accepted as continuous only
 when it is *proven* that no committed frame was lost:
 
@@ -340,7 +341,7 @@ class Database:
             self.catchup.run(reason, res)
         more = self.capture.capture(res)
         for _ in range(self.tuning.step_batches):
-            due = self.capture.rotation_due(self.checkpoint_pages)
+            due = self.pos is not None and self.pos.frame >= self.checkpoint_pages
             if due and not res.rotated and (not more or self.capture.backlog_small()):
                 self.capture.rotate(res)
                 res.rotated = True

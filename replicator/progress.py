@@ -26,10 +26,6 @@ SNAPSHOT_LOG_EVERY = 5.0  # a long snapshot logs its progress this often (INFO)
 # CPU core); past it (a write burst), and whenever the capture is behind, they are stored as they
 # are: compression must not cost the application its CPU, nor keep the WAL from resetting.
 COMPRESS_BUDGET = 8 << 20
-# A rotation waits until the WAL's epoch is at least this old (seconds): after a reset in its
-# window, the old epoch's uncaptured tail must be read before the new epoch grows over it, which
-# takes the application about as long as it took to write the old one (see Capture.rotation_due)
-ROTATE_MIN_AGE = 0.25
 
 
 @dataclass(frozen=True)
@@ -41,7 +37,6 @@ class Tuning:
     step_batches: int = STEP_BATCHES
     compress_budget: int = COMPRESS_BUDGET
     snapshot_log_every: float = SNAPSHOT_LOG_EVERY
-    rotate_min_age: float = ROTATE_MIN_AGE
 
 
 DEFAULT_TUNING = Tuning()

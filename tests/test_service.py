@@ -223,7 +223,7 @@ async def test_remote_replica_ships_consecutive_segments_as_one_object(tmp_path:
                              ReplicaConfig("remote", "memory://")])
 
     async def go() -> None:
-        s = DatabaseService(cfg, tuning=Tuning(rotate_min_age=0.0))  # a rotation when due
+        s = DatabaseService(cfg)
         await s.open()  # the snapshot is spooled
         local, remote = s.replicas
         for _ in range(12):
