@@ -183,19 +183,7 @@ class ObjectDecoder:
             buf = data
         if len(buf) < _PREAMBLE.size:
             return self._keep(buf)
-        magic, version, kind, hlen = _PREAMBLE.unpack_from(buf)
-        if magic != MAGIC:
-            raise FormatError(f"{self.key}: not a replica object (bad magic)")
-        if version not in READ_VERSIONS:
-            raise FormatError(f"{self.key}: unsupported format version {version}")
-        if kind not in _KIND_NAMES:
-            # the preamble is not covered by the trailer's digest: check it on its own
-            raise CorruptObjectError(f"{self.key}: corrupt object (unknown kind {kind})")
-        if version not in _KIND_VERSIONS[kind]:
-            raise CorruptObjectError(
-                f"{self.key}: corrupt object ({_KIND_NAMES[kind]} of version {version})")
-        if hlen > _MAX_HEADER:
-            raise CorruptObjectError(f"{self.key}: corrupt object (header length {hlen})")
+        kind, hlen = _check_preamble(buf, self.key)
         if len(buf) < _PREAMBLE.size + hlen:
             return self._keep(buf)
         raw = bytes(buf[_PREAMBLE.size : _PREAMBLE.size + hlen])
@@ -234,14 +222,25 @@ def header_length(preamble: bytes, key: str) -> int:
     """The header length an object's first ``_PREAMBLE.size`` bytes announce (checked)."""
     if len(preamble) < _PREAMBLE.size:
         raise CorruptObjectError(f"{key}: corrupt object (truncated header)")
-    magic, version, kind, hlen = _PREAMBLE.unpack_from(preamble)
+    return _check_preamble(preamble, key)[1]
+
+
+def _check_preamble(buf: bytes | bytearray | memoryview, key: str) -> tuple[int, int]:
+    """(kind, header length) of the preamble at the start of ``buf``, checked on its own: the
+    trailer's digest does not cover it."""
+    magic, version, kind, hlen = _PREAMBLE.unpack_from(buf)
     if magic != MAGIC:
         raise FormatError(f"{key}: not a replica object (bad magic)")
     if version not in READ_VERSIONS:
         raise FormatError(f"{key}: unsupported format version {version}")
-    if kind not in _KIND_NAMES or hlen > _MAX_HEADER or version not in _KIND_VERSIONS[kind]:
-        raise CorruptObjectError(f"{key}: corrupt object (bad preamble)")
-    return int(hlen)
+    if kind not in _KIND_NAMES:
+        raise CorruptObjectError(f"{key}: corrupt object (unknown kind {kind})")
+    if version not in _KIND_VERSIONS[kind]:
+        raise CorruptObjectError(
+            f"{key}: corrupt object ({_KIND_NAMES[kind]} of version {version})")
+    if hlen > _MAX_HEADER:
+        raise CorruptObjectError(f"{key}: corrupt object (header length {hlen})")
+    return int(kind), int(hlen)
 
 
 def read_header_file(f: BinaryIO, key: str) -> dict[str, Any]:
