@@ -95,6 +95,18 @@ def _shared_loader(session: Any) -> Any:
     return _loader
 
 
+def _warm_up(loader: Any) -> None:
+    """Load into ``loader``'s caches what creating an S3 client reads from disk, called as
+    botocore calls it (the cache keys include how the arguments were passed). Run on a worker,
+    so the event loop never waits for those files. aiobotocore's own warm-up would load every
+    model of the service (paginators, waiters, documentation examples): twice the time."""
+    for name in ("_retry", "endpoints", "partitions", "sdk-default-configuration"):
+        loader.load_data_with_path(name)
+    loader.load_service_model("s3", type_name="service-2", api_version=None)
+    loader.load_service_model("s3", "service-2", api_version=None)
+    loader.load_service_model("s3", "endpoint-rule-set-1", api_version=None)
+
+
 def one_line(text: str, limit: int = 200) -> str:
     """``text`` on one line, at most ``limit`` characters."""
     line = " ".join(str(text).split())
@@ -274,10 +286,11 @@ class S3Requests:
             read_timeout=o.read_timeout,
             retries={"mode": o.retry_mode, "total_max_attempts": o.request_attempts},
             s3={"addressing_style": "path" if o.force_path_style else "auto"},
-            warm_up_loader_caches=True,
         )
         session = get_session()
-        session.register_component("data_loader", _shared_loader(session))
+        loader = _shared_loader(session)
+        session.register_component("data_loader", loader)
+        await asyncio.to_thread(_warm_up, loader)
         # timestamps (LastModified of every listed object) stay text: nothing here reads them,
         # and parsing them with dateutil is most of the cost of a long listing
         session.get_component("response_parser_factory").set_parser_defaults(
