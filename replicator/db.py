@@ -370,22 +370,27 @@ class Database:
 
     def snapshot(self, res: CaptureResult | None = None) -> ObjectInfo:
         """Take a snapshot of the current position inside the current generation (what is
-        captured first is added to ``res``)."""
-        self._ensure_pinned()
-        assert self.generation is not None
-        self.capture.capture(CaptureResult() if res is None else res)
-        info, _ = self.snapshots.write(self.generation, self.txid, self.pos,
-                                       Lineage(Reason.INTERVAL))
+        captured first is added to ``res``). Commits are still seen meanwhile (see
+        :mod:`replicator.sightings`): a snapshot of a large database holds up the capture
+        for a while, but not the stamps of what the application commits in the meantime."""
+        with SIGHTER.watching(self.handles.sightings):
+            self._ensure_pinned()
+            assert self.generation is not None
+            self.capture.capture(CaptureResult() if res is None else res)
+            info, _ = self.snapshots.write(self.generation, self.txid, self.pos,
+                                           Lineage(Reason.INTERVAL))
         return info
 
     def diff_snapshot(self, max_fraction: float = DEFAULT_DIFF_MAX,
                       res: CaptureResult | None = None) -> ObjectInfo | None:
         """Take a differential snapshot of the current position (the pages changed since the
         last full snapshot); None if a full one should be taken instead (see
-        ``Snapshots.diff``). What is captured first is added to ``res``."""
-        self._ensure_pinned()
-        self.capture.capture(CaptureResult() if res is None else res)
-        return self.snapshots.diff(max_fraction)
+        ``Snapshots.diff``). What is captured first is added to ``res``; commits are still
+        seen meanwhile, as in :meth:`snapshot`."""
+        with SIGHTER.watching(self.handles.sightings):
+            self._ensure_pinned()
+            self.capture.capture(CaptureResult() if res is None else res)
+            return self.snapshots.diff(max_fraction)
 
     def read_captured(self, sqls: Sequence[str]) -> list[list[tuple[Any, ...]]] | None:
         """The rows of each query, read in one transaction of a connection of its own that sees

@@ -528,6 +528,33 @@ def test_transactions_are_stamped_when_first_seen_not_when_written(
     assert _restore_at(tmp_path, stamps[3], "d.db") == [1, 2, 3, 4]
 
 
+def test_commits_during_a_snapshot_are_stamped_while_it_runs(
+    tmp_path: Path, app, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot holds up the capture (they take turns on the database) but not the stamps:
+    a commit made while the snapshot is written is stamped by a reading taken meanwhile, not
+    when the next step sees it."""
+    d = open_db(tmp_path)
+    d.step()
+    write = d.snapshots.spool.write
+    times: list[int] = []
+
+    def slow_write(*args: Any, **kwargs: Any) -> Any:
+        if not times:  # the snapshot's object
+            times.append(time.time_ns())
+            commit(app, 1)  # the application commits while a large database is copied
+            time.sleep(0.3)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(d.snapshots.spool, "write", slow_write)
+    d.snapshot()
+    times.append(time.time_ns())
+    assert d.step().transactions == 1
+    d.close()
+    _, stamp = _segment_txns(tmp_path)[-1]
+    assert times[0] <= stamp < times[1]
+
+
 def test_idle_steps_skip_work_and_still_see_every_commit(tmp_path: Path, app) -> None:
     d = open_db(tmp_path)
     d.step()
