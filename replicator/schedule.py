@@ -3,7 +3,8 @@ changed, or when a destination needs one; a differential one (see replicator.dif
 WAL captured since the last snapshot outgrew ``snapshot-wal-factor`` times the database, or a
 full one if too many pages changed since the last full one (those taken for WAL volume spaced so
 that they use at most ``WAL_SNAPSHOT_DUTY`` of the time, and put off while the capture follows a
-busy writer, for at most ``WAL_SNAPSHOT_DEFER`` seconds); and, after a restart, when the last
+busy writer, for ``WAL_SNAPSHOT_DEFER`` seconds or, while the WAL grows no faster than the
+database, longer); and, after a restart, when the last
 one was taken."""
 
 from __future__ import annotations
@@ -26,9 +27,16 @@ WAL_SNAPSHOT_DUTY = 0.1
 d seconds the next waits (1 / duty - 1) * d, so a writer faster than the capture is not slowed
 further by snapshots of a state that is already out of date."""
 WAL_SNAPSHOT_DEFER = 5.0
-"""A snapshot due for WAL volume waits at most this long (seconds) while the capture follows a
+"""A snapshot due for WAL volume waits at least this long (seconds) while the capture follows a
 busy writer: taken in the writer's next pause, it does not hold up the capture of the commits
 of a burst (the capture and the snapshot take turns on the database)."""
+WAL_SNAPSHOT_DEFER_VOLUME = 4.0
+"""... and on, while the writer stays busy, until the WAL captured since the last snapshot
+reaches this many times the volume that made it due. A bulk load that grows the database as
+fast as it writes WAL (inserts) never gets there: its database is not copied midway, which
+would hold up the capture for as long as the copy takes, while a restore of its newest state
+replays at most about the database's size in WAL. A writer that rewrites the same pages gets
+there within seconds."""
 
 
 class SnapshotSchedule:
@@ -53,15 +61,22 @@ class SnapshotSchedule:
         page_size = self.service.db.page_size or 4096
         self._wal_since_snapshot += res.frames * (FRAME_HEADER_SIZE + page_size)
 
-    def _wal_heavy(self) -> bool:
+    def _wal_heavy(self, times: float = 1.0) -> bool:
         """Whether the WAL captured since the last snapshot (full or differential) exceeds
-        ``snapshot-wal-factor`` times the database (at least ``wal_snapshot_min``, so that a
-        tiny busy database is not snapshotted every moment): a restore of the newest state
-        would replay more."""
+        ``times`` x ``snapshot-wal-factor`` times the database (at least ``wal_snapshot_min``,
+        so that a tiny busy database is not snapshotted every moment): a restore of the newest
+        state would replay more."""
         factor = self.service.cfg.snapshot_wal_factor
         base = max(self._db_size, self.wal_snapshot_min)
-        return (factor > 0 and self._wal_since_snapshot > factor * base
+        return (factor > 0 and self._wal_since_snapshot > times * factor * base
                 and time.monotonic() >= self._wal_snapshot_after)
+
+    def _put_off(self, following: bool) -> bool:
+        """Whether a snapshot that only the WAL volume asks for waits for the writer's pause
+        (see ``WAL_SNAPSHOT_DEFER`` and ``WAL_SNAPSHOT_DEFER_VOLUME``)."""
+        if self.deferral.defers(following):
+            return True
+        return following and not self._wal_heavy(WAL_SNAPSHOT_DEFER_VOLUME)
 
     async def if_due(self) -> bool:
         """Take a full snapshot when the interval has passed and something changed, or a
@@ -77,7 +92,7 @@ class SnapshotSchedule:
         interval = time.time() >= due and s.cfg.snapshot_interval > 0
         if not (needed or heavy or interval):
             return False
-        if not (needed or interval) and self.deferral.defers(s.following):
+        if not (needed or interval) and self._put_off(s.following):
             return False  # only the WAL volume asks for it: in the writer's next pause
         if not needed and s.db.last_snapshot_txid == s.db.txid:
             return False  # nothing changed since the last snapshot

@@ -15,6 +15,7 @@ from replicator.config import DbConfig, ReplicaConfig
 from replicator.db import DEFAULT_TUNING, Tuning
 from replicator.pruning import PruneSchedule
 from replicator.replicator import DatabaseService
+from replicator.schedule import WAL_SNAPSHOT_DEFER_VOLUME
 
 
 def service(tmp_path: Path, tuning: Tuning = DEFAULT_TUNING, **kw: float) -> DatabaseService:
@@ -272,11 +273,26 @@ async def test_housekeeping_waits_while_the_capture_follows_a_busy_writer(
         assert not await s.snapshot_if_due()  # due for WAL volume, put off
         s.following = False
         assert await s.snapshot_if_due()  # the writer paused
+        def wal_is(times: float) -> None:
+            """Make the WAL captured since the last snapshot ``times`` the volume due."""
+            sched = s.schedule
+            s.cfg.snapshot_wal_factor = (
+                sched._wal_since_snapshot / max(sched._db_size, 1) / times)
+
         commit(db, 200, payload=500)
         await s.sync()
         s.following = True
         s.schedule.deferral.limit = 0.0
+        wal_is(WAL_SNAPSHOT_DEFER_VOLUME * 2)
         assert await s.snapshot_if_due()  # put off for as long as it may be
+        # a writer whose WAL grows no faster than the database (a bulk load) is put off past
+        # that limit, until its WAL reaches WAL_SNAPSHOT_DEFER_VOLUME times what made it due
+        commit(db, 200, payload=500)
+        await s.sync()
+        wal_is(WAL_SNAPSHOT_DEFER_VOLUME / 2)
+        assert not await s.snapshot_if_due()
+        wal_is(WAL_SNAPSHOT_DEFER_VOLUME * 2)
+        assert await s.snapshot_if_due()
         s.schedule.deferral.limit = 3600.0
         s.replicas[0].needs_snapshot = True
         assert await s.snapshot_if_due()  # a destination needs it: at once
