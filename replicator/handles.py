@@ -181,15 +181,41 @@ class Handles:
         self.reset_end = None
         self.reset_salts = None
 
-    def handover(self) -> None:
+    def handover(self) -> bool:
         """Pin the newest snapshot on the other connection, then release the old pin: frames
-        stay protected throughout."""
+        stay protected throughout. Returns whether the pin moved.
+
+        It does not move when the new pin would let the WAL reset while frames of this epoch
+        are not captured yet: a pin taken while the WAL is wholly backfilled reads the database
+        file alone (read mark 0), and the application's next write could then restart the
+        WAL and overwrite those frames before the capture reads them. The old pin stays until
+        a later handover finds frames appended since (then the new pin blocks backfill, so no
+        reset can follow) or the capture has caught up."""
         other = 1 - self.active
         old = self.active
         self.begin_read(self.conns[other])
+        if self._would_expose_uncaptured():
+            self.conns[other].execute("COMMIT")
+            return False
         self.conns[old].execute("COMMIT")
         self.active = other
         self.learn_reset_bound()
+        return True
+
+    def _would_expose_uncaptured(self) -> bool:
+        """Right after a read began: whether the wal-index shows the WAL wholly backfilled
+        (so the read may have taken read mark 0, which lets a reset through) beyond the
+        captured position. Read after the read began, so a frame appended in between shows
+        (the pin then blocks backfill: safe); a backfill that completed in between makes this
+        answer yes when it need not, which only keeps the old pin a little longer."""
+        pos = self.progress.pos
+        shm = self.read_shm()
+        if shm is None:
+            return False
+        salts, mx, nb = shm
+        if pos is None:  # nothing of the WAL captured yet
+            return nb == mx > 0
+        return salts == struct.pack(">II", pos.salt1, pos.salt2) and nb == mx > pos.frame
 
     def read_shm(self) -> tuple[bytes, int, int] | None:
         """(salt bytes, mxFrame, nBackfill) from a consistent read of the wal-index, or None."""

@@ -141,6 +141,29 @@ def test_tail_of_a_reset_in_a_long_wal_file_is_kept_as_read(tmp_path: Path, app)
     assert restored_dump(tmp_path) == dump(app)
 
 
+def test_a_new_pin_never_lets_a_reset_overtake_uncaptured_frames(tmp_path: Path, app) -> None:
+    """Behind the writer, the capture hands its pin over to the newest snapshot so that the
+    application's checkpoints can backfill. A pin taken while the WAL is wholly backfilled
+    reads the database file alone and lets the WAL reset: the application would then
+    overwrite frames the capture has not read. Such a handover keeps the old pin instead."""
+    d = open_db(tmp_path)
+    commit(app, 1, payload=500)
+    d.step()
+    commit(app, 20, payload=500)  # not captured yet: the capture is behind
+    d.handles.handover()  # pinned on the newest commit
+    # the application's own checkpoint backfills everything the new pin allows: all of it
+    busy, log, done = app.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and log == done
+    d.handles.handover()  # the capture is still behind
+    commit(app, 40, payload=500)  # a reset here would overwrite the 20 uncaptured commits
+    res = d.step()
+    while res.more:
+        res = d.step()
+    assert res.catch_up is None
+    d.close()
+    assert restored_dump(tmp_path) == dump(app)
+
+
 def test_reset_that_destroyed_the_tail_catches_up(tmp_path: Path, app) -> None:
     d = open_db(tmp_path)
     d.step()
