@@ -375,8 +375,9 @@ class Capture(Part):
         """Let the WAL reset: backfill while pinned, then release the pin only briefly.
 
         1. Pinned on the newest commit (a handover; it keeps the older pin if the new one could
-           let a reset through), a PASSIVE checkpoint backfills what the pin covers. It never waits for anyone, and pinned it may take as long as the disk needs
-           (it ends with an fsync of the database). Then everything up to the end of the WAL is
+           let a reset through), a PASSIVE checkpoint backfills what the pin covers. It never
+           waits for anyone, and pinned it may take as long as the disk needs (it ends with an
+           fsync of the database). Then everything up to the end of the WAL is
            captured, still pinned: while a pin is held no reset can happen.
         2. Unpinned, the replicator only watches the wal-index, with nothing in between that can
            block (no checkpoint, no spool write). The application's next autocheckpoint

@@ -24,8 +24,11 @@ from collections.abc import Iterator
 
 SIGHT_INTERVAL = 0.004
 """Seconds between readings while a capture step runs."""
-MAX_READINGS = 1024
-"""Readings kept per database (the oldest go first; the capture forgets used ones sooner)."""
+MAX_READINGS = 16384
+"""Readings kept per database (the oldest go first; the capture forgets used ones sooner):
+about a minute of a writer that commits all the time, so a capture behind a bulk load (or
+held up by a snapshot) still stamps its oldest commits from readings of their time. At most
+about 3 MiB, for a database whose capture is that far behind."""
 SIGHTER_IDLE_EXIT = 10.0
 """The sighter thread ends after this many seconds with no step running (and comes back)."""
 _SHM_HEADER = 136
