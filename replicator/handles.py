@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import struct
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 from .dbstate import read_db_header
 from .errors import DatabaseError
 from .progress import Progress
-from .sightings import Sightings, read_walindex
+from .sightings import Sightings, read_walindex, salt_bytes
 from .wal import WAL_HEADER_SIZE
 
 PIN_RETRY = 0.00005
@@ -181,9 +180,9 @@ class Handles:
         self.reset_end = None
         self.reset_salts = None
 
-    def handover(self) -> bool:
+    def handover(self) -> None:
         """Pin the newest snapshot on the other connection, then release the old pin: frames
-        stay protected throughout. Returns whether the pin moved.
+        stay protected throughout.
 
         It does not move when the new pin would let the WAL reset while frames of this epoch
         are not captured yet: a pin taken while the WAL is wholly backfilled reads the database
@@ -196,11 +195,10 @@ class Handles:
         self.begin_read(self.conns[other])
         if self._would_expose_uncaptured():
             self.conns[other].execute("COMMIT")
-            return False
+            return
         self.conns[old].execute("COMMIT")
         self.active = other
         self.learn_reset_bound()
-        return True
 
     def _would_expose_uncaptured(self) -> bool:
         """Right after a read began: whether the wal-index shows the WAL wholly backfilled
@@ -215,7 +213,7 @@ class Handles:
         salts, mx, nb = shm
         if pos is None:  # nothing of the WAL captured yet
             return nb == mx > 0
-        return salts == struct.pack(">II", pos.salt1, pos.salt2) and nb == mx > pos.frame
+        return salts == salt_bytes(pos.salts) and nb == mx > pos.frame
 
     def read_shm(self) -> tuple[bytes, int, int] | None:
         """(salt bytes, mxFrame, nBackfill) from a consistent read of the wal-index, or None."""
@@ -242,7 +240,7 @@ class Handles:
         if shm is None:
             return
         salts, mx, nb = shm
-        if salts != struct.pack(">II", pos.salt1, pos.salt2):
+        if salts != salt_bytes(pos.salts):
             return
         self.reset_salts = pos.salts
         self.reset_end = mx if nb == mx else NO_RESET
@@ -316,7 +314,7 @@ class Handles:
             shm = self.read_shm()
             pos = self.progress.pos
             if pos is None or shm is None or shm[1] != pos.frame or (
-                shm[0] != struct.pack(">II", pos.salt1, pos.salt2)
+                shm[0] != salt_bytes(pos.salts)
             ):
                 return None
             return [[tuple(r) for r in conn.execute(sql).fetchall()] for sql in sqls]
