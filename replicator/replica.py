@@ -17,9 +17,9 @@ from concurrent.futures import Executor
 
 from . import batch
 from .aio import relay, wait_event
-from .compact import DEFAULT_DELETE_GRACE, Compactor, CompactResult, unlink_quiet
+from .compact import DEFAULT_DELETE_GRACE, Compactor, CompactResult
+from .courier import Courier
 from .errors import ReplicatorError
-from .headers import SegmentHeader
 from .holdings import Holdings, covered
 from .lease import RELEASE_TIMEOUT, Lease, LeaseError, LeaseLostError
 from .logs import RateLimit
@@ -29,15 +29,13 @@ from .retention import RetentionPlan, RetentionPolicy, apply_plan, plan_retentio
 from .retry import Backoff, Deferral, ErrorLog
 from .spool import Spool
 from .storage.base import StorageClient
-from .storage.file import FileStorage, stream_file
+from .storage.file import FileStorage
 
 log = logging.getLogger(__name__)
 
 # a destination that is back is retried within about RETRY.cap seconds
 RETRY = Backoff(base=0.25, cap=1.0)
 DEFAULT_BACKSTOP = 5.0
-SHIP_CONCURRENCY = 4
-LINK_BATCH = 256  # spooled objects linked into a local destination in one go (one dir fsync)
 DEBUG_EVERY = 1.0  # per-round debug lines, at most this often (a busy database ships every ms)
 DELETE_AT_EXIT = 10.0  # seconds a clean shutdown spends deleting objects merges replaced
 COMPACT_DUTY = 0.1
@@ -47,6 +45,65 @@ writer a merge rewrites every byte the capture just wrote; spaced out, it takes 
 application's CPU (the windows it has not merged yet wait, whole, for the next step). The cap
 keeps a slow step from spacing the next ones ever further apart: objects would pile up faster
 than the steps merge them, and each step would take longer still."""
+
+
+class ReplicaSeries:
+    """The metric series of one destination of one database (none without metrics)."""
+
+    def __init__(self, metrics: Metrics | None, db_name: str, name: str) -> None:
+        self.metrics = metrics
+        self.labels = (db_name, name)
+
+    def up(self, up: int) -> None:
+        """Whether the last operation on the destination succeeded (1) or not (0)."""
+        if self.metrics is not None:
+            self.metrics.replica_up.labels(*self.labels).set(up)
+
+    def synced(self, at: float) -> None:
+        """A sync went through at ``at``: the destination is up."""
+        if self.metrics is not None:
+            self.metrics.replica_last_sync_timestamp.labels(*self.labels).set(at)
+            self.metrics.replica_up.labels(*self.labels).set(1)
+
+    def lag(self, lag: float) -> None:
+        """The age of the oldest commit the destination lacks."""
+        if self.metrics is not None:
+            self.metrics.replica_lag_seconds.labels(*self.labels).set(lag)
+
+    def error(self, operation: str) -> None:
+        """Count a failed ``operation``."""
+        if self.metrics is not None:
+            self.metrics.errors.labels(*self.labels, operation).inc()
+
+    def shipped(self, info: ObjectInfo, size: int, frames: int, done: float) -> None:
+        """One object of ``size`` bytes holding ``frames`` WAL frames, durable at ``done``."""
+        if self.metrics is None:
+            return
+        self.metrics.replica_shipped_bytes.labels(*self.labels).inc(size)
+        if info.kind == "wal":
+            n = info.end_txid - info.start_txid + 1
+            self.metrics.replica_shipped_transactions.labels(*self.labels).inc(n)
+            self.metrics.replica_shipped_frames.labels(*self.labels).inc(frames)
+            self.metrics.replica_commit_to_durable_seconds.labels(*self.labels).observe(
+                max(0.0, done - info.first_ms / 1000)
+            )
+
+    def compacted(self, res: CompactResult) -> None:
+        """Merges by level, and what the destination holds after a compaction step."""
+        if self.metrics is None:
+            return
+        for level, n in res.levels.items():
+            self.metrics.compactions.labels(*self.labels, str(level)).inc(n)
+        self.metrics.replica_objects.labels(*self.labels).set(res.objects)
+        self.metrics.replica_bytes.labels(*self.labels).set(res.bytes)
+
+    def inventory(self, plan: RetentionPlan) -> None:
+        """Objects, bytes and the oldest restorable time the destination holds after ``plan``."""
+        if self.metrics is None:
+            return
+        self.metrics.replica_objects.labels(*self.labels).set(len(plan.keep))
+        self.metrics.replica_bytes.labels(*self.labels).set(sum(o.size for o in plan.keep))
+        self.metrics.replica_oldest_restorable.labels(*self.labels).set(plan.oldest_ms / 1000)
 
 
 class Replica:
@@ -69,7 +126,7 @@ class Replica:
         self.client = client
         self.spool = spool
         self.db_name = db_name
-        self.metrics = metrics
+        self.series = ReplicaSeries(metrics, db_name, name)
         self.wake = asyncio.Event()
         self.holdings = Holdings()
         self.lag = 0.0
@@ -87,7 +144,8 @@ class Replica:
         self.fenced: str | None = None  # why shipping stopped for good (lease taken over)
         self.shipped_transactions = 0  # since start, for the periodic log summary
         self.shipped_bytes = 0
-        self._debug = RateLimit(DEBUG_EVERY)
+        self.courier = Courier(client, spool, f"{db_name}: replica {name}",
+                               RateLimit(DEBUG_EVERY), count_frames=metrics is not None)
         self.limit: asyncio.Semaphore | None = None
         """Shared by the replicas of many databases: held while uploading (``run()``) and
         compacting. Not while linking spooled files into a local destination: that costs a
@@ -134,12 +192,7 @@ class Replica:
             res = await self.compactor.step(now)
         for info in res.written:
             self.holdings.remember(info.generation, [info.key])
-        if self.metrics is not None:
-            labels = (self.db_name, self.name)
-            for level, n in res.levels.items():
-                self.metrics.compactions.labels(*labels, str(level)).inc(n)
-            self.metrics.replica_objects.labels(*labels).set(res.objects)
-            self.metrics.replica_bytes.labels(*labels).set(res.bytes)
+        self.series.compacted(res)
         return res
 
     async def compact_if_due(self) -> None:
@@ -175,8 +228,7 @@ class Replica:
             raise
         self.healthy = True
         self.failing_since = 0.0
-        if self.metrics is not None:
-            self.metrics.replica_up.labels(self.db_name, self.name).set(1)
+        self.series.up(1)
 
     def _fence(self, exc: LeaseLostError) -> None:
         """Stop shipping for good: another process owns the replica path now."""
@@ -203,18 +255,12 @@ class Replica:
                             self.name, exc)
         await self.client.aclose()
 
-    def _spool_objects(self) -> list[ObjectInfo]:
-        out: list[ObjectInfo] = []
-        for gen in self.spool.generations():
-            out.extend(self.spool.objects(gen))
-        return out
-
     async def pending(self, remote: bool = True) -> list[ObjectInfo]:
         """Spooled objects this destination does not have yet, in shipping order. With
         ``remote=False`` nothing is asked of the destination (what it holds is as last known)."""
         # the spool's index is in memory once read: no thread needed for it then
-        objs = (self._spool_objects() if self.spool.indexed
-                else await asyncio.to_thread(self._spool_objects))
+        objs = (self.spool.all_objects() if self.spool.indexed
+                else await asyncio.to_thread(self.spool.all_objects))
         if remote and self._relist:
             self.holdings.clear()
             self._relist = False
@@ -236,50 +282,60 @@ class Replica:
             return 0
         if not self.healthy:
             await self.init()
+        missing = await self._missing()
+        # a remote destination pays per request: consecutive segments go as one object
+        levels = self.compactor.levels if self.compactor is not None else ()
+        groups = await self.courier.plan(missing, self.batch, levels[0] if levels else None)
+        width = self.courier.width(self.batch)
+        written = 0
+        snapshot_shipped = False
+        # each round completes before the next starts
+        for first in range(0, len(groups), width):
+            if not await self._check_lease():
+                return written
+            nxt = groups[first + width][0][0] if first + width < len(groups) else None
+            shipped = await self._ship_round(groups[first : first + width], nxt)
+            written += len(shipped)
+            snapshot_shipped = snapshot_shipped or any(i.kind == "snapshot" for i in shipped)
+        await self._after_sync(written, snapshot_shipped, beside)
+        return written
+
+    async def _missing(self) -> list[ObjectInfo]:
+        """What this destination lacks (see :meth:`pending`), with the lag it makes; a
+        destination that lacks the base of its oldest object needs a snapshot."""
         t0 = time.monotonic()
         missing = await self.pending()
-        if len(missing) > 1 and self._debug.ready():
+        if len(missing) > 1 and self.courier.debug.ready():
             log.debug("%s: replica %s: %d objects to ship (listed in %.3f s)", self.db_name,
                       self.name, len(missing), time.monotonic() - t0)
         now = time.time()
         self.lag = max(0.0, now - missing[0].first_ms / 1000) if missing else 0.0
-        self._set_lag()
+        self.series.lag(self.lag)
         if missing and not self.holdings.has_base(missing[0]):
             self.needs_snapshot = True
             if self.on_needs_snapshot is not None:
                 self.on_needs_snapshot()
-        written = 0
-        snapshot_shipped = False
-        if self.batch:
-            # a remote destination pays per request: consecutive segments go as one object
-            levels = self.compactor.levels if self.compactor is not None else ()
-            groups = await asyncio.to_thread(batch.plan, self.spool, missing,
-                                             levels[0] if levels else None)
-        else:
-            groups = [([o], []) for o in missing]
-        # a remote destination takes several objects at once (a backlog after an outage is
-        # shipped in rounds of SHIP_CONCURRENCY); each round completes before the next starts.
-        # A local one links what it lacks in rounds of LINK_BATCH, one directory fsync each.
-        linking = not self.batch and self.client.can_link
-        width = SHIP_CONCURRENCY if self.batch else LINK_BATCH if linking else 1
-        for first in range(0, len(groups), width):
-            if not await self._check_lease():
-                return written
-            window = groups[first : first + width]
-            results = await self._link(window) if linking else None
-            if results is None:
-                results = await asyncio.gather(*(self._ship(p, h) for p, h in window))
-            done = time.time()
-            for (parts, _), (info, size, frames) in zip(window, results, strict=True):
-                self.holdings.remember(info.generation, [info.key, *(p.key for p in parts)])
-                if self.compactor is not None:
-                    self.compactor.due.shipped(info)
-                written += 1
-                snapshot_shipped = snapshot_shipped or info.kind == "snapshot"
-                self._count(info, size, frames, done)
-            nxt = groups[first + width][0][0] if first + width < len(groups) else None
-            self.lag = max(0.0, done - nxt.first_ms / 1000) if nxt else 0.0
-            self._set_lag()
+        return missing
+
+    async def _ship_round(self, window: list[batch.Group],
+                          nxt: ObjectInfo | None) -> list[ObjectInfo]:
+        """Ship one round of groups and record what the destination holds now, and the lag of
+        ``nxt``, the first object of the next round (None: caught up); returns what was
+        written."""
+        results = await self.courier.send(window, self.batch)
+        done = time.time()
+        for (parts, _), (info, size, frames) in zip(window, results, strict=True):
+            self.holdings.remember(info.generation, [info.key, *(p.key for p in parts)])
+            if self.compactor is not None:
+                self.compactor.due.shipped(info)
+            self._count(info, size, frames, done)
+        self.lag = max(0.0, done - nxt.first_ms / 1000) if nxt else 0.0
+        self.series.lag(self.lag)
+        return [info for info, _, _ in results]
+
+    async def _after_sync(self, written: int, snapshot_shipped: bool, beside: bool) -> None:
+        """Every group was shipped: the replica is up, and after a snapshot the retention
+        policy is applied (``beside``: in a task of its own)."""
         self._synced()
         if written and self.on_shipped is not None:
             self.on_shipped()
@@ -290,7 +346,6 @@ class Replica:
                 self._retain_beside()
             else:
                 await self.enforce_retention()
-        return written
 
     def _retain_beside(self) -> None:
         """Apply the retention policy in a task of its own (once more after it, if one runs)."""
@@ -312,62 +367,7 @@ class Replica:
         self.shipped_bytes += size
         if info.kind == "wal":
             self.shipped_transactions += info.end_txid - info.start_txid + 1
-        if self.metrics is None:
-            return
-        labels = (self.db_name, self.name)
-        self.metrics.replica_shipped_bytes.labels(*labels).inc(size)
-        if info.kind == "wal":
-            n = info.end_txid - info.start_txid + 1
-            self.metrics.replica_shipped_transactions.labels(*labels).inc(n)
-            self.metrics.replica_shipped_frames.labels(*labels).inc(frames)
-            self.metrics.replica_commit_to_durable_seconds.labels(*labels).observe(
-                max(0.0, done - info.first_ms / 1000)
-            )
-
-    async def _frames(self, info: ObjectInfo) -> int:
-        """How many WAL frames a spooled object holds (for metrics; from the spool's memory
-        when it wrote the object lately)."""
-        if info.kind != "wal" or self.metrics is None:
-            return 0
-        header = self.spool.cached_header(info) or await asyncio.to_thread(
-            self.spool.read_header, info)
-        return header.frames if isinstance(header, SegmentHeader) else 0
-
-    async def _link(
-        self, window: list[batch.Group]
-    ) -> list[tuple[ObjectInfo, int, int]] | None:
-        """Link single spooled objects into the destination at once; None if it cannot link."""
-        infos = [parts[0] for parts, _ in window]
-        sizes = await self.client.link_objects([(i, self.spool.path(i)) for i in infos])
-        if sizes is None:
-            return None
-        return [(i, size, await self._frames(i)) for i, size in zip(infos, sizes, strict=True)]
-
-    async def _ship(
-        self, parts: list[ObjectInfo], headers: list[SegmentHeader]
-    ) -> tuple[ObjectInfo, int, int]:
-        """Write one spooled object, or the merge of several, to the destination; returns what
-        was written, its size and how many WAL frames it holds."""
-        t0 = time.monotonic()
-        if len(parts) > 1:
-            info, path = await asyncio.to_thread(batch.merge, self.spool, parts, headers)
-            try:
-                merged = await self.client.write_object(info, stream_file(path))
-            finally:
-                await asyncio.to_thread(unlink_quiet, path)
-            if self._debug.ready():
-                log.debug("%s: replica %s: wrote %s (%d spooled objects, %d bytes) in %.3f s",
-                          self.db_name, self.name, info.key, len(parts), merged,
-                          time.monotonic() - t0)
-            return info, merged, sum(h.frames for h in headers)
-        info = parts[0]
-        frames = headers[0].frames if headers else await self._frames(info)
-        # a destination on the spool's file system links the spooled file instead of copying it
-        linked = await self.client.link_object(info, self.spool.path(info))
-        if linked is not None:
-            return info, linked, frames
-        size = await self.client.write_object(info, self.spool.storage.read_object(info))
-        return info, size, frames
+        self.series.shipped(info, size, frames, done)
 
     def _synced(self) -> None:
         """A round went through: the replica is up."""
@@ -375,10 +375,7 @@ class Replica:
         self.healthy = True
         self.failing_since = 0.0
         self.last_error = None
-        if self.metrics is not None:
-            labels = (self.db_name, self.name)
-            self.metrics.replica_last_sync_timestamp.labels(*labels).set(self.last_sync)
-            self.metrics.replica_up.labels(*labels).set(1)
+        self.series.synced(self.last_sync)
 
     async def enforce_retention(self, now: float | None = None) -> RetentionPlan | None:
         """Apply the retention policy to this destination (one listing) and update its
@@ -392,21 +389,8 @@ class Replica:
         except Exception as exc:  # noqa: BLE001 - retention failures never stop shipping
             self.record_error("retention", exc)
             return None
-        self.record_inventory(plan)
+        self.series.inventory(plan)
         return plan
-
-    def record_inventory(self, plan: RetentionPlan) -> None:
-        """Objects, bytes and the oldest restorable time the destination holds after ``plan``."""
-        if self.metrics is None:
-            return
-        labels = (self.db_name, self.name)
-        self.metrics.replica_objects.labels(*labels).set(len(plan.keep))
-        self.metrics.replica_bytes.labels(*labels).set(sum(o.size for o in plan.keep))
-        self.metrics.replica_oldest_restorable.labels(*labels).set(plan.oldest_ms / 1000)
-
-    def _set_lag(self) -> None:
-        if self.metrics is not None:
-            self.metrics.replica_lag_seconds.labels(self.db_name, self.name).set(self.lag)
 
     def record_error(self, operation: str, exc: BaseException) -> None:
         """Count an error, mark the replica down and log it (at most once a minute)."""
@@ -416,8 +400,7 @@ class Replica:
         if isinstance(exc, LeaseError):
             operation = "lease"
         self._log_error(operation, exc)
-        if self.metrics is not None:
-            self.metrics.replica_up.labels(self.db_name, self.name).set(0)
+        self.series.up(0)
 
     def _log_error(self, operation: str, exc: BaseException) -> None:
         """Count an error and log it (at most once a minute while it stays the same)."""
@@ -425,8 +408,7 @@ class Replica:
         if self.last_error is None:
             self._errors.reset()  # the replica was fine since the last error: log this one
         self.last_error = msg
-        if self.metrics is not None:
-            self.metrics.errors.labels(self.db_name, self.name, operation).inc()
+        self.series.error(operation)
         self._errors.error(msg, f"{self.db_name}: replica {self.name}: {operation} failed: ")
 
     def _compact_beside(self) -> None:
@@ -489,7 +471,7 @@ class Replica:
         failures = 0
         while not stop.is_set() and self.fenced is None:
             try:
-                links = not self.batch and self.client.can_link
+                links = self.courier.links(self.batch)
                 async with (None if links else self.limit) or contextlib.nullcontext():
                     if not self.healthy:
                         await self.init()
@@ -511,7 +493,7 @@ class Replica:
                 missing = await self.pending(remote=False)
                 if missing:
                     self.lag = max(0.0, time.time() - missing[0].first_ms / 1000)
-                    self._set_lag()
+                    self.series.lag(self.lag)
             await wait_event(self.wake, timeout)
             self.wake.clear()
 

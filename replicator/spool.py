@@ -134,6 +134,14 @@ class Spool:
                 ordered = self._sorted[generation] = sorted(objs.values(), key=_order)
             return list(ordered)
 
+    def all_objects(self) -> list[ObjectInfo]:
+        """Every object in the spool, in shipping order: generations oldest first, each's
+        objects sorted."""
+        out: list[ObjectInfo] = []
+        for gen in self.generations():
+            out.extend(self.objects(gen))
+        return out
+
     def cached_header(self, info: ObjectInfo) -> ObjectHeader | None:
         """The header of an object this spool wrote lately, from memory (None otherwise)."""
         with self._lock:
