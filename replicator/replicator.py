@@ -9,7 +9,6 @@ checks (if configured) run in a task of their own on their own read-only connect
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import platform
@@ -25,6 +24,11 @@ from .db import DEFAULT_TUNING, CaptureResult, Database, Tuning
 from .drill import DRILL_ATTEMPTS, Driller, Point
 from .errors import ReplicatorError, StorageError
 from .fleet import Fleet
+from .following import FOLLOW_BULK as FOLLOW_BULK
+from .following import FOLLOW_POLL as FOLLOW_POLL
+from .following import FOLLOW_POLL_BULK as FOLLOW_POLL_BULK
+from .following import FOLLOW_QUIET as FOLLOW_QUIET
+from .following import Follower
 from .health import HealthChecker
 from .maintenance import Maintainer, Skipped
 from .metrics import Metrics, create_metrics
@@ -39,10 +43,8 @@ from .retry import Backoff, ErrorLog
 from .runtime import Runtime
 from .runtime import signature as runtime_sig
 from .schedule import SnapshotSchedule
-from .sightings import SIGHTER
 from .spool import Spool
 from .storage.file import FileStorage
-from .wal import FRAME_HEADER_SIZE
 from .watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -51,20 +53,6 @@ T = TypeVar("T")
 CAPTURE_RETRY = Backoff(base=0.1, cap=10.0)
 # how long a health check in progress may finish at shutdown before it is interrupted
 HEALTH_STOP_GRACE = 2.0
-# While commits keep coming the loop follows the WAL itself, looking every FOLLOW_POLL seconds,
-# with file events off (a busy writer makes two per WAL frame); after FOLLOW_QUIET seconds with
-# nothing new, events wake it again. The commits of one poll interval go into one segment: the
-# interval trades a few milliseconds of lag for far fewer objects (each a file written, fsynced
-# and linked) under a busy writer.
-FOLLOW_POLL = 0.005
-FOLLOW_QUIET = 0.05
-# While each look finds at least FOLLOW_BULK bytes of new frames (a writer far faster than
-# commits one at a time: two looks in a row, so a backlog caught up once does not count), the
-# loop looks every FOLLOW_POLL_BULK seconds instead: the same bytes in fewer, larger segments,
-# each one fsync, rename and link fewer for the application's disk and the capture's CPU.
-# Single commits in quick succession stay at FOLLOW_POLL.
-FOLLOW_BULK = 256 << 10
-FOLLOW_POLL_BULK = 0.02
 # the spool is pruned at most this often (seconds)
 PRUNE_EVERY = 1.0
 # how often a wait for the destinations (sync --wait, drills) looks at their positions
@@ -136,31 +124,7 @@ class DatabaseService:
         self.following = False
         """Whether the loop follows a busy writer (commits keep coming, file events are off):
         housekeeping yields to the capture meanwhile (see :class:`replicator.retry.Deferral`)."""
-        self._bulk_looks = 0  # capture steps in a row that found FOLLOW_BULK bytes or more
-        self._sighting: contextlib.ExitStack | None = None  # readings while following
-
-    def _follow(self, on: bool) -> None:
-        """Follow a busy writer (file events off), or stop; tell the shippers, whose compaction
-        yields to the capture while it follows. Meanwhile the wal-index is read every few
-        milliseconds between capture steps too (see :mod:`replicator.sightings`): a commit is
-        stamped when it was first seen, however long the loop waits before its next look."""
-        self.following = on
-        if on and self._sighting is None:
-            self._sighting = contextlib.ExitStack()
-            self._sighting.enter_context(SIGHTER.watching(self.db.handles.sightings))
-        elif not on and self._sighting is not None:
-            self._sighting.close()
-            self._sighting = None
-        if self._watcher is None:
-            return
-        if on:
-            self._watcher.pause()
-        else:
-            self._watcher.resume()
-        for r in self.replicas:
-            r.source_busy = on
-            if not on:
-                r.wake.set()  # a compaction put off may start now
+        self.follower = Follower(self)
 
     def _database(self) -> Database:
         return Database(self.cfg.path, self.spool, name=self.cfg.name,
@@ -249,8 +213,7 @@ class DatabaseService:
         started = time.monotonic()
         res = await self.call(self.db.step)
         self.last_capture = time.time()
-        bulk = res.frames * (self.db.page_size + FRAME_HEADER_SIZE) >= FOLLOW_BULK
-        self._bulk_looks = self._bulk_looks + 1 if bulk else 0
+        self.follower.looked(res)
         if res.transactions:
             self.last_commit = time.monotonic()
         sizes = res.sizes
@@ -382,9 +345,7 @@ class DatabaseService:
             async with relay(stop, self.wake):
                 await self._loop(stop, self._watcher)
         finally:
-            if self._sighting is not None:
-                self._sighting.close()
-                self._sighting = None
+            self.follower.close()
             self.runtime.unwatch(self.cfg.path)
             await asyncio.gather(*shippers, return_exceptions=True)
             drills.cancel()  # a drill in progress only reads: it may stop anywhere
@@ -403,7 +364,7 @@ class DatabaseService:
         while parked (only a change, which wakes it, gives it work), else until it is time to
         park or the backstop (which looks whether a snapshot is due)."""
         if watcher.paused:
-            return FOLLOW_POLL_BULK if self._bulk_looks >= 2 else FOLLOW_POLL
+            return self.follower.poll()
         if self.parked:
             return None
         timeout = self.runtime.backstop(IDLE_TIMER)
@@ -430,18 +391,7 @@ class DatabaseService:
                 if woken:
                     await self.unpark()
                     res = await self.sync()
-                    now = time.monotonic()
-                    if res.transactions or res.more:
-                        # a second change within FOLLOW_QUIET: a busy writer, follow it (a
-                        # database committing now and then only costs its file events)
-                        if res.more or now - last_change < FOLLOW_QUIET:
-                            self._follow(True)
-                        last_change = now
-                    elif watcher.paused and now - last_change >= FOLLOW_QUIET:
-                        self._follow(False)
-                        self.wake.set()  # what changed before the events were back has none
-                    if res.more:
-                        self.wake.set()  # a backlog: capture again at once
+                    last_change = self.follower.captured(res, watcher, last_change)
                 elif (self.park_after is not None and not self.parked and time.monotonic()
                       - last_change >= self.runtime.park_delay(self.park_after)):
                     await self.park()

@@ -399,13 +399,13 @@ async def test_while_following_commits_are_stamped_when_seen_between_looks(
     async def stamp_after_pause(follow: bool) -> tuple[int, int, int]:
         s.following = False
         if follow:
-            s._follow(True)
+            s.follower.follow(True, None)
         before = time.time_ns()
         commit(db, 1)
         await asyncio.sleep(0.3)
         looked = time.time_ns()
         await s.sync()
-        s._follow(False)
+        s.follower.follow(False, None)
         return before, s.db.progress.last_observed_ns, looked
 
     s = service(tmp_path, snapshot_interval=3600)
