@@ -27,6 +27,16 @@ when it is *proven* that no committed frame was lost:
   has not shrunk (a ``journal_size_limit`` truncation at the new epoch's first commit leaves a
   partial frame at the limit, which proves nothing).
 
+A restart (or a parked database opening again) continues from the spool's last position when the
+WAL still holds that frame. When the WAL was restarted, truncated or removed meanwhile, one more
+proof applies: at a clean close the replicator records the database file's signature (inode,
+size, modification and change times) when every committed frame was captured and the file was
+last written over a second before (so any later write changes the signature). If the file still
+has that signature when it opens again, nothing was backfilled into it in between, and a WAL
+restart or removal needs every frame backfilled first: the old epoch ended where the capture
+did, the database file holds the captured state, and the current WAL epoch, if any, holds
+everything committed since; capture continues from its first frame.
+
 Anything else (the replicator was down, two resets, the tail overwritten) is bridged in the same
 generation by a catch-up: the pages that changed, found against the page index (see
 :mod:`replicator.catchup`); a replaced file, a page-size change or a page index that cannot be
@@ -62,7 +72,7 @@ from .retry import Deferral
 from .sightings import SIGHTER, salt_bytes
 from .snapshots import Lineage, Snapshots
 from .spool import Spool
-from .wal import FRAME_HEADER_SIZE, frame_offset, read_wal_header
+from .wal import FRAME_HEADER_SIZE, WAL_HEADER_SIZE, frame_offset, read_wal_header
 
 log = logging.getLogger("replicator.db")
 
@@ -97,6 +107,30 @@ class _InProgress(Generic[T]):
 
     def __set__(self, obj: Database, value: T) -> None:
         setattr(obj.progress, self.name, value)
+
+
+FileSig = tuple[int, int, int, int]
+"""(inode, size, modification time, change time) of the database file, times in ns."""
+
+QUIET_AFTER_NS = 1_000_000_000
+"""A file last written (or changed) this long ago gets another signature from any later write:
+file systems keep these times at the granularity of a clock tick, a few milliseconds."""
+
+
+def _fd_sig(fd: int) -> FileSig:
+    st = os.fstat(fd)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _quiet_sig(path: str) -> FileSig | None:
+    """The file's signature, when it was last written over QUIET_AFTER_NS ago; else None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < QUIET_AFTER_NS:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class Database:
@@ -174,14 +208,11 @@ class Database:
         watched, so a later generation can tell that nothing happened in between. With
         ``tidy`` false the read-write connection always closes first, so that the WAL stays
         as it is (a parked database opens again from it)."""
+        state: dict[str, Any] | None = None
         if self.handles.conns and self.generation is not None and self.confirmed_ns:
             state = {"generation": self.generation, "txid": self.txid,
                      "confirmed_ns": self.confirmed_ns}
-            try:
-                with atomic_writer(self.state_path) as f:
-                    f.write(json.dumps(state).encode())
-            except OSError as exc:
-                log.warning("%s: cannot record the shutdown position: %s", self.name, exc)
+        captured = self._captured_file_sig() if state is not None else None
         if self.handles.conns and self.generation is not None:
             try:
                 self.keeper.save(self.snapshots.stamp())
@@ -189,6 +220,34 @@ class Database:
                 log.warning("%s: cannot save the page index: %s", self.name, exc)
         self.handles.close(tidy)
         self._settled = None
+        if state is None:
+            return
+        if captured is not None and _quiet_sig(self.path) == captured:
+            state["db_sig"] = list(captured)
+        try:
+            with atomic_writer(self.state_path) as f:
+                f.write(json.dumps(state).encode())
+        except OSError as exc:
+            log.warning("%s: cannot record the shutdown position: %s", self.name, exc)
+
+    def _captured_file_sig(self) -> FileSig | None:
+        """Before closing: the database file's signature when every committed frame is captured
+        (the wal-index ends at the captured frame, or there is no WAL and the file is the state
+        the capture last read) and the file was last written long enough ago; else None."""
+        p = self.progress
+        sig = _quiet_sig(self.path)
+        if sig is None:
+            return None
+        shm = self.handles.read_shm()
+        if p.pos is None:
+            if p.nowal_sig != sig[:3]:
+                return None
+            frames = shm[1] if shm is not None else self.handles.sizes()[1] - WAL_HEADER_SIZE
+            if frames > 0:
+                return None
+        elif shm is None or shm[0] != salt_bytes(p.pos.salts) or shm[1] != p.pos.frame:
+            return None
+        return sig
 
     def sizes(self) -> tuple[int, int]:
         """(database file size, WAL file size) in bytes."""
@@ -228,14 +287,7 @@ class Database:
             return
         info, header = latest
         p = self.progress
-        try:
-            with open(self.state_path, "rb") as f:
-                state = json.loads(f.read())
-            if (state.get("generation"), state.get("txid")) == (info.generation, info.end_txid):
-                p.confirmed_ns = int(state["confirmed_ns"])
-            os.unlink(self.state_path)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+        closed_sig = self._read_closed_state(info)
         p.generation = info.generation
         p.txid = info.end_txid
         try:
@@ -265,8 +317,44 @@ class Database:
             p.resumed = (p.last_observed_ns, time.time_ns())
             self.handles.learn_reset_bound()
             log.info("%s: resuming generation %s at txid %d", self.name, p.generation, p.txid)
+        elif self._file_as_captured(closed_sig, pos):
+            # the WAL restarted (or went) while closed, and the database file is the captured
+            # state: capture continues from the current epoch's first frame (module docstring)
+            p.pos = None
+            p.nowal_sig = closed_sig[:3] if closed_sig is not None else None
+            p.resumed = (p.last_observed_ns, time.time_ns())
+            log.info("%s: resuming generation %s at txid %d (the WAL restarted while closed; "
+                     "the database file is as captured)", self.name, p.generation, p.txid)
         else:
             self._catchup = Reason.RESUME_FAILED
+
+    def _read_closed_state(self, info: ObjectInfo) -> FileSig | None:
+        """What a clean close recorded with the spool's last object ``info`` (how far the
+        database was watched; the database file's signature, if recorded); the record is
+        consumed."""
+        closed_sig: FileSig | None = None
+        try:
+            with open(self.state_path, "rb") as f:
+                state = json.loads(f.read())
+            if (state.get("generation"), state.get("txid")) == (info.generation, info.end_txid):
+                self.progress.confirmed_ns = int(state["confirmed_ns"])
+                if "db_sig" in state:
+                    ino, size, mtime, ctime = (int(v) for v in state["db_sig"])
+                    closed_sig = (ino, size, mtime, ctime)
+            os.unlink(self.state_path)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return closed_sig
+
+    def _file_as_captured(self, closed_sig: FileSig | None, pos: WalPos | None) -> bool:
+        """Whether the database file still has the signature a clean close recorded, and the
+        WAL is not the epoch the capture ended in (that one resumes, or is caught up)."""
+        fd = self.handles.db_fd
+        if closed_sig is None or fd is None or _fd_sig(fd) != closed_sig:
+            return False
+        wal = self.handles.wal()
+        hdr = read_wal_header(wal) if wal is not None else None
+        return pos is None or hdr is None or hdr.salts != pos.salts
 
     def _continues(self, pos: WalPos | None, page_size: int) -> bool:
         """Whether the WAL still holds the frame the spool ends at (same salts and checksum)."""

@@ -290,6 +290,99 @@ def test_wal_changed_while_stopped_catches_up(tmp_path: Path, app) -> None:
     assert restored_dump(tmp_path) == dump(app)
 
 
+def close_after_a_backfill(tmp_path: Path, app: sqlite3.Connection, quiet: bool) -> str:
+    """Capture 10 transactions, backfill them all (the replicator's rotation), close (after more
+    than a second when ``quiet``); the generation."""
+    d = open_db(tmp_path, checkpoint_pages=4)
+    d.step()
+    commit(app, 10, payload=500)
+    d.step()
+    d.step()
+    busy, log, done = app.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert (busy, log) == (0, done)
+    if quiet:
+        time.sleep(1.2)
+    d.close()
+    assert d.generation is not None
+    return d.generation
+
+
+def test_wal_restarted_while_closed_resumes_without_catch_up(tmp_path: Path, app) -> None:
+    """The application restarts its WAL (its next commit after a full backfill) while the
+    replicator is stopped: the database file is as captured, so capture continues from the new
+    epoch's first frame, without a catch-up."""
+    gen = close_after_a_backfill(tmp_path, app, quiet=True)
+    salts = read_wal_header(os.open(tmp_path / "app.db-wal", os.O_RDONLY))
+    commit(app, 5, payload=500)
+    fd = os.open(tmp_path / "app.db-wal", os.O_RDONLY)
+    try:
+        restarted = read_wal_header(fd)
+    finally:
+        os.close(fd)
+    assert salts is not None and restarted is not None and restarted.salts != salts.salts
+    d = open_db(tmp_path)
+    res = d.step()
+    assert res.catch_up is None and res.new_generation is None
+    assert res.transactions == 5 and d.txid == 15
+    commit(app, 3, payload=500)
+    assert d.step().transactions == 3
+    d.close()
+    assert generations(tmp_path) == [gen]
+    assert restored_dump(tmp_path) == dump(app)
+
+
+def test_wal_restarted_while_closed_after_a_recent_write_is_caught_up(tmp_path: Path,
+                                                                      app) -> None:
+    """Closed within a second of the file's last write (a later write might keep its times):
+    nothing is proven, the restart is bridged by a catch-up."""
+    gen = close_after_a_backfill(tmp_path, app, quiet=False)
+    commit(app, 5, payload=500)
+    d = open_db(tmp_path)
+    res = d.step()
+    assert res.catch_up == "resume_failed" and d.txid == 11
+    d.close()
+    assert generations(tmp_path) == [gen]
+    assert restored_dump(tmp_path) == dump(app)
+
+
+def test_wal_restarted_and_backfilled_while_closed_is_caught_up(tmp_path: Path, app) -> None:
+    """Commits in the old epoch while closed, backfilled, then a restart: the database file was
+    written, so the frames never seen are caught up."""
+    gen = close_after_a_backfill(tmp_path, app, quiet=True)
+    commit(app, 1, payload=500)
+    app.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    commit(app, 5, payload=500)
+    d = open_db(tmp_path)
+    res = d.step()
+    assert res.catch_up == "resume_failed" and d.txid == 11
+    d.close()
+    assert generations(tmp_path) == [gen]
+    assert restored_dump(tmp_path) == dump(app)
+
+
+def test_no_wal_state_resumes_when_the_application_creates_its_wal(tmp_path: Path) -> None:
+    """Captured with no WAL at all (every connection had closed); the application's first
+    commit after a restart creates the WAL: it continues without a catch-up."""
+    init_db(str(tmp_path / "app.db"))
+    assert not (tmp_path / "app.db-wal").exists()
+    d = open_db(tmp_path)
+    assert d.step().new_generation == "no_position"
+    time.sleep(1.2)
+    d.close()
+    gen = d.generation
+    app = sqlite3.connect(tmp_path / "app.db", isolation_level=None, timeout=0)
+    try:
+        commit(app, 4, payload=500)
+        d = open_db(tmp_path)
+        res = d.step()
+        assert res.catch_up is None and res.transactions == 4
+        d.close()
+        assert generations(tmp_path) == [gen]
+        assert restored_dump(tmp_path) == dump(app)
+    finally:
+        app.close()
+
+
 def test_replaced_database_file_starts_a_generation(tmp_path: Path, app) -> None:
     d = open_db(tmp_path)
     d.step()
