@@ -99,7 +99,7 @@ class Capture(Part):
         p = self.progress
         fd = self.handles.wal()
         hdr = self._wal_hdr = read_wal_header(fd, self._wal_hdr) if fd is not None else None
-        if p.pos is None and self._nowal_changed():
+        if p.pos is None and self.nowal_changed():
             # the state had no WAL, and the file changed since: frames were written and
             # checkpointed (the WAL perhaps gone or restarted) in a moment no pin was held
             self.catchup.run(Reason.WAL_SHRUNK, res)
@@ -143,7 +143,7 @@ class Capture(Part):
         self.handles.learn_reset_bound()
         return self.ship(fd, hdr, p.pos, res)
 
-    def _nowal_changed(self) -> bool:
+    def nowal_changed(self) -> bool:
         """Whether the database file changed since the state without a WAL was read."""
         sig, fd = self.progress.nowal_sig, self.handles.db_fd
         return sig is not None and fd is not None and file_sig(fd) != sig

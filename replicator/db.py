@@ -59,7 +59,7 @@ from .dbstate import read_db_header
 from .diffsnap import DEFAULT_DIFF_MAX
 from .errors import DatabaseError
 from .fsutil import atomic_writer
-from .handles import Handles
+from .handles import Handles, file_sig
 from .headers import Reason, SegmentHeader
 from .pageindex import IndexKeeper, IndexUnusable
 from .pos import ObjectInfo, WalPos
@@ -117,8 +117,7 @@ QUIET_AFTER_NS = 1_000_000_000
 file systems keep these times at the granularity of a clock tick, a few milliseconds."""
 
 
-def _fd_sig(fd: int) -> FileSig:
-    st = os.fstat(fd)
+def _sig(st: os.stat_result) -> FileSig:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
@@ -130,7 +129,7 @@ def _quiet_sig(path: str) -> FileSig | None:
         return None
     if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < QUIET_AFTER_NS:
         return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return _sig(st)
 
 
 class Database:
@@ -240,7 +239,7 @@ class Database:
             return None
         shm = self.handles.read_shm()
         if p.pos is None:
-            if p.nowal_sig != sig[:3]:
+            if p.nowal_sig is None or self.capture.nowal_changed():
                 return None
             frames = shm[1] if shm is not None else self.handles.sizes()[1] - WAL_HEADER_SIZE
             if frames > 0:
@@ -317,11 +316,12 @@ class Database:
             p.resumed = (p.last_observed_ns, time.time_ns())
             self.handles.learn_reset_bound()
             log.info("%s: resuming generation %s at txid %d", self.name, p.generation, p.txid)
-        elif self._file_as_captured(closed_sig, pos):
+        elif closed_sig is not None and self._file_as_captured(closed_sig, pos):
             # the WAL restarted (or went) while closed, and the database file is the captured
             # state: capture continues from the current epoch's first frame (module docstring)
+            assert self.handles.db_fd is not None
             p.pos = None
-            p.nowal_sig = closed_sig[:3] if closed_sig is not None else None
+            p.nowal_sig = file_sig(self.handles.db_fd)
             p.resumed = (p.last_observed_ns, time.time_ns())
             log.info("%s: resuming generation %s at txid %d (the WAL restarted while closed; "
                      "the database file is as captured)", self.name, p.generation, p.txid)
@@ -346,11 +346,11 @@ class Database:
             pass
         return closed_sig
 
-    def _file_as_captured(self, closed_sig: FileSig | None, pos: WalPos | None) -> bool:
+    def _file_as_captured(self, closed_sig: FileSig, pos: WalPos | None) -> bool:
         """Whether the database file still has the signature a clean close recorded, and the
         WAL is not the epoch the capture ended in (that one resumes, or is caught up)."""
         fd = self.handles.db_fd
-        if closed_sig is None or fd is None or _fd_sig(fd) != closed_sig:
+        if fd is None or _sig(os.fstat(fd)) != closed_sig:
             return False
         wal = self.handles.wal()
         hdr = read_wal_header(wal) if wal is not None else None
