@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any, BinaryIO
@@ -94,6 +95,37 @@ class _StoredFrame:
         self._f.write(self.LAST)
 
 
+
+class _Codecs(threading.local):
+    """zstd contexts kept for reuse, per thread: creating one allocates its tables and window
+    each time, which costs more than coding a small object. A context is either in this pool
+    or used by exactly one writer or decoder (taken when it starts, given back when it ends;
+    one that ends early is simply not given back)."""
+
+    def __init__(self) -> None:
+        self.compressors: dict[int, list[zstandard.ZstdCompressor]] = {}
+        self.decompressors: list[zstandard.ZstdDecompressor] = []
+
+    def compressor(self, level: int) -> zstandard.ZstdCompressor:
+        free = self.compressors.get(level)
+        return free.pop() if free else zstandard.ZstdCompressor(level=level)
+
+    def decompressor(self) -> zstandard.ZstdDecompressor:
+        return self.decompressors.pop() if self.decompressors else zstandard.ZstdDecompressor()
+
+    def give_compressor(self, level: int, c: zstandard.ZstdCompressor) -> None:
+        free = self.compressors.setdefault(level, [])
+        if len(free) < _POOLED:
+            free.append(c)
+
+    def give_decompressor(self, d: zstandard.ZstdDecompressor) -> None:
+        if len(self.decompressors) < _POOLED:
+            self.decompressors.append(d)
+
+
+_POOLED = 2  # contexts of each kind a thread keeps
+_codecs = _Codecs()
+
 class ObjectWriter:
     """Writes one object to a binary file: header first, then the body as it is given.
 
@@ -115,10 +147,13 @@ class ObjectWriter:
         self._hash.update(raw)
         self._stored: _StoredFrame | None = None
         self._cobj: Any = None
+        self._level = level
+        self._cctx: zstandard.ZstdCompressor | None = None
         if level is None:
             self._stored = _StoredFrame(f)
         else:
-            self._cobj = zstandard.ZstdCompressor(level=level).compressobj()
+            self._cctx = _codecs.compressor(level)
+            self._cobj = self._cctx.compressobj()
         self.body_bytes = 0
 
     def write(self, data: bytes | memoryview) -> None:
@@ -138,6 +173,9 @@ class ObjectWriter:
             self._stored.close()
         else:
             self._f.write(self._cobj.flush())
+            if self._cctx is not None and self._level is not None:
+                _codecs.give_compressor(self._level, self._cctx)
+                self._cctx = None
         self._f.write(TRAILER_MAGIC + self._hash.digest())
 
 
@@ -150,6 +188,7 @@ class ObjectDecoder:
         self.kind = 0
         self._buf = bytearray()
         self._dobj: Any = None
+        self._dctx: zstandard.ZstdDecompressor | None = None
         self._hash = _digest()
         self._tail = bytearray()
         self._done = False
@@ -171,6 +210,9 @@ class ObjectDecoder:
         if self._dobj.eof:
             self._done = True
             self._tail += self._dobj.unused_data
+            if self._dctx is not None:
+                _codecs.give_decompressor(self._dctx)
+                self._dctx = None
         return out
 
     def _header(self, data: bytes | memoryview) -> memoryview:
@@ -196,7 +238,8 @@ class ObjectDecoder:
         self.header = header
         self.kind = kind
         self._hash.update(raw)
-        self._dobj = zstandard.ZstdDecompressor().decompressobj()
+        self._dctx = _codecs.decompressor()
+        self._dobj = self._dctx.decompressobj()
         self._buf = bytearray()
         return memoryview(buf)[_PREAMBLE.size + hlen :]
 
