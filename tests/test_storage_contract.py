@@ -197,6 +197,24 @@ async def test_read_missing_raises_not_found(storage: StorageClient, gen: str) -
         await read_all(storage, snapshot_info(new_generation_id(), 0, 1))
 
 
+async def test_read_objects_reads_several_whole_in_order(storage: StorageClient,
+                                                         gen: str) -> None:
+    """Several small objects read together come back whole and in the order asked (not the
+    order they were written or finish); one that is absent fails the call, naming it."""
+    infos = [await write(storage, segment_info(gen, i, i, i, i), payload(1000 + 97 * i, seed=i))
+             for i in range(1, 13)]
+    order = infos[::-1][:6] + infos[:6]
+    got = await storage.read_objects(order)
+    assert got == [payload(1000 + 97 * o.start_txid, seed=o.start_txid) for o in order]
+    assert await storage.read_objects([]) == []
+    missing = segment_info(gen, 99, 99, 99, 99)
+    with pytest.raises(NotFoundError) as excinfo:
+        await storage.read_objects([infos[0], missing, infos[1]])
+    assert missing.key in str(excinfo.value) and "\n" not in str(excinfo.value)
+    assert await storage.read_objects(infos[:2]) == [await read_all(storage, o)
+                                                     for o in infos[:2]]
+
+
 async def test_delete_objects(storage: StorageClient, gen: str) -> None:
     a = await write(storage, snapshot_info(gen, 0, 1), b"a")
     b = await write(storage, segment_info(gen, 1, 2, 3, 4), b"bb")

@@ -67,6 +67,12 @@ class StorageClient(Protocol):
         """Stream an object's bytes; raises NotFoundError if it is absent."""
         ...
 
+    async def read_objects(self, infos: Sequence[ObjectInfo]) -> list[bytes]:
+        """The whole stored bytes of each of several small objects, in order, read together
+        (one worker call for a directory, concurrent requests for S3); raises NotFoundError
+        if one is absent. For objects small enough to hold in memory at once."""
+        ...
+
     async def delete_objects(self, infos: Sequence[ObjectInfo]) -> None:
         """Delete objects; absent ones are ignored."""
         ...

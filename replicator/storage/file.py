@@ -239,6 +239,23 @@ class FileStorage:
         finally:
             os.close(fd)
 
+    async def read_objects(self, infos: Sequence[ObjectInfo]) -> list[bytes]:
+        """The whole stored bytes of each object, in one worker call."""
+
+        def read_all() -> list[bytes]:
+            out = []
+            for info in infos:
+                try:
+                    with open(self._path(info.key), "rb") as f:
+                        out.append(f.read())
+                except FileNotFoundError:
+                    raise NotFoundError(f"{self.url}: {info.key}: object not found") from None
+                except OSError as exc:
+                    raise self._error(f"cannot read {info.key}", exc) from None
+            return out
+
+        return await asyncio.to_thread(read_all)
+
     async def delete_objects(self, infos: Sequence[ObjectInfo]) -> None:
         """Unlink files; absent ones are ignored."""
 

@@ -63,6 +63,13 @@ class MemoryStorage:
         for i in range(0, len(blob), DEFAULT_CHUNK_SIZE):
             yield blob[i : i + DEFAULT_CHUNK_SIZE]
 
+    async def read_objects(self, infos: Sequence[ObjectInfo]) -> list[bytes]:
+        """The stored bytes of each object."""
+        try:
+            return [self.data[info.key] for info in infos]
+        except KeyError as exc:
+            raise NotFoundError(f"{self.url}: {exc.args[0]}: object not found") from None
+
     async def delete_objects(self, infos: Sequence[ObjectInfo]) -> None:
         """Delete objects; absent ones are ignored."""
         for info in infos:
