@@ -49,6 +49,9 @@ CHECK_CACHE_KIB = 64 << 10  # its page cache
 # little WAL that is quicker than importing numpy for the vectorised check
 PLAIN_WAL_BYTES = 1 << 20
 WRITE_BATCH = 4 << 20  # bytes of WAL pages a restore writes in one worker call
+# small objects (at most SMALL_OBJECT stored bytes) are read SMALL_BATCH at a time, in one call
+SMALL_OBJECT = 1 << 20
+SMALL_BATCH = 32
 REPLANS = 5
 
 log = logging.getLogger("replicator.restore")
@@ -608,18 +611,37 @@ class _Applier:
         # small segments
         self.queued: list[tuple[bytes, int]] = []
         self.queued_bytes = 0
+        # the WAL frames those pages came from, checked before they are written: the frames of
+        # many small segments of one WAL epoch in one check
+        self.unchecked: list[_Unchecked] = []
 
     def queue(self, writes: list[tuple[bytes, int]]) -> None:
         """Write these (data, offset) pages later, after those queued before."""
         self.queued += writes
         self.queued_bytes += sum(len(d) for d, _ in writes)
 
+    def check_later(self, frames: _Unchecked) -> None:
+        """Check these frames before the pages queued from them are written."""
+        self.unchecked.append(frames)
+
     async def flush(self, force: bool = True) -> None:
-        """Write the queued pages (unless ``force`` is off and they are fewer than
-        ``WRITE_BATCH`` bytes)."""
+        """Check the frames not checked yet and write the queued pages (unless ``force`` is
+        off and they are fewer than ``WRITE_BATCH`` bytes)."""
+        if force or self.queued_bytes >= WRITE_BATCH:
+            self.check()
         if self.queued and (force or self.queued_bytes >= WRITE_BATCH):
             writes, self.queued, self.queued_bytes = self.queued, [], 0
             await asyncio.to_thread(_write_all, self, writes)
+
+    def check(self) -> None:
+        """Check the frames not checked yet: each run that continues one WAL epoch at once
+        (see :func:`_check_run`)."""
+        todo, self.unchecked = self.unchecked, []
+        start = 0
+        for i in range(1, len(todo) + 1):
+            if i == len(todo) or not todo[i].follows(todo[i - 1]):
+                _check_run(todo[start:i], self.plain)
+                start = i
 
     def truncate(self, pages: int) -> None:
         """Drop the pages past ``pages`` (a commit shrank the database)."""
@@ -667,6 +689,39 @@ async def _apply_snapshot(read: Reader, snap: ObjectInfo, ap: _Applier) -> None:
         )
 
 
+@dataclass
+class _Unchecked:
+    """Whole WAL frames of one segment, applied but not checked yet."""
+
+    key: str
+    frames: bytes
+    page_size: int
+    big_endian: bool
+    salts: tuple[int, int]
+    start: tuple[int, int]  # the running checksum before the first frame
+    end: tuple[int, int]  # the checksum the last frame records
+
+    def follows(self, prev: _Unchecked) -> bool:
+        """Whether these frames continue ``prev``'s in the same WAL epoch."""
+        return (self.salts, self.big_endian, self.start) == (prev.salts, prev.big_endian,
+                                                             prev.end)
+
+
+def _check_run(run: list[_Unchecked], plain: bool) -> None:
+    """Check the frames of consecutive segments of one WAL epoch in one pass (each must chain
+    from the one before); a failure names the segment holding the first frame that fails."""
+    first = run[0]
+    frames = b"".join(u.frames for u in run) if len(run) > 1 else first.frames
+    try:
+        verify_frames(frames, first.page_size, first.big_endian, first.salts, first.start,
+                      plain=plain)
+    except WalError as exc:
+        if len(run) > 1:
+            for u in run:  # which one: each on its own
+                _check_run([u], plain)
+        raise CorruptObjectError(f"{first.key}: corrupt object ({exc})") from None
+
+
 def _check_key(seg: ObjectInfo, header: SegmentHeader, ap: _Applier) -> None:
     if (header.start_txid, header.end_txid) != (seg.start_txid, seg.end_txid):
         raise CorruptObjectError(f"{seg.key}: corrupt object (header does not match its key)")
@@ -702,28 +757,38 @@ class _Frames:
     def __init__(self, body: AsyncIterator[bytes], frame_size: int) -> None:
         self.body = body
         self.fs = frame_size
-        self.pending = bytearray()
+        self.pending = b""
         self.eof = False
 
     async def take(self, most: int) -> bytes:
-        """Up to ``most`` whole frames (fewer only at the end of the stream: maybe none)."""
+        """Up to ``most`` whole frames (fewer only at the end of the stream: maybe none). A
+        chunk that holds them is not copied."""
         want = most * self.fs
-        while len(self.pending) < want and not self.eof:
+        parts = [self.pending] if self.pending else []
+        have = len(self.pending)
+        while have < want and not self.eof:
             try:
-                self.pending += await self.body.__anext__()
+                chunk = await self.body.__anext__()
             except StopAsyncIteration:
                 self.eof = True
-        n = min(want, len(self.pending) // self.fs * self.fs)
-        out = bytes(self.pending[:n])
-        del self.pending[:n]
-        return out
+                break
+            parts.append(chunk)
+            have += len(chunk)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        n = min(want, len(data) // self.fs * self.fs)
+        if n == len(data):
+            self.pending = b""
+            return data
+        self.pending = data[n:]
+        return data[:n]
 
     async def drain(self) -> int:
         """Read the rest (the object's checksum is verified at its end); bytes left over."""
+        left = len(self.pending)
         async for chunk in self.body:
-            self.pending += chunk
+            left += len(chunk)
         self.eof = True
-        return len(self.pending)
+        return left
 
 
 _FRAMES_AT_ONCE = 256
@@ -767,10 +832,9 @@ async def _apply_part(
             raise CorruptObjectError(f"{seg.key}: corrupt object (partial frame at the end)")
         n = len(buf) // fs
         left -= n
-        try:
-            ck = verify_frames(buf, ps, part.big_endian, start.salts, ck, plain=ap.plain)
-        except WalError as exc:
-            raise CorruptObjectError(f"{seg.key}: corrupt object ({exc})") from None
+        end = struct.unpack_from(">II", buf, len(buf) - fs + 16)
+        ap.check_later(_Unchecked(seg.key, buf, ps, part.big_endian, start.salts, ck, end))
+        ck = end
         writes = []
         stopped = False
         for k in range(n):
@@ -1034,6 +1098,44 @@ class _Prefetcher:
             await d.aclose()
 
 
+class _Batches:
+    """Reads a restore's small objects from a local destination in batches: where the plan has
+    consecutive objects of at most ``SMALL_OBJECT`` stored bytes, up to ``SMALL_BATCH`` of them
+    are read with one :meth:`~replicator.storage.base.StorageClient.read_objects` call when the
+    first one's turn comes, so a history's tail of small segments does not pay a worker call
+    each. Other objects (and any of unknown size) stream when their turn comes. Memory holds
+    one batch."""
+
+    def __init__(self, client: StorageClient, infos: list[ObjectInfo]) -> None:
+        self.client = client
+        self.infos = infos
+        self.index = {info.key: i for i, info in enumerate(infos)}
+        self.held: dict[int, bytes] = {}
+
+    def _run(self, i: int) -> list[ObjectInfo]:
+        run: list[ObjectInfo] = []
+        for info in self.infos[i : i + SMALL_BATCH]:
+            if not 0 < info.size <= SMALL_OBJECT:
+                break
+            run.append(info)
+        return run
+
+    async def read(self, info: ObjectInfo) -> AsyncIterator[bytes]:
+        """The bytes of ``info`` (which must be read in plan order)."""
+        i = self.index[info.key]
+        if i not in self.held:
+            run = self._run(i)
+            if run:
+                self.held = dict(enumerate(await self.client.read_objects(run), start=i))
+        data = self.held.pop(i, None)
+        if data is None:
+            async for chunk in self.client.read_object(info):
+                yield chunk
+            return
+        for k in range(0, len(data), DEFAULT_CHUNK_SIZE):
+            yield data[k : k + DEFAULT_CHUNK_SIZE]
+
+
 async def apply_plan(
     client: StorageClient,
     plan: RestorePlan,
@@ -1053,7 +1155,8 @@ async def apply_plan(
 
     From a remote destination the next ``prefetch`` objects (default ``DEFAULT_PREFETCH``; 0 for
     a local directory or memory) download concurrently into a temp directory beside the output
-    while the objects are applied strictly in order; the directory is removed either way.
+    while the objects are applied strictly in order; the directory is removed either way. From
+    a local one, consecutive small objects are read a batch at a time (see ``_Batches``).
     Temp files and directories that a killed restore left beside ``output`` are removed first
     (see ``remove_stale_temps``). ``progress`` hears of every chunk and object read.
 
@@ -1099,7 +1202,11 @@ async def _apply_plan(
             raise RestoreError(f"cannot create a temp directory in {parent}: "
                                f"{exc.strerror}") from None
         pf = _Prefetcher(client, objects, tmpdir, prefetch)
-    read: Reader = pf.read if pf is not None else client.read_object
+    read: Reader = client.read_object
+    if pf is not None:
+        read = pf.read
+    elif client.local:
+        read = _Batches(client, objects).read
     if progress is not None:
         read = _counted(read, progress)
     try:
@@ -1131,13 +1238,17 @@ async def _apply(
         await _apply_snapshot(read, plan.snapshot, ap)
         if plan.diff is not None:
             await _apply_diff(read, plan.diff, ap)
-        for seg in plan.segments:
-            if seg.kind == "catchup":
-                await _apply_catchup(read, seg, ap)
-                if seg.end_txid >= plan.txid:
+        try:
+            for seg in plan.segments:
+                if seg.kind == "catchup":
+                    await _apply_catchup(read, seg, ap)
+                    if seg.end_txid >= plan.txid:
+                        break
+                elif await _apply_segment(read, seg, ap, plan.txid):
                     break
-            elif await _apply_segment(read, seg, ap, plan.txid):
-                break
+        except ReplicatorError:
+            ap.check()  # a bad frame before the failing object is the first problem: named
+            raise
         await ap.flush()
         os.ftruncate(fd, ap.pages * ap.page_size)
         os.fsync(fd)
