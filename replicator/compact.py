@@ -1,6 +1,6 @@
 """Compaction: consecutive WAL segments of a destination merged into larger ones, on levels.
 
-A *level* is a time interval (defaults ``DEFAULT_LEVELS``: 10 s, 5 min, 1 h). At level ``I``,
+A *level* is a time interval (defaults ``DEFAULT_LEVELS``: 1 s, 10 s, 5 min, 1 h). At level ``I``,
 every window ``[k*I, (k+1)*I)`` of observation time that has closed (its end is in the past)
 and holds more than one segment of a generation, each wholly inside it, gets them merged into
 one: a segment whose transactions are exactly theirs, with their frames and observed times, so a
@@ -58,7 +58,7 @@ from .wal import FRAME_HEADER_SIZE
 log = logging.getLogger("replicator.compact")
 T = TypeVar("T")
 
-DEFAULT_LEVELS: tuple[float, ...] = (10.0, 300.0, 3600.0)
+DEFAULT_LEVELS: tuple[float, ...] = (1.0, 10.0, 300.0, 3600.0)
 DEFAULT_DELETE_GRACE = 30.0  # seconds a replaced object stays readable after its merge
 MAX_BYTES = 256 << 20  # stored bytes of the inputs of one merge
 # a merge is compressed when its sources take less than this fraction of their frames' size
@@ -265,18 +265,33 @@ def thin_diffs(objects: list[ObjectInfo], interval: float, now_ms: int) -> list[
 class DueTimes:
     """The wall-clock times at which compaction of one destination is due: when a window
     holding shipped objects closes, at every level (and only then: an idle destination costs
-    no listing), or when a retry or a deletion is due. Due once at start."""
+    no listing), or when a retry or a deletion is due. Due once at start.
+
+    A first-level window is due only once a second segment wholly inside it was shipped: one
+    segment has nothing to merge at that level (a database committing about once a window, as
+    each of a directory of tenant databases may, lists nothing each time). What was shipped
+    before a start is merged by the pass at start or at the next level."""
 
     def __init__(self, levels: tuple[float, ...]) -> None:
         self.levels = levels
         self.times: set[float] = {0.0}
+        self._first: dict[int, int] = {}  # first-level window -> segments shipped inside it
 
     def shipped(self, info: ObjectInfo) -> None:
-        """Due when the windows holding the shipped segment ``info`` close, at every level."""
-        if info.kind == "wal":
-            for interval in self.levels:
-                width = max(1, int(interval * 1000))
-                self.times.add((info.last_ms // width + 1) * width / 1000)
+        """Due when the windows holding the shipped segment ``info`` close, at every level (at
+        the first only if it holds another one too)."""
+        if info.kind != "wal":
+            return
+        for li, interval in enumerate(self.levels):
+            width = max(1, int(interval * 1000))
+            w = info.last_ms // width
+            if li == 0:
+                if info.first_ms // width != w:
+                    continue  # not inside one window: not merged at this level
+                n = self._first[w] = self._first.get(w, 0) + 1
+                if n != 2:
+                    continue
+            self.times.add((w + 1) * width / 1000)
 
     def at(self, when: float) -> None:
         """Due (again) at ``when``."""
@@ -290,6 +305,10 @@ class DueTimes:
         """Whether something is due at ``now``, forgetting what is."""
         due = {t for t in self.times if t <= now}
         self.times -= due
+        if self._first and self.levels:
+            width = max(1, int(self.levels[0] * 1000))
+            now_ms = now * 1000
+            self._first = {w: n for w, n in self._first.items() if (w + 1) * width > now_ms}
         return bool(due)
 
     def next(self) -> float | None:

@@ -393,13 +393,20 @@ class CompactsBeforeFirstSegmentRead(FileStorage):
         super().__init__(str(root))
         self.compact: Callable[[], Awaitable[object]] | None = compact
 
-    async def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
-        if self.compact is not None and info.kind == "wal":
+    async def _before(self, infos: Sequence[ObjectInfo]) -> None:
+        if self.compact is not None and any(info.kind == "wal" for info in infos):
             compact, self.compact = self.compact, None
             await compact()
+
+    async def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
+        await self._before([info])
         async with contextlib.aclosing(super().read_object(info)) as chunks:
             async for chunk in chunks:
                 yield chunk
+
+    async def read_objects(self, infos: Sequence[ObjectInfo]) -> list[bytes]:
+        await self._before(infos)
+        return await super().read_objects(infos)
 
 
 def test_a_plan_whose_objects_a_compaction_replaced_plans_again(history: History) -> None:
@@ -523,10 +530,19 @@ def test_compaction_is_due_only_when_a_window_with_shipped_objects_closes(
 
     now_ms = int(time.time() * 1000)
     assert h.replica.compactor is not None
-    h.replica.compactor.due.shipped(segment_info(gen, 1, 1, now_ms, now_ms))
-    ends = sorted(h.replica.compactor.due.times)
-    # the end of the window holding the object, at each level (two levels' may coincide)
-    assert ends == sorted({(now_ms // int(i * 1000) + 1) * int(i * 1000) / 1000 for i in LEVELS})
+    due = h.replica.compactor.due
+
+    def end(level: float) -> float:
+        return (now_ms // int(level * 1000) + 1) * int(level * 1000) / 1000
+
+    due.shipped(segment_info(gen, 1, 1, now_ms, now_ms))
+    # one segment in its first-level window: nothing to merge there, so only the later levels'
+    # windows holding it are due (two levels' may coincide)
+    assert sorted(due.times) == sorted({end(i) for i in LEVELS[1:]})
+    due.shipped(segment_info(gen, 2, 2, now_ms, now_ms))
+    ends = sorted(due.times)
+    # a second one in the same window: the end of the window holding them, at each level
+    assert ends == sorted({end(i) for i in LEVELS})
     time.sleep(max(0.0, ends[0] - time.time()) + 0.01)
     asyncio.run(h.replica.compact_if_due())
     assert len(listed) > after_start  # the shortest window closed: one pass
