@@ -902,3 +902,30 @@ def test_a_damaged_local_copy_does_not_block_a_merge(history: History, tmp_path:
         assert content(tmp_path / "out.db") == content(h.app)
 
     asyncio.run(go())
+
+
+def test_a_first_level_window_is_due_once_it_holds_two_segments() -> None:
+    """Only a first-level window holding two segments wholly inside it has anything to merge at
+    that level; one holding a single segment, or only segments crossing its edges, is not due
+    at that level (the later levels' windows are), and windows that closed are forgotten."""
+    from replicator.compact import DueTimes
+    from replicator.pos import segment_info, snapshot_info
+
+    due = DueTimes((1.0, 10.0))
+    due.times.clear()  # not the pass at start
+    gen = "0" * 16
+    due.shipped(segment_info(gen, 1, 1, 20_100, 20_200))
+    assert due.times == {30.0}
+    due.shipped(segment_info(gen, 2, 2, 20_900, 21_100))  # crosses the edge at 21 s
+    due.shipped(snapshot_info(gen, 2, 21_150))  # not a segment: no window
+    assert due.times == {30.0}
+    due.shipped(segment_info(gen, 3, 3, 20_300, 20_400))
+    assert due.times == {21.0, 30.0}
+    due.shipped(segment_info(gen, 4, 4, 20_500, 20_600))  # a third: nothing new
+    assert due.times == {21.0, 30.0}
+    assert due.take(21.5) and due.times == {30.0}
+    due.shipped(segment_info(gen, 5, 5, 20_700, 20_800))  # late, after its window was taken
+    assert due.times == {30.0}
+    due.shipped(segment_info(gen, 6, 6, 21_600, 21_700))
+    due.shipped(segment_info(gen, 7, 7, 21_800, 21_900))
+    assert due.times == {22.0, 30.0}
