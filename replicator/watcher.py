@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,12 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from . import inotify as ino
+
+# watchdog's recursive inotify watch adds a directory made inside a new one twice (once walking
+# the new one, once for its own event) and warns that the second callback replaces the first,
+# which is the same callback: nothing to tell anyone
+warnings.filterwarnings("ignore", message=r"Callback with id .* already exists",
+                        category=RuntimeWarning)
 
 log = logging.getLogger(__name__)
 
