@@ -96,34 +96,44 @@ class _StoredFrame:
 
 
 
-class _Codecs(threading.local):
-    """zstd contexts kept for reuse, per thread: creating one allocates its tables and window
+class _Codecs:
+    """zstd contexts kept for reuse by the process: creating one allocates its tables and window
     each time, which costs more than coding a small object. A context is either in this pool
     or used by exactly one writer or decoder (taken when it starts, given back when it ends;
-    one that ends early is simply not given back)."""
+    one that ends early is simply not given back). At most ``_POOLED`` of each kind are kept,
+    whatever the number of threads."""
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self.compressors: dict[int, list[zstandard.ZstdCompressor]] = {}
         self.decompressors: list[zstandard.ZstdDecompressor] = []
 
     def compressor(self, level: int) -> zstandard.ZstdCompressor:
-        free = self.compressors.get(level)
-        return free.pop() if free else zstandard.ZstdCompressor(level=level)
+        with self._lock:
+            free = self.compressors.get(level)
+            if free:
+                return free.pop()
+        return zstandard.ZstdCompressor(level=level)
 
     def decompressor(self) -> zstandard.ZstdDecompressor:
-        return self.decompressors.pop() if self.decompressors else zstandard.ZstdDecompressor()
+        with self._lock:
+            if self.decompressors:
+                return self.decompressors.pop()
+        return zstandard.ZstdDecompressor()
 
     def give_compressor(self, level: int, c: zstandard.ZstdCompressor) -> None:
-        free = self.compressors.setdefault(level, [])
-        if len(free) < _POOLED:
-            free.append(c)
+        with self._lock:
+            free = self.compressors.setdefault(level, [])
+            if len(free) < _POOLED:
+                free.append(c)
 
     def give_decompressor(self, d: zstandard.ZstdDecompressor) -> None:
-        if len(self.decompressors) < _POOLED:
-            self.decompressors.append(d)
+        with self._lock:
+            if len(self.decompressors) < _POOLED:
+                self.decompressors.append(d)
 
 
-_POOLED = 2  # contexts of each kind a thread keeps
+_POOLED = 2  # contexts of each kind kept
 _codecs = _Codecs()
 
 class ObjectWriter:
