@@ -40,11 +40,14 @@ DEBUG_EVERY = 1.0  # per-round debug lines, at most this often (a busy database 
 DELETE_AT_EXIT = 10.0  # seconds a clean shutdown spends deleting objects merges replaced
 COMPACT_DUTY = 0.1
 """Compaction aims at this fraction of the time: after a step that took d seconds the next
-waits (1 / duty - 1) * d, but never longer than the first level's window. Under a flat-out
-writer a merge rewrites every byte the capture just wrote; spaced out, it takes little of the
-application's CPU (the windows it has not merged yet wait, whole, for the next step). The cap
-keeps a slow step from spacing the next ones ever further apart: objects would pile up faster
-than the steps merge them, and each step would take longer still."""
+waits (1 / duty - 1) * d, but never longer than COMPACT_SPACING or the first level's window,
+whichever is longer. Under a flat-out writer a merge rewrites every byte the capture just wrote;
+spaced out, it takes little of the application's CPU (the windows it has not merged yet wait,
+whole, for the next step). The cap keeps a slow step from spacing the next ones ever further
+apart: objects would pile up faster than the steps merge them, and each step would take longer
+still. It is not the first level's window alone: a 1 s level would let steps take half the
+time under a flat-out writer, and the capture fall behind."""
+COMPACT_SPACING = 10.0  # seconds: the longest wait COMPACT_DUTY puts between two steps
 
 
 class ReplicaSeries:
@@ -327,7 +330,7 @@ class Replica:
         for (parts, _), (info, size, frames) in zip(window, results, strict=True):
             self.holdings.remember(info.generation, [info.key, *(p.key for p in parts)])
             if self.compactor is not None:
-                self.compactor.due.shipped(info)
+                self.compactor.shipped(info)
             self._count(info, size, frames, done)
         self.lag = max(0.0, done - nxt.first_ms / 1000) if nxt else 0.0
         self.series.lag(self.lag)
@@ -430,7 +433,8 @@ class Replica:
                 took = time.monotonic() - started
                 assert self.compactor is not None
                 self._compact_after = time.monotonic() + min(
-                    took * (1 / COMPACT_DUTY - 1), self.compactor.levels[0])
+                    took * (1 / COMPACT_DUTY - 1),
+                    max(COMPACT_SPACING, self.compactor.levels[0]))
 
         self._compacting = asyncio.ensure_future(step())
 

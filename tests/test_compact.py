@@ -647,11 +647,18 @@ def test_a_merge_is_compressed_only_when_its_segments_were(history: History,
     assert bodies[0] == bodies[1] and len(bodies[0]) == body_size
 
 
-def test_compaction_takes_at_most_its_share_of_the_time(history: History) -> None:
+def test_compaction_takes_at_most_its_share_of_the_time(
+    history: History, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After a compaction step that took d seconds the next starts (1 / COMPACT_DUTY - 1) * d
-    later at the earliest, even with a window due, but never later than one first-level window
-    after it (a slow step must not space the next ones ever further apart)."""
+    later at the earliest, even with a window due, but never later than COMPACT_SPACING (or a
+    first-level window, if longer) after it (a slow step must not space the next ones ever
+    further apart)."""
+    import replicator.replica
+
     h = history
+    spacing = LEVELS[0] * 2
+    monkeypatch.setattr(replicator.replica, "COMPACT_SPACING", spacing)
 
     async def go() -> None:
         h.replica._compact_beside()
@@ -672,11 +679,14 @@ def test_compaction_takes_at_most_its_share_of_the_time(history: History) -> Non
             await asyncio.sleep(LEVELS[0] * 4)  # uncapped, the next would wait 36 windows
 
         h.replica.compact_if_due = slow_step  # a step that takes long
-        h.replica._compact_after = 0.0
-        h.replica.compactor.due.at(0.0)
-        h.replica._compact_beside()
-        await h.replica._compacting
-        assert h.replica._compact_after <= time.monotonic() + LEVELS[0]
+        for cap, levels in ((spacing, LEVELS), (LEVELS[0] * 3, (LEVELS[0] * 3, *LEVELS[1:]))):
+            h.replica.compactor.levels = levels
+            h.replica._compact_after = 0.0
+            h.replica.compactor.due.at(0.0)
+            h.replica._compact_beside()
+            await h.replica._compacting
+            left = h.replica._compact_after - time.monotonic()
+            assert cap * 0.5 < left <= cap  # the cap: COMPACT_SPACING, or a longer level
 
     asyncio.run(go())
 
