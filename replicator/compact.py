@@ -341,6 +341,18 @@ class Compactor:
         # objects of the ``local`` directories by generation, listed once a step (one that is
         # gone when read is passed over)
         self._listed: dict[str, list[tuple[ObjectInfo, str]]] = {}
+        # the destination's generations: listed by the first step, then kept up to date from
+        # what is shipped (a new generation's first segment) and what a step finds empty (one
+        # retention deleted), since nothing else writes there (the lease): a step lists only
+        # the generations it merges in
+        self._gens: list[str] | None = None
+
+    def shipped(self, info: ObjectInfo) -> None:
+        """``info`` was shipped to the destination: compaction falls due when its windows
+        close (see :class:`DueTimes`)."""
+        if self._gens is not None and info.generation not in self._gens:
+            self._gens.append(info.generation)
+        self.due.shipped(info)
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         """Run blocking ``fn(*args)`` on the compaction's executor."""
@@ -380,9 +392,17 @@ class Compactor:
         res = CompactResult()
         self._listed = {}
         await self._delete_due(res)
-        gens = list(generations) if generations is not None else await self.client.generations()
+        if generations is not None:
+            gens = list(generations)
+        else:
+            if self._gens is None:
+                self._gens = await self.client.generations()
+            gens = list(self._gens)
         for gen in gens:
-            held = [o for o in await self.client.objects(gen) if o.key not in self._doomed]
+            listed = await self.client.objects(gen)
+            if not listed and self._gens is not None and gen in self._gens:
+                self._gens.remove(gen)  # deleted (retention): listed again if it comes back
+            held = [o for o in listed if o.key not in self._doomed]
             # covered and not awaiting their grace: left by a crash between a merge and its
             # deletes
             covered = _covered([o for o in held if o.kind == "wal"])
