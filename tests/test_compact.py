@@ -939,3 +939,50 @@ def test_a_first_level_window_is_due_once_it_holds_two_segments() -> None:
     due.shipped(segment_info(gen, 6, 6, 21_600, 21_700))
     due.shipped(segment_info(gen, 7, 7, 21_800, 21_900))
     assert due.times == {22.0, 30.0}
+
+
+def test_steps_list_the_generations_once_then_follow_what_is_shipped() -> None:
+    """The first step lists the destination's generations; later ones list only the objects of
+    the generations known to it: those listed, plus one a shipped object starts, minus one a
+    step finds empty (retention deleted it)."""
+    from replicator.pos import new_generation_id, snapshot_info
+    from replicator.storage.memory import MemoryStorage
+
+    class Counted(MemoryStorage):
+        def __init__(self) -> None:
+            super().__init__()
+            self.listed: list[str] = []
+            self.gen_lists = 0
+
+        async def generations(self) -> list[str]:
+            self.gen_lists += 1
+            return await super().generations()
+
+        async def objects(self, generation: str) -> list[ObjectInfo]:
+            self.listed.append(generation)
+            return await super().objects(generation)
+
+    async def one() -> AsyncIterator[bytes]:
+        yield b"x"
+
+    async def go() -> None:
+        dest = Counted()
+        a, b = new_generation_id(), new_generation_id()
+        await dest.write_object(snapshot_info(a, 0, 1), one())
+        comp = Compactor(dest, None, LEVELS, grace=0)
+        await comp.step(now=100.0)
+        await comp.step(now=101.0)
+        assert dest.gen_lists == 1 and dest.listed == [a, a]
+        snap_b = snapshot_info(b, 0, 2)
+        await dest.write_object(snap_b, one())
+        comp.shipped(snap_b)
+        dest.listed.clear()
+        await comp.step(now=102.0)
+        assert dest.gen_lists == 1 and dest.listed == [a, b]
+        await dest.delete_generation(a)
+        await comp.step(now=103.0)
+        dest.listed.clear()
+        await comp.step(now=104.0)
+        assert dest.gen_lists == 1 and dest.listed == [b]
+
+    asyncio.run(go())
