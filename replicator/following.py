@@ -48,6 +48,8 @@ class Follower:
         starts the count again)."""
         bulk = res.frames * (self.service.db.page_size + FRAME_HEADER_SIZE) >= FOLLOW_BULK
         self.bulk_looks = self.bulk_looks + 1 if bulk else 0
+        for r in self.service.replicas:
+            r.source_bulk = self.bulk_looks >= 2
 
     def poll(self) -> float:
         """How long the loop waits between its looks while it follows."""
@@ -92,6 +94,7 @@ class Follower:
         for r in s.replicas:
             r.source_busy = on
             if not on:
+                r.source_bulk = False
                 r.wake.set()  # a compaction put off may start now
 
     def close(self) -> None:

@@ -167,7 +167,12 @@ class Replica:
         # the capture follows a busy writer: a compaction step put off until the writer pauses
         # (at most one first-level window) takes neither its CPU nor its disk
         self.source_busy = False
+        # ... and it writes in bulk (see :mod:`replicator.following`): a compaction step waits
+        # up to COMPACT_SPACING rather than one first-level window, since each would rewrite
+        # that much WAL while the capture needs the CPU and the disk
+        self.source_bulk = False
         self._busy = Deferral(0.0)
+        self._bulk = Deferral(0.0)
         self._retaining: asyncio.Task[None] | None = None
         self._retain_again = False
         self._compact_after = 0.0  # monotonic time before which no compaction step starts
@@ -183,6 +188,7 @@ class Replica:
         self.compactor = Compactor(self.client, self.spool, levels, grace, local=local,
                                    executor=executor) if levels else None
         self._busy = Deferral(levels[0] if levels else 0.0)
+        self._bulk = Deferral(max(COMPACT_SPACING, levels[0]) if levels else 0.0)
 
     async def compact(self, now: float | None = None) -> CompactResult | None:
         """One compaction step (see :mod:`replicator.compact`) with windows closed at ``now``
@@ -420,7 +426,7 @@ class Replica:
             return
         if self.compactor is None or not self.compactor.due.is_due(time.time()):
             return
-        if self._busy.defers(self.source_busy):
+        if self._busy.defers(self.source_busy) | self._bulk.defers(self.source_bulk):
             return  # the round after the writer's pause looks again
         if time.monotonic() < self._compact_after:
             return  # the next round after it looks again
@@ -429,6 +435,7 @@ class Replica:
             async with self.limit or contextlib.nullcontext():
                 started = time.monotonic()
                 self._busy.done()
+                self._bulk.done()
                 await self.compact_if_due()
                 took = time.monotonic() - started
                 assert self.compactor is not None

@@ -31,7 +31,7 @@ from replicator.errors import StorageError
 from replicator.format import KIND_WAL, ObjectDecoder, ObjectWriter, read_header
 from replicator.headers import SegmentHeader
 from replicator.pos import ObjectInfo
-from replicator.replica import Replica
+from replicator.replica import COMPACT_SPACING, Replica
 from replicator.replicator import DatabaseService
 from replicator.restore import apply_plan, plan_restore
 from replicator.retention import apply_retention
@@ -572,7 +572,7 @@ def test_compaction_waits_while_the_capture_is_behind(history: History) -> None:
 
 def test_compaction_waits_while_the_capture_follows_a_busy_writer(history: History) -> None:
     """While the capture follows a busy writer a due compaction step waits for its pause, but
-    not longer than one first-level window."""
+    not longer than one first-level window (COMPACT_SPACING while it writes in bulk)."""
     h = history
     due = h.replica.compactor.due if h.replica.compactor is not None else None
     assert due is not None and due.is_due(0.0)
@@ -592,6 +592,20 @@ def test_compaction_waits_while_the_capture_follows_a_busy_writer(history: Histo
         h.replica._compact_beside()
         assert h.replica._compacting is None
         h.replica.source_busy = False  # the writer paused
+        h.replica._compact_beside()
+        assert h.replica._compacting is not None
+        await h.replica._compacting
+        # writing in bulk: put off for longer than a first-level window (COMPACT_SPACING)
+        assert h.replica._bulk.limit == max(COMPACT_SPACING, LEVELS[0])
+        h.replica.source_busy = h.replica.source_bulk = True
+        h.replica._compacting = None
+        h.replica._compact_after = 0.0
+        h.replica.compactor.due.at(0.0)
+        h.replica._compact_beside()
+        h.replica._busy.limit = 0.0  # a first-level window has passed
+        h.replica._compact_beside()
+        assert h.replica._compacting is None
+        h.replica._bulk.limit = 0.0  # and so has COMPACT_SPACING
         h.replica._compact_beside()
         assert h.replica._compacting is not None
         await h.replica._compacting
