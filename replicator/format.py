@@ -95,7 +95,6 @@ class _StoredFrame:
         self._f.write(self.LAST)
 
 
-
 class _Codecs:
     """zstd contexts kept for reuse by the process: creating one allocates its tables and window
     each time, which costs more than coding a small object. A context is either in this pool
@@ -135,6 +134,7 @@ class _Codecs:
 
 _POOLED = 2  # contexts of each kind kept
 _codecs = _Codecs()
+
 
 class ObjectWriter:
     """Writes one object to a binary file: header first, then the body as it is given.
