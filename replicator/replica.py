@@ -426,6 +426,7 @@ class Replica:
             return
         if self.compactor is None or not self.compactor.due.is_due(time.time()):
             return
+        # both asked (``|``, not ``or``): each counts how long it has put the step off
         if self._busy.defers(self.source_busy) | self._bulk.defers(self.source_bulk):
             return  # the round after the writer's pause looks again
         if time.monotonic() < self._compact_after:

@@ -627,9 +627,10 @@ class _Applier:
     async def flush(self, force: bool = True) -> None:
         """Check the frames not checked yet and write the queued pages (unless ``force`` is
         off and they are fewer than ``WRITE_BATCH`` bytes)."""
-        if force or self.queued_bytes >= WRITE_BATCH:
-            self.check()
-        if self.queued and (force or self.queued_bytes >= WRITE_BATCH):
+        if not (force or self.queued_bytes >= WRITE_BATCH):
+            return
+        self.check()
+        if self.queued:
             writes, self.queued, self.queued_bytes = self.queued, [], 0
             await asyncio.to_thread(_write_all, self, writes)
 
