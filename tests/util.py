@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import random
+import shutil
 import signal
 import socket
 import sqlite3
@@ -111,8 +112,24 @@ class ServerProcess:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            stacks = self.stacks()
             self.kill()
-            raise AssertionError(f"`{self.argv[0]}` did not stop within {timeout}s") from None
+            raise AssertionError(
+                f"`{' '.join(self.argv)}` did not stop within {timeout}s; its threads:\n"
+                f"{stacks}\nits output:\n{self.text()[-4000:]}") from None
+
+    def stacks(self) -> str:
+        """Every thread's Python stack in the running process (``py-spy dump``), for the
+        message of a process that hangs; a line saying why where that cannot be had."""
+        spy = shutil.which("py-spy")
+        if spy is None:
+            return "(py-spy is not installed)"
+        try:
+            out = subprocess.run([spy, "dump", "--pid", str(self.proc.pid)],
+                                 capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"(py-spy dump failed: {exc})"
+        return (out.stdout + out.stderr)[-12000:]
 
     def kill(self) -> None:
         """SIGKILL and reap."""
