@@ -321,6 +321,10 @@ class DatabaseService:
             prune_spool(self.spool, self.db.keeper, self.replicas, keep_ms)
 
         await self.call(prune)
+        # what the destinations are known to hold matters only for what is still spooled
+        spooled = {gen: self.spool.objects(gen) for gen in self.spool.generations()}
+        for r in self.replicas:
+            r.holdings.trim(spooled)
 
     def _record_error(self, operation: str, exc: BaseException) -> None:
         msg = str(exc) if isinstance(exc, ReplicatorError) else f"{type(exc).__name__}: {exc}"

@@ -150,7 +150,8 @@ def service_status(s: DatabaseService) -> dict[str, Any]:
         "ready_max_lag_seconds": s.cfg.ready_max_lag,
         "replicas": [
             {"name": r.name, "url": r.url, "healthy": r.healthy,
-             "generation": db.generation if r.holdings.keys.get(db.generation or "") else None,
+             "generation": (db.generation if r.holdings.newest_txid(db.generation or "")
+                            is not None else None),
              "txid": r.holdings.newest_txid(db.generation or ""), "lag_seconds": round(r.lag, 3),
              "last_sync": iso(r.last_sync), "error": r.last_error}
             for r in s.replicas

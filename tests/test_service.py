@@ -8,13 +8,16 @@ import contextlib
 import itertools
 from pathlib import Path
 
+import pytest
 from util import commit
 from writer import init_db
 
+from replicator import pageindex
 from replicator.config import DbConfig, ReplicaConfig
 from replicator.db import DEFAULT_TUNING, Tuning
 from replicator.pruning import PruneSchedule
 from replicator.replicator import DatabaseService
+from replicator.report import service_status
 from replicator.schedule import WAL_SNAPSHOT_DEFER_VOLUME
 
 
@@ -70,6 +73,52 @@ async def test_spool_is_pruned_once_shipped_and_restart_resumes(tmp_path: Path) 
     assert gen2 == gen1 and txid2 == txid1 + 4
     # the restart found the generation's snapshot on the replica: no second snapshot
     assert len(list((tmp_path / "replica").glob("generations/*/snapshots/*.snap"))) == 1
+
+
+async def test_what_a_destination_holds_is_kept_only_for_the_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long generation: after each prune, a destination's known holdings are those of the
+    objects still spooled (not one key per object ever shipped), its newest txid stays, and
+    nothing is shipped twice or asked again."""
+    monkeypatch.setattr(pageindex, "INDEX_SAVE_SECONDS", 0.0)  # a restart replays nothing
+    db = tmp_path / "app.db"
+    init_db(str(db))
+
+    async def go() -> None:
+        s = service(tmp_path, snapshot_interval=3600)
+        await s.open()
+        r = s.replicas[0]
+        await r.sync()
+        gen = s.db.generation
+        assert gen is not None
+        shipped = 0
+        for _ in range(4):
+            for _ in range(15):
+                commit(db, 1)
+                await s.sync()
+                shipped += await r.sync()
+            await s.sync()  # a step with nothing new saves the page index
+            await s.prune_spool()
+            spooled = {o.key for o in s.spool.objects(gen)}
+            assert r.holdings.keys[gen] <= spooled
+            assert len(spooled) <= 2, "the spool was pruned"
+            assert r.holdings.newest_txid(gen) == s.db.txid
+        assert shipped == 60  # one segment a commit, none shipped again after a trim
+        assert await r.pending() == []
+        commit(db, 3)
+        await s.sync()
+        assert await r.sync() == 1
+        rep = service_status(s)
+        assert rep["replicas"][0]["generation"] == gen
+        assert rep["replicas"][0]["txid"] == s.db.txid
+        await s.close(5)
+
+    await go()
+    from util import restore, seqs
+
+    restore(str(tmp_path / "replica"), tmp_path / "out.db")
+    assert seqs(tmp_path / "out.db") == list(range(1, 64))
 
 
 async def test_final_sync_drains_a_backlog(tmp_path: Path) -> None:
@@ -218,8 +267,9 @@ async def test_remote_replica_ships_consecutive_segments_as_one_object(tmp_path:
 
     db = tmp_path / "app.db"
     init_db(str(db))
-    # a WAL restart every few commits
-    cfg = DbConfig(path=str(db), checkpoint_pages=8,
+    # a WAL restart every few commits; a first compaction window of a day, so that only the
+    # restarts break the runs (a run spans no two first-level windows)
+    cfg = DbConfig(path=str(db), checkpoint_pages=8, compaction_levels=(86400.0,),
                    replicas=[ReplicaConfig("local", str(tmp_path / "replica")),
                              ReplicaConfig("remote", "memory://")])
 
