@@ -346,6 +346,15 @@ class Compactor:
         # retention deleted), since nothing else writes there (the lease): a step lists only
         # the generations it merges in
         self._gens: list[str] | None = None
+        # generation -> when the last of the windows holding what was shipped to it closes
+        # (wall-clock seconds), and when a step last went through it (the step's time): once a
+        # step has gone through a generation after all its windows closed, nothing there can
+        # merge any more until something is shipped to it, and steps no longer list it (a
+        # destination keeps the generations of every restore and page-size change; listing
+        # each of them every step would cost more the older the destination)
+        self._open_until: dict[str, float] = {}
+        self._stepped_at: dict[str, float] = {}
+        self._counts: dict[str, tuple[int, int]] = {}  # generation -> its objects and bytes
 
     def shipped(self, info: ObjectInfo) -> None:
         """``info`` was shipped to the destination: compaction falls due when its windows
@@ -353,6 +362,17 @@ class Compactor:
         if self._gens is not None and info.generation not in self._gens:
             self._gens.append(info.generation)
         self.due.shipped(info)
+        if self.levels:
+            width = max(1, int(self.levels[-1] * 1000))
+            closes = (info.last_ms // width + 1) * width / 1000
+            if closes > self._open_until.get(info.generation, 0.0):
+                self._open_until[info.generation] = closes
+
+    def settled(self, generation: str) -> bool:
+        """Whether a step went through ``generation`` after every window holding what was
+        shipped to it had closed (a generation no step went through is not settled)."""
+        at = self._stepped_at.get(generation)
+        return at is not None and at >= self._open_until.get(generation, 0.0)
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         """Run blocking ``fn(*args)`` on the compaction's executor."""
@@ -384,11 +404,13 @@ class Compactor:
 
     async def step(self, now: float | None = None,
                    generations: Iterable[str] | None = None) -> CompactResult:
-        """One compaction pass over the given generations (default: all), every level in turn,
-        with windows closed at ``now`` (default: the wall clock); returns what it did. A failure
-        leaves the destination valid: nothing is deleted before its merge is durable."""
+        """One compaction pass over the given generations (default: all but the settled ones,
+        see :meth:`settled`), every level in turn, with windows closed at ``now`` (default:
+        the wall clock); returns what it did. A failure leaves the destination valid: nothing
+        is deleted before its merge is durable."""
         t0 = time.monotonic()
-        now_ms = int((time.time() if now is None else now) * 1000)
+        step_at = time.time() if now is None else now
+        now_ms = int(step_at * 1000)
         res = CompactResult()
         self._listed = {}
         await self._delete_due(res)
@@ -397,11 +419,13 @@ class Compactor:
         else:
             if self._gens is None:
                 self._gens = await self.client.generations()
-            gens = list(self._gens)
+            gens = [g for g in self._gens if not self.settled(g)]
         for gen in gens:
             listed = await self.client.objects(gen)
             if not listed and self._gens is not None and gen in self._gens:
                 self._gens.remove(gen)  # deleted (retention): listed again if it comes back
+                for known in (self._open_until, self._stepped_at, self._counts):
+                    known.pop(gen, None)
             held = [o for o in listed if o.key not in self._doomed]
             # covered and not awaiting their grace: left by a crash between a merge and its
             # deletes
@@ -425,8 +449,13 @@ class Compactor:
                         res.levels[li] = res.levels.get(li, 0) + 1
                         drop = {o.key for o in parts}
                         held = [o for o in held if o.key not in drop] + [info]
-            res.objects += len(held)
-            res.bytes += sum(o.size for o in held)
+            self._counts[gen] = (len(held), sum(o.size for o in held))
+            self._stepped_at[gen] = step_at
+        # the destination's totals: those of a settled generation as its last step left them
+        for gen in gens if generations is not None else self._gens or ():
+            objects, size = self._counts.get(gen, (0, 0))
+            res.objects += objects
+            res.bytes += size
         if res.merged:
             log.debug("%s: compacted in %.3f s: %d merges, %d objects downloaded, %d objects "
                       "left", self.client.url, time.monotonic() - t0, res.merged,

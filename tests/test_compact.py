@@ -530,16 +530,17 @@ def test_compaction_is_due_only_when_a_window_with_shipped_objects_closes(
 
     now_ms = int(time.time() * 1000)
     assert h.replica.compactor is not None
-    due = h.replica.compactor.due
+    comp = h.replica.compactor
+    due = comp.due
 
     def end(level: float) -> float:
         return (now_ms // int(level * 1000) + 1) * int(level * 1000) / 1000
 
-    due.shipped(segment_info(gen, 1, 1, now_ms, now_ms))
+    comp.shipped(segment_info(gen, 1, 1, now_ms, now_ms))
     # one segment in its first-level window: nothing to merge there, so only the later levels'
     # windows holding it are due (two levels' may coincide)
     assert sorted(due.times) == sorted({end(i) for i in LEVELS[1:]})
-    due.shipped(segment_info(gen, 2, 2, now_ms, now_ms))
+    comp.shipped(segment_info(gen, 2, 2, now_ms, now_ms))
     ends = sorted(due.times)
     # a second one in the same window: the end of the window holding them, at each level
     assert ends == sorted({end(i) for i in LEVELS})
@@ -956,10 +957,12 @@ def test_a_first_level_window_is_due_once_it_holds_two_segments() -> None:
 
 
 def test_steps_list_the_generations_once_then_follow_what_is_shipped() -> None:
-    """The first step lists the destination's generations; later ones list only the objects of
-    the generations known to it: those listed, plus one a shipped object starts, minus one a
-    step finds empty (retention deleted it)."""
-    from replicator.pos import new_generation_id, snapshot_info
+    """The first step lists the destination's generations and goes through each; later ones
+    list only the generations with a window still open: one a shipped object reached (a new
+    one included) until a step after its windows closed, and none of the settled ones, however
+    many the destination keeps. One a step finds empty (retention deleted it) is dropped. The
+    destination's totals still count the settled generations."""
+    from replicator.pos import new_generation_id, segment_info, snapshot_info
     from replicator.storage.memory import MemoryStorage
 
     class Counted(MemoryStorage):
@@ -979,24 +982,46 @@ def test_steps_list_the_generations_once_then_follow_what_is_shipped() -> None:
     async def one() -> AsyncIterator[bytes]:
         yield b"x"
 
+    top = LEVELS[-1]
+
     async def go() -> None:
         dest = Counted()
-        a, b = new_generation_id(), new_generation_id()
+        a, b, c = new_generation_id(), new_generation_id(), new_generation_id()
         await dest.write_object(snapshot_info(a, 0, 1), one())
+        await dest.write_object(snapshot_info(c, 0, 1), one())
         comp = Compactor(dest, None, LEVELS, grace=0)
-        await comp.step(now=100.0)
-        await comp.step(now=101.0)
-        assert dest.gen_lists == 1 and dest.listed == [a, a]
-        snap_b = snapshot_info(b, 0, 2)
+        res = await comp.step(now=100.0)
+        assert dest.gen_lists == 1 and sorted(dest.listed) == sorted([a, c])
+        assert res.objects == 2 and res.bytes == 2
+        dest.listed.clear()
+        res = await comp.step(now=101.0)
+        assert dest.listed == [] and comp.settled(a) and comp.settled(c)
+        assert res.objects == 2 and res.bytes == 2  # as the settled ones were left
+        t = 1000 * top  # after the steps above; a shipment at t: its windows close at t + top
+        snap_b = snapshot_info(b, 0, int(t * 1000))
         await dest.write_object(snap_b, one())
         comp.shipped(snap_b)
+        seg_a = segment_info(a, 1, 1, int(t * 1000), int(t * 1000))
+        await dest.write_object(seg_a, one())
+        comp.shipped(seg_a)
+        assert not comp.settled(a) and not comp.settled(b) and comp.settled(c)
+        await comp.step(now=t + 0.1)
+        await comp.step(now=t + 0.2)
+        assert dest.gen_lists == 1 and dest.listed == [a, b, a, b]
         dest.listed.clear()
-        await comp.step(now=102.0)
-        assert dest.gen_lists == 1 and dest.listed == [a, b]
+        res = await comp.step(now=t + top + 0.1)  # every window closed: the last look
+        assert dest.listed == [a, b] and res.objects == 4
+        dest.listed.clear()
+        await comp.step(now=t + top + 0.2)
+        assert dest.listed == []
         await dest.delete_generation(a)
-        await comp.step(now=103.0)
+        later = int((t + top + 0.25) * 1000)
+        seg_a2 = segment_info(a, 2, 2, later, later)
+        comp.shipped(seg_a2)  # ... as a shipment in flight while retention deleted it
+        res = await comp.step(now=t + top + 0.3)
+        assert dest.listed == [a] and res.objects == 2  # found empty: dropped
         dest.listed.clear()
-        await comp.step(now=104.0)
-        assert dest.gen_lists == 1 and dest.listed == [b]
+        await comp.step(now=t + top + 0.4)
+        assert dest.gen_lists == 1 and dest.listed == []
 
     asyncio.run(go())
