@@ -47,6 +47,7 @@ class Fleet:
         self._queue: list[tuple[float, str]] = []
         self._queued: dict[str, DbConfig] = {}
         self._opening: set[str] = set()
+        self._gone: set[str] = set()  # removed while opening: closed once opened
         self.failed: dict[str, str] = {}
         self._more = asyncio.Event()
         self._stop = asyncio.Event()
@@ -65,7 +66,10 @@ class Fleet:
     def add(self, cfg: DbConfig, changed: float) -> None:
         """Queue a database found (nothing if it is queued, opening or running already)."""
         path = cfg.path
-        if path in self._queued or path in self._opening or path in self.services:
+        if path in self._opening:
+            self._gone.discard(path)  # there again: the service checks the file it opened
+            return
+        if path in self._queued or path in self.services:
             return
         self.failed.pop(path, None)
         self._queued[path] = cfg
@@ -78,6 +82,9 @@ class Fleet:
         self.failed.pop(path, None)
         if self._queued.pop(path, None) is not None:
             self._set_metrics()
+            return
+        if path in self._opening:
+            self._gone.add(path)
             return
         run = self._runs.pop(path, None)
         if run is None:
@@ -93,7 +100,14 @@ class Fleet:
         s = self.services.pop(path, None)
         self._set_metrics()
         if s is not None:
-            await s.close(REMOVE_GRACE)
+            try:
+                await s.close(REMOVE_GRACE)
+            finally:
+                if path not in self.services and path not in self._opening \
+                        and path not in self._queued:  # not found again meanwhile
+                    s.metrics.forget(s.cfg.name)
+                    if s.notifier is not None:
+                        s.notifier.forget(s.cfg.name)
 
     async def _opener(self) -> None:
         while not self._stop.is_set():
@@ -113,6 +127,7 @@ class Fleet:
                 await self._open(cfg)
             finally:
                 self._opening.discard(path)
+                self._gone.discard(path)
                 self._set_metrics()
 
     async def _open(self, cfg: DbConfig) -> None:
@@ -125,16 +140,27 @@ class Fleet:
             await asyncio.shield(s.close(0.0))
             raise
         except Exception as exc:  # noqa: BLE001 - one database's trouble is not the others'
-            self.failed[cfg.path] = str(exc)
-            log.error("%s: cannot replicate: %s", cfg.path, exc)
-            await s.close(0.0)
+            if cfg.path not in self._gone:
+                self.failed[cfg.path] = str(exc)
+                log.error("%s: cannot replicate: %s", cfg.path, exc)
+            await self._discard(s)
             return
-        if self._stop.is_set():
-            await s.close(0.0)
+        if self._stop.is_set() or cfg.path in self._gone:
+            await self._discard(s)
             return
         self.services[cfg.path] = s
         stop = asyncio.Event()
         self._runs[cfg.path] = (stop, asyncio.ensure_future(s.run(stop)))
+
+    async def _discard(self, s: DatabaseService) -> None:
+        """Close a service that will not run; if its file was removed while it opened, forget
+        its metric series too."""
+        gone = s.cfg.path in self._gone
+        if gone:
+            log.info("%s: removed while it opened; replication stops", s.cfg.path)
+        await s.close(0.0)
+        if gone:
+            s.metrics.forget(s.cfg.name)
 
     def progress(self) -> dict[str, int]:
         """How many databases are in each state."""

@@ -68,6 +68,16 @@ class _Family:
     def _zero(self) -> Any:
         return 0.0
 
+    def forget(self, db: str) -> int:
+        """Drop every series of database ``db`` (families labelled by ``db``); how many."""
+        if self.labelnames[:1] != DB:
+            return 0
+        with self._lock:
+            gone = [k for k in self._series if k[0] == db]
+            for k in gone:
+                del self._series[k]
+        return len(gone)
+
     def describe(self) -> list[Metric]:
         """The family without samples (what the registry checks names against)."""
         return [Metric(self.name, self.help, self.kind)]
@@ -130,7 +140,7 @@ class _GaugeSeries(_Series):
         """Add ``amount``."""
         f = self._f
         with f._lock:
-            f._series[self._k] += amount
+            f._series[self._k] = f._series.get(self._k, 0.0) + amount
 
 
 class Counter(_Family):
@@ -160,7 +170,10 @@ class _CounterSeries(_Series):
             raise ValueError("counters can only be incremented by non-negative amounts")
         f = self._f
         with f._lock:
-            f._series[self._k][0] += amount
+            v = f._series.get(self._k)
+            if v is None:  # forgotten (see forget) by a series object kept since
+                v = f._series[self._k] = f._zero()
+            v[0] += amount
 
 
 class Histogram(_Family):
@@ -197,7 +210,9 @@ class _HistogramSeries(_Series):
         f = self._f
         i = bisect.bisect_left(Histogram.bounds, amount)
         with f._lock:
-            v = f._series[self._k]
+            v = f._series.get(self._k)
+            if v is None:  # forgotten (see forget) by a series object kept since
+                v = f._series[self._k] = f._zero()
             v[i] += 1
             v[len(Histogram.bounds)] += amount
 
@@ -301,6 +316,12 @@ class Metrics:
         "Time of a maintenance task's last run.", TASK)
     maintenance_duration: Gauge = family("maintenance_duration_seconds",
         "Duration of a maintenance task's last run.", TASK)
+
+    def forget(self, db: str) -> int:
+        """Drop every series of database ``db`` (one no longer replicated: a file of a
+        ``dir:`` entry that was removed), so that neither memory nor the exposition keeps
+        the databases a directory ever held; how many series went."""
+        return sum(v.forget(db) for v in vars(self).values() if isinstance(v, _Family))
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:

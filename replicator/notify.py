@@ -241,6 +241,9 @@ class Notifier:
         self.min_interval = min_interval
         self.hostname = hostname if hostname is not None else socket.gethostname()
         self._keys: dict[tuple[str, str], _KeyState] = {}
+        # the keys with a held-back notification: what flush() looks at (every database's
+        # checks call it, so it must not go through every key of every database)
+        self._held: set[tuple[str, str]] = set()
 
     async def notify(self, db: str, check: str, state: State, reason: str, *,
                      value: float | None = None, now: float | None = None) -> bool:
@@ -253,6 +256,7 @@ class Notifier:
         n = Notification(db, check, state, reason, t, self.hostname, value)
         if state == RECOVERED:
             key.pending = None
+            self._held.discard((db, check))
             if key.last_sent != FAILING:
                 # the failure was held back: the receiver already believes "recovered"
                 key.suppressed += 1
@@ -263,6 +267,7 @@ class Notifier:
             self.min_interval
         ):
             key.pending = n
+            self._held.add((db, check))
             key.suppressed += 1
             log.info("%s: health check %s: %s notification held back (rate limit)",
                      db, check, state)
@@ -274,9 +279,11 @@ class Notifier:
         """Send the held-back failing notifications whose interval has passed; return how many."""
         t = time.time() if now is None else now
         sent = 0
-        for key in self._keys.values():
-            n = key.pending
-            if n is None or key.last_failing_sent_at is None:
+        for k in list(self._held):
+            key = self._keys.get(k)  # None: forgotten while an earlier one was sent
+            n = key.pending if key is not None else None
+            if key is None or n is None or key.last_failing_sent_at is None:
+                self._held.discard(k)
                 continue
             if t - key.last_failing_sent_at < self.min_interval:
                 continue
@@ -285,9 +292,16 @@ class Notifier:
             sent += 1
         return sent
 
+    def forget(self, db: str) -> None:
+        """Drop the state of ``db``'s checks (the database is no longer replicated)."""
+        for k in [k for k in self._keys if k[0] == db]:
+            del self._keys[k]
+            self._held.discard(k)
+
     async def _deliver(self, key: _KeyState, n: Notification, *, sent_at: float) -> None:
         key.last_sent = n.state
         key.pending = None
+        self._held.discard((n.db, n.check))
         key.suppressed = 0
         if n.state != RECOVERED:
             key.last_failing_sent_at = sent_at

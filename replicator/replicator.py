@@ -83,6 +83,7 @@ class DatabaseService:
         self.runtime = runtime if runtime is not None else Runtime(workers=1)
         self._lock = asyncio.Lock()  # the database's blocking methods run one at a time
         self.metrics = metrics if metrics is not None else create_metrics()
+        self.notifier = notifier
         self.spool = Spool(cfg.spool_dir)
         self.tuning = tuning
         self.db = self._database()

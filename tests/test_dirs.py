@@ -4,6 +4,7 @@ databases appearing and disappearing while others are written, and many database
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -23,6 +24,7 @@ from writer import init_db
 from replicator.config import DbConfig, ReplicaConfig, parse_config
 from replicator.discovery import EMPTY, classify, find_db, matches, scan, sub_url
 from replicator.errors import ConfigError
+from replicator.notify import Notifier
 from replicator.pos import parse_key
 from replicator.replicator import DatabaseService, Replicator
 from replicator.storage.s3 import S3Storage
@@ -323,6 +325,82 @@ async def test_open_budget_parks_idle_databases_to_open_the_next(tmp_path: Path)
         out = tmp_path / "out" / name
         util.restore(str(dest / name), out)
         assert util.dump(out) == util.dump(root / name)
+
+
+async def test_removed_databases_leave_no_service_series_or_notices(tmp_path: Path) -> None:
+    """A database whose file goes stops, and its metric series and notification state go with
+    it (a directory of tenants that come and go does not grow the exposition); one removed
+    while it opens is closed once opened, never run nor reported failed. The others stay."""
+    from prometheus_client import generate_latest
+
+    root, dest = tmp_path / "tenants", tmp_path / "backups"
+    root.mkdir()
+    for name in ("a.db", "b.db", "c.db"):
+        init_db(str(root / name))
+        commit(root / name, 2)
+    cfg = parse_config({"dbs": [{"dir": str(root), "integrity": "off",
+                                 "replicas": [{"name": "local", "path": str(dest)}]}]})
+    late = str(root / "c.db")
+
+    def exposed() -> str:
+        return generate_latest(rep.metrics.registry).decode()
+
+    rep = Replicator(cfg)
+    notifier = rep.notifier = Notifier([], min_interval=3600)  # as with a channel configured
+    release = asyncio.Event()
+    make = rep.fleet._make
+
+    def slow(c: DbConfig) -> DatabaseService:
+        s = make(c)
+        if c.path == late:
+            real = s.open
+
+            async def open_later() -> None:
+                await release.wait()
+                await real()
+
+            s.open = open_later  # type: ignore[method-assign]
+        return s
+
+    rep.fleet._make = slow
+
+    async def until(what: str, cond: Callable[[], bool]) -> None:
+        for _ in range(600):
+            if cond():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{what}: {rep.fleet.status()}")
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(rep.run(stop))
+    try:
+        await until("a and b replicate, c opens", lambda: len(rep.fleet.services) == 2
+                    and rep.fleet.progress()["opening"] == 1)
+        names = {p: s.cfg.name for p, s in rep.fleet.services.items()}
+        a, b = str(root / "a.db"), str(root / "b.db")
+        assert f'db="{names[a]}"' in exposed() and f'db="{names[b]}"' in exposed()
+        for _ in range(2):  # the second is held back by the rate limit
+            await notifier.notify(names[a], "lag", "failing", "behind")
+        assert (names[a], "lag") in notifier._keys and (names[a], "lag") in notifier._held
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(a + suffix)
+        await until("a stops", lambda: a not in rep.fleet.services
+                    and f'db="{names[a]}"' not in exposed())
+        assert not any(k[0] == names[a] for k in notifier._keys) and not notifier._held
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(late + suffix)
+        await until("the removal of c is seen", lambda: late in rep.fleet._gone)
+        release.set()
+        await until("c is closed", lambda: rep.fleet.progress()["opening"] == 0)
+        assert late not in rep.fleet.services and late not in rep.fleet.failed
+        assert f'db="{names[b]}"' in exposed()
+        assert rep.fleet.progress()["replicating"] == 1
+    finally:
+        release.set()
+        stop.set()
+        await task
 
 
 @pytest.mark.s3
