@@ -19,6 +19,13 @@ planned with them just before can still read them (one that takes longer plans a
 segment wholly covered by another one that is not awaiting its grace (left by a crash between
 the write and the deletes) is deleted.
 
+A step lists a generation of the destination once; later steps plan from that listing, from
+what was shipped since and from their own merges and deletions (nothing else writes there: the
+lease), keeping in memory only the objects whose windows are still open (``_View``), and they
+go only through the generations with a window still open. A retention pass (which deletes)
+makes the next step list again, as does a failed step or ``RELIST_EVERY``. So a step costs the
+same for a generation of a day and one of a year.
+
 Bodies are read from local copies where they hold the same transactions: the spool (the first
 level runs within seconds of shipping) and any destination that is a local directory (a remote
 destination's later levels merge what a local one holds under the same keys, since both merge
@@ -217,13 +224,14 @@ def choose_sources(run: list[ObjectInfo], local: Iterable[tuple[ObjectInfo, str]
 
 
 def plan_level(
-    objects: list[ObjectInfo], interval: float, now_ms: int
+    objects: list[ObjectInfo], interval: float, now_ms: int, breaks: Iterable[int] = ()
 ) -> list[list[ObjectInfo]]:
     """Runs of consecutive segments of one generation to merge at a level of ``interval``
-    seconds: each run lies in one closed window, breaks at holes and at snapshot txids, and has
-    more than one segment. Segments covered by another must be left out first."""
+    seconds: each run lies in one closed window, breaks at holes and at snapshot txids (those
+    of ``objects``, and ``breaks``), and has more than one segment. Segments covered by another
+    must be left out first."""
     width = max(1, int(interval * 1000))
-    breaks = {o.end_txid for o in objects if o.kind in ("snapshot", "diff")}
+    breaks = {*breaks, *(o.end_txid for o in objects if o.kind in ("snapshot", "diff"))}
     runs: list[list[ObjectInfo]] = []
     run: list[ObjectInfo] = []
     window = -1
@@ -260,6 +268,62 @@ def thin_diffs(objects: list[ObjectInfo], interval: float, now_ms: int) -> list[
 
 
 # ------------------------------------------------------------------------------------ doing
+
+
+FINAL_AFTER = 60.0
+"""Seconds after a top-level window closed before steps stop keeping its objects at hand (one
+shipped that late, a backlog's, still merges with them; one later stays apart)."""
+RELIST_EVERY = 6 * 3600.0
+"""Seconds after which a step lists a generation again rather than plan from what it knows of
+it (nothing else writes there; this only bounds how long a difference could last)."""
+
+
+@dataclass
+class _View:
+    """What steps know of one generation of the destination, so that a step need not list it:
+    after one listing, what was shipped and what steps merged and deleted since. Only the
+    objects that can still take part in a merge or a thinning are kept (``live``); the others
+    (every window holding them closed before a step went through them) are only counted, with
+    the txids of their snapshots that a live segment may still border (``breaks``). The
+    memory and the work of a step so stay bounded by the newest top-level window, however old
+    the generation."""
+
+    live: list[ObjectInfo] = field(default_factory=list)
+    listed_at: float = 0.0  # monotonic
+    fresh: list[ObjectInfo] = field(default_factory=list)  # shipped since the last step took
+    final_count: int = 0
+    final_bytes: int = 0
+    final_end: int = -1  # the newest txid of the final segments
+    breaks: set[int] = field(default_factory=set)
+
+    def take(self) -> list[ObjectInfo]:
+        """The live objects with what was shipped since (once)."""
+        known = {o.key for o in self.live}
+        self.live += [o for o in self.fresh if o.key not in known]
+        self.fresh = []
+        return self.live
+
+    def keep(self, held: list[ObjectInfo], horizon_ms: int) -> None:
+        """After a step: ``held`` is what the generation holds; the objects last observed
+        before ``horizon_ms`` (every window holding them has closed and was gone through)
+        become final."""
+        live: list[ObjectInfo] = []
+        final: list[ObjectInfo] = []
+        for o in held:
+            (final if o.last_ms < horizon_ms else live).append(o)
+        self.live = live
+        self.final_count += len(final)
+        self.final_bytes += sum(o.size for o in final)
+        ends = [o.end_txid for o in final if o.kind == "wal"]
+        if ends:
+            self.final_end = max(self.final_end, *ends)
+        self.breaks |= {o.end_txid for o in final if o.kind in ("snapshot", "diff")}
+        self.breaks = {t for t in self.breaks if t >= self.final_end}
+
+    def totals(self) -> tuple[int, int]:
+        """The generation's objects and bytes."""
+        return (self.final_count + len(self.live),
+                self.final_bytes + sum(o.size for o in self.live))
 
 
 class DueTimes:
@@ -338,9 +402,6 @@ class Compactor:
         # merge: a restore that planned with them meanwhile can still read them
         self._doomed: dict[str, tuple[float, ObjectInfo]] = {}
         self.due = DueTimes(self.levels)
-        # objects of the ``local`` directories by generation, listed once a step (one that is
-        # gone when read is passed over)
-        self._listed: dict[str, list[tuple[ObjectInfo, str]]] = {}
         # the destination's generations: listed by the first step, then kept up to date from
         # what is shipped (a new generation's first segment) and what a step finds empty (one
         # retention deleted), since nothing else writes there (the lease): a step lists only
@@ -354,7 +415,7 @@ class Compactor:
         # each of them every step would cost more the older the destination)
         self._open_until: dict[str, float] = {}
         self._stepped_at: dict[str, float] = {}
-        self._counts: dict[str, tuple[int, int]] = {}  # generation -> its objects and bytes
+        self._views: dict[str, _View] = {}
 
     def shipped(self, info: ObjectInfo) -> None:
         """``info`` was shipped to the destination: compaction falls due when its windows
@@ -362,11 +423,31 @@ class Compactor:
         if self._gens is not None and info.generation not in self._gens:
             self._gens.append(info.generation)
         self.due.shipped(info)
-        if self.levels:
-            width = max(1, int(self.levels[-1] * 1000))
-            closes = (info.last_ms // width + 1) * width / 1000
-            if closes > self._open_until.get(info.generation, 0.0):
-                self._open_until[info.generation] = closes
+        view = self._views.get(info.generation)
+        if view is not None:
+            view.fresh.append(info)
+        self._note_open(info.generation, [info])
+
+    def _note_open(self, generation: str, objs: Iterable[ObjectInfo]) -> None:
+        """``objs`` are in ``generation``: it is not settled before a step went through them
+        after their windows closed (one shipped late, in windows a step already went
+        through, needs another)."""
+        if not self.levels:
+            return
+        width = max(1, int(self.levels[-1] * 1000))
+        last = max((o.last_ms for o in objs), default=None)
+        if last is None:
+            return
+        closes = (last // width + 1) * width / 1000
+        if closes > self._open_until.get(generation, 0.0):
+            self._open_until[generation] = closes
+        if self._stepped_at.get(generation, closes - 1) >= closes:
+            del self._stepped_at[generation]
+
+    def relist(self) -> None:
+        """List every generation again at its next step (objects were deleted: retention)."""
+        self._views.clear()
+        self._stepped_at.clear()
 
     def settled(self, generation: str) -> bool:
         """Whether a step went through ``generation`` after every window holding what was
@@ -412,7 +493,6 @@ class Compactor:
         step_at = time.time() if now is None else now
         now_ms = int(step_at * 1000)
         res = CompactResult()
-        self._listed = {}
         await self._delete_due(res)
         if generations is not None:
             gens = list(generations)
@@ -420,40 +500,21 @@ class Compactor:
             if self._gens is None:
                 self._gens = await self.client.generations()
             gens = [g for g in self._gens if not self.settled(g)]
+        top = max(1, int(self.levels[-1] * 1000)) if self.levels else 1
         for gen in gens:
-            listed = await self.client.objects(gen)
-            if not listed and self._gens is not None and gen in self._gens:
-                self._gens.remove(gen)  # deleted (retention): listed again if it comes back
-                for known in (self._open_until, self._stepped_at, self._counts):
-                    known.pop(gen, None)
-            held = [o for o in listed if o.key not in self._doomed]
-            # covered and not awaiting their grace: left by a crash between a merge and its
-            # deletes
-            covered = _covered([o for o in held if o.kind == "wal"])
-            if covered:
-                await self.client.delete_objects(covered)
-                res.replaced += len(covered)
-                gone = {o.key for o in covered}
-                held = [o for o in held if o.key not in gone]
-            for li, interval in enumerate(self.levels):
-                thinned = thin_diffs(held, interval, now_ms)
-                if thinned:
-                    await self._replaced(thinned, res)
-                    gone = {o.key for o in thinned}
-                    held = [o for o in held if o.key not in gone]
-                for run in plan_level(held, interval, now_ms):
-                    for parts, info in await self._merge(run, res):
-                        await self._replaced(parts, res)
-                        res.written.append(info)
-                        res.merged += 1
-                        res.levels[li] = res.levels.get(li, 0) + 1
-                        drop = {o.key for o in parts}
-                        held = [o for o in held if o.key not in drop] + [info]
-            self._counts[gen] = (len(held), sum(o.size for o in held))
+            try:
+                await self._step_generation(gen, now_ms, res)
+            except BaseException:
+                self._views.pop(gen, None)  # listed again by the next step
+                raise
             self._stepped_at[gen] = step_at
-        # the destination's totals: those of a settled generation as its last step left them
+            view = self._views.get(gen)
+            if view is not None:
+                view.keep(view.live, (now_ms - int(FINAL_AFTER * 1000)) // top * top)
+        # the destination's totals (a settled generation's as its last step left them)
         for gen in gens if generations is not None else self._gens or ():
-            objects, size = self._counts.get(gen, (0, 0))
+            view = self._views.get(gen)
+            objects, size = view.totals() if view is not None else (0, 0)
             res.objects += objects
             res.bytes += size
         if res.merged:
@@ -461,6 +522,53 @@ class Compactor:
                       "left", self.client.url, time.monotonic() - t0, res.merged,
                       res.downloaded, res.objects)
         return res
+
+    async def _known(self, gen: str) -> list[ObjectInfo]:
+        """What the generation holds that a step may still merge or thin (see :class:`_View`):
+        listed when the step knows nothing of it yet (or long ago), else as known."""
+        view = self._views.get(gen)
+        if view is None or time.monotonic() - view.listed_at >= RELIST_EVERY:
+            # made first: what is shipped while the listing runs is kept for the step
+            view = self._views[gen] = _View()
+            listed = await self.client.objects(gen)
+            view.live, view.listed_at = listed, time.monotonic()
+            self._note_open(gen, listed)  # left by an earlier run, in windows still open
+            if not listed and self._gens is not None and gen in self._gens:
+                self._gens.remove(gen)  # deleted (retention): listed again if it comes back
+                for known in (self._open_until, self._stepped_at, self._views):
+                    known.pop(gen, None)
+                return []
+        return [o for o in view.take() if o.key not in self._doomed]
+
+    async def _step_generation(self, gen: str, now_ms: int, res: CompactResult) -> None:
+        """One generation's part of a step: crash leftovers deleted, then every level."""
+        held = await self._known(gen)
+        view = self._views.get(gen)
+        breaks = view.breaks if view is not None else set()
+        # covered and not awaiting their grace: left by a crash between a merge and its
+        # deletes
+        covered = _covered([o for o in held if o.kind == "wal"])
+        if covered:
+            await self.client.delete_objects(covered)
+            res.replaced += len(covered)
+            gone = {o.key for o in covered}
+            held = [o for o in held if o.key not in gone]
+        for li, interval in enumerate(self.levels):
+            thinned = thin_diffs(held, interval, now_ms)
+            if thinned:
+                await self._replaced(thinned, res)
+                gone = {o.key for o in thinned}
+                held = [o for o in held if o.key not in gone]
+            for run in plan_level(held, interval, now_ms, breaks):
+                for parts, info in await self._merge(run, res):
+                    await self._replaced(parts, res)
+                    res.written.append(info)
+                    res.merged += 1
+                    res.levels[li] = res.levels.get(li, 0) + 1
+                    drop = {o.key for o in parts}
+                    held = [o for o in held if o.key not in drop] + [info]
+        if view is not None and self._views.get(gen) is view:
+            view.live = held
 
     async def _replaced(self, run: list[ObjectInfo], res: CompactResult) -> None:
         """Objects a durable merge replaced: deleted now, or after the grace period."""
@@ -531,15 +639,14 @@ class Compactor:
         (or copied) into ``workdir`` so that a deletion meanwhile cannot take them away; each
         file made is appended to ``temps``. Blocking."""
         os.makedirs(workdir, exist_ok=True)
-        gen = run[0].generation
-        if gen not in self._listed:
-            listed = self._listed[gen] = []
-            for store in self.local:
-                try:
-                    listed += [(o, store.object_path(o)) for o in store.scan_objects(gen)]
-                except OSError:
-                    continue  # unreadable now: download instead
-        local = list(self._listed[gen])
+        gen, start, end = run[0].generation, run[0].start_txid, run[-1].end_txid
+        local: list[tuple[ObjectInfo, str]] = []
+        for store in self.local:
+            try:
+                local += [(o, store.object_path(o))
+                          for o in store.scan_segments(gen, start, end)]
+            except OSError:
+                continue  # unreadable now: download instead
         if self.spool is not None:
             local += [(o, self.spool.path(o)) for o in self.spool.objects(gen)]
         while True:
@@ -557,7 +664,6 @@ class Compactor:
                 except FileNotFoundError:
                     # deleted meanwhile (pruned, or replaced by a merge): choose again
                     local = [x for x in local if x[1] != path]
-                    self._listed[gen] = [x for x in self._listed[gen] if x[1] != path]
                     break
                 temps.append(copy)
                 out.append((o, copy))

@@ -395,6 +395,8 @@ class Replica:
                 plan = await plan_retention(self.client, policy, now)
                 if await apply_plan(self.client, plan):
                     self._relist = True
+                    if self.compactor is not None:
+                        self.compactor.relist()
         except Exception as exc:  # noqa: BLE001 - retention failures never stop shipping
             self.record_error("retention", exc)
             return None

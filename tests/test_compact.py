@@ -24,7 +24,13 @@ from pathlib import Path
 import pytest
 from writer import init_db
 
-from replicator.compact import COMPRESSED_BELOW, Compactor, plan_level, write_merged
+from replicator.compact import (
+    COMPRESSED_BELOW,
+    Compactor,
+    CompactResult,
+    plan_level,
+    write_merged,
+)
 from replicator.config import DbConfig, ReplicaConfig
 from replicator.db import Database
 from replicator.errors import StorageError
@@ -506,23 +512,32 @@ def test_a_snapshot_once_the_wal_outgrows_the_database(tmp_path: Path) -> None:
 def test_compaction_is_due_only_when_a_window_with_shipped_objects_closes(
     history: History,
 ) -> None:
-    """An idle destination is not even listed: compaction runs once at start, then only when a
-    window holding something shipped since has closed."""
+    """An idle destination is not even listed: compaction runs once at start (the only
+    listing), then a step runs only when a window holding something shipped since has
+    closed."""
     h = history
     listed: list[str] = []
+    steps: list[float | None] = []
     inner = h.dest.objects
+    assert h.replica.compactor is not None
+    step = h.replica.compactor.step
 
     async def counted(gen: str) -> list[ObjectInfo]:
         listed.append(gen)
         return await inner(gen)
 
+    async def counted_step(now: float | None = None) -> CompactResult:
+        steps.append(now)
+        return await step(now)
+
     h.dest.objects = counted  # type: ignore[method-assign]
+    h.replica.compactor.step = counted_step  # type: ignore[method-assign]
     asyncio.run(h.replica.compact_if_due())  # the pass at start
     after_start = len(listed)
-    assert after_start >= 1
+    assert after_start >= 1 and len(steps) == 1
     for _ in range(3):
         asyncio.run(h.replica.compact_if_due())
-    assert len(listed) == after_start  # idle: nothing due, nothing listed
+    assert len(listed) == after_start and len(steps) == 1  # idle: nothing due, nothing listed
     gen = asyncio.run(h.dest.generations())[-1]
     import time
 
@@ -546,7 +561,8 @@ def test_compaction_is_due_only_when_a_window_with_shipped_objects_closes(
     assert ends == sorted({end(i) for i in LEVELS})
     time.sleep(max(0.0, ends[0] - time.time()) + 0.01)
     asyncio.run(h.replica.compact_if_due())
-    assert len(listed) > after_start  # the shortest window closed: one pass
+    assert len(steps) == 2  # the shortest window closed: one pass
+    assert len(listed) == after_start  # planned from what the first listing and shipping told
     assert sorted(h.replica.compactor.due.times) == ends[1:]
 
 
@@ -956,12 +972,13 @@ def test_a_first_level_window_is_due_once_it_holds_two_segments() -> None:
     assert due.times == {22.0, 30.0}
 
 
-def test_steps_list_the_generations_once_then_follow_what_is_shipped() -> None:
+def test_steps_list_each_generation_once_then_follow_what_is_shipped() -> None:
     """The first step lists the destination's generations and goes through each; later ones
-    list only the generations with a window still open: one a shipped object reached (a new
-    one included) until a step after its windows closed, and none of the settled ones, however
-    many the destination keeps. One a step finds empty (retention deleted it) is dropped. The
-    destination's totals still count the settled generations."""
+    list nothing: they plan from that listing, what was shipped and what they merged, and go
+    only through the generations with a window still open (one a shipped object reached, a new
+    one included, until a step after its windows closed). After a retention pass everything is
+    listed again; a generation found empty is dropped. The destination's totals count every
+    generation, as the destination holds them."""
     from replicator.pos import new_generation_id, segment_info, snapshot_info
     from replicator.storage.memory import MemoryStorage
 
@@ -998,30 +1015,67 @@ def test_steps_list_the_generations_once_then_follow_what_is_shipped() -> None:
         assert dest.listed == [] and comp.settled(a) and comp.settled(c)
         assert res.objects == 2 and res.bytes == 2  # as the settled ones were left
         t = 1000 * top  # after the steps above; a shipment at t: its windows close at t + top
-        snap_b = snapshot_info(b, 0, int(t * 1000))
+        ms = int(t * 1000)
+        snap_b = snapshot_info(b, 0, ms)
         await dest.write_object(snap_b, one())
         comp.shipped(snap_b)
-        seg_a = segment_info(a, 1, 1, int(t * 1000), int(t * 1000))
-        await dest.write_object(seg_a, one())
-        comp.shipped(seg_a)
+        seg = segment_info(a, 1, 1, ms + 1, ms + 1)
+        await dest.write_object(seg, one())
+        comp.shipped(seg)
         assert not comp.settled(a) and not comp.settled(b) and comp.settled(c)
-        await comp.step(now=t + 0.1)
-        await comp.step(now=t + 0.2)
-        assert dest.gen_lists == 1 and dest.listed == [a, b, a, b]
+        res = await comp.step(now=t + top + 0.1)
+        assert dest.listed == [b]  # the new generation only
+        assert res.objects == 4 == len(await all_objects(dest))
+        dest.gen_lists -= 1  # that listing was the test's
         dest.listed.clear()
-        res = await comp.step(now=t + top + 0.1)  # every window closed: the last look
-        assert dest.listed == [a, b] and res.objects == 4
-        dest.listed.clear()
-        await comp.step(now=t + top + 0.2)
-        assert dest.listed == []
-        await dest.delete_generation(a)
+        res = await comp.step(now=t + top + 0.2)
+        assert dest.listed == [] and comp.settled(a) and comp.settled(b)
+        assert res.objects == 4
+        # shipped after a step went through its windows (a backlog; after a hole: alone)
+        late = segment_info(a, 3, 3, ms + 2, ms + 2)
+        await dest.write_object(late, one())
+        comp.shipped(late)
+        assert not comp.settled(a)
+        res = await comp.step(now=t + top + 0.21)
+        assert dest.listed == [] and comp.settled(a) and res.objects == 5
+        await dest.delete_objects([late])
+        await dest.delete_generation(a)  # as a retention pass does
+        comp.relist()
         later = int((t + top + 0.25) * 1000)
         seg_a2 = segment_info(a, 2, 2, later, later)
-        comp.shipped(seg_a2)  # ... as a shipment in flight while retention deleted it
+        comp.shipped(seg_a2)  # ... with a shipment in flight meanwhile
         res = await comp.step(now=t + top + 0.3)
-        assert dest.listed == [a] and res.objects == 2  # found empty: dropped
+        assert sorted(dest.listed) == sorted([a, b, c]) and res.objects == 2  # a is dropped
         dest.listed.clear()
-        await comp.step(now=t + top + 0.4)
+        await comp.step(now=t + 3 * top)
         assert dest.gen_lists == 1 and dest.listed == []
+
+    asyncio.run(go())
+
+
+def test_a_directory_gives_the_segments_of_a_txid_range_by_their_names(tmp_path: Path) -> None:
+    """What a merge may read from a local directory: exactly the segments inside the run's
+    txids (as a full scan filtered would give), temp files and other kinds left out."""
+    from replicator.pos import catchup_info, new_generation_id, segment_info, snapshot_info
+
+    async def one() -> AsyncIterator[bytes]:
+        yield b"x"
+
+    async def go() -> None:
+        store = FileStorage(str(tmp_path / "d"))
+        await store.init()
+        gen = new_generation_id()
+        objs = [snapshot_info(gen, 5, 10), catchup_info(gen, 12, 1, 20)]
+        objs += [segment_info(gen, a, b, 10 * a, 10 * b)
+                 for a, b in ((1, 4), (5, 9), (10, 11), (13, 20), (6, 7), (21, 300), (301, 301))]
+        for o in objs:
+            await store.write_object(o, one())
+        wal = tmp_path / "d" / "generations" / gen / "wal"
+        (wal / "0000000000000005-0000000000000009-x.seg.tmp").write_bytes(b"x")
+        everything = store.scan_objects(gen)
+        for start, end in ((1, 301), (5, 11), (6, 8), (13, 299), (302, 400), (1, 1)):
+            want = [o for o in everything
+                    if o.kind == "wal" and start <= o.start_txid and o.end_txid <= end]
+            assert store.scan_segments(gen, start, end) == want
 
     asyncio.run(go())

@@ -127,6 +127,31 @@ class FileStorage:
                     out.append(info)
         return sort_objects(out)
 
+    def scan_segments(self, generation: str, start: int, end: int) -> list[ObjectInfo]:
+        """The WAL segments of a generation that lie within txids ``start``..``end``, with
+        their sizes (blocking). Only their names are looked at for the others, so that the
+        cost does not grow with everything the generation holds."""
+        d = os.path.join(self.root, GENERATIONS_DIR, generation, "wal")
+        lo, hi = f"{start:016x}", f"{end:016x}"
+        out: list[ObjectInfo] = []
+        try:
+            entries = list(os.scandir(d))
+        except FileNotFoundError:
+            return out
+        for e in entries:
+            name = e.name
+            # "<start>-<end>-...": 16 hex digits each, so text order is txid order
+            if not (lo <= name[:16] and name[17:33] <= hi) or name.endswith(TMP_SUFFIX):
+                continue
+            try:
+                size = e.stat().st_size
+            except FileNotFoundError:
+                continue
+            info = parse_key(f"{GENERATIONS_DIR}/{generation}/wal/{name}", size)
+            if info is not None and info.kind == "wal":
+                out.append(info)
+        return sort_objects(out)
+
     async def generations(self) -> list[str]:
         """Generation ids present, oldest first."""
         try:
