@@ -105,9 +105,7 @@ class Fleet:
             finally:
                 if path not in self.services and path not in self._opening \
                         and path not in self._queued:  # not found again meanwhile
-                    s.metrics.forget(s.cfg.name)
-                    if s.notifier is not None:
-                        s.notifier.forget(s.cfg.name)
+                    _forget(s)
 
     async def _opener(self) -> None:
         while not self._stop.is_set():
@@ -160,7 +158,7 @@ class Fleet:
             log.info("%s: removed while it opened; replication stops", s.cfg.path)
         await s.close(0.0)
         if gone:
-            s.metrics.forget(s.cfg.name)
+            _forget(s)
 
     def progress(self) -> dict[str, int]:
         """How many databases are in each state."""
@@ -201,3 +199,11 @@ class Fleet:
         self.services.clear()
         await asyncio.gather(*(s.close(grace, skip) for s in services), return_exceptions=True)
         self._set_metrics()
+
+
+def _forget(s: DatabaseService) -> None:
+    """Drop what the process keeps of a database no longer replicated: its metric series and
+    its notification state."""
+    s.metrics.forget(s.cfg.name)
+    if s.notifier is not None:
+        s.notifier.forget(s.cfg.name)
