@@ -87,6 +87,7 @@ class CompactResult:
     # awaiting their grace period)
     bytes: int = 0
     downloaded: int = 0  # objects read back from the destination (no local copy held them)
+    cut_short: bool = False  # stopped between merges (see Compactor.yield_to); more is due
 
 
 def join_parts(headers: list[SegmentHeader]) -> list[SegmentPart]:
@@ -416,6 +417,9 @@ class Compactor:
         self._open_until: dict[str, float] = {}
         self._stepped_at: dict[str, float] = {}
         self._views: dict[str, _View] = {}
+        self.yield_to: Callable[[], bool] = lambda: False
+        """Asked before each merge: True stops the step there (the capture fell behind its
+        writer; merging would take the disk and CPU it needs). The rest is merged later."""
 
     def shipped(self, info: ObjectInfo) -> None:
         """``info`` was shipped to the destination: compaction falls due when its windows
@@ -507,6 +511,8 @@ class Compactor:
             except BaseException:
                 self._views.pop(gen, None)  # listed again by the next step
                 raise
+            if res.cut_short:
+                break
             self._stepped_at[gen] = step_at
             view = self._views.get(gen)
             if view is not None:
@@ -560,6 +566,9 @@ class Compactor:
                 gone = {o.key for o in thinned}
                 held = [o for o in held if o.key not in gone]
             for run in plan_level(held, interval, now_ms, breaks):
+                if self.yield_to():
+                    res.cut_short = True
+                    break
                 for parts, info in await self._merge(run, res):
                     await self._replaced(parts, res)
                     res.written.append(info)
@@ -567,6 +576,8 @@ class Compactor:
                     res.levels[li] = res.levels.get(li, 0) + 1
                     drop = {o.key for o in parts}
                     held = [o for o in held if o.key not in drop] + [info]
+            if res.cut_short:
+                break
         if view is not None and self._views.get(gen) is view:
             view.live = held
 

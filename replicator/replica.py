@@ -187,6 +187,8 @@ class Replica:
         levels = tuple(levels)
         self.compactor = Compactor(self.client, self.spool, levels, grace, local=local,
                                    executor=executor) if levels else None
+        if self.compactor is not None:
+            self.compactor.yield_to = lambda: self.source_behind
         self._busy = Deferral(levels[0] if levels else 0.0)
         self._bulk = Deferral(max(COMPACT_SPACING, levels[0]) if levels else 0.0)
 
@@ -214,7 +216,9 @@ class Replica:
         if not self.compactor.due.take(now):
             return
         try:
-            await self.compact()
+            res = await self.compact()
+            if res is not None and res.cut_short:
+                self.compactor.due.at(now + self.compactor.levels[0])  # the rest, later
         except Exception as exc:  # noqa: BLE001 - retried later
             self._log_error("compact", exc)
             self.compactor.due.at(now + self.compactor.levels[0])

@@ -587,6 +587,50 @@ def test_compaction_waits_while_the_capture_is_behind(history: History) -> None:
     asyncio.run(go())
 
 
+def test_a_step_stops_between_merges_once_the_capture_falls_behind(
+    history: History, tmp_path: Path
+) -> None:
+    """A step under way stops before its next merge when the capture falls behind its writer
+    (each merge done is whole); compaction is due again, and a later step merges the rest.
+    Every instant still restores exactly."""
+    h = history
+    comp = h.replica.compactor
+    assert comp is not None
+    end_s = h.end_ns / 1e9
+
+    async def go() -> None:
+        merges = 0
+        real = comp._merge
+
+        async def counted(run: list[ObjectInfo], res: CompactResult
+                          ) -> list[tuple[list[ObjectInfo], ObjectInfo]]:
+            nonlocal merges
+            out = await real(run, res)
+            merges += 1
+            h.replica.source_behind = True  # the writer outpaced the capture meanwhile
+            return out
+
+        comp._merge = counted  # type: ignore[method-assign]
+        comp.due.times = {0.0}
+        await h.replica.compact_if_due()
+        assert merges == 1 and comp.due.is_due(time.time() + LEVELS[0])  # the rest is due
+        first = len(await all_objects(h.dest))
+        h.replica.source_behind = False
+        comp._merge = real  # type: ignore[method-assign]
+        res = await h.replica.compact(now=end_s + 5 * LEVELS[-1])
+        assert res is not None and not res.cut_short and res.merged > 1
+        assert len(await all_objects(h.dest)) < first
+        plan = await plan_restore(h.dest)
+        assert plan.txid == max(h.times)
+        await apply_plan(h.dest, plan, str(tmp_path / "out.db"))
+        assert content(tmp_path / "out.db") == content(h.app)
+        for t in random.Random(7).sample(sorted(h.times), 5):
+            txid, seqs = await restore_at(h.dest, tmp_path / "t.db", to_time_ns=h.times[t])
+            assert txid == t and seqs == list(range(1, t + 1))
+
+    asyncio.run(go())
+
+
 def test_compaction_waits_while_the_capture_follows_a_busy_writer(history: History) -> None:
     """While the capture follows a busy writer a due compaction step waits for its pause, but
     not longer than one first-level window (COMPACT_SPACING while it writes in bulk)."""
