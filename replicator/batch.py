@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .compact import copy_body
+from .compact import copy_body, window_ms
 from .format import DEFAULT_LEVEL, KIND_WAL, ObjectWriter
 from .fsutil import temp_path
 from .headers import SegmentHeader
@@ -38,7 +38,7 @@ def plan(spool: Spool, pending: list[ObjectInfo], window: float | None = None) -
     """Group ``pending`` (in shipping order) into runs to ship as one object each, with the
     parts' headers (none for a snapshot), none spanning two windows of ``window`` seconds
     (None: no such break). Sizes come from the spool's index."""
-    width = max(1, int(window * 1000)) if window else None
+    width = window_ms(window) if window else None
     groups: list[Group] = []
     size = 0
     for info in pending:

@@ -224,6 +224,11 @@ def choose_sources(run: list[ObjectInfo], local: Iterable[tuple[ObjectInfo, str]
     return out[::-1]
 
 
+def window_ms(interval: float) -> int:
+    """The width in milliseconds of a level's windows (at least 1)."""
+    return max(1, int(interval * 1000))
+
+
 def plan_level(
     objects: list[ObjectInfo], interval: float, now_ms: int, breaks: Iterable[int] = ()
 ) -> list[list[ObjectInfo]]:
@@ -231,7 +236,7 @@ def plan_level(
     seconds: each run lies in one closed window, breaks at holes and at snapshot txids (those
     of ``objects``, and ``breaks``), and has more than one segment. Segments covered by another
     must be left out first."""
-    width = max(1, int(interval * 1000))
+    width = window_ms(interval)
     breaks = {*breaks, *(o.end_txid for o in objects if o.kind in ("snapshot", "diff"))}
     runs: list[list[ObjectInfo]] = []
     run: list[ObjectInfo] = []
@@ -256,7 +261,7 @@ def plan_level(
 def thin_diffs(objects: list[ObjectInfo], interval: float, now_ms: int) -> list[ObjectInfo]:
     """The differential snapshots a level of ``interval`` seconds lets go: in each closed
     window of a generation, every one but the newest."""
-    width = max(1, int(interval * 1000))
+    width = window_ms(interval)
     windows: dict[tuple[str, int], list[ObjectInfo]] = {}
     for o in objects:
         w = o.last_ms // width
@@ -296,6 +301,10 @@ class _View:
     final_bytes: int = 0
     final_end: int = -1  # the newest txid of the final segments
     breaks: set[int] = field(default_factory=set)
+    # when the last of the windows holding what it knows of closes (wall-clock seconds), and
+    # when a step last went through it (the step's time; None: none since it was listed)
+    open_until: float = 0.0
+    stepped_at: float | None = None
 
     def take(self) -> list[ObjectInfo]:
         """The live objects with what was shipped since (once)."""
@@ -304,13 +313,12 @@ class _View:
         self.fresh = []
         return self.live
 
-    def keep(self, held: list[ObjectInfo], horizon_ms: int) -> None:
-        """After a step: ``held`` is what the generation holds; the objects last observed
-        before ``horizon_ms`` (every window holding them has closed and was gone through)
-        become final."""
+    def keep(self, horizon_ms: int) -> None:
+        """After a step: the live objects last observed before ``horizon_ms`` (every window
+        holding them has closed and was gone through) become final."""
         live: list[ObjectInfo] = []
         final: list[ObjectInfo] = []
-        for o in held:
+        for o in self.live:
             (final if o.last_ms < horizon_ms else live).append(o)
         self.live = live
         self.final_count += len(final)
@@ -348,7 +356,7 @@ class DueTimes:
         if info.kind != "wal":
             return
         for li, interval in enumerate(self.levels):
-            width = max(1, int(interval * 1000))
+            width = window_ms(interval)
             w = info.last_ms // width
             if li == 0:
                 if info.first_ms // width != w:
@@ -371,7 +379,7 @@ class DueTimes:
         due = {t for t in self.times if t <= now}
         self.times -= due
         if self._first and self.levels:
-            width = max(1, int(self.levels[0] * 1000))
+            width = window_ms(self.levels[0])
             now_ms = now * 1000
             self._first = {w: n for w, n in self._first.items() if (w + 1) * width > now_ms}
         return bool(due)
@@ -408,14 +416,11 @@ class Compactor:
         # retention deleted), since nothing else writes there (the lease): a step lists only
         # the generations it merges in
         self._gens: list[str] | None = None
-        # generation -> when the last of the windows holding what was shipped to it closes
-        # (wall-clock seconds), and when a step last went through it (the step's time): once a
-        # step has gone through a generation after all its windows closed, nothing there can
-        # merge any more until something is shipped to it, and steps no longer list it (a
-        # destination keeps the generations of every restore and page-size change; listing
-        # each of them every step would cost more the older the destination)
-        self._open_until: dict[str, float] = {}
-        self._stepped_at: dict[str, float] = {}
+        # what steps know of each generation (see _View): once a step has gone through a
+        # generation after all its windows closed, nothing there can merge any more until
+        # something is shipped to it, and steps skip it (a destination keeps the generations
+        # of every restore and page-size change; going through each of them every step would
+        # cost more the older the destination)
         self._views: dict[str, _View] = {}
         self.yield_to: Callable[[], bool] = lambda: False
         """Asked before each merge: True stops the step there (the capture fell behind its
@@ -428,36 +433,33 @@ class Compactor:
             self._gens.append(info.generation)
         self.due.shipped(info)
         view = self._views.get(info.generation)
-        if view is not None:
+        if view is not None:  # else the generation is listed by the next step
             view.fresh.append(info)
-        self._note_open(info.generation, [info])
+            self._note_open(view, [info])
 
-    def _note_open(self, generation: str, objs: Iterable[ObjectInfo]) -> None:
-        """``objs`` are in ``generation``: it is not settled before a step went through them
-        after their windows closed (one shipped late, in windows a step already went
-        through, needs another)."""
-        if not self.levels:
-            return
-        width = max(1, int(self.levels[-1] * 1000))
+    def _note_open(self, view: _View, objs: Iterable[ObjectInfo]) -> None:
+        """``objs`` are in the generation of ``view``: it is not settled before a step went
+        through them after their windows closed (one shipped late, in windows a step already
+        went through, needs another)."""
         last = max((o.last_ms for o in objs), default=None)
-        if last is None:
+        if last is None or not self.levels:
             return
+        width = window_ms(self.levels[-1])
         closes = (last // width + 1) * width / 1000
-        if closes > self._open_until.get(generation, 0.0):
-            self._open_until[generation] = closes
-        if self._stepped_at.get(generation, closes - 1) >= closes:
-            del self._stepped_at[generation]
+        view.open_until = max(view.open_until, closes)
+        if view.stepped_at is not None and view.stepped_at >= closes:
+            view.stepped_at = None
 
     def relist(self) -> None:
         """List every generation again at its next step (objects were deleted: retention)."""
         self._views.clear()
-        self._stepped_at.clear()
 
     def settled(self, generation: str) -> bool:
-        """Whether a step went through ``generation`` after every window holding what was
-        shipped to it had closed (a generation no step went through is not settled)."""
-        at = self._stepped_at.get(generation)
-        return at is not None and at >= self._open_until.get(generation, 0.0)
+        """Whether a step went through ``generation`` after every window holding what is
+        known of it had closed (one not listed since the start or a relist is not)."""
+        view = self._views.get(generation)
+        return (view is not None and view.stepped_at is not None
+                and view.stepped_at >= view.open_until)
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         """Run blocking ``fn(*args)`` on the compaction's executor."""
@@ -504,7 +506,7 @@ class Compactor:
             if self._gens is None:
                 self._gens = await self.client.generations()
             gens = [g for g in self._gens if not self.settled(g)]
-        top = max(1, int(self.levels[-1] * 1000)) if self.levels else 1
+        top = window_ms(self.levels[-1]) if self.levels else 1
         for gen in gens:
             try:
                 await self._step_generation(gen, now_ms, res)
@@ -513,10 +515,10 @@ class Compactor:
                 raise
             if res.cut_short:
                 break
-            self._stepped_at[gen] = step_at
             view = self._views.get(gen)
             if view is not None:
-                view.keep(view.live, (now_ms - int(FINAL_AFTER * 1000)) // top * top)
+                view.stepped_at = step_at
+                view.keep((now_ms - int(FINAL_AFTER * 1000)) // top * top)
         # the destination's totals (a settled generation's as its last step left them)
         for gen in gens if generations is not None else self._gens or ():
             view = self._views.get(gen)
@@ -538,11 +540,10 @@ class Compactor:
             view = self._views[gen] = _View()
             listed = await self.client.objects(gen)
             view.live, view.listed_at = listed, time.monotonic()
-            self._note_open(gen, listed)  # left by an earlier run, in windows still open
+            self._note_open(view, listed)  # left by an earlier run, in windows still open
             if not listed and self._gens is not None and gen in self._gens:
                 self._gens.remove(gen)  # deleted (retention): listed again if it comes back
-                for known in (self._open_until, self._stepped_at, self._views):
-                    known.pop(gen, None)
+                del self._views[gen]
                 return []
         return [o for o in view.take() if o.key not in self._doomed]
 
