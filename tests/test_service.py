@@ -16,6 +16,7 @@ from replicator import pageindex
 from replicator.config import DbConfig, ReplicaConfig
 from replicator.db import DEFAULT_TUNING, Tuning
 from replicator.pruning import PruneSchedule
+from replicator.replica import Replica
 from replicator.replicator import DatabaseService
 from replicator.report import service_status
 from replicator.schedule import WAL_SNAPSHOT_DEFER_VOLUME
@@ -25,6 +26,15 @@ def service(tmp_path: Path, tuning: Tuning = DEFAULT_TUNING, **kw: float) -> Dat
     cfg = DbConfig(path=str(tmp_path / "app.db"),
                    replicas=[ReplicaConfig("local", str(tmp_path / "replica"))], **kw)
     return DatabaseService(cfg, tuning=tuning)
+
+
+async def shipping(tmp_path: Path) -> tuple[DatabaseService, Replica]:
+    """An open service (no periodic snapshot) and its replica, the first snapshot shipped."""
+    s = service(tmp_path, snapshot_interval=3600)
+    await s.open()
+    r = s.replicas[0]
+    await r.sync()
+    return s, r
 
 
 async def test_periodic_snapshot_only_when_something_changed(tmp_path: Path) -> None:
@@ -86,10 +96,7 @@ async def test_what_a_destination_holds_is_kept_only_for_the_spool(
     init_db(str(db))
 
     async def go() -> None:
-        s = service(tmp_path, snapshot_interval=3600)
-        await s.open()
-        r = s.replicas[0]
-        await r.sync()
+        s, r = await shipping(tmp_path)
         gen = s.db.generation
         assert gen is not None
         shipped = 0
@@ -262,7 +269,6 @@ async def test_remote_replica_ships_consecutive_segments_as_one_object(tmp_path:
     from util import seqs
 
     from replicator.headers import SegmentHeader
-    from replicator.replica import Replica
     from replicator.restore import apply_plan, plan_restore
 
     db = tmp_path / "app.db"
@@ -381,10 +387,7 @@ async def test_retention_after_a_snapshot_does_not_hold_up_shipping(tmp_path: Pa
     init_db(str(db))
 
     async def go() -> None:
-        s = service(tmp_path, snapshot_interval=3600)
-        await s.open()
-        r = s.replicas[0]
-        await r.sync()
+        s, r = await shipping(tmp_path)
         async with r._maintenance:  # as a compaction step holds it
             await s.snapshot_now()
             commit(db, 3)
