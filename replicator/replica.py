@@ -143,6 +143,8 @@ class Replica:
         self.on_needs_snapshot: Callable[[], None] | None = None
         self.retention: RetentionPolicy | None = None
         self._relist = False
+        self._feed = spool.follow()
+        self._lacking: list[ObjectInfo] | None = None  # as last found (None: walk the spool)
         self.lease = Lease(client, db_name)
         self.fenced: str | None = None  # why shipping stopped for good (lease taken over)
         self.shipped_transactions = 0  # since start, for the periodic log summary
@@ -266,22 +268,37 @@ class Replica:
             except Exception as exc:  # noqa: BLE001 - a lease left behind expires on its own
                 log.warning("%s: replica %s: could not release the lease: %s", self.db_name,
                             self.name, exc)
+        self.spool.unfollow(self._feed)
         await self.client.aclose()
 
     async def pending(self, remote: bool = True) -> list[ObjectInfo]:
         """Spooled objects this destination does not have yet, in shipping order. With
-        ``remote=False`` nothing is asked of the destination (what it holds is as last known)."""
-        # the spool's index is in memory once read: no thread needed for it then
-        objs = (self.spool.all_objects() if self.spool.indexed
-                else await asyncio.to_thread(self.spool.all_objects))
+        ``remote=False`` nothing is asked of the destination (what it holds is as last known).
+
+        What it lacked last time is kept, with what the spool wrote since (its feed), so that
+        this looks at every spooled object only the first time, after a relisting, and when
+        the feed cannot say (see :meth:`Spool.take`)."""
         if remote and self._relist:
             self.holdings.clear()
             self._relist = False
+            self._lacking = None
+        objs = None
+        if self._lacking is not None:
+            objs = self.spool.take(self._feed, self._lacking)
+        if objs is None:
+            self.spool.take(self._feed, [])  # what the walk below sees anyway
+            # the spool's index is in memory once read: no thread needed for it then
+            objs = (self.spool.all_objects() if self.spool.indexed
+                    else await asyncio.to_thread(self.spool.all_objects))
         for gen in sorted({o.generation for o in objs}):
             if gen not in self.holdings.keys and remote:
                 have = await self.client.objects(gen)
-                self.holdings.remember(gen, [o.key for o in have] + sorted(covered(objs, have)))
-        return [o for o in objs if not self.holdings.holds(o)]
+                spooled = self.spool.objects(gen)
+                self.holdings.remember(gen, [o.key for o in have] + sorted(covered(spooled,
+                                                                                   have)))
+        lacking = [o for o in objs if not self.holdings.holds(o)]
+        self._lacking = lacking
+        return list(lacking)
 
     async def sync(self, *, beside: bool = False) -> int:
         """Copy every missing spooled object, oldest first; return how many were written.

@@ -10,6 +10,11 @@ once, then kept up to date by ``write`` and ``delete``, each generation's object
 so that listing it costs nothing however many objects a slow destination leaves waiting. The
 headers of the objects it wrote last are kept too (at most ``HEADER_CACHE``), so that shipping
 them never reads and parses back what was just written.
+
+A replica follows the spool (:meth:`Spool.follow`): each object written is also appended to the
+follower's :class:`Feed`, so that finding what a destination lacks looks only at what was
+written since it last looked, not at every spooled object (a destination that compacts keeps
+the spool holding a few minutes of objects).
 """
 
 from __future__ import annotations
@@ -39,6 +44,25 @@ _KIND_CODES = {"snapshot": KIND_SNAPSHOT, "wal": KIND_WAL, "catchup": KIND_CATCH
                "diff": KIND_DIFF}
 HEADER_CACHE = 4096
 """Headers of the most recently written objects kept in memory."""
+FEED_MAX = 65536
+"""Objects a feed holds at most: past it the feed is marked broken and emptied (a follower
+that stopped taking from it walks the spool once instead, when it looks again)."""
+
+
+class Feed:
+    """What a spool wrote since its follower last took from it, in the order written."""
+
+    def __init__(self) -> None:
+        self.written: list[ObjectInfo] = []
+        self.broken = False  # an object was dropped (FEED_MAX): the follower walks the spool
+
+    def take(self) -> tuple[list[ObjectInfo], bool]:
+        """The objects written since the last take, and whether the feed broke meanwhile
+        (then the list is not complete); call with the spool's lock held."""
+        out, broken = self.written, self.broken
+        self.written = []
+        self.broken = False
+        return out, broken
 
 
 class Spool:
@@ -52,6 +76,7 @@ class Spool:
         self._sorted: dict[str, list[ObjectInfo]] = {}  # generation -> its objects, in order
         self._headers: OrderedDict[str, ObjectHeader] = OrderedDict()  # key -> header
         self._dirs: set[str] = set()  # directories this spool made (or found) durable
+        self._feeds: list[Feed] = []
 
     def _scan(self) -> dict[str, dict[str, ObjectInfo]]:
         """The index (read from the directory the first time, sizes included); call with the
@@ -111,7 +136,53 @@ class Spool:
             self._headers[out.key] = header
             if len(self._headers) > HEADER_CACHE:
                 self._headers.popitem(last=False)
+            for feed in self._feeds:
+                if len(feed.written) >= FEED_MAX:
+                    feed.written.clear()
+                    feed.broken = True
+                if not feed.broken:
+                    feed.written.append(out)
         return out
+
+    def follow(self) -> Feed:
+        """A new feed of the objects written from now on (see :meth:`take`)."""
+        feed = Feed()
+        with self._lock:
+            self._feeds.append(feed)
+        return feed
+
+    def unfollow(self, feed: Feed) -> None:
+        """Stop feeding ``feed``."""
+        with self._lock:
+            if feed in self._feeds:
+                self._feeds.remove(feed)
+
+    def take(self, feed: Feed, since: list[ObjectInfo]) -> list[ObjectInfo] | None:
+        """``since`` (objects in shipping order), less those no longer spooled, followed by what
+        was written since ``feed`` was last taken from; None if that is not known to be in
+        shipping order (the feed broke, or an object came before one already listed): the
+        caller walks the spool (:meth:`all_objects`) instead."""
+        with self._lock:
+            written, broken = feed.take()
+            if broken:
+                return None
+            index = self._scan()
+            out = [o for o in since if o.key in index.get(o.generation, ())]
+            last = _order(out[-1]) if out else None
+            listed: set[str] | None = None
+            for o in written:
+                if o.key not in index.get(o.generation, ()):
+                    continue  # deleted since
+                key = _order(o)
+                if last is not None and key <= last:
+                    if listed is None:
+                        listed = {x.key for x in out}
+                    if o.key in listed:
+                        continue  # a walk of the spool saw it already
+                    return None
+                out.append(o)
+                last = key
+            return out
 
     @property
     def indexed(self) -> bool:

@@ -15,6 +15,7 @@ from writer import init_db
 from replicator import pageindex
 from replicator.config import DbConfig, ReplicaConfig
 from replicator.db import DEFAULT_TUNING, Tuning
+from replicator.pos import ObjectInfo
 from replicator.pruning import PruneSchedule
 from replicator.replica import Replica
 from replicator.replicator import DatabaseService
@@ -35,6 +36,13 @@ async def shipping(tmp_path: Path) -> tuple[DatabaseService, Replica]:
     r = s.replicas[0]
     await r.sync()
     return s, r
+
+
+async def captured(s: DatabaseService, db: Path, n: int) -> None:
+    """Commit ``n`` transactions one by one, each captured before the next."""
+    for _ in range(n):
+        commit(db, 1)
+        await s.sync()
 
 
 async def test_periodic_snapshot_only_when_something_changed(tmp_path: Path) -> None:
@@ -126,6 +134,75 @@ async def test_what_a_destination_holds_is_kept_only_for_the_spool(
 
     restore(str(tmp_path / "replica"), tmp_path / "out.db")
     assert seqs(tmp_path / "out.db") == list(range(1, 64))
+
+
+async def test_a_replica_finds_what_it_lacks_from_the_spools_feed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    s, r = await shipping(tmp_path)
+    walks = 0
+    walk = s.spool.all_objects
+
+    def counted() -> list[ObjectInfo]:
+        nonlocal walks
+        walks += 1
+        return walk()
+
+    monkeypatch.setattr(s.spool, "all_objects", counted)
+    for _ in range(10):
+        commit(db, 1)
+        await s.sync()
+        assert await r.sync() == 1
+    assert walks == 0, "each sync looked only at what was written since the last"
+    await captured(s, db, 2)
+    lacking = await r.pending()
+    assert [o.end_txid for o in lacking] == [s.db.txid - 1, s.db.txid]
+    s.spool.delete(lacking[:1])  # gone from the spool before it was shipped: not asked for
+    assert await r.pending() == lacking[1:]
+    assert await r.pending(remote=False) == lacking[1:]
+    r._relist = True  # the destination is listed again: the spool is walked once
+    assert await r.pending() == lacking[1:]
+    assert walks == 1
+    assert await r.sync() == 1
+    assert await r.pending() == []
+    assert walks == 1
+    await s.close(5)
+
+
+async def test_a_spool_feed_keeps_shipping_order_or_says_it_cannot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    s, _ = await shipping(tmp_path)
+    feed = s.spool.follow()
+    await captured(s, db, 3)
+    written = s.spool.take(feed, [])
+    assert written is not None and len(written) == 3
+    assert written == sorted(written) == s.spool.objects(written[0].generation)[-3:]
+    assert s.spool.take(feed, written) == written, "nothing new"
+    # an object before the last one listed, which a walk did not see: a walk is needed
+    late = s.spool.follow()
+    await captured(s, db, 1)
+    newest = s.spool.objects(written[0].generation)[-1]
+    assert s.spool.take(late, [*written, newest]) == [*written, newest], "seen by the walk"
+    feed2 = s.spool.follow()
+    await captured(s, db, 2)
+    y = s.spool.objects(written[0].generation)[-1]
+    assert s.spool.take(feed2, [y]) is None, "one before y that was not listed"
+    # a feed nobody takes from stops growing and says so
+    monkeypatch.setattr("replicator.spool.FEED_MAX", 2)
+    idle = s.spool.follow()
+    await captured(s, db, 3)
+    assert len(idle.written) <= 2
+    assert s.spool.take(idle, []) is None
+    assert s.spool.take(idle, []) == [], "whole again after a take"
+    s.spool.unfollow(idle)
+    await captured(s, db, 1)
+    assert idle.written == []
+    await s.close(5)
 
 
 async def test_final_sync_drains_a_backlog(tmp_path: Path) -> None:
