@@ -17,7 +17,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, ClassVar, NamedTuple, Self, TypeVar
 
 from .errors import CorruptObjectError
 from .pos import WalPos
@@ -127,10 +127,10 @@ def _hash(v: Any) -> int:
     return int(text, 16)
 
 
-@dataclass(frozen=True, slots=True)
-class Txn:
+class Txn(NamedTuple):
     """One captured transaction: its txid, when it was observed (ns since the epoch), how many
-    WAL frames it wrote and the database size in pages after it."""
+    WAL frames it wrote and the database size in pages after it. A named tuple: a merged
+    segment or a restore handles thousands of them, and a tuple is made and read fastest."""
 
     txid: int
     observed_ns: int
@@ -139,21 +139,28 @@ class Txn:
 
     def to_json(self) -> list[int]:
         """The JSON form: ``[txid, observed_ns, frames, db_size_pages]``."""
-        return [self.txid, self.observed_ns, self.frames, self.db_size_pages]
+        return list(self)
 
     @classmethod
     def from_json(cls, v: Any) -> Txn:
         """Parse the JSON form; raises ValueError/TypeError on a malformed value."""
-        # checked in one expression: a merge or a restore reads thousands of these
-        if type(v) is not list or len(v) != 4 or not all(type(x) is int for x in v):
-            raise ValueError("not a transaction record")
-        return cls(*v)
+        return _txns([v])[0]
 
 
 def _txns(v: Any) -> tuple[Txn, ...]:
-    if not isinstance(v, list) or not v:
+    """A non-empty list of transactions, checked in bulk: a merge or a restore reads thousands
+    of these."""
+    if type(v) is not list or not v:
         raise ValueError("not a transaction list")
-    return tuple(Txn.from_json(t) for t in v)
+    if not all(type(t) is list and len(t) == 4 for t in v) or not all(
+        type(x) is int for t in v for x in t
+    ):
+        raise ValueError("not a transaction record")
+    return tuple(map(Txn._make, v))
+
+
+def _dump_txns(ts: tuple[Txn, ...]) -> list[list[int]]:
+    return [list(t) for t in ts]
 
 
 @dataclass(frozen=True)
@@ -275,9 +282,8 @@ class SegmentHeader(_Record):
         header = super().from_json(obj, key)
         if header.parts is not None and not _parts_fit(header, header.parts):
             raise _Fields(obj, key).bad("parts")
-        if len(header.txns) != header.end_txid - header.start_txid + 1 or any(
-            t.txid != header.start_txid + i for i, t in enumerate(header.txns)
-        ):
+        if [t.txid for t in header.txns] != list(range(header.start_txid,
+                                                       header.end_txid + 1)):
             raise _Fields(obj, key).bad("txns")
         return header
 
@@ -380,7 +386,7 @@ _CODECS: dict[object, _Codec] = {
     bytes: _Codec(_hex, bytes.hex),
     WalPos: _Codec(_pos, WalPos.to_json),
     Reason: _Codec(Reason, lambda r: r.value),
-    tuple[Txn, ...]: _Codec(_txns, lambda ts: [t.to_json() for t in ts]),
+    tuple[Txn, ...]: _Codec(_txns, _dump_txns),
     tuple[SegmentPart, ...]: _Codec(_parts, lambda ps: [p.to_json() for p in ps]),
 }
 """The JSON form of each field type."""

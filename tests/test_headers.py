@@ -97,6 +97,11 @@ def test_absent_optional_fields_read_as_null() -> None:
     (segment(), "txns", [[8, 10, 1]]),
     (segment(), "txns", [[8, 10, 1, 3]]),  # one transaction for txids 8..9
     (segment(), "txns", []),
+    (segment(), "txns", [[8, 10, 1, 3], [9, 11, True, 3]]),
+    (segment(), "txns", [[8, 10, 1, 3], [9, 11, 1, 3.0]]),
+    (segment(), "txns", [[8, 10, 1, 3], (9, 11, 1, 3)]),
+    (segment(), "txns", [[8, 10, 1, 3], [10, 11, 1, 3]]),  # txids 8 and 10 for 8..9
+    (segment(), "txns", {"8": [10, 1, 3]}),
     (segment(), "start", None),
     (segment(), "wal_header", "zz"),
     (segment(), "kind", "snapshot"),
