@@ -68,6 +68,11 @@ T = TypeVar("T")
 DEFAULT_LEVELS: tuple[float, ...] = (1.0, 10.0, 300.0, 3600.0)
 DEFAULT_DELETE_GRACE = 30.0  # seconds a replaced object stays readable after its merge
 MAX_BYTES = 256 << 20  # stored bytes of the inputs of one merge
+LARGE_BYTES = 32 << 20
+"""A segment of at least this many stored bytes is never merged again: a restore or a listing
+pays for it about what it would pay for its share of a larger one, and a merge would rewrite
+(and upload again) every byte of it. Under a flat-out writer the first level's merges are this
+large already, and each later level would otherwise copy them once more."""
 # a merge is compressed when its sources take less than this fraction of their frames' size
 COMPRESSED_BELOW = 0.75
 WORK_DIR = "compact"
@@ -234,8 +239,8 @@ def plan_level(
 ) -> list[list[ObjectInfo]]:
     """Runs of consecutive segments of one generation to merge at a level of ``interval``
     seconds: each run lies in one closed window, breaks at holes and at snapshot txids (those
-    of ``objects``, and ``breaks``), and has more than one segment. Segments covered by another
-    must be left out first."""
+    of ``objects``, and ``breaks``), has more than one segment and none of ``LARGE_BYTES`` or
+    more. Segments covered by another must be left out first."""
     width = window_ms(interval)
     breaks = {*breaks, *(o.end_txid for o in objects if o.kind in ("snapshot", "diff"))}
     runs: list[list[ObjectInfo]] = []
@@ -244,7 +249,8 @@ def plan_level(
     size = 0
     for s in sorted((o for o in objects if o.kind == "wal"), key=lambda o: o.start_txid):
         w = s.first_ms // width
-        inside = s.last_ms // width == w and (w + 1) * width <= now_ms
+        inside = (s.last_ms // width == w and (w + 1) * width <= now_ms
+                  and s.size < LARGE_BYTES)
         if (inside and run and w == window and s.start_txid == run[-1].end_txid + 1
                 and run[-1].end_txid not in breaks and size + s.size <= MAX_BYTES):
             run.append(s)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import shutil
 import sqlite3
@@ -26,6 +27,7 @@ from writer import init_db
 
 from replicator.compact import (
     COMPRESSED_BELOW,
+    LARGE_BYTES,
     Compactor,
     CompactResult,
     plan_level,
@@ -453,6 +455,16 @@ def test_levels_plan_only_closed_windows_and_never_cross_a_snapshot() -> None:
     runs = plan_level(holed, 0.1, now_ms=1200)
     assert [[o.start_txid for o in r] for r in runs] == [
         list(range(1, 10)), [10, 11, 12], [14, 15, 16, 17, 18, 19]]
+    # a segment as large as merges need to make it stays apart: runs break around it
+    large = [dataclasses.replace(s, size=LARGE_BYTES) if s.start_txid in (3, 12, 13) else s
+             for s in segs]
+    runs = plan_level(large, 0.1, now_ms=1200)
+    assert [[o.start_txid for o in r] for r in runs] == [
+        [1, 2], list(range(4, 10)), [10, 11], list(range(14, 20))]
+    below = [dataclasses.replace(s, size=LARGE_BYTES - 1) if s.start_txid == 3 else s
+             for s in segs]
+    assert [[o.start_txid for o in r] for r in plan_level(below, 0.1, now_ms=1200)] == [
+        list(range(1, 10)), list(range(10, 20))]
 
 
 def test_compaction_levels_config() -> None:
@@ -960,6 +972,32 @@ def test_a_clean_shutdown_deletes_what_merges_replaced(history: History) -> None
     segs = [o for o in objects(h) if o.kind == "wal"]
     assert not [o for o in segs for p in segs
                 if p is not o and p.start_txid <= o.start_txid and o.end_txid <= p.end_txid]
+
+
+def test_large_segments_stay_apart_and_restores_stay_exact(
+    history: History, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Segments as large as merges need to make them are not rewritten at any level; the
+    others merge around them, and every instant restores as before."""
+    h = history
+    segs = [o for o in objects(h) if o.kind == "wal"]
+    large = sorted(o.size for o in segs)[len(segs) * 9 // 10]
+    monkeypatch.setattr("replicator.compact.LARGE_BYTES", large)
+    kept = {o.key for o in segs if o.size >= large}
+    assert len(kept) >= len(segs) // 20
+    res = asyncio.run(h.replica.compact(now=h.end_ns / 1e9 + 10 * LEVELS[-1]))
+    assert res is not None and res.merged > 0
+    after = [o for o in objects(h) if o.kind == "wal"]
+    assert kept <= {o.key for o in after}, "every large segment is still there, as it was"
+    merged = [o for o in after if o.key not in kept]
+    assert not [o for o in merged for k in after if k.key in kept
+                and o.start_txid <= k.start_txid and k.end_txid <= o.end_txid]
+    assert len(after) < len(segs) // 2
+    instants = sorted(random.Random(3).sample(sorted(h.times.values()), 12))
+    for i, t in enumerate(instants):
+        txid, seqs = asyncio.run(restore_at(h.dest, tmp_path / f"at{i}.db", to_time_ns=t))
+        assert txid == expected_txid(h.times, t)
+        assert seqs == list(range(1, txid + 1))
 
 
 def test_a_damaged_local_copy_does_not_block_a_merge(history: History, tmp_path: Path) -> None:
