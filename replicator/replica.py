@@ -286,7 +286,7 @@ class Replica:
         if self._lacking is not None:
             objs = self.spool.take(self._feed, self._lacking)
         if objs is None:
-            self.spool.take(self._feed, [])  # what the walk below sees anyway
+            self.spool.restart(self._feed)  # the walk below sees what it held
             # the spool's index is in memory once read: no thread needed for it then
             objs = (self.spool.all_objects() if self.spool.indexed
                     else await asyncio.to_thread(self.spool.all_objects))

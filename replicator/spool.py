@@ -157,12 +157,21 @@ class Spool:
             if feed in self._feeds:
                 self._feeds.remove(feed)
 
+    def restart(self, feed: Feed) -> None:
+        """Empty ``feed``: its follower is about to walk the spool, which sees all of it (the
+        index is not read here: this never touches a file)."""
+        with self._lock:
+            feed.take()
+
     def take(self, feed: Feed, since: list[ObjectInfo]) -> list[ObjectInfo] | None:
         """``since`` (objects in shipping order), less those no longer spooled, followed by what
         was written since ``feed`` was last taken from; None if that is not known to be in
         shipping order (the feed broke, or an object came before one already listed): the
-        caller walks the spool (:meth:`all_objects`) instead."""
+        caller walks the spool (:meth:`all_objects`) instead, as it must when the index is not
+        in memory yet (reading it is file work)."""
         with self._lock:
+            if self._index is None:
+                return None
             written, broken = feed.take()
             if broken:
                 return None

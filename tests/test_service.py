@@ -21,6 +21,7 @@ from replicator.replica import Replica
 from replicator.replicator import DatabaseService
 from replicator.report import service_status
 from replicator.schedule import WAL_SNAPSHOT_DEFER_VOLUME
+from replicator.spool import Spool
 
 
 def service(tmp_path: Path, tuning: Tuning = DEFAULT_TUNING, **kw: float) -> DatabaseService:
@@ -183,6 +184,8 @@ async def test_a_spool_feed_keeps_shipping_order_or_says_it_cannot(
     assert written is not None and len(written) == 3
     assert written == sorted(written) == s.spool.objects(written[0].generation)[-3:]
     assert s.spool.take(feed, written) == written, "nothing new"
+    cold = Spool(s.spool.root)  # its index not read yet: a take reads no file
+    assert cold.take(cold.follow(), written) is None and not cold.indexed
     # an object before the last one listed, which a walk did not see: a walk is needed
     late = s.spool.follow()
     await captured(s, db, 1)
