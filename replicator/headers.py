@@ -141,11 +141,6 @@ class Txn(NamedTuple):
         """The JSON form: ``[txid, observed_ns, frames, db_size_pages]``."""
         return list(self)
 
-    @classmethod
-    def from_json(cls, v: Any) -> Txn:
-        """Parse the JSON form; raises ValueError/TypeError on a malformed value."""
-        return _txns([v])[0]
-
 
 def _txns(v: Any) -> tuple[Txn, ...]:
     """A non-empty list of transactions, checked in bulk: a merge or a restore reads thousands
@@ -157,10 +152,6 @@ def _txns(v: Any) -> tuple[Txn, ...]:
     ):
         raise ValueError("not a transaction record")
     return tuple(map(Txn._make, v))
-
-
-def _dump_txns(ts: tuple[Txn, ...]) -> list[list[int]]:
-    return [list(t) for t in ts]
 
 
 @dataclass(frozen=True)
@@ -386,7 +377,7 @@ _CODECS: dict[object, _Codec] = {
     bytes: _Codec(_hex, bytes.hex),
     WalPos: _Codec(_pos, WalPos.to_json),
     Reason: _Codec(Reason, lambda r: r.value),
-    tuple[Txn, ...]: _Codec(_txns, _dump_txns),
+    tuple[Txn, ...]: _Codec(_txns, lambda ts: list(map(Txn.to_json, ts))),
     tuple[SegmentPart, ...]: _Codec(_parts, lambda ps: [p.to_json() for p in ps]),
 }
 """The JSON form of each field type."""
