@@ -31,7 +31,9 @@ def service(tmp_path: Path, tuning: Tuning = DEFAULT_TUNING, **kw: float) -> Dat
 
 
 async def shipping(tmp_path: Path) -> tuple[DatabaseService, Replica]:
-    """An open service (no periodic snapshot) and its replica, the first snapshot shipped."""
+    """A new database ``app.db`` in ``tmp_path``, an open service for it (no periodic snapshot)
+    and its replica, the first snapshot shipped."""
+    init_db(str(tmp_path / "app.db"))
     s = service(tmp_path, snapshot_interval=3600)
     await s.open()
     r = s.replicas[0]
@@ -102,7 +104,6 @@ async def test_what_a_destination_holds_is_kept_only_for_the_spool(
     nothing is shipped twice or asked again."""
     monkeypatch.setattr(pageindex, "INDEX_SAVE_SECONDS", 0.0)  # a restart replays nothing
     db = tmp_path / "app.db"
-    init_db(str(db))
 
     async def go() -> None:
         s, r = await shipping(tmp_path)
@@ -141,7 +142,6 @@ async def test_a_replica_finds_what_it_lacks_from_the_spools_feed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db = tmp_path / "app.db"
-    init_db(str(db))
     s, r = await shipping(tmp_path)
     walks = 0
     walk = s.spool.all_objects
@@ -176,7 +176,6 @@ async def test_a_spool_feed_keeps_shipping_order_or_says_it_cannot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db = tmp_path / "app.db"
-    init_db(str(db))
     s, _ = await shipping(tmp_path)
     feed = s.spool.follow()
     await captured(s, db, 3)
@@ -464,7 +463,6 @@ async def test_retention_after_a_snapshot_does_not_hold_up_shipping(tmp_path: Pa
     another maintenance step (a compaction) still receives the objects that follow a snapshot;
     the retention runs once it is free."""
     db = tmp_path / "app.db"
-    init_db(str(db))
 
     async def go() -> None:
         s, r = await shipping(tmp_path)
