@@ -61,15 +61,16 @@ def _read_tail(fd: int, old: WalHeader, pos: WalPos, fs: int, off: int) -> Rescu
     push a long file to the slow path, whose second read can find the tail already
     overwritten by the new epoch."""
     length = max(0, os.fstat(fd).st_size - off)
-    want = min(length, max(1, RESCUE_FIRST_READ // fs) * fs)
+    cap = max(1, RESCUE_MAX_BYTES // fs) * fs  # whole frames: the largest read
+    want = min(length, max(1, RESCUE_FIRST_READ // fs) * fs, cap)
     while True:
         buf = pread_full(fd, want, off)
         tail = scan_bytes(buf, old, pos.frame + 1, pos.checksum, keep_frames=False)
         if tail.stop_reason in ("salt", "checksum") or len(buf) < want or want >= length:
             return tail, memoryview(buf)[: (tail.end_index - pos.frame) * fs]
-        if want >= RESCUE_MAX_BYTES:
+        if want >= cap:
             return None
-        want = min(length, want * 4, RESCUE_MAX_BYTES // fs * fs)
+        want = min(length, want * 4, cap)
 
 
 def rescue(

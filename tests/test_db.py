@@ -89,21 +89,40 @@ def test_rotation_keeps_wal_small_and_generation_unbroken(tmp_path: Path, app) -
     assert restored_dump(tmp_path) == dump(app)
 
 
-def test_reset_in_an_unpinned_gap_with_intact_tail_is_proven(tmp_path: Path, app) -> None:
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("tail", "payload", "max_bytes"), [
+    (3, 500, None),  # read into memory
+    # ~1 MB, longer than the in-memory read: scanned from the file. The largest read is whole
+    # frames, below a limit that is not a multiple of the frame size (as 8 MiB is not of a
+    # 4 KiB page's frame): reaching it ends the growing reads, it does not repeat for ever
+    (120, 4000, 300_001),
+])
+def test_reset_in_an_unpinned_gap_with_intact_tail_is_proven(
+    tmp_path: Path, app, monkeypatch: pytest.MonkeyPatch, tail: int, payload: int,
+    max_bytes: int | None,
+) -> None:
+    if max_bytes is not None:
+        monkeypatch.setattr("replicator.rescue.RESCUE_MAX_BYTES", max_bytes)
     d = open_db(tmp_path)
     d.step()
     commit(app, 30, payload=500)
     d.step()
     gen = d.generation
     d.handles.unpin()  # a rotation's window: no pin is held
-    commit(app, 3, payload=500)  # committed but not captured yet
+    commit(app, tail, payload=payload)  # committed but not captured yet
     assert app.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0
-    # this write resets the WAL: the three are only in the old epoch's tail
+    # this write resets the WAL: the tail's commits are only in the old epoch's tail
     commit(app, 1, payload=500)
     res = d.step()
-    assert res.new_generation is None
+    transactions = res.transactions
+    if max_bytes is None:
+        assert transactions == tail + 1, "a tail read into memory goes in one step"
+    while res.more:
+        res = d.step()
+        transactions += res.transactions
+    assert res.catch_up is None and res.new_generation is None
     assert d.generation == gen
-    assert res.transactions == 4
+    assert transactions == tail + 1
     d.close()
     assert restored_dump(tmp_path) == dump(app)
 
