@@ -233,6 +233,12 @@ class Lease:
         if rec is None or rec.owner == self.owner:
             await self._write(released=True)
 
+    def forget(self) -> None:
+        """This replica stops shipping here without releasing the lease (its destination is
+        down, or it was fenced): the record stays until it expires, but for this process it
+        is a stopped owner's, free to take over (see :meth:`is_free`)."""
+        self._drop()
+
     def _drop(self) -> None:
         self.held = False
         _HELD.discard(self.owner)

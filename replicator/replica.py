@@ -268,6 +268,9 @@ class Replica:
             except Exception as exc:  # noqa: BLE001 - a lease left behind expires on its own
                 log.warning("%s: replica %s: could not release the lease: %s", self.db_name,
                             self.name, exc)
+        # whatever the record says, this process no longer ships here: a service opened again
+        # for the same database (a tenant's file that comes back) may take it over at once
+        self.lease.forget()
         self.spool.unfollow(self._feed)
         await self.client.aclose()
 

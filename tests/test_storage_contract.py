@@ -482,6 +482,32 @@ async def test_replica_releases_lease_on_close(make_storage: Factory, tmp_path: 
     await second.aclose()
 
 
+async def test_replica_closed_while_down_frees_its_lease_in_this_process(
+    storage: StorageClient, tmp_path: Path
+) -> None:
+    """A replica closed while its destination fails leaves its lease record unreleased (it
+    cannot write it); a replica opened again in the same process for the same database (a
+    tenant's file removed and created again) takes it over at once, not after the TTL. Another
+    live process still may not."""
+    spool = Spool(str(tmp_path / "spool"))
+    spool_object(spool, snapshot_info(new_generation_id(), 0, int(time.time() * 1000)))
+    first = Replica("dest", storage, spool, "/data/a.db")
+    await first.init()
+    assert await first.sync() == 1
+    first.record_error("sync", OSError("connection refused"))  # the destination went down
+    assert not first.healthy
+    rec = await storage.read_lease()
+    await first.aclose()
+    assert await storage.read_lease() == rec  # not released: nothing was written
+    again = Replica("dest", storage, spool, "/data/a.db")
+    await again.init()
+    assert again.healthy and again.lease.held
+    other = Lease(storage, "/data/a.db", hostname=again.lease.hostname, pid=os.getppid())
+    with pytest.raises(LeaseError, match="replica path in use"):
+        await other.claim()
+    await again.aclose()
+
+
 @pytest.mark.parametrize("link_error", [None, errno.EXDEV, errno.EPERM])
 async def test_file_replica_links_spooled_objects_or_copies_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, link_error: int | None
