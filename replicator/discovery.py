@@ -23,6 +23,7 @@ from collections.abc import Callable
 from .config import Config, DbConfig, DirConfig, ReplicaConfig
 from .runtime import Runtime
 from .storage import FileDestination, S3Options, parse_destination
+from .watcher import DIR_GONE
 
 log = logging.getLogger("replicator.discovery")
 
@@ -140,7 +141,8 @@ def changed_at(path: str) -> float:
 class DirWatch:
     """One ``dir:`` entry at run time: the first scan, then file events. ``add(cfg, changed)``
     is called for every database found (again for one found again), ``remove(path)`` for every
-    candidate that disappeared; both on the event loop."""
+    candidate that disappeared and every directory that did (all below it is gone); both on
+    the event loop."""
 
     def __init__(self, d: DirConfig, runtime: Runtime,
                  add: Callable[[DbConfig, float], None], remove: Callable[[str], None]) -> None:
@@ -177,9 +179,13 @@ class DirWatch:
             t.cancel()
 
     def on_event(self, path: str, kind: str) -> None:
-        """A file event for a candidate ``path`` (on the event loop)."""
-        if kind in ("deleted", "moved"):
+        """A file event for a candidate ``path``, or a directory gone (on the event loop)."""
+        if kind in ("deleted", "moved", DIR_GONE):
             self.skipped.pop(path, None)
+            if kind == DIR_GONE:
+                prefix = path + os.sep
+                for p in [p for p in self.skipped if p.startswith(prefix)]:
+                    del self.skipped[p]
             self._remove(path)
             return
         if path in self._checking:

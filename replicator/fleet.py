@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,7 @@ class Fleet:
         self.runtime = runtime
         self.metrics = metrics
         self._make = make
-        self.watches = [DirWatch(d, runtime, self.add, self.remove) for d in dirs]
+        self.watches = [DirWatch(d, runtime, self.add, self.remove_below) for d in dirs]
         self.services: dict[str, DatabaseService] = {}
         self._runs: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = {}
         self._queue: list[tuple[float, str]] = []
@@ -94,6 +95,17 @@ class Fleet:
         task = asyncio.ensure_future(self._retire(path, run[1]))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+    def remove_below(self, path: str) -> None:
+        """A database's file is gone (:meth:`remove`), or a directory: every database known
+        below it is (queued, opening, running or failed)."""
+        known = (self._queued, self._opening, self._runs, self.failed)
+        if any(path in k for k in known):
+            self.remove(path)
+            return
+        prefix = path + os.sep
+        for p in sorted({p for k in known for p in k if p.startswith(prefix)}):
+            self.remove(p)
 
     async def _retire(self, path: str, task: asyncio.Task[None]) -> None:
         await asyncio.gather(task, return_exceptions=True)

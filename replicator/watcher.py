@@ -37,6 +37,8 @@ warnings.filterwarnings("ignore", message=r"Callback with id .* already exists",
 log = logging.getLogger(__name__)
 
 _WAKE_TYPES = {"modified", "created", "deleted", "moved"}
+DIR_GONE = "dir-gone"
+"""The kind a tree is told for a directory below it deleted or moved away."""
 # what a directory listener is told: (path, event type), on the event loop
 TreeCallback = Callable[[str, str], None]
 # which file paths of a tree its listener wants
@@ -96,7 +98,9 @@ class FileEvents:
                  callback: TreeCallback) -> None:
         """Tell ``callback`` about every created, modified, deleted or moved file under ``root``
         (below its hidden directories: never) that ``match`` accepts and no database is
-        registered for, and about the deletion of those that are."""
+        registered for, and about the deletion of those that are; and, as ``(directory,
+        DIR_GONE)``, about a directory below ``root`` deleted or moved away (whatever was below
+        it is gone: a move reports nothing about the files it took)."""
         raise NotImplementedError
 
     def remove_tree(self, root: str) -> None:
@@ -314,20 +318,28 @@ class InotifyEvents(FileEvents):
                     if self._trees[root][0]:
                         self._grow(root, path, report=True)
         elif mask & ino.IN_MOVED_FROM:
-            self._moved_away(path)
+            self._moved_away(d, path)
+        elif mask & ino.IN_DELETE:
+            self._tell_gone(d, path)
 
-    def _moved_away(self, directory: str) -> None:
-        """A directory moved away: its watches would report under a wrong name; the databases
-        in it are gone from here (and its new place, if watched, reports them as created)."""
+    def _moved_away(self, parent: _Dir, directory: str) -> None:
+        """A directory moved away: its watches would report under a wrong name; the files in it
+        are gone from here (and its new place, if watched, reports them as created)."""
         prefix = directory + os.sep
         for d in list(self._wds.values()):
             if d.path == directory or d.path.startswith(prefix):
                 d.users, d.trees = 0, set()
                 self._release(d)
-        for path in [p for p in self._targets if p.startswith(prefix)]:
-            for root, (_, match, callback) in list(self._trees.items()):
-                if path.startswith(root + os.sep) and match(path):
-                    callback(path, "moved")
+        self._tell_gone(parent, directory)
+
+    def _tell_gone(self, parent: _Dir, directory: str) -> None:
+        """Tell the recursive trees ``parent`` belongs to that ``directory`` is gone."""
+        if os.path.basename(directory).startswith("."):
+            return
+        for root in list(parent.trees):
+            recursive, _, callback = self._trees[root]
+            if recursive:
+                callback(directory, DIR_GONE)
 
     def _overflow(self) -> None:
         """Events were lost: wake every database and tell every tree's files as modified."""
@@ -468,7 +480,11 @@ class WatchdogEvents(FileEvents, FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         """Dispatch one event (in the observer's thread)."""
         kind = event.event_type
-        if kind not in _WAKE_TYPES or event.is_directory:
+        if kind not in _WAKE_TYPES:
+            return
+        if event.is_directory:
+            if kind in ("deleted", "moved"):
+                self._tell_gone(os.fsdecode(event.src_path))
             return
         paths = [os.fsdecode(event.src_path)]
         dest = getattr(event, "dest_path", None)
@@ -481,6 +497,13 @@ class WatchdogEvents(FileEvents, FileSystemEventHandler):
                 self._call(target.fire)
             if self._trees and (target is None or kind in ("deleted", "moved")):
                 self._tell_trees(path, "created" if i else kind)
+
+    def _tell_gone(self, directory: str) -> None:
+        """Tell the recursive trees below which ``directory`` was that it is gone."""
+        for root, (watch, _, callback) in list(self._trees.items()):
+            if directory.startswith(root + os.sep) and watch.is_recursive \
+                    and not _hidden(root, os.path.join(directory, "x")):
+                self._call(callback, directory, DIR_GONE)
 
     def _tell_trees(self, path: str, kind: str) -> None:
         for root, (_, match, callback) in list(self._trees.items()):

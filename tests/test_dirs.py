@@ -117,10 +117,12 @@ def _replicated(port: int) -> set[str]:
 def test_databases_appear_and_disappear_while_others_are_written(tmp_path: Path) -> None:
     root, dest = tmp_path / "tenants", tmp_path / "backups"
     (root / "sub").mkdir(parents=True)
-    for name in ("a.db", "b.db", "sub/c.db"):
+    (root / "old").mkdir()
+    for name in ("a.db", "b.db", "sub/c.db", "old/e.db"):
         init_db(str(root / name))
     notes = root / "notes.db"
     notes.write_text("a note, not a database\n")
+    (root / "old" / "junk.db").write_text("not a database either\n")
     port = free_port()
     cfg = _config(tmp_path, root, dest, port)
     rep = util.Replicate("--config", str(cfg), log=tmp_path / "rep.log")
@@ -135,11 +137,15 @@ def test_databases_appear_and_disappear_while_others_are_written(tmp_path: Path)
 
     writer = threading.Thread(target=write_a)
     try:
-        base = {str(root / n) for n in ("a.db", "b.db", "sub/c.db")}
+        base = {str(root / n) for n in ("a.db", "b.db", "sub/c.db", "old/e.db")}
         util.wait_until(lambda: base <= _replicated(port), 60, 0.3, "first databases")
+        skipped = _status(port)["databases"]["skipped_files"]  # type: ignore[index]
+        assert str(root / "old" / "junk.db") in skipped
         writer.start()
-        # a new database (created empty, then made a WAL database), another removed, the
-        # non-database file changed again: all while a.db is written
+        # a new database (created empty, then made a WAL database), another removed, a
+        # directory with a database and a skipped file moved away (no event names its files),
+        # the non-database file changed again: all while a.db is written
+        os.rename(root / "old", tmp_path / "archived")
         (root / "sub" / "deeper").mkdir()
         init_db(str(root / "sub" / "deeper" / "d.db"))
         commit(root / "sub" / "deeper" / "d.db", 5)
@@ -151,6 +157,9 @@ def test_databases_appear_and_disappear_while_others_are_written(tmp_path: Path)
         doc = _status(port)
         paths = {d["path"] for d in doc["dbs"]}  # type: ignore[union-attr]
         assert str(root / "b.db") not in paths
+        util.wait_until(lambda: str(root / "old" / "e.db") not in {
+            d["path"] for d in _status(port)["dbs"]}, 30, 0.2, "the moved database stops")
+        doc = _status(port)
         databases = doc["databases"]
         assert isinstance(databases, dict)
         assert databases["replicating"] == 3 and databases["queued"] == 0
@@ -168,6 +177,7 @@ def test_databases_appear_and_disappear_while_others_are_written(tmp_path: Path)
     log = rep.text()
     assert log.count("notes.db: not a SQLite database; skipped") == 1, log
     assert "b.db: removed; replication stops" in log
+    assert "old/e.db: removed; replication stops" in log
     assert "Traceback" not in log
     for name, rows in (("a.db", written["a.db"]), ("sub/deeper/d.db", 10), ("sub/c.db", 0)):
         out = tmp_path / "out" / name

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from util import commit
 from writer import init_db
 
 from replicator.inotify import IN_MODIFY, open_inotify
-from replicator.watcher import FileEvents, InotifyEvents, WatchdogEvents
+from replicator.watcher import DIR_GONE, FileEvents, InotifyEvents, WatchdogEvents
 
 WAIT = 30.0
 
@@ -61,6 +62,35 @@ async def test_tree_reports_new_and_moved_directories_never_hidden_ones(
     finally:
         events.stop()
     assert not [p for p, _ in told if "/.spool/" in p]
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+async def test_tree_told_of_directories_moved_away_or_deleted(
+        tmp_path: Path, make: Callable[[], FileEvents]) -> None:
+    """A directory moved out of the tree reports nothing about the files it takes: the tree is
+    told the directory is gone (as for one deleted), never for a hidden one."""
+    root = tmp_path / "tenants"
+    for sub in ("g1", "g2", ".hidden"):
+        (root / sub).mkdir(parents=True)
+        init_db(str(root / sub / "t.db"))
+    told: list[tuple[str, str]] = []
+    events = make()
+    events.add_tree(str(root), True, lambda p: p.endswith(".db"),
+                    lambda p, kind: told.append((p, kind)))
+    try:
+        await asyncio.sleep(0.2)  # watchdog's observer starts its watches in its thread
+        os.rename(root / "g1", tmp_path / "archived")
+        await util.until(lambda: (str(root / "g1"), DIR_GONE) in told, "the move")
+        shutil.rmtree(root / "g2")
+        await util.until(lambda: (str(root / "g2"), DIR_GONE) in told, "the deletion")
+        os.rename(root / ".hidden", tmp_path / "hidden")
+        (root / "g3").mkdir()  # an event after the hidden one's, to wait for
+        init_db(str(root / "g3" / "t.db"))
+        await util.until(lambda: (str(root / "g3" / "t.db"), "created") in told, "g3")
+    finally:
+        events.stop()
+    assert not [p for p, _ in told if "hidden" in p]
+    assert (str(root / "g1" / "t.db"), "created") not in told
 
 
 @pytest.mark.parametrize("make", BACKENDS)
