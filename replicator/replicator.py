@@ -508,6 +508,7 @@ class Replicator:
     async def open(self) -> None:
         """Open every listed database; on failure close what was opened and re-raise. (The
         databases of ``dir:`` entries open in the background once :meth:`run` starts.)"""
+        self.runtime.adopt()
         opened: list[DatabaseService] = []
         try:
             for s in self.services:
@@ -524,6 +525,7 @@ class Replicator:
         ``skip_final_sync`` is set)."""
         from .server import start_control_socket
 
+        self.runtime.adopt()
         sockets = []
         for s in self.services:
             try:

@@ -1,14 +1,14 @@
-"""What every database of a process shares: the worker pool for blocking SQLite and file work,
-the one file watcher, the limits on concurrent snapshots and uploads, and the timer backstop.
+"""What every database of a process shares: the worker pool for blocking SQLite and file work, the
+one file watcher, the limits on concurrent snapshots and uploads, and the timer backstop.
 
 Nothing here grows a thread per database. The pool has ``workers`` threads whatever the number of
-databases (each database's work is serialized by its own lock, as its SQLite connections
-require); the watcher has one thread per watched directory tree; timers are jittered so that a
-thousand databases started together do not wake together. The backstop for missed file events
-is one job a tick that stats the watched databases that are due (their file and ``-wal``) and
-wakes only those that changed, instead of a capture step per database per tick; with file events
-working it looks at no more than ``BACKSTOP_STATS`` databases a second, so an idle fleet of any
-size costs next to nothing.
+databases (each database's work is serialized by its own lock, as its SQLite connections require),
+the loop's default pool ``IO_WORKERS`` whatever the number of cores; the watcher has one thread per
+watched directory tree; timers are jittered so that a thousand databases started together do not
+wake together. The backstop for missed file events is one job a tick that stats the watched
+databases that are due (their file and ``-wal``) and wakes only those that changed, instead of a
+capture step per database per tick; with file events working it looks at no more than
+``BACKSTOP_STATS`` databases a second, so an idle fleet of any size costs next to nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ DEFAULT_HEALTH_WORKERS = 2
 # compaction is background work: one thread bounds it to one CPU whatever the number of
 # databases (each destination's steps are spaced to take a tenth of the time besides)
 COMPACTION_WORKERS = 1
+# the loop's default pool (asyncio.to_thread, aiofiles: a destination's file work), whose own
+# default grows with the host's cores (up to 32 threads)
+IO_WORKERS = 8
 DEFAULT_SNAPSHOTS = 2
 DEFAULT_UPLOADS = 16
 DEFAULT_TICK = 1.0
@@ -117,6 +120,8 @@ class Runtime:
         self.compaction = ThreadPoolExecutor(COMPACTION_WORKERS,
                                              thread_name_prefix="replicator-compact")
         """Compaction's pool: a merge never waits for a capture worker nor holds one."""
+        self.io = ThreadPoolExecutor(IO_WORKERS, thread_name_prefix="replicator-io")
+        """The loop's default pool once :meth:`adopt` ran (a destination's file work)."""
         self.events: FileEvents = file_events()
         self.snapshots = asyncio.Semaphore(snapshots)
         """Held while a snapshot is written (and while a database opens, which may take one)."""
@@ -140,6 +145,12 @@ class Runtime:
         self._stop = asyncio.Event()
         self._trim = _malloc_trim()
         self._trimming: asyncio.Task[None] | None = None
+
+    def adopt(self) -> None:
+        """Make :attr:`io` the running loop's default pool, so that the number of threads does
+        not depend on the host's cores (it stays when this runtime closes: the loop shuts it
+        down with itself)."""
+        asyncio.get_running_loop().set_default_executor(self.io)
 
     def park_delay(self, park_after: float) -> float:
         """How long an idle database waits before it parks: shorter while others wait to open

@@ -470,3 +470,54 @@ async def test_idle_fleet_makes_no_requests_and_a_write_wakes_its_database(
     out = tmp_path / "out.db"
     await asyncio.to_thread(util.restore, seaweedfs_server.url(bucket, f"t/{woken}"), out)
     assert util.dump(out) == util.dump(root / woken)
+
+
+async def test_threads_bounded_whatever_the_number_of_cores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forty databases shipping to a local directory at once on a host that says it has 256
+    cores: the process's threads stay within the fixed pools (asyncio's own default pool, which
+    would grow with the cores, is not used)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 256)
+    root, dest = tmp_path / "tenants", tmp_path / "backups"
+    names = [f"g{i % 4}/t{i}.db" for i in range(40)]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        init_db(str(root / name))
+    cfg = parse_config({"dbs": [{"dir": str(root), "recursive": True, "integrity": "off",
+                                 "replicas": [{"name": "local", "path": str(dest)}]}]})
+    rep = Replicator(cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(rep.run(stop))
+    threads: dict[int, str] = {}
+    seen: dict[str, int] = {}
+
+    async def shipped() -> bool:
+        """Every database captured past ``seen`` and shipped all it captured."""
+        threads.update((t.ident or 0, t.name) for t in threading.enumerate())
+        services = dict(rep.fleet.services)
+        if len(services) < len(names):
+            return False
+        for path, s in services.items():
+            if s.db.txid <= seen.get(path, -1):
+                return False
+            for r in s.replicas:
+                if await r.pending(remote=False):
+                    return False
+        return True
+
+    try:
+        await util.until(shipped, "every database replicated")
+        for _ in range(3):  # every database commits at once, three times over
+            seen.update((p, s.db.txid) for p, s in rep.fleet.services.items())
+            await asyncio.gather(*(asyncio.to_thread(commit, root / n, 2) for n in names))
+            await util.until(shipped, "the commits shipped")
+    finally:
+        stop.set()
+        await task
+    names_seen = sorted(threads.values())
+    assert len(threads) <= 32, names_seen
+    assert not [n for n in names_seen if n.startswith("asyncio_")], names_seen
+    assert [n for n in names_seen if n.startswith("replicator-io")], names_seen
+    restored = tmp_path / "out.db"
+    util.restore(str(dest / names[7]), restored)
+    assert util.dump(restored) == util.dump(root / names[7])

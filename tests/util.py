@@ -14,7 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -247,11 +247,16 @@ def wait_until(pred: Callable[[], bool], timeout: float = 30, interval: float = 
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def until(pred: Callable[[], bool], what: str, within: float = 120) -> None:
-    """``wait_until`` for async tests: poll ``pred`` without blocking the event loop."""
+async def until(pred: Callable[[], bool | Awaitable[bool]], what: str,
+                within: float = 120) -> None:
+    """``wait_until`` for async tests: poll ``pred`` (or await it, if it is a coroutine
+    function) without blocking the event loop."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        if pred():
+        ok = pred()
+        if not isinstance(ok, bool):
+            ok = await ok
+        if ok:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
