@@ -449,7 +449,7 @@ def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
                 "lag_p50_ms": 1000 * pct(ls, 50), "lag_p99_ms": 1000 * pct(ls, 99),
                 "lag_max_ms": 1000 * max(ls, default=float("nan")),
                 "cpu_pct": 100 * (b["cpu_s"] - a["cpu_s"]) / (seconds + 10),
-                "rss_mib": b["rss_mib"], "machine": busy.done(0.0)}
+                "rss_mib": b["rss_mib"], "threads": b["threads"], "machine": busy.done(0.0)}
     finally:
         if writer is not None and writer.poll() is None:
             writer.kill()
@@ -520,9 +520,10 @@ def report(res: dict[str, Any]) -> str:
         str(r.get("replicated")), fmt(r.get("rss_mib")), fmt(r.get("threads"), "d"),
         fmt(r.get("fds"), "d")])
     lines += _table(res["active"], ["each committing 1/s", "tool", "commits", "lag p50 ms",
-                                    "p99 ms", "max ms", "tool CPU % of a core", load], lambda r: [
+                                    "p99 ms", "max ms", "tool CPU % of a core", "threads",
+                                    load], lambda r: [
         f"{r['matched']}/{r['commits']}", fmt(r["lag_p50_ms"]), fmt(r["lag_p99_ms"]),
-        fmt(r["lag_max_ms"]), fmt(r["cpu_pct"])])
+        fmt(r["lag_max_ms"]), fmt(r["cpu_pct"]), fmt(r.get("threads"), "d")])
     lines += ["", "Lag: from the writer's commit to the inotify event of the next finished object "
               "of that database in the replica (ours: a `.seg`; Litestream: a level-0 `.ltx`); "
               "a commit whose object had already been written counts from the next one.", "",

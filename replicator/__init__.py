@@ -4,7 +4,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import os  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
+
+# numpy (page indexes, WAL checksums) does integer arithmetic only, never BLAS; its OpenBLAS would
+# start a thread per core when first imported (63 more threads on a 64-core host, each with its
+# buffers). A setting the environment gives stays.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from .errors import (  # noqa: E402
     ConfigError,

@@ -521,3 +521,21 @@ async def test_threads_bounded_whatever_the_number_of_cores(
     restored = tmp_path / "out.db"
     util.restore(str(dest / names[7]), restored)
     assert util.dump(restored) == util.dump(root / names[7])
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2 or not os.path.isdir("/proc/self/task"),
+                    reason="OpenBLAS starts no thread on one core; Linux's /proc tells threads")
+def test_numpy_starts_no_threads_of_its_own_unless_told() -> None:
+    """numpy's OpenBLAS would start a thread per core when the replicator imports it (the page
+    index and the WAL checksums use numpy, never BLAS); a setting the environment gives stays."""
+    probe = ("import replicator.cli, replicator.pageindex, numpy, os; "
+             "print(len(os.listdir('/proc/self/task')))")
+
+    def threads(**env: str) -> int:
+        environ = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             env={**environ, **env}, check=True)
+        return int(out.stdout)
+
+    assert threads() == 1
+    assert threads(OPENBLAS_NUM_THREADS="2") == 2
