@@ -342,20 +342,28 @@ class InotifyEvents(FileEvents):
                 callback(directory, DIR_GONE)
 
     def _overflow(self) -> None:
-        """Events were lost: wake every database and tell every tree's files as modified."""
+        """Events were lost: wake every database, tell every tree's files as modified and its
+        databases that are no longer there as deleted."""
         log.warning("file events were lost (inotify queue overflow); looking at every database")
         for target in list(self._targets.values()):
             if not target.paused:
                 target.event.set()
         for root in list(self._trees):
-            _, match, callback = self._trees[root]
-            recursive = self._trees[root][0]
+            recursive, match, callback = self._trees[root]
+            present = set()
             for path, dirs, files in os.walk(root):
                 dirs[:] = [x for x in dirs if not x.startswith(".")] if recursive else []
                 for name in files:
                     file = os.path.join(path, name)
-                    if match(file) and file not in self._targets:
-                        callback(file, "modified")
+                    if match(file):
+                        present.add(file)
+                        if file not in self._targets:
+                            callback(file, "modified")
+            for db in list(self._targets):
+                inside = (db.startswith(root + os.sep) and not _hidden(root, db)
+                          if recursive else os.path.dirname(db) == root)
+                if inside and db not in present and match(db):
+                    callback(db, "deleted")
 
 
 def _mask(quiet: bool) -> int:

@@ -4,6 +4,7 @@ real files changed in this process and by a SQLite writer in another."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -91,6 +92,34 @@ async def test_tree_told_of_directories_moved_away_or_deleted(
         events.stop()
     assert not [p for p, _ in told if "hidden" in p]
     assert (str(root / "g1" / "t.db"), "created") not in told
+
+
+async def test_overflow_tells_trees_of_databases_gone_meanwhile(tmp_path: Path) -> None:
+    """Events lost to an inotify queue overflow: the tree is told its files that are there (as
+    modified) and its databases that are not (as deleted), since no event will say so."""
+    events = _inotify()
+    assert isinstance(events, InotifyEvents)
+    root = tmp_path / "tenants"
+    (root / "g").mkdir(parents=True)
+    for name in ("kept.db", "g/gone.db", "g/new.db"):
+        init_db(str(root / name))
+    told: list[tuple[str, str]] = []
+    events.add_tree(str(root), True, lambda p: p.endswith(".db"),
+                    lambda p, kind: told.append((p, kind)))
+    try:
+        for name in ("kept.db", "g/gone.db"):
+            events.add_db(str(root / name), asyncio.Event())
+        loop = asyncio.get_running_loop()
+        assert events._ino is not None
+        loop.remove_reader(events._ino.fd)  # the events below are lost
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{root / 'g' / 'gone.db'}{suffix}")
+        events._overflow()
+        assert sorted(told) == [(str(root / "g" / "gone.db"), "deleted"),
+                                (str(root / "g" / "new.db"), "modified")]
+    finally:
+        events.stop()
 
 
 @pytest.mark.parametrize("make", BACKENDS)
