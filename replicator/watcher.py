@@ -21,12 +21,12 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
-from typing import Any
-
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
+from typing import TYPE_CHECKING, Any
 
 from . import inotify as ino
+
+if TYPE_CHECKING:  # watchdog is imported only where there is no inotify
+    from watchdog.events import FileSystemEvent
 
 # watchdog's recursive inotify watch adds a directory made inside a new one twice (once walking
 # the new one, once for its own event) and warns that the second callback replaces the first,
@@ -382,12 +382,12 @@ def _kind(mask: int) -> str:
     return "modified"
 
 
-class WatchdogEvents(FileEvents, FileSystemEventHandler):
+class WatchdogEvents(FileEvents):
     """A watchdog observer (where there is no inotify): events are handed to the event loop
-    thread-safely."""
+    thread-safely. It is the observer's event handler itself (:meth:`dispatch`)."""
 
     def __init__(self) -> None:
-        FileEvents.__init__(self)
+        super().__init__()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._observer: Any = None
         self._lock = threading.Lock()
@@ -399,6 +399,8 @@ class WatchdogEvents(FileEvents, FileSystemEventHandler):
         """Start the observer (from the event loop; again after :meth:`stop` is fine)."""
         if self._observer is not None:
             return
+        from watchdog.observers import Observer
+
         self._loop = asyncio.get_running_loop()
         observer = Observer()
         observer.daemon = True
@@ -484,6 +486,10 @@ class WatchdogEvents(FileEvents, FileSystemEventHandler):
             loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # loop closed during shutdown
             pass
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        """What the observer calls for every event (in its thread)."""
+        self.on_any_event(event)
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         """Dispatch one event (in the observer's thread)."""
