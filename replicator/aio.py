@@ -23,10 +23,43 @@ async def wait_event(event: asyncio.Event, within: float | None) -> None:
             await event.wait()
 
 
+class Stop(asyncio.Event):
+    """A stop signal that sets the wake-ups :func:`relay` linked to it when it is set, without a
+    task waiting for it (a thousand databases' loops would hold two such tasks each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._linked: list[asyncio.Event] = []
+
+    def link(self, wakes: tuple[asyncio.Event, ...]) -> None:
+        """Set ``wakes`` whenever this is set (at once if it is)."""
+        self._linked.extend(wakes)
+        if self.is_set():
+            for w in wakes:
+                w.set()
+
+    def unlink(self, wakes: tuple[asyncio.Event, ...]) -> None:
+        """Undo :meth:`link`."""
+        for w in wakes:
+            self._linked.remove(w)
+
+    def set(self) -> None:
+        super().set()
+        for w in list(self._linked):
+            w.set()
+
+
 @contextlib.asynccontextmanager
 async def relay(stop: asyncio.Event, *wakes: asyncio.Event) -> AsyncIterator[None]:
     """While inside, ``stop`` being set sets every one of ``wakes`` too, so that a loop can wait
-    for its wake-up alone with :func:`wait_event`."""
+    for its wake-up alone with :func:`wait_event` (with a :class:`Stop`, no task is needed)."""
+    if isinstance(stop, Stop):
+        stop.link(wakes)
+        try:
+            yield
+        finally:
+            stop.unlink(wakes)
+        return
 
     async def forward() -> None:
         await stop.wait()

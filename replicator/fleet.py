@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .aio import wait_event
+from .aio import Stop, wait_event
 from .config import DbConfig, DirConfig
 from .discovery import DirWatch
 from .metrics import Metrics
@@ -159,7 +159,7 @@ class Fleet:
             await self._discard(s)
             return
         self.services[cfg.path] = s
-        stop = asyncio.Event()
+        stop = Stop()
         self._runs[cfg.path] = (stop, asyncio.ensure_future(s.run(stop)))
 
     async def _discard(self, s: DatabaseService) -> None:

@@ -23,6 +23,7 @@ import shutil
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 
+from .aio import Stop
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Supervisor:
     def __init__(self, command: Sequence[str] | None, shutdown_timeout: float) -> None:
         self.command = list(command) if command else None
         self.shutdown_timeout = shutdown_timeout
-        self.stop = asyncio.Event()
+        self.stop: asyncio.Event = Stop()
         self.skip_final_sync = asyncio.Event()
         self.child: asyncio.subprocess.Process | None = None
         self._stop_requests = 0
