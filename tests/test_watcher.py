@@ -79,7 +79,9 @@ async def test_tree_told_of_directories_moved_away_or_deleted(
     events.add_tree(str(root), True, lambda p: p.endswith(".db"),
                     lambda p, kind: told.append((p, kind)))
     try:
-        await asyncio.sleep(0.2)  # watchdog's observer starts its watches in its thread
+        # watchdog's observer starts its watches in its thread: wait until they report
+        init_db(str(root / "probe.db"))
+        await util.until(lambda: (str(root / "probe.db"), "created") in told, "the watches")
         os.rename(root / "g1", tmp_path / "archived")
         await util.until(lambda: (str(root / "g1"), DIR_GONE) in told, "the move")
         shutil.rmtree(root / "g2")
