@@ -191,6 +191,11 @@ def test_databases_appear_and_disappear_while_others_are_written(tmp_path: Path)
     # b.db is gone from the directory, but its replica stays restorable by path
     r = util.cli("restore", "--config", str(cfg), "-o", str(tmp_path / "b.db"), str(root / "b.db"))
     assert r.returncode == 0, r.stderr
+    # so is the database of the directory moved away, equal to the moved file
+    e_out = tmp_path / "e.db"
+    r = util.cli("restore", "--config", str(cfg), "-o", str(e_out), str(root / "old" / "e.db"))
+    assert r.returncode == 0, r.stderr
+    assert util.dump(e_out) == util.dump(tmp_path / "archived" / "e.db")
     r = util.cli("restore", "--config", str(cfg), "-o", str(tmp_path / "x.db"),
                  str(tmp_path / "elsewhere.db"))
     assert r.returncode != 0 and "is not in" in r.stderr and "Traceback" not in r.stderr
