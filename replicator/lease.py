@@ -190,7 +190,7 @@ class Lease:
         rec = await self.read()
         if rec is not None and rec.owner != self.owner:
             if self.held:
-                self._drop()
+                self.forget()
                 raise self._taken_over(rec)
             if not self.is_free(rec):
                 raise self._in_use(rec)
@@ -219,7 +219,7 @@ class Lease:
             return
         rec = await self.read()
         if rec is not None and rec.owner != self.owner:
-            self._drop()
+            self.forget()
             raise self._taken_over(rec)
         await self._write()
         self._checked = self.clock()
@@ -229,17 +229,15 @@ class Lease:
         if not self.held:
             return
         rec = await self.read()
-        self._drop()
+        self.forget()
         if rec is None or rec.owner == self.owner:
             await self._write(released=True)
 
     def forget(self) -> None:
-        """This replica stops shipping here without releasing the lease (its destination is
-        down, or it was fenced): the record stays until it expires, but for this process it
-        is a stopped owner's, free to take over (see :meth:`is_free`)."""
-        self._drop()
-
-    def _drop(self) -> None:
+        """This replica no longer holds the lease: released, taken over, or stopped without
+        releasing it (its destination down, or fenced). An unreleased record stays until it
+        expires, but for this process it is a stopped owner's, free to take over (see
+        :meth:`is_free`)."""
         self.held = False
         _HELD.discard(self.owner)
 

@@ -377,7 +377,7 @@ async def test_lease_of_a_dead_process_on_this_host_is_free(storage: StorageClie
     await proc.wait()
     gone = Lease(storage, "/d.db", clock=clock, hostname="here", pid=proc.pid)
     await gone.claim()
-    gone._drop()  # the process died holding it
+    gone.forget()  # the process died holding it
     again = Lease(storage, "/d.db", clock=clock, hostname="here", pid=os.getpid())
     await again.claim()
     # a live process on this host keeps it
