@@ -289,6 +289,39 @@ async def test_key_layout_and_stray_keys(
 
 
 @pytest.mark.s3
+async def test_botocore_data_is_kept_as_plain_dicts(
+    seaweedfs_server: S3Server, weed_bucket: str, open_s3: Callable[..., S3Storage]
+) -> None:
+    """The S3 model and endpoint data the process keeps are plain dicts (half the memory of
+    the OrderedDicts botocore parses into), and requests, listings and errors work with them."""
+    from collections import OrderedDict
+
+    from replicator.storage import s3_requests
+
+    s = open_s3(seaweedfs_server, weed_bucket)
+    gen = new_generation_id()
+    info = segment_info(gen, 1, 1, 2, 2)
+    await s.write_object(info, chunks(b"body"))
+    assert await read_all(s, info) == b"body"
+    assert [o.key for o in await s.objects(gen)] == [info.key]
+    with pytest.raises(NotFoundError):
+        await read_all(s, segment_info(gen, 2, 2, 3, 3))
+
+    def ordered(value: object) -> int:
+        if isinstance(value, OrderedDict):
+            return 1
+        if isinstance(value, dict):
+            return sum(ordered(v) for v in value.values())
+        if isinstance(value, list | tuple):
+            return sum(ordered(v) for v in value)
+        return 0
+
+    cache = s3_requests._loader._cache
+    assert any(k[:2] == ("load_data_with_path", "endpoints") for k in cache)
+    assert ordered(list(cache.values())) == 0
+
+
+@pytest.mark.s3
 async def test_storage_class_and_encryption_applied(
     moto_server: S3Server, s3_url_factory: Callable[..., str]
 ) -> None:

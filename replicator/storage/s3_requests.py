@@ -33,7 +33,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from botocore.loaders import create_loader
+from botocore.loaders import JSONFileLoader, create_loader
 from botocore.utils import determine_content_length
 
 from ..errors import NotFoundError, StorageError
@@ -85,6 +85,25 @@ T = TypeVar("T")
 _loader: Any = None
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with every mapping in it a plain dict (insertion-ordered, as the JSON was)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+class _PlainJSONFileLoader(JSONFileLoader):  # type: ignore[misc]
+    """botocore's JSON file loader, whose data holds plain dicts rather than OrderedDicts:
+    the S3 model and the endpoint data it keeps for the life of the process take 4 MiB less
+    (an OrderedDict is about twice a dict's size; nothing botocore does with them needs
+    more than a dict, which keeps its order)."""
+
+    def load_file(self, file_path: str) -> Any:
+        return _plain(super().load_file(file_path))
+
+
 def _shared_loader(session: Any) -> Any:
     """One botocore data loader for every client: it caches the parsed service model and
     endpoint rules (megabytes of JSON), while each client still gets its own session and so
@@ -92,6 +111,7 @@ def _shared_loader(session: Any) -> Any:
     global _loader
     if _loader is None:
         _loader = create_loader(session.get_config_variable("data_path"))
+        _loader.file_loader = _PlainJSONFileLoader()
     return _loader
 
 
