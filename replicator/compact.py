@@ -68,11 +68,12 @@ T = TypeVar("T")
 DEFAULT_LEVELS: tuple[float, ...] = (1.0, 10.0, 300.0, 3600.0)
 DEFAULT_DELETE_GRACE = 30.0  # seconds a replaced object stays readable after its merge
 MAX_BYTES = 256 << 20  # stored bytes of the inputs of one merge
-LARGE_BYTES = 32 << 20
+LARGE_BYTES = 4 << 20
 """A segment of at least this many stored bytes is never merged again: a restore or a listing
 pays for it about what it would pay for its share of a larger one, and a merge would rewrite
-(and upload again) every byte of it. Under a flat-out writer the first level's merges are this
-large already, and each later level would otherwise copy them once more."""
+(and upload again) every byte of it. A full batch of the capture (2,048 frames: 8 MiB of 4 KiB
+pages as they are, as under a flat-out writer or a bulk load, and seldom less than half of that
+compressed) is this large: merging those would double the bytes written for each byte of WAL."""
 # a merge is compressed when its sources take less than this fraction of their frames' size
 COMPRESSED_BELOW = 0.75
 WORK_DIR = "compact"

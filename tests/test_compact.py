@@ -27,6 +27,7 @@ from writer import init_db
 
 from replicator.compact import (
     COMPRESSED_BELOW,
+    DEFAULT_LEVELS,
     LARGE_BYTES,
     Compactor,
     CompactResult,
@@ -465,6 +466,39 @@ def test_levels_plan_only_closed_windows_and_never_cross_a_snapshot() -> None:
              for s in segs]
     assert [[o.start_txid for o in r] for r in plan_level(below, 0.1, now_ms=1200)] == [
         list(range(1, 10)), list(range(10, 20))]
+
+
+def test_full_batches_of_a_bulk_load_are_never_merged(tmp_path: Path) -> None:
+    """A bulk load fills the capture's segments (2,048 frames each, stored as they are): they
+    are large enough as they are, and no level merges them (a merge would write every byte of
+    the load once more); the small segment after them may still be merged."""
+    app = tmp_path / "app.db"
+    init_db(str(app))
+    spool = Spool(str(tmp_path / "spool"))
+    db = Database(str(app), spool, checkpoint_pages=100_000)
+    db.open()
+    conn = sqlite3.connect(app, isolation_level=None, timeout=0)
+    try:
+        db.step()
+        for _ in range(24):  # 24 MiB of random rows, 1 MiB a transaction
+            conn.execute("BEGIN")
+            conn.executemany("INSERT INTO data(k, payload) VALUES (?, randomblob(4000))",
+                             [(i,) for i in range(256)])
+            conn.execute("COMMIT")
+        conn.execute("INSERT INTO data(k, payload) VALUES (0, x'00')")
+        while db.step().more:
+            pass
+    finally:
+        conn.close()
+        db.close()
+    gen = spool.generations()[-1]
+    segs = [o for o in spool.objects(gen) if o.kind == "wal"]
+    full = [o for o in segs if o.size >= LARGE_BYTES]
+    assert len(full) >= 2, [o.size for o in segs]
+    far = max(o.last_ms for o in segs) + 10_000_000
+    for level in DEFAULT_LEVELS:
+        merged = {o.key for run in plan_level(segs, level, now_ms=far) for o in run}
+        assert not merged & {o.key for o in full}
 
 
 def test_compaction_levels_config() -> None:
