@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from enum import Enum
 from typing import Any
 
@@ -49,29 +49,69 @@ class Stop(asyncio.Event):
             w.set()
 
 
-@contextlib.asynccontextmanager
-async def relay(stop: asyncio.Event, *wakes: asyncio.Event) -> AsyncIterator[None]:
+class relay:  # noqa: N801 - used as ``async with relay(stop, wake)``, like a function
     """While inside, ``stop`` being set sets every one of ``wakes`` too, so that a loop can wait
-    for its wake-up alone with :func:`wait_event` (with a :class:`Stop`, no task is needed)."""
-    if isinstance(stop, Stop):
-        stop.link(wakes)
-        try:
-            yield
-        finally:
-            stop.unlink(wakes)
-        return
+    for its wake-up alone with :func:`wait_event` (with a :class:`Stop`, no task is needed).
+    A class rather than a generator: a thousand databases' loops each hold one while they run."""
 
-    async def forward() -> None:
-        await stop.wait()
-        for w in wakes:
+    __slots__ = ("_stop", "_wakes", "_task")
+
+    def __init__(self, stop: asyncio.Event, *wakes: asyncio.Event) -> None:
+        self._stop = stop
+        self._wakes = wakes
+        self._task: asyncio.Future[None] | None = None
+
+    async def __aenter__(self) -> None:
+        if isinstance(self._stop, Stop):
+            self._stop.link(self._wakes)
+        else:
+            self._task = asyncio.ensure_future(self._forward())
+
+    async def _forward(self) -> None:
+        await self._stop.wait()
+        for w in self._wakes:
             w.set()
 
-    task = asyncio.ensure_future(forward())
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is None:
+            assert isinstance(self._stop, Stop)
+            self._stop.unlink(self._wakes)
+            return
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+class Background:
+    """At most one task of some background work at a time (a compaction step, a prune). A task
+    that ended without an error is let go at once: a thousand idle databases would otherwise
+    each hold their last finished tasks (about 0.7 KB each). A task that failed is reported
+    to the loop's exception handler as it ends (as asyncio would report it, later, when
+    nobody read its error) and kept, so that whoever waits for it sees the error."""
+
+    __slots__ = ("task",)
+
+    def __init__(self) -> None:
+        self.task: asyncio.Future[None] | None = None
+
+    def running(self) -> bool:
+        """Whether a task started here has not ended yet."""
+        return self.task is not None and not self.task.done()
+
+    def start(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        """Run ``work`` in a task of its own (the one this slot now holds)."""
+        task = asyncio.ensure_future(work)
+        self.task = task
+        task.add_done_callback(self._ended)
+        return task
+
+    def _ended(self, task: asyncio.Future[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            if self.task is task:
+                self.task = None
+            return
+        asyncio.get_running_loop().call_exception_handler({
+            "message": "background task failed", "exception": task.exception(),
+            "future": task})
 
 
 class Outcome(Enum):

@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
+from .aio import Background
 from .pageindex import IndexKeeper
 from .replica import Replica
 from .retry import Deferral
@@ -61,14 +62,14 @@ class PruneSchedule:
         self._every = every
         self._busy = busy
         self._deferral = Deferral(defer)
-        self._task: asyncio.Task[None] | None = None
+        self._slot = Background()
         self._waiting = False
         self._pruned_at = 0.0
 
     def soon(self) -> None:
         """Prune soon (once, however often it is asked before that)."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._after_wait())
+        if not self._slot.running():
+            self._slot.start(self._after_wait())
 
     async def _after_wait(self) -> None:
         wait = self._pruned_at + self._every - time.monotonic()
@@ -90,7 +91,7 @@ class PruneSchedule:
 
     async def stop(self) -> None:
         """Drop a prune that is waiting for its turn; let one that runs finish."""
-        task = self._task
+        task = self._slot.task
         if task is not None and not task.done():
             if self._waiting:
                 task.cancel()

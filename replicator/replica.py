@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 
 from . import batch
-from .aio import relay, wait_event
+from .aio import Background, relay, wait_event
 from .compact import DEFAULT_DELETE_GRACE, Compactor, CompactResult
 from .courier import Courier
 from .errors import ReplicatorError
@@ -162,7 +162,7 @@ class Replica:
         self.compactor: Compactor | None = None
         # compaction runs beside shipping (a long merge must not hold up new objects), never
         # beside retention: both delete objects
-        self._compacting: asyncio.Task[None] | None = None
+        self._compacting = Background()
         # the capture is behind a writer faster than it: compaction (which rewrites what was
         # shipped) waits until it caught up rather than take the CPU it needs
         self.source_behind = False
@@ -175,7 +175,7 @@ class Replica:
         self.source_bulk = False
         self._busy = Deferral(0.0)
         self._bulk = Deferral(0.0)
-        self._retaining: asyncio.Task[None] | None = None
+        self._retaining = Background()
         self._retain_again = False
         self._compact_after = 0.0  # monotonic time before which no compaction step starts
         self._maintenance = asyncio.Lock()
@@ -382,7 +382,7 @@ class Replica:
 
     def _retain_beside(self) -> None:
         """Apply the retention policy in a task of its own (once more after it, if one runs)."""
-        if self._retaining is not None and not self._retaining.done():
+        if self._retaining.running():
             self._retain_again = True
             return
 
@@ -393,7 +393,7 @@ class Replica:
                 if not self._retain_again:
                     return
 
-        self._retaining = asyncio.ensure_future(retain())
+        self._retaining.start(retain())
 
     def _count(self, info: ObjectInfo, size: int, frames: int, done: float) -> None:
         """Counters and metrics for one object written at ``done``."""
@@ -448,7 +448,7 @@ class Replica:
 
     def _compact_beside(self) -> None:
         """Start a compaction step in a task of its own, unless one is running."""
-        if self.source_behind or (self._compacting is not None and not self._compacting.done()):
+        if self.source_behind or self._compacting.running():
             return
         if self.compactor is None or not self.compactor.due.is_due(time.time()):
             return
@@ -470,7 +470,7 @@ class Replica:
                     took * (1 / COMPACT_DUTY - 1),
                     max(COMPACT_SPACING, self.compactor.levels[0]))
 
-        self._compacting = asyncio.ensure_future(step())
+        self._compacting.start(step())
 
     def _idle_wait(self, backstop: float) -> float | None:
         """How long ``run()`` waits for a wake-up after a successful round: ``backstop``, or
@@ -490,7 +490,7 @@ class Replica:
             async with relay(stop, self.wake):
                 await self._run(stop, backstop)
         finally:
-            tasks = [t for t in (self._compacting, self._retaining) if t is not None]
+            tasks = [b.task for b in (self._compacting, self._retaining) if b.task is not None]
             await asyncio.gather(*tasks, return_exceptions=True)
         await self._delete_replaced()
 

@@ -623,11 +623,11 @@ def test_compaction_waits_while_the_capture_is_behind(history: History) -> None:
     async def go() -> None:
         h.replica.source_behind = True
         h.replica._compact_beside()
-        assert h.replica._compacting is None and due.is_due(0.0)
+        assert h.replica._compacting.task is None and due.is_due(0.0)
         h.replica.source_behind = False
         h.replica._compact_beside()
-        assert h.replica._compacting is not None
-        await h.replica._compacting
+        assert h.replica._compacting.task is not None
+        await h.replica._compacting.task
         assert 0.0 not in due.times
 
     asyncio.run(go())
@@ -687,35 +687,35 @@ def test_compaction_waits_while_the_capture_follows_a_busy_writer(history: Histo
     async def go() -> None:
         h.replica.source_busy = True
         h.replica._compact_beside()
-        assert h.replica._compacting is None
+        assert h.replica._compacting.task is None
         h.replica._busy.limit = 0.0  # put off for as long as it may be
         h.replica._compact_beside()
-        assert h.replica._compacting is not None
-        await h.replica._compacting
+        assert h.replica._compacting.task is not None
+        await h.replica._compacting.task
         h.replica._busy.limit = LEVELS[0]
-        h.replica._compacting = None
+        h.replica._compacting.task = None
         h.replica._compact_after = 0.0
         h.replica.compactor.due.at(0.0)
         h.replica._compact_beside()
-        assert h.replica._compacting is None
+        assert h.replica._compacting.task is None
         h.replica.source_busy = False  # the writer paused
         h.replica._compact_beside()
-        assert h.replica._compacting is not None
-        await h.replica._compacting
+        assert h.replica._compacting.task is not None
+        await h.replica._compacting.task
         # writing in bulk: put off for longer than a first-level window (COMPACT_SPACING)
         assert h.replica._bulk.limit == max(COMPACT_SPACING, LEVELS[0])
         h.replica.source_busy = h.replica.source_bulk = True
-        h.replica._compacting = None
+        h.replica._compacting.task = None
         h.replica._compact_after = 0.0
         h.replica.compactor.due.at(0.0)
         h.replica._compact_beside()
         h.replica._busy.limit = 0.0  # a first-level window has passed
         h.replica._compact_beside()
-        assert h.replica._compacting is None
+        assert h.replica._compacting.task is None
         h.replica._bulk.limit = 0.0  # and so has COMPACT_SPACING
         h.replica._compact_beside()
-        assert h.replica._compacting is not None
-        await h.replica._compacting
+        assert h.replica._compacting.task is not None
+        await h.replica._compacting.task
 
     asyncio.run(go())
 
@@ -783,18 +783,18 @@ def test_compaction_takes_at_most_its_share_of_the_time(
 
     async def go() -> None:
         h.replica._compact_beside()
-        first = h.replica._compacting
+        first = h.replica._compacting.task
         assert first is not None
         await first
         assert h.replica._compact_after > time.monotonic()
         assert h.replica.compactor is not None
         h.replica.compactor.due.at(0.0)
         h.replica._compact_beside()
-        assert h.replica._compacting is first  # none started
+        assert h.replica._compacting.task is None  # none started (the first one was let go)
         h.replica._compact_after = 0.0
         h.replica._compact_beside()
-        assert h.replica._compacting is not first
-        await h.replica._compacting
+        assert h.replica._compacting.task not in (None, first)
+        await h.replica._compacting.task
 
         async def slow_step() -> None:
             await asyncio.sleep(LEVELS[0] * 4)  # uncapped, the next would wait 36 windows
@@ -805,7 +805,7 @@ def test_compaction_takes_at_most_its_share_of_the_time(
             h.replica._compact_after = 0.0
             h.replica.compactor.due.at(0.0)
             h.replica._compact_beside()
-            await h.replica._compacting
+            await h.replica._compacting.task
             left = h.replica._compact_after - time.monotonic()
             assert cap * 0.5 < left <= cap  # the cap: COMPACT_SPACING, or a longer level
 

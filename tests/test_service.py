@@ -471,8 +471,9 @@ async def test_retention_after_a_snapshot_does_not_hold_up_shipping(tmp_path: Pa
             commit(db, 3)
             await s.sync()
             assert await asyncio.wait_for(r.sync(beside=True), 10) == 2
-            assert r._retaining is not None and not r._retaining.done()
-        await asyncio.wait_for(r._retaining, 10)
+            retaining = r._retaining.task
+            assert retaining is not None and not retaining.done()
+        await asyncio.wait_for(retaining, 10)
         assert r.last_error is None
         await s.close(10)
 
