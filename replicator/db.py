@@ -176,9 +176,11 @@ class Database:
         """PASSIVE checkpoints run by rotations, by result (the caller counts and clears)."""
         self._pending: Reason | None = None  # a new generation is due
         self._catchup: Reason | None = None  # a catch-up is due (a restart that cannot resume)
-        # (database file signature, wal-index salts and mxFrame) at the start of the last step,
-        # when that step captured everything: while all stay the same there is nothing to do
+        # (database file signature, wal-index salts and mxFrame) at the start or the end of the
+        # last step, when that step captured everything: while all stay the same there is
+        # nothing to do
         self._settled: _Quiet | None = None
+        self._settled_wal_size = 0  # the WAL's size at the end of the last step
         self._index_wait = Deferral(INDEX_SAVE_DEFER)
 
     # ------------------------------------------------------------------ lifecycle
@@ -383,18 +385,30 @@ class Database:
             self.confirmed_ns = started  # nothing committed since a step that captured all
             if self.generation is not None:
                 self.keeper.save_if_due(self.snapshots.stamp())
-            res.sizes = self.handles.sizes()
+            # the file's size is in the signature; the WAL's grows only with frames of the
+            # current epoch, which the signature excludes
+            res.sizes = (seen[0][1], self._settled_wal_size)
             return res
         self._settled = None
         with SIGHTER.watching(self.handles.sightings):
             self._step(res, started)
+        if not res.more:
+            # the file event of a commit's last frame usually wakes the next step, which finds
+            # nothing more: a signature read now, after the capture, lets that step end at once
+            # (the one read first showed this commit's frames unannounced yet, so it cannot)
+            self._settled = self._settles(seen if seen is not None else self._quiet_signature())
+        res.sizes = self.handles.sizes()  # here, on a worker: a stat may wait on the disk
+        self._settled_wal_size = res.sizes[1]
+        return res
+
+    def _settles(self, seen: _Quiet | None) -> _Quiet | None:
+        """``seen`` if the capture has everything it shows (same epoch, up to its mxFrame)."""
         pos = self.pos
-        if not res.more and seen is not None and pos is not None and (
+        if seen is not None and pos is not None and (
             seen[1] == salt_bytes(pos.salts) and seen[2] <= pos.frame
         ):
-            self._settled = seen
-        res.sizes = self.handles.sizes()  # here, on a worker: a stat may wait on the disk
-        return res
+            return seen
+        return None
 
     def _quiet_signature(self) -> _Quiet | None:
         """(database file signature, wal-index salts, mxFrame) now, read first (and noted as a

@@ -23,8 +23,10 @@ def keep_recent_ms(replicas: Sequence[Replica]) -> int | None:
 
 
 def prune_spool(spool: Spool, keeper: IndexKeeper, replicas: Sequence[Replica],
-                keep_ms: int | None) -> None:
-    """Drop the spooled objects every replica has (blocking), keeping those named above."""
+                keep_ms: int | None) -> int:
+    """Drop the spooled objects every replica has (blocking), keeping those named above;
+    returns how many were dropped."""
+    dropped = 0
     gens = spool.generations()
     for gi, gen in enumerate(gens):
         objs = spool.objects(gen)
@@ -42,10 +44,18 @@ def prune_spool(spool: Spool, keeper: IndexKeeper, replicas: Sequence[Replica],
             if all(r.holdings.holds(o) for r in replicas):
                 drop.append(o)
         spool.delete(drop)
+        dropped += len(drop)
         if not newest_gen and len(drop) == len(objs):
             spool.delete_generation(gen)
+    return dropped
 
 
+PRUNE_FEW = 16
+PRUNE_SLOW = 10.0
+"""After a prune that dropped fewer than PRUNE_FEW objects the next waits PRUNE_SLOW seconds
+rather than ``every``: a database that commits now and then would otherwise be pruned after
+nearly every commit (a worker call and a turn of the database each), for a spool that holds
+only a few small objects more meanwhile. A busy one (many objects a prune) keeps ``every``."""
 PRUNE_DEFER = 5.0
 """While the capture follows a busy writer a prune waits (for at most this many seconds): it
 takes the database's turn (the spool is the capture's too) and its unlinks take the disk."""
@@ -53,13 +63,18 @@ takes the database's turn (the spool is the capture's too) and its unlinks take 
 
 class PruneSchedule:
     """Runs ``prune`` soon after each :meth:`soon`, at most every ``every`` seconds (a busy
-    database ships every few milliseconds, and a prune looks at every spooled object), and not
-    while ``busy()`` says the capture follows a busy writer (see :class:`Deferral`)."""
+    database ships every few milliseconds, and a prune looks at every spooled object; ``slow``
+    after a prune that dropped few, see PRUNE_SLOW), and not while ``busy()`` says the capture
+    follows a busy writer (see :class:`Deferral`). ``prune`` returns how many objects it
+    dropped."""
 
-    def __init__(self, prune: Callable[[], Awaitable[None]], every: float,
-                 busy: Callable[[], bool] = lambda: False, defer: float = PRUNE_DEFER) -> None:
+    def __init__(self, prune: Callable[[], Awaitable[int]], every: float,
+                 busy: Callable[[], bool] = lambda: False, defer: float = PRUNE_DEFER,
+                 slow: float = PRUNE_SLOW) -> None:
         self._prune = prune
         self._every = every
+        self._slow = max(slow, every)
+        self._dropped = PRUNE_FEW
         self._busy = busy
         self._deferral = Deferral(defer)
         self._slot = Background()
@@ -72,7 +87,8 @@ class PruneSchedule:
             self._slot.start(self._after_wait())
 
     async def _after_wait(self) -> None:
-        wait = self._pruned_at + self._every - time.monotonic()
+        every = self._every if self._dropped >= PRUNE_FEW else self._slow
+        wait = self._pruned_at + every - time.monotonic()
         if wait > 0:
             self._waiting = True
             try:
@@ -87,7 +103,7 @@ class PruneSchedule:
                 self._waiting = False
         self._deferral.done()
         self._pruned_at = time.monotonic()
-        await self._prune()
+        self._dropped = await self._prune()
 
     async def stop(self) -> None:
         """Drop a prune that is waiting for its turn; let one that runs finish."""

@@ -314,18 +314,20 @@ class DatabaseService:
         raise ReplicatorError(f"{self.cfg.name}: the database never stopped changing long "
                               "enough to read it at the captured txid")
 
-    async def prune_spool(self) -> None:
-        """Drop spooled objects every replica has (see :mod:`replicator.pruning`)."""
+    async def prune_spool(self) -> int:
+        """Drop spooled objects every replica has (see :mod:`replicator.pruning`); returns how
+        many."""
         keep_ms = keep_recent_ms(self.replicas)
 
-        def prune() -> None:
-            prune_spool(self.spool, self.db.keeper, self.replicas, keep_ms)
+        def prune() -> int:
+            return prune_spool(self.spool, self.db.keeper, self.replicas, keep_ms)
 
-        await self.call(prune)
+        dropped = await self.call(prune)
         # what the destinations are known to hold matters only for what is still spooled
         spooled = {gen: self.spool.objects(gen) for gen in self.spool.generations()}
         for r in self.replicas:
             r.holdings.trim(spooled)
+        return dropped
 
     def _record_error(self, operation: str, exc: BaseException) -> None:
         msg = str(exc) if isinstance(exc, ReplicatorError) else f"{type(exc).__name__}: {exc}"

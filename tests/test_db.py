@@ -72,6 +72,28 @@ def test_first_step_snapshots_and_idle_steps_write_nothing(tmp_path: Path, app) 
     assert restored_dump(tmp_path) == dump(app)
 
 
+def test_the_step_after_a_commit_captured_ends_at_once_and_the_next_commit_is_seen(
+    tmp_path: Path, app, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file event of a commit's last frame wakes one step more after the step that
+    captured it: that one finds the signature the capture left and does no capture work (the
+    WAL's size it reports is still right); a commit after it is captured by the next."""
+    d = open_db(tmp_path)
+    d.step()
+    full: list[int] = []
+    inner = d._step
+    monkeypatch.setattr(d, "_step", lambda res, started: (full.append(1), inner(res, started)))
+    for n in range(1, 4):
+        commit(app, 1, payload=300)
+        res = d.step()  # its first look sees the commit's frames: a full step
+        assert res.transactions == 1 and len(full) == n
+        again = d.step()
+        assert again.transactions == 0 and again.objects == [] and len(full) == n
+        assert again.sizes == (os.path.getsize(d.path), os.path.getsize(d.wal_path))
+    d.close()
+    assert restored_dump(tmp_path) == dump(app)
+
+
 def test_rotation_keeps_wal_small_and_generation_unbroken(tmp_path: Path, app) -> None:
     d = open_db(tmp_path, checkpoint_pages=64)
     d.step()

@@ -16,7 +16,7 @@ from replicator import pageindex
 from replicator.config import DbConfig, ReplicaConfig
 from replicator.db import DEFAULT_TUNING, Tuning
 from replicator.pos import ObjectInfo
-from replicator.pruning import PruneSchedule
+from replicator.pruning import PRUNE_FEW, PruneSchedule
 from replicator.replica import Replica
 from replicator.replicator import DatabaseService
 from replicator.report import service_status
@@ -440,8 +440,9 @@ async def test_a_prune_waits_for_the_writers_pause_within_its_limit() -> None:
     pruned: list[float] = []
     busy = [True]
 
-    async def prune() -> None:
+    async def prune() -> int:
         pruned.append(asyncio.get_running_loop().time())
+        return PRUNE_FEW
 
     waits = PruneSchedule(prune, 0.01, lambda: busy[0], defer=3600.0)
     waits.soon()
@@ -456,6 +457,34 @@ async def test_a_prune_waits_for_the_writers_pause_within_its_limit() -> None:
     assert len(pruned) == 2  # busy all along, but put off no longer than its limit
     await waits.stop()
     await bounded.stop()
+
+
+async def test_a_prune_that_dropped_few_objects_waits_longer_for_the_next() -> None:
+    """A database committing now and then is not pruned after every commit: after a prune
+    that dropped fewer than PRUNE_FEW objects the next waits ``slow``; after one that dropped
+    many, ``every``."""
+    pruned: list[float] = []
+    drops = [PRUNE_FEW, 0, PRUNE_FEW, 0]
+
+    async def prune() -> int:
+        pruned.append(asyncio.get_running_loop().time())
+        return drops[len(pruned) - 1]
+
+    s = PruneSchedule(prune, 0.01, slow=0.5)
+
+    async def one() -> None:
+        s.soon()
+        task = s._slot.task
+        assert task is not None
+        await task
+
+    for _ in range(3):
+        await one()
+    assert pruned[1] - pruned[0] < 0.3  # the first dropped many: ``every``
+    assert pruned[2] - pruned[1] >= 0.5  # the second dropped none: ``slow``
+    await one()
+    assert pruned[3] - pruned[2] < 0.3
+    await s.stop()
 
 
 async def test_retention_after_a_snapshot_does_not_hold_up_shipping(tmp_path: Path) -> None:

@@ -213,12 +213,15 @@ class FileStorage:
             for info, source in items:
                 path = self._path(info.key)
                 parent = os.path.dirname(path)
-                if parent not in dirs:
-                    makedirs_durable(parent)
-                    dirs[parent] = None
+                dirs[parent] = None
                 tmp = temp_path(path)
                 try:
-                    os.link(source, tmp)
+                    try:
+                        os.link(source, tmp)
+                    except FileNotFoundError:
+                        # the directory is new (no look first: it is there nearly always)
+                        makedirs_durable(parent)
+                        os.link(source, tmp)
                 except OSError as exc:
                     if exc.errno in _NO_LINK:
                         return None
