@@ -75,6 +75,11 @@ pays for it about what it would pay for its share of a larger one, and a merge w
 pages as they are, as under a flat-out writer or a bulk load, and seldom less than half of that
 compressed) is this large: merging those would double the bytes written for each byte of WAL."""
 # a merge is compressed when its sources take less than this fraction of their frames' size
+EARLY_RUN = 4
+"""A level other than the last merges a window's run only from this many segments: two or three
+are left to the next level, which merges them with the rest of its window anyway (a database
+that commits every second or so would otherwise pay a merge, written, fsynced, linked and its
+parts deleted, for every two or three commits)."""
 COMPRESSED_BELOW = 0.75
 WORK_DIR = "compact"
 _READ = 1 << 20
@@ -236,12 +241,13 @@ def window_ms(interval: float) -> int:
 
 
 def plan_level(
-    objects: list[ObjectInfo], interval: float, now_ms: int, breaks: Iterable[int] = ()
+    objects: list[ObjectInfo], interval: float, now_ms: int, breaks: Iterable[int] = (),
+    min_run: int = 2,
 ) -> list[list[ObjectInfo]]:
     """Runs of consecutive segments of one generation to merge at a level of ``interval``
     seconds: each run lies in one closed window, breaks at holes and at snapshot txids (those
-    of ``objects``, and ``breaks``), has more than one segment and none of ``LARGE_BYTES`` or
-    more. Segments covered by another must be left out first."""
+    of ``objects``, and ``breaks``), has at least ``min_run`` segments (see EARLY_RUN) and none
+    of ``LARGE_BYTES`` or more. Segments covered by another must be left out first."""
     width = window_ms(interval)
     breaks = {*breaks, *(o.end_txid for o in objects if o.kind in ("snapshot", "diff"))}
     runs: list[list[ObjectInfo]] = []
@@ -257,12 +263,18 @@ def plan_level(
             run.append(s)
             size += s.size
             continue
-        if len(run) > 1:
+        if len(run) >= max(min_run, 2):
             runs.append(run)
         run, window, size = ([s], w, s.size) if inside else ([], -1, 0)
-    if len(run) > 1:
+    if len(run) >= max(min_run, 2):
         runs.append(run)
     return runs
+
+
+def min_run(level: int, levels: int) -> int:
+    """The fewest segments a run of level ``level`` (of ``levels``) merges: EARLY_RUN, or two
+    at the last level."""
+    return 2 if level == levels - 1 else EARLY_RUN
 
 
 def thin_diffs(objects: list[ObjectInfo], interval: float, now_ms: int) -> list[ObjectInfo]:
@@ -359,7 +371,8 @@ class DueTimes:
 
     def shipped(self, info: ObjectInfo) -> None:
         """Due when the windows holding the shipped segment ``info`` close, at every level (at
-        the first only if it holds another one too)."""
+        the first only once it holds as many as that level merges: EARLY_RUN, or two when it
+        is the only level)."""
         if info.kind != "wal":
             return
         for li, interval in enumerate(self.levels):
@@ -369,7 +382,7 @@ class DueTimes:
                 if info.first_ms // width != w:
                     continue  # not inside one window: not merged at this level
                 n = self._first[w] = self._first.get(w, 0) + 1
-                if n != 2:
+                if n != min_run(0, len(self.levels)):
                     continue
             self.times.add((w + 1) * width / 1000)
 
@@ -573,7 +586,8 @@ class Compactor:
                 await self._replaced(thinned, res)
                 gone = {o.key for o in thinned}
                 held = [o for o in held if o.key not in gone]
-            for run in plan_level(held, interval, now_ms, breaks):
+            runs = plan_level(held, interval, now_ms, breaks, min_run(li, len(self.levels)))
+            for run in runs:
                 if self.yield_to():
                     res.cut_short = True
                     break

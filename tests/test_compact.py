@@ -28,9 +28,11 @@ from writer import init_db
 from replicator.compact import (
     COMPRESSED_BELOW,
     DEFAULT_LEVELS,
+    EARLY_RUN,
     LARGE_BYTES,
     Compactor,
     CompactResult,
+    min_run,
     plan_level,
     write_merged,
 )
@@ -601,9 +603,14 @@ def test_compaction_is_due_only_when_a_window_with_shipped_objects_closes(
     # one segment in its first-level window: nothing to merge there, so only the later levels'
     # windows holding it are due (two levels' may coincide)
     assert sorted(due.times) == sorted({end(i) for i in LEVELS[1:]})
-    comp.shipped(segment_info(gen, 2, 2, now_ms, now_ms))
+    for i in range(2, EARLY_RUN):
+        comp.shipped(segment_info(gen, i, i, now_ms, now_ms))
+    # fewer than the first level merges: still only the later levels'
+    assert sorted(due.times) == sorted({end(i) for i in LEVELS[1:]})
+    comp.shipped(segment_info(gen, EARLY_RUN, EARLY_RUN, now_ms, now_ms))
     ends = sorted(due.times)
-    # a second one in the same window: the end of the window holding them, at each level
+    # as many as it merges in the same window: the end of the window holding them, at each
+    # level
     assert ends == sorted({end(i) for i in LEVELS})
     time.sleep(max(0.0, ends[0] - time.time()) + 0.01)
     asyncio.run(h.replica.compact_if_due())
@@ -1061,13 +1068,15 @@ def test_a_damaged_local_copy_does_not_block_a_merge(history: History, tmp_path:
     asyncio.run(go())
 
 
-def test_a_first_level_window_is_due_once_it_holds_two_segments() -> None:
-    """Only a first-level window holding two segments wholly inside it has anything to merge at
-    that level; one holding a single segment, or only segments crossing its edges, is not due
-    at that level (the later levels' windows are), and windows that closed are forgotten."""
+def test_a_first_level_window_is_due_once_it_holds_what_that_level_merges() -> None:
+    """Only a first-level window holding EARLY_RUN segments wholly inside it (two when it is the
+    only level) has anything to merge at that level; one holding fewer, or only segments
+    crossing its edges, is not due at that level (the later levels' windows are), and windows
+    that closed are forgotten."""
     from replicator.compact import DueTimes
     from replicator.pos import segment_info, snapshot_info
 
+    assert EARLY_RUN > 2
     due = DueTimes((1.0, 10.0))
     due.times.clear()  # not the pass at start
     gen = "0" * 16
@@ -1076,16 +1085,43 @@ def test_a_first_level_window_is_due_once_it_holds_two_segments() -> None:
     due.shipped(segment_info(gen, 2, 2, 20_900, 21_100))  # crosses the edge at 21 s
     due.shipped(snapshot_info(gen, 2, 21_150))  # not a segment: no window
     assert due.times == {30.0}
-    due.shipped(segment_info(gen, 3, 3, 20_300, 20_400))
+    for i in range(3, EARLY_RUN + 1):  # up to one short of EARLY_RUN inside [20 s, 21 s)
+        due.shipped(segment_info(gen, i, i, 20_200 + 10 * i, 20_205 + 10 * i))
+    assert due.times == {30.0}
+    due.shipped(segment_info(gen, 10, 10, 20_300, 20_400))
     assert due.times == {21.0, 30.0}
-    due.shipped(segment_info(gen, 4, 4, 20_500, 20_600))  # a third: nothing new
+    due.shipped(segment_info(gen, 11, 11, 20_500, 20_600))  # one more: nothing new
     assert due.times == {21.0, 30.0}
     assert due.take(21.5) and due.times == {30.0}
-    due.shipped(segment_info(gen, 5, 5, 20_700, 20_800))  # late, after its window was taken
+    due.shipped(segment_info(gen, 12, 12, 20_700, 20_800))  # late, after its window was taken
     assert due.times == {30.0}
-    due.shipped(segment_info(gen, 6, 6, 21_600, 21_700))
-    due.shipped(segment_info(gen, 7, 7, 21_800, 21_900))
-    assert due.times == {22.0, 30.0}
+    only = DueTimes((1.0,))
+    only.times.clear()
+    only.shipped(segment_info(gen, 1, 1, 21_600, 21_700))
+    assert only.times == set()
+    only.shipped(segment_info(gen, 2, 2, 21_800, 21_900))
+    assert only.times == {22.0}
+
+
+def test_a_level_below_the_last_leaves_short_runs_to_the_next() -> None:
+    """A window of a level below the last holding fewer than EARLY_RUN segments is left as it
+    is: the next level's window merges them with the rest; the last level merges two."""
+    from replicator.pos import segment_info
+
+    gen = "0123456789abcdef"
+    # windows of 100 ms: 2 segments in [1000, 1100), EARLY_RUN in [1100, 1200), 3 in [1200, 1300)
+    times = [1010, 1020] + [1110 + 10 * i for i in range(EARLY_RUN)] + [1210, 1220, 1230]
+    segs = [segment_info(gen, i + 1, i + 1, t, t + 5, 100) for i, t in enumerate(times)]
+    first = plan_level(segs, 0.1, now_ms=1400, min_run=min_run(0, 2))
+    assert [[o.start_txid for o in r] for r in first] == [list(range(3, 3 + EARLY_RUN))]
+    last = plan_level(segs, 0.1, now_ms=1400, min_run=min_run(1, 2))
+    assert [len(r) for r in last] == [2, EARLY_RUN, 3]
+    # at the next level (1 s) the short runs and the merge of the full one are one window
+    merged = segment_info(gen, 3, 2 + EARLY_RUN, 1110, 1110 + 10 * (EARLY_RUN - 1) + 5, 100)
+    rest = [s for s in segs if not 3 <= s.start_txid <= 2 + EARLY_RUN]
+    runs = plan_level([*rest, merged], 1.0, now_ms=2000, min_run=min_run(1, 2))
+    assert [[o.start_txid for o in r] for r in runs] == [
+        [1, 2, 3, *range(3 + EARLY_RUN, 6 + EARLY_RUN)]]
 
 
 def test_steps_list_each_generation_once_then_follow_what_is_shipped() -> None:
