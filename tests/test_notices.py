@@ -5,6 +5,7 @@ clock set by the test; then a real destination that breaks under a running repli
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +112,16 @@ dbs:
         rep = procs.replicator(util.Replicate("--config", str(cfg), log=tmp_path / "r.log"))
         util.wait_until(lambda: ("generation", "notice") in states(hook), 60,
                         what="the first generation announced")
-        shutil.rmtree(broken)
-        broken.write_text("not a directory")
+        # the replicator may still be linking the first objects in, making their directories
+        # again as they go: until a file stands in the directory's place
+        for _ in range(100):
+            try:
+                shutil.rmtree(broken)
+                broken.write_text("not a directory")
+                break
+            except OSError:
+                time.sleep(0.05)
+        assert broken.is_file()
         w = util.start_writer(db, tmp_path / "c.log", "--count", "5")
         w.communicate(timeout=60)
         util.wait_until(lambda: ("destination:broken", "failing") in states(hook), 60,
