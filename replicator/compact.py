@@ -74,12 +74,12 @@ pays for it about what it would pay for its share of a larger one, and a merge w
 (and upload again) every byte of it. A full batch of the capture (2,048 frames: 8 MiB of 4 KiB
 pages as they are, as under a flat-out writer or a bulk load, and seldom less than half of that
 compressed) is this large: merging those would double the bytes written for each byte of WAL."""
-# a merge is compressed when its sources take less than this fraction of their frames' size
 EARLY_RUN = 4
 """A level other than the last merges a window's run only from this many segments: two or three
 are left to the next level, which merges them with the rest of its window anyway (a database
 that commits every second or so would otherwise pay a merge, written, fsynced, linked and its
 parts deleted, for every two or three commits)."""
+# a merge is compressed when its sources take less than this fraction of their frames' size
 COMPRESSED_BELOW = 0.75
 WORK_DIR = "compact"
 _READ = 1 << 20
