@@ -249,6 +249,7 @@ def plan_level(
     of ``objects``, and ``breaks``), has at least ``min_run`` segments (see EARLY_RUN) and none
     of ``LARGE_BYTES`` or more. Segments covered by another must be left out first."""
     width = window_ms(interval)
+    need = max(min_run, 2)
     breaks = {*breaks, *(o.end_txid for o in objects if o.kind in ("snapshot", "diff"))}
     runs: list[list[ObjectInfo]] = []
     run: list[ObjectInfo] = []
@@ -263,10 +264,10 @@ def plan_level(
             run.append(s)
             size += s.size
             continue
-        if len(run) >= max(min_run, 2):
+        if len(run) >= need:
             runs.append(run)
         run, window, size = ([s], w, s.size) if inside else ([], -1, 0)
-    if len(run) >= max(min_run, 2):
+    if len(run) >= need:
         runs.append(run)
     return runs
 
