@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .catchup import CatchUp
+from .coding import Coding
 from .errors import WalError
 from .format import DEFAULT_LEVEL
 from .handles import NO_RESET, file_sig
@@ -21,12 +22,13 @@ from .sightings import salt_bytes
 from .snapshots import Snapshots
 from .wal import (
     FRAME_HEADER_SIZE,
+    READ_BUFFERS,
     WAL_HEADER_SIZE,
+    Lent,
     ScanResult,
     WalHeader,
     frame_offset,
     frame_size,
-    pread_full,
     read_wal_header,
     scan_bytes,
     verify_frames,
@@ -85,8 +87,7 @@ class Capture(Part):
         self.checkpoints: dict[str, int] = {}
         # a tail read right after a reset seen while rotating: (new salts, rescue's result)
         self._early_tail: tuple[tuple[int, int], Rescued | None] | None = None
-        self._compress_tokens = float(self.tuning.compress_budget)
-        self._compress_at = time.monotonic()
+        self.coding = Coding(self.tuning.compress_budget)
         self._wal_hdr: WalHeader | None = None  # the WAL header read last
 
     @property
@@ -132,7 +133,7 @@ class Capture(Part):
         if tail.transactions:
             txns = _spans(p.pos.frame + 1, tail)
             n = (tail.end_index - p.pos.frame) * frame_size(p.page_size)
-            self._emit(fd, old_hdr, p.pos, txns, res, compress=self._may_compress(n),
+            self._emit(fd, old_hdr, p.pos, txns, res, compress=self.coding.compress(n),
                        data=data)
         log.debug(
             "%s: WAL restarted (checkpoint seq %d); continuity proven at frame %d",
@@ -156,33 +157,32 @@ class Capture(Part):
         if p.pos is None or p.pos.salts != start.salts:
             p.pos = start
             p.big_endian = hdr.big_endian
-        batch = self._scan_batch(fd, hdr, p.pos)
-        txns = batch.txns
-        if not txns and batch.stop == "short" and p.pos.frame > 0 and self.handles.pinned:
-            if os.fstat(fd).st_size < frame_offset(p.pos.frame + 1, p.page_size):
-                self.catchup.run(Reason.WAL_SHRUNK, res)
+        with READ_BUFFERS.lend() as buf:
+            batch = self._scan_batch(fd, hdr, p.pos, buf)
+            txns = batch.txns
+            if not txns and batch.stop == "short" and p.pos.frame > 0 and self.handles.pinned:
+                if os.fstat(fd).st_size < frame_offset(p.pos.frame + 1, p.page_size):
+                    self.catchup.run(Reason.WAL_SHRUNK, res)
+                    return False
+            self.handles.wal_size_seen = os.fstat(fd).st_size
+            if not txns:
                 return False
-        self.handles.wal_size_seen = os.fstat(fd).st_size
-        if not txns:
-            return False
-        try:
-            # behind the writer, compression would keep the capture behind (and the WAL from
-            # resetting): store the frames as they are; they are compressed when it keeps up
-            n = (txns[-1].commit - txns[0].first + 1) * frame_size(p.page_size)
-            self._emit(fd, hdr, p.pos, txns, res,
-                       compress=not batch.more and self._may_compress(n), data=batch.data)
-        except WalError as exc:
-            # the frames changed under the copy: the WAL was reset meanwhile; the next capture
-            # sees the new epoch and proves (or not) that nothing was lost
-            log.debug("%s: %s", self.name, exc)
-            return True
-        return batch.more
+            try:
+                n = (txns[-1].commit - txns[0].first + 1) * frame_size(p.page_size)
+                self._emit(fd, hdr, p.pos, txns, res, compress=self.coding.compress(n),
+                           data=batch.data)
+            except WalError as exc:
+                # the frames changed under the copy: the WAL was reset meanwhile; the next
+                # capture sees the new epoch and proves (or not) that nothing was lost
+                log.debug("%s: %s", self.name, exc)
+                return True
+            return batch.more
 
-    def _scan_batch(self, fd: int, hdr: WalHeader, start: WalPos) -> ScanBatch:
+    def _scan_batch(self, fd: int, hdr: WalHeader, start: WalPos, lent: Lent) -> ScanBatch:
         """Whole committed transactions after ``start``: about ``segment_max_frames`` frames of them
-        (more only for a single larger transaction). The frames are kept as read and verified,
-        except for a transaction longer than one batch (``data`` None), which is copied again
-        in bounded chunks."""
+        (more only for a single larger transaction). The frames are kept as read (into ``lent``:
+        valid while it is lent) and verified, except for a transaction longer than one batch
+        (``data`` None), which is copied again in bounded chunks."""
         ps = self.progress.page_size
         fs = frame_size(ps)
         idx, ck = start.frame + 1, start.checksum
@@ -198,7 +198,7 @@ class Capture(Part):
             want = min(self.tuning.segment_max_frames * fs, size - off)
             if end is not None:
                 want = min(want, frame_offset(end + 1, ps) - off)
-            buf = pread_full(fd, want, off) if want > 0 else b""
+            buf = lent.pread(fd, want, off) if want > 0 else memoryview(b"")
             r = scan_bytes(buf, hdr, idx, ck, keep_frames=False)
             reason = r.stop_reason
             if r.valid_end_index - idx + 1 == self.tuning.segment_max_frames:
@@ -282,6 +282,8 @@ class Capture(Part):
             header = self._segment_header(hdr, start, end, txns, stamps,
                                           ix.content if ix is not None else None)
             info = self.spool.write(info, header, body(), DEFAULT_LEVEL if compress else None)
+            if compress:
+                self.coding.record((last - first + 1) * frame_size(p.page_size), info.size)
         except BaseException:
             if ix is not None:
                 ix.rollback()
@@ -347,19 +349,6 @@ class Capture(Part):
                 ck = verify_frames(buf, ps, hdr.big_endian, start.salts, ck)
             yield buf
             idx += n
-
-    def _may_compress(self, nbytes: int) -> bool:
-        """Whether ``nbytes`` of frames fit in the compression budget (a token bucket)."""
-        now = time.monotonic()
-        self._compress_tokens = min(
-            self.tuning.compress_budget,
-            self._compress_tokens + (now - self._compress_at) * self.tuning.compress_budget,
-        )
-        self._compress_at = now
-        if nbytes > self._compress_tokens:
-            return False
-        self._compress_tokens -= nbytes
-        return True
 
     def backlog_small(self) -> bool:
         """Whether the uncaptured part of the epoch is at most half of what is captured: then a

@@ -68,12 +68,12 @@ T = TypeVar("T")
 DEFAULT_LEVELS: tuple[float, ...] = (1.0, 10.0, 300.0, 3600.0)
 DEFAULT_DELETE_GRACE = 30.0  # seconds a replaced object stays readable after its merge
 MAX_BYTES = 256 << 20  # stored bytes of the inputs of one merge
-LARGE_BYTES = 4 << 20
+LARGE_BYTES = 1 << 20
 """A segment of at least this many stored bytes is never merged again: a restore or a listing
 pays for it about what it would pay for its share of a larger one, and a merge would rewrite
 (and upload again) every byte of it. A full batch of the capture (2,048 frames: 8 MiB of 4 KiB
-pages as they are, as under a flat-out writer or a bulk load, and seldom less than half of that
-compressed) is this large: merging those would double the bytes written for each byte of WAL."""
+pages, as under a flat-out writer or a bulk load; 1-3 MiB compressed, 8 MiB stored as they
+are) is this large: merging those would double the bytes written for each byte of WAL."""
 EARLY_RUN = 4
 """A level other than the last merges a window's run only from this many segments: two or three
 are left to the next level, which merges them with the rest of its window anyway (a database

@@ -23,8 +23,8 @@ SEGMENT_MAX_FRAMES = 2048
 STEP_BATCHES = 16
 SNAPSHOT_LOG_EVERY = 5.0  # a long snapshot logs its progress this often (INFO)
 # Segments are zstd-compressed up to this many bytes of frames per second (a few percent of a
-# CPU core); past it (a write burst), and whenever the capture is behind, they are stored as they
-# are: compression must not cost the application its CPU, nor keep the WAL from resetting.
+# CPU core) always; past it (a write burst, a flat-out writer) unless they lately did not
+# compress (see replicator.coding).
 COMPRESS_BUDGET = 8 << 20
 
 

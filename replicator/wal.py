@@ -31,11 +31,13 @@ which is exactly the arithmetic wanted), done for every frame of a chunk at once
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
 import struct
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -592,6 +594,50 @@ def pread_full(fd: int, length: int, offset: int) -> bytes:
         parts.append(more)
         got += len(more)
     return b"".join(parts)
+
+
+class Lent:
+    """A buffer lent by :class:`ReadBuffers`. What :meth:`pread` returns stays valid until the
+    next read into it or the end of the loan."""
+
+    def __init__(self, buf: bytearray) -> None:
+        self.buf = buf
+
+    def pread(self, fd: int, length: int, offset: int) -> memoryview:
+        """Up to ``length`` bytes at ``offset`` (fewer only at end of file), read into the buffer
+        (made larger first when it is too small)."""
+        if len(self.buf) < length:
+            self.buf = bytearray(length)
+        return _pread_into(fd, self.buf, length, offset)
+
+
+class ReadBuffers:
+    """Buffers for reading WAL frames, kept by the process for reuse. A buffer of a few MiB
+    allocated afresh for each read costs a page fault for each of its pages (in a virtual
+    machine more than the copy itself); a kept one costs only the copy. At most ``keep`` are
+    kept (the largest), so memory does not grow with the number of databases or threads."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._free: list[bytearray] = []
+
+    @contextlib.contextmanager
+    def lend(self) -> Iterator[Lent]:
+        """A buffer for the length of a ``with`` block (given back at its end)."""
+        with self._lock:
+            buf = self._free.pop() if self._free else bytearray()
+        lent = Lent(buf)
+        try:
+            yield lent
+        finally:
+            with self._lock:
+                self._free.append(lent.buf)
+                self._free.sort(key=len)
+                del self._free[: max(0, len(self._free) - self.keep)]
+
+
+READ_BUFFERS = ReadBuffers()
 
 
 def _pread_into(fd: int, buf: bytearray, length: int, offset: int) -> memoryview:

@@ -313,31 +313,46 @@ async def test_follows_a_busy_wal_without_file_events_then_rearms_them(tmp_path:
     assert took < 10  # captured on its file event; the backstop would take 30 s
 
 
-async def test_segments_past_the_compression_budget_are_stored(tmp_path: Path) -> None:
-    """Segments are compressed within the budget and stored as they are past it; both restore
-    the same."""
+async def test_segments_past_the_compression_budget_are_stored_when_they_do_not_compress(
+    tmp_path: Path,
+) -> None:
+    """Segments are compressed within the budget, and past it while frames compress; past it
+    after frames that did not, they are stored as they are. Each compressed one is measured.
+    All restore the same."""
     from util import restore, seqs
+
+    from replicator.coding import Coding
 
     db = tmp_path / "app.db"
     init_db(str(db))
+    spool = tmp_path / ".app.db-replicator"
 
-    async def go(n: int, tuning: Tuning = DEFAULT_TUNING) -> list[int]:
+    async def go(
+        n: int, tuning: Tuning = DEFAULT_TUNING, ratio: float | None = None,
+    ) -> tuple[int, Coding]:
         s = service(tmp_path, tuning)
         await s.open()
+        coding = s.db.capture.coding
+        coding.ratio = ratio
+        before = set(spool.glob("generations/*/wal/*.seg"))
         commit(db, n)
         await s.sync()
-        sizes = [p.stat().st_size for p in
-                 (tmp_path / ".app.db-replicator").glob("generations/*/wal/*.seg")]
+        new = set(spool.glob("generations/*/wal/*.seg")) - before
         await s.close(10)
-        return sizes
+        return max(p.stat().st_size for p in new), coding
 
-    packed = max(await go(100))
-    stored = max(await go(100, Tuning(compress_budget=0)))
+    packed, _ = await go(100)
+    past = Tuning(compress_budget=0)
+    stored, coding = await go(100, past, ratio=1.0)
     # about 100 frames of 4 KiB each, mostly zeros: stored is their size, packed far less
     assert stored > 100 * 4096 > 10 * packed
+    assert coding.ratio == 1.0  # stored: nothing learned
+    past_packed, coding = await go(100, past)
+    assert 10 * past_packed < 100 * 4096
+    assert coding.ratio is not None and coding.ratio < 0.1  # measured as it was written
     out = tmp_path / "out.db"
     restore(str(tmp_path / "replica"), out)
-    assert seqs(out) == list(range(1, 201))
+    assert seqs(out) == list(range(1, 301))
 
 
 async def test_remote_replica_ships_consecutive_segments_as_one_object(tmp_path: Path) -> None:

@@ -1,0 +1,68 @@
+"""How the capture stores a segment's frames: zstd-compressed, or as they are (raw zstd blocks).
+
+Compressing costs CPU; storing the frames as they are costs writing them: every byte goes into
+fresh pages of a new file, written back to the disk (and uploaded) by the kernel's threads
+beside the application's own WAL and checkpoints. Under a flat-out writer on 2 CPUs, storing
+its frames as they are (about 240 MiB a second) kept the writer to 0.7-0.8 of its rate alone;
+compressing them (about 3:1 at level 1) kept it near its full rate, and the replica took a third
+of the space. So segments are compressed, within ``budget`` bytes of frames a second always
+(a few percent of a core), and past it too unless the frames lately did not compress (blobs
+already compressed, random data): while compressed segments keep more than ``USEFUL`` of their
+frames' size, they are stored as they are, and compression is tried again every
+``PROBE_EVERY`` large writes so that a change of data is seen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+USEFUL = 0.9
+"""Compression past the budget is worth its CPU while compressed segments take at most this
+fraction of their frames' size."""
+PROBE_EVERY = 16
+"""Large writes past the budget, stored as they are, between two tries of compression."""
+MEASURE_MIN = 256 << 10
+"""Bytes of frames a compressed segment needs for its size to count: a smaller one is mostly
+its header."""
+_WEIGHT = 0.3  # of a new measurement in the running ratio
+
+
+class Coding:
+    """Chooses, segment by segment, whether the capture compresses its frames (see the module
+    text). Not thread-safe: one per database, used by its capture step only."""
+
+    def __init__(self, budget: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.budget = budget
+        self._clock = clock
+        self._tokens = float(budget)
+        self._at = clock()
+        self.ratio: float | None = None
+        """Stored size over frames' size of the large compressed segments lately (None: none
+        yet)."""
+        self._since_probe = 0
+
+    def compress(self, nbytes: int) -> bool:
+        """Whether to compress a segment of ``nbytes`` bytes of frames."""
+        now = self._clock()
+        self._tokens = min(self.budget, self._tokens + (now - self._at) * self.budget)
+        self._at = now
+        if nbytes <= self._tokens:
+            self._tokens -= nbytes
+            return True
+        if self.ratio is None or self.ratio <= USEFUL:
+            return True
+        if nbytes < MEASURE_MIN:
+            return False
+        self._since_probe += 1
+        if self._since_probe >= PROBE_EVERY:
+            self._since_probe = 0
+            return True
+        return False
+
+    def record(self, nbytes: int, stored: int) -> None:
+        """A segment of ``nbytes`` bytes of frames was compressed into ``stored`` bytes."""
+        if nbytes < MEASURE_MIN:
+            return
+        r = stored / nbytes
+        self.ratio = r if self.ratio is None else self.ratio + _WEIGHT * (r - self.ratio)
