@@ -133,7 +133,7 @@ class Capture(Part):
         if tail.transactions:
             txns = _spans(p.pos.frame + 1, tail)
             n = (tail.end_index - p.pos.frame) * frame_size(p.page_size)
-            self._emit(fd, old_hdr, p.pos, txns, res, compress=self.coding.compress(n),
+            self._emit(fd, old_hdr, p.pos, txns, res, level=self.coding.level(n),
                        data=data)
         log.debug(
             "%s: WAL restarted (checkpoint seq %d); continuity proven at frame %d",
@@ -169,7 +169,7 @@ class Capture(Part):
                 return False
             try:
                 n = (txns[-1].commit - txns[0].first + 1) * frame_size(p.page_size)
-                self._emit(fd, hdr, p.pos, txns, res, compress=self.coding.compress(n),
+                self._emit(fd, hdr, p.pos, txns, res, level=self.coding.level(n),
                            data=batch.data)
             except WalError as exc:
                 # the frames changed under the copy: the WAL was reset meanwhile; the next
@@ -244,13 +244,14 @@ class Capture(Part):
         start: WalPos,
         txns: list[TxnSpan],
         res: CaptureResult,
-        compress: bool = True,
+        level: int | None = DEFAULT_LEVEL,
         data: memoryview | None = None,
     ) -> None:
         """Write transactions (consecutive, starting right after ``start``) to the spool as one
-        segment (zstd-compressed, or stored as they are). ``data``: their frames, already read
-        and verified; otherwise they are read again from the WAL. Each transaction is stamped
-        with the moment its commit was first seen (see :mod:`replicator.sightings`)."""
+        segment (zstd-compressed at ``level``, or stored as they are: None). ``data``: their
+        frames, already read and verified; otherwise they are read again from the WAL. Each
+        transaction is stamped with the moment its commit was first seen (see
+        :mod:`replicator.sightings`)."""
         p = self.progress
         assert p.generation is not None
         first, last = txns[0].first, txns[-1].commit
@@ -281,8 +282,8 @@ class Capture(Part):
                 ix.apply_stream(body())
             header = self._segment_header(hdr, start, end, txns, stamps,
                                           ix.content if ix is not None else None)
-            info = self.spool.write(info, header, body(), DEFAULT_LEVEL if compress else None)
-            if compress:
+            info = self.spool.write(info, header, body(), level)
+            if level is not None:
                 self.coding.record((last - first + 1) * frame_size(p.page_size), info.size)
         except BaseException:
             if ix is not None:

@@ -703,15 +703,17 @@ def page_offsets(
     fs = frame_size(ps)
     per = max(1, chunk_bytes // fs)
     out: dict[int, int] = {}
-    for first in range(1, count + 1, per):
-        want = min(per, count - first + 1)
-        buf = pread_full(fd, want * fs, frame_offset(first, ps))
-        n = len(buf) // fs
-        if n < want:
-            raise WalError(f"WAL ends at frame {first + n - 1}, before frame {count}")
-        pgnos = np.frombuffer(buf, dtype=_BE_WORDS, count=n * fs // 4).reshape(n, fs // 4)[:, 0]
-        base = frame_offset(first, ps) + FRAME_HEADER_SIZE
-        out.update(zip(pgnos.tolist(), range(base, base + n * fs, fs), strict=True))
+    with READ_BUFFERS.lend() as lent:
+        for first in range(1, count + 1, per):
+            want = min(per, count - first + 1)
+            buf = lent.pread(fd, want * fs, frame_offset(first, ps))
+            n = len(buf) // fs
+            if n < want:
+                raise WalError(f"WAL ends at frame {first + n - 1}, before frame {count}")
+            words = np.frombuffer(buf, dtype=_BE_WORDS, count=n * fs // 4)
+            pgnos = words.reshape(n, fs // 4)[:, 0]
+            base = frame_offset(first, ps) + FRAME_HEADER_SIZE
+            out.update(zip(pgnos.tolist(), range(base, base + n * fs, fs), strict=True))
     return out
 
 

@@ -25,6 +25,7 @@ from replicator.wal import (
     WAL_MAGIC_LE,
     WAL_VERSION,
     Frame,
+    ReadBuffers,
     ScanResult,
     WalHeader,
     frame_offset,
@@ -700,3 +701,24 @@ def test_page_offsets_point_at_each_pages_newest_frame(tmp_path: Path) -> None:
     finally:
         os.close(fd)
         c.close()
+
+
+def test_read_buffers_are_lent_grown_and_kept_at_most_two_the_largest(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    data = os.urandom(10_000)
+    f.write_bytes(data)
+    fd = os.open(f, os.O_RDONLY)
+    pool = ReadBuffers(keep=2)
+    try:
+        with pool.lend() as a, pool.lend() as b, pool.lend() as c:
+            assert bytes(a.pread(fd, 100, 0)) == data[:100]
+            assert bytes(b.pread(fd, 5000, 10)) == data[10:5010]
+            assert bytes(c.pread(fd, 20_000, 9_000)) == data[9_000:]  # short at the end
+            assert bytes(a.pread(fd, 3000, 7000)) == data[7000:]  # grown
+        kept = sorted(len(x) for x in pool._free)
+        assert kept == [5000, 20_000]  # the largest two
+        with pool.lend() as d:
+            assert len(d.buf) == 20_000  # the largest is lent first
+            assert bytes(d.pread(fd, 10, 0)) == data[:10]
+    finally:
+        os.close(fd)
