@@ -719,3 +719,62 @@ def test_idle_steps_skip_work_and_still_see_every_commit(tmp_path: Path, app) ->
         assert d.step().transactions == n
     d.close()
     assert restored_dump(tmp_path) == dump(app)
+
+
+def test_a_rotation_pins_again_once_the_writer_appends_a_tail_without_resetting(
+    tmp_path: Path, app, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a rotation has the pin released, another reader holds the backfill back, so the
+    application appends frames instead of resetting the WAL: the pin is taken again as soon as
+    they pass ROTATE_TAIL (not after ROTATE_WAIT), so a reset that follows later never has a
+    long uncaptured tail to overtake. Every commit is captured, with no catch-up."""
+    import types
+
+    from replicator import capture
+    from replicator.wal import frame_size
+
+    d = open_db(tmp_path, checkpoint_pages=16)
+    d.step()
+    commit(app, 5, payload=500)
+    reader = sqlite3.connect(tmp_path / "app.db", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM log").fetchone()  # holds its read mark
+    commit(app, 20, payload=500)  # past checkpoint_pages: the next step rotates
+    polls: list[int] = []
+    ends: list[int] = []
+
+    def sleep(_: float) -> None:
+        # the application commits while the pin is released
+        if len(polls) > 500:
+            raise AssertionError("the pin stayed released while the tail grew")
+        polls.append(1)
+        commit(app, 1, payload=500)
+
+    tail = 8 * frame_size(4096)
+    monkeypatch.setattr(capture, "ROTATE_TAIL", tail)
+    monkeypatch.setattr(capture, "ROTATE_WAIT", 60.0)
+    monkeypatch.setattr(capture, "time", types.SimpleNamespace(
+        monotonic=time.monotonic, sleep=sleep))
+    pin = d.handles.pin
+
+    def pinned(idx: int) -> None:
+        pin(idx)
+        shm = d.handles.read_shm()
+        assert shm is not None
+        ends.append(shm[1] - (d.pos.frame if d.pos else 0))
+
+    monkeypatch.setattr(d.handles, "pin", pinned)
+    res = d.step()
+    assert polls and ends, "no rotation released the pin"
+    # pinned again within a commit (a few frames) of the tail, not after the window
+    assert max(ends) <= 8 + 4
+    assert res.catch_up is None
+    monkeypatch.undo()
+    reader.execute("COMMIT")
+    reader.close()
+    commit(app, 3, payload=500)
+    res = d.step()
+    assert res.catch_up is None
+    d.close()
+    assert len(generations(tmp_path)) == 1
+    assert restored_dump(tmp_path) == dump(app)
