@@ -378,8 +378,8 @@ class Capture(Part):
            or is wholly backfilled (a pin taken then reads the database file alone and lets the
            reset through at exactly that frame), or after ``ROTATE_WAIT``, it pins again on the
            other connection. It also pins again as soon as the application has appended more
-           than ``ROTATE_TAIL`` bytes of frames past the captured end without a reset (another
-           reader holds the backfill back, or the writer is very fast): those frames are the
+           than ``ROTATE_TAIL`` bytes of frames past the captured end without a reset (its
+           checkpoints did not complete: another reader holds the backfill back, say): those frames are the
            old epoch's tail, which must be read before a new epoch that starts once they are
            backfilled reaches them (at 25k commits a second it overwrites a 1,000-frame epoch in
            about 13 ms), and a pin taken while they are not all backfilled blocks the reset. The
