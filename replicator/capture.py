@@ -41,7 +41,8 @@ ROTATE_WAIT = 0.02
 ROTATE_POLL = 0.0002
 ROTATE_TAIL = 1 << 20
 """Bytes of frames the application may append past the captured end while a rotation has the
-pin released, without a reset: past that the pin is taken again at once (see Capture.rotate)."""
+pin released, without a reset, when that is more than half the frames captured in the epoch:
+past that the pin is taken again at once (see Capture.rotate)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,11 +379,13 @@ class Capture(Part):
            or is wholly backfilled (a pin taken then reads the database file alone and lets the
            reset through at exactly that frame), or after ``ROTATE_WAIT``, it pins again on the
            other connection. It also pins again as soon as the application has appended more
-           than ``ROTATE_TAIL`` bytes of frames past the captured end without a reset (its
-           checkpoints did not complete: another reader holds the backfill back, say): those frames are the
-           old epoch's tail, which must be read before a new epoch that starts once they are
-           backfilled reaches them (at 25k commits a second it overwrites a 1,000-frame epoch in
-           about 13 ms), and a pin taken while they are not all backfilled blocks the reset. The
+           than half the frames captured in the epoch (at least ``ROTATE_TAIL`` bytes) past the
+           captured end without a reset (its checkpoints did not complete: another reader
+           holds the backfill back, say): those frames are the old epoch's tail, which must be
+           read before a new epoch that starts once they are backfilled reaches them (at 25k
+           commits a second it overwrites a 1,000-frame epoch in about 13 ms), and a pin taken
+           while they are not all backfilled blocks the reset. (The same half bounds the
+           backlog a rotation starts with; see ``backlog_small``.) The
            application cannot fill a new epoch up to the frames written in that window and
            reset it again that fast; ``rescue`` proves the old epoch's tail was read in full,
            or the capture catches up.
@@ -403,7 +406,7 @@ class Capture(Part):
         else:
             return  # the writer outpaces the capture: no reset now (see backlog_small)
         other = 1 - h.active
-        tail_max = p.pos.frame + max(1, ROTATE_TAIL // frame_size(p.page_size))
+        tail_max = p.pos.frame + max(p.pos.frame // 2, ROTATE_TAIL // frame_size(p.page_size))
         h.unpin()
         deadline = time.monotonic() + ROTATE_WAIT
         reset: WalHeader | None = None
