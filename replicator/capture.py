@@ -385,10 +385,9 @@ class Capture(Part):
            read before a new epoch that starts once they are backfilled reaches them (at 25k
            commits a second it overwrites a 1,000-frame epoch in about 13 ms), and a pin taken
            while they are not all backfilled blocks the reset. (The same half bounds the
-           backlog a rotation starts with; see ``backlog_small``.) The
-           application cannot fill a new epoch up to the frames written in that window and
-           reset it again that fast; ``rescue`` proves the old epoch's tail was read in full,
-           or the capture catches up.
+           backlog a rotation starts with; see ``backlog_small``.) The application cannot fill
+           a new epoch up to the frames written in that window and reset it again that fast;
+           ``rescue`` proves the old epoch's tail was read in full, or the capture catches up.
         """
         p, h = self.progress, self.handles
         assert p.pos is not None and h.ckpt is not None
