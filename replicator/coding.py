@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from .format import DEFAULT_LEVEL
+from .retry import TokenBucket
 
 FAST_LEVEL = -3
 """The zstd level past the budget."""
@@ -38,10 +39,7 @@ class Coding:
     text). Not thread-safe: one per database, used by its capture step only."""
 
     def __init__(self, budget: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.budget = budget
-        self._clock = clock
-        self._tokens = float(budget)
-        self._at = clock()
+        self._budget = TokenBucket(budget, clock=clock)
         self.ratio: float | None = None
         """Stored size over frames' size of the large compressed segments lately (None: none
         yet)."""
@@ -50,11 +48,7 @@ class Coding:
     def level(self, nbytes: int) -> int | None:
         """The zstd level for a segment of ``nbytes`` bytes of frames (None: stored as they
         are)."""
-        now = self._clock()
-        self._tokens = min(self.budget, self._tokens + (now - self._at) * self.budget)
-        self._at = now
-        if nbytes <= self._tokens:
-            self._tokens -= nbytes
+        if self._budget.take(nbytes):
             return DEFAULT_LEVEL
         if self.ratio is None or self.ratio <= USEFUL:
             return FAST_LEVEL

@@ -22,6 +22,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 DEFAULT_LOG_EVERY = 60.0
@@ -75,17 +76,19 @@ class TokenBucket:
     """At most ``rate`` units a second on average and ``burst`` at once (thread-safe: the
     workers of every database take from one bucket)."""
 
-    def __init__(self, rate: float, burst: float | None = None) -> None:
+    def __init__(self, rate: float, burst: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self.burst = rate if burst is None else burst
+        self._clock = clock
         self._tokens = self.burst
-        self._at = time.monotonic()
+        self._at = clock()
         self._lock = threading.Lock()
 
     def take(self, n: float = 1.0) -> bool:
         """Take ``n`` units if the bucket holds them now; False (nothing taken) otherwise."""
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
             self._at = now
             if n > self._tokens:
