@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from .catchup import CatchUp
 from .coding import Coding
 from .errors import WalError
-from .format import DEFAULT_LEVEL
 from .handles import NO_RESET, file_sig
 from .headers import Reason, SegmentHeader, Txn
 from .pos import WalPos, segment_info
@@ -136,9 +135,7 @@ class Capture(Part):
         old_hdr = pseudo_header(p.pos, p.page_size, p.big_endian)
         if tail.transactions:
             txns = _spans(p.pos.frame + 1, tail)
-            n = (tail.end_index - p.pos.frame) * frame_size(p.page_size)
-            self._emit(fd, old_hdr, p.pos, txns, res, level=self.coding.level(n),
-                       data=data)
+            self._emit(fd, old_hdr, p.pos, txns, res, data=data)
         log.debug(
             "%s: WAL restarted (checkpoint seq %d); continuity proven at frame %d",
             self.name, hdr.checkpoint_seq, tail.end_index,
@@ -172,9 +169,7 @@ class Capture(Part):
             if not txns:
                 return False
             try:
-                n = (txns[-1].commit - txns[0].first + 1) * frame_size(p.page_size)
-                self._emit(fd, hdr, p.pos, txns, res, level=self.coding.level(n),
-                           data=batch.data)
+                self._emit(fd, hdr, p.pos, txns, res, data=batch.data)
             except WalError as exc:
                 # the frames changed under the copy: the WAL was reset meanwhile; the next
                 # capture sees the new epoch and proves (or not) that nothing was lost
@@ -248,17 +243,18 @@ class Capture(Part):
         start: WalPos,
         txns: list[TxnSpan],
         res: CaptureResult,
-        level: int | None = DEFAULT_LEVEL,
         data: memoryview | None = None,
     ) -> None:
         """Write transactions (consecutive, starting right after ``start``) to the spool as one
-        segment (zstd-compressed at ``level``, or stored as they are: None). ``data``: their
-        frames, already read and verified; otherwise they are read again from the WAL. Each
-        transaction is stamped with the moment its commit was first seen (see
+        segment (zstd-compressed, or stored as they are: see :mod:`replicator.coding`).
+        ``data``: their frames, already read and verified; otherwise they are read again from
+        the WAL. Each transaction is stamped with the moment its commit was first seen (see
         :mod:`replicator.sightings`)."""
         p = self.progress
         assert p.generation is not None
         first, last = txns[0].first, txns[-1].commit
+        nbytes = (last - first + 1) * frame_size(p.page_size)
+        level = self.coding.level(nbytes)
         end = WalPos(start.salt1, start.salt2, last, txns[-1].checksum)
         end_txid = p.txid + len(txns)
         salts = salt_bytes(start.salts)
@@ -272,7 +268,7 @@ class Capture(Part):
 
         def body() -> Iterable[bytes | memoryview]:
             if data is not None:
-                assert len(data) == (last - first + 1) * frame_size(p.page_size)
+                assert len(data) == nbytes
                 return [data]
             return self._frames_body(fd, hdr, start, first, last, verify)
 
@@ -288,7 +284,7 @@ class Capture(Part):
                                           ix.content if ix is not None else None)
             info = self.spool.write(info, header, body(), level)
             if level is not None:
-                self.coding.record((last - first + 1) * frame_size(p.page_size), info.size)
+                self.coding.record(nbytes, info.size)
         except BaseException:
             if ix is not None:
                 ix.rollback()
