@@ -674,14 +674,15 @@ def scan_frames(
     """
     fs = frame_size(header.page_size)
 
-    # one buffer reused for every chunk: memory stays at about chunk_bytes, no page faults
-    buf = bytearray(max(1, chunk_bytes // fs) * fs) if chunk_bytes >= 1 else bytearray()
+    # one buffer for every chunk, kept by the process (see ReadBuffers): memory stays at about
+    # chunk_bytes, no page faults
+    with READ_BUFFERS.lend() as lent:
 
-    def read(first: int, count: int) -> memoryview:
-        return _pread_into(fd, buf, count * fs, frame_offset(start_index + first, header.page_size))
+        def read(first: int, count: int) -> memoryview:
+            return lent.pread(fd, count * fs, frame_offset(start_index + first, header.page_size))
 
-    res = _scan_wal(read, header, start_index, start_checksum, max_frames, chunk_bytes,
-                    keep_frames)
+        res = _scan_wal(read, header, start_index, start_checksum, max_frames, chunk_bytes,
+                        keep_frames)
     if (
         res.stop_reason == "eof"
         and res.valid_end_index < start_index
