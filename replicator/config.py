@@ -77,6 +77,9 @@ class ReplicaConfig:
     destination: Destination | None = None
     retention: RetentionPolicy | None = None
     """This destination's own retention (None: the database's)."""
+    sync_interval: float = 0.0
+    """Seconds between the starts of two upload rounds (0: each round as soon as the last one
+    ended and something new is spooled)."""
 
     def open(self) -> StorageClient:
         """The storage client of this destination."""
@@ -234,7 +237,8 @@ def replica_from_url(url: str, name: str, where: str = "replica") -> ReplicaConf
 
 _S3_FIELDS = ("region", "endpoint", "force-path-style", "storage-class", "sse", "sse-kms-key-id")
 _KEEP_FIELDS = {"retention", *(f"keep{sep}{p}" for sep in "-_" for p in PERIODS)}
-_REPLICA_FIELDS = {"name", "url", "path", "type", "bucket", "prefix", *_KEEP_FIELDS} | {
+_REPLICA_FIELDS = {"name", "url", "path", "type", "bucket", "prefix", "sync-interval",
+                   "sync_interval", *_KEEP_FIELDS} | {
     n for f in _S3_FIELDS for n in (f, f.replace("-", "_"))}
 
 
@@ -286,6 +290,13 @@ def _replica(raw: Any, where: str, index: int) -> ReplicaConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping or a URL string")
     _take(raw, _REPLICA_FIELDS, where)
+    rc = _replica_destination(raw, where, index)
+    if _get(raw, "sync-interval") is not None:
+        rc.sync_interval = parse_duration(_get(raw, "sync-interval"), f"{where}.sync-interval")
+    return rc
+
+
+def _replica_destination(raw: dict[str, Any], where: str, index: int) -> ReplicaConfig:
     name = _str(raw.get("name", f"replica{index + 1}"), f"{where}.name")
     if not _NAME_RE.match(name):
         raise ConfigError(f"{where}.name: only letters, digits, '.', '_' and '-' are allowed")
@@ -615,6 +626,11 @@ def _db(raw: Any, where: str) -> DbConfig:
     _db_checks(cfg, raw, where)
     if get("ready-max-lag") is not None:
         cfg.ready_max_lag = _positive_duration(get("ready-max-lag"), f"{where}.ready-max-lag")
+    for i, rc in enumerate(cfg.replicas):
+        if rc.sync_interval >= cfg.ready_max_lag:
+            raise ConfigError(
+                f"{where}.replicas[{i}].sync-interval: {rc.sync_interval:g}s is not below "
+                f"ready-max-lag ({cfg.ready_max_lag:g}s): /readyz would fail between rounds")
     _db_history(cfg, get, where)
     cfg.restore_if_db_not_exists = _flag(get("restore-if-db-not-exists"),
                                          f"{where}.restore-if-db-not-exists")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
@@ -179,6 +180,13 @@ class Replica:
         self._retain_again = False
         self._compact_after = 0.0  # monotonic time before which no compaction step starts
         self._maintenance = asyncio.Lock()
+        self.sync_interval = 0.0
+        """Seconds between the starts of two rounds of ``run()`` while the destination is up
+        (0: a round as soon as something new is spooled). What is spooled meanwhile goes in the
+        next round: to a remote destination as one object per first compaction window, so a
+        busy database costs about one upload a window, not one per round trip."""
+        self._round_at = -math.inf  # monotonic start of run()'s last round
+        self._hurried = False
 
     def set_levels(self, levels: Iterable[float], grace: float = DEFAULT_DELETE_GRACE, *,
                    local: Sequence[FileStorage] = (), executor: Executor | None = None) -> None:
@@ -505,9 +513,32 @@ class Replica:
         except Exception as exc:  # noqa: BLE001 - the next start deletes them as covered
             self._log_error("compact", exc)
 
+    def hurry(self) -> None:
+        """Start the next round now, whatever :attr:`sync_interval` says (``sync --wait``, a
+        restore drill, a snapshot asked for)."""
+        self._hurried = True
+        self.wake.set()
+
+    async def _pace(self, stop: asyncio.Event) -> None:
+        """Wait until :attr:`sync_interval` after the last round started (not while the
+        destination is failing: its retries have their own backoff), or until hurried or
+        stopped. Wake-ups that come meanwhile (new objects in the spool) are taken in the next
+        round."""
+        while self.sync_interval > 0 and self.healthy and not self._hurried:
+            wait = self._round_at + self.sync_interval - time.monotonic()
+            if wait <= 0 or stop.is_set():
+                break
+            self.wake.clear()
+            await wait_event(self.wake, wait)
+        self._hurried = False
+
     async def _run(self, stop: asyncio.Event, backstop: float) -> None:
         failures = 0
         while not stop.is_set() and self.fenced is None:
+            await self._pace(stop)
+            if stop.is_set():
+                break
+            self._round_at = time.monotonic()
             try:
                 links = self.courier.links(self.batch)
                 async with (None if links else self.limit) or contextlib.nullcontext():

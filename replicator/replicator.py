@@ -104,6 +104,7 @@ class DatabaseService:
             r.on_shipped = self.pruning.soon
             r.on_needs_snapshot = self.wake.set
             r.retention = cfg.retention_policy(rc)
+            r.sync_interval = rc.sync_interval
             r.limit = self.runtime.uploads
             r.set_levels(cfg.compaction_levels, local=local, executor=self.runtime.compaction)
         self.health: HealthChecker | None = None
@@ -264,7 +265,7 @@ class DatabaseService:
                 raise TimeoutError(f"txid {txid} not on every destination within "
                                    f"{within:g}s: {names}")
             for r in behind:
-                r.wake.set()
+                r.hurry()
             await asyncio.sleep(SHIPPED_POLL)
 
     async def sync_wait(self, within: float, *, wait: bool = True) -> tuple[str, int]:
@@ -277,7 +278,7 @@ class DatabaseService:
         if gen is None:
             raise ReplicatorError(f"{self.cfg.name}: nothing captured yet")
         for r in self.replicas:
-            r.wake.set()
+            r.hurry()
         if wait:
             await self.wait_shipped(gen, txid, within)
         return gen, txid

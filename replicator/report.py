@@ -153,7 +153,8 @@ def service_status(s: DatabaseService) -> dict[str, Any]:
              "generation": (db.generation if r.holdings.newest_txid(db.generation or "")
                             is not None else None),
              "txid": r.holdings.newest_txid(db.generation or ""), "lag_seconds": round(r.lag, 3),
-             "last_sync": iso(r.last_sync), "error": r.last_error}
+             "last_sync": iso(r.last_sync), "error": r.last_error,
+             "sync_interval_seconds": r.sync_interval}
             for r in s.replicas
         ],
         "integrity": _result_json(integrity) if integrity is not None else None,

@@ -125,7 +125,7 @@ class SnapshotSchedule:
         info = await s.call(s.db.snapshot, res)
         s.report.counted(res)
         for r in s.replicas:
-            r.wake.set()
+            r.hurry()
         s.report.snapshot_taken(s.db)
         return info
 

@@ -654,3 +654,30 @@ def test_bad_retention_field_of_a_destination(tmp_path: Path) -> None:
     msg = load_error(tmp_path, one_db(replicas="    replicas:\n"
                                        "      - {path: /b, keep-monthly: x}\n"))
     assert msg == "dbs[0].replicas[0].keep-monthly: expected an integer >= 0"
+
+
+def test_sync_interval_per_destination(tmp_path: Path) -> None:
+    cfg = load(tmp_path, """
+dbs:
+  - path: /data/app.db
+    replicas:
+      - {name: local, path: /backups/app}
+      - {name: s3, url: "s3://bucket/app", sync-interval: 1s}
+      - {name: minio, type: s3, bucket: backups, sync_interval: 250ms}
+  - dir: /data/tenants
+    replicas:
+      - {name: s3, url: "s3://bucket/tenants", sync-interval: 2s}
+""")
+    assert [r.sync_interval for r in cfg.dbs[0].replicas] == [0.0, 1.0, 0.25]
+    assert [r.sync_interval for r in cfg.dirs[0].template.replicas] == [2.0]
+
+
+@pytest.mark.parametrize(("replica", "message"), [
+    ("{path: /b, sync-interval: soon}", "dbs[0].replicas[0].sync-interval: expected a duration"),
+    ("{path: /b, sync-interval: -1}", "dbs[0].replicas[0].sync-interval: duration must not be"),
+    ("{path: /b, sync-interval: 60s}", "dbs[0].replicas[0].sync-interval: 60s is not below "
+                                       "ready-max-lag (60s): /readyz would fail between rounds"),
+])
+def test_bad_sync_interval(tmp_path: Path, replica: str, message: str) -> None:
+    msg = load_error(tmp_path, one_db(replicas=f"    replicas:\n      - {replica}\n"))
+    assert msg.startswith(message)

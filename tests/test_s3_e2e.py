@@ -5,7 +5,8 @@ Covered: restore equals the source and point-in-time restores are exact; kill -9
 outage of the S3 server under write load; wrong credentials, a missing bucket and an unreachable
 endpoint beside a healthy local replica; a corrupt and a missing object; two replicators on one
 prefix (fencing); no requests from an idle database; restore by replica name and the default pick
-of the newest replica; the parallel download of a restore.
+of the newest replica; the parallel download of a restore; a destination's sync-interval (uploads
+paced, and neither `sync --wait` nor a stop waits for it).
 """
 
 from __future__ import annotations
@@ -582,6 +583,75 @@ def test_idle_database_makes_no_requests(tmp_path: Path, env: dict[str, str], s3
             assert rep.proc.poll() is None
         finally:
             assert rep.stop() == 0, rep.text()
+
+
+def start_paced(tmp_path: Path, env: dict[str, str], s3dest: S3Dest, interval: str,
+                **db_fields: object) -> tuple[Path, Path, Replicate, int]:
+    """A database replicated to ``s3dest`` with ``sync-interval: interval``, once its first
+    snapshot is there: (database, config, replicator, the replica's txid then)."""
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    cfg = tmp_path / "paced.yml"
+    cfg.write_text(json.dumps({"dbs": [{"path": str(db), **db_fields, "replicas": [
+        {"url": s3dest.url, "sync-interval": interval}]}]}))
+    rep = Replicate("--config", str(cfg), log=tmp_path / "rep.log", env=env)
+    util.wait_until(s3dest.has_snapshot, 60, what="first snapshot in S3")
+    return db, cfg, rep, (s3dest.latest_txid() or ("", 0))[1]
+
+
+def test_sync_interval_paces_uploads_and_restores_equal(
+    tmp_path: Path, env: dict[str, str], s3dest: S3Dest
+) -> None:
+    """A destination with ``sync-interval: 1s`` uploads at most one round a second: a writer's
+    300 commits go up as a handful of objects (compaction off, so none is merged away), not one
+    per upload round trip, and the replica restores equal."""
+    db, _, rep, base = start_paced(tmp_path, env, s3dest, "1s", **{"compaction-levels": []})
+    try:
+        log = tmp_path / "commits.log"
+        w = util.start_writer(db, log, "--count", "300", "--rate", "100")
+        _, err = w.communicate(timeout=60)
+        assert w.returncode == 0, err
+        util.wait_until(lambda: (s3dest.latest_txid() or ("", 0))[1] >= base + 300, 30,
+                        what="the commits in S3")
+        wal = [o for o in s3dest.objects() if o.kind == "wal"]
+        # three seconds of writing, a round at most every second (and one for the snapshot's
+        # neighbours); unpaced, about one object per commit at this rate
+        assert 1 <= len(wal) <= 8, [o.key for o in wal]
+        assert wal[-1].end_txid >= base + 300
+    finally:
+        assert rep.stop() == 0, rep.text()
+    out = tmp_path / "restored.db"
+    restore(s3dest.url, out, env)
+    assert util.seqs(out) == [c[0] for c in util.commit_log(log)]
+    assert util.dump(out) == util.dump(db)
+
+
+def test_sync_wait_and_shutdown_do_not_wait_for_the_sync_interval(
+    tmp_path: Path, env: dict[str, str], s3dest: S3Dest
+) -> None:
+    """``sync --wait`` ships at once whatever the interval, and a stop in the middle of an
+    interval ends at once with a final sync that ships the last commits."""
+    db, cfg, rep, base = start_paced(tmp_path, env, s3dest, "5m", **{"ready-max-lag": "10m"})
+    try:
+        log = tmp_path / "commits.log"
+        w = util.start_writer(db, log, "--count", "20", "--rate", "100")
+        assert w.communicate(timeout=60) and w.returncode == 0
+        r = util.cli("sync", "--wait", str(db), "--timeout", "60s", "--config", str(cfg),
+                     env=env)
+        assert r.returncode == 0, r.stderr
+        assert (s3dest.latest_txid() or ("", 0))[1] >= base + 20
+        # the next round is minutes away: these commits stay in the spool ...
+        w = util.start_writer(db, tmp_path / "more.log", "--count", "10", "--rate", "100")
+        assert w.communicate(timeout=60) and w.returncode == 0
+        time.sleep(1)
+        assert (s3dest.latest_txid() or ("", 0))[1] < base + 30
+    finally:
+        # ... until the stop's final sync, which does not wait for it
+        assert rep.stop(timeout=30) == 0, rep.text()
+    assert (s3dest.latest_txid() or ("", 0))[1] >= base + 30
+    out = tmp_path / "restored.db"
+    restore(s3dest.url, out, env)
+    assert util.dump(out) == util.dump(db)
 
 
 # -- restore: by name, the newest by default, parallel download ---------------------------------
