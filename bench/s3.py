@@ -24,6 +24,7 @@ minutes).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -59,7 +60,8 @@ GROUPS = {
     "LIST": ("LIST", "LIST-MPU", "LIST-PARTS"),
     "DELETE": ("DELETE", "DELETE-MULTI"),
 }
-LABELS = {"ours": "replicator (ours)", "litestream": "Litestream 0.5, defaults (1s)",
+LABELS = {"ours": "replicator (ours)", "ours_paced": "replicator (ours), sync-interval 1s",
+          "litestream": "Litestream 0.5, defaults (1s)",
           "litestream_tuned": "Litestream 0.5, monitor/sync-interval 10ms"}
 _LS_LEVEL = re.compile(r"(?:^|/)(?:(?P<hex>[0-9a-f]{4})|ltx/(?P<dec>\d+))/"
                        r"[0-9a-f]{16}-[0-9a-f]{16}\.ltx$")
@@ -176,16 +178,26 @@ def request_stats(evs: list[Ev], is_change: Any) -> dict[str, Any]:
 class OursS3(rc.Ours):
     """``python -m replicator replicate DB s3://BUCKET/app?endpoint=...`` with its defaults."""
 
-    def __init__(self, db: Path, work: Path, bucket: str, endpoint: str) -> None:
+    def __init__(self, db: Path, work: Path, bucket: str, endpoint: str,
+                 sync_interval: str | None = None) -> None:
+        if sync_interval is not None:  # before the log file is named after the key
+            self.key, self.label = "ours_paced", LABELS["ours_paced"]
         super().__init__(db, work / "no-local-replica", work)
         self.bucket = bucket
         self.endpoint = endpoint
+        self.sync_interval = sync_interval  # a destination's sync-interval (a config file)
 
     def url(self, endpoint: str) -> str:
         return (f"s3://{self.bucket}/{PREFIX}?endpoint={endpoint}&region={fx.TEST_REGION}"
                 "&force_path_style=true")
 
     def command(self) -> list[str]:
+        if self.sync_interval is not None:
+            cfg = self.work / "ours-paced.json"  # JSON is YAML
+            cfg.write_text(json.dumps({"dbs": [{"path": str(self.db), "replicas": [
+                {"url": self.url(self.endpoint), "sync-interval": self.sync_interval}]}]}))
+            return [sys.executable, "-m", "replicator", "--log-level", "info", "replicate",
+                    "--config", str(cfg)]
         return [sys.executable, "-m", "replicator", "--log-level", "info", "replicate",
                 str(self.db), self.url(self.endpoint)]
 
@@ -362,8 +374,9 @@ class S3Bench(Bench):
         assert self.server is not None and self.proxy is not None
         bucket = self.server.create_bucket()
         t: S3Tool
-        if key == "ours":
-            t = OursS3(db, d, bucket, self.proxy.endpoint)
+        if key in ("ours", "ours_paced"):
+            t = OursS3(db, d, bucket, self.proxy.endpoint,
+                       "1s" if key == "ours_paced" else None)
         else:
             t = LitestreamS3(db, d, bucket, self.proxy.endpoint, tuned=key == "litestream_tuned")
         self.tools.append(t)
@@ -754,6 +767,11 @@ def render_restore(r: dict[str, Any]) -> list[str]:
     return L
 
 
+def cpu_ms(cpu_s: float | None, n: int) -> str:
+    """CPU seconds over ``n`` commits as milliseconds a commit ("–" when not sampled)."""
+    return "–" if cpu_s is None else f"{1000 * cpu_s / n:.2f}"
+
+
 def render_requests(r: dict[str, Any]) -> list[str]:
     p = r["params"]
     L = ["### 3. S3 requests per commit rate", "",  # noqa: N806
@@ -765,11 +783,12 @@ def render_requests(r: dict[str, Any]) -> list[str]:
          "tail catches the upload of the last commits; Litestream's default tick is 1 s); "
          "requests/s is that count over the writer's seconds. "
          "\"Change objects\" are the new WAL segments (ours) or L0 files (Litestream). "
-         "multipart: create + parts + complete.", "",
+         "multipart: create + parts + complete. \"Tool CPU\" is the tool process's CPU "
+         "time over the same window, per commit.", "",
          "| tool | commits/s asked | commits/s done | requests | requests/s | requests per "
          "commit | change objects per commit | PUT | multipart | GET | HEAD | LIST | DELETE | "
-         "other | KiB sent per commit | non-2xx |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "other | KiB sent per commit | non-2xx | tool CPU ms per commit |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["requests"]:
         for y in x["runs"]:
             g = y["by_group"]
@@ -779,7 +798,7 @@ def render_requests(r: dict[str, Any]) -> list[str]:
                      f"{y['requests'] / n:.3f} | {y['change_objects'] / n:.3f} | {g['PUT']} | "
                      f"{g['multipart']} | {g['GET']} | {g['HEAD']} | {g['LIST']} | "
                      f"{g['DELETE']} | {g['other']} | {y['bytes_up'] / 1024 / n:.2f} | "
-                     f"{y['errors']} |")
+                     f"{y['errors']} | {cpu_ms(y.get('cpu_s'), n)} |")
     L += ["", f"Idle: no writes for {p['idle_seconds']:.0f} s (after the initial snapshot and "
           f"{SETTLE_S:.0f} s of settling); every exchange with the tool's bucket is counted.", "",
           "| tool | requests | requests/min | by kind | tool CPU s | restored rows after the "
@@ -946,7 +965,7 @@ def main() -> int:
                     bench.lag("litestream", params["lag_samples_default_ls"])]
         r["requests"] = [bench.requests(k, params["rates"], params["rate_seconds"],
                                         params["idle_seconds"])
-                         for k in ("ours", "litestream", "litestream_tuned")]
+                         for k in ("ours", "ours_paced", "litestream", "litestream_tuned")]
         r["restore"] = bench.big_restore(params["restore_mib"], ["ours", "litestream"])
     finally:
         bench.cleanup()
