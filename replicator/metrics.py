@@ -4,7 +4,8 @@ Metrics are created on a registry passed in (tests use a fresh one). Labels: ``d
 path as configured) and ``replica`` (the replica's name). Each family is declared once, as a field
 of :class:`Metrics`: its type, its name (after ``replicator_``), its help and its labels.
 
-The labelled families are this module's own :class:`Counter`, :class:`Gauge` and
+The labelled families are this module's own :class:`Counter`, :class:`Gauge` (and
+:class:`AgeGauge`, whose series show an age at each scrape) and
 :class:`Histogram`, collected by the registry like any collector and exposed exactly as
 ``prometheus_client``'s are. They exist for the memory of a process with thousands of databases
 (about 75 series each): ``prometheus_client`` makes every series a full metric object with its
@@ -143,6 +144,35 @@ class _GaugeSeries(_Series):
             f._series[self._k] = f._series.get(self._k, 0.0) + amount
 
 
+class AgeGauge(_Family):
+    """A family of gauges that show an age: each series holds the wall-clock time something
+    started (None: nothing), and every scrape shows its age then (0 for None), so that it
+    grows between the moments the code looks."""
+
+    kind = "gauge"
+
+    def labels(self, *values: object, **kw: object) -> _AgeSeries:
+        """One series of the family."""
+        return _AgeSeries(self, self._key(values, kw))
+
+    def _zero(self) -> Any:
+        return None
+
+    def _samples(self, labels: dict[str, str], value: Any) -> list[Sample]:
+        age = 0.0 if value is None else max(0.0, time.time() - value)
+        return [Sample(self.name, labels, age)]
+
+
+class _AgeSeries(_Series):
+    __slots__ = ()
+
+    def since(self, started: float | None) -> None:
+        """The age counts from ``started`` (a wall-clock time; None: shows 0)."""
+        f = self._f
+        with f._lock:
+            f._series[self._k] = started
+
+
 class Counter(_Family):
     """A family of counters (``_total`` and ``_created`` samples); a series holds
     [count, created]."""
@@ -260,9 +290,9 @@ class Metrics:
     snapshot_size_bytes: Gauge = family("snapshot_size_bytes",
         "Compressed size of the last snapshot.")
     # replicas
-    replica_lag_seconds: Gauge = family("replica_lag_seconds",
+    replica_lag_seconds: AgeGauge = family("replica_lag_seconds",
         "Age of the oldest committed transaction not yet durable at the replica (0 when "
-        "caught up).", REPLICA)
+        "caught up), at the time of the scrape.", REPLICA)
     replica_last_sync_timestamp: Gauge = family("replica_last_sync_timestamp_seconds",
         "Time of the last successful sync.", REPLICA)
     replica_shipped_transactions: Counter = family("replica_shipped_transactions",

@@ -69,10 +69,11 @@ class ReplicaSeries:
             self.metrics.replica_last_sync_timestamp.labels(*self.labels).set(at)
             self.metrics.replica_up.labels(*self.labels).set(1)
 
-    def lag(self, lag: float) -> None:
-        """The age of the oldest commit the destination lacks."""
+    def lag_since(self, since: float | None) -> None:
+        """The oldest commit the destination lacks was observed at ``since`` (None: it lacks
+        none); the gauge shows its age at each scrape."""
         if self.metrics is not None:
-            self.metrics.replica_lag_seconds.labels(*self.labels).set(lag)
+            self.metrics.replica_lag_seconds.labels(*self.labels).since(since)
 
     def error(self, operation: str) -> None:
         """Count a failed ``operation``."""
@@ -133,7 +134,7 @@ class Replica:
         self.series = ReplicaSeries(metrics, db_name, name)
         self.wake = asyncio.Event()
         self.holdings = Holdings()
-        self.lag = 0.0
+        self._behind_since: float | None = None  # observed time (s) of the oldest commit lacked
         self.last_sync = 0.0
         self.last_error: str | None = None
         self.needs_snapshot = False
@@ -234,6 +235,24 @@ class Replica:
             self.compactor.due.at(now + self.compactor.levels[0])
         if self.compactor.pending_deletes():
             self.compactor.due.at(now + self.compactor.grace)
+
+    @property
+    def lag(self) -> float:
+        """The age now of the oldest commit this destination lacks, as last seen (0: none):
+        it grows between rounds (a destination paced by :attr:`sync_interval`, or failing),
+        as seen by ``/status``, ``/readyz`` and the notices."""
+        since = self._behind_since
+        return 0.0 if since is None else max(0.0, time.time() - since)
+
+    @lag.setter
+    def lag(self, seconds: float) -> None:
+        self._behind_since = time.time() - seconds if seconds > 0 else None
+
+    def _lacks(self, oldest: ObjectInfo | None) -> None:
+        """``oldest`` is the oldest object the destination lacks (None: it lacks none): record
+        it and set the lag gauge from it."""
+        self._behind_since = oldest.first_ms / 1000 if oldest is not None else None
+        self.series.lag_since(self._behind_since)
 
     @property
     def url(self) -> str:
@@ -349,9 +368,7 @@ class Replica:
         if len(missing) > 1 and self.courier.debug.ready():
             log.debug("%s: replica %s: %d objects to ship (listed in %.3f s)", self.db_name,
                       self.name, len(missing), time.monotonic() - t0)
-        now = time.time()
-        self.lag = max(0.0, now - missing[0].first_ms / 1000) if missing else 0.0
-        self.series.lag(self.lag)
+        self._lacks(missing[0] if missing else None)
         if missing and not self.holdings.has_base(missing[0]):
             self.needs_snapshot = True
             if self.on_needs_snapshot is not None:
@@ -370,8 +387,7 @@ class Replica:
             if self.compactor is not None:
                 self.compactor.shipped(info)
             self._count(info, size, frames, done)
-        self.lag = max(0.0, done - nxt.first_ms / 1000) if nxt else 0.0
-        self.series.lag(self.lag)
+        self._lacks(nxt)
         return [info for info, _, _ in results]
 
     async def _after_sync(self, written: int, snapshot_shipped: bool, beside: bool) -> None:
@@ -530,6 +546,10 @@ class Replica:
                 break
             self.wake.clear()
             await wait_event(self.wake, wait)
+            if self.wake.is_set() and self._behind_since is None and not stop.is_set():
+                # something new was spooled: the lag counts from it (gauge included)
+                missing = await self.pending(remote=False)
+                self._lacks(missing[0] if missing else None)
         self._hurried = False
 
     async def _run(self, stop: asyncio.Event, backstop: float) -> None:
@@ -561,8 +581,7 @@ class Replica:
                 # the lag keeps growing while the destination is down
                 missing = await self.pending(remote=False)
                 if missing:
-                    self.lag = max(0.0, time.time() - missing[0].first_ms / 1000)
-                    self.series.lag(self.lag)
+                    self._lacks(missing[0])
             await wait_event(self.wake, timeout)
             self.wake.clear()
 

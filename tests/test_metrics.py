@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import fields
 from typing import Any
 
@@ -10,16 +11,20 @@ import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from replicator.metrics import LAG_BUCKETS, create_metrics
+from replicator.metrics import LAG_BUCKETS, AgeGauge, create_metrics
 
 
-def _exercise(families: dict[str, tuple[Any, tuple[str, ...]]]) -> None:
-    """The same updates, whichever implementation ``families`` holds."""
-    for i, (fam, labelnames) in enumerate(families.values()):
+def _exercise(families: dict[str, tuple[Any, tuple[str, ...]]],
+              ages: frozenset[str] = frozenset()) -> None:
+    """The same updates, whichever implementation ``families`` holds; the families named in
+    ``ages`` (ours show an age, a moving value) only get their series, at zero."""
+    for i, (name, (fam, labelnames)) in enumerate(families.items()):
         vals = [f"v{j}" for j in range(len(labelnames))]
         one = fam.labels(*vals)
         other = fam.labels(**{n: "k" + v for n, v in zip(labelnames, vals, strict=True)})
         fam.labels(*["untouched" + v for v in vals])
+        if name in ages:
+            continue
         if hasattr(one, "observe"):
             for x in (0.0005, 0.001, 0.003, 0.3, 7, 100, 0.1):
                 one.observe(x)
@@ -55,11 +60,35 @@ def test_families_expose_like_prometheus_client() -> None:
         ref[f.name] = (kinds[fam.kind](fam.name, fam.help, spec.labels, registry=ref_registry,
                                        **extra), spec.labels)
         mine[f.name] = (fam, spec.labels)
-    _exercise(mine)
-    _exercise(ref)
+    ages = frozenset(n for n, (fam, _) in mine.items() if isinstance(fam, AgeGauge))
+    assert ages == {"replica_lag_seconds"}
+    _exercise(mine, ages)
+    _exercise(ref, ages)
     assert _text(ours.registry) == _text(ref_registry)
     assert ours.registry.get_sample_value(
         "replicator_snapshots_total", {"db": "v0"}) == 3.5
+
+
+def test_an_age_gauge_shows_the_age_at_each_scrape() -> None:
+    m = create_metrics()
+    lag = m.replica_lag_seconds.labels("a", "s3")
+
+    def shown() -> float | None:
+        return m.registry.get_sample_value("replicator_replica_lag_seconds",
+                                           {"db": "a", "replica": "s3"})
+
+    assert shown() == 0.0
+    lag.since(time.time() - 5)
+    first = shown()
+    assert first is not None and first >= 5
+    time.sleep(0.05)
+    later = shown()
+    assert later is not None and later > first
+    lag.since(time.time() + 60)  # a clock step back: never negative
+    assert shown() == 0.0
+    lag.since(None)
+    assert shown() == 0.0
+    assert m.forget("a") > 0 and shown() is None
 
 
 def test_bad_labels_and_negative_increments_are_refused() -> None:

@@ -586,13 +586,16 @@ def test_idle_database_makes_no_requests(tmp_path: Path, env: dict[str, str], s3
 
 
 def start_paced(tmp_path: Path, env: dict[str, str], s3dest: S3Dest, interval: str,
-                **db_fields: object) -> tuple[Path, Path, Replicate, int]:
-    """A database replicated to ``s3dest`` with ``sync-interval: interval``, once its first
-    snapshot is there: (database, config, replicator, the replica's txid then)."""
+                port: int | None = None, **db_fields: object
+                ) -> tuple[Path, Path, Replicate, int]:
+    """A database replicated to ``s3dest`` with ``sync-interval: interval`` (and its metrics
+    and status on ``port``), once its first snapshot is there: (database, config, replicator,
+    the replica's txid then)."""
     db = tmp_path / "app.db"
     init_db(str(db))
     cfg = tmp_path / "paced.yml"
-    cfg.write_text(json.dumps({"dbs": [{"path": str(db), **db_fields, "replicas": [
+    top = {} if port is None else {"metrics-addr": f"127.0.0.1:{port}"}
+    cfg.write_text(json.dumps({**top, "dbs": [{"path": str(db), **db_fields, "replicas": [
         {"url": s3dest.url, "sync-interval": interval}]}]}))
     rep = Replicate("--config", str(cfg), log=tmp_path / "rep.log", env=env)
     util.wait_until(s3dest.has_snapshot, 60, what="first snapshot in S3")
@@ -629,9 +632,12 @@ def test_sync_interval_paces_uploads_and_restores_equal(
 def test_sync_wait_and_shutdown_do_not_wait_for_the_sync_interval(
     tmp_path: Path, env: dict[str, str], s3dest: S3Dest
 ) -> None:
-    """``sync --wait`` ships at once whatever the interval, and a stop in the middle of an
-    interval ends at once with a final sync that ships the last commits."""
-    db, cfg, rep, base = start_paced(tmp_path, env, s3dest, "5m", **{"ready-max-lag": "10m"})
+    """``sync --wait`` ships at once whatever the interval; commits waiting for the next round
+    show as the destination's lag in ``status``, growing as they wait; a stop in the middle of
+    an interval ends at once with a final sync that ships them."""
+    port = free_port()
+    db, cfg, rep, base = start_paced(tmp_path, env, s3dest, "5m", port,
+                                     **{"ready-max-lag": "10m"})
     try:
         log = tmp_path / "commits.log"
         w = util.start_writer(db, log, "--count", "20", "--rate", "100")
@@ -645,6 +651,13 @@ def test_sync_wait_and_shutdown_do_not_wait_for_the_sync_interval(
         assert w.communicate(timeout=60) and w.returncode == 0
         time.sleep(1)
         assert (s3dest.latest_txid() or ("", 0))[1] < base + 30
+        lags = []
+        for _ in range(2):
+            r = util.cli("status", "--addr", f"127.0.0.1:{port}", "--json", timeout=30)
+            assert r.returncode == 0, r.stderr
+            lags.append(json.loads(r.stdout)["dbs"][0]["replicas"][0]["lag_seconds"])
+            time.sleep(1.5)
+        assert 1.0 <= lags[0] < lags[1], lags
     finally:
         # ... until the stop's final sync, which does not wait for it
         assert rep.stop(timeout=30) == 0, rep.text()
