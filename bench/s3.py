@@ -192,14 +192,13 @@ class OursS3(rc.Ours):
                 "&force_path_style=true")
 
     def command(self) -> list[str]:
-        if self.sync_interval is not None:
-            cfg = self.work / "ours-paced.json"  # JSON is YAML
-            cfg.write_text(json.dumps({"dbs": [{"path": str(self.db), "replicas": [
-                {"url": self.url(self.endpoint), "sync-interval": self.sync_interval}]}]}))
-            return [sys.executable, "-m", "replicator", "--log-level", "info", "replicate",
-                    "--config", str(cfg)]
-        return [sys.executable, "-m", "replicator", "--log-level", "info", "replicate",
-                str(self.db), self.url(self.endpoint)]
+        replicate = [sys.executable, "-m", "replicator", "--log-level", "info", "replicate"]
+        if self.sync_interval is None:
+            return [*replicate, str(self.db), self.url(self.endpoint)]
+        cfg = self.work / "ours-paced.json"  # JSON is YAML
+        cfg.write_text(json.dumps({"dbs": [{"path": str(self.db), "replicas": [
+            {"url": self.url(self.endpoint), "sync-interval": self.sync_interval}]}]}))
+        return [*replicate, "--config", str(cfg)]
 
     def is_change(self, key: str) -> bool:
         """A WAL segment: ``generations/<gen>/wal/*.seg``."""
