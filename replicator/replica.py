@@ -246,6 +246,7 @@ class Replica:
 
     @lag.setter
     def lag(self, seconds: float) -> None:
+        """Lacking a commit observed ``seconds`` ago (0: none)."""
         self._behind_since = time.time() - seconds if seconds > 0 else None
 
     def _lacks(self, oldest: ObjectInfo | None) -> None:
