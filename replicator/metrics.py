@@ -49,11 +49,18 @@ class _Family:
         self.help = help
         self.labelnames = labelnames
         self._series: dict[tuple[str, ...], Any] = {}
+        self._keys: dict[tuple[object, ...], tuple[str, ...]] = {}
+        """Positional label values seen, and their series' key (labels() on every commit of a
+        thousand databases: the common case is one dict look-up)."""
         self._lock = threading.Lock()
         registry.register(self)
 
     def _key(self, values: tuple[object, ...], kw: dict[str, object]) -> tuple[str, ...]:
         """The series' label values, positional or by name (all of them, one way)."""
+        if not kw:
+            known = self._keys.get(values)
+            if known is not None and known in self._series:
+                return known
         if kw:
             if values or sorted(kw) != sorted(self.labelnames):
                 raise ValueError(f"{self.name}: labels must be {self.labelnames}")
@@ -64,6 +71,8 @@ class _Family:
         with self._lock:
             if key not in self._series:
                 self._series[key] = self._zero()
+            if not kw:
+                self._keys[values] = key
         return key
 
     def _zero(self) -> Any:
@@ -77,6 +86,8 @@ class _Family:
             gone = [k for k in self._series if k[0] == db]
             for k in gone:
                 del self._series[k]
+            for v in [v for v, k in self._keys.items() if k[0] == db]:
+                del self._keys[v]
         return len(gone)
 
     def describe(self) -> list[Metric]:

@@ -114,3 +114,20 @@ def test_created_samples_follow_prometheus_client_switch() -> None:
     finally:
         prometheus_client.enable_created_metrics()
     assert "replicator_snapshots_created" in generate_latest(m.registry).decode()
+
+
+def test_a_series_asked_for_again_after_forget_starts_from_zero() -> None:
+    m = create_metrics()
+
+    def shown() -> float | None:
+        return m.registry.get_sample_value("replicator_captured_frames_total", {"db": "a"})
+
+    m.captured_frames.labels("a").inc(3)
+    m.captured_frames.labels("a").inc(4)  # the second look-up is the cached one
+    assert shown() == 7
+    assert m.forget("a") > 0 and shown() is None
+    assert m.captured_frames.labels("a") is not None and shown() == 0
+    m.captured_frames.labels("a").inc(2)
+    assert shown() == 2
+    m.captured_frames.labels(db="a").inc(1)  # by name: the same series
+    assert shown() == 3
