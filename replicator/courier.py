@@ -18,6 +18,7 @@ from .pos import ObjectInfo
 from .spool import Spool
 from .storage.base import StorageClient
 from .storage.file import stream_file
+from .threads import off_loop
 
 log = logging.getLogger("replicator.replica")
 
@@ -45,7 +46,7 @@ class Courier:
         consecutive segments, none spanning two windows of ``window`` seconds, when ``merge``
         (a remote destination pays per request), else one group per object."""
         if merge:
-            return await asyncio.to_thread(batch.plan, self.spool, missing, window)
+            return await off_loop(batch.plan, self.spool, missing, window)
         return [([o], []) for o in missing]
 
     def width(self, merge: bool) -> int:
@@ -70,7 +71,7 @@ class Courier:
         when it wrote the object lately)."""
         if info.kind != "wal" or not self.count_frames:
             return 0
-        header = self.spool.cached_header(info) or await asyncio.to_thread(
+        header = self.spool.cached_header(info) or await off_loop(
             self.spool.read_header, info)
         return header.frames if isinstance(header, SegmentHeader) else 0
 
@@ -87,11 +88,11 @@ class Courier:
         was written, its size and how many WAL frames it holds."""
         t0 = time.monotonic()
         if len(parts) > 1:
-            info, path = await asyncio.to_thread(batch.merge, self.spool, parts, headers)
+            info, path = await off_loop(batch.merge, self.spool, parts, headers)
             try:
                 merged = await self.client.write_object(info, stream_file(path))
             finally:
-                await asyncio.to_thread(unlink_quiet, path)
+                await off_loop(unlink_quiet, path)
             if self.debug.ready():
                 log.debug("%s: wrote %s (%d spooled objects, %d bytes) in %.3f s", self.label,
                           info.key, len(parts), merged, time.monotonic() - t0)

@@ -158,15 +158,13 @@ class DirWatch:
     async def start(self) -> None:
         """Watch the directory, then scan it (a database created in between is seen twice,
         which is harmless). A missing directory is reported and watched for nothing."""
-        loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(self.runtime.executor, os.path.isdir, self.cfg.dir):
+        if not await self.runtime.call(os.path.isdir, self.cfg.dir):
             log.error("%s: not a directory; no database of it is replicated", self.cfg.dir)
             return
         self.runtime.events.add_tree(self.cfg.dir, self.cfg.recursive,
                                      lambda p: matches(self.cfg, p), self.on_event)
-        found = await loop.run_in_executor(self.runtime.executor, scan, self.cfg)
-        reasons = await loop.run_in_executor(
-            self.runtime.executor, lambda: [classify(p) for p, _ in found])
+        found = await self.runtime.call(scan, self.cfg)
+        reasons = await self.runtime.call(lambda: [classify(p) for p, _ in found])
         for (path, changed), reason in zip(found, reasons, strict=True):
             self._found(path, changed, reason)
         log.info("%s: %d databases found (%d skipped)", self.cfg.dir,
@@ -196,10 +194,9 @@ class DirWatch:
         task.add_done_callback(self._tasks.discard)
 
     async def _check(self, path: str) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            reason = await loop.run_in_executor(self.runtime.executor, classify, path)
-            changed = await loop.run_in_executor(self.runtime.executor, changed_at, path)
+            reason = await self.runtime.call(classify, path)
+            changed = await self.runtime.call(changed_at, path)
         finally:
             self._checking.discard(path)
         if reason == MISSING:

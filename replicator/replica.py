@@ -31,6 +31,7 @@ from .retry import Backoff, Deferral, ErrorLog
 from .spool import Spool
 from .storage.base import StorageClient
 from .storage.file import FileStorage
+from .threads import off_loop
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ class Replica:
             self.spool.restart(self._feed)  # the walk below sees what it held
             # the spool's index is in memory once read: no thread needed for it then
             objs = (self.spool.all_objects() if self.spool.indexed
-                    else await asyncio.to_thread(self.spool.all_objects))
+                    else await off_loop(self.spool.all_objects))
         for gen in sorted({o.generation for o in objs}):
             if gen not in self.holdings.keys and remote:
                 have = await self.client.objects(gen)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from .threads import Workers
 from .watcher import FileEvents, file_events
 
 T = TypeVar("T")
@@ -113,7 +114,7 @@ class Runtime:
 
     def __init__(self, workers: int = DEFAULT_WORKERS, snapshots: int = DEFAULT_SNAPSHOTS,
                  uploads: int = DEFAULT_UPLOADS) -> None:
-        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="replicator-worker")
+        self.executor = Workers(workers, "replicator-worker")
         self.health = ThreadPoolExecutor(DEFAULT_HEALTH_WORKERS,
                                          thread_name_prefix="replicator-health")
         """Health checks' pool: a long integrity check never holds a capture worker."""
@@ -174,7 +175,7 @@ class Runtime:
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run blocking ``fn(*args)`` on the pool."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await self.executor.run(fn, *args)
 
     def backstop(self, seconds: float) -> float:
         """A jittered timer of about ``seconds``, longer when many databases have one."""
@@ -267,4 +268,4 @@ class Runtime:
         self.health.shutdown(wait=False)  # a check in progress is interrupted by its checker
         # replicas wait for their compaction steps before they close
         await asyncio.get_running_loop().run_in_executor(None, self.compaction.shutdown, True)
-        await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
+        await asyncio.to_thread(self.executor.shutdown, True)

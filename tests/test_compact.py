@@ -981,7 +981,7 @@ def test_compaction_does_not_wait_for_the_capture_workers(tmp_path: Path) -> Non
             b = s.replicas[1]
             assert b.compactor is not None
             assert [c.root for c in b.compactor.local] == [str(tmp_path / "a"), str(tmp_path / "b")]
-            busy = asyncio.get_running_loop().run_in_executor(runtime.executor, release.wait)
+            busy = asyncio.ensure_future(runtime.call(release.wait))
             res = await asyncio.wait_for(b.compact(now=time.time() + 10 * LEVELS[-1]), 120)
             assert res is not None and res.merged > 0 and res.downloaded == 0
             assert not busy.done()  # the capture's worker was held all along

@@ -2,12 +2,12 @@
 
 Layout under the root directory is exactly the key space of :mod:`replicator.pos`. Writes go to a
 temp file in the target directory, are fsynced, renamed into place, and the directory is fsynced.
-Blocking file work runs in threads (``aiofiles`` and ``asyncio.to_thread``), never on the loop.
+Blocking file work runs in threads (``aiofiles`` and :func:`~replicator.threads.off_loop`), never
+on the loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import os
@@ -24,6 +24,7 @@ from ..pos import (
     parse_key,
     sort_objects,
 )
+from ..threads import off_loop
 from .base import DEFAULT_CHUNK_SIZE
 
 # link() errors that mean "copy instead": another file system, or one without hard links
@@ -92,7 +93,7 @@ class FileStorage:
             os.unlink(probe)
 
         try:
-            await asyncio.to_thread(check)
+            await off_loop(check)
         except OSError as exc:
             raise self._error("cannot write replica directory", exc) from None
 
@@ -155,14 +156,14 @@ class FileStorage:
     async def generations(self) -> list[str]:
         """Generation ids present, oldest first."""
         try:
-            return await asyncio.to_thread(self.scan_generations)
+            return await off_loop(self.scan_generations)
         except OSError as exc:
             raise self._error("cannot list generations", exc) from None
 
     async def objects(self, generation: str) -> list[ObjectInfo]:
         """Objects of a generation, sorted; temp files are ignored."""
         try:
-            return await asyncio.to_thread(self.scan_objects, generation)
+            return await off_loop(self.scan_objects, generation)
         except OSError as exc:
             raise self._error(f"cannot list generation {generation}", exc) from None
 
@@ -175,15 +176,15 @@ class FileStorage:
         tmp = temp_path(path)
         total = 0
         try:
-            await asyncio.to_thread(makedirs_durable, os.path.dirname(path))
+            await off_loop(makedirs_durable, os.path.dirname(path))
             async with aiofiles.open(tmp, "xb") as f:
                 async for chunk in data:
                     await f.write(chunk)
                     total += len(chunk)
                 await f.flush()
-                await asyncio.to_thread(os.fsync, f.fileno())
+                await off_loop(os.fsync, f.fileno())
             await aiofiles.os.replace(tmp, path)
-            await asyncio.to_thread(fsync_dir, os.path.dirname(path))
+            await off_loop(fsync_dir, os.path.dirname(path))
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -238,7 +239,7 @@ class FileStorage:
             return sizes
 
         try:
-            return await asyncio.to_thread(link_all)
+            return await off_loop(link_all)
         except OSError as exc:
             more = f" and {len(items) - 1} more" if len(items) > 1 else ""
             raise self._error(f"cannot write {items[0][0].key}{more}", exc) from None
@@ -246,7 +247,7 @@ class FileStorage:
     async def read_object(self, info: ObjectInfo) -> AsyncIterator[bytes]:
         """Stream a file in chunks (an object of one chunk in one worker call)."""
         try:
-            fd, size, chunk = await asyncio.to_thread(_open_read, self._path(info.key))
+            fd, size, chunk = await off_loop(_open_read, self._path(info.key))
         except FileNotFoundError:
             raise NotFoundError(f"{self.url}: {info.key}: object not found") from None
         except OSError as exc:
@@ -260,7 +261,7 @@ class FileStorage:
                 if done >= size:
                     return  # objects are never modified: nothing follows
                 try:
-                    chunk = await asyncio.to_thread(os.read, fd, DEFAULT_CHUNK_SIZE)
+                    chunk = await off_loop(os.read, fd, DEFAULT_CHUNK_SIZE)
                 except OSError as exc:
                     raise self._error(f"cannot read {info.key}", exc) from None
                 done += len(chunk)
@@ -282,7 +283,7 @@ class FileStorage:
                     raise self._error(f"cannot read {info.key}", exc) from None
             return out
 
-        return await asyncio.to_thread(read_all)
+        return await off_loop(read_all)
 
     async def delete_objects(self, infos: Sequence[ObjectInfo]) -> None:
         """Unlink files; absent ones are ignored."""
@@ -298,7 +299,7 @@ class FileStorage:
                 fsync_dir(d)
 
         try:
-            await asyncio.to_thread(rm)
+            await off_loop(rm)
         except OSError as exc:
             raise self._error("cannot delete objects", exc) from None
 
@@ -306,7 +307,7 @@ class FileStorage:
         """Remove a generation's directory tree."""
         path = os.path.join(self.root, GENERATIONS_DIR, generation)
         try:
-            await asyncio.to_thread(shutil.rmtree, path)
+            await off_loop(shutil.rmtree, path)
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -323,7 +324,7 @@ class FileStorage:
                 return None
 
         try:
-            return await asyncio.to_thread(read)
+            return await off_loop(read)
         except OSError as exc:
             raise self._error(f"cannot read {LEASE_KEY}", exc) from None
 
@@ -335,7 +336,7 @@ class FileStorage:
                 f.write(data)
 
         try:
-            await asyncio.to_thread(write)
+            await off_loop(write)
         except OSError as exc:
             raise self._error(f"cannot write {LEASE_KEY}", exc) from None
 
