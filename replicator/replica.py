@@ -495,6 +495,8 @@ class Replica:
                 self._compact_after = time.monotonic() + min(
                     took * (1 / COMPACT_DUTY - 1),
                     max(COMPACT_SPACING, self.compactor.levels[0]))
+                if self.compactor.due.is_due(time.time()):
+                    self.wake.set()  # windows closed meanwhile: the loop spaces the next step
 
         self._compacting.start(step())
 
@@ -502,12 +504,19 @@ class Replica:
         """How long ``run()`` waits for a wake-up after a successful round: ``backstop``, or
         until the next compaction window closes if that is sooner (a compaction step then
         starts in the writer's pause, not with the first object after it), or while
-        :attr:`quiet` until that window closes (None: until woken)."""
+        :attr:`quiet` until that window closes (None: until woken). A step due now that this
+        round did not start waits for the spacing after the last step to end (then the loop
+        looks again: the newest windows are merged soon after the writer stops, not at the
+        backstop or the next commit), or for its wake-up (a busy capture's pause, a running
+        step's end)."""
         due = None if self.compactor is None else self.compactor.due.next()
         now = time.time()
+        if due is not None and due <= now:
+            spaced = self._compact_after - time.monotonic()
+            due = now + spaced if spaced > 0 else None
         if not self.quiet:
-            return min(backstop, due - now) if due is not None and due > now else backstop
-        return None if due is None else max(0.0, due - now)
+            return backstop if due is None else min(backstop, due - now)
+        return None if due is None else due - now
 
     async def run(self, stop: asyncio.Event, backstop: float = DEFAULT_BACKSTOP) -> None:
         """Ship whenever woken (or every ``backstop`` seconds, none while :attr:`quiet`) until

@@ -738,8 +738,63 @@ async def test_an_idle_shipper_wakes_when_a_compaction_window_closes(tmp_path: P
     assert wait is not None and 1.0 < wait <= 2.0
     r.compactor.due.times = {time.time() + 9.0}
     assert r._idle_wait(5.0) == 5.0
-    r.compactor.due.times = {time.time() - 1.0}  # due, but put off or spaced: no spinning
+    r.compactor.due.times = {time.time() - 1.0}  # due, but put off: no spinning
     assert r._idle_wait(5.0) == 5.0
+    r._compact_after = time.monotonic() + 1.5  # spaced after the last step: until it ends
+    wait = r._idle_wait(5.0)
+    assert wait is not None and 1.0 < wait <= 1.5
+    r._compact_after = time.monotonic() + 9.0
+    assert r._idle_wait(5.0) == 5.0
+    r.quiet = True  # parked: no backstop, only the spacing's end or a wake-up
+    wait = r._idle_wait(5.0)
+    assert wait is not None and 8.0 < wait <= 9.0
+    r._compact_after = 0.0
+    assert r._idle_wait(5.0) is None
+
+
+async def test_the_newest_windows_are_merged_soon_after_the_writer_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A window that closes while the steps are spaced out (COMPACT_DUTY) is merged once the
+    spacing ends, without another commit or the backstop: what a restore of the newest state
+    reads stays small when the writer stops (or the host dies) right after a burst."""
+    import replicator.replica
+
+    monkeypatch.setattr(replicator.replica, "COMPACT_DUTY", 0.01)  # steps spaced ~100x
+    async with rig(tmp_path) as r:
+        stop = asyncio.Event()
+        loop = asyncio.create_task(r.replica.run(stop, backstop=3600.0))
+        rnd = random.Random(3)
+        r.db.step()
+        started_ms = time.time() * 1000
+        end = time.monotonic() + 1.5
+        seq = 0
+        while time.monotonic() < end:
+            seq += 1
+            commit(r.conn, seq, rnd)
+            r.db.step()
+            r.replica.wake.set()
+            await asyncio.sleep(0.005)
+        stopped_ms = time.time() * 1000
+
+        async def tail() -> list[ObjectInfo]:
+            return [o for o in await all_objects(r.dest)
+                    if o.kind == "wal" and o.last_ms >= started_ms]
+
+        # every window of the last level the burst touched, merged to one object (or two,
+        # where a segment straddles a boundary)
+        windows = int(stopped_ms // (LEVELS[-1] * 1000)) - int(started_ms // (LEVELS[-1] * 1000))
+        for _ in range(200):  # up to 40 s: the spacing is at most COMPACT_SPACING
+            left = await tail()
+            if len(left) <= 2 * (windows + 1):
+                break
+            await asyncio.sleep(0.2)
+        stop.set()
+        await loop
+        assert seq > 50
+        assert len(left) <= 2 * (windows + 1), (len(left), seq)
+        _, seqs = await restore_at(r.dest, tmp_path / "out.db")
+        assert seqs == list(range(1, seq + 1))
 
 
 def test_a_merge_is_compressed_only_when_its_segments_were(history: History,
