@@ -268,4 +268,4 @@ class Runtime:
         self.health.shutdown(wait=False)  # a check in progress is interrupted by its checker
         # replicas wait for their compaction steps before they close
         await asyncio.get_running_loop().run_in_executor(None, self.compaction.shutdown, True)
-        await asyncio.to_thread(self.executor.shutdown, True)
+        await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
