@@ -103,7 +103,7 @@ def merge(
             for part in parts:
                 copy_body(w, spool.path(part), part.key)
             w.close()
-            size = f.tell()
+            size = w.size
     except BaseException:
         try:
             os.unlink(path)

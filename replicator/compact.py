@@ -173,8 +173,7 @@ def write_merged(path: str, sources: list[str], keys: list[str]) -> tuple[Segmen
         w.close()
         f.flush()
         os.fsync(f.fileno())
-        size = f.tell()
-    return header, size
+    return header, w.size
 
 
 # ------------------------------------------------------------------------------------ planning

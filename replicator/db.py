@@ -121,6 +121,13 @@ def _sig(st: os.stat_result) -> FileSig:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
 def _quiet_sig(path: str) -> FileSig | None:
     """The file's signature, when it was last written over QUIET_AFTER_NS ago; else None."""
     try:
@@ -254,9 +261,11 @@ class Database:
         """(database file size, WAL file size) in bytes."""
         return self.handles.sizes()
 
-    def _check_identity(self) -> None:
+    def _check_identity(self, st: os.stat_result | None) -> None:
+        """Whether the file is still the one open (``st``: its stat just taken, if any)."""
         try:
-            st = os.stat(self.path)
+            if st is None:
+                st = os.stat(self.path)
         except FileNotFoundError:
             raise DatabaseError(f"database {self.path} disappeared") from None
         if st.st_ino != self.handles.db_ino:
@@ -267,7 +276,7 @@ class Database:
             self.handles.pin(0)
             self._pending = Reason.DB_REPLACED
             return
-        hdr = read_db_header(self.path, self.handles.db_fd)
+        hdr = read_db_header(self.path, self.handles.db_fd, st.st_size)
         if hdr is not None and not hdr.wal_mode:
             raise DatabaseError(f"database {self.path} left WAL mode; replication is paused")
 
@@ -380,7 +389,9 @@ class Database:
         the pin when needed. Safe to call at any time; does nothing when nothing changed."""
         res = CaptureResult()
         started = time.time_ns()
-        seen = self._quiet_signature()
+        # one look at the database file serves the signature, the identity check and its size
+        st = _stat(self.path)
+        seen = self._quiet_signature(st)
         if seen is not None and seen == self._settled:
             self.confirmed_ns = started  # nothing committed since a step that captured all
             if self.generation is not None:
@@ -391,14 +402,19 @@ class Database:
             return res
         self._settled = None
         with SIGHTER.watching(self.handles.sightings):
-            self._step(res, started)
+            self._step(res, started, st)
         if not res.more:
             # the file event of a commit's last frame usually wakes the next step, which finds
             # nothing more: a signature read now, after the capture, lets that step end at once
             # (the one read first showed this commit's frames unannounced yet, so it cannot)
-            self._settled = self._settles(seen if seen is not None else self._quiet_signature())
-        res.sizes = self.handles.sizes()  # here, on a worker: a stat may wait on the disk
-        self._settled_wal_size = res.sizes[1]
+            if seen is None:
+                st = _stat(self.path)
+                seen = self._quiet_signature(st)
+            self._settled = self._settles(seen)
+        # here, on a worker: a stat may wait on the disk
+        wal_size = self.handles.sizes()[1]
+        res.sizes = (st.st_size if st is not None else 0, wal_size)
+        self._settled_wal_size = wal_size
         return res
 
     def _settles(self, seen: _Quiet | None) -> _Quiet | None:
@@ -410,20 +426,21 @@ class Database:
             return seen
         return None
 
-    def _quiet_signature(self) -> _Quiet | None:
-        """(database file signature, wal-index salts, mxFrame) now, read first (and noted as a
-        sighting); None when a step has work regardless: not pinned, a generation, catch-up,
-        rotation or proof pending, no wal-index, or a frame of the current epoch in the WAL
-        slot after the captured end (a commit's frames are written, and file events sent,
+    def _quiet_signature(self, st: os.stat_result | None) -> _Quiet | None:
+        """(database file signature from ``st``, its stat just taken; wal-index salts,
+        mxFrame) now, read first (and noted as a sighting); None when a step has work
+        regardless: not pinned, a generation, catch-up, rotation or proof pending, no
+        wal-index, no stat, or a frame of the current epoch in the WAL slot after the captured
+        end (a commit's frames are written, and file events sent,
         before the wal-index shows it)."""
         shm = self.handles.sightings.take()
         pos, fd = self.pos, self.handles.wal_fd
         if (shm is None or not self.handles.pinned or pos is None or fd is None
                 or self._pending is not None or self._catchup is not None
-                or self.capture.proof_pending or pos.frame >= self.checkpoint_pages):
+                or self.capture.proof_pending or pos.frame >= self.checkpoint_pages
+                or st is None):
             return None
         try:
-            st = os.stat(self.path)
             nxt = os.pread(fd, FRAME_HEADER_SIZE, frame_offset(pos.frame + 1, self.page_size))
         except OSError:
             return None
@@ -431,8 +448,8 @@ class Database:
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns), shm[0], shm[1]
 
-    def _step(self, res: CaptureResult, started: int) -> None:
-        self._check_identity()
+    def _step(self, res: CaptureResult, started: int, st: os.stat_result | None) -> None:
+        self._check_identity(st)
         self._ensure_pinned()
         if self._pending is not None:
             reason, self._pending = self._pending, None

@@ -37,17 +37,20 @@ class DbHeader:
     wal_mode: bool
 
 
-def read_db_header(path: str, fd: int | None = None) -> DbHeader | None:
+def read_db_header(path: str, fd: int | None = None, size: int | None = None
+                   ) -> DbHeader | None:
     """Parse the 100-byte database header; None if the file is empty.
 
     Pass ``fd`` while SQLite connections to the file are open in this process: opening and
     closing another descriptor on the file would drop every POSIX lock the process holds on it.
+    ``size``: the file's size, from a stat just taken (else it is looked up).
     """
     if fd is None:
         with open(path, "rb") as f:
-            return read_db_header(path, f.fileno())
+            return read_db_header(path, f.fileno(), size)
     raw = os.pread(fd, 100, 0)
-    size = os.fstat(fd).st_size
+    if size is None:
+        size = os.fstat(fd).st_size
     if len(raw) == 0:
         return None
     if len(raw) < 100 or not raw.startswith(b"SQLite format 3\x00"):

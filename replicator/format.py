@@ -21,7 +21,7 @@ import json
 import struct
 import threading
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, BinaryIO
 
 import zstandard
@@ -80,19 +80,19 @@ class _StoredFrame:
     BLOCK = 128 << 10
     LAST = (1).to_bytes(3, "little")  # last block, raw, size 0
 
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        f.write(self.HEADER)
+    def __init__(self, out: Callable[[bytes | memoryview], object]) -> None:
+        self._f = out
+        out(self.HEADER)
 
     def write(self, data: bytes | memoryview) -> None:
         mv = memoryview(data).cast("B")
         for off in range(0, len(mv), self.BLOCK):
             block = mv[off : off + self.BLOCK]
-            self._f.write((len(block) << 3).to_bytes(3, "little"))
-            self._f.write(block)
+            self._f((len(block) << 3).to_bytes(3, "little"))
+            self._f(block)
 
     def close(self) -> None:
-        self._f.write(self.LAST)
+        self._f(self.LAST)
 
 
 class _Codecs:
@@ -148,11 +148,13 @@ class ObjectWriter:
         version: int | None = None,
     ):
         self._f = f
+        self.size = 0
+        """Bytes written to ``f`` so far (the object's size once closed)."""
         if version is None:
             version = DIFF_VERSION if kind == KIND_DIFF else FORMAT_VERSION
         raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-        f.write(_PREAMBLE.pack(MAGIC, version, kind, len(raw)))
-        f.write(raw)
+        self._out(_PREAMBLE.pack(MAGIC, version, kind, len(raw)))
+        self._out(raw)
         self._hash = _digest()
         self._hash.update(raw)
         self._stored: _StoredFrame | None = None
@@ -160,7 +162,7 @@ class ObjectWriter:
         self._level = level
         self._cctx: zstandard.ZstdCompressor | None = None
         if level is None:
-            self._stored = _StoredFrame(f)
+            self._stored = _StoredFrame(self._out)
         else:
             self._cctx = _codecs.compressor(level)
             self._cobj = self._cctx.compressobj()
@@ -175,18 +177,22 @@ class ObjectWriter:
             return
         out = self._cobj.compress(data)
         if out:
-            self._f.write(out)
+            self._out(out)
+
+    def _out(self, data: bytes | memoryview) -> None:
+        self._f.write(data)
+        self.size += len(data)
 
     def close(self) -> None:
         """Finish the zstd frame and write the trailer (the file itself stays open)."""
         if self._stored is not None:
             self._stored.close()
         else:
-            self._f.write(self._cobj.flush())
+            self._out(self._cobj.flush())
             if self._cctx is not None and self._level is not None:
                 _codecs.give_compressor(self._level, self._cctx)
                 self._cctx = None
-        self._f.write(TRAILER_MAGIC + self._hash.digest())
+        self._out(TRAILER_MAGIC + self._hash.digest())
 
 
 class ObjectDecoder:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import re
 import shutil
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 TMP_SUFFIX = ".tmp"
+WRITE_BUFFER = 64 << 10
+"""The buffer of a file written by :func:`atomic_writer`."""
 
 
 def fsync_dir(path: str) -> None:
@@ -36,9 +39,30 @@ def makedirs_durable(path: str) -> None:
         fsync_dir(os.path.dirname(d))
 
 
+class _TempNames:
+    """This process's part of temp names: its pid and a random token, learnt once (and again
+    in a forked child), then a counter: a name costs no system call."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = f".{os.getpid()}.{os.urandom(4).hex()}"
+        self.counter = itertools.count()
+
+    def suffix(self) -> str:
+        # next() on itertools.count is atomic under the GIL: threads get distinct numbers
+        return f"{self.prefix}{next(self.counter):x}{TMP_SUFFIX}"
+
+
+_TEMP_NAMES = _TempNames()
+
+
 def temp_path(path: str) -> str:
-    """A unique temp name beside ``path`` (same directory, so rename is atomic)."""
-    return f"{path}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}"
+    """A unique temp name beside ``path`` (same directory, so rename is atomic):
+    ``PATH.PID.RANDOM.tmp``."""
+    return path + _TEMP_NAMES.suffix()
 
 
 def owned_temp_dir(path: str) -> str:
@@ -108,7 +132,8 @@ def atomic_writer(path: str, parent_exists: bool = False) -> Iterator[BinaryIO]:
     if not parent_exists:
         makedirs_durable(os.path.dirname(path) or ".")
     tmp = temp_path(path)
-    f = open(tmp, "xb")  # noqa: SIM115 - closed below on every path
+    # a buffer size given: no look whether the file is a terminal
+    f = open(tmp, "xb", buffering=WRITE_BUFFER)  # noqa: SIM115 - closed below on every path
     try:
         yield f
         f.flush()

@@ -122,7 +122,7 @@ class Spool:
             for chunk in body:
                 w.write(chunk)
             w.close()
-            size = f.tell()
+            size = w.size
         out = dataclasses.replace(info, size=size)
         with self._lock:
             self._dirs.add(parent)

@@ -27,7 +27,7 @@ from util import Replicate, cli, free_port, wait_until
 from writer import init_db
 
 from replicator.db import Database
-from replicator.fsutil import lock_owned, remove_stale_temps
+from replicator.fsutil import lock_owned, remove_stale_temps, temp_path
 from replicator.spool import Spool
 
 SECRET = "Sup3rS3cretValue"
@@ -142,6 +142,44 @@ def test_stale_temp_rule(tmp_path: Path) -> None:
         os.close(fd)
     assert sorted(removed) == sorted([str(stale_file), str(stale_dir)])
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in [locked, alive, *foreign])
+
+
+def test_temp_names_are_unique_across_threads_and_forks_and_known_as_ours(
+        tmp_path: Path) -> None:
+    """Names drawn by many threads at once never repeat; a forked child's carry its own pid
+    (its parent's counter would repeat in it otherwise); the stale-temp rule reads them as
+    this process's, so it removes them only once the process is gone."""
+    import threading
+
+    base = str(tmp_path / "app.db")
+    names: list[str] = []
+
+    def draw() -> None:
+        names.extend(temp_path(base) for _ in range(2000))
+
+    threads = [threading.Thread(target=draw) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(names)) == len(names) == 8000
+    assert all(n.startswith(f"{base}.{os.getpid()}.") and n.endswith(".tmp") for n in names)
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report one name and leave at once
+        os.write(w, temp_path(base).encode())
+        os._exit(0)
+    os.close(w)
+    child_name = os.read(r, 4096).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert child_name.startswith(f"{base}.{pid}.") and child_name not in names
+
+    for n in (names[0], child_name):
+        Path(n).write_bytes(b"x")
+    assert remove_stale_temps(base) == [child_name]  # the child is gone; this process is not
+    assert os.path.exists(names[0])
 
 
 # -- progress -----------------------------------------------------------------------------------

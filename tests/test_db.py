@@ -82,7 +82,8 @@ def test_the_step_after_a_commit_captured_ends_at_once_and_the_next_commit_is_se
     d.step()
     full: list[int] = []
     inner = d._step
-    monkeypatch.setattr(d, "_step", lambda res, started: (full.append(1), inner(res, started)))
+    monkeypatch.setattr(d, "_step", lambda res, started, st: (full.append(1),
+                                                             inner(res, started, st)))
     for n in range(1, 4):
         commit(app, 1, payload=300)
         res = d.step()  # its first look sees the commit's frames: a full step
