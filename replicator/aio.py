@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Coroutine
 from enum import Enum
 from typing import Any
@@ -21,6 +22,36 @@ async def wait_event(event: asyncio.Event, within: float | None) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(within):
             await event.wait()
+
+
+class Wake(asyncio.Event):
+    """A loop's wake-up that knows whether only file events set it since a given moment: a file
+    event says when it was handled (:meth:`file_event`, on the loop: the change it reports was
+    made before that); every other :meth:`set` counts in ``others``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.others = 0
+        """How many times :meth:`set` was called (anything but a file event)."""
+        self.file_at = 0.0
+        """``time.monotonic()`` when the last file event was handled (0: none yet)."""
+
+    def set(self) -> None:
+        self.others += 1
+        super().set()
+
+    def file_event(self, at: float) -> None:
+        """Set by a file event handled at ``at`` (``time.monotonic()``)."""
+        self.file_at = at
+        super().set()
+
+
+def file_event(event: asyncio.Event) -> None:
+    """Set ``event`` for a file event handled now (noting when, if it is a :class:`Wake`)."""
+    if isinstance(event, Wake):
+        event.file_event(time.monotonic())
+    else:
+        event.set()
 
 
 class Stop(asyncio.Event):

@@ -65,7 +65,7 @@ from .pageindex import IndexKeeper, IndexUnusable
 from .pos import ObjectInfo, WalPos
 from .progress import DEFAULT_TUNING as DEFAULT_TUNING
 from .progress import CaptureResult as CaptureResult
-from .progress import Progress, Shared
+from .progress import Progress, Shared, files_sig
 from .progress import Tuning as Tuning
 from .rescue import frame_is
 from .retry import Deferral
@@ -188,6 +188,10 @@ class Database:
         # nothing to do
         self._settled: _Quiet | None = None
         self._settled_wal_size = 0  # the WAL's size at the end of the last step
+        self.settled_at = 0.0
+        """``time.monotonic()`` just before the signature that showed everything captured was
+        read, by the last step (0: that step did not settle): a change made before this moment
+        (a file event handled before it) needs no further step."""
         self._index_wait = Deferral(INDEX_SAVE_DEFER)
 
     # ------------------------------------------------------------------ lifecycle
@@ -228,6 +232,7 @@ class Database:
                 log.warning("%s: cannot save the page index: %s", self.name, exc)
         self.handles.close(tidy)
         self._settled = None
+        self.settled_at = 0.0
         if state is None:
             return
         if captured is not None and _quiet_sig(self.path) == captured:
@@ -389,11 +394,13 @@ class Database:
         the pin when needed. Safe to call at any time; does nothing when nothing changed."""
         res = CaptureResult()
         started = time.time_ns()
+        look = time.monotonic()
         # one look at the database file serves the signature, the identity check and its size
         st = _stat(self.path)
         seen = self._quiet_signature(st)
         if seen is not None and seen == self._settled:
             self.confirmed_ns = started  # nothing committed since a step that captured all
+            self.settled_at = look
             if self.generation is not None:
                 self.keeper.save_if_due(self.snapshots.stamp())
             # the file's size is in the signature; the WAL's grows only with frames of the
@@ -401,18 +408,33 @@ class Database:
             res.sizes = (seen[0][1], self._settled_wal_size)
             return res
         self._settled = None
+        self.settled_at = 0.0
         with SIGHTER.watching(self.handles.sightings):
             self._step(res, started, st)
+        fresh = False
         if not res.more:
             # the file event of a commit's last frame usually wakes the next step, which finds
             # nothing more: a signature read now, after the capture, lets that step end at once
-            # (the one read first showed this commit's frames unannounced yet, so it cannot)
-            if seen is None:
+            # (the one read first showed this commit's frames unannounced yet, so it cannot),
+            # or lets the loop know it need not run (see settled_at)
+            fresh = seen is None
+            if fresh:
+                # both files first, then the wal-index: what the stats show is captured if
+                # the signature shows everything captured
+                look = time.monotonic()
                 st = _stat(self.path)
+                wal_st = _stat(self.wal_path)
                 seen = self._quiet_signature(st)
             self._settled = self._settles(seen)
+            if self._settled is not None:
+                self.settled_at = look
+                if fresh:
+                    res.looked = files_sig(st, wal_st)
         # here, on a worker: a stat may wait on the disk
-        wal_size = self.handles.sizes()[1]
+        if fresh:
+            wal_size = wal_st.st_size if wal_st is not None else 0
+        else:
+            wal_size = self.handles.sizes()[1]
         res.sizes = (st.st_size if st is not None else 0, wal_size)
         self._settled_wal_size = wal_size
         return res

@@ -7,6 +7,7 @@ is everything they share, and :class:`Part` the base of each.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,21 @@ class Tuning:
 DEFAULT_TUNING = Tuning()
 
 
+StatSig = tuple[int, int, int]
+"""(inode, size, mtime in ns) of a file: it changes with every write."""
+FilesSig = tuple[StatSig | None, StatSig | None]
+"""The :data:`StatSig` of a database file and of its ``-wal`` (None for a missing one)."""
+
+
+def _stat_sig(st: os.stat_result | None) -> StatSig | None:
+    return None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def files_sig(db: os.stat_result | None, wal: os.stat_result | None) -> FilesSig:
+    """The :data:`FilesSig` of a database file's and its ``-wal``'s stats (None: missing)."""
+    return _stat_sig(db), _stat_sig(wal)
+
+
 @dataclass
 class CaptureResult:
     """What one capture step produced."""
@@ -54,6 +70,9 @@ class CaptureResult:
     rotated: bool = False
     more: bool = False  # the step stopped with committed frames still to capture
     sizes: tuple[int, int] = (0, 0)  # database and WAL file sizes after the step (bytes)
+    looked: FilesSig | None = None
+    """The files as the step saw them just before it found everything captured (None: it did
+    not find that, or took no such look): a change since shows in a later look."""
 
 
 @dataclass

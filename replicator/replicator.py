@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from . import __version__
-from .aio import Outcome, bounded, relay, wait_event
+from .aio import Outcome, Wake, bounded, relay, wait_event
 from .config import Config, DbConfig
 from .db import DEFAULT_TUNING, CaptureResult, Database, Tuning
 from .drill import DRILL_ATTEMPTS, Driller, Point
@@ -92,7 +92,8 @@ class DatabaseService:
         self.parked = False
         self._parked_sig: object = None
         self._open = False  # counted in the runtime's open databases
-        self.wake = asyncio.Event()
+        self.wake = Wake()
+        self._others_seen = 0  # the wake-up's count of non-file wake-ups at the last look
         self.pruning = PruneSchedule(self.prune_spool, PRUNE_EVERY, lambda: self.following)
         self.replicas = [
             Replica(rc.name, rc.open(), self.spool, cfg.name, self.metrics)
@@ -214,6 +215,8 @@ class DatabaseService:
         """Capture once, then wake the shippers if anything new was spooled."""
         started = time.monotonic()
         res = await self.call(self.db.step)
+        if res.looked is not None:
+            self.runtime.looked(self.cfg.path, res.looked)
         self.last_capture = time.time()
         self.follower.looked(res)
         if res.transactions:
@@ -381,6 +384,17 @@ class DatabaseService:
             timeout = min(timeout, max(0.5, park_at - time.monotonic()))
         return timeout
 
+    def seen_already(self, watcher: Watcher) -> bool:
+        """Whether what set the wake-up is only file events that the last capture step already
+        saw: handled before that step read the signature that showed everything captured (the
+        change an event reports was made before it was handled). The file event of a commit's
+        last frame often comes while the step that captures the commit runs; no step is then
+        needed for it. Call once per wake-up (it notes the other wake-ups counted so far)."""
+        fresh = self.wake.others != self._others_seen
+        self._others_seen = self.wake.others
+        return (not fresh and not watcher.paused and not self.parked
+                and 0.0 < self.wake.file_at < self.db.settled_at)
+
     async def _loop(self, stop: asyncio.Event, watcher: Watcher) -> None:
         failures = 0
         last_change = time.monotonic()
@@ -390,13 +404,14 @@ class DatabaseService:
             if stop.is_set():
                 break
             woken = self.wake.is_set() or watcher.paused
+            seen = woken and self.seen_already(watcher)
             self.wake.clear()
             try:
                 wanted = any(r.needs_snapshot for r in self.replicas)
                 if (woken and self.parked and not wanted
                         and not await self._changed_since_parked()):
                     continue  # its own closing, or a look at the files: nothing was written
-                if woken:
+                if woken and not seen:
                     await self.unpark()
                     res = await self.sync()
                     last_change = self.follower.captured(res, watcher, last_change)

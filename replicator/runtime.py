@@ -26,6 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from .progress import FilesSig, files_sig
 from .threads import Workers
 from .watcher import FileEvents, file_events
 
@@ -59,21 +60,18 @@ BACKSTOP_STATS = 100.0
 # a burst of them)
 TRIM_DELAY = 2.0
 
-# (inode, size, mtime_ns) of a database file and of its -wal
-_Sig = tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]
 
-
-def signature(path: str) -> _Sig:
+def signature(path: str) -> FilesSig:
     """(inode, size, mtime) of a database file and of its ``-wal`` (None for a missing one):
     it changes with every write (blocking)."""
-    out: list[tuple[int, int, int] | None] = []
-    for p in (path, path + "-wal"):
-        try:
-            st = os.stat(p)
-            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-        except OSError:
-            out.append(None)
-    return out[0], out[1]
+    return files_sig(_stat(path), _stat(path + "-wal"))
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def open_budget() -> int:
@@ -138,7 +136,7 @@ class Runtime:
         self.queued = 0
         """Databases of ``dir:`` entries waiting to open."""
         self._watched: dict[str, tuple[asyncio.Event, float]] = {}
-        self._sigs: dict[str, _Sig] = {}
+        self._sigs: dict[str, FilesSig] = {}
         self._due: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []  # (due, path), stale entries left in place
         self._min_interval = DEFAULT_TICK
@@ -192,6 +190,12 @@ class Runtime:
         if self._ticker is None or self._ticker.done():
             self._stop.clear()
             self._ticker = asyncio.ensure_future(self._tick_loop())
+
+    def looked(self, path: str, sig: FilesSig) -> None:
+        """The capture of ``path`` found everything captured with its files as ``sig``: the
+        backstop wakes it for a change since then only (not for one it already captured)."""
+        if path in self._watched:
+            self._sigs[path] = sig
 
     def unwatch(self, path: str) -> None:
         """Stop the backstop for ``path``."""

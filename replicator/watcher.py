@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import inotify as ino
+from .aio import file_event
 
 if TYPE_CHECKING:  # watchdog is imported only where there is no inotify
     from watchdog.events import FileSystemEvent
@@ -58,7 +59,7 @@ class _Target:
 
     def fire(self) -> None:
         self.pending = False
-        self.event.set()
+        file_event(self.event)
 
 
 class FileEvents:
@@ -302,7 +303,7 @@ class InotifyEvents(FileEvents):
         kind = _kind(ev.mask)
         target = self._targets.get(path)
         if target is not None and not target.paused:
-            target.event.set()
+            file_event(target.event)
         if d.trees and (target is None or kind in ("deleted", "moved")):
             for root in list(d.trees):
                 _, match, callback = self._trees[root]

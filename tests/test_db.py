@@ -95,6 +95,36 @@ def test_the_step_after_a_commit_captured_ends_at_once_and_the_next_commit_is_se
     assert restored_dump(tmp_path) == dump(app)
 
 
+def test_a_step_that_captures_everything_says_how_it_saw_the_files_and_when(
+    tmp_path: Path, app
+) -> None:
+    """A step that captured a commit and then found nothing more reports the files as it saw
+    them (the backstop's signature) and the moment just before it looked; a step with
+    commits left over (or that did not look again) reports neither."""
+    from replicator.runtime import signature
+
+    d = open_db(tmp_path, tuning=Tuning(segment_max_frames=2, step_batches=1))
+    d.step()
+    commit(app, 1, payload=300)
+    before = time.monotonic()
+    res = d.step()
+    assert res.transactions == 1 and not res.more
+    assert res.looked == signature(d.path)  # nothing written since
+    assert before <= d.settled_at <= time.monotonic()
+    assert res.sizes == (os.path.getsize(d.path), os.path.getsize(d.wal_path))
+    settled = d.settled_at
+    again = d.step()  # the signature is the same: refreshed, without a new look at the files
+    assert again.looked is None and d.settled_at > settled
+    commit(app, 5)  # five transactions, two frames a segment, one segment a step
+    res = d.step()
+    assert res.more and res.looked is None and d.settled_at == 0.0
+    while d.step().more:
+        pass
+    d.close()
+    assert d.settled_at == 0.0
+    assert restored_dump(tmp_path) == dump(app)
+
+
 def test_rotation_keeps_wal_small_and_generation_unbroken(tmp_path: Path, app) -> None:
     d = open_db(tmp_path, checkpoint_pages=64)
     d.step()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from pathlib import Path
 
 import pytest
@@ -593,3 +594,83 @@ async def test_while_following_commits_are_stamped_when_seen_between_looks(
         assert seen >= looked
     finally:
         await s.close(10)
+
+
+async def test_the_backstop_wakes_for_changes_since_the_capture_looked_only(
+        tmp_path: Path) -> None:
+    """The stat backstop compares the files with how the last step that captured everything
+    saw them: a commit already captured wakes nothing more; one not captured yet does."""
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    s = service(tmp_path, snapshot_interval=3600)
+    await s.open()
+    started = finished = 0
+    tick = s.runtime.tick
+    ended = asyncio.Event()
+
+    async def counted() -> int:
+        nonlocal started, finished
+        started += 1
+        try:
+            return await tick()
+        finally:
+            finished += 1
+            ended.set()
+
+    async def looks(n: int) -> None:
+        """Wait for ``n`` looks that start from now to finish (one runs at a time)."""
+        goal = started + n + 1  # and the one that may be running now
+        while finished < goal:
+            ended.clear()
+            await asyncio.wait_for(ended.wait(), 10)
+
+    s.runtime.tick = counted  # type: ignore[method-assign]
+    try:
+        s.runtime.watch(s.cfg.path, s.wake, 0.01)  # its ticker looks every few milliseconds
+        await looks(1)
+        for _ in range(3):
+            commit(db, 1)
+            res = await s.sync()
+            assert res.transactions == 1 and res.looked is not None
+            await looks(0)  # a look at the files between the commit and the capture's wakes it
+            s.wake.clear()
+            await looks(3)
+            assert not s.wake.is_set()
+        commit(db, 1)  # not captured
+        await asyncio.wait_for(s.wake.wait(), 10)
+    finally:
+        s.runtime.unwatch(s.cfg.path)
+        await s.close(5)
+
+
+async def test_a_file_event_the_last_step_saw_needs_no_step(tmp_path: Path) -> None:
+    """A file event handled before the capture step looked at the files (which then showed
+    everything captured) needs no further step; one handled after it does, and so does any
+    other wake-up."""
+    from replicator.watcher import Watcher
+
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    s = service(tmp_path, snapshot_interval=3600)
+    await s.open()
+    watcher = Watcher(s.cfg.path, s.wake, s.runtime.events)  # not started: never paused
+    try:
+        assert s.seen_already(watcher) is False  # what open() set counts as another wake-up
+        commit(db, 1)
+        s.wake.clear()
+        s.wake.file_event(time.monotonic())  # the commit's event, handled before the step
+        await s.sync()
+        assert s.seen_already(watcher) is True
+        commit(db, 1)
+        await s.sync()
+        s.wake.file_event(time.monotonic())  # handled after the step's look
+        assert s.seen_already(watcher) is False
+        commit(db, 1)
+        s.wake.file_event(time.monotonic())
+        await s.sync()
+        s.wake.set()  # and something else (a destination that needs a snapshot, say)
+        assert s.seen_already(watcher) is False
+        s.wake.file_event(time.monotonic() - 60)
+        assert s.seen_already(watcher) is True  # the other wake-up was counted already
+    finally:
+        await s.close(5)
