@@ -46,6 +46,7 @@ def encode(
     for c in chunks:
         w.write(c)
     w.close()
+    assert w.size == len(buf.getvalue())  # what the spool records as the object's size
     return buf.getvalue()
 
 
