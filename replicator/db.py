@@ -58,14 +58,14 @@ from .catchup import CatchUp
 from .dbstate import read_db_header
 from .diffsnap import DEFAULT_DIFF_MAX
 from .errors import DatabaseError
-from .fsutil import atomic_writer
+from .fsutil import atomic_writer, stat_or_none
 from .handles import Handles, file_sig
 from .headers import Reason, SegmentHeader
 from .pageindex import IndexKeeper, IndexUnusable
 from .pos import ObjectInfo, WalPos
 from .progress import DEFAULT_TUNING as DEFAULT_TUNING
 from .progress import CaptureResult as CaptureResult
-from .progress import Progress, Shared, files_sig
+from .progress import Progress, Shared, files_sig, stat_sig
 from .progress import Tuning as Tuning
 from .rescue import frame_is
 from .retry import Deferral
@@ -121,18 +121,10 @@ def _sig(st: os.stat_result) -> FileSig:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _stat(path: str) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
-
-
 def _quiet_sig(path: str) -> FileSig | None:
     """The file's signature, when it was last written over QUIET_AFTER_NS ago; else None."""
-    try:
-        st = os.stat(path)
-    except OSError:
+    st = stat_or_none(path)
+    if st is None:
         return None
     if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < QUIET_AFTER_NS:
         return None
@@ -396,7 +388,7 @@ class Database:
         started = time.time_ns()
         look = time.monotonic()
         # one look at the database file serves the signature, the identity check and its size
-        st = _stat(self.path)
+        st = stat_or_none(self.path)
         seen = self._quiet_signature(st)
         if seen is not None and seen == self._settled:
             self.confirmed_ns = started  # nothing committed since a step that captured all
@@ -422,8 +414,8 @@ class Database:
                 # both files first, then the wal-index: what the stats show is captured if
                 # the signature shows everything captured
                 look = time.monotonic()
-                st = _stat(self.path)
-                wal_st = _stat(self.wal_path)
+                st = stat_or_none(self.path)
+                wal_st = stat_or_none(self.wal_path)
                 seen = self._quiet_signature(st)
             self._settled = self._settles(seen)
             if self._settled is not None:
@@ -468,7 +460,7 @@ class Database:
             return None
         if len(nxt) == FRAME_HEADER_SIZE and nxt[8:16] == salt_bytes(pos.salts):
             return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns), shm[0], shm[1]
+        return stat_sig(st), shm[0], shm[1]
 
     def _step(self, res: CaptureResult, started: int, st: os.stat_result | None) -> None:
         self._check_identity(st)

@@ -17,6 +17,14 @@ WRITE_BUFFER = 64 << 10
 """The buffer of a file written by :func:`atomic_writer`."""
 
 
+def stat_or_none(path: str) -> os.stat_result | None:
+    """``os.stat(path)``, or None when it cannot be looked at (missing, say)."""
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
 def fsync_dir(path: str) -> None:
     """fsync a directory so a rename inside it is durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

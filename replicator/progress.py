@@ -49,13 +49,14 @@ FilesSig = tuple[StatSig | None, StatSig | None]
 """The :data:`StatSig` of a database file and of its ``-wal`` (None for a missing one)."""
 
 
-def _stat_sig(st: os.stat_result | None) -> StatSig | None:
-    return None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
+def stat_sig(st: os.stat_result) -> StatSig:
+    """The :data:`StatSig` of a file's stat."""
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def files_sig(db: os.stat_result | None, wal: os.stat_result | None) -> FilesSig:
     """The :data:`FilesSig` of a database file's and its ``-wal``'s stats (None: missing)."""
-    return _stat_sig(db), _stat_sig(wal)
+    return (None if db is None else stat_sig(db)), (None if wal is None else stat_sig(wal))
 
 
 @dataclass

@@ -18,7 +18,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import heapq
-import os
 import random
 import resource
 import time
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from .fsutil import stat_or_none
 from .progress import FilesSig, files_sig
 from .threads import Workers
 from .watcher import FileEvents, file_events
@@ -64,14 +64,7 @@ TRIM_DELAY = 2.0
 def signature(path: str) -> FilesSig:
     """(inode, size, mtime) of a database file and of its ``-wal`` (None for a missing one):
     it changes with every write (blocking)."""
-    return files_sig(_stat(path), _stat(path + "-wal"))
-
-
-def _stat(path: str) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
+    return files_sig(stat_or_none(path), stat_or_none(path + "-wal"))
 
 
 def open_budget() -> int:
