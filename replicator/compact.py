@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import aiofiles
 
@@ -132,10 +132,12 @@ def merged_header(headers: list[SegmentHeader]) -> SegmentHeader:
     )
 
 
-def copy_body(w: ObjectWriter, path: str, key: str) -> None:
-    """Append the verified body of the object file ``path`` (named ``key``) to ``w``."""
+def copy_body(w: ObjectWriter, path: str | BinaryIO, key: str) -> None:
+    """Append the verified body of the object file ``path`` (named ``key``; or the file
+    itself, open, read from its start) to ``w``."""
     dec = ObjectDecoder(key)
-    with open(path, "rb") as f:
+    with open(path, "rb") if isinstance(path, str) else contextlib.nullcontext(path) as f:
+        f.seek(0)
         while chunk := f.read(_READ):
             body = dec.feed(chunk)
             if body:
@@ -143,12 +145,49 @@ def copy_body(w: ObjectWriter, path: str, key: str) -> None:
     dec.finish()
 
 
-def _compressed(sources: list[str], headers: list[SegmentHeader]) -> bool:
+@dataclass
+class _Source:
+    """A segment file a merge reads: its header and size, read once, and the file kept open
+    for its body (or opened again when there are too many to keep)."""
+
+    path: str
+    key: str
+    header: SegmentHeader
+    size: int
+    file: BinaryIO | None
+
+    def body(self) -> str | BinaryIO:
+        return self.file if self.file is not None else self.path
+
+
+KEEP_OPEN = 64
+"""A merge of up to this many files keeps each open from its header to its body (one open
+each); a larger one opens each file again for its body."""
+
+
+def _open_sources(stack: contextlib.ExitStack, paths: Sequence[str], keys: Sequence[str]
+                  ) -> list[_Source]:
+    """Each file's header and size, each file opened once (closed by ``stack``)."""
+    keep = len(paths) <= KEEP_OPEN
+    out = []
+    for path, key in zip(paths, keys, strict=True):
+        f = stack.enter_context(open(path, "rb")) if keep else open(path, "rb")
+        try:
+            header = SegmentHeader.from_json(read_header_file(f, key), key)
+            size = os.fstat(f.fileno()).st_size
+        finally:
+            if not keep:
+                f.close()
+        out.append(_Source(path, key, header, size, f if keep else None))
+    return out
+
+
+def _compressed(sources: list[_Source]) -> bool:
     """Whether the segments were mostly stored compressed: the capture compresses frames only
     within its CPU budget (a flat-out writer's are stored as they are), and a merge follows
     it, so that compaction never spends more on compression than the capture chose to."""
-    stored = sum(os.path.getsize(src) for src in sources)
-    body = sum(h.frames * (FRAME_HEADER_SIZE + h.page_size) for h in headers)
+    stored = sum(s.size for s in sources)
+    body = sum(s.header.frames * (FRAME_HEADER_SIZE + s.header.page_size) for s in sources)
     return stored < body * COMPRESSED_BELOW
 
 
@@ -156,20 +195,23 @@ def write_merged(path: str, sources: list[str], keys: list[str]) -> tuple[Segmen
     """Write the merge of the segment files ``sources`` (in order) to ``path``; returns its
     header and size. Each source is verified (trailer checksum) as it is read. The merge is
     compressed when its sources mostly were (see :func:`_compressed`). Blocking."""
-    headers = []
-    for src, key in zip(sources, keys, strict=True):
-        with open(src, "rb") as f:
-            headers.append(SegmentHeader.from_json(read_header_file(f, key), key))
+    with contextlib.ExitStack() as stack:
+        return _write_merged(path, _open_sources(stack, sources, keys))
+
+
+def _write_merged(path: str, sources: list[_Source]) -> tuple[SegmentHeader, int]:
+    """:func:`write_merged` of files whose headers are read."""
+    headers = [s.header for s in sources]
     for i in range(1, len(headers)):
         a, b = headers[i - 1], headers[i]
         if b.start_txid != a.end_txid + 1 or b.prev != a.end:
-            raise CorruptObjectError(f"{keys[i]}: does not continue {keys[i - 1]}")
+            raise CorruptObjectError(f"{sources[i].key}: does not continue {sources[i - 1].key}")
     header = merged_header(headers)
-    level = DEFAULT_LEVEL if _compressed(sources, headers) else None
+    level = DEFAULT_LEVEL if _compressed(sources) else None
     with open(path, "wb") as f:
         w = ObjectWriter(f, KIND_WAL, header.to_json(), level)
-        for src, key in zip(sources, keys, strict=True):
-            copy_body(w, src, key)
+        for src in sources:
+            copy_body(w, src.body(), src.key)
         w.close()
         f.flush()
         os.fsync(f.fileno())
@@ -709,26 +751,30 @@ def write_pieces(run: list[ObjectInfo], files: list[tuple[ObjectInfo, str]], wor
     """Write the merges of ``run`` from ``files`` (the objects holding its transactions, in
     order, with their local files), cut before every segment of the run whose first file
     records an unobserved interval; returns (first index, end index, path, size) of each
-    piece of more than one segment. Each file made is appended to ``temps``. Blocking."""
-    at = {o.start_txid: i for i, (o, _) in enumerate(files)}
-    cuts = [0]
-    for i in range(1, len(run)):
-        j = at.get(run[i].start_txid)
-        if j is not None and _resumed(files[j][1], files[j][0].key):
-            cuts.append(i)
-    cuts.append(len(run))
-    out = []
-    for a, b in zip(cuts, cuts[1:], strict=False):
-        if b - a < 2:
-            continue
-        lo, hi = run[a].start_txid, run[b - 1].end_txid
-        part = [(p, o.key) for o, p in files if lo <= o.start_txid and o.end_txid <= hi]
-        path = temp_path(os.path.join(workdir, segment_info(
-            run[a].generation, lo, hi, run[a].first_ms, run[b - 1].last_ms).name))
-        temps.append(path)
-        _, size = write_merged(path, [p for p, _ in part], [k for _, k in part])
-        out.append((a, b, path, size))
-    return out
+    piece of more than one segment. Each file made is appended to ``temps``. Each file is
+    opened once (up to ``KEEP_OPEN`` of them) and its header read once. Blocking."""
+    with contextlib.ExitStack() as stack:
+        sources = _open_sources(stack, [p for _, p in files], [o.key for o, _ in files])
+        at = {o.start_txid: i for i, (o, _) in enumerate(files)}
+        cuts = [0]
+        for i in range(1, len(run)):
+            j = at.get(run[i].start_txid)
+            if j is not None and sources[j].header.unobserved_from_ns is not None:
+                cuts.append(i)
+        cuts.append(len(run))
+        out = []
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            if b - a < 2:
+                continue
+            lo, hi = run[a].start_txid, run[b - 1].end_txid
+            part = [s for (o, _), s in zip(files, sources, strict=True)
+                    if lo <= o.start_txid and o.end_txid <= hi]
+            path = temp_path(os.path.join(workdir, segment_info(
+                run[a].generation, lo, hi, run[a].first_ms, run[b - 1].last_ms).name))
+            temps.append(path)
+            _, size = _write_merged(path, part)
+            out.append((a, b, path, size))
+        return out
 
 
 def link_or_copy(src: str, dst: str) -> None:
@@ -746,13 +792,6 @@ def unlink_all(paths: Iterable[str]) -> None:
     """Remove files that may already be gone."""
     for p in paths:
         unlink_quiet(p)
-
-
-def _resumed(path: str, key: str) -> bool:
-    """Whether the segment file records an unobserved interval before it."""
-    with open(path, "rb") as f:
-        header = SegmentHeader.from_json(read_header_file(f, key), key)
-    return header.unobserved_from_ns is not None
 
 
 def unlink_quiet(path: str) -> None:

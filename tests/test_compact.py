@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from writer import init_db
 
+from replicator import compact
 from replicator.compact import (
     COMPRESSED_BELOW,
     DEFAULT_LEVELS,
@@ -35,6 +36,7 @@ from replicator.compact import (
     min_run,
     plan_level,
     write_merged,
+    write_pieces,
 )
 from replicator.config import DbConfig, ReplicaConfig
 from replicator.db import Database
@@ -896,6 +898,69 @@ class CountedReads:
 async def copy_all(src: StorageClient, dst: CountedReads) -> None:
     for o in await all_objects(src):
         await dst.inner.write_object(o, src.read_object(o))
+
+
+def test_a_merge_cuts_before_a_resumed_segment_and_opens_each_file_once(
+        history: History, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose fifth segment was the first after a restart is merged in two pieces, cut
+    before it; each source file is opened once (its header read once), or twice when there are
+    more than ``KEEP_OPEN`` of them, and both ways write the same bytes: the concatenation of
+    the sources' bodies."""
+    segs = [o for o in objects(history) if o.kind == "wal"][:10]
+    files = []
+    bodies = []
+    for i, o in enumerate(segs):
+        dec = ObjectDecoder(o.key)
+        with open(history.dest._path(o.key), "rb") as f:
+            body = dec.feed(f.read())
+        dec.finish()
+        assert dec.header is not None
+        header = dict(dec.header)
+        if i == 4:
+            header["unobserved_from_ns"] = 1
+            header["unobserved_to_ns"] = 2
+        out = tmp_path / f"{i}.seg"
+        with open(out, "wb") as g:
+            w = ObjectWriter(g, KIND_WAL, header)
+            w.write(body)
+            w.close()
+        files.append((o, str(out)))
+        bodies.append(body)
+    opened: list[str] = []
+    real_open = open
+
+    def counting_open(path: str, *args: object, **kwargs: object) -> object:
+        opened.append(path)
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(compact, "open", counting_open, raising=False)
+    results = []
+    for keep in (compact.KEEP_OPEN, 2):
+        monkeypatch.setattr(compact, "KEEP_OPEN", keep)
+        opened.clear()
+        work = tmp_path / f"work{keep}"
+        work.mkdir()
+        temps: list[str] = []
+        pieces = write_pieces(segs, files, str(work), temps)
+        assert [(a, b) for a, b, _, _ in pieces] == [(0, 4), (4, 10)]
+        assert sorted(temps) == sorted(p for _, _, p, _ in pieces)
+        per_source = {path: opened.count(path) for _, path in files}
+        assert set(per_source.values()) == ({1} if keep >= len(files) else {2})
+        merged = []
+        for a, b, path, size in pieces:
+            data = Path(path).read_bytes()
+            assert len(data) == size
+            dec = ObjectDecoder("merged")
+            merged.append(dec.feed(data))
+            dec.finish()
+            assert dec.header is not None
+            header = SegmentHeader.from_json(dec.header, "merged")
+            assert (header.start_txid, header.end_txid) == (segs[a].start_txid,
+                                                            segs[b - 1].end_txid)
+            assert (header.unobserved_from_ns is not None) == (a == 4)
+        assert merged == [b"".join(bodies[:4]), b"".join(bodies[4:])]
+        results.append([Path(p).read_bytes() for _, _, p, _ in pieces])
+    assert results[0] == results[1]
 
 
 def test_a_remote_destination_merges_what_a_local_directory_holds_without_reading_it_back(
