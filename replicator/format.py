@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import struct
 import threading
-import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, BinaryIO
 
 import zstandard
 
+from .crc import crc32
 from .errors import CorruptObjectError, FormatError
 
 MAGIC = b"\x89RPL"
@@ -61,7 +61,7 @@ class _Crc:
         self.value = 0
 
     def update(self, data: bytes | memoryview) -> None:
-        self.value = zlib.crc32(data, self.value)
+        self.value = crc32(data, self.value)
 
     def digest(self) -> bytes:
         return struct.pack(">I", self.value)

@@ -21,7 +21,6 @@ import functools
 import os
 import struct
 import time
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ import numpy.typing as npt
 import xxhash
 
 from .contenthash import CATCHUP_PGNO_SIZE, page_hash
+from .crc import crc32
 from .errors import CorruptObjectError, ReplicatorError
 from .format import ObjectDecoder
 from .fsutil import atomic_writer
@@ -269,7 +269,7 @@ class PageIndex:
         head = _HEAD.pack(_MAGIC, generation.encode(), txid, self.page_size, self.pages,
                           dev, ino, self.content.to_bytes(16, "big"))
         body = self.hashes[: self.pages].astype(">u8").tobytes()
-        crc = zlib.crc32(body, zlib.crc32(head))
+        crc = crc32(body, crc32(head))
         with atomic_writer(path) as f:
             f.write(head)
             f.write(body)
@@ -301,7 +301,7 @@ class SavedIndex:
         magic, gen, txid, ps, pages, dev, ino, content = _HEAD.unpack_from(raw)
         if magic != _MAGIC or len(raw) != _HEAD.size + 16 * pages + 4:
             raise IndexUnusable("page index damaged (bad size or magic)")
-        if zlib.crc32(raw[:-4]) != struct.unpack(">I", raw[-4:])[0]:
+        if crc32(raw[:-4]) != struct.unpack(">I", raw[-4:])[0]:
             raise IndexUnusable("page index damaged (checksum mismatch)")
         index = PageIndex(ps, pages)
         index.hashes[:pages] = np.frombuffer(raw, dtype=">u8", count=2 * pages,
