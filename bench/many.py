@@ -57,7 +57,7 @@ LABELS = {"ours": "replicator (ours)", "litestream": "Litestream 0.5 (dir, watch
 SETTLE = 10.0  # seconds without new objects (or writes) before a tool counts as settled
 SETTLE_MAX = 300.0
 IDLE_AFTER = 25.0  # the idle measurement starts SETTLE + IDLE_AFTER s after the last write
-P99_TARGET_MS = 100.0  # the lag a database count is judged by (see active_rows)
+P99_TARGET_MS = 100.0  # the lag a database count is judged by (see report)
 
 
 def writes(proxy: Any) -> int:
@@ -490,11 +490,11 @@ def _machine(r: dict[str, Any]) -> str:
     return f"{fmt(m.get('machine_busy_cpus'), '.2f')}, {fmt(m.get('loadavg_start'), '.1f')}"
 
 
-def _table(part: dict[str, Any], header: list[str], cells: Any) -> list[str]:
-    """A markdown table: one row per tool, ``cells(result)`` after the tool's name (a failed
-    run says why), the machine's load last."""
+def _table(parts: list[dict[str, Any]], header: list[str], cells: Any) -> list[str]:
+    """A markdown table: one row per tool of each part (a run's results by tool),
+    ``cells(result)`` after the tool's name (a failed run says why), the machine's load last."""
     lines = ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for tool in TOOLS:
+    for part, tool in ((p, t) for p in parts for t in TOOLS):
         r = part.get(tool, {})
         row = cells(r) if r.get("ok") or "seconds" in header[2] else None
         if row is None:
@@ -504,16 +504,15 @@ def _table(part: dict[str, Any], header: list[str], cells: Any) -> list[str]:
     return lines
 
 
-def active_counts(part: dict[str, Any]) -> list[str]:
-    """The database counts of an ``active`` result, smallest first. Normalises, in place, a
-    result of one count (``{tool: result}``, as older runs saved it) to ``{count: {tool:
-    result}}``."""
-    if any(k in TOOLS for k in part):
-        old = dict(part)
-        part.clear()
-        for tool, r in old.items():
-            part.setdefault(str(r.get("databases", "?")), {})[tool] = r
-    return sorted(part, key=lambda n: int(n) if n.isdigit() else 0)
+def by_count(active: dict[str, Any]) -> dict[str, Any]:
+    """An ``active`` result as ``{count: {tool: result}}``: older runs saved one count as
+    ``{tool: result}``."""
+    if not any(k in TOOLS for k in active):
+        return active
+    out: dict[str, Any] = {}
+    for tool, r in active.items():
+        out.setdefault(str(r.get("databases", "?")), {})[tool] = r
+    return out
 
 
 def report(res: dict[str, Any]) -> str:
@@ -523,34 +522,32 @@ def report(res: dict[str, Any]) -> str:
              "load average and how busy the machine was during the measurement: other jobs share "
              "its 2 cores, so CPU and lag figures are noisy. `python bench/many.py`."]
     load = "machine busy (cores), load"
-    lines += _table(res["idle"], ["idle databases", "tool", "RSS MiB", "threads", "fds (per db)",
+    lines += _table([res["idle"]], ["idle databases", "tool", "RSS MiB", "threads", "fds (per db)",
                                   "idle CPU % of a core", "requests while idle",
                                   "replicated after", load], lambda r: [
         fmt(r["rss_mib"]), str(r["threads"]), f"{r['fds']} ({fmt(r['fds_per_db'], '.2f')})",
         fmt(r["idle_cpu_pct"], ".2f"), fmt(r["idle_requests"], "d"),
         f"{fmt(r['settled_s'], '.0f')} s"])
-    lines += _table(res["big"], ["start", "tool", "all replicated (seconds)", "replicated",
+    lines += _table([res["big"]], ["start", "tool", "all replicated (seconds)", "replicated",
                                  "RSS MiB", "threads", "fds", load], lambda r: [
         fmt(r.get("seconds"), ".0f") if r.get("ok") else f"no: {r.get('why')}",
         str(r.get("replicated")), fmt(r.get("rss_mib")), fmt(r.get("threads"), "d"),
         fmt(r.get("fds"), "d")])
-    counts = active_counts(res["active"])
-    for n in counts:
-        lines += _table(res["active"][n], ["each committing 1/s", "tool", "commits",
-                                           "lag p50 ms", "p99 ms", "max ms",
-                                           "tool CPU % of a core", "threads", load],
-                        lambda r: [
-            f"{r['matched']}/{r['commits']}", fmt(r["lag_p50_ms"]), fmt(r["lag_p99_ms"]),
-            fmt(r["lag_max_ms"]), fmt(r["cpu_pct"]), fmt(r.get("threads"), "d")])[
-            (0 if n == counts[0] else 3):]
+    active = by_count(res["active"])
+    counts = sorted(active, key=lambda n: int(n) if n.isdigit() else 0)
+    lines += _table([active[n] for n in counts], [
+        "each committing 1/s", "tool", "commits", "lag p50 ms", "p99 ms", "max ms",
+        "tool CPU % of a core", "threads", load], lambda r: [
+        f"{r['matched']}/{r['commits']}", fmt(r["lag_p50_ms"]), fmt(r["lag_p99_ms"]),
+        fmt(r["lag_max_ms"]), fmt(r["cpu_pct"]), fmt(r.get("threads"), "d")])
     lines += ["", "Lag: from the writer's commit to the inotify event of the next finished object "
               "of that database in the replica (ours: a `.seg`; Litestream: a level-0 `.ltx`); "
               "a commit whose object had already been written counts from the next one."]
     if len(counts) > 1:
         carried = []
         for tool in TOOLS:
-            ok = [int(n) for n in counts if res["active"][n].get(tool, {}).get("ok")
-                  and res["active"][n][tool]["lag_p99_ms"] <= P99_TARGET_MS]
+            ok = [int(n) for n in counts if active[n].get(tool, {}).get("ok")
+                  and active[n][tool]["lag_p99_ms"] <= P99_TARGET_MS]
             carried.append(f"{LABELS[tool]} {max(ok) if ok else 'none'}")
         lines += ["", f"Largest count measured with lag p99 ≤ {P99_TARGET_MS:.0f} ms (of "
                   f"{', '.join(counts)}): {'; '.join(carried)}."]
@@ -602,7 +599,7 @@ def main() -> int:
                 os.environ.update(rc_s3_env())
                 s3 = (started[1], started[2])
                 res["s3_proc"] = started
-        active_counts(res["active"])
+        res["active"] = by_count(res["active"])
         counts = sorted({int(x) for x in str(args.active).split(",") if x.strip()})
 
         def run_active(n: int) -> Any:
