@@ -191,16 +191,11 @@ def _compressed(sources: list[_Source]) -> bool:
     return stored < body * COMPRESSED_BELOW
 
 
-def write_merged(path: str, sources: list[str], keys: list[str]) -> tuple[SegmentHeader, int]:
-    """Write the merge of the segment files ``sources`` (in order) to ``path``; returns its
-    header and size. Each source is verified (trailer checksum) as it is read. The merge is
-    compressed when its sources mostly were (see :func:`_compressed`). Blocking."""
-    with contextlib.ExitStack() as stack:
-        return _write_merged(path, _open_sources(stack, sources, keys))
-
-
-def _write_merged(path: str, sources: list[_Source]) -> tuple[SegmentHeader, int]:
-    """:func:`write_merged` of files whose headers are read."""
+def write_merged(path: str, sources: list[_Source]) -> tuple[SegmentHeader, int]:
+    """Write the merge of the segment files ``sources`` (in order, their headers read) to
+    ``path``; returns its header and size. Each source is verified (trailer checksum) as it is
+    read. The merge is compressed when its sources mostly were (see :func:`_compressed`).
+    Blocking."""
     headers = [s.header for s in sources]
     for i in range(1, len(headers)):
         a, b = headers[i - 1], headers[i]
@@ -772,7 +767,7 @@ def write_pieces(run: list[ObjectInfo], files: list[tuple[ObjectInfo, str]], wor
             path = temp_path(os.path.join(workdir, segment_info(
                 run[a].generation, lo, hi, run[a].first_ms, run[b - 1].last_ms).name))
             temps.append(path)
-            _, size = _write_merged(path, part)
+            _, size = write_merged(path, part)
             out.append((a, b, path, size))
         return out
 

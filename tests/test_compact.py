@@ -35,7 +35,6 @@ from replicator.compact import (
     CompactResult,
     min_run,
     plan_level,
-    write_merged,
     write_pieces,
 )
 from replicator.config import DbConfig, ReplicaConfig
@@ -821,11 +820,20 @@ def test_a_merge_is_compressed_only_when_its_segments_were(history: History,
         stored.append(str(out))
     frames = sum(_header(history, o).frames for o in segs)
     body_size = frames * (24 + 4096)
-    _, packed = write_merged(str(tmp_path / "packed"), sources, keys)
-    _, raw = write_merged(str(tmp_path / "raw"), stored, keys)
+
+    def merge(paths: list[str], name: str) -> tuple[Path, int]:
+        work = tmp_path / name
+        work.mkdir()
+        [(a, b, path, size)] = write_pieces(segs, list(zip(segs, paths, strict=True)),
+                                            str(work), [])
+        assert (a, b) == (0, len(segs))
+        return Path(path), size
+
+    packed_path, packed = merge(sources, "packed")
+    raw_path, raw = merge(stored, "raw")
     assert packed < body_size * COMPRESSED_BELOW <= body_size < raw
     bodies = []
-    for path in (tmp_path / "packed", tmp_path / "raw"):
+    for path in (packed_path, raw_path):
         dec = ObjectDecoder("merged")
         bodies.append(dec.feed(path.read_bytes()))
         dec.finish()
