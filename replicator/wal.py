@@ -222,14 +222,26 @@ def _power(n_pairs: int) -> tuple[int, int, int]:
 
 
 def _word_coefs(n_pairs: int) -> _U32Array:
-    """The ``(2n, 2)`` coefficients of each word in the contribution of ``n`` pairs."""
+    """The ``(2, 2n)`` coefficients of the ``2n`` words in the contribution of ``n`` pairs:
+    row 0 for ``s0``, row 1 for ``s1``."""
     f = _fib(2 * n_pairs)
     k0 = f[: 2 * n_pairs][::-1]  # word i -> F(2n-1-i)
     k1 = f[1 : 2 * n_pairs + 1][::-1]  # word i -> F(2n-i)
     import numpy as np
 
-    # column-major: each output's coefficients contiguous (about 20% faster products)
-    return np.asfortranarray(np.stack([k0, k1], axis=1).astype(np.uint32))
+    return np.stack([k0, k1]).astype(np.uint32)
+
+
+def _products(words: _U32Array, coefs: _U32Array) -> _U32Array:
+    """Each row of ``words`` (``(n, w)``, or one row ``(w,)``) dotted with both rows of
+    ``coefs`` (``(2, w)``), mod 2^32: ``(n, 2)`` (or ``(2,)``). ``einsum``'s vectorised
+    multiply-and-add: about three times as fast per byte as ``@``, which numpy does for integers
+    with a plain loop."""
+    import numpy as np
+
+    spec = "ij,kj->ik" if words.ndim == 2 else "j,kj->k"
+    out: _U32Array = np.einsum(spec, words, coefs)
+    return out
 
 
 @functools.lru_cache(maxsize=256)
@@ -249,9 +261,9 @@ def _frame_tables(page_size: int) -> tuple[_U32Array, tuple[int, int, int]]:
     words = frame_size(page_size) // 4
     import numpy as np
 
-    out = np.zeros((words, 2), dtype=np.uint32, order="F")
-    out[:2] = k[:2]
-    out[6:] = k[2:]
+    out = np.zeros((2, words), dtype=np.uint32)
+    out[:, :2] = k[:, :2]
+    out[:, 6:] = k[:, 2:]
     out.flags.writeable = False
     return out, _power(n_pairs)
 
@@ -296,12 +308,12 @@ def wal_checksum(
             k = min(_BATCH_BLOCKS, n_blocks - first)
             part = mv[first * block_bytes : (first + k) * block_bytes]
             words = _as_words(part, big_endian, k * 2 * _BLOCK_PAIRS).reshape(k, -1)
-            for c0, c1 in (words @ coefs).tolist():
+            for c0, c1 in _products(words, coefs).tolist():
                 v = _chain(v, m, c0, c1)
     rest = mv[n_blocks * block_bytes :]
     if len(rest):
         coefs, m = _plain_tables(len(rest) // 8)
-        c0, c1 = (_as_words(rest, big_endian, len(rest) // 4) @ coefs).tolist()
+        c0, c1 = _products(_as_words(rest, big_endian, len(rest) // 4), coefs).tolist()
         v = _chain(v, m, c0, c1)
     return v
 
@@ -420,7 +432,7 @@ def _check_block(
     n_words = frame_size(page_size) // 4
     coefs, (p, q, r) = _frame_tables(page_size)
     words = _as_words(data, big_endian, n_frames * n_words).reshape(n_frames, n_words)
-    contrib = (words @ coefs).astype(np.uint64)
+    contrib = _products(words, coefs).astype(np.uint64)
     hdr_view: npt.NDArray[np.uint32] = np.frombuffer(
         data, dtype=_BE_WORDS, count=n_frames * n_words
     ).reshape(n_frames, n_words)
