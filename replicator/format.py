@@ -158,14 +158,14 @@ class ObjectWriter:
         self._hash = _digest()
         self._hash.update(raw)
         self._stored: _StoredFrame | None = None
-        self._cobj: Any = None
+        self._cobj: Any = None  # the streaming compressor, from the first write
+        self._whole = False  # the body was compressed by write_whole
         self._level = level
         self._cctx: zstandard.ZstdCompressor | None = None
         if level is None:
             self._stored = _StoredFrame(self._out)
         else:
             self._cctx = _codecs.compressor(level)
-            self._cobj = self._cctx.compressobj()
         self.body_bytes = 0
 
     def write(self, data: bytes | memoryview) -> None:
@@ -175,9 +175,26 @@ class ObjectWriter:
         if self._stored is not None:
             self._stored.write(data)
             return
+        if self._cobj is None:
+            assert self._cctx is not None
+            self._cobj = self._cctx.compressobj()
         out = self._cobj.compress(data)
         if out:
             self._out(out)
+
+    def write_whole(self, data: bytes | memoryview) -> None:
+        """The whole body in one call, then :meth:`close`: compressed in one pass over a buffer
+        zstd sees entirely (no copies into its window): about a fifth less CPU per byte than
+        :meth:`write` of the same bytes. The same zstd frame for a decoder (its header also
+        holds the size)."""
+        if self._cctx is None or self._cobj is not None:
+            self.write(data)
+        else:
+            self._hash.update(data)
+            self.body_bytes = len(data)
+            self._out(self._cctx.compress(data))
+            self._whole = True
+        self.close()
 
     def _out(self, data: bytes | memoryview) -> None:
         self._f.write(data)
@@ -188,7 +205,11 @@ class ObjectWriter:
         if self._stored is not None:
             self._stored.close()
         else:
-            self._out(self._cobj.flush())
+            if self._cobj is not None:
+                self._out(self._cobj.flush())
+            elif not self._whole:  # an empty body: an empty frame
+                assert self._cctx is not None
+                self._out(self._cctx.compress(b""))
             if self._cctx is not None and self._level is not None:
                 _codecs.give_compressor(self._level, self._cctx)
                 self._cctx = None

@@ -113,15 +113,19 @@ class Spool:
         level: int | None = DEFAULT_LEVEL,
     ) -> ObjectInfo:
         """Write an object durably (zstd ``level``, None: stored uncompressed); return its info
-        with the size filled in (the index keeps it too)."""
+        with the size filled in (the index keeps it too). A body given as a list of one buffer
+        is compressed in one pass (:meth:`ObjectWriter.write_whole`)."""
         kind = _KIND_CODES[info.kind]
         path = self.path(info)
         parent = os.path.dirname(path)
         with atomic_writer(path, parent_exists=parent in self._dirs) as f:
             w = ObjectWriter(f, kind, header.to_json(), level)
-            for chunk in body:
-                w.write(chunk)
-            w.close()
+            if isinstance(body, list) and len(body) == 1:
+                w.write_whole(body[0])
+            else:
+                for chunk in body:
+                    w.write(chunk)
+                w.close()
             size = w.size
         out = dataclasses.replace(info, size=size)
         with self._lock:

@@ -440,6 +440,34 @@ def test_stored_body_is_plain_zstd_and_round_trips(sizes: list[int]) -> None:
         assert decode(packed)[2] == body
 
 
+@pytest.mark.parametrize("size", [0, 1, 8_256, (3 << 20) + 17])
+@pytest.mark.parametrize("level", [1, -7, None])
+def test_a_body_written_whole_decodes_as_one_written_in_pieces(size: int,
+                                                               level: int | None) -> None:
+    """write_whole compresses in one pass: the object decodes to the same header and body,
+    with the same trailer, as one streamed in pieces, and is a zstd frame any decoder reads; a
+    writer that was written to already streams the rest."""
+    body = sample_body(size, seed=size)
+    streamed = encode(KIND_WAL, {"n": 1}, [body[: size // 3], body[size // 3 :]], level=level)
+    buf = io.BytesIO()
+    w = ObjectWriter(buf, KIND_WAL, {"n": 1}, level=level)
+    w.write_whole(memoryview(body))
+    whole = buf.getvalue()
+    assert w.size == len(whole) and w.body_bytes == size
+    assert decode(whole, [4099]) == decode(streamed) == ({"n": 1}, KIND_WAL, body)
+    assert whole[-TRAILER:] == streamed[-TRAILER:]
+    hlen = struct.unpack(">I", whole[8:12])[0]
+    frame = whole[PREAMBLE + hlen : -TRAILER]
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(frame) == body
+    if size > 1000 and level is not None:
+        assert len(whole) < size  # compressed
+    buf = io.BytesIO()
+    w = ObjectWriter(buf, KIND_WAL, {"n": 1}, level=level)
+    w.write(body[:5])
+    w.write_whole(body[5:])
+    assert decode(buf.getvalue()) == ({"n": 1}, KIND_WAL, body)
+
+
 def test_stored_body_damage_is_detected() -> None:
     raw = bytearray(encode(KIND_WAL, {"n": 1}, [b"x" * 300_000], level=None))
     raw[len(raw) // 2] ^= 1
