@@ -6,17 +6,20 @@ hands a few such calls to threads, and with a thousand databases the hand-off it
 part of the work. ``run_in_executor`` makes a ``concurrent.futures.Future`` (with its own lock and
 condition) per call and chains it to an asyncio future with callbacks on both sides; here a call
 is one tuple on a queue, and the result goes back with a single ``call_soon_threadsafe``
-(measured: about half the CPU per hand-off). Threads start as calls need them, up to the pool's
-size, and live until :meth:`Workers.shutdown` (or the process ends: they are daemons, idle on
-the queue). A call whose awaiting task was cancelled before a thread took it is not run.
+(measured: about half the CPU per hand-off), or with none when one is already on its way: the
+results that reach a loop before it runs the last wake-up are settled together, in order, at
+that wake-up (a busy loop is not woken, through its self-pipe, once per call). Threads start
+as calls need them, up to the pool's size, and live until :meth:`Workers.shutdown` (or the
+process ends: they are daemons, idle on the queue). A call whose awaiting task was cancelled
+before a thread took it is not run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -25,9 +28,6 @@ T = TypeVar("T")
 FILE_WORKERS = 8
 """Threads of the shared pool for a destination's and the spool's file work (:func:`off_loop`)."""
 
-_Item = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
-
-
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
     if fut.done():
         return  # cancelled meanwhile
@@ -35,6 +35,49 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
         fut.set_result(value)
     else:
         fut.set_exception(value)
+
+
+class _Settler:
+    """Hands results from threads to one event loop: one wake-up of the loop for all those that
+    arrive before it runs (see the module text)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+
+    def post(self, fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+        """Settle ``fut`` in its loop (from any thread); dropped if the loop is closed."""
+        with self._lock:
+            self._results.append((fut, ok, value))
+            if len(self._results) > 1:
+                return  # the wake-up for the first of them has not run yet: it takes this too
+        try:
+            self._loop.call_soon_threadsafe(self._settle_all)
+        except RuntimeError:  # the loop closed meanwhile
+            with self._lock:
+                self._results.clear()
+
+    def _settle_all(self) -> None:
+        with self._lock:
+            results, self._results = self._results, []
+        for fut, ok, value in results:
+            _settle(fut, ok, value)
+
+
+_settlers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Settler] = (
+    weakref.WeakKeyDictionary())
+
+
+def _settler(loop: asyncio.AbstractEventLoop) -> _Settler:
+    """The loop's settler (call in the loop's thread)."""
+    s = _settlers.get(loop)
+    if s is None:
+        s = _settlers[loop] = _Settler(loop)
+    return s
+
+
+_Item = tuple[_Settler, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
 
 
 class Workers:
@@ -59,7 +102,7 @@ class Workers:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"{self.name}: the pool is shut down")
-            self._queue.put((loop, fut, fn, args))
+            self._queue.put((_settler(loop), fut, fn, args))
             if self._idle:
                 self._idle -= 1  # a thread that finished its call takes this one
             elif len(self._threads) < self.size:
@@ -74,7 +117,7 @@ class Workers:
             item = self._queue.get()
             if item is None:
                 return
-            loop, fut, fn, args = item
+            settler, fut, fn, args = item
             if fut.cancelled():
                 ok, value = True, None
             else:
@@ -87,9 +130,8 @@ class Workers:
                     ok, value = False, exc
             with self._lock:
                 self._idle += 1
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(_settle, fut, ok, value)
-            del item, fut, fn, args, value
+            settler.post(fut, ok, value)
+            del item, settler, fut, fn, args, value
 
     def shutdown(self, wait: bool = True) -> None:
         """Refuse new calls; the threads end once the calls queued before are done (``wait``:

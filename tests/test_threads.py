@@ -1,12 +1,14 @@
 """The pool for blocking calls: results and exceptions come back to the awaiting task, the pool
-never grows past its size, a call cancelled before a thread took it is not run, and a pool shut
-down finishes what was queued and refuses the rest."""
+never grows past its size, results that finish while the loop is busy come back with one wake-up
+of it, a call cancelled before a thread took it is not run, and a pool shut down finishes what
+was queued and refuses the rest."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -53,6 +55,47 @@ async def test_the_pool_runs_calls_side_by_side_up_to_its_size() -> None:
         pool.shutdown()
     assert peak == 3
     assert names == {"t-size_0", "t-size_1", "t-size_2"}
+
+
+async def test_results_that_finish_while_the_loop_is_busy_come_back_with_one_wake_up() -> None:
+    pool = Workers(2, "t-wake")
+    loop = asyncio.get_running_loop()
+    wakeups = []
+    orig = loop.call_soon_threadsafe
+
+    def counting(*args: Any, **kw: Any) -> Any:
+        wakeups.append(args[0])
+        return orig(*args, **kw)
+
+    gate, finished = threading.Event(), threading.Event()
+    count = iter(range(1, 21))
+
+    def call(i: int) -> int:
+        gate.wait(10)
+        if next(count, 0) == 20:
+            finished.set()
+        if i == 7:
+            raise KeyError(i)
+        return i * i
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    try:
+        calls = [asyncio.ensure_future(pool.run(call, i)) for i in range(20)]
+        await asyncio.sleep(0.05)  # every call is queued; two wait at the gate
+        gate.set()
+        # the loop is busy (blocked) while all twenty finish and hand their results back
+        finished.wait(10)
+        time.sleep(0.2)  # noqa: ASYNC251 - the point: the loop does not run meanwhile
+        got = await asyncio.gather(*calls, return_exceptions=True)
+        assert got[:7] + got[8:] == [i * i for i in range(20) if i != 7]
+        assert isinstance(got[7], KeyError)
+        assert len(wakeups) == 1
+        # and once the loop is idle again, a result wakes it at once
+        assert await asyncio.wait_for(pool.run(call, 3), 5) == 9
+        assert len(wakeups) == 2
+    finally:
+        loop.call_soon_threadsafe = orig  # type: ignore[method-assign]
+        pool.shutdown()
 
 
 async def test_a_call_cancelled_before_it_started_is_not_run() -> None:
