@@ -17,6 +17,11 @@ Litestream 0.5 with its defaults and tuned to 10 ms intervals, as in ``bench/rep
    (defaults): the writer's rate kept, how long after the last commit the replica caught up, and
    (ours) point-in-time restores to moments during the load: every transaction that committed more
    than 20 ms before the target must be there, and none that committed after it.
+5. **Backlog**: the tool is paused (SIGSTOP) while the flat-out writer commits the same number
+   of one-row transactions for each tool, then resumed: how fast the writer went meanwhile (a
+   paused tool that holds a read transaction keeps the WAL from being checkpointed past it),
+   how long the tool takes to hold the writer's last transaction, and its CPU per MiB of that
+   WAL: the cost per byte without the bursts' cost per commit, nor a writer slowed down.
 
 Run from the repository root: ``python bench/load.py [--quick]`` (``--quick``: ~2 minutes, fewer
 bursts, a 256 MiB load; the full run takes about 10 minutes). Raw numbers go to
@@ -32,6 +37,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -254,6 +260,49 @@ class Bench(replication.Bench):
             + f", load {res['load']['loadavg_start']:.2f}")
         return res
 
+    # ------------------------------------------------------------------ 5
+
+    def backlog(self, key: str) -> dict[str, Any]:
+        """The tool paused while the flat-out writer runs, then resumed: catch-up time and CPU
+        per MiB of the WAL it found waiting."""
+        d = self.fresh(f"backlog-{key}")
+        db = d / "db.sqlite"
+        rc.init_db(db, rows=1000)
+        t = self.tool(key, db, d)
+        res: dict[str, Any] = {"tool": key}
+        try:
+            t.start()
+            t.wait_snapshot(120)
+            self.result(self.writer(db, "--rate", "10", "--duration", "0.3"))
+            time.sleep(2.0)
+            os.killpg(t.pid, signal.SIGSTOP)
+            try:
+                w = self.result(self.writer(db, "--max-bytes", str(self.p["backlog_mib"] * MiB),
+                                            "--duration", "900"))
+                res["wal_mib"] = w["wal_frames"] * (w["page_size"] + FRAME_HEADER) / MiB
+                res.update(commits=w["commits"], writer_s=w["seconds"], max_wal=w["max_wal"])
+                s0 = rc.proc_sample(t.pid)
+                bg = rc.Background()
+                resumed = time.time()
+            finally:
+                os.killpg(t.pid, signal.SIGCONT)
+            res["holds_last_s"], res["settled_s"] = newest_txn_arrival(t, resumed)
+            s1 = rc.proc_sample(t.pid)
+            res["cpu_s"] = s1.cpu - s0.cpu if s0 and s1 else float("nan")
+            res["cpu_s_per_mib"] = res["cpu_s"] / res["wal_mib"]
+            res["load"] = bg.done(res["cpu_s"])
+            res["exit_code"], res["stop_s"] = t.stop()
+            res["restored_rows"] = restored_rows(t, d / "verify.sqlite")
+            res["rows"] = rc.count_rows(db)
+        finally:
+            t.stop()
+            t.clean()
+            shutil.rmtree(d, ignore_errors=True)
+        log(f"backlog {key}: {res['wal_mib']:.0f} MiB of WAL held {res['holds_last_s']:.1f} s "
+            f"after the resume (settled {res['settled_s']:.1f}), {res['cpu_s']:.1f} CPU s "
+            f"({res['cpu_s_per_mib']:.4f} s/MiB); restored {res['restored_rows']}/{res['rows']}")
+        return res
+
     def pitr(self, t: Tool, d: Path, commits: list[int], q: float) -> dict[str, Any]:
         """Restore to a moment ``q`` of the way through the load, between two commits."""
         i = int(len(commits) * q)
@@ -463,18 +512,49 @@ def render(r: dict[str, Any]) -> str:  # noqa: C901 - one linear report
             a(f"| {x['q']:.0%} | {x['restored_txns']} | {x['committed_by_t']} | "
               f"{x['committed_20ms_before']} | {x['missing']} | {x['after_t']} |")
         a("")
+    backlog = {x["tool"]: x for x in r.get("backlog", [])}
+    if backlog:
+        a("### Backlog")
+        a("")
+        a("Each tool on a fresh database (1000 rows), paused with SIGSTOP while the flat-out "
+          f"writer commits {p['backlog_mib']} MiB of 512-byte rows, one a transaction, then "
+          "resumed with SIGCONT. \"Writer\": the writer's seconds meanwhile, and the largest "
+          "WAL. \"Held\": "
+          "when its replica first held the writer's last transaction, after the resume (the "
+          "listing of the bulk load); \"settled\": when its objects last changed (merges and "
+          "checkpoint included). CPU: the tool's user + system time from the resume until "
+          "settled, over the WAL waiting for it. The same work for every tool, in one go: the "
+          "cost per byte of shipping, without a cost per commit or a writer slowed down.")
+        a("")
+        a("| tool paused | writer s | largest WAL MiB | WAL MiB | held after s | MiB/s | "
+          "settled after s | tool CPU s | CPU s per MiB | restored = committed | load average "
+          "| other load, CPUs |")
+        a("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for key in TOOLS:
+            x = backlog.get(key)
+            if not x:
+                continue
+            rate = x["wal_mib"] / x["holds_last_s"] if x["holds_last_s"] > 0 else float("inf")
+            a(f"| {LABELS[key]} | {x['writer_s']:.1f} | {x['max_wal'] / MiB:.0f} | "
+              f"{x['wal_mib']:.0f} | {x['holds_last_s']:.1f} | {rate:.0f} | "
+              f"{x['settled_s']:.1f} | {x['cpu_s']:.1f} | {x['cpu_s_per_mib']:.4f} | "
+              f"{'yes' if x['restored_rows'] == x['rows'] else '**no**'} | "
+              f"{x['load']['loadavg_start']:.2f} | {x['load']['other_cpus']:.2f} |")
+        a("")
     a("Raw numbers (every burst lag, every run): `bench/out/load.json`.")
     return "\n".join(L) + "\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default="sessions,bulk", help="phases: sessions, bulk")
+    ap.add_argument("--only", default="sessions,bulk,backlog",
+                    help="phases: sessions, bulk, backlog")
     args = rc.bench_args(ap, "load.json", "reduced smoke run (~2 min)", quiet_wait=0.0,
                          quiet_budget=0.0)
     q = args.quick
     params = {"quick": q, "bursts": 5 if q else 10, "flat_s": 3.0 if q else 10.0,
               "reps": 1 if q else 3, "bulk_mib": 256 if q else 1024,
+              "backlog_mib": 4 if q else 12,
               "pitr_points": [0.5] if q else [0.25, 0.5, 0.75]}
     if (old := rc.report_from_json(args)) is not None:
         rc.write_section(Path(args.out), START, END, render(old))
@@ -484,7 +564,7 @@ def main() -> int:
     phases = set(args.only.split(","))
     bench = Bench(args, params)
     t0 = time.monotonic()
-    r: dict[str, Any] = {"params": params, "sessions": [], "bulk": []}
+    r: dict[str, Any] = {"params": params, "sessions": [], "bulk": [], "backlog": []}
     try:
         r["machine"] = machine_facts(bench.work)
         if "sessions" in phases:
@@ -494,6 +574,9 @@ def main() -> int:
         if "bulk" in phases:
             for key in ("baseline", "ours", "litestream"):
                 r["bulk"].append(bench.bulk(key))
+        if "backlog" in phases:
+            for key in TOOLS:
+                r["backlog"].append(bench.backlog(key))
     finally:
         bench.cleanup()
     r["total_s"] = time.monotonic() - t0
