@@ -185,13 +185,9 @@ class Bench(replication.Bench):
             page = res["flat"]["page_size"]
             res["wal_mib"] = frames * (page + FRAME_HEADER) / MiB
             res["cpu_s_per_mib"] = res["cpu_s"] / res["wal_mib"]
-            res["exit_code"], res["stop_s"] = t.stop()
-            res["restored_rows"] = restored_rows(t, d / "verify.sqlite")
-            res["rows"] = rc.count_rows(db)
+            stop_and_verify(t, d, db, res)
         finally:
-            t.stop()
-            t.clean()
-            shutil.rmtree(d, ignore_errors=True)
+            discard(t, d)
         b = res["bursts"]
         log(f"{key} rep {rep}: burst lag p50 {pct(b['lags_ms'], 50):.1f} max "
             f"{max(b['lags_ms'], default=float('nan')):.1f} ms; flat {res['flat']['rate']:.0f}/s;"
@@ -250,10 +246,7 @@ class Bench(replication.Bench):
                     commits = [int(x) for x in times.read_text().split()]
                     res["pitr"] = [self.pitr(t, d, commits, q) for q in self.p["pitr_points"]]
         finally:
-            if t is not None:
-                t.stop()
-                t.clean()
-            shutil.rmtree(d, ignore_errors=True)
+            discard(t, d)
         log(f"bulk {key}: {res['seconds']:.1f} s ({res['mib_per_s']:.0f} MiB/s)"
             + (f", caught up {res['holds_last_s']:.1f} s after (settled "
                f"{res['catch_up_s']:.1f})" if t else "")
@@ -291,13 +284,9 @@ class Bench(replication.Bench):
             res["cpu_s"] = s1.cpu - s0.cpu if s0 and s1 else float("nan")
             res["cpu_s_per_mib"] = res["cpu_s"] / res["wal_mib"]
             res["load"] = bg.done(res["cpu_s"])
-            res["exit_code"], res["stop_s"] = t.stop()
-            res["restored_rows"] = restored_rows(t, d / "verify.sqlite")
-            res["rows"] = rc.count_rows(db)
+            stop_and_verify(t, d, db, res)
         finally:
-            t.stop()
-            t.clean()
-            shutil.rmtree(d, ignore_errors=True)
+            discard(t, d)
         log(f"backlog {key}: {res['wal_mib']:.0f} MiB of WAL held {res['holds_last_s']:.1f} s "
             f"after the resume (settled {res['settled_s']:.1f}), {res['cpu_s']:.1f} CPU s "
             f"({res['cpu_s_per_mib']:.4f} s/MiB); restored {res['restored_rows']}/{res['rows']}")
@@ -358,6 +347,22 @@ def restored_rows(t: Tool, out: Path) -> int | None:
 
 
 # ----------------------------------------------------------------------------------- report
+
+
+def stop_and_verify(t: Tool, d: Path, db: Path, res: dict[str, Any]) -> None:
+    """Stop the tool (exit code and time into ``res``), restore its replica and count the rows
+    restored against the database's."""
+    res["exit_code"], res["stop_s"] = t.stop()
+    res["restored_rows"] = restored_rows(t, d / "verify.sqlite")
+    res["rows"] = rc.count_rows(db)
+
+
+def discard(t: Tool | None, d: Path) -> None:
+    """Stop the tool (if still running), remove its replica and state, and the directory."""
+    if t is not None:
+        t.stop()
+        t.clean()
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def summary(r: dict[str, Any]) -> dict[str, Any]:
