@@ -42,7 +42,9 @@ class _Settler:
     arrive before it runs (see the module text)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # weakly: the settlers are kept per loop in a WeakKeyDictionary, which a strong
+        # reference from the value to its key would keep from ever letting go
+        self._loop = weakref.ref(loop)
         self._lock = threading.Lock()
         self._results: list[tuple[asyncio.Future[Any], bool, Any]] = []
 
@@ -52,9 +54,12 @@ class _Settler:
             self._results.append((fut, ok, value))
             if len(self._results) > 1:
                 return  # the wake-up for the first of them has not run yet: it takes this too
+        loop = self._loop()
         try:
-            self._loop.call_soon_threadsafe(self._settle_all)
-        except RuntimeError:  # the loop closed meanwhile
+            if loop is None:
+                raise RuntimeError("the loop is gone")
+            loop.call_soon_threadsafe(self._settle_all)
+        except RuntimeError:  # the loop closed (or went) meanwhile
             with self._lock:
                 self._results.clear()
 

@@ -6,8 +6,10 @@ was queued and refuses the rest."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -148,6 +150,20 @@ def test_a_result_for_a_closed_loop_is_dropped_quietly() -> None:
     gate.set()
     pool.shutdown()  # the thread ends: its hand-back to the closed loop did not kill it
     assert not any(t.name == "t-closed_0" for t in threading.enumerate())
+
+
+def test_a_loop_the_pool_served_is_not_kept_alive_by_it() -> None:
+    pool = Workers(1, "t-gone")
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(pool.run(sum, [2, 3])) == 5
+    finally:
+        loop.close()
+    gone = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert gone() is None
+    pool.shutdown()
 
 
 def test_a_pool_needs_a_thread() -> None:
