@@ -266,9 +266,10 @@ class Capture(Part):
         h = self.handles
         verify = not (h.reset_end == NO_RESET and h.reset_salts == start.salts)
 
+        assert data is None or len(data) == nbytes
+
         def body() -> Iterable[bytes | memoryview]:
             if data is not None:
-                assert len(data) == nbytes
                 return [data]
             return self._frames_body(fd, hdr, start, first, last, verify)
 
@@ -282,7 +283,8 @@ class Capture(Part):
                 ix.apply_stream(body())
             header = self._segment_header(hdr, start, end, txns, stamps,
                                           ix.content if ix is not None else None)
-            info = self.spool.write(info, header, body(), level)
+            # frames in hand are one buffer: compressed in one pass
+            info = self.spool.write(info, header, data if data is not None else body(), level)
             if level is not None:
                 self.coding.record(nbytes, info.size)
         except BaseException:

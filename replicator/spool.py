@@ -109,19 +109,19 @@ class Spool:
         self,
         info: ObjectInfo,
         header: ObjectHeader,
-        body: Iterable[bytes | memoryview],
+        body: Iterable[bytes | memoryview] | bytes | memoryview,
         level: int | None = DEFAULT_LEVEL,
     ) -> ObjectInfo:
         """Write an object durably (zstd ``level``, None: stored uncompressed); return its info
-        with the size filled in (the index keeps it too). A body given as a list of one buffer
-        is compressed in one pass (:meth:`ObjectWriter.write_whole`)."""
+        with the size filled in (the index keeps it too). The body is given in chunks, or whole
+        as one buffer (then compressed in one pass: :meth:`ObjectWriter.write_whole`)."""
         kind = _KIND_CODES[info.kind]
         path = self.path(info)
         parent = os.path.dirname(path)
         with atomic_writer(path, parent_exists=parent in self._dirs) as f:
             w = ObjectWriter(f, kind, header.to_json(), level)
-            if isinstance(body, list) and len(body) == 1:
-                w.write_whole(body[0])
+            if isinstance(body, (bytes, memoryview)):
+                w.write_whole(body)
             else:
                 for chunk in body:
                     w.write(chunk)
