@@ -8,7 +8,11 @@ replicator keeps one read transaction (a *pin*) open at all times on one of its 
 
 * a pin taken while the WAL holds unbackfilled frames has a read mark >= 1: no reset can happen;
 * a pin taken while the WAL is fully backfilled uses read mark 0, which blocks all backfill: the
-  WAL can then reset at most once, and only at the frame it had when the pin was taken.
+  WAL can then reset at most once, and only at the frame it had when the pin was taken. Held
+  while the application writes on, it would make each of the application's autocheckpoints
+  sort the whole WAL and fail, so the first step that finds frames of the new epoch moves the
+  pin to a read mark >= 1 (a handover, see ``Handles.leave_mark0``): backfill then stops at the
+  pin's frame, and the application's checkpoints end at once.
 
 So while pinned, every committed frame stays readable until captured. To keep the WAL small the
 replicator *rotates*: when caught up and the epoch holds ``checkpoint_pages`` frames it releases
@@ -486,6 +490,8 @@ class Database:
             else:
                 break
             more = self.capture.capture(res)
+        if self.handles.mark0 and self.pos is not None:
+            self.handles.leave_mark0()
         res.more = more
         if not more:
             self.confirmed_ns = started

@@ -18,7 +18,7 @@ from typing import Any
 from .dbstate import read_db_header
 from .errors import DatabaseError
 from .progress import Progress
-from .sightings import Sightings, read_walindex, salt_bytes
+from .sightings import Sightings, WalIndex, read_walindex, salt_bytes
 from .wal import WAL_HEADER_SIZE
 
 PIN_RETRY = 0.00005
@@ -45,6 +45,10 @@ class Handles:
         self.pinned = False
         self.reset_end: int | None = None  # see learn_reset_bound
         self.reset_salts: tuple[int, int] | None = None
+        # whether the pin may hold read mark 0 (see leave_mark0), and the wal-index's (salts,
+        # mxFrame) read right after it began: a bound on the frames it lets be backfilled
+        self.mark0 = True
+        self._pin_seen: tuple[bytes, int] | None = None
         self.wal_fd: int | None = None
         self._wal_ino: int | None = None
         self.wal_size_seen = 0  # WAL size at the last capture (for the shrink check)
@@ -167,16 +171,18 @@ class Handles:
                 time.sleep(PIN_RETRY)
 
     def pin(self, idx: int) -> None:
-        """Hold the pin on connection ``idx``."""
+        """Hold the pin on connection ``idx`` (with no other pin held, it may take read mark 0)."""
         self.begin_read(self.conns[idx])
         self.active = idx
         self.pinned = True
-        self.learn_reset_bound()
+        self.mark0 = True
+        self._began(self.read_shm())
 
     def unpin(self) -> None:
         """Release the pin."""
         self.conns[self.active].execute("COMMIT")
         self.pinned = False
+        self._pin_seen = None
         self.reset_end = None
         self.reset_salts = None
 
@@ -192,22 +198,58 @@ class Handles:
         reset can follow) or the capture has caught up."""
         other = 1 - self.active
         old = self.active
+        before = self.read_shm()
         self.begin_read(self.conns[other])
-        if self._would_expose_uncaptured():
+        after = self.read_shm()
+        if self._would_expose_uncaptured(after):
             self.conns[other].execute("COMMIT")
             return
         self.conns[old].execute("COMMIT")
         self.active = other
-        self.learn_reset_bound()
+        self.mark0 = not self._past_backfill(before)
+        self._began(after)
 
-    def _would_expose_uncaptured(self) -> bool:
+    def leave_mark0(self) -> bool:
+        """Move a pin that may hold read mark 0 to one that cannot, once the WAL has frames
+        past what the pin lets be backfilled; True if it moved.
+
+        A pin on read mark 0 (taken while the WAL was wholly backfilled) blocks every backfill,
+        and the application's autocheckpoint, which sorts every frame not yet backfilled before
+        it finds out, then fails on each commit past the threshold: the longer the WAL, the
+        slower each commit. On any other mark, backfill stops at the pin's frame, and later
+        autocheckpoints end at once. The pin rotation takes read mark 0 when it lets the WAL
+        reset; this moves it off at the first capture of the new epoch's frames."""
+        if not self.pinned or not self.mark0 or not self._past_backfill(self.read_shm()):
+            return False
+        self.handover()
+        return not self.mark0
+
+    def _past_backfill(self, shm: WalIndex | None) -> bool:
+        """Whether ``shm``, read while the current pin is held, proves that a read beginning
+        after it takes a read mark other than 0: the WAL has frames not backfilled, past the
+        mxFrame seen when the current pin began. The pin bounds backfill by its own read mark,
+        which is at most that mxFrame, or, on read mark 0, stops it at what it was (a reset
+        in between, which only read mark 0 lets through, restarts it from 0): either way
+        nBackfill stays below this mxFrame, so the read cannot find the WAL wholly
+        backfilled."""
+        seen = self._pin_seen
+        if shm is None or seen is None or not self.pinned:
+            return False
+        salts, mx, nb = shm
+        return nb < mx and (salts != seen[0] or mx > seen[1])
+
+    def _began(self, shm: WalIndex | None) -> None:
+        """Note the wal-index as read right after the pin began."""
+        self._pin_seen = (shm[0], shm[1]) if shm is not None else None
+        self.learn_reset_bound(shm)
+
+    def _would_expose_uncaptured(self, shm: WalIndex | None) -> bool:
         """Right after a read began: whether the wal-index shows the WAL wholly backfilled
         (so the read may have taken read mark 0, which lets a reset through) beyond the
         captured position. Read after the read began, so a frame appended in between shows
         (the pin then blocks backfill: safe); a backfill that completed in between makes this
         answer yes when it need not, which only keeps the old pin a little longer."""
         pos = self.progress.pos
-        shm = self.read_shm()
         if shm is None:
             return False
         salts, mx, nb = shm
@@ -215,7 +257,7 @@ class Handles:
             return nb == mx > 0
         return salts == salt_bytes(pos.salts) and nb == mx > pos.frame
 
-    def read_shm(self) -> tuple[bytes, int, int] | None:
+    def read_shm(self) -> WalIndex | None:
         """(salt bytes, mxFrame, nBackfill) from a consistent read of the wal-index, or None."""
         if self._shm_fd is None:
             try:
@@ -224,8 +266,9 @@ class Handles:
                 return None
         return read_walindex(self._shm_fd)
 
-    def learn_reset_bound(self) -> None:
-        """Right after pinning: where can the current epoch still be reset?
+    def learn_reset_bound(self, shm: WalIndex | None = None) -> None:
+        """Right after pinning (``shm``: the wal-index read since, or read now): where can the
+        current epoch still be reset?
 
         With salts unchanged and the WAL fully backfilled (mxFrame == nBackfill == X) the epoch can
         only reset at exactly X (any append would need a backfill our pin blocks). With
@@ -236,7 +279,8 @@ class Handles:
         pos = self.progress.pos
         if pos is None:
             return
-        shm = self.read_shm()
+        if shm is None:
+            shm = self.read_shm()
         if shm is None:
             return
         salts, mx, nb = shm

@@ -811,3 +811,35 @@ def test_a_rotation_pins_again_once_the_writer_appends_a_tail_without_resetting(
     d.close()
     assert len(generations(tmp_path)) == 1
     assert restored_dump(tmp_path) == dump(app)
+
+
+@pytest.mark.parametrize("step_after_reset", [True, False])
+def test_a_pin_on_read_mark_0_moves_off_once_the_new_epoch_has_frames(
+    tmp_path: Path, app, step_after_reset: bool
+) -> None:
+    """A rotation with the application idle pins again while the WAL is wholly backfilled: that
+    read holds read mark 0, which blocks every backfill, so each of the application's
+    autocheckpoints past the threshold would fail after sorting the whole WAL. The first step
+    after the application writes again moves the pin to a mark that lets its checkpoints
+    backfill up to it (without that step, nothing is backfilled: the reason for the move)."""
+    d = open_db(tmp_path, checkpoint_pages=16)
+    d.step()
+    commit(app, 20, payload=500)
+    d.step()  # captures, rotates: nothing is written during the rotation
+    shm = d.handles.read_shm()
+    assert shm is not None and shm[1] == shm[2]  # wholly backfilled under the new pin
+    assert d.handles.mark0
+    commit(app, 1, payload=500)  # resets the WAL
+    if step_after_reset:
+        d.step()
+        assert not d.handles.mark0
+    # past the application's autocheckpoint threshold (1,000 frames), no step in between
+    commit(app, 400, payload=8000)
+    shm = d.handles.read_shm()
+    assert shm is not None and shm[1] > 1000
+    assert (shm[2] > 0) == step_after_reset
+    d.step()
+    assert d.handles.pinned
+    assert d.txid == 421
+    d.close()
+    assert restored_dump(tmp_path) == dump(app)
