@@ -12,7 +12,10 @@ replicator keeps one read transaction (a *pin*) open at all times on one of its 
   while the application writes on, it would make each of the application's autocheckpoints
   sort the whole WAL and fail, so the first step that finds frames of the new epoch moves the
   pin to a read mark >= 1 (a handover, see ``Handles.leave_mark0``): backfill then stops at the
-  pin's frame, and the application's checkpoints end at once.
+  pin's frame, and the application's checkpoints end at once. While the database is idle such a
+  pin is released altogether (``release_idle_pin``), so that a replicator paused or hung then
+  holds nothing back; the next step pins again, and an unchanged database file proves that
+  nothing was backfilled, hence nothing overwritten, in between.
 
 So while pinned, every committed frame stays readable until captured. To keep the WAL small the
 replicator *rotates*: when caught up and the epoch holds ``checkpoint_pages`` frames it releases
@@ -189,6 +192,8 @@ class Database:
         read, by the last step (0: that step did not settle): a change made before this moment
         (a file event handled before it) needs no further step."""
         self._index_wait = Deferral(INDEX_SAVE_DEFER)
+        # (database file signature, captured position) when an idle pin was released
+        self._released: tuple[FileSig, WalPos] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -502,8 +507,57 @@ class Database:
                 self._index_wait.done()
 
     def _ensure_pinned(self) -> None:
-        if not self.handles.pinned:
-            self.handles.pin(self.handles.active)
+        if self.handles.pinned:
+            return
+        self.handles.pin(self.handles.active)
+        released, self._released = self._released, None
+        fd = self.handles.db_fd
+        if released is None or fd is None or self.pos != released[1]:
+            return
+        if _sig(os.fstat(fd)) != released[0]:
+            return  # frames were backfilled since: the capture proves continuity or catches up
+        # Read under the new pin: nothing was backfilled since the release, so the epoch the
+        # capture ended in was reset, truncated or removed (if at all) exactly at the captured
+        # frame, and at most once (a second reset needs the first one's frames backfilled):
+        # the database file is the captured state, and the WAL's current epoch, if not that
+        # one, holds everything committed since from its first frame.
+        wal = self.handles.wal()
+        hdr = read_wal_header(wal) if wal is not None else None
+        if hdr is None or hdr.salts != released[1].salts:
+            self.progress.pos = None
+            self.progress.nowal_sig = file_sig(fd)
+
+    @property
+    def pin_releasable(self) -> bool:
+        """Whether the pin may hold read mark 0 (see :meth:`release_idle_pin`)."""
+        return self.handles.pinned and self.handles.mark0
+
+    def release_idle_pin(self) -> bool:
+        """Release a pin that may hold read mark 0 while the database is idle: everything
+        captured, the WAL wholly backfilled, the database file last written over a second ago.
+        Returns whether it was released.
+
+        Such a pin keeps every checkpoint from copying anything. Held by a replicator that is
+        paused or hung when the application writes again, it would make each of the
+        application's commits past the automatic checkpoint's threshold sort the whole WAL
+        and give up. Released, nothing of the application's waits on the replicator. The next
+        step pins again; if the database file has not changed since, nothing was backfilled,
+        so nothing committed since can have been overwritten (see ``_ensure_pinned``);
+        otherwise the reset proof or a catch-up applies, as after a rotation."""
+        h, pos = self.handles, self.pos
+        if (not self.pin_releasable or pos is None or self._pending is not None
+                or self._catchup is not None or self.capture.proof_pending):
+            return False
+        sig = _quiet_sig(self.path)
+        shm = h.read_shm()
+        if sig is None or shm is None or shm[0] != salt_bytes(pos.salts) or not (
+            shm[1] == shm[2] == pos.frame
+        ):
+            return False
+        h.unpin()
+        self._released = (sig, pos)
+        log.debug("%s: pin released while idle at frame %d", self.name, pos.frame)
+        return True
 
     # ------------------------------------------------------------------ on demand
 

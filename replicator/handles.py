@@ -49,6 +49,7 @@ class Handles:
         # mxFrame) read right after it began: a bound on the frames it lets be backfilled
         self.mark0 = True
         self._pin_seen: tuple[bytes, int] | None = None
+        self.pins = 0  # pins taken with no other pin held
         self.wal_fd: int | None = None
         self._wal_ino: int | None = None
         self.wal_size_seen = 0  # WAL size at the last capture (for the shrink check)
@@ -175,6 +176,7 @@ class Handles:
         self.begin_read(self.conns[idx])
         self.active = idx
         self.pinned = True
+        self.pins += 1
         self.mark0 = True
         self._began(self.read_shm())
 

@@ -62,6 +62,10 @@ IDLE_TIMER = 10.0
 # a database of a dir: entry that has been idle this long, with every replica caught up, is
 # parked: its connections and files are closed until its next change (see DatabaseService.park)
 PARK_AFTER = 30.0
+# a pin that may hold read mark 0 is released once the database has been idle this long (see
+# Database.release_idle_pin): a paused or hung replicator then holds nothing the application's
+# checkpoints wait on
+RELEASE_PIN_AFTER = 2.0
 
 
 def _before(held: int | None, txid: int) -> bool:
@@ -91,6 +95,8 @@ class DatabaseService:
         """Park after this many idle seconds (None: never)."""
         self.parked = False
         self._parked_sig: object = None
+        # (the loop's last change, the pin's number) when an idle pin release was last tried
+        self._release_tried: tuple[float, int] | None = None
         self._open = False  # counted in the runtime's open databases
         self.wake = Wake()
         self._others_seen = 0  # the wake-up's count of non-file wake-ups at the last look
@@ -379,10 +385,20 @@ class DatabaseService:
         if self.parked:
             return None
         timeout = self.runtime.backstop(IDLE_TIMER)
+        if self._release_due(last_change) is not None:
+            timeout = min(timeout, max(0.05, last_change + RELEASE_PIN_AFTER - time.monotonic()))
         if self.park_after is not None:
             park_at = last_change + self.runtime.park_delay(self.park_after)
             timeout = min(timeout, max(0.5, park_at - time.monotonic()))
         return timeout
+
+    def _release_due(self, last_change: float) -> bool | None:
+        """None if no idle pin release is to be tried since ``last_change`` (one try each),
+        else whether it is time."""
+        if (self.parked or self._release_tried == (last_change, self.db.handles.pins)
+                or not self.db.pin_releasable):
+            return None
+        return time.monotonic() - last_change >= RELEASE_PIN_AFTER
 
     def seen_already(self, watcher: Watcher) -> bool:
         """Whether what set the wake-up is only file events that the last capture step already
@@ -415,6 +431,9 @@ class DatabaseService:
                     await self.unpark()
                     res = await self.sync()
                     last_change = self.follower.captured(res, watcher, last_change)
+                elif self._release_due(last_change):
+                    self._release_tried = (last_change, self.db.handles.pins)
+                    await self.call(self.db.release_idle_pin)
                 elif (self.park_after is not None and not self.parked and time.monotonic()
                       - last_change >= self.runtime.park_delay(self.park_after)):
                     await self.park()

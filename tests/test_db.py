@@ -843,3 +843,100 @@ def test_a_pin_on_read_mark_0_moves_off_once_the_new_epoch_has_frames(
     assert d.txid == 421
     d.close()
     assert restored_dump(tmp_path) == dump(app)
+
+
+def _idle_after_rotation(tmp_path: Path, app) -> Database:
+    """A database that rotated with the application idle (its pin on read mark 0), then
+    idle for over a second: its pin is releasable."""
+    d = open_db(tmp_path, checkpoint_pages=16)
+    d.step()
+    commit(app, 20, payload=500)
+    d.step()  # captures, rotates: the new pin finds the WAL wholly backfilled
+    assert d.pin_releasable
+    time.sleep(1.1)  # the database file's last write (the rotation's checkpoint) is a second old
+    return d
+
+
+@pytest.mark.parametrize(("truncate", "commits"), [
+    (False, 0), (False, 5), (True, 0), (True, 5),
+    # the new epoch overwrites the slot after the old one's captured end: only the unchanged
+    # database file proves that the old epoch ended there
+    (False, 60),
+])
+def test_an_idle_pin_is_released_and_taken_again_without_a_catch_up(
+    tmp_path: Path, app, truncate: bool, commits: int
+) -> None:
+    """Released while idle, the pin holds back no checkpoint. With the database file unchanged
+    when the next step pins again, nothing was backfilled meanwhile, so whatever the
+    application did to the WAL (a reset at its next commit, a truncation) lost nothing: every
+    commit is captured, with no catch-up and no new generation."""
+    d = _idle_after_rotation(tmp_path, app)
+    assert d.pos is not None
+    end = d.pos.frame
+    assert d.release_idle_pin()
+    assert not d.handles.pinned and not d.pin_releasable
+    if truncate:
+        assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        assert os.path.getsize(tmp_path / "app.db-wal") == 0
+    commit(app, commits, payload=500)
+    if commits == 60:
+        shm = d.handles.read_shm()
+        assert shm is not None and shm[1] > end
+    res = d.step()
+    assert d.handles.pinned
+    assert res.catch_up is None and res.new_generation is None
+    assert res.transactions == commits
+    commit(app, 2, payload=500)
+    res = d.step()
+    assert res.transactions == 2 and res.catch_up is None
+    assert len(generations(tmp_path)) == 1
+    d.close()
+    assert restored_dump(tmp_path) == dump(app)
+
+
+def test_with_the_pin_released_checkpoints_run_and_lost_frames_are_caught_up(
+    tmp_path: Path, app
+) -> None:
+    """While released, the application's own checkpoints backfill and reset the WAL as if no
+    replicator were there (what a paused replicator must allow). Frames overwritten meanwhile
+    cannot be proven: the next step catches up the pages that changed, in the same
+    generation, and the replica still restores equal."""
+    d = _idle_after_rotation(tmp_path, app)
+    assert d.release_idle_pin()
+    assert d.pos is not None
+    salt1 = d.pos.salt1
+    # over 1,000 frames each: SQLite's automatic checkpoint backfills them (nothing holds it
+    # back) and the next commit resets the WAL, over frames the capture never saw
+    commit(app, 400, payload=8000)
+    commit(app, 400, payload=8000)
+    fd = os.open(tmp_path / "app.db-wal", os.O_RDONLY)
+    try:
+        hdr = read_wal_header(fd)
+    finally:
+        os.close(fd)
+    assert hdr is not None and hdr.salt1 - salt1 >= 2
+    res = d.step()
+    assert res.catch_up is not None and res.new_generation is None
+    assert len(generations(tmp_path)) == 1
+    d.close()
+    assert restored_dump(tmp_path) == dump(app)
+
+
+def test_an_idle_pin_is_kept_when_it_protects_frames_or_the_file_was_just_written(
+    tmp_path: Path, app
+) -> None:
+    """Released only while the WAL is wholly backfilled and captured, and the database file
+    was last written over a second ago (so that any later write shows in its signature)."""
+    d = open_db(tmp_path, checkpoint_pages=16)
+    d.step()
+    commit(app, 20, payload=500)
+    d.step()
+    assert d.pin_releasable
+    assert not d.release_idle_pin()  # the rotation's checkpoint wrote the file just now
+    time.sleep(1.1)
+    commit(app, 1, payload=500)  # not captured yet
+    assert not d.release_idle_pin()
+    d.step()
+    assert not d.pin_releasable  # moved off read mark 0: it holds nothing back
+    assert not d.release_idle_pin()
+    d.close()

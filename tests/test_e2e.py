@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import util
 from writer import init_db
 
 from replicator.restore import fmt_ns
+from replicator.sightings import read_walindex
 
 
 def test_replicate_restore_equals_source(tmp_path: Path) -> None:
@@ -100,3 +103,79 @@ def test_no_busy_for_application_without_timeout(tmp_path: Path) -> None:
     util.restore(dest, restored)
     assert util.seqs(restored) == [c[0] for c in util.commit_log(log)]
     assert util.dump(restored) == util.dump(db)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("idle", [True, False])
+def test_a_paused_replicator_holds_back_no_checkpoint(tmp_path: Path, idle: bool) -> None:
+    """The replicator is paused (SIGSTOP) while the application writes on, after a rotation:
+    its read transaction must not keep the application's automatic checkpoints from
+    backfilling. Idle before the pause, it released its pin (the log says so), and the WAL
+    resets as if no replicator were there; busy, it holds a pin past which backfill stops (the
+    WAL grows, the application's checkpoints end at once, as beside Litestream). Resumed, it
+    ships everything: the replica restores equal."""
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    dest = str(tmp_path / "replica")
+    rep = util.Replicate(str(db), dest, "--checkpoint-pages", "64", log=tmp_path / "rep.log")
+    try:
+        util.wait_for_snapshot(tmp_path / "replica")
+        util.commit(db, 60, payload=2000)  # past checkpoint-pages: the replicator rotates
+        if idle:
+            rep.wait_ready(lambda: "pin released while idle" in rep.text(), 30, "an idle release")
+        else:
+            time.sleep(0.5)
+            util.commit(db, 3, payload=500)
+            # the step that captures them moves the pin to a read mark >= 1 (bytes 124-127 of -shm)
+            rep.wait_ready(lambda: read_marks(rep.proc.pid, db) not in (set(), {0}), 30,
+                           "a pin on a read mark other than 0")
+            assert 0 not in read_marks(rep.proc.pid, db)
+        salts = walindex(db)[0]
+        os.kill(rep.proc.pid, signal.SIGSTOP)
+        try:
+            seqs = util.commit(db, 400, payload=8000)  # over 1,000 frames
+            now, mx, backfilled = walindex(db)
+            if idle:  # wholly backfilled and reset: the WAL holds only what came after
+                assert now != salts, "the paused replicator held back every checkpoint"
+                assert mx < 1000
+            else:  # backfilled up to the pin, not beyond: the WAL grows
+                assert now == salts and mx > 1000
+                assert 0 < backfilled < 100, "the paused replicator held back every checkpoint"
+        finally:
+            os.kill(rep.proc.pid, signal.SIGCONT)
+        util.commit(db, 2, payload=500)
+        assert rep.stop() == 0, rep.text()
+    finally:
+        rep.kill()
+    assert "Traceback" not in rep.text()
+    restored = tmp_path / "restored.db"
+    util.restore(dest, restored)
+    assert util.seqs(restored)[-402:-2] == seqs
+    assert util.dump(restored) == util.dump(db)
+
+
+def walindex(db: Path) -> tuple[bytes, int, int]:
+    """The wal-index's (salts, mxFrame, nBackfill)."""
+    fd = os.open(f"{db}-shm", os.O_RDONLY)
+    try:
+        got = read_walindex(fd)
+    finally:
+        os.close(fd)
+    assert got is not None
+    return got
+
+
+def read_marks(pid: int, db: Path) -> set[int]:
+    """The wal-index read marks (0-4) process ``pid`` holds a lock on (``/proc/locks``)."""
+    ino = os.stat(f"{db}-shm").st_ino
+    marks = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        f = line.split()
+        if "->" in f:
+            continue  # a blocked request, not a lock held
+        if len(f) >= 8 and f[4] == str(pid) and f[5].rsplit(":", 1)[-1] == str(ino):
+            start = int(f[6])
+            if 123 <= start <= 127:
+                marks.add(start - 123)
+    return marks
+
