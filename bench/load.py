@@ -21,7 +21,10 @@ Litestream 0.5 with its defaults and tuned to 10 ms intervals, as in ``bench/rep
    of one-row transactions for each tool, then resumed: how fast the writer went meanwhile (a
    paused tool that holds a read transaction keeps the WAL from being checkpointed past it),
    how long the tool takes to hold the writer's last transaction, and its CPU per MiB of that
-   WAL: the cost per byte without the bursts' cost per commit, nor a writer slowed down.
+   WAL: the cost per byte without the bursts' cost per commit, nor a writer slowed down. Twice
+   per tool: paused half a second after a few commits (``writing``), and paused after a flat-out
+   half second (past ``checkpoint-pages``: ours rotated) and 3 s idle (``idle``: ours released its
+   pin), where what the WAL lost meanwhile costs a catch-up (counted).
 
 Run from the repository root: ``python bench/load.py [--quick]`` (``--quick``: ~2 minutes, fewer
 bursts, a 256 MiB load; the full run takes about 10 minutes). Raw numbers go to
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import shutil
@@ -66,6 +70,8 @@ BULK_PAYLOAD = 4000  # a 4 KB row fits one 4 KiB page
 PITR_SLACK_NS = 20_000_000
 FRAME_HEADER = 24
 ARRIVAL_POLL_S = 0.02
+BACKLOG_STATES = ("writing", "idle")
+BACKLOG_IDLE_S = 3.0
 
 
 def newest_txn_arrival(t: Tool, last_commit: float) -> tuple[float, float]:
@@ -255,19 +261,24 @@ class Bench(replication.Bench):
 
     # ------------------------------------------------------------------ 5
 
-    def backlog(self, key: str) -> dict[str, Any]:
+    def backlog(self, key: str, state: str) -> dict[str, Any]:
         """The tool paused while the flat-out writer runs, then resumed: catch-up time and CPU
-        per MiB of the WAL it found waiting."""
-        d = self.fresh(f"backlog-{key}")
+        per MiB of the WAL it found waiting. ``state``: what came before the pause (see
+        BACKLOG_STATES)."""
+        d = self.fresh(f"backlog-{key}-{state}")
         db = d / "db.sqlite"
         rc.init_db(db, rows=1000)
         t = self.tool(key, db, d)
-        res: dict[str, Any] = {"tool": key}
+        res: dict[str, Any] = {"tool": key, "state": state}
         try:
             t.start()
             t.wait_snapshot(120)
-            self.result(self.writer(db, "--rate", "10", "--duration", "0.3"))
-            time.sleep(2.0)
+            if state == "writing":
+                self.result(self.writer(db, "--rate", "10", "--duration", "0.3"))
+                time.sleep(0.5)
+            else:
+                self.result(self.writer(db, "--duration", "0.5"))
+                time.sleep(BACKLOG_IDLE_S)
             os.killpg(t.pid, signal.SIGSTOP)
             try:
                 w = self.result(self.writer(db, "--max-bytes", str(self.p["backlog_mib"] * MiB),
@@ -284,12 +295,15 @@ class Bench(replication.Bench):
             res["cpu_s"] = s1.cpu - s0.cpu if s0 and s1 else float("nan")
             res["cpu_s_per_mib"] = res["cpu_s"] / res["wal_mib"]
             res["load"] = bg.done(res["cpu_s"])
+            res["catchups"] = len(list(t.replica.glob("generations/*/wal/*.cu")))
             stop_and_verify(t, d, db, res)
         finally:
             discard(t, d)
-        log(f"backlog {key}: {res['wal_mib']:.0f} MiB of WAL held {res['holds_last_s']:.1f} s "
-            f"after the resume (settled {res['settled_s']:.1f}), {res['cpu_s']:.1f} CPU s "
-            f"({res['cpu_s_per_mib']:.4f} s/MiB); restored {res['restored_rows']}/{res['rows']}")
+        log(f"backlog {key} {state}: {res['wal_mib']:.0f} MiB of WAL held "
+            f"{res['holds_last_s']:.1f} s after the resume (settled {res['settled_s']:.1f}), "
+            f"{res['cpu_s']:.1f} CPU s "
+            f"({res['cpu_s_per_mib']:.4f} s/MiB), {res['catchups']} catch-up(s); restored "
+            f"{res['restored_rows']}/{res['rows']}")
         return res
 
     def pitr(self, t: Tool, d: Path, commits: list[int], q: float) -> dict[str, Any]:
@@ -517,32 +531,34 @@ def render(r: dict[str, Any]) -> str:  # noqa: C901 - one linear report
             a(f"| {x['q']:.0%} | {x['restored_txns']} | {x['committed_by_t']} | "
               f"{x['committed_20ms_before']} | {x['missing']} | {x['after_t']} |")
         a("")
-    backlog = {x["tool"]: x for x in r.get("backlog", [])}
+    backlog = {(x["tool"], x.get("state", "writing")): x for x in r.get("backlog", [])}
     if backlog:
         a("### Backlog")
         a("")
         a("Each tool on a fresh database (1000 rows), paused with SIGSTOP while the flat-out "
           f"writer commits {p['backlog_mib']} MiB of 512-byte rows, one a transaction, then "
-          "resumed with SIGCONT. \"Writer\": the writer's seconds meanwhile, and the largest "
-          "WAL. \"Held\": "
+          "resumed with SIGCONT; paused half a second after a few commits (writing), or after "
+          f"a flat-out half second and {BACKLOG_IDLE_S:.0f} s idle (idle). \"Writer\": the "
+          "writer's seconds meanwhile, and the largest WAL. \"Held\": "
           "when its replica first held the writer's last transaction, after the resume (the "
           "listing of the bulk load); \"settled\": when its objects last changed (merges and "
           "checkpoint included). CPU: the tool's user + system time from the resume until "
           "settled, over the WAL waiting for it. The same work for every tool, in one go: the "
           "cost per byte of shipping, without a cost per commit or a writer slowed down.")
         a("")
-        a("| tool paused | writer s | largest WAL MiB | WAL MiB | held after s | MiB/s | "
-          "settled after s | tool CPU s | CPU s per MiB | restored = committed | load average "
-          "| other load, CPUs |")
-        a("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for key in TOOLS:
-            x = backlog.get(key)
+        a("| tool paused | before | writer s | largest WAL MiB | WAL MiB | held after s | "
+          "MiB/s | settled after s | tool CPU s | CPU s per MiB | catch-ups | "
+          "restored = committed | load average | other load, CPUs |")
+        a("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for state, key in itertools.product(BACKLOG_STATES, TOOLS):
+            x = backlog.get((key, state))
             if not x:
                 continue
             rate = x["wal_mib"] / x["holds_last_s"] if x["holds_last_s"] > 0 else float("inf")
-            a(f"| {LABELS[key]} | {x['writer_s']:.1f} | {x['max_wal'] / MiB:.0f} | "
+            cu = x.get("catchups", 0) if key == "ours" else "–"
+            a(f"| {LABELS[key]} | {state} | {x['writer_s']:.1f} | {x['max_wal'] / MiB:.0f} | "
               f"{x['wal_mib']:.0f} | {x['holds_last_s']:.1f} | {rate:.0f} | "
-              f"{x['settled_s']:.1f} | {x['cpu_s']:.1f} | {x['cpu_s_per_mib']:.4f} | "
+              f"{x['settled_s']:.1f} | {x['cpu_s']:.1f} | {x['cpu_s_per_mib']:.4f} | {cu} | "
               f"{'yes' if x['restored_rows'] == x['rows'] else '**no**'} | "
               f"{x['load']['loadavg_start']:.2f} | {x['load']['other_cpus']:.2f} |")
         a("")
@@ -580,8 +596,9 @@ def main() -> int:
             for key in ("baseline", "ours", "litestream"):
                 r["bulk"].append(bench.bulk(key))
         if "backlog" in phases:
-            for key in TOOLS:
-                r["backlog"].append(bench.backlog(key))
+            for state in BACKLOG_STATES:
+                for key in TOOLS:
+                    r["backlog"].append(bench.backlog(key, state))
     finally:
         bench.cleanup()
     r["total_s"] = time.monotonic() - t0
