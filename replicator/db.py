@@ -4,7 +4,8 @@ How frames are kept safe without ever blocking the application
 ---------------------------------------------------------------
 SQLite overwrites WAL frames only when a writer *resets* the WAL, and it resets only when every
 frame has been backfilled into the database file and no reader holds a read mark >= 1. The
-replicator keeps one read transaction (a *pin*) open at all times on one of its two connections:
+replicator keeps one read transaction (a *pin*) open on one of its two connections at all times
+but while idle (see below):
 
 * a pin taken while the WAL holds unbackfilled frames has a read mark >= 1: no reset can happen;
 * a pin taken while the WAL is fully backfilled uses read mark 0, which blocks all backfill: the

@@ -393,7 +393,7 @@ class DatabaseService:
         return timeout
 
     def _release_due(self, last_change: float) -> bool | None:
-        """None if no idle pin release is to be tried since ``last_change`` (one try each),
+        """None if no idle pin release is to be tried (one try per change and per pin taken),
         else whether it is time."""
         if (self.parked or self._release_tried == (last_change, self.db.handles.pins)
                 or not self.db.pin_releasable):
