@@ -245,10 +245,11 @@ class Database:
         except OSError as exc:
             log.warning("%s: cannot record the shutdown position: %s", self.name, exc)
 
-    def _captured_file_sig(self) -> FileSig | None:
-        """Before closing: the database file's signature when every committed frame is captured
-        (the wal-index ends at the captured frame, or there is no WAL and the file is the state
-        the capture last read) and the file was last written long enough ago; else None."""
+    def _captured_file_sig(self, backfilled: bool = False) -> FileSig | None:
+        """Before closing (or releasing an idle pin): the database file's signature when every
+        committed frame is captured (the wal-index ends at the captured frame, wholly
+        backfilled if ``backfilled``, or there is no WAL and the file is the state the capture
+        last read) and the file was last written long enough ago; else None."""
         p = self.progress
         sig = _quiet_sig(self.path)
         if sig is None:
@@ -260,7 +261,9 @@ class Database:
             frames = shm[1] if shm is not None else self.handles.sizes()[1] - WAL_HEADER_SIZE
             if frames > 0:
                 return None
-        elif shm is None or shm[0] != salt_bytes(p.pos.salts) or shm[1] != p.pos.frame:
+        elif shm is None or shm[0] != salt_bytes(p.pos.salts) or shm[1] != p.pos.frame or (
+            backfilled and shm[2] != shm[1]
+        ):
             return None
         return sig
 
@@ -335,11 +338,8 @@ class Database:
             self.handles.learn_reset_bound()
             log.info("%s: resuming generation %s at txid %d", self.name, p.generation, p.txid)
         elif closed_sig is not None and self._file_as_captured(closed_sig, pos):
-            # the WAL restarted (or went) while closed, and the database file is the captured
-            # state: capture continues from the current epoch's first frame (module docstring)
-            assert self.handles.db_fd is not None
-            p.pos = None
-            p.nowal_sig = file_sig(self.handles.db_fd)
+            # the WAL restarted (or went) while closed (module docstring)
+            self._from_current_epoch()
             p.resumed = (p.last_observed_ns, time.time_ns())
             log.info("%s: resuming generation %s at txid %d (the WAL restarted while closed; "
                      "the database file is as captured)", self.name, p.generation, p.txid)
@@ -363,6 +363,13 @@ class Database:
         except (OSError, ValueError, KeyError, TypeError):
             pass
         return closed_sig
+
+    def _from_current_epoch(self) -> None:
+        """The database file is the captured state: capture continues from the current WAL
+        epoch's first frame (or from the WAL the application creates next)."""
+        assert self.handles.db_fd is not None
+        self.progress.pos = None
+        self.progress.nowal_sig = file_sig(self.handles.db_fd)
 
     def _file_as_captured(self, closed_sig: FileSig, pos: WalPos | None) -> bool:
         """Whether the database file still has the signature a clean close recorded, and the
@@ -496,7 +503,7 @@ class Database:
             else:
                 break
             more = self.capture.capture(res)
-        if self.handles.mark0 and self.pos is not None:
+        if self.pos is not None:
             self.handles.leave_mark0()
         res.more = more
         if not more:
@@ -512,21 +519,14 @@ class Database:
             return
         self.handles.pin(self.handles.active)
         released, self._released = self._released, None
-        fd = self.handles.db_fd
-        if released is None or fd is None or self.pos != released[1]:
-            return
-        if _sig(os.fstat(fd)) != released[0]:
-            return  # frames were backfilled since: the capture proves continuity or catches up
-        # Read under the new pin: nothing was backfilled since the release, so the epoch the
-        # capture ended in was reset, truncated or removed (if at all) exactly at the captured
-        # frame, and at most once (a second reset needs the first one's frames backfilled):
-        # the database file is the captured state, and the WAL's current epoch, if not that
-        # one, holds everything committed since from its first frame.
-        wal = self.handles.wal()
-        hdr = read_wal_header(wal) if wal is not None else None
-        if hdr is None or hdr.salts != released[1].salts:
-            self.progress.pos = None
-            self.progress.nowal_sig = file_sig(fd)
+        # Read under the new pin: with the database file as it was at the release, nothing was
+        # backfilled since, so the epoch the capture ended in was reset, truncated or removed
+        # (if at all) exactly at the captured frame, and at most once (a second reset needs the
+        # first one's frames backfilled). Otherwise the capture proves continuity or catches up.
+        if released is not None and self.pos == released[1] and self._file_as_captured(
+            *released
+        ):
+            self._from_current_epoch()
 
     @property
     def pin_releasable(self) -> bool:
@@ -549,11 +549,8 @@ class Database:
         if (not self.pin_releasable or pos is None or self._pending is not None
                 or self._catchup is not None or self.capture.proof_pending):
             return False
-        sig = _quiet_sig(self.path)
-        shm = h.read_shm()
-        if sig is None or shm is None or shm[0] != salt_bytes(pos.salts) or not (
-            shm[1] == shm[2] == pos.frame
-        ):
+        sig = self._captured_file_sig(backfilled=True)
+        if sig is None:
             return False
         h.unpin()
         self._released = (sig, pos)

@@ -385,20 +385,21 @@ class DatabaseService:
         if self.parked:
             return None
         timeout = self.runtime.backstop(IDLE_TIMER)
-        if self._release_due(last_change) is not None:
-            timeout = min(timeout, max(0.05, last_change + RELEASE_PIN_AFTER - time.monotonic()))
+        release_at = self._release_at(last_change)
+        if release_at is not None:
+            timeout = min(timeout, max(0.05, release_at - time.monotonic()))
         if self.park_after is not None:
             park_at = last_change + self.runtime.park_delay(self.park_after)
             timeout = min(timeout, max(0.5, park_at - time.monotonic()))
         return timeout
 
-    def _release_due(self, last_change: float) -> bool | None:
-        """None if no idle pin release is to be tried (one try per change and per pin taken),
-        else whether it is time."""
+    def _release_at(self, last_change: float) -> float | None:
+        """When (``time.monotonic()``) to try releasing an idle pin; None if not to be tried
+        (one try per change and per pin taken)."""
         if (self.parked or self._release_tried == (last_change, self.db.handles.pins)
                 or not self.db.pin_releasable):
             return None
-        return time.monotonic() - last_change >= RELEASE_PIN_AFTER
+        return last_change + RELEASE_PIN_AFTER
 
     def seen_already(self, watcher: Watcher) -> bool:
         """Whether what set the wake-up is only file events that the last capture step already
@@ -431,7 +432,8 @@ class DatabaseService:
                     await self.unpark()
                     res = await self.sync()
                     last_change = self.follower.captured(res, watcher, last_change)
-                elif self._release_due(last_change):
+                elif ((release_at := self._release_at(last_change)) is not None
+                      and time.monotonic() >= release_at):
                     self._release_tried = (last_change, self.db.handles.pins)
                     await self.call(self.db.release_idle_pin)
                 elif (self.park_after is not None and not self.parked and time.monotonic()

@@ -845,15 +845,16 @@ def test_a_pin_on_read_mark_0_moves_off_once_the_new_epoch_has_frames(
     assert restored_dump(tmp_path) == dump(app)
 
 
-def _idle_after_rotation(tmp_path: Path, app) -> Database:
-    """A database that rotated with the application idle (its pin on read mark 0), then
-    idle for over a second: its pin is releasable."""
+def _idle_after_rotation(tmp_path: Path, app, wait: bool = True) -> Database:
+    """A database that rotated with the application idle (its pin on read mark 0), then (with
+    ``wait``) idle for over a second: its pin is releasable."""
     d = open_db(tmp_path, checkpoint_pages=16)
     d.step()
     commit(app, 20, payload=500)
     d.step()  # captures, rotates: the new pin finds the WAL wholly backfilled
     assert d.pin_releasable
-    time.sleep(1.1)  # the database file's last write (the rotation's checkpoint) is a second old
+    if wait:  # the database file's last write (the rotation's checkpoint) is a second old
+        time.sleep(1.1)
     return d
 
 
@@ -927,11 +928,7 @@ def test_an_idle_pin_is_kept_when_it_protects_frames_or_the_file_was_just_writte
 ) -> None:
     """Released only while the WAL is wholly backfilled and captured, and the database file
     was last written over a second ago (so that any later write shows in its signature)."""
-    d = open_db(tmp_path, checkpoint_pages=16)
-    d.step()
-    commit(app, 20, payload=500)
-    d.step()
-    assert d.pin_releasable
+    d = _idle_after_rotation(tmp_path, app, wait=False)
     assert not d.release_idle_pin()  # the rotation's checkpoint wrote the file just now
     time.sleep(1.1)
     commit(app, 1, payload=500)  # not captured yet
