@@ -134,8 +134,7 @@ class Capture(Part):
         tail, data = rescued
         old_hdr = pseudo_header(p.pos, p.page_size, p.big_endian)
         if tail.transactions:
-            txns = _spans(p.pos.frame + 1, tail)
-            self._emit(fd, old_hdr, p.pos, txns, res, data=data)
+            self._emit_runs(fd, old_hdr, _spans(p.pos.frame + 1, tail), res, data)
         log.debug(
             "%s: WAL restarted (checkpoint seq %d); continuity proven at frame %d",
             self.name, hdr.checkpoint_seq, tail.end_index,
@@ -215,6 +214,28 @@ class Capture(Part):
             # one transaction longer than the window: follow its chain, keeping nothing
             window = False
             idx, ck = r.valid_end_index + 1, r.valid_checksum
+
+    def _emit_runs(self, fd: int, hdr: WalHeader, txns: list[TxnSpan], res: CaptureResult,
+                   data: memoryview | None) -> None:
+        """Transactions right after the captured position (a rescued tail, which may be long)
+        as segments of about ``segment_max_frames`` frames each, as a step ships them (more
+        only for a single larger transaction): a segment's header lists its transactions, so
+        one segment for a tail of 100,000 would cost megabytes of memory to write and to
+        read. ``data``: the frames of all of ``txns``, already read and verified."""
+        fs = frame_size(self.progress.page_size)
+        limit = self.tuning.segment_max_frames
+        base = txns[0].first if txns else 0
+        i = 0
+        while i < len(txns):
+            j = i + 1
+            while j < len(txns) and txns[j].commit - txns[i].first + 1 <= limit:
+                j += 1
+            piece = None if data is None else data[
+                (txns[i].first - base) * fs:(txns[j - 1].commit - base + 1) * fs]
+            start = self.progress.pos
+            assert start is not None
+            self._emit(fd, hdr, start, txns[i:j], res, data=piece)
+            i = j
 
     def _committed_end(self, fd: int, hdr: WalHeader) -> int | None:
         """The last committed frame of the epoch of ``hdr``, as the wal-index shows it now (the

@@ -139,7 +139,8 @@ def read_state(
             if end:
                 pages = _commit_size(wal_fd, hdr, end)
         else:
-            scan = scan_frames(wal_fd, hdr, 1, hdr.checksum, max_frames=limit, keep_frames=False)
+            scan = scan_frames(wal_fd, hdr, 1, hdr.checksum, max_frames=limit, keep_frames=False,
+                               last_only=True)
             end, checksum = scan.end_index, scan.end_checksum
             if scan.transactions:
                 pages = scan.transactions[-1][2]

@@ -8,8 +8,9 @@ is slow or down, and what a restart resumes from.
 The spool belongs to one process, which keeps an index of it in memory (read from the directory
 once, then kept up to date by ``write`` and ``delete``, each generation's objects kept in order),
 so that listing it costs nothing however many objects a slow destination leaves waiting. The
-headers of the objects it wrote last are kept too (at most ``HEADER_CACHE``), so that shipping
-them never reads and parses back what was just written.
+headers of the objects it wrote last are kept too (at most ``HEADER_CACHE`` transactions'
+worth: a segment's header lists each of its transactions), so that shipping them never reads
+and parses back what was just written.
 
 A replica follows the spool (:meth:`Spool.follow`): each object written is also appended to the
 follower's :class:`Feed`, so that finding what a destination lacks looks only at what was
@@ -42,8 +43,11 @@ from .storage.file import FileStorage
 
 _KIND_CODES = {"snapshot": KIND_SNAPSHOT, "wal": KIND_WAL, "catchup": KIND_CATCHUP,
                "diff": KIND_DIFF}
-HEADER_CACHE = 4096
-"""Headers of the most recently written objects kept in memory."""
+HEADER_CACHE = 16384
+"""Headers of the most recently written objects kept in memory: at most this many transactions
+of theirs (a header counts one more than it lists; under a flat-out writer a segment lists
+about a thousand, an idle database's a few), so memory stays bounded however large segments
+are."""
 FEED_MAX = 65536
 """Objects a feed holds at most: past it the feed is marked broken and emptied (a follower
 that stopped taking from it walks the spool once instead, when it looks again)."""
@@ -75,6 +79,7 @@ class Spool:
         self._index: dict[str, dict[str, ObjectInfo]] | None = None  # generation -> key -> info
         self._sorted: dict[str, list[ObjectInfo]] = {}  # generation -> its objects, in order
         self._headers: OrderedDict[str, ObjectHeader] = OrderedDict()  # key -> header
+        self._header_weight = 0  # what the cached headers count against HEADER_CACHE
         self._dirs: set[str] = set()  # directories this spool made (or found) durable
         self._feeds: list[Feed] = []
 
@@ -137,9 +142,7 @@ class Spool:
                     ordered.append(out)  # capture writes in order: the usual case
                 else:
                     del self._sorted[out.generation]
-            self._headers[out.key] = header
-            if len(self._headers) > HEADER_CACHE:
-                self._headers.popitem(last=False)
+            self._cache_header(out.key, header)
             for feed in self._feeds:
                 if len(feed.written) >= FEED_MAX:
                     feed.written.clear()
@@ -226,6 +229,20 @@ class Spool:
             out.extend(self.objects(gen))
         return out
 
+    def _cache_header(self, key: str, header: ObjectHeader) -> None:
+        """Keep ``header``, dropping the oldest past HEADER_CACHE; call with the lock held."""
+        self._drop_header(key)
+        self._headers[key] = header
+        self._header_weight += _weight(header)
+        while self._header_weight > HEADER_CACHE and len(self._headers) > 1:
+            self._header_weight -= _weight(self._headers.popitem(last=False)[1])
+
+    def _drop_header(self, key: str) -> None:
+        """Forget a cached header; call with the lock held."""
+        old = self._headers.pop(key, None)
+        if old is not None:
+            self._header_weight -= _weight(old)
+
     def cached_header(self, info: ObjectInfo) -> ObjectHeader | None:
         """The header of an object this spool wrote lately, from memory (None otherwise)."""
         with self._lock:
@@ -253,7 +270,7 @@ class Spool:
             with self._lock:
                 self._scan().get(info.generation, {}).pop(info.key, None)
                 self._sorted.pop(info.generation, None)
-                self._headers.pop(info.key, None)
+                self._drop_header(info.key)
             try:
                 os.unlink(self.path(info))
             except FileNotFoundError:
@@ -266,8 +283,14 @@ class Spool:
             self._scan().pop(generation, None)
             self._sorted.pop(generation, None)
             for key in [k for k in self._headers if k.split("/")[1:2] == [generation]]:
-                del self._headers[key]
+                self._drop_header(key)
         shutil.rmtree(os.path.join(self.root, GENERATIONS_DIR, generation), ignore_errors=True)
+
+
+def _weight(header: ObjectHeader) -> int:
+    """What a cached header counts against HEADER_CACHE: one, and one per transaction listed."""
+    txns = getattr(header, "txns", None)
+    return 1 + (len(txns) if txns else 0)
 
 
 def _order(o: ObjectInfo) -> tuple[str, int, int, int, int, int]:

@@ -484,10 +484,11 @@ def _scan_wal(
     max_frames: int | None,
     chunk_bytes: int,
     keep_frames: bool,
+    last_only: bool = False,
 ) -> ScanResult:
     """:func:`_scan` over frames of the WAL that ``header`` describes."""
     return _scan(read, header.page_size, header.big_endian, header.salts, start_index,
-                 start_checksum, max_frames, chunk_bytes, keep_frames).result
+                 start_checksum, max_frames, chunk_bytes, keep_frames, last_only).result
 
 
 def _check_scan_args(
@@ -506,9 +507,11 @@ def _check_scan_args(
 class _Scanner:
     """The state of one scan: frames examined so far, transactions found, running checksums."""
 
-    def __init__(self, start_index: int, start_checksum: tuple[int, int], keep_frames: bool):
+    def __init__(self, start_index: int, start_checksum: tuple[int, int], keep_frames: bool,
+                 last_only: bool = False):
         self.start_index = start_index
         self.keep_frames = keep_frames
+        self.last_only = last_only
         self.frames: list[Frame] = []  # valid frames; the uncommitted tail is cut off at the end
         self.txns: list[tuple[int, int, int]] = []
         self.commit_cks: list[tuple[int, int]] = []
@@ -531,7 +534,15 @@ class _Scanner:
             ]
         import numpy as np
 
-        for i in np.flatnonzero(chk.commit).tolist():
+        commits = np.flatnonzero(chk.commit).tolist()
+        if self.last_only and commits:
+            # only the last transaction is kept: memory stays the same however long the WAL
+            first = base + commits[-2] + 1 if len(commits) > 1 else self.txn_first
+            self.txns = []
+            self.commit_cks = []
+            self.txn_first = first
+            commits = commits[-1:]
+        for i in commits:
             self.txns.append((self.txn_first, base + i, int(chk.commit[i])))
             self.commit_cks.append((int(chk.ck0[i]), int(chk.ck1[i])))
             self.txn_first = base + i + 1
@@ -572,12 +583,13 @@ def _scan(
     max_frames: int | None,
     chunk_bytes: int,
     keep_frames: bool = True,
+    last_only: bool = False,
 ) -> _Scan:
     """The scan shared by scan_frames, scan_bytes and verify_frames."""
     _check_scan_args(page_size, start_index, max_frames, chunk_bytes)
     fs = frame_size(page_size)
     per_chunk = max(1, chunk_bytes // fs)
-    st = _Scanner(start_index, start_checksum, keep_frames)
+    st = _Scanner(start_index, start_checksum, keep_frames, last_only)
     while max_frames is None or st.examined < max_frames:
         count = per_chunk if max_frames is None else min(per_chunk, max_frames - st.examined)
         data = read(st.examined, count)
@@ -673,6 +685,7 @@ def scan_frames(
     max_frames: int | None = None,
     chunk_bytes: int = 4 << 20,
     keep_frames: bool = True,
+    last_only: bool = False,
 ) -> ScanResult:
     """The valid committed frames of the WAL open at ``fd``, from slot ``start_index`` on.
 
@@ -682,8 +695,12 @@ def scan_frames(
     at the first invalid or short frame, at end of file, or after ``max_frames`` frames, and
     returns frames only up to and including the last commit frame. A file that ends before the
     start slot (it was truncated or reset and shrank) stops with ``"short"``, not ``"eof"``.
-    With ``keep_frames=False`` the result has no ``frames`` (see ScanResult).
+    With ``keep_frames=False`` the result has no ``frames`` (see ScanResult); with
+    ``last_only`` (and no frames kept) ``transactions`` and ``commit_checksums`` hold only the
+    last transaction, so a scan of a long WAL costs the same memory as one of a short one.
     """
+    if last_only and keep_frames:
+        raise ValueError("last_only needs keep_frames=False")
     fs = frame_size(header.page_size)
 
     # one buffer for every chunk, kept by the process (see ReadBuffers): memory stays at about
@@ -694,7 +711,7 @@ def scan_frames(
             return lent.pread(fd, count * fs, frame_offset(start_index + first, header.page_size))
 
         res = _scan_wal(read, header, start_index, start_checksum, max_frames, chunk_bytes,
-                        keep_frames)
+                        keep_frames, last_only)
     if (
         res.stop_reason == "eof"
         and res.valid_end_index < start_index

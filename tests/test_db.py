@@ -143,20 +143,24 @@ def test_rotation_keeps_wal_small_and_generation_unbroken(tmp_path: Path, app) -
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(("tail", "payload", "max_bytes"), [
-    (3, 500, None),  # read into memory
+@pytest.mark.parametrize(("tail", "payload", "max_bytes", "seg"), [
+    (3, 500, None, None),  # read into memory
     # ~1 MB, longer than the in-memory read: scanned from the file. The largest read is whole
     # frames, below a limit that is not a multiple of the frame size (as 8 MiB is not of a
     # 4 KiB page's frame): reaching it ends the growing reads, it does not repeat for ever
-    (120, 4000, 300_001),
+    (120, 4000, 300_001, None),
+    # a tail longer than a segment: several segments, as a step would have shipped it, read
+    # into memory or from the file
+    (40, 500, None, 8),
+    (120, 4000, 300_001, 16),
 ])
 def test_reset_in_an_unpinned_gap_with_intact_tail_is_proven(
     tmp_path: Path, app, monkeypatch: pytest.MonkeyPatch, tail: int, payload: int,
-    max_bytes: int | None,
+    max_bytes: int | None, seg: int | None,
 ) -> None:
     if max_bytes is not None:
         monkeypatch.setattr("replicator.rescue.RESCUE_MAX_BYTES", max_bytes)
-    d = open_db(tmp_path)
+    d = open_db(tmp_path, **({} if seg is None else {"tuning": Tuning(segment_max_frames=seg)}))
     d.step()
     commit(app, 30, payload=500)
     d.step()
@@ -166,14 +170,25 @@ def test_reset_in_an_unpinned_gap_with_intact_tail_is_proven(
     assert app.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0
     # this write resets the WAL: the tail's commits are only in the old epoch's tail
     commit(app, 1, payload=500)
+    txid = d.txid
     res = d.step()
     transactions = res.transactions
-    if max_bytes is None:
+    objects = list(res.objects)
+    if max_bytes is None and seg is None:
         assert transactions == tail + 1, "a tail read into memory goes in one step"
     while res.more:
         res = d.step()
         transactions += res.transactions
+        objects += res.objects
     assert res.catch_up is None and res.new_generation is None
+    segs = sorted((o for o in objects if o.kind == "wal"), key=lambda o: o.start_txid)
+    assert [o.start_txid for o in segs] == [txid + 1] + [o.end_txid + 1 for o in segs[:-1]]
+    if seg is not None:
+        spool = Spool(str(tmp_path / "spool"))
+        for o in segs:  # each segment at most a segment's frames (these transactions are short)
+            h = spool.read_header(o)
+            assert isinstance(h, SegmentHeader)
+            assert h.frames <= seg, (o.start_txid, h.frames)
     assert d.generation == gen
     assert transactions == tail + 1
     d.close()
@@ -937,3 +952,33 @@ def test_an_idle_pin_is_kept_when_it_protects_frames_or_the_file_was_just_writte
     assert not d.pin_releasable  # moved off read mark 0: it holds nothing back
     assert not d.release_idle_pin()
     d.close()
+
+
+def test_spool_header_cache_is_bounded_by_transactions(
+    tmp_path: Path, app, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool keeps the headers it wrote lately up to a number of transactions, not of
+    headers (a segment's header lists each of its transactions): the newest stays in memory,
+    older ones are read back from their files, the same."""
+    monkeypatch.setattr("replicator.spool.HEADER_CACHE", 20)
+    d = open_db(tmp_path, tuning=Tuning(segment_max_frames=8))
+    d.step()
+    commit(app, 60, payload=300)
+    objects = []
+    while True:
+        res = d.step()
+        objects += res.objects
+        if not res.more:
+            break
+    segs = [o for o in objects if o.kind == "wal"]
+    assert len(segs) >= 8
+    spool = d.spool
+    cached = [spool.cached_header(o) for o in segs]
+    assert cached[-1] is not None
+    assert cached[0] is None
+    kept = [h for h in cached if h is not None]
+    assert sum(1 + len(h.txns) for h in kept if isinstance(h, SegmentHeader)) <= 20
+    fresh = Spool(str(tmp_path / "spool"))  # no cache: every header from its file
+    assert [spool.read_header(o) for o in segs] == [fresh.read_header(o) for o in segs]
+    d.close()
+    assert restored_dump(tmp_path) == dump(app)

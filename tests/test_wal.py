@@ -163,6 +163,13 @@ def scan_file(data: bytes, **kw: Any) -> tuple[WalHeader, ScanResult]:
         return h, scan_frames(f.fileno(), h, 1, h.checksum, **kw)
 
 
+def test_last_only_needs_frames_dropped() -> None:
+    h = parse_wal_header(make_header())
+    assert h is not None
+    with pytest.raises(ValueError, match="last_only"):
+        scan_frames(0, h, 1, h.checksum, last_only=True)
+
+
 def assert_well_formed(res: ScanResult, start_index: int = 1) -> None:
     """Frames are contiguous from start_index, end at a commit, and match the transactions."""
     idx = [f.index for f in res.frames]
@@ -190,6 +197,17 @@ def assert_lean_scan_agrees(data: bytes, res: ScanResult) -> None:
     assert (lean.valid_end_index, lean.valid_checksum, lean.stop_reason) == (
         res.valid_end_index, res.valid_checksum, res.stop_reason
     )
+    # keeping only the last transaction: the same last one and end, whatever the chunking
+    # (one frame a chunk, a few, many: commits within a chunk and across chunks)
+    h, _ = scan_file(data, keep_frames=False)
+    for chunk in (1, 3 * frame_size(h.page_size), 4 << 20):
+        _, last = scan_file(data, keep_frames=False, last_only=True, chunk_bytes=chunk)
+        assert (last.transactions, last.commit_checksums) == (
+            res.transactions[-1:], res.commit_checksums[-1:]
+        )
+        assert (last.end_index, last.end_checksum, last.valid_end_index, last.valid_checksum,
+                last.stop_reason) == (res.end_index, res.end_checksum, res.valid_end_index,
+                                      res.valid_checksum, res.stop_reason)
 
 
 # ------------------------------------------------------------------------------------------
