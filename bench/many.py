@@ -15,6 +15,9 @@ configuration), side by side on the same machine in the same run.
    object of that database in the local replica, taken from inotify events (no listing),
    p50/p99/max; the tool's CPU. With several counts the report also names the largest count
    whose p99 stayed within ``P99_TARGET_MS`` for each tool (what one such machine carries).
+   ``--processes N`` adds ours split over N processes (``ours-N``: each with its own config
+   listing every N-th directory of databases; fewer with fewer directories), the figures summed
+   over them.
 
 Every process it starts is stopped in a ``finally``; its work directory is removed at the end.
 Raw numbers go to bench/out/many.json, the report between ``<!-- many:start -->`` and
@@ -30,6 +33,7 @@ import argparse
 import ctypes
 import ctypes.util
 import datetime as dt
+import functools
 import json
 import os
 import random
@@ -58,6 +62,29 @@ SETTLE = 10.0  # seconds without new objects (or writes) before a tool counts as
 SETTLE_MAX = 300.0
 IDLE_AFTER = 25.0  # the idle measurement starts SETTLE + IDLE_AFTER s after the last write
 P99_TARGET_MS = 100.0  # the lag a database count is judged by (see report)
+PER_DIR = 100  # databases a directory below the root (make_dbs)
+
+
+def split_tool(tool: str) -> tuple[str, int]:
+    """``ours-3`` -> ("ours", 3): ours split over 3 processes; any other name -> (name, 1)."""
+    base, _, n = tool.partition("-")
+    return (base, int(n)) if base == "ours" and n.isdigit() and int(n) > 1 else (tool, 1)
+
+
+def label(tool: str, result: dict[str, Any] | None = None) -> str:
+    """The tool's name in the report; ours split says over how many processes the result ran
+    (fewer than asked with fewer directories)."""
+    base, procs = split_tool(tool)
+    if procs == 1:
+        return LABELS[base]
+    ran = (result or {}).get("processes", procs)
+    return LABELS[base] + (f", {ran} processes" if ran > 1 else ", 1 process (one directory)")
+
+
+def tools_of(part: dict[str, Any]) -> list[str]:
+    """The tools a part has results for, in report order (TOOLS, then ours split, by count)."""
+    split = sorted((t for t in part if t not in TOOLS), key=lambda t: split_tool(t)[1])
+    return [t for t in TOOLS if t in part] + split
 
 
 def writes(proxy: Any) -> int:
@@ -75,7 +102,7 @@ def log(msg: str) -> None:
 
 def make_dbs(root: Path, n: int) -> list[str]:
     """``n`` small WAL databases below ``root`` (100 a directory); their relative paths."""
-    rels = [f"g{i // 100:03d}/t{i:05d}.db" for i in range(n)]
+    rels = [f"g{i // PER_DIR:03d}/t{i:05d}.db" for i in range(n)]
     root.mkdir(parents=True, exist_ok=True)
     template = root.parent / f".{root.name}-template.db"
     c = sqlite3.connect(template, isolation_level=None)
@@ -107,7 +134,13 @@ def replicated(replica: Path) -> set[str]:
 
 # ------------------------------------------------------------------------------ process facts
 
-def facts(pid: int) -> dict[str, float]:
+def facts(pids: int | list[int]) -> dict[str, float]:
+    """RSS, CPU, threads and descriptors of a process (of several: summed)."""
+    if isinstance(pids, list):
+        parts = [facts(p) for p in pids]
+        keys = set().union(*parts) if parts else set()
+        return {k: sum(f.get(k, 0) for f in parts) for k in keys}
+    pid = pids
     s = rc.proc_sample(pid)
     if s is None:
         return {}
@@ -125,7 +158,8 @@ def facts(pid: int) -> dict[str, float]:
 
 
 class Run:
-    """One tool over one directory of databases, its process and log."""
+    """One tool over one directory of databases, its process (ours split: its processes) and
+    log."""
 
     def __init__(self, tool: str, work: Path, root: Path, replica: str, s3_env: dict[str, str]
                  | None = None) -> None:
@@ -134,14 +168,30 @@ class Run:
         self.log_path = work / f"{tool}.log"
         self.env = {**os.environ, **(s3_env or {})}
         self.env.pop("AWS_CA_BUNDLE", None)  # Litestream's AWS SDK refuses a custom CA here
-        if tool == "ours":
+        base, procs = split_tool(tool)
+        self.cmds: list[list[str]] = []
+        if base == "ours" and procs > 1:
+            # each process takes every procs-th directory below the root, replicated to the
+            # same place below the replica as one process over the root would
+            self.env["PYTHONPATH"] = str(rc.ROOT)
+            subdirs = sorted(d.name for d in root.iterdir() if d.is_dir())
+            for k in range(min(procs, len(subdirs))):
+                cfg = work / f"{tool}.{k}.yml"
+                cfg.write_text("dbs:\n" + "".join(
+                    f"  - dir: {root / d}\n    pattern: '*.db'\n"
+                    f"    replicas: [{{name: local, path: {replica}/{d}}}]\n"
+                    for d in subdirs[k::procs]))
+                self.cmds.append([sys.executable, "-m", "replicator", "replicate", "--config",
+                                  str(cfg)])
+        elif tool == "ours":
             self.env["PYTHONPATH"] = str(rc.ROOT)
             rep = (f"{{name: s3, url: '{replica}'}}" if replica.startswith("s3://")
                    else f"{{name: local, path: {replica}}}")
             self.cfg.write_text(
                 f"dbs:\n  - dir: {root}\n    pattern: '*.db'\n    recursive: true\n"
                 f"    replicas: [{rep}]\n")
-            self.cmd = [sys.executable, "-m", "replicator", "replicate", "--config", str(self.cfg)]
+            self.cmds.append([sys.executable, "-m", "replicator", "replicate", "--config",
+                              str(self.cfg)])
         else:
             if replica.startswith("s3://"):
                 bucket, _, path = replica[5:].partition("?")[0].partition("/")
@@ -153,34 +203,39 @@ class Run:
             self.cfg.write_text(
                 f"dbs:\n  - dir: {root}\n    pattern: '*.db'\n    recursive: true\n"
                 f"    watch: true\n    replica: {rep}\n")
-            self.cmd = [rc.litestream_binary(), "replicate", "-config", str(self.cfg)]
-        self.proc: subprocess.Popen[bytes] | None = None
+            self.cmds.append([rc.litestream_binary(), "replicate", "-config", str(self.cfg)])
+        self.procs: list[subprocess.Popen[bytes]] = []
         self.t0 = 0.0
 
     def start(self) -> None:
-        f = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
+        f = open(self.log_path, "ab")  # noqa: SIM115 - the children keep it
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env,
-                                     cwd=self.work, start_new_session=True)
-        f.close()
+        try:
+            for cmd in self.cmds:
+                self.procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                                   env=self.env, cwd=self.work,
+                                                   start_new_session=True))
+        finally:
+            f.close()
 
     @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return bool(self.procs) and all(p.poll() is None for p in self.procs)
 
     def stop(self, timeout: float = 60) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with_suppress(lambda: os.killpg(self.pid, signal.SIGTERM))
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with_suppress(lambda: os.killpg(self.pid, signal.SIGKILL))
-            self.proc.wait(30)
+        live = [p for p in self.procs if p.poll() is None]
+        for p in live:
+            with_suppress(functools.partial(os.killpg, p.pid, signal.SIGTERM))
+        deadline = time.monotonic() + timeout
+        for p in live:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with_suppress(functools.partial(os.killpg, p.pid, signal.SIGKILL))
+                p.wait(30)
 
     def tail(self) -> str:
         try:
@@ -205,7 +260,7 @@ def wait_replicated(run: Run, replica: Path, n: int, timeout: float, mem_cap: fl
     while time.monotonic() - run.t0 < timeout:
         if not run.alive():
             return {"ok": False, "why": "exited", "replicated": done, "log": run.tail()}
-        f = facts(run.pid)
+        f = facts(run.pids)
         peak = max(peak, f.get("rss_mib", 0))
         if peak > mem_cap:
             return {"ok": False, "why": f"RSS over {mem_cap:.0f} MiB", "replicated": done}
@@ -369,11 +424,11 @@ def idle(tool: str, work: Path, n: int, seconds: float, s3: Any) -> dict[str, An
             time.sleep(1.0)
         settled = time.monotonic() - run.t0 - SETTLE
         time.sleep(IDLE_AFTER)  # ours parks an idle database this long after its last change
-        a = facts(run.pid)
+        a = facts(run.pids)
         req0 = proxy.mark() if s3 is not None else None
         busy = rc.Background()
         time.sleep(seconds)
-        b = facts(run.pid)
+        b = facts(run.pids)
         req1 = proxy.mark() if s3 is not None else None
         return {
             "ok": True, "databases": n, "settled_s": settled, "rss_mib": b["rss_mib"],
@@ -398,7 +453,7 @@ def big(tool: str, work: Path, n: int, timeout: float, mem_cap: float) -> dict[s
     run.start()
     try:
         res = wait_replicated(run, replica, n, timeout, mem_cap)
-        f = facts(run.pid) if run.alive() else {}
+        f = facts(run.pids) if run.alive() else {}
         res.update({"databases": n, "rss_mib": f.get("rss_mib"), "threads": f.get("threads"),
                     "fds": f.get("fds"), "cpu_s": f.get("cpu_s"), "machine": busy.done(0.0)})
         return res
@@ -421,14 +476,14 @@ def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
         time.sleep(SETTLE)
         watch = TreeWatch(replica)
         out = work / f"commits-{tool}.txt"
-        a = facts(run.pid)
+        a = facts(run.pids)
         busy = rc.Background()
         writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(seconds),
                                    str(out), *rels])
         watch.pump(time.perf_counter() + seconds + 7.0)
         writer.wait(60)
         watch.pump(time.perf_counter() + 3.0)
-        b = facts(run.pid)
+        b = facts(run.pids)
         watch.close()
         if not out.exists():
             return {"ok": False, "why": "the writer failed"}
@@ -446,7 +501,8 @@ def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
                 windows.setdefault(int((t - t0) // 10), []).append(lag)
         by_window = [{"from_s": 10 * k, "commits": len(v), "p50_ms": 1000 * pct(v, 50),
                       "p99_ms": 1000 * pct(v, 99)} for k, v in sorted(windows.items())]
-        return {"ok": True, "databases": n, "commits": len(commits), "matched": len(ls),
+        return {"ok": True, "databases": n, "processes": len(run.procs),
+                "commits": len(commits), "matched": len(ls),
                 "lag_by_window": by_window,
                 "writer_busy": busy_count,
                 "lag_p50_ms": 1000 * pct(ls, 50), "lag_p99_ms": 1000 * pct(ls, 99),
@@ -494,12 +550,12 @@ def _table(parts: list[dict[str, Any]], header: list[str], cells: Any) -> list[s
     """A markdown table: one row per tool of each part (a run's results by tool),
     ``cells(result)`` after the tool's name (a failed run says why), the machine's load last."""
     lines = ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for part, tool in ((p, t) for p in parts for t in TOOLS):
+    for part, tool in ((p, t) for p in parts for t in tools_of(p)):
         r = part.get(tool, {})
         row = cells(r) if r.get("ok") or "seconds" in header[2] else None
         if row is None:
             row = [f"failed: {r.get('why')}"] + [""] * (len(header) - 4)
-        lines.append("| " + " | ".join([str(r.get("databases", "")), LABELS[tool], *row,
+        lines.append("| " + " | ".join([str(r.get("databases", "")), label(tool, r), *row,
                                          _machine(r)]) + " |")
     return lines
 
@@ -545,10 +601,10 @@ def report(res: dict[str, Any]) -> str:
               "a commit whose object had already been written counts from the next one."]
     if len(counts) > 1:
         carried = []
-        for tool in TOOLS:
+        for tool in tools_of({t: 1 for n in counts for t in active[n]}):
             ok = [int(n) for n in counts if active[n].get(tool, {}).get("ok")
                   and active[n][tool]["lag_p99_ms"] <= P99_TARGET_MS]
-            carried.append(f"{LABELS[tool]} {max(ok) if ok else 'none'}")
+            carried.append(f"{label(tool)} {max(ok) if ok else 'none'}")
         lines += ["", f"Largest count measured with lag p99 ≤ {P99_TARGET_MS:.0f} ms (of "
                   f"{', '.join(counts)}): {'; '.join(carried)}."]
     lines += ["", END]
@@ -568,6 +624,8 @@ def main() -> int:
     p.add_argument("--active-seconds", type=float, default=60)
     p.add_argument("--only", choices=("idle", "big", "active"), action="append")
     p.add_argument("--tools", default=",".join(TOOLS))
+    p.add_argument("--processes", type=int, default=1,
+                   help="also ours split over this many processes (active databases only)")
     p.add_argument("--no-s3", action="store_true", help="idle databases to a local directory")
     p.add_argument("--out", help="docs file to update between the markers")
     p.add_argument("--workdir", default=None)
@@ -580,6 +638,8 @@ def main() -> int:
         args.idle, args.big, args.active = 200, 1000, "200"
         args.idle_seconds = args.active_seconds = 20
     tools = [t for t in args.tools.split(",") if t]
+    if args.processes > 1:
+        tools.append(f"ours-{args.processes}")
     only = set(args.only or ("idle", "big", "active"))
     work = Path(tempfile.mkdtemp(prefix="manybench-", dir=args.workdir))
     res: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -613,8 +673,8 @@ def main() -> int:
                     lambda t: big(t, work, args.big, args.big_timeout, args.mem_cap))]
         for phase, n, part, fn in phases:
             for tool in tools if phase in only else []:
-                if part.get(tool, {}).get("ok"):
-                    continue  # kept from an earlier run (--resume)
+                if part.get(tool, {}).get("ok") or (split_tool(tool)[1] > 1 and phase != "active"):
+                    continue  # kept from an earlier run (--resume); split: active only
                 log(f"{phase}: {tool}, {n} databases")
                 try:
                     part[tool] = fn(tool)

@@ -34,6 +34,9 @@ from replicator.cli import build_parser
 from replicator.config import load_config
 
 UNIT = DEPLOY / "systemd" / "replicator.service"
+TEMPLATE = DEPLOY / "systemd" / "replicator@.service"
+"""One service per config (``/etc/replicator/<instance>.yml``), otherwise the same."""
+UNITS = pytest.mark.parametrize("unit", [UNIT, TEMPLATE], ids=["service", "template"])
 SHUTDOWN_TIMEOUT = 5.0
 
 
@@ -147,17 +150,18 @@ def test_image_command_as_pid1_exits_on_sigterm_after_its_final_sync(tmp_path: P
     assert seqs(tmp_path / "out.db") == list(range(1, 51))
 
 
-def unit_settings() -> dict[str, list[str]]:
+def unit_settings(unit: Path = UNIT) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for line in UNIT.read_text().splitlines():
+    for line in unit.read_text().splitlines():
         if "=" in line and not line.startswith(("#", "[")):
             key, _, value = line.partition("=")
             out.setdefault(key.strip(), []).append(value.strip())
     return out
 
 
-def test_systemd_unit_is_hardened_without_breaking_sqlite() -> None:
-    s = unit_settings()
+@UNITS
+def test_systemd_unit_is_hardened_without_breaking_sqlite(unit: Path) -> None:
+    s = unit_settings(unit)
     for key, value in {"ProtectSystem": "strict", "PrivateTmp": "true", "NoNewPrivileges": "true",
                        "ProtectHome": "true", "KillSignal": "SIGTERM", "KillMode": "mixed",
                        "CapabilityBoundingSet": ""}.items():
@@ -175,20 +179,34 @@ def test_systemd_unit_is_hardened_without_breaking_sqlite() -> None:
     assert timeout > 2 * cfg.shutdown_timeout
 
 
-def test_systemd_unit_command_is_the_cli() -> None:
-    (exec_start,) = unit_settings()["ExecStart"]
+@UNITS
+def test_systemd_unit_command_is_the_cli(unit: Path) -> None:
+    (exec_start,) = unit_settings(unit)["ExecStart"]
     argv = exec_start.split()
     assert argv[0] == "/usr/local/bin/replicator"
     args = build_parser().parse_args(argv[1:])
-    assert (args.command, args.config) == ("replicate", CONFIG_PATH)
+    config = "/etc/replicator/%i.yml" if unit == TEMPLATE else CONFIG_PATH
+    assert (args.command, args.config) == ("replicate", config)
 
 
-def test_systemd_analyze_verify(tmp_path: Path) -> None:
+def test_systemd_template_differs_only_in_its_config() -> None:
+    """The template is the service with a config per instance: every other setting the same
+    (a hardening change made to one and not the other fails here)."""
+    plain, template = unit_settings(UNIT), unit_settings(TEMPLATE)
+    assert template.pop("ExecStart") == [plain.pop("ExecStart")[0].replace(
+        CONFIG_PATH, "/etc/replicator/%i.yml")]
+    assert template.pop("Description") == [plain.pop("Description")[0] + " (%i)"]
+    assert template == plain
+
+
+@UNITS
+def test_systemd_analyze_verify(tmp_path: Path, unit: Path) -> None:
     """``systemd-analyze verify`` (with the ExecStart program pointed at one that exists here:
-    it checks that the binary is executable)."""
+    it checks that the binary is executable); the template as an instance of it."""
     analyze = tool("systemd-analyze", "bash .ci/deploy-setup.sh installs it")
-    unit = tmp_path / "replicator.service"
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/replicator", sys.executable))
+    text = unit.read_text()
+    unit = tmp_path / ("replicator@tenants-a.service" if unit == TEMPLATE else unit.name)
+    unit.write_text(text.replace("/usr/local/bin/replicator", sys.executable))
     r = run(analyze, "verify", str(unit))
     assert r.returncode == 0 and r.stderr == "", r.stderr
     unit.write_text(unit.read_text().replace("ProtectSystem=", "ProtectSytem="))
