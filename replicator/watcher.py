@@ -264,16 +264,25 @@ class InotifyEvents(FileEvents):
         ``root``; with ``report``, tell the files already in them as created (they may have been
         written before the watch was there)."""
         recursive, match, callback = self._trees[root]
-        for path, dirs, files in os.walk(top):
-            dirs[:] = [x for x in dirs if not x.startswith(".")] if recursive else []
+        todo = [top]
+        while todo:
+            path = todo.pop()
+            # the watch first, then the listing: a file made in between is in the listing or
+            # has its event, never neither (a directory made and filled at once)
             d = self._watch(path)
             if d is not None:
                 d.trees.add(root)
                 self._tune(d, False)
-            for name in files if report else ():
-                file = os.path.join(path, name)
-                if match(file):
-                    callback(file, "created")
+            try:
+                entries = list(os.scandir(path))
+            except OSError:
+                continue  # gone meanwhile (its parent's event tells)
+            for e in entries:
+                if _is_dir(e):
+                    if recursive and not e.name.startswith(".") and not e.is_symlink():
+                        todo.append(e.path)
+                elif report and match(e.path):
+                    callback(e.path, "created")
 
     def _on_readable(self) -> None:
         if self._ino is None:
@@ -365,6 +374,13 @@ class InotifyEvents(FileEvents):
                           if recursive else os.path.dirname(db) == root)
                 if inside and db not in present and match(db):
                     callback(db, "deleted")
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _mask(quiet: bool) -> int:

@@ -65,6 +65,34 @@ async def test_tree_reports_new_and_moved_directories_never_hidden_ones(
     assert not [p for p, _ in told if "/.spool/" in p]
 
 
+async def test_a_file_made_while_a_new_directory_is_watched_is_told(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory made and filled at once: a database created in it after its event but just
+    before its watch is in place (no event of its own) is still told, as created."""
+    root = tmp_path / "tenants"
+    root.mkdir()
+    new = root / "new"
+    events = _inotify()
+    assert isinstance(events, InotifyEvents)
+    watch = InotifyEvents._watch
+
+    def racing_watch(self: InotifyEvents, directory: str) -> object:
+        if directory == str(new) and not (new / "raced.db").exists():
+            init_db(str(new / "raced.db"))  # the application is quicker than the watch
+        return watch(self, directory)
+
+    monkeypatch.setattr(InotifyEvents, "_watch", racing_watch)
+    told: list[tuple[str, str]] = []
+    events.add_tree(str(root), True, lambda p: p.endswith(".db"),
+                    lambda p, kind: told.append((p, kind)))
+    try:
+        new.mkdir()
+        await util.until(lambda: (str(new / "raced.db"), "created") in told, "the raced file",
+                         WAIT)
+    finally:
+        events.stop()
+
+
 @pytest.mark.parametrize("make", BACKENDS)
 async def test_tree_told_of_directories_moved_away_or_deleted(
         tmp_path: Path, make: Callable[[], FileEvents]) -> None:
