@@ -166,8 +166,12 @@ class Database:
         checkpoint_pages: int = DEFAULT_CHECKPOINT_PAGES,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         tuning: Tuning = DEFAULT_TUNING,
+        own_spool: bool = False,
     ) -> None:
         self.path = os.path.abspath(path)
+        self.own_spool = own_spool
+        """:meth:`open` claims the spool for this process (:meth:`Spool.claim`) once the
+        database file is found good; it is released by whoever owns the spool."""
         self.name = name or path
         self.spool = spool
         self.checkpoint_pages = checkpoint_pages
@@ -207,6 +211,8 @@ class Database:
         """Check the database, open the connections, take the first pin and resume (or plan a
         new generation) from the spool."""
         self.handles.check_file()
+        if self.own_spool:
+            self.spool.claim(self.name)  # before anything of the spool is read or written
         self.handles.connect()
         self.handles.pin(0)
         self.spool.remove_temp_files()

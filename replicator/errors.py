@@ -46,5 +46,9 @@ class DatabaseError(ReplicatorError):
     """The watched database cannot be used."""
 
 
+class SpoolBusyError(DatabaseError):
+    """Another process holds the database's spool: it is replicating the database already."""
+
+
 class RestoreError(ReplicatorError):
     """The requested restore is not possible."""

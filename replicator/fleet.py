@@ -13,12 +13,14 @@ import asyncio
 import heapq
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .aio import Stop, wait_event
 from .config import DbConfig, DirConfig
 from .discovery import DirWatch
+from .errors import SpoolBusyError
 from .metrics import Metrics
 from .runtime import Runtime
 
@@ -32,6 +34,8 @@ STATES = ("queued", "opening", "replicating", "skipped", "failed")
 OPEN_WAIT = 0.5
 # how long a removed database's service may take for its final capture and ship
 REMOVE_GRACE = 5.0
+# a database another process replicates is tried again on a change at most this often
+BUSY_RETRY = 60.0
 
 
 class Fleet:
@@ -50,6 +54,9 @@ class Fleet:
         self._opening: set[str] = set()
         self._gone: set[str] = set()  # removed while opening: closed once opened
         self.failed: dict[str, str] = {}
+        # another process replicates these: (monotonic time before which a change does not
+        # try again, the error logged last)
+        self._busy: dict[str, tuple[float, str]] = {}
         self._more = asyncio.Event()
         self._stop = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
@@ -72,6 +79,9 @@ class Fleet:
             return
         if path in self._queued or path in self.services:
             return
+        busy = self._busy.get(path)
+        if busy is not None and path in self.failed and time.monotonic() < busy[0]:
+            return  # another process replicates it (its checkpoints change the file often)
         self.failed.pop(path, None)
         self._queued[path] = cfg
         heapq.heappush(self._queue, (-changed, path))
@@ -81,6 +91,7 @@ class Fleet:
     def remove(self, path: str) -> None:
         """A database's file is gone: drop it from the queue, or stop its service."""
         self.failed.pop(path, None)
+        self._busy.pop(path, None)
         if self._queued.pop(path, None) is not None:
             self._set_metrics()
             return
@@ -125,7 +136,7 @@ class Fleet:
                 self._more.clear()
                 await self._more.wait()
                 continue
-            while self.runtime.open_dbs >= self.runtime.max_open and not self._stop.is_set():
+            while not self.runtime.room_to_open() and not self._stop.is_set():
                 await wait_event(self._stop, OPEN_WAIT)  # open databases park when idle
             _, path = heapq.heappop(self._queue)
             cfg = self._queued.pop(path, None)
@@ -152,15 +163,30 @@ class Fleet:
         except Exception as exc:  # noqa: BLE001 - one database's trouble is not the others'
             if cfg.path not in self._gone:
                 self.failed[cfg.path] = str(exc)
-                log.error("%s: cannot replicate: %s", cfg.path, exc)
+                self._failed(cfg.path, exc)
             await self._discard(s)
             return
+        self._busy.pop(cfg.path, None)
         if self._stop.is_set() or cfg.path in self._gone:
             await self._discard(s)
             return
         self.services[cfg.path] = s
         stop = Stop()
         self._runs[cfg.path] = (stop, asyncio.ensure_future(s.run(stop)))
+
+    def _failed(self, path: str, exc: Exception) -> None:
+        """Log why a database cannot be replicated; one that another process replicates is
+        tried again on a change at most every BUSY_RETRY seconds, and logged again only when
+        the holder changes."""
+        if not isinstance(exc, SpoolBusyError):
+            log.error("%s: cannot replicate: %s", path, exc)
+            return
+        last = self._busy.get(path)
+        self._busy[path] = (time.monotonic() + BUSY_RETRY, str(exc))
+        if last is None or last[1] != str(exc):
+            log.error("%s: cannot replicate: %s", path, exc)
+        else:
+            log.debug("%s: cannot replicate: %s", path, exc)
 
     async def _discard(self, s: DatabaseService) -> None:
         """Close a service that will not run; if its file was removed while it opened, forget

@@ -89,6 +89,7 @@ class DatabaseService:
         self.metrics = metrics if metrics is not None else create_metrics()
         self.notifier = notifier
         self.spool = Spool(cfg.spool_dir)
+        self._counted = False  # the spool held is counted in the runtime's ``claimed``
         self.tuning = tuning
         self.db = self._database()
         self.park_after: float | None = None
@@ -137,7 +138,8 @@ class DatabaseService:
 
     def _database(self) -> Database:
         return Database(self.cfg.path, self.spool, name=self.cfg.name,
-                        checkpoint_pages=self.cfg.checkpoint_pages, tuning=self.tuning)
+                        checkpoint_pages=self.cfg.checkpoint_pages, tuning=self.tuning,
+                        own_spool=True)
 
     async def park(self) -> bool:
         """Close the database's connections and files while it is idle: only when everything
@@ -193,9 +195,15 @@ class DatabaseService:
             return await self.runtime.call(fn, *args)
 
     async def open(self) -> None:
-        """Open the database (errors are fatal) and check every replica (a failing replica is
-        logged and retried; if every replica fails, that is fatal)."""
-        await self.call(self.db.open)
+        """Open the database and take its spool (errors are fatal: another process replicating
+        the database among them) and check every replica (a failing replica is logged and
+        retried; if every replica fails, that is fatal)."""
+        try:
+            await self.call(self.db.open)
+        finally:
+            if self.spool.claimed and not self._counted:
+                self._counted = True  # held: counted against the descriptors
+                self.runtime.claimed += 1
         async def check(r: Replica) -> str | None:
             try:
                 await r.init()
@@ -451,10 +459,38 @@ class DatabaseService:
 
     async def close(self, grace: float, skip: asyncio.Event | None = None) -> None:
         """Final capture and ship within ``grace`` seconds (none once ``skip`` is set), then
-        release everything."""
+        release everything (the spool last)."""
         if self._watcher is not None:
             self._watcher.stop()
+        claimed = self.spool.claimed
+        if claimed:
+            # otherwise the spool was refused (another process replicates the database):
+            # nothing was opened, and nothing of the spool is this process's to finish
+            await self._final_sync(grace, skip)
+            await self.pruning.stop()
+            if self.health is not None:
+                self.health.close()
+            await self.call(self.db.close)
+            self._mark_open(False)
+        for r in self.replicas:
+            await r.aclose()
+        self.release_spool()
+        if self._own_runtime:
+            await self.runtime.aclose()
+        else:
+            self.runtime.release_memory()
 
+    def release_spool(self) -> None:
+        """Let go of the database's spool (after :meth:`close`, or an :meth:`open` that failed
+        and is not followed by one); nothing if it is not held."""
+        self.spool.release()
+        if self._counted:
+            self._counted = False
+            self.runtime.claimed -= 1
+
+    async def _final_sync(self, grace: float, skip: asyncio.Event | None) -> None:
+        """Capture what is left and ship it everywhere, within ``grace`` seconds (none once
+        ``skip`` is set); an error is logged and counted."""
         async def final() -> None:
             log.debug("%s: final sync", self.cfg.name)
             if self.parked and await self._changed_since_parked():
@@ -481,17 +517,6 @@ class DatabaseService:
                 log.error("%s: final sync did not finish within %.1fs", self.cfg.name, grace)
         except Exception as exc:  # noqa: BLE001 - shutdown goes on; the error is logged
             self._record_error("final sync", exc)
-        await self.pruning.stop()
-        if self.health is not None:
-            self.health.close()
-        await self.call(self.db.close)
-        self._mark_open(False)
-        for r in self.replicas:
-            await r.aclose()
-        if self._own_runtime:
-            await self.runtime.aclose()
-        else:
-            self.runtime.release_memory()
 
     def status(self) -> dict[str, Any]:
         """The database's state for ``/status`` (call from the event loop)."""
@@ -551,7 +576,11 @@ class Replicator:
         opened: list[DatabaseService] = []
         try:
             for s in self.services:
-                await s.open()
+                try:
+                    await s.open()
+                except BaseException:
+                    s.release_spool()
+                    raise
                 opened.append(s)
         except BaseException:
             for s in opened:

@@ -68,8 +68,14 @@ def signature(path: str) -> FilesSig:
 
 
 def open_budget() -> int:
-    """How many databases may be open at once: the descriptor limit (raised to its hard
-    limit first) over what an open database holds, less a reserve for everything else."""
+    """How many databases may be open at once: the descriptors :func:`fd_budget` gives over
+    what an open database holds."""
+    return max(16, fd_budget() // FDS_PER_OPEN_DB)
+
+
+def fd_budget() -> int:
+    """The descriptors databases may hold: the descriptor limit (raised to its hard limit
+    first), less a reserve for everything else."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
         try:
@@ -79,7 +85,7 @@ def open_budget() -> int:
             pass
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
-    return max(16, (soft - 256) // FDS_PER_OPEN_DB)
+    return max(0, soft - 256)
 
 
 def _malloc_trim() -> Callable[[], object] | None:
@@ -124,8 +130,12 @@ class Runtime:
         """Idle databases of ``dir:`` entries close their files after this long (None: never)."""
         self.max_open = open_budget()
         """Databases of ``dir:`` entries wait to open while this many are open."""
+        self.fds = fd_budget()
+        """The descriptors databases may hold (see :meth:`room_to_open`)."""
         self.open_dbs = 0
         """Databases open now (not parked)."""
+        self.claimed = 0
+        """Spools held (:meth:`Spool.claim`: one descriptor each, a parked database's too)."""
         self.queued = 0
         """Databases of ``dir:`` entries waiting to open."""
         self._watched: dict[str, tuple[asyncio.Event, float]] = {}
@@ -143,6 +153,14 @@ class Runtime:
         not depend on the host's cores (it stays when this runtime closes: the loop shuts it
         down with itself)."""
         asyncio.get_running_loop().set_default_executor(self.io)
+
+    def room_to_open(self) -> bool:
+        """Whether a database of a ``dir:`` entry may open now: fewer than ``max_open`` are
+        open, and the descriptors of those and of the parked databases' spools leave room
+        for one more."""
+        parked = max(0, self.claimed - self.open_dbs)
+        return (self.open_dbs < self.max_open
+                and (self.open_dbs + 1) * FDS_PER_OPEN_DB + parked <= self.fds)
 
     def park_delay(self, park_after: float) -> float:
         """How long an idle database waits before it parks: shorter while others wait to open

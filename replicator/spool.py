@@ -5,7 +5,8 @@ copy objects from it unchanged. Capture writes here synchronously from the datab
 thread; shippers read it asynchronously. It is what lets the WAL reset freely while a destination
 is slow or down, and what a restart resumes from.
 
-The spool belongs to one process, which keeps an index of it in memory (read from the directory
+The spool belongs to one process (:meth:`Spool.claim`: a second one is refused), which keeps an
+index of it in memory (read from the directory
 once, then kept up to date by ``write`` and ``delete``, each generation's objects kept in order),
 so that listing it costs nothing however many objects a slow destination leaves waiting. The
 headers of the objects it wrote last are kept too (at most ``HEADER_CACHE`` transactions'
@@ -21,12 +22,15 @@ the spool holding a few minutes of objects).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import shutil
+import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from .errors import SpoolBusyError
 from .format import (
     DEFAULT_LEVEL,
     KIND_CATCHUP,
@@ -36,7 +40,7 @@ from .format import (
     ObjectWriter,
     read_header_file,
 )
-from .fsutil import TMP_SUFFIX, atomic_writer
+from .fsutil import TMP_SUFFIX, atomic_writer, makedirs_durable
 from .headers import ObjectHeader, header_from_json
 from .pos import GENERATIONS_DIR, ObjectInfo
 from .storage.file import FileStorage
@@ -69,11 +73,18 @@ class Feed:
         return out, broken
 
 
+OWNER_FILE = "owner"
+"""The file in a spool's root that the process using the spool holds an exclusive lock on (its
+text names that process, for the error another one gets)."""
+
+
 class Spool:
     """A spool directory."""
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
+        self._owner_fd: int | None = None
+        self._made = False  # the claim made the directory
         self.storage = FileStorage(self.root)
         self._lock = threading.Lock()
         self._index: dict[str, dict[str, ObjectInfo]] | None = None  # generation -> key -> info
@@ -92,6 +103,66 @@ class Spool:
                 for gen in self.storage.scan_generations()
             }
         return self._index
+
+    def claim(self, db: str) -> None:
+        """Take the spool for this process until :meth:`release` or the process ends, however
+        it ends (an exclusive ``flock`` on ``OWNER_FILE``, which the kernel drops with the
+        process). Two processes capturing one database into one spool would each number its
+        transactions on their own; the second is refused with a :class:`SpoolBusyError` naming
+        the holder (blocking; nothing else in the spool is touched)."""
+        if self._owner_fd is not None:
+            return
+        made = not os.path.isdir(self.root)
+        makedirs_durable(self.root)
+        path = os.path.join(self.root, OWNER_FILE)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
+                finally:
+                    os.close(fd)
+                raise SpoolBusyError(
+                    f"{db}: another process is replicating this database "
+                    f"({holder or 'its pid not written yet'}); its spool {self.root} is locked"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # removed by a holder letting go of the spool it had made: again
+        note = f"pid {os.getpid()} on {socket.gethostname()}\n".encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, note, 0)
+        self._owner_fd, self._made = fd, made
+
+    def release(self) -> None:
+        """Let go of the spool (see :meth:`claim`). A spool directory the claim made that
+        still holds nothing else goes with it (a start refused for bad input leaves nothing
+        behind)."""
+        fd, self._owner_fd = self._owner_fd, None
+        if fd is None:
+            return
+        try:
+            if self._made and os.listdir(self.root) == [OWNER_FILE]:
+                os.unlink(os.path.join(self.root, OWNER_FILE))
+                os.rmdir(self.root)
+        except OSError:
+            pass  # something else is there: it stays
+        finally:
+            os.close(fd)
+
+    @property
+    def claimed(self) -> bool:
+        """Whether this process holds the spool (:meth:`claim`)."""
+        return self._owner_fd is not None
 
     def remove_temp_files(self) -> int:
         """Remove temp files a crash left behind (the spool belongs to one process)."""
