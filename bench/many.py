@@ -134,13 +134,13 @@ def replicated(replica: Path) -> set[str]:
 
 # ------------------------------------------------------------------------------ process facts
 
-def facts(pids: int | list[int]) -> dict[str, float]:
-    """RSS, CPU, threads and descriptors of a process (of several: summed)."""
-    if isinstance(pids, list):
-        parts = [facts(p) for p in pids]
-        keys = set().union(*parts) if parts else set()
-        return {k: sum(f.get(k, 0) for f in parts) for k in keys}
-    pid = pids
+def facts(pids: list[int]) -> dict[str, float]:
+    """RSS, CPU, threads and descriptors of a tool's processes, summed (those still there)."""
+    parts = [f for f in map(_facts, pids) if f]
+    return {k: sum(f[k] for f in parts) for k in parts[0]} if parts else {}
+
+
+def _facts(pid: int) -> dict[str, float]:
     s = rc.proc_sample(pid)
     if s is None:
         return {}

@@ -67,12 +67,6 @@ def signature(path: str) -> FilesSig:
     return files_sig(stat_or_none(path), stat_or_none(path + "-wal"))
 
 
-def open_budget() -> int:
-    """How many databases may be open at once: the descriptors :func:`fd_budget` gives over
-    what an open database holds."""
-    return max(16, fd_budget() // FDS_PER_OPEN_DB)
-
-
 def fd_budget() -> int:
     """The descriptors databases may hold: the descriptor limit (raised to its hard limit
     first), less a reserve for everything else."""
@@ -128,10 +122,11 @@ class Runtime:
         self.snapshot_limit = snapshots
         self.park_after: float | None = None
         """Idle databases of ``dir:`` entries close their files after this long (None: never)."""
-        self.max_open = open_budget()
-        """Databases of ``dir:`` entries wait to open while this many are open."""
         self.fds = fd_budget()
         """The descriptors databases may hold (see :meth:`room_to_open`)."""
+        self.max_open = max(16, self.fds // FDS_PER_OPEN_DB)
+        """Databases of ``dir:`` entries wait to open while this many are open (what the
+        descriptors allow over what an open database holds)."""
         self.open_dbs = 0
         """Databases open now (not parked)."""
         self.claimed = 0
