@@ -10,6 +10,7 @@ time. How far that got is in ``/status`` (``databases``) and in the metric
 from __future__ import annotations
 
 import asyncio
+import errno
 import heapq
 import logging
 import os
@@ -36,6 +37,21 @@ OPEN_WAIT = 0.5
 REMOVE_GRACE = 5.0
 # a database another process replicates is tried again on a change at most this often
 BUSY_RETRY = 60.0
+# a database that could not open for want of descriptors is tried again after this long
+FDS_RETRY = 5.0
+
+
+def out_of_descriptors(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from, is the process or the system out of
+    file descriptors (EMFILE, ENFILE)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class Fleet:
@@ -57,6 +73,8 @@ class Fleet:
         # another process replicates these: (monotonic time before which a change does not
         # try again, the error logged last)
         self._busy: dict[str, tuple[float, str]] = {}
+        # out of descriptors when they opened: queued again once their timer fires
+        self._later: dict[str, asyncio.TimerHandle] = {}
         self._more = asyncio.Event()
         self._stop = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
@@ -92,6 +110,9 @@ class Fleet:
         """A database's file is gone: drop it from the queue, or stop its service."""
         self.failed.pop(path, None)
         self._busy.pop(path, None)
+        later = self._later.pop(path, None)
+        if later is not None:
+            later.cancel()
         if self._queued.pop(path, None) is not None:
             self._set_metrics()
             return
@@ -163,7 +184,10 @@ class Fleet:
         except Exception as exc:  # noqa: BLE001 - one database's trouble is not the others'
             if cfg.path not in self._gone:
                 self.failed[cfg.path] = str(exc)
-                self._failed(cfg.path, exc)
+                if out_of_descriptors(exc):
+                    self._retry_later(cfg, exc)
+                else:
+                    self._failed(cfg.path, exc)
             await self._discard(s)
             return
         self._busy.pop(cfg.path, None)
@@ -173,6 +197,22 @@ class Fleet:
         self.services[cfg.path] = s
         stop = Stop()
         self._runs[cfg.path] = (stop, asyncio.ensure_future(s.run(stop)))
+
+    def _retry_later(self, cfg: DbConfig, exc: Exception) -> None:
+        """A database could not open for want of descriptors: queue it again in FDS_RETRY
+        seconds (no change may come to queue it), failed meanwhile."""
+        log.warning("%s: cannot replicate yet, out of file descriptors (tried again in %.0f s): "
+                    "%s", cfg.path, FDS_RETRY, exc)
+
+        def again() -> None:
+            self._later.pop(cfg.path, None)
+            if not self._stop.is_set() and cfg.path in self.failed:
+                self.add(cfg, 0.0)  # behind the databases queued meanwhile
+
+        old = self._later.pop(cfg.path, None)
+        if old is not None:
+            old.cancel()
+        self._later[cfg.path] = asyncio.get_running_loop().call_later(FDS_RETRY, again)
 
     def _failed(self, path: str, exc: Exception) -> None:
         """Log why a database cannot be replicated; one that another process replicates is
@@ -219,6 +259,9 @@ class Fleet:
         """Stop opening and watching; stop every service (final sync within ``grace``)."""
         self._stop.set()
         self._more.set()
+        for later in self._later.values():
+            later.cancel()
+        self._later.clear()
         for w in self.watches:
             w.stop()
         if self._workers:

@@ -44,8 +44,10 @@ DEFAULT_SNAPSHOTS = 2
 DEFAULT_UPLOADS = 16
 DEFAULT_TICK = 1.0
 JITTER = 0.2
-# descriptors an open (unparked) database may hold: its connections, -wal/-shm, spool work
-FDS_PER_OPEN_DB = 12
+FDS_PER_OPEN_DB = 13
+"""Descriptors an open (unparked) database may hold besides its spool's lock: its SQLite
+connections' database, ``-wal`` and ``-shm`` files (12 measured while it replicates: 5, 4 and 3)
+and one for spool work. Every spool held, parked or open, holds one more (its lock)."""
 # with databases waiting to open and more than half of the open budget in use, idle databases
 # park after this many seconds
 CROWDED_PARK_AFTER = 2.0
@@ -124,7 +126,7 @@ class Runtime:
         """Idle databases of ``dir:`` entries close their files after this long (None: never)."""
         self.fds = fd_budget()
         """The descriptors databases may hold (see :meth:`room_to_open`)."""
-        self.max_open = max(16, self.fds // FDS_PER_OPEN_DB)
+        self.max_open = max(16, self.fds // (FDS_PER_OPEN_DB + 1))
         """Databases of ``dir:`` entries wait to open while this many are open (what the
         descriptors allow over what an open database holds)."""
         self.open_dbs = 0
@@ -151,11 +153,10 @@ class Runtime:
 
     def room_to_open(self) -> bool:
         """Whether a database of a ``dir:`` entry may open now: fewer than ``max_open`` are
-        open, and the descriptors of those and of the parked databases' spools leave room
-        for one more."""
-        parked = max(0, self.claimed - self.open_dbs)
+        open, and the descriptors of those, with the lock of every spool held (parked or open),
+        leave room for one more and its lock."""
         return (self.open_dbs < self.max_open
-                and (self.open_dbs + 1) * FDS_PER_OPEN_DB + parked <= self.fds)
+                and (self.open_dbs + 1) * FDS_PER_OPEN_DB + self.claimed + 1 <= self.fds)
 
     def park_delay(self, park_after: float) -> float:
         """How long an idle database waits before it parks: shorter while others wait to open

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import sqlite3
@@ -28,6 +29,22 @@ from replicator.notify import Notifier
 from replicator.pos import parse_key
 from replicator.replicator import DatabaseService, Replicator
 from replicator.storage.s3 import S3Storage
+
+
+async def run_until(rep: Replicator, done: Callable[[], bool], what: str) -> None:
+    """Run ``rep`` until ``done()`` (looked at every 50 ms, for at most a minute), then stop
+    it; fail with ``what`` and the fleet's status if it never is."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(rep.run(stop))
+    try:
+        for _ in range(1200):
+            if done():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{what}: {rep.fleet.status()}")
+    finally:
+        stop.set()
+        await task
 
 
 def _config(tmp_path: Path, root: Path, dest: Path, port: int | None = None,
@@ -314,27 +331,66 @@ async def test_open_budget_parks_idle_databases_to_open_the_next(tmp_path: Path)
     cfg = parse_config({"dbs": [{"dir": str(root), "integrity": "off",
                                  "replicas": [{"name": "local", "path": str(dest)}]}]})
 
-    async def go() -> int:
-        rep = Replicator(cfg)
-        rep.runtime.max_open, rep.runtime.park_after = 2, 0.2
-        stop = asyncio.Event()
-        task = asyncio.create_task(rep.run(stop))
-        most = 0
-        try:
-            for _ in range(1200):
-                most = max(most, rep.runtime.open_dbs)
-                services = list(rep.fleet.services.values())
-                if len(services) == len(names) and all(s.parked for s in services):
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError(f"not all opened and parked: {rep.fleet.progress()}")
-        finally:
-            stop.set()
-            await task
-        return most
+    rep = Replicator(cfg)
+    rep.runtime.max_open, rep.runtime.park_after = 2, 0.2
+    most = 0
 
-    assert await go() <= 2
+    def opened_and_parked() -> bool:
+        nonlocal most
+        most = max(most, rep.runtime.open_dbs)
+        services = list(rep.fleet.services.values())
+        return len(services) == len(names) and all(s.parked for s in services)
+
+    await run_until(rep, opened_and_parked, "not all opened and parked")
+    assert most <= 2
+    (tmp_path / "out").mkdir()
+    for name in names:
+        out = tmp_path / "out" / name
+        util.restore(str(dest / name), out)
+        assert util.dump(out) == util.dump(root / name)
+
+
+async def test_a_database_out_of_descriptors_is_tried_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A database whose open ran out of file descriptors (EMFILE) is not left failed for good
+    (no change may come to queue it again): it shows as failed, with why, and is queued again
+    after FDS_RETRY; the others are not held up."""
+    from replicator import fleet as fleet_mod
+
+    root, dest = tmp_path / "tenants", tmp_path / "backups"
+    root.mkdir()
+    names = ["a.db", "b.db", "c.db"]
+    for i, name in enumerate(names):
+        init_db(str(root / name))
+        commit(root / name, i + 1)
+    monkeypatch.setattr(fleet_mod, "FDS_RETRY", 0.3)
+    real_open = DatabaseService.open
+    refused: list[str] = []
+
+    async def open_once_refused(self: DatabaseService) -> None:
+        if self.cfg.path.endswith("b.db") and not refused:
+            refused.append(self.cfg.path)
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), self.cfg.path)
+        await real_open(self)
+
+    monkeypatch.setattr(DatabaseService, "open", open_once_refused)
+    cfg = parse_config({"dbs": [{"dir": str(root), "integrity": "off",
+                                 "replicas": [{"name": "local", "path": str(dest)}]}]})
+    rep = Replicator(cfg)
+    seen_failed = False
+
+    def all_replicating() -> bool:
+        nonlocal seen_failed
+        if str(root / "b.db") in rep.fleet.failed:
+            seen_failed = True
+            assert "Too many open files" in rep.status()["databases"]["failed_files"][
+                str(root / "b.db")]
+        return len(rep.fleet.services) == len(names) and not rep.fleet.failed
+
+    await run_until(rep, all_replicating, "not all replicating")
+    assert refused and seen_failed
+    assert any("out of file descriptors" in r.getMessage() for r in caplog.records)
+    assert not any("cannot replicate:" in r.getMessage() for r in caplog.records)
     (tmp_path / "out").mkdir()
     for name in names:
         out = tmp_path / "out" / name

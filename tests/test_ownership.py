@@ -168,12 +168,19 @@ def test_spool_claim_is_exclusive_until_released(tmp_path: Path) -> None:
     second.release()
 
 
-async def test_parked_databases_spools_count_against_the_descriptors() -> None:
+async def test_every_spool_lock_counts_against_the_descriptors() -> None:
+    """An open database holds its connections' descriptors and its spool's lock; a parked one
+    the lock alone. Room to open one more needs its connections and its lock on top of all."""
+    per = FDS_PER_OPEN_DB + 1  # an open database with its lock
     rt = Runtime(workers=1)
     try:
-        rt.max_open, rt.fds = 10, 3 * FDS_PER_OPEN_DB + 5
+        rt.max_open = 10
         rt.open_dbs, rt.claimed = 2, 2
+        rt.fds = 3 * per
         assert rt.room_to_open()
+        rt.fds = 3 * per - 1  # the connections of three fit, the third lock does not
+        assert not rt.room_to_open()
+        rt.fds = 3 * per + 5
         rt.claimed = 2 + 5  # five parked databases hold their spools: one descriptor each
         assert rt.room_to_open()
         rt.claimed = 2 + 6
