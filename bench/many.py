@@ -20,11 +20,12 @@ configuration), side by side on the same machine in the same run.
    over them.
 
 Every process it starts is stopped in a ``finally``; its work directory is removed at the end.
-Raw numbers go to bench/out/many.json, the report between ``<!-- many:start -->`` and
+Raw numbers go to bench/out/many.json (``--json``: elsewhere, for a run whose figures are not
+for the docs), the report between ``<!-- many:start -->`` and
 ``<!-- many:end -->`` of docs/benchmarks.md. Run from the repository root:
 ``python bench/many.py [--quick] [--out docs/benchmarks.md]`` (``--quick``: 200/1,000/200
 databases, a few minutes; the full run about 35 minutes; ``--resume`` keeps the successful runs
-of bench/out/many.json, ``--report-only`` rewrites the report from it).
+of the raw numbers, ``--report-only`` rewrites the report from them).
 """
 
 from __future__ import annotations
@@ -628,11 +629,14 @@ def main() -> int:
                    help="also ours split over this many processes (active databases only)")
     p.add_argument("--no-s3", action="store_true", help="idle databases to a local directory")
     p.add_argument("--out", help="docs file to update between the markers")
+    p.add_argument("--json", default=str(rc.BENCH / "out" / "many.json"),
+                   help="the raw numbers: written after every run, read by --resume and "
+                   "--report-only (default bench/out/many.json)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--report-only", action="store_true",
-                   help="write the report of bench/out/many.json, run nothing")
+                   help="write the report of the raw numbers (--json), run nothing")
     p.add_argument("--resume", action="store_true",
-                   help="keep the successful runs of bench/out/many.json, do the others")
+                   help="keep the successful runs of the raw numbers (--json), do the others")
     args = p.parse_args()
     if args.quick:
         args.idle, args.big, args.active = 200, 1000, "200"
@@ -646,7 +650,7 @@ def main() -> int:
                            "machine": f"{os.cpu_count()} cores, {platform_facts()}",
                            "litestream": rc.litestream_version(), "idle": {}, "big": {},
                            "active": {}}
-    saved = rc.BENCH / "out" / "many.json"
+    saved = Path(args.json)
     if args.report_only:
         return write_report(json.loads(saved.read_text()), args.out)
     if args.resume and saved.exists():
@@ -681,7 +685,7 @@ def main() -> int:
                 except Exception as exc:  # noqa: BLE001 - the other runs go on
                     part[tool] = {"ok": False, "why": f"{type(exc).__name__}: {exc}"}
                 log(f"  {part[tool]}")
-                save(res)
+                save(res, saved)
         for n in [k for k, v in res["active"].items() if not v]:
             del res["active"][n]  # a count this run did not measure
     finally:
@@ -690,7 +694,7 @@ def main() -> int:
             started[2].proc.kill()
             started[0].stop()
         shutil.rmtree(work, ignore_errors=True)
-    save(res)
+    save(res, saved)
     return write_report(res, args.out)
 
 
@@ -708,12 +712,11 @@ def write_report(res: dict[str, Any], out: str | None) -> int:
     return 0
 
 
-def save(res: dict[str, Any]) -> None:
-    """bench/out/many.json, after every run (a later failure loses nothing)."""
-    out_dir = rc.BENCH / "out"
-    out_dir.mkdir(exist_ok=True)
+def save(res: dict[str, Any], path: Path) -> None:
+    """The raw numbers, after every run (a later failure loses nothing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     clean = {k: v for k, v in res.items() if k != "s3_proc"}
-    (out_dir / "many.json").write_text(json.dumps(clean, indent=2, default=str))
+    path.write_text(json.dumps(clean, indent=2, default=str))
 
 
 def platform_facts() -> str:
