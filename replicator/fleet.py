@@ -73,8 +73,10 @@ class Fleet:
         # another process replicates these: (monotonic time before which a change does not
         # try again, the error logged last)
         self._busy: dict[str, tuple[float, str]] = {}
-        # out of descriptors when they opened: queued again once their timer fires
+        # out of descriptors when they opened: queued again once their timer fires; logged
+        # once until they open
         self._later: dict[str, asyncio.TimerHandle] = {}
+        self._short: set[str] = set()
         self._more = asyncio.Event()
         self._stop = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
@@ -110,6 +112,7 @@ class Fleet:
         """A database's file is gone: drop it from the queue, or stop its service."""
         self.failed.pop(path, None)
         self._busy.pop(path, None)
+        self._short.discard(path)
         later = self._later.pop(path, None)
         if later is not None:
             later.cancel()
@@ -191,6 +194,7 @@ class Fleet:
             await self._discard(s)
             return
         self._busy.pop(cfg.path, None)
+        self._short.discard(cfg.path)
         if self._stop.is_set() or cfg.path in self._gone:
             await self._discard(s)
             return
@@ -200,9 +204,12 @@ class Fleet:
 
     def _retry_later(self, cfg: DbConfig, exc: Exception) -> None:
         """A database could not open for want of descriptors: queue it again in FDS_RETRY
-        seconds (no change may come to queue it), failed meanwhile."""
-        log.warning("%s: cannot replicate yet, out of file descriptors (tried again in %.0f s): "
-                    "%s", cfg.path, FDS_RETRY, exc)
+        seconds (no change may come to queue it), failed meanwhile; logged once until it
+        opens."""
+        level = logging.DEBUG if cfg.path in self._short else logging.WARNING
+        self._short.add(cfg.path)
+        log.log(level, "%s: cannot replicate yet, out of file descriptors (tried again every "
+                "%.0f s): %s", cfg.path, FDS_RETRY, exc)
 
         def again() -> None:
             self._later.pop(cfg.path, None)
