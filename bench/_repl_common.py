@@ -496,13 +496,15 @@ class Tool:
 
 
 class Ours(Tool):
-    """``python -m replicator replicate DB DEST`` with its defaults (checkpoint-pages 1000)."""
+    """``python -m replicator replicate DB DEST`` with its defaults (checkpoint-pages 1000; the
+    environment variable ``BENCH_CPUS`` adds ``--cpus`` with its value)."""
 
     key = "ours"
     label = "replicator (ours)"
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "replicator", "--log-level", "info", "replicate",
+                *([f"--cpus={os.environ['BENCH_CPUS']}"] if os.environ.get("BENCH_CPUS") else []),
                 str(self.db), str(self.replica)]
 
     def _gens(self) -> list[Path]:

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .affinity import apply as apply_cpus
+from .affinity import describe as describe_cpus
+from .affinity import parse_cpus
 from .errors import ConfigError, ReplicatorError, RestoreError
 from .heap import tune_heap
 from .logs import LOG_FORMATS, fmt_bytes, setup_logging
@@ -92,6 +95,8 @@ def _add_replicate(sub: Any, common: argparse.ArgumentParser, name: str) -> None
                    help="timer backstop for missed file events (default 1s)")
     r.add_argument("--spool-dir", metavar="DIR",
                    help="local spool directory (default .DB-replicator beside DB)")
+    r.add_argument("--cpus", metavar="CPUS",
+                   help="the CPUs to run on: all (default), one, or numbers like 1 or 0-1")
     r.add_argument("--exec", metavar="CMD", dest="exec_cmd",
                    help="run CMD (\"PROGRAM ARGS\", no shell) once replication runs, forward "
                    "signals to it, exit with its exit code after a final sync")
@@ -315,6 +320,8 @@ def _replicate_config(args: argparse.Namespace) -> Config:
         cfg.metrics_addr = validate_addr(args.metrics_addr, "--metrics-addr")
     if args.exec_cmd is not None:
         cfg.exec = parse_command(args.exec_cmd, "--exec")
+    if args.cpus is not None:
+        cfg.cpus = parse_cpus(args.cpus, "--cpus")
     check_command(cfg.exec, "--exec" if args.exec_cmd is not None else "exec")
     return cfg
 
@@ -467,6 +474,11 @@ def _replicate_main(args: argparse.Namespace) -> int:
         if args.metrics_addr is None:
             args.metrics_addr = DEMO_METRICS_ADDR
     cfg = _replicate_config(args)
+    # before any thread starts: each inherits its creator's CPUs
+    cpus = apply_cpus(cfg.cpus, "--cpus" if args.cpus is not None else "cpus")
+    if cpus is not None:
+        log.info("running on %s (cpus: %s)", describe_cpus(cpus),
+                 cfg.cpus if isinstance(cfg.cpus, str) else ",".join(map(str, cfg.cpus)))
     # the capture thread must get the GIL back within a millisecond, not the default 5: it has a
     # few milliseconds to read a WAL tail after the application resets the WAL
     sys.setswitchinterval(0.001)

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .affinity import parse_cpus
 from .compact import DEFAULT_LEVELS
 from .db import DEFAULT_CHECKPOINT_PAGES as DEFAULT_CHECKPOINT_PAGES
 from .drill import PartialCheck, VerifyConfig
@@ -178,6 +179,8 @@ class Config:
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     exec: list[str] | None = None
     """The application to run as a child of ``replicate`` (argv), if any."""
+    cpus: str | tuple[int, ...] = "all"
+    """The CPUs ``replicate`` runs on: ``all``, ``one`` or their numbers (:mod:`.affinity`)."""
 
 
 def expand_env(value: Any, where: str) -> Any:
@@ -683,7 +686,7 @@ def parse_config(data: Any) -> Config:
     if not isinstance(data, dict):
         raise ConfigError("config: expected a mapping at the top level")
     _take(data, {"dbs", "metrics-addr", "metrics_addr", "shutdown-timeout", "shutdown_timeout",
-                 "notify", "exec"}, "")
+                 "notify", "exec", "cpus"}, "")
     dbs_raw = data.get("dbs")
     if not isinstance(dbs_raw, list) or not dbs_raw:
         raise ConfigError("dbs: expected a non-empty list of databases")
@@ -710,6 +713,8 @@ def parse_config(data: Any) -> Config:
         cfg.notify = _notify(data["notify"])
     if data.get("exec") is not None:
         cfg.exec = parse_command(data["exec"], "exec")
+    if data.get("cpus") is not None:
+        cfg.cpus = parse_cpus(data["cpus"], "cpus")
     return cfg
 
 
