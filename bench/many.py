@@ -17,7 +17,8 @@ configuration), side by side on the same machine in the same run.
    whose p99 stayed within ``P99_TARGET_MS`` for each tool (what one such machine carries).
    ``--processes N`` adds ours split over N processes (``ours-N``: each with its own config
    listing every N-th directory of databases; fewer with fewer directories), the figures summed
-   over them.
+   over them. ``--cpus one`` adds ours with that ``cpus`` setting (``ours@one``; split over
+   processes, each process on a CPU of its own).
 
 Every process it starts is stopped in a ``finally``; its work directory is removed at the end.
 Raw numbers go to bench/out/many.json (``--json``: elsewhere, for a run whose figures are not
@@ -67,24 +68,37 @@ PER_DIR = 100  # databases a directory below the root (make_dbs)
 
 
 def split_tool(tool: str) -> tuple[str, int]:
-    """``ours-3`` -> ("ours", 3): ours split over 3 processes; any other name -> (name, 1)."""
-    base, _, n = tool.partition("-")
-    return (base, int(n)) if base == "ours" and n.isdigit() and int(n) > 1 else (tool, 1)
+    """``ours-3`` -> ("ours", 3): ours split over 3 processes; any other name -> (name, 1).
+    A ``@CPUS`` suffix (:func:`cpus_of`) is left out."""
+    base, _, n = tool.partition("@")[0].partition("-")
+    return (base, int(n)) if base == "ours" and n.isdigit() and int(n) > 1 else (base, 1)
+
+
+def cpus_of(tool: str) -> str | None:
+    """``ours@one`` -> "one": ours with ``cpus: one``; split over processes, each on a CPU of
+    its own (``cpus: N``, N the k-th CPU this process may use). None: no ``@``."""
+    return tool.partition("@")[2] or None
 
 
 def label(tool: str, result: dict[str, Any] | None = None) -> str:
     """The tool's name in the report; ours split says over how many processes the result ran
-    (fewer than asked with fewer directories)."""
+    (fewer than asked with fewer directories), ours confined to CPUs says so."""
     base, procs = split_tool(tool)
+    cpus = cpus_of(tool)
+    pinned = "" if cpus is None else (f", cpus: {cpus}" if procs == 1
+                                      else ", each on a CPU of its own")
     if procs == 1:
-        return LABELS[base]
+        return LABELS[base] + pinned
     ran = (result or {}).get("processes", procs)
-    return LABELS[base] + (f", {ran} processes" if ran > 1 else ", 1 process (one directory)")
+    return LABELS[base] + (f", {ran} processes" if ran > 1 else ", 1 process (one directory)"
+                           ) + pinned
 
 
 def tools_of(part: dict[str, Any]) -> list[str]:
-    """The tools a part has results for, in report order (TOOLS, then ours split, by count)."""
-    split = sorted((t for t in part if t not in TOOLS), key=lambda t: split_tool(t)[1])
+    """The tools a part has results for, in report order (TOOLS, then ours split, by count;
+    confined to CPUs after the same count unconfined)."""
+    split = sorted((t for t in part if t not in TOOLS),
+                   key=lambda t: (split_tool(t)[1], cpus_of(t) or ""))
     return [t for t in TOOLS if t in part] + split
 
 
@@ -170,6 +184,14 @@ class Run:
         self.env = {**os.environ, **(s3_env or {})}
         self.env.pop("AWS_CA_BUNDLE", None)  # Litestream's AWS SDK refuses a custom CA here
         base, procs = split_tool(tool)
+        cpus = cpus_of(tool)
+        mine = sorted(os.sched_getaffinity(0))
+
+        def pin(k: int) -> str:
+            if cpus is None:
+                return ""
+            return f"cpus: {cpus if procs == 1 else mine[k % len(mine)]}\n"
+
         self.cmds: list[list[str]] = []
         if base == "ours" and procs > 1:
             # each process takes every procs-th directory below the root, replicated to the
@@ -178,18 +200,18 @@ class Run:
             subdirs = sorted(d.name for d in root.iterdir() if d.is_dir())
             for k in range(min(procs, len(subdirs))):
                 cfg = work / f"{tool}.{k}.yml"
-                cfg.write_text("dbs:\n" + "".join(
+                cfg.write_text(pin(k) + "dbs:\n" + "".join(
                     f"  - dir: {root / d}\n    pattern: '*.db'\n"
                     f"    replicas: [{{name: local, path: {replica}/{d}}}]\n"
                     for d in subdirs[k::procs]))
                 self.cmds.append([sys.executable, "-m", "replicator", "replicate", "--config",
                                   str(cfg)])
-        elif tool == "ours":
+        elif base == "ours":
             self.env["PYTHONPATH"] = str(rc.ROOT)
             rep = (f"{{name: s3, url: '{replica}'}}" if replica.startswith("s3://")
                    else f"{{name: local, path: {replica}}}")
             self.cfg.write_text(
-                f"dbs:\n  - dir: {root}\n    pattern: '*.db'\n    recursive: true\n"
+                f"{pin(0)}dbs:\n  - dir: {root}\n    pattern: '*.db'\n    recursive: true\n"
                 f"    replicas: [{rep}]\n")
             self.cmds.append([sys.executable, "-m", "replicator", "replicate", "--config",
                               str(self.cfg)])
@@ -627,6 +649,9 @@ def main() -> int:
     p.add_argument("--tools", default=",".join(TOOLS))
     p.add_argument("--processes", type=int, default=1,
                    help="also ours split over this many processes (active databases only)")
+    p.add_argument("--cpus", default=None, metavar="CPUS",
+                   help="also ours with this `cpus` setting (with --processes, also ours split "
+                   "with each process on a CPU of its own; active databases only)")
     p.add_argument("--no-s3", action="store_true", help="idle databases to a local directory")
     p.add_argument("--out", help="docs file to update between the markers")
     p.add_argument("--json", default=str(rc.BENCH / "out" / "many.json"),
@@ -644,6 +669,8 @@ def main() -> int:
     tools = [t for t in args.tools.split(",") if t]
     if args.processes > 1:
         tools.append(f"ours-{args.processes}")
+    if args.cpus:
+        tools += [f"{t}@{args.cpus}" for t in list(tools) if t.startswith("ours")]
     only = set(args.only or ("idle", "big", "active"))
     work = Path(tempfile.mkdtemp(prefix="manybench-", dir=args.workdir))
     res: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -677,8 +704,9 @@ def main() -> int:
                     lambda t: big(t, work, args.big, args.big_timeout, args.mem_cap))]
         for phase, n, part, fn in phases:
             for tool in tools if phase in only else []:
-                if part.get(tool, {}).get("ok") or (split_tool(tool)[1] > 1 and phase != "active"):
-                    continue  # kept from an earlier run (--resume); split: active only
+                variant = split_tool(tool)[1] > 1 or cpus_of(tool) is not None
+                if part.get(tool, {}).get("ok") or (variant and phase != "active"):
+                    continue  # kept from an earlier run (--resume); split, pinned: active only
                 log(f"{phase}: {tool}, {n} databases")
                 try:
                     part[tool] = fn(tool)
