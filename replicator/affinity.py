@@ -12,19 +12,25 @@ process to the CPUs it names:
   processes' threads tend to land);
 - a list: ``3``, ``0,2``, ``2-3`` or a YAML list of numbers, each one the process may use.
 
-Set before any thread starts: threads inherit their creator's CPUs.
+Set before any thread starts: threads inherit their creator's CPUs. So would a child process:
+the application that ``exec`` starts is started :func:`unconfined`, on every CPU the replicator
+could use before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 
 from .errors import ConfigError
 
 ALL = "all"
 ONE = "one"
 _RANGE_RE = re.compile(r"(\d+)(?:-(\d+))?")
+_before: set[int] | None = None
+"""The CPUs the process could use before :func:`apply` confined it (None: not confined)."""
 
 
 def parse_cpus(value: object, where: str = "cpus") -> str | tuple[int, ...]:
@@ -91,14 +97,34 @@ def resolve(setting: str | tuple[int, ...], where: str = "cpus") -> set[int] | N
 def apply(setting: str | tuple[int, ...], where: str = "cpus") -> set[int] | None:
     """Confine the calling thread, and every thread it starts from now on, to ``setting``'s CPUs;
     return them (None: ``all``, nothing set)."""
+    global _before
     cpus = resolve(setting, where)
     if cpus is not None:
+        before = allowed()
         try:
             os.sched_setaffinity(0, cpus)
         except OSError as exc:  # a sandbox's system-call filter, say
             raise ConfigError(f"{where}: cannot confine the process to {describe(cpus)}: "
                               f"{exc.strerror}") from None
+        if _before is None:
+            _before = before
     return cpus
+
+
+@contextlib.contextmanager
+def unconfined() -> Iterator[None]:
+    """Within: the calling thread runs on the CPUs the process had before :func:`apply` (a child
+    process started here inherits them); confined again after."""
+    if _before is None:
+        yield
+        return
+    now = allowed()
+    os.sched_setaffinity(0, _before)
+    try:
+        yield
+    finally:
+        if now is not None:
+            os.sched_setaffinity(0, now)
 
 
 def _ranges(cpus: list[int]) -> str:

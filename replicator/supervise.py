@@ -23,6 +23,7 @@ import shutil
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 
+from .affinity import unconfined
 from .aio import Stop
 from .errors import ConfigError
 
@@ -104,7 +105,10 @@ class Supervisor:
             await replicate(self.stop)
             return 0
         try:
-            self.child = await asyncio.create_subprocess_exec(*self.command, process_group=0)
+            # the application gets every CPU, whatever the replicator's own cpus setting
+            with unconfined():
+                self.child = await asyncio.create_subprocess_exec(*self.command,
+                                                                  process_group=0)
         except OSError as exc:
             log.error("exec: cannot start %r: %s", self.command[0], exc.strerror or exc)
             self.stop.set()

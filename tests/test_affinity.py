@@ -4,6 +4,8 @@ its threads (read back from ``/proc``) while it replicates a real writer's commi
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,18 @@ def test_cpus_not_allowed_is_refused(tmp_path: Path) -> None:
     before = util.tree(tmp_path)
     assert "cpus: expected all, one or CPU numbers" in fails("replicate", "-c", str(cfg))
     assert util.tree(tmp_path) == before
+
+
+@pytest.mark.skipif(len(MINE) < 2, reason="needs 2 CPUs to tell confined from not")
+def test_exec_child_gets_every_cpu(tmp_path: Path) -> None:
+    """The application that ``exec`` starts is not confined with the replicator."""
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    probe = tmp_path / "child_cpus.txt"
+    script = (f"import os; open({str(probe)!r}, 'w').write("
+              "','.join(map(str, sorted(os.sched_getaffinity(0)))))")
+    cmd = f"{sys.executable} -c {shlex.quote(script)}"
+    r = util.cli("replicate", "--cpus", "one", str(db), str(tmp_path / "replica"), "--exec", cmd)
+    assert r.returncode == 0, r.stderr
+    assert f"running on CPU {MINE[-1]} (cpus: one)" in r.stderr
+    assert probe.read_text() == ",".join(map(str, MINE))
