@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from . import __version__
+from .affinity import allowed as allowed_cpus
 from .aio import Outcome, Wake, bounded, relay, wait_event
 from .config import Config, DbConfig
 from .db import DEFAULT_TUNING, CaptureResult, Database, Tuning
@@ -565,6 +566,9 @@ class Replicator:
         """Every database's state for ``/status`` (call from the event loop)."""
         doc: dict[str, Any] = {"version": __version__, "started": iso(self.started),
                                "dbs": [s.status() for s in self.all_services()]}
+        cpus = allowed_cpus()
+        if cpus is not None:
+            doc["cpus"] = sorted(cpus)  # what the event loop's thread may run on
         if self.config.dirs:
             doc["databases"] = self.fleet.status()
         return doc

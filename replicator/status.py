@@ -10,6 +10,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
+from .affinity import describe
 from .errors import ReplicatorError
 
 DEFAULT_TIMEOUT = 5.0
@@ -84,7 +85,10 @@ def _check_row(r: dict[str, Any]) -> list[str]:
 
 def format_status(doc: dict[str, Any]) -> str:
     """The status document as text: per database a summary line, its replicas and its checks."""
-    lines = [f"replicator {_s(doc.get('version'))}, started {_s(doc.get('started'))}: "
+    cpus = doc.get("cpus")
+    on = (f", on {describe(set(cpus))}" if isinstance(cpus, list) and cpus
+          and all(isinstance(c, int) for c in cpus) else "")
+    lines = [f"replicator {_s(doc.get('version'))}, started {_s(doc.get('started'))}{on}: "
              + ("ready" if doc.get("ready") else "NOT READY")]
     fleet = doc.get("databases")
     if isinstance(fleet, dict):

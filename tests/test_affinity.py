@@ -3,6 +3,7 @@ its threads (read back from ``/proc``) while it replicates a real writer's commi
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -13,6 +14,7 @@ import util
 from test_cli_errors import fails
 from writer import init_db
 
+from replicator import __version__
 from replicator.affinity import describe, parse_cpus, resolve
 from replicator.config import parse_config
 from replicator.errors import ConfigError
@@ -87,7 +89,8 @@ def test_replicate_on_one_cpu(tmp_path: Path, how: str) -> None:
         cfg = tmp_path / "replicator.yml"
         cfg.write_text(f"cpus: {MINE[0]}\ndbs:\n  - path: {db}\n    replicas: [{dest}]\n")
         args = ["--config", str(cfg)]
-    rep = util.Replicate(*args, log=tmp_path / "rep.log")
+    addr = f"127.0.0.1:{util.free_port()}"
+    rep = util.Replicate(*args, "--metrics-addr", addr, log=tmp_path / "rep.log")
     try:
         util.wait_for_snapshot(dest)
         seqs = util.commit(db, 50, payload=300)
@@ -96,6 +99,11 @@ def test_replicate_on_one_cpu(tmp_path: Path, how: str) -> None:
         assert len(threads) > 3, threads
         assert set(threads.values()) == {want}, threads
         assert f"running on CPU {want} (cpus: {'one' if how == 'flag' else want})" in rep.text()
+        doc = json.loads(util.cli("status", "--addr", addr, "--json").stdout)
+        assert doc["cpus"] == [int(want)]
+        text = util.cli("status", "--addr", addr).stdout
+        assert text.splitlines()[0].startswith(f"replicator {__version__}, started ")
+        assert f", on CPU {want}: " in text.splitlines()[0]
     finally:
         assert rep.stop() == 0, rep.text()
     assert "Traceback" not in rep.text()
