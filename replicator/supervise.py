@@ -105,7 +105,8 @@ class Supervisor:
             await replicate(self.stop)
             return 0
         try:
-            # the application gets every CPU, whatever the replicator's own cpus setting
+            # the application gets every CPU, whatever the replicator's own cpus setting (a
+            # thread the loop starts meanwhile is not confined either: slower, not wrong)
             with unconfined():
                 self.child = await asyncio.create_subprocess_exec(*self.command,
                                                                   process_group=0)
