@@ -129,13 +129,13 @@ def unconfined() -> Iterator[None]:
 
 def _ranges(cpus: list[int]) -> str:
     """``0-3,6`` for [0, 1, 2, 3, 6]."""
-    out: list[str] = []
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive CPUs
     for c in cpus:
-        if out and c == int(out[-1].split("-")[-1]) + 1:
-            out[-1] = f"{out[-1].split('-')[0]}-{c}"
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
         else:
-            out.append(str(c))
-    return ",".join(out)
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def describe(cpus: set[int] | None) -> str:
