@@ -26,7 +26,7 @@ from .affinity import apply as apply_cpus
 from .affinity import describe as describe_cpus
 from .affinity import parse_cpus
 from .errors import ConfigError, ReplicatorError, RestoreError
-from .heap import tune_heap
+from .heap import tune_heap, tune_sqlite
 from .logs import LOG_FORMATS, fmt_bytes, setup_logging
 from .redact import redact
 from .restore import (
@@ -483,6 +483,7 @@ def _replicate_main(args: argparse.Namespace) -> int:
     # few milliseconds to read a WAL tail after the application resets the WAL
     sys.setswitchinterval(0.001)
     tune_heap()
+    tune_sqlite()  # before any connection opens
     return asyncio.run(_replicate(cfg, demo_rate))
 
 
