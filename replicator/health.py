@@ -403,6 +403,7 @@ class HealthChecker:
         self._shared_executor = executor
         self._executor: ThreadPoolExecutor | None = executor  # else created by the first run
         self._errors = ErrorLog(log)
+        self._failures = 0  # runs in a row that raised
 
     async def __aenter__(self) -> HealthChecker:
         """Use as ``async with HealthChecker(...) as checker:``; closes the connection on exit."""
@@ -456,24 +457,27 @@ class HealthChecker:
             await self.notifier.flush(t)
         return results
 
+    async def step(self) -> float:
+        """Run the checks that are due (:meth:`run_once`) and return how many seconds to wait
+        before the next step: until the next check is due, or a backoff after a run that
+        failed (a bug in one run must not stop health checking)."""
+        try:
+            await self.run_once()
+        except Exception as exc:  # noqa: BLE001 - logged, and tried again after a backoff
+            self._failures += 1
+            self._errors.error(f"{type(exc).__name__}: {exc}",
+                               f"{self.db}: health check run failed: ")
+            return RUN_RETRY.delay(self._failures)
+        self._failures = 0
+        # with a notifier, its held-back notices are flushed at least this often
+        cap = DEFAULT_INTERVAL if self.notifier is not None else NO_CHECK_DUE
+        return min(max(self.next_due() - time.time(), 0.1), cap)
+
     async def run(self, stop_event: asyncio.Event) -> None:
-        """Run checks as they fall due until ``stop_event`` is set."""
-        failures = 0
+        """Run checks as they fall due (:meth:`step`) until ``stop_event`` is set."""
         try:
             while not stop_event.is_set():
-                try:
-                    await self.run_once()
-                    failures = 0
-                except Exception as exc:  # a bug in one run must not stop health checking
-                    failures += 1
-                    self._errors.error(f"{type(exc).__name__}: {exc}",
-                                       f"{self.db}: health check run failed: ")
-                    delay = RUN_RETRY.delay(failures)
-                else:
-                    # with a notifier, its held-back notices are flushed at least this often
-                    cap = DEFAULT_INTERVAL if self.notifier is not None else NO_CHECK_DUE
-                    delay = min(max(self.next_due() - time.time(), 0.1), cap)
-                await wait_event(stop_event, delay)
+                await wait_event(stop_event, await self.step())
         finally:
             self.close()
 

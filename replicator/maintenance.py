@@ -274,11 +274,17 @@ class Maintainer:
                                        FAILING if failing else RECOVERED, detail, now=now)
         task.failing = failing
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Run tasks as they fall due until ``stop`` is set."""
-        while not stop.is_set() and self.tasks:
-            wait = self.next_due() - time.time()
-            if wait > 0:
-                await wait_event(stop, min(wait, 3600.0))
-                continue
+    async def step(self) -> float:
+        """Run the tasks that are due (:meth:`run_due`) and return how many seconds to wait
+        before the next step (``math.inf``: no task is configured). The wait is at most an hour:
+        the tasks are due at wall-clock times, and the clock may be set meanwhile."""
+        if not self.tasks:
+            return math.inf
+        if self.next_due() <= time.time():
             await self.run_due()
+        return min(self.next_due() - time.time(), 3600.0)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run tasks as they fall due (:meth:`step`) until ``stop`` is set."""
+        while not stop.is_set() and self.tasks:
+            await wait_event(stop, await self.step())

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from . import __version__
 from .affinity import allowed as allowed_cpus
-from .aio import Outcome, Wake, bounded, relay, wait_event
+from .aio import Outcome, Timed, Wake, bounded, relay, wait_event
 from .config import Config, DbConfig
 from .db import DEFAULT_TUNING, CaptureResult, Database, Tuning
 from .drill import DRILL_ATTEMPTS, Driller, Point
@@ -363,27 +363,32 @@ class DatabaseService:
         self.runtime.watch(self.cfg.path, self.wake, self.cfg.monitor_interval)
         backstop = self.runtime.backstop(DEFAULT_BACKSTOP)
         shippers = [asyncio.create_task(r.run(stop, backstop)) for r in self.replicas]
-        checks = asyncio.create_task(self.health.run(stop)) if self.health is not None else None
+        # timed chores hold a loop timer, not a task, while they wait (see Timed)
+        checks = Timed(self.health.step).start() if self.health is not None else None
         drills = asyncio.create_task(self.driller.run(stop))
-        upkeep = asyncio.create_task(self.maintainer.run(stop))
+        upkeep = Timed(self.maintainer.step).start() if self.maintainer.tasks else None
         notices = asyncio.create_task(self.notices.run(stop)) if self.notices else None
         try:
             async with relay(stop, self.wake):
                 await self._loop(stop, self._watcher)
         finally:
+            for chore in (checks, upkeep):
+                if chore is not None:
+                    chore.halt()  # none starts while the replicas finish
             self.follower.close()
             self.runtime.unwatch(self.cfg.path)
             await asyncio.gather(*shippers, return_exceptions=True)
             drills.cancel()  # a drill in progress only reads: it may stop anywhere
             await asyncio.gather(drills, return_exceptions=True)
-            await asyncio.gather(upkeep, return_exceptions=True)
+            if upkeep is not None:
+                await upkeep.stop()  # a task in progress finishes
             if notices is not None:
                 await asyncio.gather(notices, return_exceptions=True)
             if checks is not None:
                 # a check in progress may finish (and notify); a long one is interrupted
-                await asyncio.wait({checks}, timeout=HEALTH_STOP_GRACE)
-                checks.cancel()
-                await asyncio.gather(checks, return_exceptions=True)
+                await checks.stop(HEALTH_STOP_GRACE)
+                assert self.health is not None
+                self.health.close()
 
     def _wait_for(self, watcher: Watcher, last_change: float) -> float | None:
         """How long the loop waits for a wake-up: a moment while it follows a busy writer, none

@@ -1,13 +1,17 @@
-"""The asyncio helpers of the long-running loops: a stop signal relayed to a loop's wake-up, and
-the slot of a background task."""
+"""The asyncio helpers of the long-running loops: a stop signal relayed to a loop's wake-up, the
+slot of a background task, and chores run on a timer."""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 
-from replicator.aio import Background, Stop, relay, wait_event
+from replicator.aio import Background, Stop, Timed, relay, wait_event
 
 
 @pytest.mark.parametrize("make", [asyncio.Event, Stop], ids=["event", "stop"])
@@ -100,3 +104,97 @@ async def test_background_reports_a_failure_as_it_ends_and_keeps_the_task() -> N
             await task
     finally:
         loop.set_exception_handler(None)
+
+
+async def test_timed_runs_a_chore_at_the_times_it_asks_for_with_no_task_while_it_waits(
+        ) -> None:
+    runs: list[float] = []
+    delays = [0.05, 0.05, math.inf]
+
+    async def step() -> float:
+        runs.append(time.monotonic())
+        return delays[len(runs) - 1]
+
+    before = len(asyncio.all_tasks())
+    start = time.monotonic()
+    chore = Timed(step).start(0.02)
+    assert len(asyncio.all_tasks()) == before  # a timer, not a task, until the step is due
+    deadline = time.monotonic() + 10
+    while len(runs) < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert len(runs) == 3  # then no further step: it asked for none
+    slack = 0.005  # a loop timer may fire up to its clock's resolution early
+    assert runs[0] - start >= 0.02 - slack
+    assert runs[1] - runs[0] >= 0.05 - slack and runs[2] - runs[1] >= 0.05 - slack
+    assert len(asyncio.all_tasks()) == before and not chore.running()
+    await chore.stop()
+
+
+async def test_timed_reports_a_failed_step_and_runs_it_again_after_the_retry() -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+    runs = 0
+
+    async def step() -> float:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            raise OSError("disk full")
+        return math.inf
+
+    try:
+        chore = Timed(step, retry=0.05).start()
+        await asyncio.sleep(0.02)
+        assert runs == 1 and len(reported) == 1
+        assert isinstance(reported[0]["exception"], OSError)
+        await asyncio.sleep(0.1)
+        assert runs == 2 and len(reported) == 1
+        await chore.stop()
+    finally:
+        loop.set_exception_handler(None)
+
+
+async def test_timed_stop_lets_a_running_step_finish_or_cancels_it_after_the_grace() -> None:
+    finished: list[str] = []
+    cancelled: list[str] = []
+
+    def make(name: str, seconds: float) -> Callable[[], Coroutine[Any, Any, float]]:
+        async def step() -> float:
+            try:
+                await asyncio.sleep(seconds)
+            except asyncio.CancelledError:
+                cancelled.append(name)
+                raise
+            finished.append(name)
+            return 0.0  # would run again at once, but for the stop
+        return step
+
+    short, long = Timed(make("short", 0.05)).start(), Timed(make("long", 30)).start()
+    await asyncio.sleep(0.01)
+    assert short.running() and long.running()
+    await short.stop()  # no grace: waits for the step
+    assert finished == ["short"]
+    await asyncio.wait_for(long.stop(grace=0.05), 5)
+    assert cancelled == ["long"] and not long.running()
+    await asyncio.sleep(0.1)
+    assert finished == ["short"]  # neither ran again after its stop
+
+
+async def test_timed_halted_starts_no_further_step() -> None:
+    runs = 0
+
+    async def step() -> float:
+        nonlocal runs
+        runs += 1
+        return 0.01
+
+    chore = Timed(step).start()
+    await asyncio.sleep(0.05)
+    chore.halt()
+    await asyncio.sleep(0)  # a step already started may end
+    seen = runs
+    await asyncio.sleep(0.1)
+    assert seen >= 2 and runs == seen
+    await chore.stop()

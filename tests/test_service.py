@@ -674,3 +674,38 @@ async def test_a_file_event_the_last_step_saw_needs_no_step(tmp_path: Path) -> N
         assert s.seen_already(watcher) is True  # the other wake-up was counted already
     finally:
         await s.close(5)
+
+
+async def test_health_checks_and_maintenance_wait_on_a_timer_not_a_task(tmp_path: Path) -> None:
+    """A running service's health checks run again as they fall due, and neither they nor the
+    maintenance tasks hold an asyncio task while they wait (a thousand parked databases would
+    hold two thousand); stopping the service closes the checks' connection."""
+    from replicator.health import IntegrityCheck, SizeCheck
+
+    init_db(str(tmp_path / "app.db"))
+    cfg = DbConfig(path=str(tmp_path / "app.db"),
+                   replicas=[ReplicaConfig("local", str(tmp_path / "replica"))],
+                   snapshot_interval=3600)
+    cfg.health = [SizeCheck("size", max_bytes=1 << 30, interval=0.1),
+                  IntegrityCheck(quick=True, interval=3600)]
+    s = DatabaseService(cfg)
+    assert s.health is not None and s.maintainer.tasks  # PRAGMA optimize, by default
+    await s.open()
+    stop = asyncio.Event()
+    runner = asyncio.create_task(s.run(stop))
+    seen: set[int] = set()
+    deadline = time.monotonic() + 20
+    while len(seen) < 3 and time.monotonic() < deadline:
+        result = s.health.last_results.get("size")
+        if result is not None:
+            seen.add(id(result))
+        await asyncio.sleep(0.02)
+    assert len(seen) >= 3, "the size check did not run again as it fell due"
+    assert s.health.last_results["integrity"].ok
+    waiting = [t.get_coro() for t in asyncio.all_tasks()]
+    names = [getattr(c, "__qualname__", "") for c in waiting]
+    assert not [n for n in names if n.startswith(("HealthChecker.", "Maintainer."))], names
+    stop.set()
+    await asyncio.wait_for(runner, 30)
+    await s.close(30)
+    assert s.health._conn is None
