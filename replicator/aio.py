@@ -150,8 +150,8 @@ class Timed:
     """A chore run again and again at the times it asks for, with no task while it waits:
     ``step()`` runs in a task of its own and returns how many seconds to wait before the next
     run (``math.inf``: none). A loop timer (about a hundred bytes) stands in for a task
-    waiting in a loop (about 3 KB with its coroutines, timeout and future): the health checks
-    and maintenance of a thousand parked databases would hold 6 MiB of them.
+    waiting in a loop with its coroutines, timeout and future: the health checks and
+    maintenance of a thousand parked databases held about 3 MiB of them.
 
     A step that raises is reported to the loop's exception handler (as a failed task would be)
     and run again ``retry`` seconds later."""
