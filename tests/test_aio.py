@@ -110,18 +110,19 @@ async def test_timed_runs_a_chore_at_the_times_it_asks_for_with_no_task_while_it
         ) -> None:
     runs: list[float] = []
     delays = [0.05, 0.05, math.inf]
+    third = asyncio.Event()
 
     async def step() -> float:
         runs.append(time.monotonic())
+        if len(runs) == 3:
+            third.set()
         return delays[len(runs) - 1]
 
     before = len(asyncio.all_tasks())
     start = time.monotonic()
     chore = Timed(step).start(0.02)
     assert len(asyncio.all_tasks()) == before  # a timer, not a task, until the step is due
-    deadline = time.monotonic() + 10
-    while len(runs) < 3 and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(third.wait(), 10)
     await asyncio.sleep(0.1)
     assert len(runs) == 3  # then no further step: it asked for none
     slack = 0.005  # a loop timer may fire up to its clock's resolution early
