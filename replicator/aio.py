@@ -141,9 +141,14 @@ class Background:
             if self.task is task:
                 self.task = None
             return
-        asyncio.get_running_loop().call_exception_handler({
-            "message": "background task failed", "exception": task.exception(),
-            "future": task})
+        report_failure(task, "background task failed")
+
+
+def report_failure(task: asyncio.Future[Any], message: str) -> None:
+    """Hand the error of ``task`` (ended, with one) to the loop's exception handler now, as
+    asyncio would report it later if nobody read it."""
+    asyncio.get_running_loop().call_exception_handler({
+        "message": message, "exception": task.exception(), "future": task})
 
 
 class Timed:
@@ -190,12 +195,10 @@ class Timed:
         self._task = None
         if task.cancelled():
             return
-        exc = task.exception()
-        if exc is None:
+        if task.exception() is None:
             self._later(task.result())
             return
-        asyncio.get_running_loop().call_exception_handler({
-            "message": "timed chore failed", "exception": exc, "future": task})
+        report_failure(task, "timed chore failed")
         self._later(self._retry)
 
     def halt(self) -> None:

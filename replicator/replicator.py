@@ -387,7 +387,7 @@ class DatabaseService:
             if checks is not None:
                 # a check in progress may finish (and notify); a long one is interrupted
                 await checks.stop(HEALTH_STOP_GRACE)
-                assert self.health is not None
+            if self.health is not None:
                 self.health.close()
 
     def _wait_for(self, watcher: Watcher, last_change: float) -> float | None:
