@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from util import commit
+from util import commit, until
 from writer import init_db
 
 from replicator import pageindex
@@ -694,13 +694,15 @@ async def test_health_checks_and_maintenance_wait_on_a_timer_not_a_task(tmp_path
     stop = asyncio.Event()
     runner = asyncio.create_task(s.run(stop))
     seen: set[int] = set()
-    deadline = time.monotonic() + 20
-    while len(seen) < 3 and time.monotonic() < deadline:
+
+    def ran_thrice() -> bool:
+        assert s.health is not None
         result = s.health.last_results.get("size")
         if result is not None:
             seen.add(id(result))
-        await asyncio.sleep(0.02)
-    assert len(seen) >= 3, "the size check did not run again as it fell due"
+        return len(seen) >= 3
+
+    await until(ran_thrice, "the size check to run again as it fell due", within=20)
     assert s.health.last_results["integrity"].ok
     waiting = [t.get_coro() for t in asyncio.all_tasks()]
     names = [getattr(c, "__qualname__", "") for c in waiting]
