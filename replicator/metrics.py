@@ -44,20 +44,25 @@ class _Family:
     kind: ClassVar[str]
 
     def __init__(self, name: str, help: str, labelnames: tuple[str, ...],
-                 registry: CollectorRegistry) -> None:
+                 registry: CollectorRegistry,
+                 interned: dict[tuple[str, ...], tuple[str, ...]] | None = None) -> None:
         self.name = name
         self.help = help
         self.labelnames = labelnames
         self._series: dict[tuple[str, ...], Any] = {}
         self._keys: dict[tuple[object, ...], tuple[str, ...]] = {}
-        """Positional label values seen, and their series' key (labels() on every commit of a
-        thousand databases: the common case is one dict look-up)."""
+        """Positional label values that are not all strings, and their series' key."""
+        self._interned = interned if interned is not None else {}
+        """One tuple for the same label values in every family that shares this dictionary
+        (a database's ``(db,)`` and ``(db, replica)`` are the keys of some thirty series)."""
         self._lock = threading.Lock()
         registry.register(self)
 
     def _key(self, values: tuple[object, ...], kw: dict[str, object]) -> tuple[str, ...]:
         """The series' label values, positional or by name (all of them, one way)."""
         if not kw:
+            if values in self._series:
+                return typing.cast(tuple[str, ...], values)  # strings: one look-up
             known = self._keys.get(values)
             if known is not None and known in self._series:
                 return known
@@ -68,10 +73,11 @@ class _Family:
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name}: labels must be {self.labelnames}")
         key = tuple(str(v) for v in values)
+        key = self._interned.setdefault(key, key)
         with self._lock:
             if key not in self._series:
                 self._series[key] = self._zero()
-            if not kw:
+            if not kw and key != values:
                 self._keys[values] = key
         return key
 
@@ -86,6 +92,7 @@ class _Family:
             gone = [k for k in self._series if k[0] == db]
             for k in gone:
                 del self._series[k]
+                self._interned.pop(k, None)
             for v in [v for v, k in self._keys.items() if k[0] == db]:
                 del self._keys[v]
         return len(gone)
@@ -371,9 +378,11 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
     build_info = Info(f"{NAMESPACE}_build", "Build information.", registry=r)
     kinds = typing.get_type_hints(Metrics)
     families: dict[str, Any] = {}
+    interned: dict[tuple[str, ...], tuple[str, ...]] = {}
     for f in fields(Metrics):
         spec: Family | None = f.metadata.get("family")
         if spec is None:
             continue
-        families[f.name] = kinds[f.name](f"{NAMESPACE}_{spec.name}", spec.help, spec.labels, r)
+        families[f.name] = kinds[f.name](f"{NAMESPACE}_{spec.name}", spec.help, spec.labels, r,
+                                         interned)
     return Metrics(registry=r, build_info=build_info, **families)

@@ -116,6 +116,27 @@ def test_created_samples_follow_prometheus_client_switch() -> None:
     assert "replicator_snapshots_created" in generate_latest(m.registry).decode()
 
 
+def test_families_share_one_key_for_the_same_labels_until_forgotten() -> None:
+    m = create_metrics()
+    m.captured_frames.labels("a").inc()
+    m.snapshots.labels(db="a").inc()  # by name: the same key
+    m.replica_shipped_frames.labels("a", "s3").inc(5)
+    m.replica_shipped_transactions.labels("a", "s3").inc(2)
+    m.captured_frames.labels(7).inc()  # not a string: its text
+    (frames_a, frames_7), (snaps_a,) = m.captured_frames._series, m.snapshots._series
+    assert frames_a is snaps_a == ("a",) and frames_7 == ("7",)
+    (shipped,), (txs,) = m.replica_shipped_frames._series, m.replica_shipped_transactions._series
+    assert shipped is txs == ("a", "s3")
+    m.captured_frames.labels(7).inc()
+    assert m.registry.get_sample_value("replicator_captured_frames_total", {"db": "7"}) == 2
+    assert m.registry.get_sample_value(
+        "replicator_replica_shipped_frames_total", {"db": "a", "replica": "s3"}) == 5
+    assert m.forget("a") > 0
+    assert sorted(m.captured_frames._interned) == [("7",)]  # nothing kept for "a"
+    assert m.registry.get_sample_value(
+        "replicator_replica_shipped_transactions_total", {"db": "a", "replica": "s3"}) is None
+
+
 def test_a_series_asked_for_again_after_forget_starts_from_zero() -> None:
     m = create_metrics()
 
