@@ -1,5 +1,6 @@
-"""The asyncio helpers of the long-running loops: a stop signal relayed to a loop's wake-up, the
-slot of a background task, and chores run on a timer."""
+"""The asyncio helpers of the long-running loops: events and locks that hold no queue while
+nobody waits, a stop signal relayed to a loop's wake-up, the slot of a background task, and
+chores run on a timer."""
 
 from __future__ import annotations
 
@@ -11,7 +12,60 @@ from typing import Any
 
 import pytest
 
-from replicator.aio import Background, Stop, Timed, relay, wait_event
+from replicator.aio import Background, Flag, Lock, Stop, Timed, Wake, relay, wait_event
+
+
+@pytest.mark.parametrize("make", [Flag, Wake, Stop], ids=["flag", "wake", "stop"])
+async def test_a_flag_behaves_as_an_event_and_holds_no_queue_while_nobody_waits(
+        make: type[Flag]) -> None:
+    flag = make()
+    assert flag._waiters is None and not flag.is_set()
+    woken: list[int] = []
+
+    async def waiter(k: int) -> None:
+        assert await flag.wait() is True
+        woken.append(k)
+
+    tasks = [asyncio.create_task(waiter(k)) for k in range(3)]
+    await asyncio.sleep(0.01)
+    assert woken == [] and flag._waiters is not None and len(flag._waiters) == 3
+    tasks[1].cancel()  # a waiter that gives up leaves the queue
+    await asyncio.gather(tasks[1], return_exceptions=True)
+    assert len(flag._waiters) == 2
+    flag.set()
+    await asyncio.wait_for(asyncio.gather(tasks[0], tasks[2]), 5)
+    assert sorted(woken) == [0, 2] and flag._waiters is None and flag.is_set()
+    assert await asyncio.wait_for(flag.wait(), 1) is True  # set: returns at once
+    flag.clear()
+    assert not flag.is_set()
+    started = time.monotonic()
+    await wait_event(flag, 0.05)  # a timed wait that runs out
+    assert time.monotonic() - started >= 0.04 and not flag.is_set()
+    assert flag._waiters is None  # the timed-out waiter left
+
+
+async def test_a_lock_excludes_and_lets_go_of_its_queue_once_nobody_waits() -> None:
+    lock = Lock()
+    inside, most, order = 0, 0, []
+
+    async def worker(k: int) -> None:
+        nonlocal inside, most
+        async with lock:
+            inside += 1
+            most = max(most, inside)
+            await asyncio.sleep(0.005)
+            order.append(k)
+            inside -= 1
+
+    waiting = asyncio.create_task(worker(99))
+    await asyncio.sleep(0)  # it holds the lock
+    tasks = [asyncio.create_task(worker(k)) for k in range(4)]
+    await asyncio.sleep(0)
+    assert lock._waiters is not None and len(lock._waiters) == 4
+    tasks[2].cancel()  # one gives up while waiting
+    await asyncio.wait_for(asyncio.gather(waiting, *tasks, return_exceptions=True), 5)
+    assert most == 1 and order == [99, 0, 1, 3]
+    assert lock._waiters is None and not lock.locked()
 
 
 @pytest.mark.parametrize("make", [asyncio.Event, Stop], ids=["event", "stop"])

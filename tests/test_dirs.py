@@ -424,16 +424,17 @@ async def test_removed_databases_leave_no_service_series_or_notices(tmp_path: Pa
     release = asyncio.Event()
     make = rep.fleet._make
 
+    class OpenLater(DatabaseService):
+        __slots__ = ()
+
+        async def open(self) -> None:
+            await release.wait()
+            await super().open()
+
     def slow(c: DbConfig) -> DatabaseService:
         s = make(c)
         if c.path == late:
-            real = s.open
-
-            async def open_later() -> None:
-                await release.wait()
-                await real()
-
-            s.open = open_later  # type: ignore[method-assign]
+            s.__class__ = OpenLater  # the same service, whose open() waits for the release
         return s
 
     rep.fleet._make = slow
