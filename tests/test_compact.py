@@ -868,10 +868,11 @@ def test_compaction_takes_at_most_its_share_of_the_time(
         assert h.replica._compacting.task not in (None, first)
         await h.replica._compacting.task
 
-        async def slow_step() -> None:
+        async def slow_step(self: replicator.replica.Replica) -> None:
             await asyncio.sleep(LEVELS[0] * 4)  # uncapped, the next would wait 36 windows
 
-        h.replica.compact_if_due = slow_step  # a step that takes long
+        # a step that takes long
+        monkeypatch.setattr(replicator.replica.Replica, "compact_if_due", slow_step)
         for cap, levels in ((spacing, LEVELS), (LEVELS[0] * 3, (LEVELS[0] * 3, *LEVELS[1:]))):
             h.replica.compactor.levels = levels
             h.replica._compact_after = 0.0
