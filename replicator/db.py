@@ -454,6 +454,17 @@ class Database:
         self._settled_wal_size = wal_size
         return res
 
+    def unchanged(self) -> bool:
+        """Whether the wal-index still shows what the last step found all captured: no commit
+        since (one read of its header, noted as a sighting; no stat, no step). A cheap look for
+        the loop while it follows a busy writer; anything but a commit (a replaced file, say)
+        waits for the step that follows the end of following."""
+        settled = self._settled
+        if settled is None:
+            return False
+        shm = self.handles.sightings.take()
+        return shm is not None and shm[0] == settled[1] and shm[1] == settled[2]
+
     def _settles(self, seen: _Quiet | None) -> _Quiet | None:
         """``seen`` if the capture has everything it shows (same epoch, up to its mxFrame)."""
         pos = self.pos

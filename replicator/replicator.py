@@ -445,6 +445,7 @@ class DatabaseService:
             if stop.is_set():
                 break
             woken = self.wake.is_set() or watcher.paused
+            polled = not self.wake.is_set() and watcher.paused  # a look while following
             seen = woken and self.seen_already(watcher)
             self.wake.clear()
             try:
@@ -453,8 +454,13 @@ class DatabaseService:
                         and not await self._changed_since_parked()):
                     continue  # its own closing, or a look at the files: nothing was written
                 if woken and not seen:
-                    await self.unpark()
-                    res = await self.sync()
+                    if polled and not self.parked and self.db.unchanged():
+                        # no commit since the last step: no step (a round trip to a worker)
+                        res = CaptureResult()
+                        self.follower.looked(res)
+                    else:
+                        await self.unpark()
+                        res = await self.sync()
                     last_change = self.follower.captured(res, watcher, last_change)
                 elif ((release_at := self._release_at(last_change)) is not None
                       and time.monotonic() >= release_at):

@@ -711,3 +711,65 @@ async def test_health_checks_and_maintenance_wait_on_a_timer_not_a_task(tmp_path
     await asyncio.wait_for(runner, 30)
     await s.close(30)
     assert s.health._conn is None
+
+
+async def test_the_wal_index_says_whether_anything_was_committed_since_the_last_step(
+        tmp_path: Path) -> None:
+    """``unchanged()`` (the loop's cheap look while it follows a writer) is true only while
+    the wal-index shows nothing past what the last step captured in full."""
+    db = tmp_path / "app.db"
+    s, _ = await shipping(tmp_path)
+    try:
+        commit(db, 1)
+        await s.sync()
+        assert s.db.unchanged()
+        commit(db, 1)
+        assert not s.db.unchanged()  # committed since the step
+        await s.sync()
+        assert s.db.unchanged()
+        s.db._settled = None  # a step that left work (a backlog, a rotation, a proof)
+        assert not s.db.unchanged()
+    finally:
+        await s.close(5)
+
+
+async def test_looks_while_following_run_a_step_only_for_a_commit(tmp_path: Path) -> None:
+    """A writer committing every 25 ms (another process) is followed with looks every few
+    milliseconds; a look that finds no commit in the wal-index runs no capture step, and every
+    commit is still captured."""
+    import subprocess
+    import sys
+
+    from replicator.following import FOLLOW_POLL
+
+    db, log_path = tmp_path / "app.db", tmp_path / "writer.log"
+    init_db(str(db))
+    s = service(tmp_path, snapshot_interval=3600, monitor_interval=30.0)
+    await s.open()
+    steps, real_step = 0, s.db.step
+
+    def counted() -> object:
+        nonlocal steps
+        steps += 1
+        return real_step()
+
+    s.db.step = counted  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    runner = asyncio.create_task(s.run(stop))
+    try:
+        await asyncio.sleep(0.2)
+        n, rate, base = 60, 40.0, s.db.txid
+        writer = await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(__file__).parent / "writer.py"), str(db), str(log_path),
+            "--count", str(n), "--rate", str(rate), stdout=subprocess.DEVNULL)
+        assert await asyncio.wait_for(writer.wait(), 60) == 0
+        await until(lambda: s.db.txid == base + n, "every commit captured", 10)
+        seconds = n / rate
+        # about seconds / FOLLOW_POLL looks while following (each a step before): a step per
+        # commit and a few around the starts and ends of following
+        assert seconds / FOLLOW_POLL > 4 * n
+        assert steps < 2 * n, f"{steps} capture steps for {n} commits"
+    finally:
+        stop.set()
+        await runner
+        await s.close(10)
