@@ -462,7 +462,10 @@ class Database:
         settled = self._settled
         if settled is None:
             return False
-        shm = self.handles.sightings.take()
+        try:
+            shm = self.handles.sightings.take()
+        except OSError:
+            return False  # the step that follows reports what is wrong
         return shm is not None and shm[0] == settled[1] and shm[1] == settled[2]
 
     def _settles(self, seen: _Quiet | None) -> _Quiet | None:
