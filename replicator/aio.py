@@ -21,6 +21,9 @@ async def wait_event(event: asyncio.Event, within: float | None) -> None:
     if within is None:
         await event.wait()
         return
+    if isinstance(event, Flag):
+        await event.wait_within(within)
+        return
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(within):
             await event.wait()
@@ -55,19 +58,39 @@ class Flag(asyncio.Event):
     async def wait(self) -> typing.Literal[True]:
         if self._value:
             return True
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._wait(None)
+        return True
+
+    async def wait_within(self, within: float) -> bool:
+        """Wait until set, or ``within`` seconds; whether it is set. A timer ends the wait
+        (as a wake-up would), not a cancellation: a loop that looks every few milliseconds
+        pays for no exception unwinding its coroutines each time."""
+        if not self._value:
+            await self._wait(within)
+        return self._value
+
+    async def _wait(self, within: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         if self._waiters is None:
             self._waiters = []
         self._waiters.append(fut)
+        timer = None if within is None else loop.call_later(within, _end_wait, fut)
         try:
             await fut
-            return True
         finally:
+            if timer is not None:
+                timer.cancel()
             waiters = self._waiters
-            if waiters is not None and fut in waiters:  # cancelled before set()
+            if waiters is not None and fut in waiters:  # cancelled or timed out before set()
                 waiters.remove(fut)
                 if not waiters:
                     self._waiters = None
+
+
+def _end_wait(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class Lock(asyncio.Lock):

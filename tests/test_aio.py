@@ -44,6 +44,26 @@ async def test_a_flag_behaves_as_an_event_and_holds_no_queue_while_nobody_waits(
     assert flag._waiters is None  # the timed-out waiter left
 
 
+async def test_a_flag_waits_within_a_time_on_a_timer_without_cancelling() -> None:
+    flag = Flag()
+    started = time.monotonic()
+    assert await flag.wait_within(0.05) is False  # timed out: not set
+    assert time.monotonic() - started >= 0.04 and flag._waiters is None
+    asyncio.get_running_loop().call_later(0.02, flag.set)
+    started = time.monotonic()
+    assert await flag.wait_within(5) is True  # set before the time: returns then
+    assert time.monotonic() - started < 4 and flag._waiters is None
+    assert await flag.wait_within(5) is True  # set already: at once
+    flag.clear()
+    waiting = asyncio.create_task(flag.wait_within(5))
+    await asyncio.sleep(0.01)
+    assert flag._waiters is not None and len(flag._waiters) == 1
+    waiting.cancel()  # the waiting task is cancelled: it leaves, its timer with it
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert flag._waiters is None and not flag.is_set()
+
+
 async def test_a_lock_excludes_and_lets_go_of_its_queue_once_nobody_waits() -> None:
     lock = Lock()
     inside, most, order = 0, 0, []
