@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from util import commit, until
+from util import commit, start_writer, until
 from writer import init_db
 
 from replicator import pageindex
@@ -737,9 +737,6 @@ async def test_looks_while_following_run_a_step_only_for_a_commit(tmp_path: Path
     """A writer committing every 25 ms (another process) is followed with looks every few
     milliseconds; a look that finds no commit in the wal-index runs no capture step, and every
     commit is still captured."""
-    import subprocess
-    import sys
-
     from replicator.following import FOLLOW_POLL
 
     db, log_path = tmp_path / "app.db", tmp_path / "writer.log"
@@ -759,10 +756,9 @@ async def test_looks_while_following_run_a_step_only_for_a_commit(tmp_path: Path
     try:
         await asyncio.sleep(0.2)
         n, rate, base = 60, 40.0, s.db.txid
-        writer = await asyncio.create_subprocess_exec(
-            sys.executable, str(Path(__file__).parent / "writer.py"), str(db), str(log_path),
-            "--count", str(n), "--rate", str(rate), stdout=subprocess.DEVNULL)
-        assert await asyncio.wait_for(writer.wait(), 60) == 0
+        writer = start_writer(db, log_path, "--count", str(n), "--rate", str(rate))
+        _, err = await asyncio.to_thread(writer.communicate, timeout=60)
+        assert writer.returncode == 0, err
         await until(lambda: s.db.txid == base + n, "every commit captured", 10)
         seconds = n / rate
         # about seconds / FOLLOW_POLL looks while following (each a step before): a step per
