@@ -519,12 +519,14 @@ class Replica:
         :attr:`quiet` until that window closes (None: until woken). A step due now that this
         round did not start waits for the spacing after the last step to end (then the loop
         looks again: the newest windows are merged soon after the writer stops, not at the
-        backstop or the next commit), or for its wake-up (a busy capture's pause, a running
-        step's end)."""
+        backstop or the next commit), or for the end of the longest it defers to a busy
+        capture, or for its wake-up (a busy capture's pause, a running step's end)."""
         due = None if self.compactor is None else self.compactor.due.next()
         now = time.time()
         if due is not None and due <= now:
-            spaced = self._compact_after - time.monotonic()
+            mono = time.monotonic()
+            spaced = max(self._compact_after - mono, self._busy.left(mono),
+                         self._bulk.left(mono))
             due = now + spaced if spaced > 0 else None
         if not self.quiet:
             return backstop if due is None else min(backstop, due - now)

@@ -116,6 +116,14 @@ class Deferral:
             self._since = now
         return now - self._since < self.limit
 
+    def left(self, now: float | None = None) -> float:
+        """Seconds until a deferral in progress ends (0: none is): work it put off is looked
+        at again then, even if nothing else wakes its loop."""
+        if self._since is None:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        return max(0.0, self._since + self.limit - now)
+
     def done(self) -> None:
         """The work ran: the next deferral counts from scratch."""
         self._since = None

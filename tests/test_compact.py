@@ -751,6 +751,22 @@ async def test_an_idle_shipper_wakes_when_a_compaction_window_closes(tmp_path: P
     assert wait is not None and 8.0 < wait <= 9.0
     r._compact_after = 0.0
     assert r._idle_wait(5.0) is None
+    # a step put off for a busy capture: looked at again when the deferral ends, even if
+    # nothing wakes the loop (the capture's pause may not)
+    r._busy.limit = 3.0
+    assert r._busy.defers(True)
+    wait = r._idle_wait(5.0)
+    assert wait is not None and 2.5 < wait <= 3.0
+    r.quiet = False
+    wait = r._idle_wait(60.0)
+    assert wait is not None and 2.5 < wait <= 3.0
+    r._busy.done()
+    r._bulk.limit = 10.0
+    assert r._bulk.defers(True)
+    wait = r._idle_wait(60.0)
+    assert wait is not None and 9.5 < wait <= 10.0
+    assert not r._bulk.defers(False)  # the capture calmed down: no deferral left to wait for
+    assert r._idle_wait(60.0) == 60.0
 
 
 async def test_the_newest_windows_are_merged_soon_after_the_writer_stops(
