@@ -101,7 +101,7 @@ def merge(
         with open(path, "wb") as f:
             w = ObjectWriter(f, KIND_WAL, header.to_json(), level)
             for part in parts:
-                copy_body(w, spool.path(part), part.key)
+                copy_body(w, spool.path(part), part.key, header_read=True)
             w.close()
             size = w.size
     except BaseException:

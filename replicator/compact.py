@@ -45,15 +45,23 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import aiofiles
 
 from .errors import CorruptObjectError
-from .format import DEFAULT_LEVEL, KIND_WAL, ObjectDecoder, ObjectWriter, read_header_file
+from .format import (
+    DEFAULT_LEVEL,
+    HEADER_START,
+    KIND_WAL,
+    ObjectDecoder,
+    ObjectWriter,
+    header_end,
+    parse_header,
+)
 from .fsutil import temp_path
 from .headers import SegmentHeader, SegmentPart
 from .pos import ObjectInfo, segment_info
@@ -132,13 +140,26 @@ def merged_header(headers: list[SegmentHeader]) -> SegmentHeader:
     )
 
 
-def copy_body(w: ObjectWriter, path: str | BinaryIO, key: str) -> None:
+def copy_body(w: ObjectWriter, path: str | BinaryIO, key: str, *, head: bytes = b"",
+              header_read: bool = False) -> None:
     """Append the verified body of the object file ``path`` (named ``key``; or the file
-    itself, open, read from its start) to ``w``."""
-    dec = ObjectDecoder(key)
-    with open(path, "rb") if isinstance(path, str) else contextlib.nullcontext(path) as f:
-        f.seek(0)
-        while chunk := f.read(_READ):
+    itself, open) to ``w``. ``head``: the file's first bytes, already read (an open file is
+    then read on from where it is; else from its start). ``header_read``: the caller has the
+    header already, parsed or from memory (its bytes are still summed for the checksum)."""
+    dec = ObjectDecoder(key, parse_header=not header_read)
+    with open(path, "rb", buffering=0) if isinstance(path, str) else \
+            contextlib.nullcontext(path) as f:
+        left = os.fstat(f.fileno()).st_size
+        if head and not isinstance(path, str):
+            left -= len(head)
+            body = dec.feed(head)
+            if body:
+                w.write(body)
+        else:
+            f.seek(0)
+        # reads no larger than what is left: a read allocates what it asks for
+        while left > 0 and (chunk := f.read(min(_READ, left))):
+            left -= len(chunk)
             body = dec.feed(chunk)
             if body:
                 w.write(body)
@@ -148,37 +169,63 @@ def copy_body(w: ObjectWriter, path: str | BinaryIO, key: str) -> None:
 @dataclass
 class _Source:
     """A segment file a merge reads: its header and size, read once, and the file kept open
-    for its body (or opened again when there are too many to keep)."""
+    for its body with its first bytes (or opened again when there are too many to keep)."""
 
     path: str
     key: str
     header: SegmentHeader
     size: int
     file: BinaryIO | None
+    head: bytes = b""
 
-    def body(self) -> str | BinaryIO:
-        return self.file if self.file is not None else self.path
+    def copy_to(self, w: ObjectWriter) -> None:
+        """Append this segment's verified body to ``w``."""
+        if self.file is not None:
+            copy_body(w, self.file, self.key, head=self.head, header_read=True)
+        else:
+            copy_body(w, self.path, self.key, header_read=True)
 
 
 KEEP_OPEN = 64
 """A merge of up to this many files keeps each open from its header to its body (one open
 each); a larger one opens each file again for its body."""
+_HEAD = 64 << 10
+"""Bytes of a kept file read with its header (a small segment's whole file: one read)."""
 
 
-def _open_sources(stack: contextlib.ExitStack, paths: Sequence[str], keys: Sequence[str]
-                  ) -> list[_Source]:
-    """Each file's header and size, each file opened once (closed by ``stack``)."""
+def _read_head(f: BinaryIO, size: int, key: str,
+               known: bool) -> tuple[bytes, dict[str, Any] | None]:
+    """The first bytes of an object file (all of a small one, at least its whole header), and
+    its parsed header (None when ``known``: the caller has it)."""
+    head = f.read(min(size, _HEAD))
+    kind, end = header_end(head, key)
+    if kind != KIND_WAL:
+        raise CorruptObjectError(f"{key}: corrupt object (not a WAL segment)")
+    if len(head) < end:
+        head += f.read(end - len(head))
+        if len(head) < end:
+            raise CorruptObjectError(f"{key}: corrupt object (truncated header)")
+    return head, None if known else parse_header(memoryview(head)[HEADER_START:end], key)
+
+
+def _open_sources(stack: contextlib.ExitStack, paths: Sequence[str], keys: Sequence[str],
+                  known: Mapping[str, SegmentHeader]) -> list[_Source]:
+    """Each file's header and size, each file opened once (closed by ``stack``); a header in
+    ``known`` (by key: from the spool's memory, of the very file) is not parsed again."""
     keep = len(paths) <= KEEP_OPEN
     out = []
     for path, key in zip(paths, keys, strict=True):
-        f = stack.enter_context(open(path, "rb")) if keep else open(path, "rb")
+        f = stack.enter_context(open(path, "rb", buffering=0)) if keep else \
+            open(path, "rb", buffering=0)
         try:
-            header = SegmentHeader.from_json(read_header_file(f, key), key)
             size = os.fstat(f.fileno()).st_size
+            cached = known.get(key)
+            head, doc = _read_head(f, size, key, cached is not None)
+            header = cached if cached is not None else SegmentHeader.from_json(doc, key)
         finally:
             if not keep:
                 f.close()
-        out.append(_Source(path, key, header, size, f if keep else None))
+        out.append(_Source(path, key, header, size, f if keep else None, head if keep else b""))
     return out
 
 
@@ -206,7 +253,7 @@ def write_merged(path: str, sources: list[_Source]) -> tuple[SegmentHeader, int]
     with open(path, "wb") as f:
         w = ObjectWriter(f, KIND_WAL, header.to_json(), level)
         for src in sources:
-            copy_body(w, src.body(), src.key)
+            src.copy_to(w)
         w.close()
         f.flush()
         os.fsync(f.fileno())
@@ -661,10 +708,10 @@ class Compactor:
         temps: list[str] = []
         out = []
         try:
-            chain = await self._call(self._local_sources, run, workdir, temps)
+            chain, known = await self._call(self._local_sources, run, workdir, temps)
             files = await self._fetch(chain, workdir, temps, res)
             try:
-                pieces = await self._call(write_pieces, run, files, workdir, temps)
+                pieces = await self._call(write_pieces, run, files, workdir, temps, known)
             except CorruptObjectError as exc:
                 if all(path is None for _, path in chain):
                     raise
@@ -703,11 +750,12 @@ class Compactor:
             await self.client.write_object(info, stream_file(path))
         return dataclasses.replace(info, size=size)
 
-    def _local_sources(self, run: list[ObjectInfo], workdir: str,
-                       temps: list[str]) -> list[Source]:
+    def _local_sources(self, run: list[ObjectInfo], workdir: str, temps: list[str]
+                       ) -> tuple[list[Source], dict[str, SegmentHeader]]:
         """The objects to read for ``run`` (see :func:`choose_sources`), the local ones linked
         (or copied) into ``workdir`` so that a deletion meanwhile cannot take them away; each
-        file made is appended to ``temps``. Blocking."""
+        file made is appended to ``temps``. With them, the headers of those read from the
+        spool that it still holds in memory (by key). Blocking."""
         os.makedirs(workdir, exist_ok=True)
         gen, start, end = run[0].generation, run[0].start_txid, run[-1].end_txid
         local: list[tuple[ObjectInfo, str]] = []
@@ -717,13 +765,19 @@ class Compactor:
                           for o in store.scan_segments(gen, start, end)]
             except OSError:
                 continue  # unreadable now: download instead
+        spooled: set[str] = set()
         if self.spool is not None:
-            local += [(o, self.spool.path(o)) for o in self.spool.objects(gen)]
+            for o in self.spool.objects(gen):
+                if o.kind == "wal" and start <= o.start_txid and o.end_txid <= end:
+                    spath = self.spool.path(o)
+                    spooled.add(spath)
+                    local.append((o, spath))
         while True:
             chain = choose_sources(run, local)
             if chain is None:
                 raise CorruptObjectError(f"{run[0].key}: segments to merge are not consecutive")
             out: list[Source] = []
+            known: dict[str, SegmentHeader] = {}
             for o, path in chain:
                 if path is None:
                     out.append((o, None))
@@ -737,19 +791,26 @@ class Compactor:
                     break
                 temps.append(copy)
                 out.append((o, copy))
+                if self.spool is not None and path in spooled:
+                    header = self.spool.cached_header(o)
+                    if isinstance(header, SegmentHeader):
+                        known[o.key] = header
             else:
-                return out
+                return out, known
 
 
 def write_pieces(run: list[ObjectInfo], files: list[tuple[ObjectInfo, str]], workdir: str,
-                 temps: list[str]) -> list[tuple[int, int, str, int]]:
+                 temps: list[str], known: Mapping[str, SegmentHeader] | None = None,
+                 ) -> list[tuple[int, int, str, int]]:
     """Write the merges of ``run`` from ``files`` (the objects holding its transactions, in
     order, with their local files), cut before every segment of the run whose first file
     records an unobserved interval; returns (first index, end index, path, size) of each
     piece of more than one segment. Each file made is appended to ``temps``. Each file is
-    opened once (up to ``KEEP_OPEN`` of them) and its header read once. Blocking."""
+    opened once (up to ``KEEP_OPEN`` of them) and its header read once, or not at all when
+    ``known`` has it (by key: the header of that very file). Blocking."""
     with contextlib.ExitStack() as stack:
-        sources = _open_sources(stack, [p for _, p in files], [o.key for o, _ in files])
+        sources = _open_sources(stack, [p for _, p in files], [o.key for o, _ in files],
+                                known or {})
         at = {o.start_txid: i for i, (o, _) in enumerate(files)}
         cuts = [0]
         for i in range(1, len(run)):

@@ -219,8 +219,12 @@ class ObjectWriter:
 class ObjectDecoder:
     """Incremental decoder: feed raw object bytes, get header, then uncompressed body bytes."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, *, parse_header: bool = True) -> None:
+        """``parse_header`` False: the caller read the header already (the bytes are still
+        summed for the trailer's checksum, and the preamble checked; :attr:`header` stays
+        empty)."""
         self.key = key
+        self._parse = parse_header
         self.header: dict[str, Any] | None = None
         self.kind = 0
         self._buf = bytearray()
@@ -266,7 +270,7 @@ class ObjectDecoder:
         if len(buf) < _PREAMBLE.size + hlen:
             return self._keep(buf)
         raw = bytes(buf[_PREAMBLE.size : _PREAMBLE.size + hlen])
-        header = _parse_header(raw, self.key)
+        header = _parse_header(raw, self.key) if self._parse else {}
         if header.get("kind", _KIND_NAMES[kind]) != _KIND_NAMES[kind]:
             raise CorruptObjectError(
                 f"{self.key}: corrupt object (kind {_KIND_NAMES[kind]} in the preamble, "
@@ -321,6 +325,24 @@ def _check_preamble(buf: bytes | bytearray | memoryview, key: str) -> tuple[int,
     if hlen > _MAX_HEADER:
         raise CorruptObjectError(f"{key}: corrupt object (header length {hlen})")
     return int(kind), int(hlen)
+
+
+def header_end(buf: bytes | memoryview, key: str) -> tuple[int, int]:
+    """(kind, end) of the object whose first bytes are ``buf`` (at least the preamble's):
+    its header is ``buf[HEADER_START:end]`` (checked: :func:`parse_header`)."""
+    if len(buf) < _PREAMBLE.size:
+        raise CorruptObjectError(f"{key}: corrupt object (truncated header)")
+    kind, hlen = _check_preamble(buf, key)
+    return kind, _PREAMBLE.size + hlen
+
+
+HEADER_START = _PREAMBLE.size
+
+
+def parse_header(raw: bytes | memoryview, key: str) -> dict[str, Any]:
+    """An object's header from its bytes (CorruptObjectError naming ``key`` if they are not
+    a JSON object)."""
+    return _parse_header(bytes(raw), key)
 
 
 def read_header_file(f: BinaryIO, key: str) -> dict[str, Any]:

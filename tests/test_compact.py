@@ -39,7 +39,7 @@ from replicator.compact import (
 )
 from replicator.config import DbConfig, ReplicaConfig
 from replicator.db import Database
-from replicator.errors import StorageError
+from replicator.errors import CorruptObjectError, StorageError
 from replicator.format import KIND_WAL, ObjectDecoder, ObjectWriter, read_header
 from replicator.headers import SegmentHeader
 from replicator.pos import ObjectInfo
@@ -986,6 +986,71 @@ def test_a_merge_cuts_before_a_resumed_segment_and_opens_each_file_once(
         assert merged == [b"".join(bodies[:4]), b"".join(bodies[4:])]
         results.append([Path(p).read_bytes() for _, _, p, _ in pieces])
     assert results[0] == results[1]
+
+
+def test_a_merge_reads_a_known_header_from_memory_and_still_checks_its_bytes(
+        history: History, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Headers the spool still holds in memory are not parsed again from the files (each file
+    is read from its first bytes once, its header included, whatever its size against the
+    first read), and the merge writes the same bytes either way; the header's bytes are still
+    summed, so a damaged header of a known file fails the merge as a damaged body does, and a
+    file of another kind is refused."""
+    segs = [o for o in objects(history) if o.kind == "wal"][:4]
+    files: list[tuple[ObjectInfo, str]] = []
+    known: dict[str, SegmentHeader] = {}
+    for o in segs:
+        path = tmp_path / o.name
+        shutil.copyfile(history.dest._path(o.key), path)
+        files.append((o, str(path)))
+        dec = ObjectDecoder(o.key)
+        dec.feed(path.read_bytes())
+        dec.finish()
+        assert dec.header is not None
+        known[o.key] = SegmentHeader.from_json(dec.header, o.key)
+    parsed: list[str] = []
+    real_parse = compact.parse_header
+
+    def counting_parse(raw: bytes, key: str) -> dict[str, object]:
+        parsed.append(key)
+        return real_parse(raw, key)
+
+    monkeypatch.setattr(compact, "parse_header", counting_parse)
+
+    def merge(name: str, headers: dict[str, SegmentHeader] | None) -> bytes:
+        work = tmp_path / name
+        work.mkdir()
+        temps: list[str] = []
+        [(a, b, path, _)] = write_pieces(segs, files, str(work), temps, headers)
+        assert (a, b) == (0, len(segs))
+        return Path(path).read_bytes()
+
+    cases = {}
+    for head in (compact._HEAD, 16):  # 16 bytes: the header is read on past the first read
+        monkeypatch.setattr(compact, "_HEAD", head)
+        parsed.clear()
+        cases[head, "known"] = merge(f"known{head}", known)
+        assert parsed == []
+        cases[head, "read"] = merge(f"read{head}", None)
+        assert parsed == [o.key for o in segs]
+    assert len(set(cases.values())) == 1
+    dec = ObjectDecoder("merged")
+    dec.feed(cases[compact._HEAD, "known"])
+    dec.finish()
+
+    # one byte of the third file's header changed: its checksum no longer matches
+    victim = Path(files[2][1])
+    data = bytearray(victim.read_bytes())
+    at = data.index(b'"frames"') + 1
+    data[at] ^= 0x20
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CorruptObjectError, match=segs[2].name):
+        merge("damaged", known)
+    # the same file claiming to be a snapshot in its preamble
+    data[at] ^= 0x20
+    data[6:8] = (1).to_bytes(2, "big")
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CorruptObjectError, match="not a WAL segment"):
+        merge("snapshot", known)
 
 
 def test_a_remote_destination_merges_what_a_local_directory_holds_without_reading_it_back(
