@@ -51,10 +51,12 @@ async def stream_file(path: str) -> AsyncGenerator[bytes, None]:
 
 
 def _open_read(path: str) -> tuple[int, int, bytes]:
-    """Open a file: (descriptor, size, first chunk) (blocking)."""
+    """Open a file: (descriptor, size, first chunk) (blocking). A read asks for no more than
+    the file holds: it allocates what it asks for (a spooled segment is often a few KiB)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        return fd, os.fstat(fd).st_size, os.read(fd, DEFAULT_CHUNK_SIZE)
+        size = os.fstat(fd).st_size
+        return fd, size, os.read(fd, min(DEFAULT_CHUNK_SIZE, size))
     except BaseException:
         os.close(fd)
         raise
@@ -261,7 +263,7 @@ class FileStorage:
                 if done >= size:
                     return  # objects are never modified: nothing follows
                 try:
-                    chunk = await off_loop(os.read, fd, DEFAULT_CHUNK_SIZE)
+                    chunk = await off_loop(os.read, fd, min(DEFAULT_CHUNK_SIZE, size - done))
                 except OSError as exc:
                     raise self._error(f"cannot read {info.key}", exc) from None
                 done += len(chunk)
