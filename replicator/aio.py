@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from enum import Enum
 from typing import Any
 
+from .retry import CHORE_RETRY, Backoff
+
 
 async def wait_event(event: asyncio.Event, within: float | None) -> None:
     """Return once ``event`` is set, or after ``within`` seconds (None: no limit). It makes
@@ -239,13 +241,15 @@ class Timed:
     maintenance of a thousand parked databases held about 3 MiB of them.
 
     A step that raises is reported to the loop's exception handler (as a failed task would be)
-    and run again ``retry`` seconds later."""
+    and run again after the ``retry`` backoff (counting the failures in a row)."""
 
-    __slots__ = ("_step", "_retry", "_timer", "_task", "_stopped")
+    __slots__ = ("_step", "_retry", "_failures", "_timer", "_task", "_stopped")
 
-    def __init__(self, step: Callable[[], Awaitable[float]], retry: float = 60.0) -> None:
+    def __init__(self, step: Callable[[], Awaitable[float]],
+                 retry: Backoff = CHORE_RETRY) -> None:
         self._step = step
         self._retry = retry
+        self._failures = 0
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Future[float] | None = None
         self._stopped = False
@@ -276,10 +280,12 @@ class Timed:
         if task.cancelled():
             return
         if task.exception() is None:
+            self._failures = 0
             self._later(task.result())
             return
         report_failure(task, "timed chore failed")
-        self._later(self._retry)
+        self._failures += 1
+        self._later(self._retry.delay(self._failures))
 
     def halt(self) -> None:
         """No further step (a step running now goes on)."""

@@ -59,7 +59,7 @@ from .errors import ConfigError
 from .logs import fmt_bytes
 from .metrics import Metrics
 from .notify import FAILING, RECOVERED, Notifier
-from .retry import Backoff, ErrorLog
+from .retry import CHORE_RETRY, ErrorLog
 
 DEFAULT_INTERVAL = 60.0
 DEFAULT_INTEGRITY_INTERVAL = 24 * 3600.0
@@ -86,8 +86,6 @@ OPERATORS: dict[str, Callable[[float, float], bool]] = {
 }
 
 log = logging.getLogger(__name__)
-# a run that fails (a bug, not a failing check) is tried again after this backoff
-RUN_RETRY = Backoff(base=1.0, cap=DEFAULT_INTERVAL)
 
 
 @dataclass(frozen=True)
@@ -467,7 +465,7 @@ class HealthChecker:
             self._failures += 1
             self._errors.error(f"{type(exc).__name__}: {exc}",
                                f"{self.db}: health check run failed: ")
-            return RUN_RETRY.delay(self._failures)
+            return CHORE_RETRY.delay(self._failures)
         self._failures = 0
         # with a notifier, its held-back notices are flushed at least this often
         cap = DEFAULT_INTERVAL if self.notifier is not None else NO_CHECK_DUE

@@ -1,5 +1,5 @@
 """The one retry policy of every loop that retries (capture, shipping, S3 requests, health
-checks), and the one way a repeating error is logged.
+checks, maintenance), and the one way a repeating error is logged.
 
 :class:`Backoff` is exponential backoff with full jitter and a cap: before retry number ``n`` wait
 a random time in ``[0, min(cap, base * 2 ** (n - 1))]``. The jitter keeps many sidecars that lost
@@ -43,6 +43,11 @@ class Backoff:
     def delay(self, attempt: int) -> float:
         """A random wait before retry number ``attempt`` (1 for the first retry)."""
         return random.uniform(0, self.ceiling(attempt))
+
+
+CHORE_RETRY = Backoff(base=1.0, cap=60.0)
+"""A chore run on a timer (health checks, maintenance) whose run failed (a bug, not a failing
+check: those are results) is run again after this backoff."""
 
 
 class ErrorLog:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from replicator.aio import Background, Flag, Lock, Stop, Timed, Wake, relay, wait_event
+from replicator.retry import Backoff
 
 
 @pytest.mark.parametrize("make", [Flag, Wake, Stop], ids=["flag", "wake", "stop"])
@@ -206,6 +207,13 @@ async def test_timed_runs_a_chore_at_the_times_it_asks_for_with_no_task_while_it
     await chore.stop()
 
 
+class FixedBackoff(Backoff):
+    """``base`` seconds before every retry (no jitter)."""
+
+    def delay(self, attempt: int) -> float:
+        return self.base
+
+
 async def test_timed_reports_a_failed_step_and_runs_it_again_after_the_retry() -> None:
     loop = asyncio.get_running_loop()
     reported: list[dict[str, object]] = []
@@ -220,12 +228,53 @@ async def test_timed_reports_a_failed_step_and_runs_it_again_after_the_retry() -
         return math.inf
 
     try:
-        chore = Timed(step, retry=0.05).start()
+        chore = Timed(step, retry=FixedBackoff(base=0.05, cap=0.05)).start()
         await asyncio.sleep(0.02)
         assert runs == 1 and len(reported) == 1
         assert isinstance(reported[0]["exception"], OSError)
         await asyncio.sleep(0.1)
         assert runs == 2 and len(reported) == 1
+        await chore.stop()
+    finally:
+        loop.set_exception_handler(None)
+
+
+class CountedBackoff(Backoff):
+    """No wait, but each retry's number recorded."""
+
+    def __init__(self) -> None:
+        super().__init__(base=0.0, cap=0.0)
+        object.__setattr__(self, "attempts", [])
+
+    def delay(self, attempt: int) -> float:
+        self.attempts.append(attempt)  # type: ignore[attr-defined]
+        return 0.0
+
+
+async def test_timed_backs_off_over_failures_in_a_row_and_starts_over_after_a_success() -> None:
+    """The one retry policy: failures in a row are counted (retry 1, 2, 3...) and a step that
+    succeeds resets the count; each failure is reported."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+    outcomes = iter(["fail", "fail", "fail", "ok", "fail", "ok"])
+    done = asyncio.Event()
+
+    async def step() -> float:
+        outcome = next(outcomes, "end")
+        if outcome == "fail":
+            raise RuntimeError("a bug")
+        if outcome == "end":
+            done.set()
+            return math.inf
+        return 0.0
+
+    backoff = CountedBackoff()
+    try:
+        chore = Timed(step, retry=backoff).start()
+        await asyncio.wait_for(done.wait(), 5)
+        assert backoff.attempts == [1, 2, 3, 1]  # type: ignore[attr-defined]
+        assert len(reported) == 4
         await chore.stop()
     finally:
         loop.set_exception_handler(None)
