@@ -197,15 +197,23 @@ def _read_head(f: BinaryIO, size: int, key: str,
                known: bool) -> tuple[bytes, dict[str, Any] | None]:
     """The first bytes of an object file (all of a small one, at least its whole header), and
     its parsed header (None when ``known``: the caller has it)."""
-    head = f.read(min(size, _HEAD))
+    head = _read_upto(f, min(size, _HEAD))
     kind, end = header_end(head, key)
     if kind != KIND_WAL:
         raise CorruptObjectError(f"{key}: corrupt object (not a WAL segment)")
     if len(head) < end:
-        head += f.read(end - len(head))
+        head += _read_upto(f, end - len(head))
         if len(head) < end:
             raise CorruptObjectError(f"{key}: corrupt object (truncated header)")
     return head, None if known else parse_header(memoryview(head)[HEADER_START:end], key)
+
+
+def _read_upto(f: BinaryIO, n: int) -> bytes:
+    """``n`` bytes of an unbuffered file (fewer only at its end)."""
+    out = f.read(n)
+    while len(out) < n and (more := f.read(n - len(out))):
+        out += more
+    return out
 
 
 def _open_sources(stack: contextlib.ExitStack, paths: Sequence[str], keys: Sequence[str],
