@@ -10,14 +10,15 @@ is one tuple on a queue, and the result goes back with a single ``call_soon_thre
 results that reach a loop before it runs the last wake-up are settled together, in order, at
 that wake-up (a busy loop is not woken, through its self-pipe, once per call). Threads start
 as calls need them, up to the pool's size, and live until :meth:`Workers.shutdown` (or the
-process ends: they are daemons, idle on the queue). A call whose awaiting task was cancelled
-before a thread took it is not run.
+process ends: they are daemons). A call goes to the thread that went idle last, so that calls
+made one after another keep one thread warm rather than wake each in turn. A call whose awaiting
+task was cancelled before a thread took it is not run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
+import collections
 import threading
 import weakref
 from collections.abc import Callable
@@ -87,39 +88,54 @@ _Item = tuple[_Settler, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ..
 
 class Workers:
     """Up to ``size`` threads named ``name_N`` running blocking calls for event loops (any
-    number of loops: each call carries its own)."""
+    number of loops: each call carries its own), each to the thread that went idle last."""
 
     def __init__(self, size: int, name: str) -> None:
         if size < 1:
             raise ValueError("a pool needs at least one thread")
         self.size = size
         self.name = name
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._jobs: collections.deque[_Item | None] = collections.deque()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self._idle = 0
+        # the wake-up locks of idle threads (held: each waits to acquire its own), the thread
+        # idle last on top
+        self._idle: list[threading.Lock] = []
         self._closed = False
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` in one of the pool's threads; its result or its exception."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
+        wake = None
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"{self.name}: the pool is shut down")
-            self._queue.put((_settler(loop), fut, fn, args))
+            self._jobs.append((_settler(loop), fut, fn, args))
             if self._idle:
-                self._idle -= 1  # a thread that finished its call takes this one
+                wake = self._idle.pop()
             elif len(self._threads) < self.size:
                 t = threading.Thread(target=self._work, daemon=True,
                                      name=f"{self.name}_{len(self._threads)}")
                 self._threads.append(t)
                 t.start()
+        if wake is not None:
+            wake.release()
         return await fut
 
     def _work(self) -> None:
+        wake = threading.Lock()
+        wake.acquire()
         while True:
-            item = self._queue.get()
+            with self._lock:
+                idle = not self._jobs
+                if idle:
+                    self._idle.append(wake)
+                else:
+                    item = self._jobs.popleft()
+            if idle:
+                wake.acquire()  # released by the call that takes this thread
+                continue
             if item is None:
                 return
             settler, fut, fn, args = item
@@ -133,8 +149,6 @@ class Workers:
                     value.__cause__ = exc
                 except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
                     ok, value = False, exc
-            with self._lock:
-                self._idle += 1
             settler.post(fut, ok, value)
             del item, settler, fut, fn, args, value
 
@@ -147,8 +161,11 @@ class Workers:
             else:
                 self._closed = True
                 threads = list(self._threads)
-                for _ in threads:
-                    self._queue.put(None)
+                self._jobs.extend([None] * len(threads))
+                idle, self._idle = self._idle, []
+        if threads:
+            for wake in idle:
+                wake.release()
         if wait:
             for t in threads:
                 t.join()

@@ -1,7 +1,7 @@
 """The pool for blocking calls: results and exceptions come back to the awaiting task, the pool
-never grows past its size, results that finish while the loop is busy come back with one wake-up
-of it, a call cancelled before a thread took it is not run, and a pool shut down finishes what
-was queued and refuses the rest."""
+never grows past its size, a call goes to the thread idle last, results that finish while the
+loop is busy come back with one wake-up of it, a call cancelled before a thread took it is not
+run, and a pool shut down finishes what was queued and refuses the rest."""
 
 from __future__ import annotations
 
@@ -57,6 +57,29 @@ async def test_the_pool_runs_calls_side_by_side_up_to_its_size() -> None:
         pool.shutdown()
     assert peak == 3
     assert names == {"t-size_0", "t-size_1", "t-size_2"}
+
+
+async def test_calls_one_after_another_go_to_the_thread_idle_last() -> None:
+    """Once several threads are idle, calls made one after another all go to one of them (the
+    one that went idle last), not to each in turn; a shutdown wakes the idle ones to end."""
+    pool = Workers(4, "t-lifo")
+    barrier = threading.Barrier(4)
+    names: list[str] = []
+
+    def together() -> None:
+        barrier.wait(5)
+
+    def name() -> None:
+        names.append(threading.current_thread().name)
+
+    await asyncio.gather(*(pool.run(together) for _ in range(4)))  # four threads, now idle
+    for _ in range(20):
+        await pool.run(name)
+    assert len(names) == 20 and len(set(names)) == 1
+    threads = list(pool._threads)
+    assert len(threads) == 4
+    await asyncio.wait_for(asyncio.to_thread(pool.shutdown, True), 5)
+    assert not any(t.is_alive() for t in threads)
 
 
 async def test_results_that_finish_while_the_loop_is_busy_come_back_with_one_wake_up() -> None:
