@@ -142,7 +142,7 @@ def merged_header(headers: list[SegmentHeader]) -> SegmentHeader:
 
 def copy_body(w: ObjectWriter, path: str | BinaryIO, key: str, *, head: bytes = b"",
               header_read: bool = False) -> None:
-    """Append the verified body of the object file ``path`` (named ``key``; or the file
+    """Append the verified body of the WAL segment file ``path`` (named ``key``; or the file
     itself, open) to ``w``. ``head``: the file's first bytes, already read (an open file is
     then read on from where it is; else from its start). ``header_read``: the caller has the
     header already, parsed or from memory (its bytes are still summed for the checksum)."""
@@ -164,6 +164,8 @@ def copy_body(w: ObjectWriter, path: str | BinaryIO, key: str, *, head: bytes = 
             if body:
                 w.write(body)
     dec.finish()
+    if dec.kind != KIND_WAL:
+        raise CorruptObjectError(f"{key}: corrupt object (not a WAL segment)")
 
 
 @dataclass

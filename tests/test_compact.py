@@ -1051,6 +1051,11 @@ def test_a_merge_reads_a_known_header_from_memory_and_still_checks_its_bytes(
     victim.write_bytes(bytes(data))
     with pytest.raises(CorruptObjectError, match="not a WAL segment"):
         merge("snapshot", known)
+    # nor does a body copied with its header known (a batch for a remote destination)
+    with open(tmp_path / "sink", "wb") as sink:
+        w = ObjectWriter(sink, KIND_WAL, {})
+        with pytest.raises(CorruptObjectError, match="not a WAL segment"):
+            compact.copy_body(w, str(victim), segs[2].key, header_read=True)
 
 
 def test_a_remote_destination_merges_what_a_local_directory_holds_without_reading_it_back(
