@@ -126,6 +126,9 @@ class Workers:
     def _work(self) -> None:
         wake = threading.Lock()
         wake.acquire()
+        # the result of the last call, posted once this thread has taken its next call or is
+        # on the idle stack: the call its caller makes next then finds this thread there
+        done: tuple[_Settler, asyncio.Future[Any], bool, Any] | None = None
         while True:
             with self._lock:
                 idle = not self._jobs
@@ -133,6 +136,9 @@ class Workers:
                     self._idle.append(wake)
                 else:
                     item = self._jobs.popleft()
+            if done is not None:
+                done[0].post(*done[1:])
+                done = None
             if idle:
                 wake.acquire()  # released by the call that takes this thread
                 continue
@@ -149,7 +155,7 @@ class Workers:
                     value.__cause__ = exc
                 except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
                     ok, value = False, exc
-            settler.post(fut, ok, value)
+            done = (settler, fut, ok, value)
             del item, settler, fut, fn, args, value
 
     def shutdown(self, wait: bool = True) -> None:
