@@ -207,7 +207,7 @@ def _read_head(f: BinaryIO, size: int, key: str,
         head += _read_upto(f, end - len(head))
         if len(head) < end:
             raise CorruptObjectError(f"{key}: corrupt object (truncated header)")
-    return head, None if known else parse_header(memoryview(head)[HEADER_START:end], key)
+    return head, None if known else parse_header(head[HEADER_START:end], key)
 
 
 def _read_upto(f: BinaryIO, n: int) -> bytes:

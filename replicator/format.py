@@ -42,6 +42,7 @@ KIND_DIFF = 4
 TRAILER_MAGIC = b"RPLT"
 DEFAULT_LEVEL = 1
 _PREAMBLE = struct.Struct(">4sHHI")
+HEADER_START = _PREAMBLE.size  # where an object's header begins
 _TRAILER_SIZE = 4 + 4
 _MAX_HEADER = 64 << 20
 _KIND_NAMES = {KIND_SNAPSHOT: "snapshot", KIND_WAL: "wal", KIND_CATCHUP: "catchup",
@@ -270,7 +271,7 @@ class ObjectDecoder:
         if len(buf) < _PREAMBLE.size + hlen:
             return self._keep(buf)
         raw = bytes(buf[_PREAMBLE.size : _PREAMBLE.size + hlen])
-        header = _parse_header(raw, self.key) if self._parse else {}
+        header = parse_header(raw, self.key) if self._parse else {}
         if header.get("kind", _KIND_NAMES[kind]) != _KIND_NAMES[kind]:
             raise CorruptObjectError(
                 f"{self.key}: corrupt object (kind {_KIND_NAMES[kind]} in the preamble, "
@@ -302,11 +303,18 @@ class ObjectDecoder:
             raise CorruptObjectError(f"{self.key}: corrupt object (checksum mismatch)")
 
 
+def header_end(buf: bytes | memoryview, key: str) -> tuple[int, int]:
+    """(kind, end) of the object whose first bytes are ``buf`` (at least the preamble's):
+    its header is ``buf[HEADER_START:end]`` (checked: :func:`parse_header`)."""
+    if len(buf) < _PREAMBLE.size:
+        raise CorruptObjectError(f"{key}: corrupt object (truncated header)")
+    kind, hlen = _check_preamble(buf, key)
+    return kind, HEADER_START + hlen
+
+
 def header_length(preamble: bytes, key: str) -> int:
     """The header length an object's first ``_PREAMBLE.size`` bytes announce (checked)."""
-    if len(preamble) < _PREAMBLE.size:
-        raise CorruptObjectError(f"{key}: corrupt object (truncated header)")
-    return _check_preamble(preamble, key)[1]
+    return header_end(preamble, key)[1] - HEADER_START
 
 
 def _check_preamble(buf: bytes | bytearray | memoryview, key: str) -> tuple[int, int]:
@@ -327,24 +335,6 @@ def _check_preamble(buf: bytes | bytearray | memoryview, key: str) -> tuple[int,
     return int(kind), int(hlen)
 
 
-def header_end(buf: bytes | memoryview, key: str) -> tuple[int, int]:
-    """(kind, end) of the object whose first bytes are ``buf`` (at least the preamble's):
-    its header is ``buf[HEADER_START:end]`` (checked: :func:`parse_header`)."""
-    if len(buf) < _PREAMBLE.size:
-        raise CorruptObjectError(f"{key}: corrupt object (truncated header)")
-    kind, hlen = _check_preamble(buf, key)
-    return kind, _PREAMBLE.size + hlen
-
-
-HEADER_START = _PREAMBLE.size
-
-
-def parse_header(raw: bytes | memoryview, key: str) -> dict[str, Any]:
-    """An object's header from its bytes (CorruptObjectError naming ``key`` if they are not
-    a JSON object)."""
-    return _parse_header(bytes(raw), key)
-
-
 def read_header_file(f: BinaryIO, key: str) -> dict[str, Any]:
     """The header of an object in an open file (two small reads; the body is not touched)."""
     preamble = f.read(_PREAMBLE.size)
@@ -352,10 +342,12 @@ def read_header_file(f: BinaryIO, key: str) -> dict[str, Any]:
     raw = f.read(hlen)
     if len(raw) != hlen:
         raise CorruptObjectError(f"{key}: corrupt object (truncated header)")
-    return _parse_header(raw, key)
+    return parse_header(raw, key)
 
 
-def _parse_header(raw: bytes, key: str) -> dict[str, Any]:
+def parse_header(raw: bytes, key: str) -> dict[str, Any]:
+    """An object's header from its bytes (CorruptObjectError naming ``key`` if they are not
+    a JSON object)."""
     try:
         header = json.loads(raw)
     except ValueError:
