@@ -97,6 +97,9 @@ def _add_replicate(sub: Any, common: argparse.ArgumentParser, name: str) -> None
                    help="local spool directory (default .DB-replicator beside DB)")
     r.add_argument("--cpus", metavar="CPUS",
                    help="the CPUs to run on: all (default), one, or numbers like 1 or 0-1")
+    r.add_argument("--shard", metavar="K/N",
+                   help="replicate part K of N of the config's databases (N processes, parts "
+                   "1 to N, share them; each database by its path)")
     r.add_argument("--exec", metavar="CMD", dest="exec_cmd",
                    help="run CMD (\"PROGRAM ARGS\", no shell) once replication runs, forward "
                    "signals to it, exit with its exit code after a final sync")
@@ -281,11 +284,9 @@ def _replicate_config(args: argparse.Namespace) -> Config:
         DbConfig,
         load_config,
         parse_checkpoint_pages,
-        parse_command,
         parse_duration,
         parse_monitor_interval,
         replica_from_url,
-        validate_addr,
     )
 
     if args.config:
@@ -316,14 +317,25 @@ def _replicate_config(args: argparse.Namespace) -> Config:
                 raise ConfigError("--spool-dir: set spool-dir per database in the config file")
             db.spool_dir = os.path.abspath(args.spool_dir)
         db.restore_if_db_not_exists |= args.restore_if_db_not_exists
+    _process_options(cfg, args)
+    return cfg
+
+
+def _process_options(cfg: Config, args: argparse.Namespace) -> None:
+    """The options of the process as a whole, over the config's."""
+    from .config import parse_command, parse_shard, validate_addr
+
     if args.metrics_addr is not None:
         cfg.metrics_addr = validate_addr(args.metrics_addr, "--metrics-addr")
     if args.exec_cmd is not None:
         cfg.exec = parse_command(args.exec_cmd, "--exec")
     if args.cpus is not None:
         cfg.cpus = parse_cpus(args.cpus, "--cpus")
+    if args.shard is not None:
+        if not args.config:
+            raise ConfigError("--shard: needs --config (a part of the config's databases)")
+        cfg.shard = parse_shard(args.shard, "--shard")
     check_command(cfg.exec, "--exec" if args.exec_cmd is not None else "exec")
-    return cfg
 
 
 DEMO_DIR = "demo"
@@ -423,7 +435,10 @@ async def _replicate(cfg: Config, demo_rate: float | None = None) -> int:
     sup.install()
     for sig in _early_stop:
         sup.on_signal(sig)
-    for db in cfg.dbs:
+    if cfg.shard is not None:
+        log.info("shard %s: %d of %d listed databases, and the databases of dir entries in "
+                 "this part", cfg.shard, len(cfg.held()), len(cfg.dbs))
+    for db in cfg.held():
         if db.restore_if_db_not_exists:
             await restore_if_missing(db)
     rep = Replicator(cfg)

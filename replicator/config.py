@@ -20,6 +20,7 @@ import yaml
 
 from .affinity import parse_cpus
 from .compact import DEFAULT_LEVELS
+from .crc import crc32
 from .db import DEFAULT_CHECKPOINT_PAGES as DEFAULT_CHECKPOINT_PAGES
 from .drill import PartialCheck, VerifyConfig
 from .errors import ConfigError
@@ -167,6 +168,38 @@ class DirConfig:
     (None: beside each database, as for a listed one)."""
 
 
+@dataclass(frozen=True)
+class Shard:
+    """``shard: K/N``: the part of the config's databases one ``replicate`` process takes, so
+    that N processes with the same config, parts 1 to N, share its databases between them,
+    each database in exactly one part. Which part a database is in depends on its path alone:
+    a listed one's absolute path, one of a ``dir:`` entry its path relative to the directory
+    ('/'-separated), so the processes may name the directory differently. Every other command
+    sees every database of the config."""
+
+    part: int
+    parts: int
+
+    def holds(self, key: str) -> bool:
+        """Whether the database of ``key`` (see above) is in this part."""
+        return crc32(key.encode("utf-8", "surrogateescape")) % self.parts == self.part - 1
+
+    def __str__(self) -> str:
+        return f"{self.part}/{self.parts}"
+
+
+_SHARD_RE = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+
+
+def parse_shard(value: object, where: str = "shard") -> Shard:
+    """``K/N`` with 1 <= K <= N."""
+    m = _SHARD_RE.fullmatch(value) if isinstance(value, str) else None
+    if m is None or not 1 <= int(m[1]) <= int(m[2]):
+        raise ConfigError(f"{where}: expected K/N, part K of N with 1 <= K <= N, like 1/2, "
+                          f"got {value!r}")
+    return Shard(int(m[1]), int(m[2]))
+
+
 @dataclass
 class Config:
     """The whole configuration."""
@@ -181,6 +214,12 @@ class Config:
     """The application to run as a child of ``replicate`` (argv), if any."""
     cpus: str | tuple[int, ...] = "all"
     """The CPUs ``replicate`` runs on: ``all``, ``one`` or their numbers (:mod:`.affinity`)."""
+    shard: Shard | None = None
+    """The part of the databases ``replicate`` takes (None: all of them)."""
+
+    def held(self) -> list[DbConfig]:
+        """The listed databases of this process's part (all without a shard)."""
+        return [d for d in self.dbs if self.shard is None or self.shard.holds(d.path)]
 
 
 def expand_env(value: Any, where: str) -> Any:
@@ -686,7 +725,7 @@ def parse_config(data: Any) -> Config:
     if not isinstance(data, dict):
         raise ConfigError("config: expected a mapping at the top level")
     _take(data, {"dbs", "metrics-addr", "metrics_addr", "shutdown-timeout", "shutdown_timeout",
-                 "notify", "exec", "cpus"}, "")
+                 "notify", "exec", "cpus", "shard"}, "")
     dbs_raw = data.get("dbs")
     if not isinstance(dbs_raw, list) or not dbs_raw:
         raise ConfigError("dbs: expected a non-empty list of databases")
@@ -715,6 +754,8 @@ def parse_config(data: Any) -> Config:
         cfg.exec = parse_command(data["exec"], "exec")
     if data.get("cpus") is not None:
         cfg.cpus = parse_cpus(data["cpus"], "cpus")
+    if data.get("shard") is not None:
+        cfg.shard = parse_shard(data["shard"], "shard")
     return cfg
 
 

@@ -20,7 +20,7 @@ import os
 import urllib.parse
 from collections.abc import Callable
 
-from .config import Config, DbConfig, DirConfig, ReplicaConfig
+from .config import Config, DbConfig, DirConfig, ReplicaConfig, Shard
 from .runtime import Runtime
 from .storage import FileDestination, S3Options, parse_destination
 from .watcher import DIR_GONE
@@ -69,6 +69,12 @@ def matches(d: DirConfig, path: str) -> bool:
         return False
     name = parts[-1]
     return not name.endswith(_NOT_DBS) and fnmatch.fnmatchcase(name, d.pattern)
+
+
+def shard_key(d: DirConfig, path: str) -> str:
+    """What decides the part (:class:`~replicator.config.Shard`) of the database at ``path``
+    (below ``d.dir``): its path relative to the directory, '/'-separated."""
+    return os.path.relpath(path, d.dir).replace(os.sep, "/")
 
 
 def db_config(d: DirConfig, path: str) -> DbConfig:
@@ -142,11 +148,16 @@ class DirWatch:
     """One ``dir:`` entry at run time: the first scan, then file events. ``add(cfg, changed)``
     is called for every database found (again for one found again), ``remove(path)`` for every
     candidate that disappeared and every directory that did (all below it is gone); both on
-    the event loop."""
+    the event loop. With a ``shard``, candidates of the other parts are left alone: not looked
+    at, not reported."""
 
     def __init__(self, d: DirConfig, runtime: Runtime,
-                 add: Callable[[DbConfig, float], None], remove: Callable[[str], None]) -> None:
+                 add: Callable[[DbConfig, float], None], remove: Callable[[str], None],
+                 shard: Shard | None = None) -> None:
         self.cfg = d
+        self.shard = shard
+        self.others = 0
+        """Candidates of the other parts found by the first scan."""
         self.runtime = runtime
         self._add = add
         self._remove = remove
@@ -161,14 +172,25 @@ class DirWatch:
         if not await self.runtime.call(os.path.isdir, self.cfg.dir):
             log.error("%s: not a directory; no database of it is replicated", self.cfg.dir)
             return
-        self.runtime.events.add_tree(self.cfg.dir, self.cfg.recursive,
-                                     lambda p: matches(self.cfg, p), self.on_event)
-        found = await self.runtime.call(scan, self.cfg)
+        self.runtime.events.add_tree(self.cfg.dir, self.cfg.recursive, self.mine,
+                                     self.on_event)
+        every = await self.runtime.call(scan, self.cfg)
+        found = [(p, c) for p, c in every if self._held(p)]
+        self.others = len(every) - len(found)
         reasons = await self.runtime.call(lambda: [classify(p) for p, _ in found])
         for (path, changed), reason in zip(found, reasons, strict=True):
             self._found(path, changed, reason)
-        log.info("%s: %d databases found (%d skipped)", self.cfg.dir,
-                 sum(r is None for r in reasons), len(self.skipped))
+        part = (f", {self.others} candidates of the other parts of shard {self.shard}"
+                if self.shard is not None else "")
+        log.info("%s: %d databases found (%d skipped%s)", self.cfg.dir,
+                 sum(r is None for r in reasons), len(self.skipped), part)
+
+    def mine(self, path: str) -> bool:
+        """Whether ``path`` is a candidate database of this entry and of this part."""
+        return matches(self.cfg, path) and self._held(path)
+
+    def _held(self, path: str) -> bool:
+        return self.shard is None or self.shard.holds(shard_key(self.cfg, path))
 
     def stop(self) -> None:
         """Stop watching."""

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .aio import Stop, wait_event
-from .config import DbConfig, DirConfig
+from .config import DbConfig, DirConfig, Shard
 from .discovery import DirWatch
 from .errors import SpoolBusyError
 from .metrics import Metrics
@@ -58,11 +58,11 @@ class Fleet:
     """Every database found in the ``dir:`` entries, each with its own service."""
 
     def __init__(self, dirs: list[DirConfig], runtime: Runtime, metrics: Metrics,
-                 make: Callable[[DbConfig], DatabaseService]) -> None:
+                 make: Callable[[DbConfig], DatabaseService], shard: Shard | None = None) -> None:
         self.runtime = runtime
         self.metrics = metrics
         self._make = make
-        self.watches = [DirWatch(d, runtime, self.add, self.remove_below) for d in dirs]
+        self.watches = [DirWatch(d, runtime, self.add, self.remove_below, shard) for d in dirs]
         self.services: dict[str, DatabaseService] = {}
         self._runs: dict[str, tuple[asyncio.Event, asyncio.Task[None]]] = {}
         self._queue: list[tuple[float, str]] = []

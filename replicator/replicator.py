@@ -563,10 +563,10 @@ class Replicator:
         self.runtime.park_after = PARK_AFTER
         thresholds = config.notify.thresholds
         self.services = [DatabaseService(d, self.metrics, self.notifier, self.runtime,
-                                         thresholds) for d in config.dbs]
+                                         thresholds) for d in config.held()]
         self.fleet = Fleet(config.dirs, self.runtime, self.metrics,
                            lambda d: DatabaseService(d, self.metrics, self.notifier, self.runtime,
-                                                     thresholds))
+                                                     thresholds), config.shard)
         self.started = time.time()
 
     def service(self, name: str | None) -> DatabaseService | None:
@@ -590,6 +590,8 @@ class Replicator:
         cpus = allowed_cpus()
         if cpus is not None:
             doc["cpus"] = sorted(cpus)  # what the event loop's thread may run on
+        if self.config.shard is not None:
+            doc["shard"] = str(self.config.shard)
         if self.config.dirs:
             doc["databases"] = self.fleet.status()
         return doc

@@ -88,6 +88,8 @@ def format_status(doc: dict[str, Any]) -> str:
     cpus = doc.get("cpus")
     on = (f", on {describe(set(cpus))}" if isinstance(cpus, list) and cpus
           and all(isinstance(c, int) for c in cpus) else "")
+    shard = doc.get("shard")
+    on += f", shard {shard}" if isinstance(shard, str) else ""
     lines = [f"replicator {_s(doc.get('version'))}, started {_s(doc.get('started'))}{on}: "
              + ("ready" if doc.get("ready") else "NOT READY")]
     fleet = doc.get("databases")
