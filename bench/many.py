@@ -15,10 +15,9 @@ configuration), side by side on the same machine in the same run.
    object of that database in the local replica, taken from inotify events (no listing),
    p50/p99/max; the tool's CPU. With several counts the report also names the largest count
    whose p99 stayed within ``P99_TARGET_MS`` for each tool (what one such machine carries).
-   ``--processes N`` adds ours split over N processes (``ours-N``: each with its own config
-   listing every N-th directory of databases; fewer with fewer directories), the figures summed
-   over them. ``--cpus one`` adds ours with that ``cpus`` setting (``ours@one``; split over
-   processes, each process on a CPU of its own).
+   ``--processes N`` adds ours split over N processes (``ours-N``: one config, each process
+   with ``--shard k/N``), the figures summed over them. ``--cpus one`` adds ours with that
+   ``cpus`` setting (``ours@one``; split over processes, each process on a CPU of its own).
 
 Every process it starts is stopped in a ``finally``; its work directory is removed at the end.
 Raw numbers go to bench/out/many.json (``--json``: elsewhere, for a run whose figures are not
@@ -81,8 +80,8 @@ def cpus_of(tool: str) -> str | None:
 
 
 def label(tool: str, result: dict[str, Any] | None = None) -> str:
-    """The tool's name in the report; ours split says over how many processes the result ran
-    (fewer than asked with fewer directories), ours confined to CPUs says so."""
+    """The tool's name in the report; ours split says over how many processes the result ran,
+    ours confined to CPUs says so."""
     base, procs = split_tool(tool)
     cpus = cpus_of(tool)
     pinned = "" if cpus is None else (f", cpus: {cpus}" if procs == 1
@@ -90,8 +89,7 @@ def label(tool: str, result: dict[str, Any] | None = None) -> str:
     if procs == 1:
         return LABELS[base] + pinned
     ran = (result or {}).get("processes", procs)
-    return LABELS[base] + (f", {ran} processes" if ran > 1 else ", 1 process (one directory)"
-                           ) + pinned
+    return LABELS[base] + f", {ran} processes" + pinned
 
 
 def tools_of(part: dict[str, Any]) -> list[str]:
@@ -190,31 +188,21 @@ class Run:
         def pin(k: int) -> str:
             if cpus is None:
                 return ""
-            return f"cpus: {cpus if procs == 1 else mine[k % len(mine)]}\n"
+            return f"{cpus if procs == 1 else mine[k % len(mine)]}"
 
         self.cmds: list[list[str]] = []
-        if base == "ours" and procs > 1:
-            # each process takes every procs-th directory below the root, replicated to the
-            # same place below the replica as one process over the root would
-            self.env["PYTHONPATH"] = str(rc.ROOT)
-            subdirs = sorted(d.name for d in root.iterdir() if d.is_dir())
-            for k in range(min(procs, len(subdirs))):
-                cfg = work / f"{tool}.{k}.yml"
-                cfg.write_text(pin(k) + "dbs:\n" + "".join(
-                    f"  - dir: {root / d}\n    pattern: '*.db'\n"
-                    f"    replicas: [{{name: local, path: {replica}/{d}}}]\n"
-                    for d in subdirs[k::procs]))
-                self.cmds.append([sys.executable, "-m", "replicator", "replicate", "--config",
-                                  str(cfg)])
-        elif base == "ours":
+        if base == "ours":
+            # split: one config, each process its part of the databases (``--shard k/N``)
             self.env["PYTHONPATH"] = str(rc.ROOT)
             rep = (f"{{name: s3, url: '{replica}'}}" if replica.startswith("s3://")
                    else f"{{name: local, path: {replica}}}")
             self.cfg.write_text(
-                f"{pin(0)}dbs:\n  - dir: {root}\n    pattern: '*.db'\n    recursive: true\n"
+                f"dbs:\n  - dir: {root}\n    pattern: '*.db'\n    recursive: true\n"
                 f"    replicas: [{rep}]\n")
-            self.cmds.append([sys.executable, "-m", "replicator", "replicate", "--config",
-                              str(self.cfg)])
+            for k in range(procs):
+                cmd = [sys.executable, "-m", "replicator", "replicate", "--config", str(self.cfg)]
+                self.cmds.append(cmd + (["--shard", f"{k + 1}/{procs}"] if procs > 1 else [])
+                                 + (["--cpus", pin(k)] if pin(k) else []))
         else:
             if replica.startswith("s3://"):
                 bucket, _, path = replica[5:].partition("?")[0].partition("/")
