@@ -4,7 +4,8 @@ The rule is the one of ``restore --if-db-not-exists --if-replica-exists``: a dat
 exists is left alone; a missing one is restored (newest state, integrity checked) from the
 replica with the newest restorable point; if no replica holds anything restorable, the database
 starts empty. A replica that holds something but cannot be restored (a corrupt or missing
-object, an unreachable store) is an error, and nothing starts.
+object, an unreachable store) is an error, and nothing starts. For a ``dir:`` entry the rule
+applies to every database its replicas hold (:func:`restore_missing_below`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sqlite3
 from dataclasses import dataclass
 
-from .config import DbConfig
+from .config import Config, DbConfig, DirConfig, Shard
 from .errors import ReplicatorError, RestoreError
 from .fsutil import fsync_dir, temp_path
 from .restore import RestorePlan, RestoreResult, apply_plan, fmt_ns, plan_restore, summarize
@@ -120,3 +121,49 @@ async def restore_if_missing(db: DbConfig, *, check: bool = True) -> RestoreResu
              best.client.url, plan.generation, plan.txid, fmt_ns(plan.ts_ns), result.check,
              result.integrity)
     return result
+
+
+DIR_RESTORES = 4
+"""Databases of a ``dir:`` entry restored at a time on start."""
+
+
+async def restore_missing_below(d: DirConfig, shard: Shard | None = None,
+                                *, check: bool = True) -> tuple[int, int]:
+    """Restore every database of ``d`` (of ``shard``'s part) that its replicas hold and this
+    machine does not, a few at a time; (restored, present). Its directories are made as
+    needed. A database that cannot be restored is an error, raised once the others are done;
+    nothing is created for one the replicas do not hold (the application creates it)."""
+    from .discovery import db_config, replicated, shard_key
+
+    paths = [p for p in await replicated(d)
+             if shard is None or shard.holds(shard_key(d, p))]
+    limit = asyncio.Semaphore(DIR_RESTORES)
+    present = 0
+
+    async def one(path: str) -> bool:
+        nonlocal present
+        async with limit:
+            if await asyncio.to_thread(_present, path):
+                present += 1
+                return False
+            await asyncio.to_thread(os.makedirs, os.path.dirname(path), exist_ok=True)
+            return await restore_if_missing(db_config(d, path), check=check) is not None
+
+    results = await asyncio.gather(*(one(p) for p in paths), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    restored = sum(r is True for r in results)
+    log.info("%s: %d databases restored from the replicas, %d present, %d failed", d.dir,
+             restored, present, len(errors))
+    if errors:
+        raise errors[0]
+    return restored, present
+
+
+async def restore_on_start(cfg: Config) -> None:
+    """``restore-if-db-not-exists`` of every database ``replicate`` takes (its ``shard``)."""
+    for db in cfg.held():
+        if db.restore_if_db_not_exists:
+            await restore_if_missing(db)
+    for d in cfg.dirs:
+        if d.template.restore_if_db_not_exists:
+            await restore_missing_below(d, cfg.shard)

@@ -115,12 +115,15 @@ def _add_restore(sub: Any, common: argparse.ArgumentParser, name: str) -> None:
                        description="Restore from DESTINATION (or, with --config, the database "
                        "DB from its configured replicas) to OUTPUT: the latest point, a TIME or "
                        "a transaction. Progress is shown on a terminal.")
-    s.add_argument("target", metavar="DESTINATION|DB",
+    s.add_argument("target", metavar="DESTINATION|DB", nargs="?",
                    help="the replica to restore from; with --config, a database of the config "
                    "(its path or name)")
     s.add_argument("-o", "--output", metavar="OUTPUT",
                    help="the database file to write (required unless --dry-run)")
     _config_option(s, "YAML config file; then the argument names a database")
+    s.add_argument("--all", action="store_true",
+                   help="with --config, no DB and no -o: restore every database of the config "
+                   "to its own path, those of dir: entries found in their replicas")
     s.add_argument("--replica", metavar="NAME", help="with --config: restore from this replica "
                    "(default: the one with the newest restorable point)")
     g = s.add_mutually_exclusive_group()
@@ -428,7 +431,7 @@ def _note_early_stop(signum: int, frame: object) -> None:
 
 
 async def _replicate(cfg: Config, demo_rate: float | None = None) -> int:
-    from .bootstrap import restore_if_missing
+    from .bootstrap import restore_on_start
     from .replicator import Replicator
 
     sup = Supervisor(cfg.exec, cfg.shutdown_timeout)
@@ -438,9 +441,7 @@ async def _replicate(cfg: Config, demo_rate: float | None = None) -> int:
     if cfg.shard is not None:
         log.info("shard %s: %d of %d listed databases, and the databases of dir entries in "
                  "this part", cfg.shard, len(cfg.held()), len(cfg.dbs))
-    for db in cfg.held():
-        if db.restore_if_db_not_exists:
-            await restore_if_missing(db)
+    await restore_on_start(cfg)
     rep = Replicator(cfg)
     server = None
     if cfg.metrics_addr:
@@ -611,7 +612,8 @@ async def _restore(args: argparse.Namespace) -> int:
             print(redact(plan.describe()))
             print(f"download:   {fmt_bytes(size)} in {count} object{'s' if count != 1 else ''}")
             return 0
-        bar = _ProgressBar(size, count) if sys.stderr.isatty() else None
+        shown = sys.stderr.isatty() and getattr(args, "progress", True)
+        bar = _ProgressBar(size, count) if shown else None
         try:
             result = await apply_plan(src.client, plan, args.output, force=args.force,
                                       check=not args.no_integrity_check, progress=bar,
@@ -631,6 +633,59 @@ async def _restore(args: argparse.Namespace) -> int:
     finally:
         for src in sources:
             await src.client.aclose()
+
+
+RESTORE_ALL_CONCURRENCY = 4
+"""Databases restored at a time by ``restore --all``."""
+
+
+def _restore_all_checks(args: argparse.Namespace) -> None:
+    """The arguments of ``restore --all``, checked before anything is read."""
+    if not args.config:
+        raise ConfigError("--all: needs --config (every database of the config)")
+    if args.target:
+        raise ConfigError(f"--all: restores every database of the config; drop {args.target!r}")
+    if args.output:
+        raise ConfigError("--all: each database is restored to its own path; drop -o")
+    if args.txid is not None or args.generation:
+        raise ConfigError("--all: --txid and --generation name one database's history; "
+                          "use --to-time")
+
+
+async def _restore_all(args: argparse.Namespace) -> int:
+    """``restore --config FILE --all``: every listed database, and every database of a ``dir:``
+    entry that its replicas hold, restored to its own path, a few at a time (see
+    :func:`_restore` for each; its directory is made if missing). Exit 1 if one failed."""
+    from .cli_ops import RestoreCounts
+    from .config import load_config
+    from .discovery import db_config, replicated
+
+    cfg = load_config(args.config)
+    paths = [d.path for d in cfg.dbs]
+    for d in cfg.dirs:
+        paths += [db_config(d, p).path for p in await replicated(d)]
+    counts = RestoreCounts()
+    limit = asyncio.Semaphore(RESTORE_ALL_CONCURRENCY)
+
+    async def one(path: str) -> None:
+        sub = argparse.Namespace(**{**vars(args), "target": path, "output": path, "all": False,
+                                    "progress": False})
+        async with limit:
+            try:
+                if not args.dry_run:
+                    await asyncio.to_thread(os.makedirs, os.path.dirname(path), exist_ok=True)
+                if not _restore_checks(sub):
+                    counts.present += 1
+                    return
+                await _restore(sub)
+                counts.restored += 1
+            except ReplicatorError as exc:
+                counts.failed += 1
+                print(redact(f"replicator: error: {path}: {exc}"), file=sys.stderr)
+
+    await asyncio.gather(*(one(p) for p in dict.fromkeys(paths)))
+    print(counts.summary(args.dry_run))
+    return 1 if counts.failed else 0
 
 
 async def _list(args: argparse.Namespace) -> int:
@@ -737,6 +792,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "restore":
         if args.to_time:
             parse_time(args.to_time)  # a bad time is reported before anything is read
+        if args.all:
+            _restore_all_checks(args)
+            return _run_stoppable(_restore_all(args))
+        if not args.target:
+            raise ConfigError("restore needs DESTINATION|DB (or --config FILE --all)")
         return _run_stoppable(_restore(args)) if _restore_checks(args) else 0
     return _run_stoppable(_list(args))
 

@@ -12,6 +12,7 @@ import random
 import socket
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 from .config import Config, DbConfig, load_config, parse_duration
@@ -22,6 +23,22 @@ from .restore import apply_plan as apply_restore
 from .restore import fmt_ns, plan_restore, summarize
 from .retention import apply_plan, plan_retention
 from .storage import open_storage
+
+
+@dataclass
+class RestoreCounts:
+    """What ``restore --all`` did, database by database."""
+
+    restored: int = 0
+    present: int = 0
+    """Left alone: the file exists (``--if-db-not-exists``)."""
+    failed: int = 0
+
+    def summary(self, dry_run: bool) -> str:
+        """The closing line."""
+        verb = "planned" if dry_run else "restored"
+        return (f"{self.restored} databases {verb}, {self.present} present (left alone), "
+                f"{self.failed} failed")
 
 
 def select_dbs(cfg: Config, wanted: str | None, config_path: str) -> list[DbConfig]:

@@ -688,8 +688,6 @@ def _dir(raw: dict[str, Any], where: str) -> DirConfig:
         raise ConfigError(f"{where}.name: a dir entry's databases are named by their paths")
     root = os.path.abspath(_str(raw["dir"], f"{where}.dir"))
     template = _db({**{k: v for k, v in raw.items() if k not in own}, "path": root}, where)
-    if template.restore_if_db_not_exists:
-        raise ConfigError(f"{where}.restore-if-db-not-exists: only for a database listed by path")
     pattern = _str(raw.get("pattern", DEFAULT_DIR_PATTERN), f"{where}.pattern")
     if "/" in pattern:
         raise ConfigError(f"{where}.pattern: a file-name pattern (no '/'), got {pattern!r}")

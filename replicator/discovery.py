@@ -21,8 +21,9 @@ import urllib.parse
 from collections.abc import Callable
 
 from .config import Config, DbConfig, DirConfig, ReplicaConfig, Shard
+from .pos import GENERATIONS_DIR
 from .runtime import Runtime
-from .storage import FileDestination, S3Options, parse_destination
+from .storage import FileDestination, S3Options, StorageClient, parse_destination
 from .watcher import DIR_GONE
 
 log = logging.getLogger("replicator.discovery")
@@ -98,6 +99,46 @@ def find_db(cfg: Config, target: str) -> DbConfig | None:
         if matches(d, path):
             return db_config(d, path)
     return None
+
+
+LIST_CONCURRENCY = 8
+"""Listings at a time while looking for a ``dir:`` entry's databases in its destinations."""
+
+
+async def replicated(d: DirConfig) -> list[str]:
+    """The databases of ``d`` that one of its destinations holds, whether or not they are on
+    this machine: each one's path below ``d.dir``, sorted. A database is a place below the
+    entry's destination with a ``generations`` directory in it, whose path relative to the
+    destination ``d`` would replicate (its pattern, ``recursive``, no hidden directories)."""
+    found: set[str] = set()
+    for rc in d.template.replicas:
+        client = rc.open()
+        try:
+            found.update(await _held_by(d, client))
+        finally:
+            await client.aclose()
+    return sorted(found)
+
+
+async def _held_by(d: DirConfig, client: StorageClient) -> set[str]:
+    """:func:`replicated` for one destination, looked through ``LIST_CONCURRENCY`` listings
+    at a time."""
+    found: set[str] = set()
+    limit = asyncio.Semaphore(LIST_CONCURRENCY)
+
+    async def walk(rel: str) -> None:
+        async with limit:
+            names = await client.children(rel)
+        path = os.path.join(d.dir, *rel.split("/")) if rel else d.dir
+        if rel and GENERATIONS_DIR in names and matches(d, path):
+            found.add(path)
+        if rel and not d.recursive:
+            return
+        await asyncio.gather(*(walk(f"{rel}/{n}" if rel else n) for n in names
+                               if n != GENERATIONS_DIR and not n.startswith(".")))
+
+    await walk("")
+    return found
 
 
 def classify(path: str) -> str | None:

@@ -82,11 +82,13 @@ def test_dir_entry_config_and_paths(tmp_path: Path) -> None:
     assert find_db(cfg, str(tmp_path / "other.db")) is None
     assert sub_url("file:///b/t", "a.db") == "file:///b/t/a.db"
     assert not matches(d, str(root / "a.txt"))
+    restoring = parse_config({"dbs": [{"dir": str(root), "replicas": ["/b"],
+                                       "restore-if-db-not-exists": True}]})
+    assert restoring.dirs[0].template.restore_if_db_not_exists
     for bad, msg in (
         ({"dir": str(root), "path": "x", "replicas": ["/b"]}, "either path or dir"),
         ({"dir": str(root), "pattern": "a/*.db", "replicas": ["/b"]}, "pattern"),
         ({"dir": str(root), "recursive": "yes", "replicas": ["/b"]}, "recursive"),
-        ({"dir": str(root), "replicas": ["/b"], "restore-if-db-not-exists": True}, "restore-if"),
     ):
         with pytest.raises(ConfigError, match=msg):
             parse_config({"dbs": [bad]})

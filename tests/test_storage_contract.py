@@ -283,6 +283,28 @@ async def test_prefixes_are_isolated(make_storage: Factory, gen: str) -> None:
     assert await sibling.generations() == [gen]
 
 
+async def test_children_are_the_directories_below(make_storage: Factory, gen: str) -> None:
+    top = make_storage("t")
+    await top.init()
+    assert await top.children() == []
+    await write(top, snapshot_info(gen, 0, 1), b"x")
+    await top.write_lease(b"lease")
+    assert await top.children() == ["generations"]  # the lease is an object, not a directory
+    assert await top.children("generations") == [gen]
+    assert await top.children("generations/") == [gen]
+    assert await top.children("no/such/place") == []
+    if isinstance(top, MemoryStorage):
+        return  # a client of its own for every prefix: nothing else is below it
+    for sub in ("a.db", "g1/b.db", "g1/c.db", "g1/deeper/d.db"):
+        client = make_storage(f"t/{sub}")
+        await client.init()
+        await write(client, snapshot_info(gen, 0, 1), b"y")
+    assert await top.children() == ["a.db", "g1", "generations"]
+    assert await top.children("g1") == ["b.db", "c.db", "deeper"]
+    assert await top.children("g1/b.db") == ["generations"]
+    assert await make_storage("t/g1").children() == ["b.db", "c.db", "deeper"]
+
+
 async def test_concurrent_writes(storage: StorageClient, gen: str) -> None:
     infos = [segment_info(gen, i, i, i, i) for i in range(1, 21)]
     await asyncio.gather(

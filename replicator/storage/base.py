@@ -48,6 +48,13 @@ class StorageClient(Protocol):
         """Snapshots and segments of one generation, sorted by (end_txid, kind)."""
         ...
 
+    async def children(self, sub: str = "") -> list[str]:
+        """The names of the directories (prefixes) one level below ``sub``, a '/'-separated
+        path below this destination ("": the destination itself), sorted; none when there is
+        nothing there. How the databases of a ``dir:`` entry are found below the entry's
+        destination, each at its relative path, when they are not on this machine."""
+        ...
+
     async def write_object(self, info: ObjectInfo, data: AsyncIterable[bytes]) -> int:
         """Store ``data`` under ``info.key`` atomically; return the number of bytes written."""
         ...

@@ -107,6 +107,14 @@ class FileStorage:
             return []
         return sorted(n for n in names if is_generation_id(n))
 
+    def scan_children(self, sub: str) -> list[str]:
+        """See :meth:`children` (blocking: call from a thread)."""
+        try:
+            entries = list(os.scandir(self._path(sub) if sub else self.root))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+
     def scan_objects(self, generation: str) -> list[ObjectInfo]:
         """Objects of a generation with their sizes, sorted; temp files are ignored (blocking:
         call from a thread)."""
@@ -161,6 +169,13 @@ class FileStorage:
             return await off_loop(self.scan_generations)
         except OSError as exc:
             raise self._error("cannot list generations", exc) from None
+
+    async def children(self, sub: str = "") -> list[str]:
+        """The directories below ``sub``, sorted."""
+        try:
+            return await off_loop(self.scan_children, sub)
+        except OSError as exc:
+            raise self._error(f"cannot list {sub or 'the replica directory'}", exc) from None
 
     async def objects(self, generation: str) -> list[ObjectInfo]:
         """Objects of a generation, sorted; temp files are ignored."""

@@ -30,6 +30,12 @@ class MemoryStorage:
         gens = {k.split("/")[1] for k in self.data if k.startswith(GENERATIONS_DIR + "/")}
         return sorted(g for g in gens if is_generation_id(g))
 
+    async def children(self, sub: str = "") -> list[str]:
+        """The names one level below ``sub`` that have keys below them, sorted."""
+        base = f"{sub.strip('/')}/" if sub.strip("/") else ""
+        return sorted({k[len(base):].split("/")[0] for k in self.data
+                       if k.startswith(base) and "/" in k[len(base):]})
+
     async def objects(self, generation: str) -> list[ObjectInfo]:
         """Objects of a generation, sorted."""
         out = []

@@ -134,6 +134,17 @@ class S3Storage:
         except Exception as exc:
             raise r.error(None, None, exc) from exc
 
+    async def children(self, sub: str = "") -> list[str]:
+        """The prefixes one level below ``sub`` (ListObjectsV2 with a delimiter), sorted."""
+        base = self.requests.key(f"{sub.strip('/')}/" if sub.strip("/") else "")
+        out: set[str] = set()
+        async for page in self._list(base, delimiter="/"):
+            for cp in page.get("CommonPrefixes", ()):
+                name = str(cp.get("Prefix", ""))[len(base):].rstrip("/")
+                if name:
+                    out.add(name)
+        return sorted(out)
+
     async def generations(self) -> list[str]:
         """Generation ids present (holding at least one object), oldest first."""
         r = self.requests
