@@ -678,7 +678,10 @@ async def _restore_all(args: argparse.Namespace) -> int:
                     counts.present += 1
                     return
                 await _restore(sub)
-                counts.restored += 1
+                if args.dry_run or await asyncio.to_thread(os.path.exists, path):
+                    counts.restored += 1
+                else:
+                    counts.absent += 1  # --if-replica-exists, and no replica holds it
             except ReplicatorError as exc:
                 counts.failed += 1
                 print(redact(f"replicator: error: {path}: {exc}"), file=sys.stderr)

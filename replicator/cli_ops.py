@@ -32,13 +32,16 @@ class RestoreCounts:
     restored: int = 0
     present: int = 0
     """Left alone: the file exists (``--if-db-not-exists``)."""
+    absent: int = 0
+    """Not restored: no replica holds it (``--if-replica-exists``)."""
     failed: int = 0
 
     def summary(self, dry_run: bool) -> str:
         """The closing line."""
         verb = "planned" if dry_run else "restored"
-        return (f"{self.restored} databases {verb}, {self.present} present (left alone), "
-                f"{self.failed} failed")
+        absent = f", {self.absent} in no replica" if self.absent else ""
+        return (f"{self.restored} databases {verb}, {self.present} present (left alone)"
+                f"{absent}, {self.failed} failed")
 
 
 def select_dbs(cfg: Config, wanted: str | None, config_path: str) -> list[DbConfig]:

@@ -118,6 +118,18 @@ def test_restore_all_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "t").exists() and not (tmp_path / "x.db").exists()
 
 
+def test_restore_all_with_a_database_no_replica_holds(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, tmp_path / "t", tmp_path / "b")  # nothing replicated anywhere
+    r = util.cli("restore", "--config", str(cfg), "--all", "--if-replica-exists", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "0 databases restored, 0 present (left alone), 1 in no replica, 0 failed" in r.stdout
+    r = util.cli("restore", "--config", str(cfg), "--all", timeout=60)
+    assert r.returncode == 1 and "0 databases restored" in r.stdout and "1 failed" in r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{tmp_path / 'app.db'}: " in lines[0], r.stderr
+    assert not (tmp_path / "app.db").exists()
+
+
 def test_replicate_restores_its_part_of_a_lost_directory_on_start(tmp_path: Path) -> None:
     root, dest = tmp_path / "tenants", tmp_path / "backups"
     _replicate_all(tmp_path, root, dest)
