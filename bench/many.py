@@ -18,6 +18,10 @@ configuration), side by side on the same machine in the same run.
    ``--processes N`` adds ours split over N processes (``ours-N``: one config, each process
    with ``--shard k/N``), the figures summed over them. ``--cpus one`` adds ours with that
    ``cpus`` setting (``ours@one``; split over processes, each process on a CPU of its own).
+4. **lost**: ``--lost`` databases (default 1,000) replicated to a local directory, each
+   committing a few transactions more, the tool stopped and the directory deleted; the time,
+   and the CPU, to restore every one of them to its place (see :func:`lost`), each compared
+   with what was committed.
 
 Every process it starts is stopped in a ``finally``; its work directory is removed at the end.
 Raw numbers go to bench/out/many.json (``--json``: elsewhere, for a run whose figures are not
@@ -35,6 +39,7 @@ import ctypes
 import ctypes.util
 import datetime as dt
 import functools
+import hashlib
 import json
 import os
 import random
@@ -529,6 +534,79 @@ def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
         shutil.rmtree(replica, ignore_errors=True)
 
 
+LOST_COMMITS = 3  # transactions a database gets after its first snapshot (lost phase)
+LITESTREAM_PARALLEL = 4  # Litestream restores at a time: ours restores 4 databases at a time
+
+
+def digest(db: Path) -> str:
+    """The rows of a benchmark database, hashed."""
+    c = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return hashlib.sha256(repr(c.execute("SELECT id, v FROM t ORDER BY id").fetchall())
+                              .encode()).hexdigest()
+    finally:
+        c.close()
+
+
+def lost(tool: str, work: Path, n: int) -> dict[str, Any]:
+    """A lost directory brought back: ``n`` databases replicated to a local directory, each
+    committing ``LOST_COMMITS`` transactions more, the tool stopped, the directory deleted; then
+    every database restored from the replica to its place. Ours: one ``restore --config FILE
+    --all``; Litestream: one ``litestream restore -o DB file://REPLICA/REL`` a database,
+    ``LITESTREAM_PARALLEL`` at a time (it has no command for a directory). Timed from the start
+    of the restore to the last database written, CPU of every process it took; every database is
+    compared with what was committed."""
+    root, replica = work / f"lost-{tool}", work / f"lost-{tool}-replica"
+    rels = make_dbs(root, n)
+    run = Run(tool, work, root, str(replica))
+    run.start()
+    try:
+        res = wait_replicated(run, replica, n, 600, 1 << 20)
+        if not res["ok"]:
+            return res
+        for rel in rels:
+            c = sqlite3.connect(root / rel, isolation_level=None)
+            for _ in range(LOST_COMMITS):
+                c.execute("INSERT INTO t(v) VALUES (randomblob(200))")
+            c.close()
+        expect = {rel: digest(root / rel) for rel in rels}
+        time.sleep(SETTLE)  # Litestream ships once a second
+    finally:
+        run.stop(120)
+    shutil.rmtree(root)
+    busy = rc.Background()
+    before = os.times()
+    t0 = time.perf_counter()
+    if tool == "ours":
+        r = subprocess.run([sys.executable, "-m", "replicator", "restore", "--config",
+                            str(run.cfg), "--all"], capture_output=True, text=True,
+                           env=run.env, cwd=work, check=False)
+        failed = r.returncode != 0
+        why = r.stderr[-500:]
+    else:
+        import concurrent.futures
+
+        def one(rel: str) -> int:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            return subprocess.run([rc.litestream_binary(), "restore", "-o", str(root / rel),
+                                   f"file://{replica / rel}"], capture_output=True,
+                                  check=False).returncode
+
+        with concurrent.futures.ThreadPoolExecutor(LITESTREAM_PARALLEL) as pool:
+            codes = list(pool.map(one, rels))
+        failed = any(codes)
+        why = f"{sum(1 for x in codes if x)} restores failed"
+    seconds = time.perf_counter() - t0
+    after = os.times()
+    cpu = (after.children_user + after.children_system
+           - before.children_user - before.children_system)
+    equal = sum(1 for rel in rels if (root / rel).exists() and digest(root / rel) == expect[rel])
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(replica, ignore_errors=True)
+    return {"ok": not failed, "why": why if failed else None, "databases": n,
+            "seconds": seconds, "cpu_s": cpu, "equal": equal, "machine": busy.done(0.0)}
+
+
 def rc_s3_env() -> dict[str, str]:
     import s3fixtures as fx
     return {**fx.S3_ENV_VARS, "AWS_REGION": fx.TEST_REGION}
@@ -607,6 +685,16 @@ def report(res: dict[str, Any]) -> str:
         "tool CPU % of a core", "threads", load], lambda r: [
         f"{r['matched']}/{r['commits']}", fmt(r["lag_p50_ms"]), fmt(r["lag_p99_ms"]),
         fmt(r["lag_max_ms"]), fmt(r["cpu_pct"]), fmt(r.get("threads"), "d")])
+    if res.get("lost"):
+        lines += _table([res["lost"]], ["lost directory", "tool", "restored equal", "seconds",
+                                        "databases a second", "CPU s", load], lambda r: [
+            f"{r['equal']}/{r['databases']}", fmt(r["seconds"], ".1f"),
+            fmt(r["databases"] / r["seconds"], ".0f"), fmt(r["cpu_s"], ".1f")])
+        lines += ["", f"Lost directory: every database (each with {LOST_COMMITS} transactions "
+                  "after its first snapshot) restored from a local replica to its place after "
+                  "the directory was deleted: ours with one `restore --config FILE --all` (4 "
+                  "at a time), Litestream with one `litestream restore` a database, "
+                  f"{LITESTREAM_PARALLEL} at a time; CPU of every process the restore took."]
     lines += ["", "Lag: from the writer's commit to the inotify event of the next finished object "
               "of that database in the replica (ours: a `.seg`; Litestream: a level-0 `.ltx`); "
               "a commit whose object had already been written counts from the next one."]
@@ -633,7 +721,9 @@ def main() -> int:
     p.add_argument("--active", default="1000",
                    help="databases committing (a comma-separated list: each count in turn)")
     p.add_argument("--active-seconds", type=float, default=60)
-    p.add_argument("--only", choices=("idle", "big", "active"), action="append")
+    p.add_argument("--lost", type=int, default=1000,
+                   help="databases of the lost directory restored (phase lost)")
+    p.add_argument("--only", choices=("idle", "big", "active", "lost"), action="append")
     p.add_argument("--tools", default=",".join(TOOLS))
     p.add_argument("--processes", type=int, default=1,
                    help="also ours split over this many processes (active databases only)")
@@ -652,19 +742,19 @@ def main() -> int:
                    help="keep the successful runs of the raw numbers (--json), do the others")
     args = p.parse_args()
     if args.quick:
-        args.idle, args.big, args.active = 200, 1000, "200"
+        args.idle, args.big, args.active, args.lost = 200, 1000, "200", 200
         args.idle_seconds = args.active_seconds = 20
     tools = [t for t in args.tools.split(",") if t]
     if args.processes > 1:
         tools.append(f"ours-{args.processes}")
     if args.cpus:
         tools += [f"{t}@{args.cpus}" for t in list(tools) if t.startswith("ours")]
-    only = set(args.only or ("idle", "big", "active"))
+    only = set(args.only or ("idle", "big", "active", "lost"))
     work = Path(tempfile.mkdtemp(prefix="manybench-", dir=args.workdir))
     res: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                            "machine": f"{os.cpu_count()} cores, {platform_facts()}",
                            "litestream": rc.litestream_version(), "idle": {}, "big": {},
-                           "active": {}}
+                           "active": {}, "lost": {}}
     saved = Path(args.json)
     if args.report_only:
         return write_report(json.loads(saved.read_text()), args.out)
@@ -690,6 +780,8 @@ def main() -> int:
                    for n in counts]
         phases += [("big", args.big, res["big"],
                     lambda t: big(t, work, args.big, args.big_timeout, args.mem_cap))]
+        phases += [("lost", args.lost, res.setdefault("lost", {}),
+                    lambda t: lost(t, work, args.lost))]
         for phase, n, part, fn in phases:
             for tool in tools if phase in only else []:
                 variant = split_tool(tool)[1] > 1 or cpus_of(tool) is not None
