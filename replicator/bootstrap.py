@@ -123,6 +123,15 @@ async def restore_if_missing(db: DbConfig, *, check: bool = True) -> RestoreResu
     return result
 
 
+def make_parent(path: str) -> None:
+    """The directory of ``path``, made if missing; RestoreError if it cannot be."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as exc:
+        raise RestoreError(f"cannot make directory {os.path.dirname(path)}: "
+                           f"{exc.strerror}") from None
+
+
 DIR_RESTORES = 4
 """Databases of a ``dir:`` entry restored at a time on start."""
 
@@ -146,7 +155,7 @@ async def restore_missing_below(d: DirConfig, shard: Shard | None = None,
             if await asyncio.to_thread(_present, path):
                 present += 1
                 return False
-            await asyncio.to_thread(os.makedirs, os.path.dirname(path), exist_ok=True)
+            await asyncio.to_thread(make_parent, path)
             return await restore_if_missing(db_config(d, path), check=check) is not None
 
     results = await asyncio.gather(*(one(p) for p in paths), return_exceptions=True)

@@ -656,6 +656,7 @@ async def _restore_all(args: argparse.Namespace) -> int:
     """``restore --config FILE --all``: every listed database, and every database of a ``dir:``
     entry that its replicas hold, restored to its own path, a few at a time (see
     :func:`_restore` for each; its directory is made if missing). Exit 1 if one failed."""
+    from .bootstrap import make_parent
     from .cli_ops import RestoreCounts
     from .config import load_config
     from .discovery import db_config, replicated
@@ -673,7 +674,7 @@ async def _restore_all(args: argparse.Namespace) -> int:
         async with limit:
             try:
                 if not args.dry_run:
-                    await asyncio.to_thread(os.makedirs, os.path.dirname(path), exist_ok=True)
+                    await asyncio.to_thread(make_parent, path)
                 if not _restore_checks(sub):
                     counts.present += 1
                     return

@@ -101,6 +101,16 @@ def test_restore_all_brings_back_a_lost_directory(tmp_path: Path) -> None:
     assert len(errors) == 6 and all("already exists; pass --force" in e for e in errors), errors
     assert "Traceback" not in r.stderr
     assert {n: (root / n).stat().st_mtime_ns for n in NAMES} == before
+    # a directory that cannot be made: an error for each of its databases, no traceback
+    shutil.rmtree(root)
+    root.write_text("a file where the directory was\n")
+    r = util.cli("restore", "--config", str(cfg), "--all", timeout=120)
+    assert r.returncode == 1 and "0 databases restored" in r.stdout and "6 failed" in r.stdout
+    errors = r.stderr.strip().splitlines()
+    assert sum("cannot make directory" in e for e in errors) == 5, errors
+    assert sum("app.db already exists" in e for e in errors) == 1, errors
+    assert "Traceback" not in r.stderr
+    assert root.read_text() == "a file where the directory was\n"
 
 
 def test_restore_all_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
