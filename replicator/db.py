@@ -251,25 +251,26 @@ class Database:
         except OSError as exc:
             log.warning("%s: cannot record the shutdown position: %s", self.name, exc)
 
-    def _captured_file_sig(self, backfilled: bool = False) -> FileSig | None:
-        """Before closing (or releasing an idle pin): the database file's signature when every
-        committed frame is captured (the wal-index ends at the captured frame, wholly
-        backfilled if ``backfilled``, or there is no WAL and the file is the state the capture
-        last read) and the file was last written long enough ago; else None."""
+    def all_captured(self, backfilled: bool = False) -> bool:
+        """Whether every committed frame is captured: the wal-index ends at the captured frame
+        (wholly backfilled if ``backfilled``), or there is no WAL and the file is the state the
+        capture last read (blocking)."""
         p = self.progress
-        sig = _quiet_sig(self.path)
-        if sig is None:
-            return None
         shm = self.handles.read_shm()
         if p.pos is None:
             if p.nowal_sig is None or self.capture.nowal_changed():
-                return None
+                return False
             frames = shm[1] if shm is not None else self.handles.sizes()[1] - WAL_HEADER_SIZE
-            if frames > 0:
-                return None
-        elif shm is None or shm[0] != salt_bytes(p.pos.salts) or shm[1] != p.pos.frame or (
-            backfilled and shm[2] != shm[1]
-        ):
+            return frames <= 0
+        return not (shm is None or shm[0] != salt_bytes(p.pos.salts) or shm[1] != p.pos.frame
+                    or (backfilled and shm[2] != shm[1]))
+
+    def _captured_file_sig(self, backfilled: bool = False) -> FileSig | None:
+        """Before closing (or releasing an idle pin): the database file's signature when every
+        committed frame is captured (:meth:`all_captured`) and the file was last written long
+        enough ago; else None."""
+        sig = _quiet_sig(self.path)
+        if sig is None or not self.all_captured(backfilled):
             return None
         return sig
 

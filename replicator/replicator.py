@@ -36,6 +36,7 @@ from .metrics import Metrics, create_metrics
 from .notices import NoticeThresholds, ReplicaNotices
 from .notify import Notifier
 from .pos import ObjectInfo
+from .progress import FilesSig
 from .pruning import PruneSchedule, keep_recent_ms, prune_spool
 from .replica import DEFAULT_BACKSTOP, Replica
 from .report import SUMMARY_EVERY as SUMMARY_EVERY
@@ -163,8 +164,14 @@ class DatabaseService:
         for r in self.replicas:
             if not r.healthy or await r.pending(remote=False):
                 return False
+        # the files' signature before the look that shows everything captured, and before
+        # the connections close: a commit after it (the application's checkpoint on closing
+        # its last connection among them) makes the next signature differ
+        sig = await self.call(self._idle_signature)
+        if sig is None:
+            return False  # a commit since the last step: captured first
         await self.call(self.db.close, False)
-        self._parked_sig = await self.runtime.call(runtime_sig, self.cfg.path)
+        self._parked_sig = sig
         if self.health is not None:
             self.health.close()  # its next check opens a connection again
         self.parked = True
@@ -175,7 +182,15 @@ class DatabaseService:
         self.runtime.release_memory()
         log.debug("%s: parked at txid %d (idle, every replica caught up)", self.cfg.name,
                   self.db.txid)
+        if await self._changed_since_parked():
+            self.wake.set()  # written while it closed: the loop opens it again
         return True
+
+    def _idle_signature(self) -> FilesSig | None:
+        """The database's and its ``-wal``'s signature, if the wal-index read after it shows
+        every committed frame captured (see :meth:`park`); else None (blocking)."""
+        sig = runtime_sig(self.cfg.path)
+        return sig if self.db.all_captured() else None
 
     async def _changed_since_parked(self) -> bool:
         return await self.runtime.call(runtime_sig, self.cfg.path) != self._parked_sig

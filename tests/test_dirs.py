@@ -324,6 +324,35 @@ async def test_parked_database_holds_no_files_and_resumes(tmp_path: Path) -> Non
     assert len(util.seqs(out)) == 16
 
 
+async def test_a_commit_while_a_database_parks_is_captured(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The application commits between the replicator's last look and the close of its
+    connections, and closes its own, the last one: checkpointed, the WAL removed. The parked
+    state must not take that for the state it parked at."""
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    commit(db, 1)
+    dest = tmp_path / "replica"
+    cfg = DbConfig(path=str(db), replicas=[ReplicaConfig("local", str(dest))], health=[])
+    s = DatabaseService(cfg)
+    await s.open()
+    await s.sync()
+    await s.replicas[0].sync()
+    closing = s.db.close
+
+    def close_then_commit(tidy: bool = True) -> None:
+        closing(tidy)
+        commit(db, 3)  # the last connection: checkpointed on close, the WAL removed
+
+    monkeypatch.setattr(s.db, "close", close_then_commit)
+    assert await s.park()
+    assert not Path(f"{db}-wal").exists()
+    await s.close(10)  # the final sync must see the change
+    out = tmp_path / "out.db"
+    util.restore(str(dest), out)
+    assert util.seqs(out) == [1, 2, 3, 4]
+
+
 async def test_open_budget_parks_idle_databases_to_open_the_next(tmp_path: Path) -> None:
     root, dest = tmp_path / "tenants", tmp_path / "backups"
     root.mkdir()
