@@ -548,34 +548,67 @@ def digest(db: Path) -> str:
         c.close()
 
 
-def lost(tool: str, work: Path, n: int) -> dict[str, Any]:
-    """A lost directory brought back: ``n`` databases replicated to a local directory, each
-    committing ``LOST_COMMITS`` transactions more, the tool stopped, the directory deleted; then
-    every database restored from the replica to its place. Ours: one ``restore --config FILE
-    --all``; Litestream: one ``litestream restore -o DB file://REPLICA/REL`` a database,
-    ``LITESTREAM_PARALLEL`` at a time (it has no command for a directory). Timed from the start
-    of the restore to the last database written, CPU of every process it took; every database is
-    compared with what was committed."""
-    root, replica = work / f"lost-{tool}", work / f"lost-{tool}-replica"
+def settle_writes(run: Run, proxy: Any) -> bool:
+    """Wait until the tool's writes to S3 stop for ``SETTLE`` seconds (False: it exited, or
+    still writes after ``SETTLE_MAX``)."""
+    last, last_change, t0 = -1, time.monotonic(), time.monotonic()
+    while time.monotonic() - last_change < SETTLE:
+        if not run.alive() or time.monotonic() - t0 > SETTLE_MAX:
+            return False
+        cur = writes(proxy)
+        if cur != last:
+            last, last_change = cur, time.monotonic()
+        time.sleep(1.0)
+    return True
+
+
+def lost(tool: str, work: Path, n: int, s3: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """A lost directory brought back: ``n`` databases replicated to a local directory (with
+    ``s3``: to S3, through the recording proxy), each committing ``LOST_COMMITS`` transactions
+    more, the tool stopped, the directory deleted; then every database restored from the
+    replica to its place. Ours: one ``restore --config FILE --all``; Litestream: one
+    ``litestream restore -o DB URL`` a database, ``LITESTREAM_PARALLEL`` at a time (it has no
+    command for a directory). Timed from the start of the restore to the last database
+    written, CPU of every process it took, S3 requests it made; every database is compared with
+    what was committed."""
+    where = "s3" if s3 is not None else "local"
+    root, replica_dir = work / f"lost-{tool}-{where}", work / f"lost-{tool}-{where}-replica"
     rels = make_dbs(root, n)
-    run = Run(tool, work, root, str(replica))
+    env = None
+    if s3 is not None:
+        server, proxy = s3
+        bucket = server.create_bucket()
+        replica = (f"s3://{bucket}/t?endpoint={proxy.endpoint}&region=us-east-1"
+                   "&force_path_style=true")
+        env = {**rc_s3_env(), "BENCH_ENDPOINT": proxy.endpoint}
+    else:
+        replica = str(replica_dir)
+    run = Run(tool, work, root, replica, env)
     run.start()
     try:
-        res = wait_replicated(run, replica, n, 600, 1 << 20)
-        if not res["ok"]:
-            return res
+        if s3 is not None:
+            if not settle_writes(run, s3[1]):
+                return {"ok": False, "why": "not settled", "log": run.tail()}
+        else:
+            res = wait_replicated(run, replica_dir, n, 600, 1 << 20)
+            if not res["ok"]:
+                return res
         for rel in rels:
             c = sqlite3.connect(root / rel, isolation_level=None)
             for _ in range(LOST_COMMITS):
                 c.execute("INSERT INTO t(v) VALUES (randomblob(200))")
             c.close()
         expect = {rel: digest(root / rel) for rel in rels}
-        time.sleep(SETTLE)  # Litestream ships once a second
+        if s3 is not None:
+            settle_writes(run, s3[1])
+        else:
+            time.sleep(SETTLE)  # Litestream ships once a second
     finally:
         run.stop(120)
     shutil.rmtree(root)
     busy = rc.Background()
     before = os.times()
+    req0 = s3[1].mark() if s3 is not None else 0
     t0 = time.perf_counter()
     if tool == "ours":
         r = subprocess.run([sys.executable, "-m", "replicator", "restore", "--config",
@@ -586,10 +619,16 @@ def lost(tool: str, work: Path, n: int) -> dict[str, Any]:
     else:
         import concurrent.futures
 
+        def url(rel: str) -> str:
+            if s3 is None:
+                return f"file://{replica_dir / rel}"
+            return (f"s3://{bucket}/t/{rel}?endpoint={s3[1].endpoint}&region=us-east-1"
+                    "&forcePathStyle=true")
+
         def one(rel: str) -> int:
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             return subprocess.run([rc.litestream_binary(), "restore", "-o", str(root / rel),
-                                   f"file://{replica / rel}"], capture_output=True,
+                                   url(rel)], capture_output=True, env=run.env,
                                   check=False).returncode
 
         with concurrent.futures.ThreadPoolExecutor(LITESTREAM_PARALLEL) as pool:
@@ -597,14 +636,16 @@ def lost(tool: str, work: Path, n: int) -> dict[str, Any]:
         failed = any(codes)
         why = f"{sum(1 for x in codes if x)} restores failed"
     seconds = time.perf_counter() - t0
+    requests = s3[1].mark() - req0 if s3 is not None else None
     after = os.times()
     cpu = (after.children_user + after.children_system
            - before.children_user - before.children_system)
     equal = sum(1 for rel in rels if (root / rel).exists() and digest(root / rel) == expect[rel])
     shutil.rmtree(root, ignore_errors=True)
-    shutil.rmtree(replica, ignore_errors=True)
+    shutil.rmtree(replica_dir, ignore_errors=True)
     return {"ok": not failed, "why": why if failed else None, "databases": n,
-            "seconds": seconds, "cpu_s": cpu, "equal": equal, "machine": busy.done(0.0)}
+            "destination": where, "seconds": seconds, "cpu_s": cpu, "equal": equal,
+            "requests": requests, "machine": busy.done(0.0)}
 
 
 def rc_s3_env() -> dict[str, str]:
@@ -685,16 +726,6 @@ def report(res: dict[str, Any]) -> str:
         "tool CPU % of a core", "threads", load], lambda r: [
         f"{r['matched']}/{r['commits']}", fmt(r["lag_p50_ms"]), fmt(r["lag_p99_ms"]),
         fmt(r["lag_max_ms"]), fmt(r["cpu_pct"]), fmt(r.get("threads"), "d")])
-    if res.get("lost"):
-        lines += _table([res["lost"]], ["lost directory", "tool", "restored equal", "seconds",
-                                        "databases a second", "CPU s", load], lambda r: [
-            f"{r['equal']}/{r['databases']}", fmt(r["seconds"], ".1f"),
-            fmt(r["databases"] / r["seconds"], ".0f"), fmt(r["cpu_s"], ".1f")])
-        lines += ["", f"Lost directory: every database (each with {LOST_COMMITS} transactions "
-                  "after its first snapshot) restored from a local replica to its place after "
-                  "the directory was deleted: ours with one `restore --config FILE --all` (4 "
-                  "at a time), Litestream with one `litestream restore` a database, "
-                  f"{LITESTREAM_PARALLEL} at a time; CPU of every process the restore took."]
     lines += ["", "Lag: from the writer's commit to the inotify event of the next finished object "
               "of that database in the replica (ours: a `.seg`; Litestream: a level-0 `.ltx`); "
               "a commit whose object had already been written counts from the next one."]
@@ -706,11 +737,25 @@ def report(res: dict[str, Any]) -> str:
             carried.append(f"{label(tool)} {max(ok) if ok else 'none'}")
         lines += ["", f"Largest count measured with lag p99 ≤ {P99_TARGET_MS:.0f} ms (of "
                   f"{', '.join(counts)}): {'; '.join(carried)}."]
+    lost_parts = [res[k] for k in ("lost", "lost_s3") if res.get(k)]
+    if lost_parts:
+        lines += _table(lost_parts, ["lost directory", "tool", "from", "restored equal",
+                                     "seconds", "databases a second", "CPU s", "S3 requests",
+                                     load], lambda r: [
+            r.get("destination", "local"), f"{r['equal']}/{r['databases']}",
+            fmt(r["seconds"], ".1f"), fmt(r["databases"] / r["seconds"], ".0f"),
+            fmt(r["cpu_s"], ".1f"), fmt(r.get("requests"), "d")])
+        lines += ["", f"Lost directory: every database (each with {LOST_COMMITS} transactions "
+                  "after its first snapshot) restored from its replica (a local directory; S3: "
+                  "SeaweedFS through the recording proxy) to its place after the directory was "
+                  "deleted: ours with one `restore --config FILE --all` (4 at a time), "
+                  f"Litestream with one `litestream restore` a database, {LITESTREAM_PARALLEL} "
+                  "at a time; CPU of every process the restore took."]
     lines += ["", END]
     return "\n".join(lines)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--idle", type=int, default=1000)
@@ -744,6 +789,11 @@ def main() -> int:
     if args.quick:
         args.idle, args.big, args.active, args.lost = 200, 1000, "200", 200
         args.idle_seconds = args.active_seconds = 20
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     tools = [t for t in args.tools.split(",") if t]
     if args.processes > 1:
         tools.append(f"ours-{args.processes}")
@@ -762,7 +812,7 @@ def main() -> int:
         res = {**res, **json.loads(saved.read_text())}
     s3 = None
     try:
-        if "idle" in only and not args.no_s3:
+        if ("idle" in only or "lost" in only) and not args.no_s3:
             started = start_s3(work)
             if started is not None:
                 os.environ.update(rc_s3_env())
@@ -782,6 +832,9 @@ def main() -> int:
                     lambda t: big(t, work, args.big, args.big_timeout, args.mem_cap))]
         phases += [("lost", args.lost, res.setdefault("lost", {}),
                     lambda t: lost(t, work, args.lost))]
+        if s3 is not None:
+            phases += [("lost", args.lost, res.setdefault("lost_s3", {}),
+                        lambda t: lost(t, work, args.lost, s3))]
         for phase, n, part, fn in phases:
             for tool in tools if phase in only else []:
                 variant = split_tool(tool)[1] > 1 or cpus_of(tool) is not None
