@@ -517,6 +517,18 @@ def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
                 windows.setdefault(int((t - t0) // 10), []).append(lag)
         by_window = [{"from_s": 10 * k, "commits": len(v), "p50_ms": 1000 * pct(v, 50),
                       "p99_ms": 1000 * pct(v, 99)} for k, v in sorted(windows.items())]
+        machine = busy.done(0.0)
+        # then every database restored and compared with what the writer left (a stop that
+        # loses a commit, a database parked over one, shows here)
+        time.sleep(3.0)  # Litestream ships once a second
+        run.stop(120)
+        expect = {rel: digest(root / rel) for rel in rels}
+        kept = root.with_name(root.name + "-written")
+        root.rename(kept)
+        restored = restore_all(tool, run, work, root, replica, rels)
+        equal = sum(1 for rel in rels
+                    if (root / rel).exists() and digest(root / rel) == expect[rel])
+        shutil.rmtree(kept, ignore_errors=True)
         return {"ok": True, "databases": n, "processes": len(run.procs),
                 "commits": len(commits), "matched": len(ls),
                 "lag_by_window": by_window,
@@ -524,7 +536,8 @@ def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
                 "lag_p50_ms": 1000 * pct(ls, 50), "lag_p99_ms": 1000 * pct(ls, 99),
                 "lag_max_ms": 1000 * max(ls, default=float("nan")),
                 "cpu_pct": 100 * (b["cpu_s"] - a["cpu_s"]) / (seconds + 10),
-                "rss_mib": b["rss_mib"], "threads": b["threads"], "machine": busy.done(0.0)}
+                "rss_mib": b["rss_mib"], "threads": b["threads"], "machine": machine,
+                "restored_equal": equal, "restore_s": restored["seconds"]}
     finally:
         if writer is not None and writer.poll() is None:
             writer.kill()
@@ -606,11 +619,27 @@ def lost(tool: str, work: Path, n: int, s3: tuple[Any, Any] | None = None) -> di
     finally:
         run.stop(120)
     shutil.rmtree(root)
+    url = None if s3 is None else (f"s3://{bucket}/t/{{rel}}?endpoint={s3[1].endpoint}"
+                                   "&region=us-east-1&forcePathStyle=true")
+    out = restore_all(tool, run, work, root, replica_dir, rels, url,
+                      s3[1] if s3 is not None else None)
+    equal = sum(1 for rel in rels if (root / rel).exists() and digest(root / rel) == expect[rel])
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(replica_dir, ignore_errors=True)
+    return {**out, "databases": n, "destination": where, "equal": equal}
+
+
+def restore_all(tool: str, run: Run, work: Path, root: Path, replica_dir: Path,
+                rels: list[str], url: str | None = None, proxy: Any = None) -> dict[str, Any]:
+    """Every database of ``rels`` restored to its place below ``root`` (gone): ours with one
+    ``restore --config FILE --all``, Litestream with one ``litestream restore`` a database from
+    ``url`` (``{rel}`` in it: the database's relative path; None: below ``replica_dir``),
+    ``LITESTREAM_PARALLEL`` at a time. Time, CPU of the processes, S3 requests (``proxy``)."""
     busy = rc.Background()
     before = os.times()
-    req0 = s3[1].mark() if s3 is not None else 0
+    req0 = proxy.mark() if proxy is not None else 0
     t0 = time.perf_counter()
-    if tool == "ours":
+    if tool.startswith("ours"):
         r = subprocess.run([sys.executable, "-m", "replicator", "restore", "--config",
                             str(run.cfg), "--all"], capture_output=True, text=True,
                            env=run.env, cwd=work, check=False)
@@ -619,16 +648,11 @@ def lost(tool: str, work: Path, n: int, s3: tuple[Any, Any] | None = None) -> di
     else:
         import concurrent.futures
 
-        def url(rel: str) -> str:
-            if s3 is None:
-                return f"file://{replica_dir / rel}"
-            return (f"s3://{bucket}/t/{rel}?endpoint={s3[1].endpoint}&region=us-east-1"
-                    "&forcePathStyle=true")
-
         def one(rel: str) -> int:
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            src = f"file://{replica_dir / rel}" if url is None else url.format(rel=rel)
             return subprocess.run([rc.litestream_binary(), "restore", "-o", str(root / rel),
-                                   url(rel)], capture_output=True, env=run.env,
+                                   src], capture_output=True, env=run.env,
                                   check=False).returncode
 
         with concurrent.futures.ThreadPoolExecutor(LITESTREAM_PARALLEL) as pool:
@@ -636,16 +660,12 @@ def lost(tool: str, work: Path, n: int, s3: tuple[Any, Any] | None = None) -> di
         failed = any(codes)
         why = f"{sum(1 for x in codes if x)} restores failed"
     seconds = time.perf_counter() - t0
-    requests = s3[1].mark() - req0 if s3 is not None else None
     after = os.times()
-    cpu = (after.children_user + after.children_system
-           - before.children_user - before.children_system)
-    equal = sum(1 for rel in rels if (root / rel).exists() and digest(root / rel) == expect[rel])
-    shutil.rmtree(root, ignore_errors=True)
-    shutil.rmtree(replica_dir, ignore_errors=True)
-    return {"ok": not failed, "why": why if failed else None, "databases": n,
-            "destination": where, "seconds": seconds, "cpu_s": cpu, "equal": equal,
-            "requests": requests, "machine": busy.done(0.0)}
+    return {"ok": not failed, "why": why if failed else None, "seconds": seconds,
+            "cpu_s": (after.children_user + after.children_system
+                      - before.children_user - before.children_system),
+            "requests": proxy.mark() - req0 if proxy is not None else None,
+            "machine": busy.done(0.0)}
 
 
 def rc_s3_env() -> dict[str, str]:
@@ -723,12 +743,16 @@ def report(res: dict[str, Any]) -> str:
     counts = sorted(active, key=lambda n: int(n) if n.isdigit() else 0)
     lines += _table([active[n] for n in counts], [
         "each committing 1/s", "tool", "commits", "lag p50 ms", "p99 ms", "max ms",
-        "tool CPU % of a core", "threads", load], lambda r: [
+        "tool CPU % of a core", "threads", "restored equal", load], lambda r: [
         f"{r['matched']}/{r['commits']}", fmt(r["lag_p50_ms"]), fmt(r["lag_p99_ms"]),
-        fmt(r["lag_max_ms"]), fmt(r["cpu_pct"]), fmt(r.get("threads"), "d")])
+        fmt(r["lag_max_ms"]), fmt(r["cpu_pct"]), fmt(r.get("threads"), "d"),
+        f"{r['restored_equal']}/{r['databases']}" if "restored_equal" in r else "not run"])
     lines += ["", "Lag: from the writer's commit to the inotify event of the next finished object "
               "of that database in the replica (ours: a `.seg`; Litestream: a level-0 `.ltx`); "
-              "a commit whose object had already been written counts from the next one."]
+              "a commit whose object had already been written counts from the next one. "
+              "Restored equal: after the run the tool was stopped, and every database restored "
+              "from the replica (as in the lost directory below) and compared with the file the "
+              "writer left."]
     if len(counts) > 1:
         carried = []
         for tool in tools_of({t: 1 for n in counts for t in active[n]}):
