@@ -148,13 +148,7 @@ class S3Storage:
     async def generations(self) -> list[str]:
         """Generation ids present (holding at least one object), oldest first."""
         r = self.requests
-        base = r.key(GENERATIONS_DIR + "/")
-        candidates: set[str] = set()
-        async for page in self._list(base, delimiter="/"):
-            for cp in page.get("CommonPrefixes", ()):
-                name = str(cp.get("Prefix", ""))[len(base) :].rstrip("/")
-                if is_generation_id(name):
-                    candidates.add(name)
+        candidates = [n for n in await self.children(GENERATIONS_DIR) if is_generation_id(n)]
         # Servers backed by a file system (SeaweedFS, ...) keep listing a "directory" after its
         # last object is deleted, so each candidate is checked for an object.
         client = await r.client()
@@ -174,9 +168,8 @@ class S3Storage:
                 )
             return bool(page.get("Contents"))
 
-        gens = sorted(candidates)
-        present = await asyncio.gather(*(has_objects(g) for g in gens))
-        return [g for g, ok in zip(gens, present, strict=True) if ok]
+        present = await asyncio.gather(*(has_objects(g) for g in candidates))
+        return [g for g, ok in zip(candidates, present, strict=True) if ok]
 
     async def objects(self, generation: str) -> list[ObjectInfo]:
         """Objects of a generation, sorted; keys that are not objects are skipped."""
