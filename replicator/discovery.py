@@ -197,8 +197,6 @@ class DirWatch:
                  shard: Shard | None = None) -> None:
         self.cfg = d
         self.shard = shard
-        self.others = 0
-        """Candidates of the other parts found by the first scan."""
         self.runtime = runtime
         self._add = add
         self._remove = remove
@@ -217,11 +215,10 @@ class DirWatch:
                                      self.on_event)
         every = await self.runtime.call(scan, self.cfg)
         found = [(p, c) for p, c in every if self._held(p)]
-        self.others = len(every) - len(found)
         reasons = await self.runtime.call(lambda: [classify(p) for p, _ in found])
         for (path, changed), reason in zip(found, reasons, strict=True):
             self._found(path, changed, reason)
-        part = (f", {self.others} candidates of the other parts of shard {self.shard}"
+        part = (f", {len(every) - len(found)} candidates of the other parts of shard {self.shard}"
                 if self.shard is not None else "")
         log.info("%s: %d databases found (%d skipped%s)", self.cfg.dir,
                  sum(r is None for r in reasons), len(self.skipped), part)
