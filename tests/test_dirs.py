@@ -146,16 +146,7 @@ def test_databases_appear_and_disappear_while_others_are_written(tmp_path: Path)
     port = free_port()
     cfg = _config(tmp_path, root, dest, port)
     rep = util.Replicate("--config", str(cfg), log=tmp_path / "rep.log")
-    stop = threading.Event()
-    written = {"a.db": 0}
-
-    def write_a() -> None:
-        while not stop.is_set():
-            commit(root / "a.db", 1)
-            written["a.db"] += 1
-            stop.wait(0.01)
-
-    writer = threading.Thread(target=write_a)
+    writer = util.CommitLoop(root / "a.db")
     try:
         base = {str(root / n) for n in ("a.db", "b.db", "sub/c.db", "old/e.db")}
         util.wait_until(lambda: base <= _replicated(port), 60, 0.3, "first databases")
@@ -190,16 +181,14 @@ def test_databases_appear_and_disappear_while_others_are_written(tmp_path: Path)
         assert str(root / "sub" / "c.db") in text
         commit(root / "sub" / "deeper" / "d.db", 5)
     finally:
-        stop.set()
-        if writer.is_alive():
-            writer.join()
+        writer.stop()
         assert rep.stop() == 0, rep.text()
     log = rep.text()
     assert log.count("notes.db: not a SQLite database; skipped") == 1, log
     assert "b.db: removed; replication stops" in log
     assert "old/e.db: removed; replication stops" in log
     assert "Traceback" not in log
-    for name, rows in (("a.db", written["a.db"]), ("sub/deeper/d.db", 10), ("sub/c.db", 0)):
+    for name, rows in (("a.db", writer.count), ("sub/deeper/d.db", 10), ("sub/c.db", 0)):
         out = tmp_path / "out" / name
         out.parent.mkdir(parents=True, exist_ok=True)
         r = util.cli("restore", "--config", str(cfg), "-o", str(out), str(root / name))

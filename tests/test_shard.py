@@ -4,7 +4,6 @@ in exactly one part, picked by its path (relative to its ``dir:`` entry)."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -112,16 +111,7 @@ def test_two_processes_share_a_directory_each_database_once(tmp_path: Path) -> N
         cfgs.append(cfg)
     reps = [util.Replicate("--config", str(c), log=tmp_path / f"rep{k}.log")
             for k, c in enumerate(cfgs)]
-    stop = threading.Event()
-    written = {"top.db": 0}
-
-    def write_top() -> None:
-        while not stop.is_set():
-            commit(root / "top.db", 1)
-            written["top.db"] += 1
-            stop.wait(0.01)
-
-    writer = threading.Thread(target=write_top)
+    writer = util.CommitLoop(root / "top.db")
     total = len(names) + 1
     try:
         util.wait_until(lambda: sum(len(_replicating(p)) for p in ports) == total, 90, 0.3,
@@ -147,9 +137,7 @@ def test_two_processes_share_a_directory_each_database_once(tmp_path: Path) -> N
             assert f", shard {k}/2: " in text.splitlines()[0], text
         commit(root / "g1" / "new.db", 1)
     finally:
-        stop.set()
-        if writer.is_alive():
-            writer.join()
+        writer.stop()
         codes = [r.stop(60) for r in reps]
     logs = [r.text() for r in reps]
     assert codes == [0, 0], logs
@@ -163,7 +151,7 @@ def test_two_processes_share_a_directory_each_database_once(tmp_path: Path) -> N
         r = util.cli("restore", "--config", str(cfgs[0]), "-o", str(out), str(root / name))
         assert r.returncode == 0, r.stderr
         assert util.dump(out) == util.dump(root / name), name
-    assert len(util.seqs(tmp_path / "out" / "top.db")) == 2 + written["top.db"]
+    assert len(util.seqs(tmp_path / "out" / "top.db")) == 2 + writer.count
     r = util.cli("restore", "--config", str(cfgs[1]), "-o", str(tmp_path / "app.out"), str(app))
     assert r.returncode == 0, r.stderr
     assert util.dump(tmp_path / "app.out") == util.dump(app)

@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -185,6 +186,31 @@ def start_writer(db: Path, log: Path, *args: str) -> subprocess.Popen[str]:
         [sys.executable, WRITER, str(db), str(log), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+class CommitLoop:
+    """:func:`commit` of one transaction every 10 ms to ``db`` in a thread of this process,
+    from :meth:`start` until :meth:`stop`; ``count``: how many were committed."""
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            commit(self.db, 1)
+            self.count += 1
+            self._stop.wait(0.01)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 def commit_log(path: Path) -> list[tuple[int, int, int]]:
