@@ -427,17 +427,11 @@ def idle(tool: str, work: Path, n: int, seconds: float, s3: Any) -> dict[str, An
     run = Run(tool, work, root, replica, env)
     run.start()
     try:
-        # settled: no new writes (or objects) for SETTLE seconds (reads may go on for ever)
-        last, last_change = -1, time.monotonic()
-        while time.monotonic() - last_change < SETTLE:
-            if not run.alive():
-                return {"ok": False, "why": "exited", "log": run.tail()}
-            if time.monotonic() - run.t0 > SETTLE_MAX:
-                break  # measured anyway: still writing after SETTLE_MAX seconds
-            cur = writes(proxy) if s3 is not None else len(replicated(Path(replica)))
-            if cur != last:
-                last, last_change = cur, time.monotonic()
-            time.sleep(1.0)
+        # settled: no new writes (or objects) for SETTLE seconds (reads may go on for ever);
+        # still writing after SETTLE_MAX seconds: measured anyway
+        if settle(run, lambda: writes(proxy) if s3 is not None
+                  else len(replicated(Path(replica)))) is None:
+            return {"ok": False, "why": "exited", "log": run.tail()}
         settled = time.monotonic() - run.t0 - SETTLE
         time.sleep(IDLE_AFTER)  # ours parks an idle database this long after its last change
         a = facts(run.pids)
@@ -561,14 +555,18 @@ def digest(db: Path) -> str:
         c.close()
 
 
-def settle_writes(run: Run, proxy: Any) -> bool:
-    """Wait until the tool's writes to S3 stop for ``SETTLE`` seconds (False: it exited, or
-    still writes after ``SETTLE_MAX``)."""
-    last, last_change, t0 = -1, time.monotonic(), time.monotonic()
+def settle(run: Run, probe: Any, since: float | None = None) -> bool | None:
+    """Wait until ``probe()`` (a count of the tool's writes or objects) stays the same for
+    ``SETTLE`` seconds: True; False if it still changes ``SETTLE_MAX`` seconds after
+    ``since`` (``time.monotonic()``; None: the tool's start); None if the tool exited."""
+    last, last_change = -1, time.monotonic()
+    since = run.t0 if since is None else since
     while time.monotonic() - last_change < SETTLE:
-        if not run.alive() or time.monotonic() - t0 > SETTLE_MAX:
+        if not run.alive():
+            return None
+        if time.monotonic() - since > SETTLE_MAX:
             return False
-        cur = writes(proxy)
+        cur = probe()
         if cur != last:
             last, last_change = cur, time.monotonic()
         time.sleep(1.0)
@@ -600,7 +598,7 @@ def lost(tool: str, work: Path, n: int, s3: tuple[Any, Any] | None = None) -> di
     run.start()
     try:
         if s3 is not None:
-            if not settle_writes(run, s3[1]):
+            if not settle(run, lambda: writes(s3[1]), time.monotonic()):
                 return {"ok": False, "why": "not settled", "log": run.tail()}
         else:
             res = wait_replicated(run, replica_dir, n, 600, 1 << 20)
@@ -613,7 +611,7 @@ def lost(tool: str, work: Path, n: int, s3: tuple[Any, Any] | None = None) -> di
             c.close()
         expect = {rel: digest(root / rel) for rel in rels}
         if s3 is not None:
-            settle_writes(run, s3[1])
+            settle(run, lambda: writes(s3[1]), time.monotonic())
         else:
             time.sleep(SETTLE)  # Litestream ships once a second
     finally:
