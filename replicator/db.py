@@ -59,6 +59,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
 
 from .capture import Capture
@@ -123,6 +124,18 @@ FileSig = tuple[int, int, int, int]
 QUIET_AFTER_NS = 1_000_000_000
 """A file last written (or changed) this long ago gets another signature from any later write:
 file systems keep these times at the granularity of a clock tick, a few milliseconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedState:
+    """What a clean close records in the spool's ``state.json``: the spool's last object then
+    (generation, txid), how far the database was watched, and the database file's signature
+    when it held every captured frame (:meth:`Database.close`)."""
+
+    generation: str
+    txid: int
+    confirmed_ns: int
+    db_sig: FileSig | None = None
 
 
 def _sig(st: os.stat_result) -> FileSig:
@@ -199,6 +212,8 @@ class Database:
         self._index_wait = Deferral(INDEX_SAVE_DEFER)
         # (database file signature, captured position) when an idle pin was released
         self._released: tuple[FileSig, WalPos] | None = None
+        self.closed: ClosedState | None = None
+        """What the last :meth:`close` recorded (None: nothing)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -207,16 +222,25 @@ class Database:
         """The ``-wal`` file."""
         return self.handles.wal_path
 
-    def open(self) -> None:
+    def open(self, closed_by: Database | None = None) -> None:
         """Check the database, open the connections, take the first pin and resume (or plan a
-        new generation) from the spool."""
+        new generation) from the spool.
+
+        ``closed_by``: this process's earlier :class:`Database` of the same file and spool,
+        closed since (a parked database opening again). The spool stayed claimed in between,
+        so no crash left temp files in it, and what that close recorded is taken from memory
+        rather than read back from ``state.json`` (the file stays: it describes the spool's
+        last object, and a record that no longer does is ignored)."""
         self.handles.check_file()
         if self.own_spool:
             self.spool.claim(self.name)  # before anything of the spool is read or written
         self.handles.connect()
         self.handles.pin(0)
-        self.spool.remove_temp_files()
-        self._resume()
+        if closed_by is None:
+            self.spool.remove_temp_files()
+        else:
+            self.closed = closed_by.closed
+        self._resume(reopened=closed_by is not None)
 
     @property
     def state_path(self) -> str:
@@ -228,28 +252,36 @@ class Database:
         watched, so a later generation can tell that nothing happened in between. With
         ``tidy`` false the read-write connection always closes first, so that the WAL stays
         as it is (a parked database opens again from it)."""
-        state: dict[str, Any] | None = None
-        if self.handles.conns and self.generation is not None and self.confirmed_ns:
-            state = {"generation": self.generation, "txid": self.txid,
-                     "confirmed_ns": self.confirmed_ns}
-        captured = self._captured_file_sig() if state is not None else None
+        record = self.handles.conns and self.generation is not None and self.confirmed_ns
+        captured = self._captured_file_sig() if record else None
         if self.handles.conns and self.generation is not None:
-            try:
-                self.keeper.save(self.snapshots.stamp())
-            except OSError as exc:
-                log.warning("%s: cannot save the page index: %s", self.name, exc)
+            stamp = self.snapshots.stamp()
+            if self.keeper.saved != stamp:  # (a database parked again with no change: saved)
+                try:
+                    self.keeper.save(stamp)
+                except OSError as exc:
+                    log.warning("%s: cannot save the page index: %s", self.name, exc)
         self.handles.close(tidy)
         self._settled = None
         self.settled_at = 0.0
-        if state is None:
+        if not record or self.generation is None:
             return
-        if captured is not None and _quiet_sig(self.path) == captured:
-            state["db_sig"] = list(captured)
+        state = ClosedState(self.generation, self.txid, self.confirmed_ns,
+                            captured if captured is not None
+                            and _quiet_sig(self.path) == captured else None)
+        if state == self.closed:
+            return  # recorded by the last close, and the file still says so
+        raw: dict[str, Any] = {"generation": state.generation, "txid": state.txid,
+                               "confirmed_ns": state.confirmed_ns}
+        if state.db_sig is not None:
+            raw["db_sig"] = list(state.db_sig)
         try:
             with atomic_writer(self.state_path) as f:
-                f.write(json.dumps(state).encode())
+                f.write(json.dumps(raw).encode())
         except OSError as exc:
             log.warning("%s: cannot record the shutdown position: %s", self.name, exc)
+            return
+        self.closed = state
 
     def all_captured(self, backfilled: bool = False) -> bool:
         """Whether every committed frame is captured: the wal-index ends at the captured frame
@@ -304,17 +336,23 @@ class Database:
         the WAL finds were not missed: the next segment records no unobserved interval."""
         self.progress.resumed = None
 
-    def _resume(self) -> None:
+    def _resume(self, reopened: bool = False) -> None:
         """Continue the spool's generation: from its last position if the WAL still holds it,
         else with a catch-up of the pages that changed. A new generation starts only without a
-        trustworthy page index or with another database file."""
+        trustworthy page index or with another database file. ``reopened``: what the last
+        close recorded is :attr:`closed` (see :meth:`open`)."""
         latest = self.spool.latest()
         if latest is None:
             self._pending = Reason.NO_POSITION
             return
         info, header = latest
         p = self.progress
-        closed_sig = self._read_closed_state(info)
+        closed = self.closed if reopened else self._read_closed_state()
+        closed_sig: FileSig | None = None
+        if closed is not None and (closed.generation, closed.txid) == (info.generation,
+                                                                      info.end_txid):
+            p.confirmed_ns = closed.confirmed_ns
+            closed_sig = closed.db_sig
         p.generation = info.generation
         p.txid = info.end_txid
         try:
@@ -353,23 +391,25 @@ class Database:
         else:
             self._catchup = Reason.RESUME_FAILED
 
-    def _read_closed_state(self, info: ObjectInfo) -> FileSig | None:
-        """What a clean close recorded with the spool's last object ``info`` (how far the
-        database was watched; the database file's signature, if recorded); the record is
-        consumed."""
-        closed_sig: FileSig | None = None
+    def _read_closed_state(self) -> ClosedState | None:
+        """What a clean close recorded (None: nothing readable); the record is consumed."""
+        closed: ClosedState | None = None
         try:
             with open(self.state_path, "rb") as f:
                 state = json.loads(f.read())
-            if (state.get("generation"), state.get("txid")) == (info.generation, info.end_txid):
-                self.progress.confirmed_ns = int(state["confirmed_ns"])
-                if "db_sig" in state:
-                    ino, size, mtime, ctime = (int(v) for v in state["db_sig"])
-                    closed_sig = (ino, size, mtime, ctime)
-            os.unlink(self.state_path)
-        except (OSError, ValueError, KeyError, TypeError):
+            db_sig: FileSig | None = None
+            if "db_sig" in state:
+                ino, size, mtime, ctime = (int(v) for v in state["db_sig"])
+                db_sig = (ino, size, mtime, ctime)
+            closed = ClosedState(str(state["generation"]), int(state["txid"]),
+                                 int(state["confirmed_ns"]), db_sig)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
-        return closed_sig
+        try:
+            os.unlink(self.state_path)
+        except OSError:
+            pass
+        return closed
 
     def _from_current_epoch(self) -> None:
         """The database file is the captured state: capture continues from the current WAL

@@ -206,7 +206,7 @@ class DatabaseService:
         if not self.parked:
             return
         db, old = self._database(), self.db
-        await self.call(db.open)
+        await self.call(db.open, old)
         self._mark_open(True)
         db.watched_while_closed()
         db.last_snapshot_ns = max(db.last_snapshot_ns, old.last_snapshot_ns)

@@ -352,6 +352,54 @@ def test_resume_after_clean_close(tmp_path: Path, app) -> None:
     assert restored_dump(tmp_path) == dump(app)
 
 
+def test_a_parked_database_opens_again_from_what_its_close_recorded(tmp_path: Path, app) -> None:
+    """Closed and opened again in one process (parking): the reopened database resumes from the
+    record its close kept in memory, a close with no new transaction does not save the page
+    index again (nor the record, when it watched no longer), and the record left on disk is
+    ignored by a restart after a crash once the spool has gone past it."""
+    d = open_db(tmp_path)
+    d.step()
+    commit(app, 5, payload=500)
+    d.step()
+    gen = d.generation
+    d.close(False)
+    assert d.closed is not None and (d.closed.generation, d.closed.txid) == (gen, 5)
+
+    def sig(path: str) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_ino, st.st_mtime_ns
+
+    written = sig(d.state_path), sig(d.keeper.path)
+    e = Database(str(tmp_path / "app.db"), Spool(str(tmp_path / "spool")))
+    e.open(d)
+    assert e.generation == gen and e.txid == 5
+    assert e.progress.confirmed_ns == d.closed.confirmed_ns
+    e.close(False)
+    assert (sig(e.state_path), sig(e.keeper.path)) == written  # nothing new: nothing written
+    e = Database(str(tmp_path / "app.db"), Spool(str(tmp_path / "spool")))
+    e.open(d)
+    assert e.step().transactions == 0  # watched for longer: only the record is new
+    e.close(False)
+    assert sig(e.keeper.path) == written[1] and sig(e.state_path) != written[0]
+    assert e.closed is not None and e.closed.confirmed_ns > d.closed.confirmed_ns
+
+    f = Database(str(tmp_path / "app.db"), Spool(str(tmp_path / "spool")))
+    f.open(e)
+    commit(app, 3, payload=500)
+    res = f.step()
+    assert res.transactions == 3 and res.catch_up is None and f.txid == 8
+    f.handles.close(False)  # a crash: no close of its own, the earlier record stays
+    assert os.path.exists(f.state_path)
+    g = open_db(tmp_path)
+    assert not os.path.exists(g.state_path)  # consumed on a restart
+    assert g.generation == gen and g.txid == 8
+    commit(app, 2, payload=500)
+    assert g.step().transactions == 2
+    g.close()
+    assert generations(tmp_path) == [gen]
+    assert restored_dump(tmp_path) == dump(app)
+
+
 def stop_while_the_app_truncates(tmp_path: Path, app: sqlite3.Connection) -> None:
     """Capture 10 transactions, stop; the application commits 5 and truncates its WAL."""
     d = open_db(tmp_path)
