@@ -238,6 +238,7 @@ class Database:
         self.handles.pin(0)
         if closed_by is None:
             self.spool.remove_temp_files()
+            self.closed = None  # the record on disk is read and consumed (:meth:`_resume`)
         else:
             self.closed = closed_by.closed
         self._resume(reopened=closed_by is not None)

@@ -395,6 +395,12 @@ def test_a_parked_database_opens_again_from_what_its_close_recorded(tmp_path: Pa
     assert g.generation == gen and g.txid == 8
     commit(app, 2, payload=500)
     assert g.step().transactions == 2
+    g.close(False)
+    g.open()  # the same object opened again like a restart: it reads the record, consumed
+    assert not os.path.exists(g.state_path) and g.txid == 10
+    g.close(False)
+    assert os.path.exists(g.state_path)  # written again, though it says what it said before
+    g.open()
     g.close()
     assert generations(tmp_path) == [gen]
     assert restored_dump(tmp_path) == dump(app)
