@@ -138,7 +138,7 @@ class DatabaseService:
         self.notices = None if notifier is None else ReplicaNotices(
             cfg.name, self.replicas, notifier, thresholds or NoticeThresholds())
         self._tasks: set[asyncio.Task[None]] = set()
-        self.report = CaptureReport(cfg.name, self.metrics, self.replicas)
+        self.report = CaptureReport(cfg.name, self.metrics, self.replicas, self.runtime.summary)
         self.schedule = SnapshotSchedule(self)
         self._watcher: Watcher | None = None
         self._errors = ErrorLog(log)

@@ -1,5 +1,6 @@
 """What one database reports: the metric series of its capture, a DEBUG line per capture (rate
-limited), an INFO summary of what each replica shipped, and its entry in ``/status``."""
+limited), an INFO summary of what each replica shipped (one for the whole process when it
+replicates many databases), and its entry in ``/status``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import datetime as dt
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .db import CATCH_UP_REASONS, CaptureResult, Database
@@ -22,16 +24,68 @@ log = logging.getLogger("replicator.replicator")
 
 # an INFO line per database with what was shipped, at most this often (none while idle)
 SUMMARY_EVERY = 60.0
+# past this many databases in the process, one INFO line for all of them instead (each
+# database's own line at DEBUG): a thousand tenants do not log a thousand lines a minute
+SUMMARY_FOLD_ABOVE = 16
 # the DEBUG capture line, at most this often (a busy WAL is captured every few ms)
 DEBUG_EVERY = 1.0
 CHECKPOINT_RESULTS = ("ok", "busy", "error")
 
 
+Shipped = dict[str, tuple[int, int]]
+"""Per destination name: transactions and bytes shipped (over some time)."""
+
+
+def shipped_text(shipped: Shipped) -> str:
+    """``5 transactions (2.1 KiB) to local, 5 transactions (2.1 KiB) to s3``."""
+    return ", ".join(f"{txns} transactions ({fmt_bytes(nbytes)}) to {name}"
+                     for name, (txns, nbytes) in shipped.items())
+
+
+class ProcessSummary:
+    """The process's INFO line of what its databases shipped, at most every ``every`` seconds,
+    while it replicates more than ``SUMMARY_FOLD_ABOVE`` databases (``count``): it folds their
+    own summaries (:meth:`CaptureReport.summary`), which then go to DEBUG. No timer: the line
+    is due with the first database summary after ``every`` seconds (none while all are idle)."""
+
+    def __init__(self, count: Callable[[], int], every: float = SUMMARY_EVERY,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._count = count
+        self.every = every
+        self._at = clock()
+        self._shipped: Shipped = {}
+        self._dbs: set[str] = set()
+
+    @property
+    def folding(self) -> bool:
+        """Whether database summaries are folded into this one (the process has many)."""
+        return self._count() > SUMMARY_FOLD_ABOVE
+
+    def add(self, db: str, shipped: Shipped, now: float) -> str | None:
+        """Fold database ``db``'s summary; the process's line (logged at INFO) when it is due,
+        else None."""
+        self._dbs.add(db)
+        for name, (txns, nbytes) in shipped.items():
+            t, b = self._shipped.get(name, (0, 0))
+            self._shipped[name] = (t + txns, b + nbytes)
+        elapsed = now - self._at
+        if elapsed < self.every:
+            return None
+        line = (f"shipped {shipped_text(self._shipped)} from {len(self._dbs)} of "
+                f"{self._count()} databases in the last {elapsed:.0f}s")
+        self._at, self._shipped, self._dbs = now, {}, set()
+        log.info("%s", line)
+        return line
+
+
 class CaptureReport:
     """The metrics and logs of one database's capture and shipping."""
 
-    def __init__(self, name: str, metrics: Metrics, replicas: list[Replica]) -> None:
+    def __init__(self, name: str, metrics: Metrics, replicas: list[Replica],
+                 process: ProcessSummary | None = None) -> None:
         self.name = name
+        self.process = process
+        """Folds the periodic summary of many databases into one line (None: never)."""
         self.metrics = metrics
         self.replicas = replicas
         # spread over the interval: a thousand databases started together log apart
@@ -105,17 +159,20 @@ class CaptureReport:
         if elapsed < SUMMARY_EVERY:
             return None
         current = {r.name: (r.shipped_transactions, r.shipped_bytes) for r in self.replicas}
-        parts = []
+        shipped: Shipped = {}
         for name, (txns, nbytes) in current.items():
             base = self._summary_base.get(name, (0, 0))
             if (txns, nbytes) != base:
-                parts.append(f"{txns - base[0]} transactions ({fmt_bytes(nbytes - base[1])}) "
-                             f"to {name}")
+                shipped[name] = (txns - base[0], nbytes - base[1])
         self._summary_at, self._summary_base = now, current
-        if not parts:
+        if not shipped:
             return None
-        line = f"{self.name}: shipped {', '.join(parts)} in the last {elapsed:.0f}s"
-        log.info("%s", line)
+        line = f"{self.name}: shipped {shipped_text(shipped)} in the last {elapsed:.0f}s"
+        if self.process is not None and self.process.folding:
+            log.debug("%s", line)
+            self.process.add(self.name, shipped, now)
+        else:
+            log.info("%s", line)
         return line
 
 

@@ -27,6 +27,7 @@ from typing import TypeVar
 
 from .fsutil import stat_or_none
 from .progress import FilesSig, files_sig
+from .report import ProcessSummary
 from .threads import Workers
 from .watcher import FileEvents, file_events
 
@@ -135,6 +136,8 @@ class Runtime:
         """Spools held (:meth:`Spool.claim`: one descriptor each, a parked database's too)."""
         self.queued = 0
         """Databases of ``dir:`` entries waiting to open."""
+        self.summary = ProcessSummary(lambda: self.claimed)
+        """The periodic INFO line of what the databases shipped, when there are many."""
         self._watched: dict[str, tuple[asyncio.Event, float]] = {}
         self._sigs: dict[str, FilesSig] = {}
         self._due: dict[str, float] = {}

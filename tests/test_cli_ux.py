@@ -490,6 +490,72 @@ async def test_periodic_summary(tmp_path: Path) -> None:
         await svc.close(5.0)
 
 
+def test_process_summary_folds_many_databases_into_one_line() -> None:
+    from replicator.report import SUMMARY_FOLD_ABOVE, ProcessSummary
+
+    count = [SUMMARY_FOLD_ABOVE]
+    t = [100.0]
+    p = ProcessSummary(lambda: count[0], every=60.0, clock=lambda: t[0])
+    assert not p.folding  # few databases: each logs its own line
+    count[0] = 40
+    assert p.folding
+    assert p.add("a.db", {"local": (5, 2048)}, 130.0) is None  # not a minute yet
+    assert p.add("b.db", {"local": (1, 1024), "s3": (1, 1024)}, 150.0) is None
+    line = p.add("a.db", {"local": (2, 1024)}, 161.0)
+    assert line == ("shipped 8 transactions (4.0 KiB) to local, 1 transactions (1.0 KiB) to "
+                    "s3 from 2 of 40 databases in the last 61s"), line
+    assert p.add("c.db", {"local": (1, 10)}, 200.0) is None  # counted again from 161
+    line = p.add("c.db", {"local": (1, 10)}, 222.0)
+    assert line == "shipped 2 transactions (20 B) to local from 1 of 40 databases in the last 61s"
+
+
+async def test_many_databases_log_one_summary_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A process replicating more than SUMMARY_FOLD_ABOVE databases logs one INFO line of what
+    they all shipped; each database's own line goes to DEBUG."""
+    import logging
+
+    from replicator.config import DbConfig, ReplicaConfig
+    from replicator.replicator import SUMMARY_EVERY, DatabaseService
+    from replicator.report import SUMMARY_FOLD_ABOVE
+    from replicator.runtime import Runtime
+
+    rt = Runtime(workers=2)
+    services = []
+    try:
+        for i in range(SUMMARY_FOLD_ABOVE + 1):
+            db = tmp_path / f"t{i}.db"
+            init_db(str(db))
+            s = DatabaseService(DbConfig(path=str(db), replicas=[
+                ReplicaConfig("local", str(tmp_path / "rep" / f"t{i}"))]), runtime=rt)
+            await s.open()
+            services.append(s)
+        assert rt.claimed == SUMMARY_FOLD_ABOVE + 1
+        t0 = time.monotonic()
+        for s in services[:3]:
+            c = sqlite3.connect(s.cfg.path, isolation_level=None)
+            c.execute("INSERT INTO log(seq, t_ns) VALUES (1, 0)")
+            c.close()
+            await s.sync()
+            await s.replicas[0].sync()
+        rt.summary.every = 0.0  # due at once, after the first database's summary
+        with caplog.at_level(logging.DEBUG, logger="replicator"):
+            lines = [s.log_summary(t0 + SUMMARY_EVERY) for s in services[:3]]
+        assert all(line is not None for line in lines)
+        info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+        debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+        assert all(line in debug for line in lines) and not set(lines) & set(info)
+        process = [m for m in info if " databases in the last " in m]
+        assert len(process) == 3, info  # every=0: one for each summary folded
+        assert re.fullmatch(r"shipped 1 transactions \([\d.]+ (?:B|KiB)\) to local from 1 of "
+                            rf"{SUMMARY_FOLD_ABOVE + 1} databases in the last \d+s",
+                            process[0]), process
+    finally:
+        for s in services:
+            await s.close(5.0)
+        await rt.aclose()
+
+
 # -- the demo -----------------------------------------------------------------------------------
 
 
