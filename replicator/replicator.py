@@ -544,7 +544,7 @@ class DatabaseService:
             await asyncio.gather(*(ship(r) for r in self.replicas))
             await self.pruning.stop()
             await self.prune_spool()
-            log.info("%s: stopped after final sync at txid %d", self.cfg.name, self.db.txid)
+            self.runtime.summary.stopped(self.cfg.name, self.db.txid)
 
         try:
             outcome = await bounded(final(), grace, skip)
@@ -649,9 +649,11 @@ class Replicator:
         finally:
             for sock in sockets:
                 sock.close()
+            self.runtime.summary.stopping()
             await asyncio.gather(
                 self.fleet.aclose(grace, skip_final_sync),
                 *(s.close(grace, skip_final_sync) for s in self.services),
                 return_exceptions=True,
             )
+            self.runtime.summary.stopped_all()
             await self.runtime.aclose()

@@ -55,11 +55,38 @@ class ProcessSummary:
         self._at = clock()
         self._shipped: Shipped = {}
         self._dbs: set[str] = set()
+        self._stopping: bool | None = None  # folding when the shutdown began (None: running)
+        self._stopped = 0
 
     @property
     def folding(self) -> bool:
         """Whether database summaries are folded into this one (the process has many)."""
         return self._count() > SUMMARY_FOLD_ABOVE
+
+    def stopping(self) -> None:
+        """The process shuts down: its databases' lines of their final sync are folded into
+        one (:meth:`stopped_all`) if it has many now (their count falls as they stop)."""
+        self._stopping, self._stopped = self.folding, 0
+
+    def stopped(self, db: str, txid: int) -> None:
+        """Database ``db`` stopped after its final sync at ``txid``: logged at INFO, or at
+        DEBUG and counted while a shutdown of many databases folds them."""
+        folding = self.folding if self._stopping is None else self._stopping
+        line = f"{db}: stopped after final sync at txid {txid}"
+        if folding:
+            log.debug("%s", line)
+            self._stopped += 1
+        else:
+            log.info("%s", line)
+
+    def stopped_all(self) -> str | None:
+        """The shutdown's line for the databases folded (logged at INFO; None: none)."""
+        n, self._stopped, self._stopping = self._stopped, 0, None
+        if not n:
+            return None
+        line = f"{n} databases stopped after final sync"
+        log.info("%s", line)
+        return line
 
     def add(self, db: str, shipped: Shipped, now: float) -> str | None:
         """Fold database ``db``'s summary; the process's line (logged at INFO) when it is due,

@@ -507,6 +507,14 @@ def test_process_summary_folds_many_databases_into_one_line() -> None:
     assert p.add("c.db", {"local": (1, 10)}, 200.0) is None  # counted again from 161
     line = p.add("c.db", {"local": (1, 10)}, 222.0)
     assert line == "shipped 2 transactions (20 B) to local from 1 of 40 databases in the last 61s"
+    # a shutdown folds the final syncs' lines of the databases it began with, though their
+    # count falls as they stop
+    p.stopping()
+    p.stopped("a.db", 7)
+    count[0] = 2
+    p.stopped("b.db", 9)
+    assert p.stopped_all() == "2 databases stopped after final sync"
+    assert p.stopped_all() is None
 
 
 async def test_many_databases_log_one_summary_line(

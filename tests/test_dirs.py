@@ -134,6 +134,37 @@ def _replicated(port: int) -> set[str]:
     return {d["path"] for d in dbs if all(r["generation"] for r in d["replicas"])}
 
 
+def test_a_process_of_many_databases_logs_its_stop_in_one_line(tmp_path: Path) -> None:
+    """Past SUMMARY_FOLD_ABOVE databases the final syncs of a stop are one INFO line; each
+    database's own line is at DEBUG, and what was committed before the stop is in the replica."""
+    from replicator.report import SUMMARY_FOLD_ABOVE
+
+    root, dest = tmp_path / "tenants", tmp_path / "backups"
+    root.mkdir()
+    n = SUMMARY_FOLD_ABOVE + 2
+    for i in range(n):
+        init_db(str(root / f"t{i}.db"))
+    port = free_port()
+    cfg = _config(tmp_path, root, dest, port)
+    rep = util.Replicate("--config", str(cfg), log=tmp_path / "rep.log", log_level="info",
+                         log_format="json")
+    try:
+        util.wait_until(lambda: len(_replicated(port)) == n, 60, 0.3, "every database")
+        for i in range(3):
+            commit(root / f"t{i}.db", i + 1)
+    finally:
+        assert rep.stop() == 0, rep.text()
+    messages = [json.loads(line)["message"] for line in rep.text().splitlines()]
+    assert not [m for m in messages if ": stopped after final sync at txid" in m], messages
+    assert messages.count(f"{n} databases stopped after final sync") == 1, messages
+    (tmp_path / "out").mkdir()
+    for i in range(3):
+        out = tmp_path / "out" / f"t{i}.db"
+        r = util.cli("restore", "--config", str(cfg), "-o", str(out), str(root / f"t{i}.db"))
+        assert r.returncode == 0, r.stderr
+        assert util.seqs(out) == list(range(1, i + 2))
+
+
 def test_databases_appear_and_disappear_while_others_are_written(tmp_path: Path) -> None:
     root, dest = tmp_path / "tenants", tmp_path / "backups"
     (root / "sub").mkdir(parents=True)
