@@ -256,12 +256,10 @@ class Database:
         record = self.handles.conns and self.generation is not None and self.confirmed_ns
         captured = self._captured_file_sig() if record else None
         if self.handles.conns and self.generation is not None:
-            stamp = self.snapshots.stamp()
-            if self.keeper.saved != stamp:  # (a database parked again with no change: saved)
-                try:
-                    self.keeper.save(stamp)
-                except OSError as exc:
-                    log.warning("%s: cannot save the page index: %s", self.name, exc)
+            try:
+                self.keeper.save(self.snapshots.stamp())
+            except OSError as exc:
+                log.warning("%s: cannot save the page index: %s", self.name, exc)
         self.handles.close(tidy)
         self._settled = None
         self.settled_at = 0.0

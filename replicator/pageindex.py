@@ -457,8 +457,9 @@ class IndexKeeper:
         return index
 
     def save(self, stamp: Stamp) -> None:
-        """Save the index as describing ``stamp``."""
-        if self.index is None:
+        """Save the index as describing ``stamp`` (nothing if the saved one already does: the
+        same stamp is the same state)."""
+        if self.index is None or self.saved == stamp:
             return
         self.index.save(self.path, stamp.generation, stamp.txid, stamp.dev, stamp.ino)
         self.saved = stamp
