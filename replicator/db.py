@@ -137,6 +137,25 @@ class ClosedState:
     confirmed_ns: int
     db_sig: FileSig | None = None
 
+    def encode(self) -> bytes:
+        """The record as ``state.json`` holds it."""
+        raw: dict[str, Any] = {"generation": self.generation, "txid": self.txid,
+                               "confirmed_ns": self.confirmed_ns}
+        if self.db_sig is not None:
+            raw["db_sig"] = list(self.db_sig)
+        return json.dumps(raw).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ClosedState:
+        """Parse a stored record; raises ValueError, KeyError, TypeError or AttributeError if
+        it is not one."""
+        raw = json.loads(data)
+        db_sig: FileSig | None = None
+        if "db_sig" in raw:
+            ino, size, mtime, ctime = (int(v) for v in raw["db_sig"])
+            db_sig = (ino, size, mtime, ctime)
+        return cls(str(raw["generation"]), int(raw["txid"]), int(raw["confirmed_ns"]), db_sig)
+
 
 def _sig(st: os.stat_result) -> FileSig:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -270,13 +289,9 @@ class Database:
                             and _quiet_sig(self.path) == captured else None)
         if state == self.closed:
             return  # recorded by the last close, and the file still says so
-        raw: dict[str, Any] = {"generation": state.generation, "txid": state.txid,
-                               "confirmed_ns": state.confirmed_ns}
-        if state.db_sig is not None:
-            raw["db_sig"] = list(state.db_sig)
         try:
             with atomic_writer(self.state_path) as f:
-                f.write(json.dumps(raw).encode())
+                f.write(state.encode())
         except OSError as exc:
             log.warning("%s: cannot record the shutdown position: %s", self.name, exc)
             return
@@ -395,13 +410,7 @@ class Database:
         closed: ClosedState | None = None
         try:
             with open(self.state_path, "rb") as f:
-                state = json.loads(f.read())
-            db_sig: FileSig | None = None
-            if "db_sig" in state:
-                ino, size, mtime, ctime = (int(v) for v in state["db_sig"])
-                db_sig = (ino, size, mtime, ctime)
-            closed = ClosedState(str(state["generation"]), int(state["txid"]),
-                                 int(state["confirmed_ns"]), db_sig)
+                closed = ClosedState.decode(f.read())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
         try:
