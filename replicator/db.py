@@ -147,8 +147,7 @@ class ClosedState:
 
     @classmethod
     def decode(cls, data: bytes) -> ClosedState:
-        """Parse a stored record; raises ValueError, KeyError, TypeError or AttributeError if
-        it is not one."""
+        """Parse a stored record; raises ValueError, KeyError or TypeError if it is not one."""
         raw = json.loads(data)
         db_sig: FileSig | None = None
         if "db_sig" in raw:
@@ -411,7 +410,7 @@ class Database:
         try:
             with open(self.state_path, "rb") as f:
                 closed = ClosedState.decode(f.read())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError):
             pass
         try:
             os.unlink(self.state_path)
