@@ -52,6 +52,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import aiofiles
 
+from .crc import crc32
 from .errors import CorruptObjectError
 from .format import (
     DEFAULT_LEVEL,
@@ -75,6 +76,12 @@ T = TypeVar("T")
 
 DEFAULT_LEVELS: tuple[float, ...] = (1.0, 10.0, 300.0, 3600.0)
 DEFAULT_DELETE_GRACE = 30.0  # seconds a replaced object stays readable after its merge
+DUE_SPREAD = 0.5
+"""A destination's merges of a window start up to this fraction of the level's interval after
+the window closes, at a point of its own (:func:`due_phase`): windows close at the same moment
+for every database, and a thousand of them merging at once would take the CPU their captures
+need. Less than one, so that the first level still finds its segments in the spool (pruning
+keeps two of its intervals)."""
 MAX_BYTES = 256 << 20  # stored bytes of the inputs of one merge
 LARGE_BYTES = 1 << 20
 """A segment of at least this many stored bytes is never merged again: a restore or a listing
@@ -448,18 +455,26 @@ class _View:
                 self.final_bytes + sum(o.size for o in self.live))
 
 
+def due_phase(name: str) -> float:
+    """Where in ``[0, 1)`` the merges of the database named ``name`` fall after a window
+    closes (see ``DUE_SPREAD``): the same for it at every start, spread evenly over many."""
+    return crc32(name.encode()) / 2**32
+
+
 class DueTimes:
     """The wall-clock times at which compaction of one destination is due: when a window
     holding shipped objects closes, at every level (and only then: an idle destination costs
-    no listing), or when a retry or a deletion is due. Due once at start.
+    no listing), ``phase`` × ``DUE_SPREAD`` of the level's interval later, or when a retry or a
+    deletion is due. Due once at start.
 
     A first-level window is due only once a second segment wholly inside it was shipped: one
     segment has nothing to merge at that level (a database committing about once a window, as
     each of a directory of tenant databases may, lists nothing each time). What was shipped
     before a start is merged by the pass at start or at the next level."""
 
-    def __init__(self, levels: tuple[float, ...]) -> None:
+    def __init__(self, levels: tuple[float, ...], phase: float = 0.0) -> None:
         self.levels = levels
+        self.phase = phase
         self.times: set[float] = {0.0}
         self._first: dict[int, int] = {}  # first-level window -> segments shipped inside it
 
@@ -469,6 +484,7 @@ class DueTimes:
         is the only level)."""
         if info.kind != "wal":
             return
+        phase = self.phase
         for li, interval in enumerate(self.levels):
             width = window_ms(interval)
             w = info.last_ms // width
@@ -478,7 +494,7 @@ class DueTimes:
                 n = self._first[w] = self._first.get(w, 0) + 1
                 if n != min_run(0, len(self.levels)):
                     continue
-            self.times.add((w + 1) * width / 1000)
+            self.times.add((w + 1 + phase * DUE_SPREAD) * width / 1000)
 
     def at(self, when: float) -> None:
         """Due (again) at ``when``."""
@@ -512,7 +528,8 @@ class Compactor:
     def __init__(self, client: StorageClient, spool: Spool | None,
                  levels: Iterable[float] = DEFAULT_LEVELS,
                  grace: float = DEFAULT_DELETE_GRACE, *,
-                 local: Sequence[FileStorage] = (), executor: Executor | None = None) -> None:
+                 local: Sequence[FileStorage] = (), executor: Executor | None = None,
+                 phase: float = 0.0) -> None:
         self.client = client
         self.spool = spool
         self.levels = tuple(levels)
@@ -524,7 +541,7 @@ class Compactor:
         # replaced objects, deleted by the first step ``grace`` seconds (monotonic) after their
         # merge: a restore that planned with them meanwhile can still read them
         self._doomed: dict[str, tuple[float, ObjectInfo]] = {}
-        self.due = DueTimes(self.levels)
+        self.due = DueTimes(self.levels, phase)
         # the destination's generations: listed by the first step, then kept up to date from
         # what is shipped (a new generation's first segment) and what a step finds empty (one
         # retention deleted), since nothing else writes there (the lease): a step lists only

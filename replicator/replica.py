@@ -203,14 +203,16 @@ class Replica:
         self._hurried = False
 
     def set_levels(self, levels: Iterable[float], grace: float = DEFAULT_DELETE_GRACE, *,
-                   local: Sequence[FileStorage] = (), executor: Executor | None = None) -> None:
+                   local: Sequence[FileStorage] = (), executor: Executor | None = None,
+                   phase: float = 0.0) -> None:
         """Compact this destination on these levels (seconds, shortest first; none: never),
         deleting what a merge replaced ``grace`` seconds after it, reading what the spool and
         the directories ``local`` hold rather than downloading it, its blocking work on
-        ``executor`` (see :class:`~replicator.compact.Compactor`)."""
+        ``executor``, its merges ``phase`` of the way into their spread after a window closes
+        (see :class:`~replicator.compact.Compactor` and :class:`~replicator.compact.DueTimes`)."""
         levels = tuple(levels)
         self.compactor = Compactor(self.client, self.spool, levels, grace, local=local,
-                                   executor=executor) if levels else None
+                                   executor=executor, phase=phase) if levels else None
         if self.compactor is not None:
             self.compactor.yield_to = lambda: self.source_behind
         self._busy = Deferral(levels[0] if levels else 0.0)

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from . import __version__
 from .affinity import allowed as allowed_cpus
 from .aio import Lock, Outcome, Timed, Wake, bounded, relay, wait_event
+from .compact import due_phase
 from .config import Config, DbConfig
 from .db import DEFAULT_TUNING, CaptureResult, Database, Tuning
 from .drill import DRILL_ATTEMPTS, Driller, Point
@@ -126,7 +127,8 @@ class DatabaseService:
             r.retention = cfg.retention_policy(rc)
             r.sync_interval = rc.sync_interval
             r.limit = self.runtime.uploads
-            r.set_levels(cfg.compaction_levels, local=local, executor=self.runtime.compaction)
+            r.set_levels(cfg.compaction_levels, local=local, executor=self.runtime.compaction,
+                         phase=due_phase(cfg.path))
         self.health: HealthChecker | None = None
         if cfg.health:
             self.health = HealthChecker(cfg.path, cfg.health, metrics=self.metrics,

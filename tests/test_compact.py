@@ -1318,6 +1318,49 @@ def test_a_first_level_window_is_due_once_it_holds_what_that_level_merges() -> N
     assert only.times == {22.0}
 
 
+def test_merges_fall_at_a_point_of_their_own_after_a_window_closes() -> None:
+    """A destination's merges fall ``phase`` × DUE_SPREAD of each level's interval after its
+    window closes; a retry and the deletions after a merge stay relative to it."""
+    from replicator.compact import DUE_SPREAD, DueTimes
+    from replicator.pos import segment_info
+
+    gen = "0" * 16
+    due = DueTimes((1.0, 10.0), phase=0.5)
+    due.times.clear()
+    due.shipped(segment_info(gen, 1, 1, 20_100, 20_200))
+    assert due.times == {30.0 + 0.5 * DUE_SPREAD * 10.0}
+    for i in range(2, EARLY_RUN + 1):
+        due.shipped(segment_info(gen, i, i, 20_200 + 10 * i, 20_205 + 10 * i))
+    assert due.times == {21.0 + 0.5 * DUE_SPREAD * 1.0, 30.0 + 0.5 * DUE_SPREAD * 10.0}
+    assert not due.take(21.0)  # the window closed, its merge is not due yet
+    assert due.take(21.0 + 0.5 * DUE_SPREAD) and due.next() == 30.0 + 0.5 * DUE_SPREAD * 10.0
+    # the first level still merges from the spool: pruning keeps two of its intervals
+    assert DUE_SPREAD < 1.0
+
+
+def test_each_database_merges_at_a_point_of_its_own(tmp_path: Path) -> None:
+    """Every database's destinations merge at its own stable point after a window closes
+    (windows close at once for all of them), spread evenly over many databases."""
+    from replicator.compact import due_phase
+
+    phases = [due_phase(str(tmp_path / f"t{i:05d}.db")) for i in range(2000)]
+    assert all(0.0 <= p < 1.0 for p in phases)
+    assert phases == [due_phase(str(tmp_path / f"t{i:05d}.db")) for i in range(2000)]
+    tenths = [sum(1 for p in phases if k / 10 <= p < (k + 1) / 10) for k in range(10)]
+    assert min(tenths) > 100 and max(tenths) < 300, tenths
+    services = [DatabaseService(DbConfig(path=str(tmp_path / name), replicas=[
+        ReplicaConfig("local", str(tmp_path / "r" / name)),
+        ReplicaConfig("second", str(tmp_path / "s" / name))])) for name in ("a.db", "b.db")]
+    seen = []
+    for svc in services:
+        comps = [r.compactor for r in svc.replicas]
+        assert all(c is not None for c in comps)
+        got = {c.due.phase for c in comps if c is not None}
+        assert got == {due_phase(svc.cfg.path)}
+        seen += got
+    assert seen[0] != seen[1]
+
+
 def test_a_level_below_the_last_leaves_short_runs_to_the_next() -> None:
     """A window of a level below the last holding fewer than EARLY_RUN segments is left as it
     is: the next level's window merges them with the rest; the last level merges two."""
