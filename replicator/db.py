@@ -271,8 +271,9 @@ class Database:
         watched, so a later generation can tell that nothing happened in between. With
         ``tidy`` false the read-write connection always closes first, so that the WAL stays
         as it is (a parked database opens again from it)."""
-        record = self.handles.conns and self.generation is not None and self.confirmed_ns
-        captured = self._captured_file_sig() if record else None
+        # the generation to record (None: nothing to record)
+        gen = self.generation if self.handles.conns and self.confirmed_ns else None
+        captured = self._captured_file_sig() if gen is not None else None
         if self.handles.conns and self.generation is not None:
             try:
                 self.keeper.save(self.snapshots.stamp())
@@ -281,9 +282,9 @@ class Database:
         self.handles.close(tidy)
         self._settled = None
         self.settled_at = 0.0
-        if not record or self.generation is None:
+        if gen is None:
             return
-        state = ClosedState(self.generation, self.txid, self.confirmed_ns,
+        state = ClosedState(gen, self.txid, self.confirmed_ns,
                             captured if captured is not None
                             and _quiet_sig(self.path) == captured else None)
         if state == self.closed:
@@ -410,6 +411,8 @@ class Database:
         try:
             with open(self.state_path, "rb") as f:
                 closed = ClosedState.decode(f.read())
+        except FileNotFoundError:
+            return None  # no record: nothing to consume
         except (OSError, ValueError, KeyError, TypeError):
             pass
         try:
