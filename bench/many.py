@@ -708,6 +708,15 @@ def _table(parts: list[dict[str, Any]], header: list[str], cells: Any) -> list[s
     return lines
 
 
+def windows_p99(r: dict[str, Any]) -> str:
+    """The lag p99 of each 10 s of the run, in order ("-" for a run that kept none): whether
+    the lag holds or grows as the run goes on. The last window, cut short by the end of the
+    writing, is left out when it holds less than half the commits of a full one."""
+    ws = r.get("lag_by_window") or []
+    full = max((w["commits"] for w in ws), default=0)
+    return " / ".join(fmt(w["p99_ms"], ".0f") for w in ws if w["commits"] * 2 >= full) or "-"
+
+
 def by_count(active: dict[str, Any]) -> dict[str, Any]:
     """An ``active`` result as ``{count: {tool: result}}``: older runs saved one count as
     ``{tool: result}``."""
@@ -741,13 +750,14 @@ def report(res: dict[str, Any]) -> str:
     counts = sorted(active, key=lambda n: int(n) if n.isdigit() else 0)
     lines += _table([active[n] for n in counts], [
         "each committing 1/s", "tool", "commits", "lag p50 ms", "p99 ms", "max ms",
-        "tool CPU % of a core", "threads", "restored equal", load], lambda r: [
+        "p99 ms by 10 s", "tool CPU % of a core", "threads", "restored equal", load], lambda r: [
         f"{r['matched']}/{r['commits']}", fmt(r["lag_p50_ms"]), fmt(r["lag_p99_ms"]),
-        fmt(r["lag_max_ms"]), fmt(r["cpu_pct"]), fmt(r.get("threads"), "d"),
+        fmt(r["lag_max_ms"]), windows_p99(r), fmt(r["cpu_pct"]), fmt(r.get("threads"), "d"),
         f"{r['restored_equal']}/{r['databases']}" if "restored_equal" in r else "not run"])
     lines += ["", "Lag: from the writer's commit to the inotify event of the next finished object "
               "of that database in the replica (ours: a `.seg`; Litestream: a level-0 `.ltx`); "
-              "a commit whose object had already been written counts from the next one. "
+              "a commit whose object had already been written counts from the next one; "
+              "by 10 s: of the commits made in each 10 s of the run, in order. "
               "Restored equal: after the run the tool was stopped, and every database restored "
               "from the replica (as in the lost directory below) and compared with the file the "
               "writer left."]
