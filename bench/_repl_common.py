@@ -364,6 +364,21 @@ def litestream_binary() -> str:
     return found
 
 
+def fs_kind(path: Path) -> str:
+    """The file system ``path`` is on, as ``df -T`` names it ("?" if it cannot tell); "ext4
+    without a journal" for one. Such an ext4 steps over every inode freed in the last minute
+    (or six) each time it creates a file: with files created and removed all the time that
+    scan is a large part of a file creation's CPU, and a journaled ext4 (the usual kind) does
+    not do it."""
+    out = subprocess.run(["df", "-T", str(path)], capture_output=True, text=True).stdout
+    fields = out.splitlines()[-1].split() if out.count("\n") >= 2 else []
+    if len(fields) < 2:
+        return "?"
+    if fields[1] == "ext4" and not list(Path("/proc/fs/jbd2").glob(f"{Path(fields[0]).name}-*")):
+        return "ext4 without a journal"
+    return fields[1]
+
+
 def litestream_version() -> str:
     r = subprocess.run([litestream_binary(), "version"], capture_output=True, text=True)
     return r.stdout.strip() or r.stderr.strip()

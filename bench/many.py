@@ -834,7 +834,8 @@ def main() -> int:
     only = set(args.only or ("idle", "big", "active", "lost"))
     work = Path(tempfile.mkdtemp(prefix="manybench-", dir=args.workdir))
     res: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                           "machine": f"{os.cpu_count()} cores, {platform_facts()}",
+                           "machine": f"{os.cpu_count()} cores, {platform_facts()}, "
+                                      f"databases on {rc.fs_kind(work)}",
                            "litestream": rc.litestream_version(), "idle": {}, "big": {},
                            "active": {}, "lost": {}}
     saved = Path(args.json)

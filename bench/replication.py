@@ -460,14 +460,7 @@ def machine_facts(work: Path) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    fs = subprocess.run(["df", "-T", str(work)], capture_output=True, text=True).stdout
-    fields = fs.splitlines()[-1].split() if fs.count("\n") >= 2 else ["?", "?"]
-    fstype = fields[1]
-    # ext4 without a journal steps over every inode freed in the last minute (or six) each
-    # time it creates a file: with files created and removed all the time that scan is a large
-    # part of a file creation's CPU, and a journaled ext4 (the usual kind) does not do it
-    if fstype == "ext4" and not list(Path("/proc/fs/jbd2").glob(f"{Path(fields[0]).name}-*")):
-        fstype = "ext4 without a journal"
+    fstype = rc.fs_kind(work)
     fd = os.open(work / "fsync-probe", os.O_CREAT | os.O_WRONLY)
     t0 = time.perf_counter()
     for _ in range(20):
