@@ -9,6 +9,7 @@ socket is off unless configured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -18,6 +19,7 @@ import select
 import shutil
 import signal
 import sqlite3
+import stat
 import struct
 import subprocess
 import sys
@@ -377,6 +379,34 @@ def fs_kind(path: Path) -> str:
     if fields[1] == "ext4" and not list(Path("/proc/fs/jbd2").glob(f"{Path(fields[0]).name}-*")):
         return "ext4 without a journal"
     return fields[1]
+
+
+RETIRED = ".retired"
+"""The directory of a work directory that a run's files are moved into (see :func:`retire`)."""
+
+
+def retire(path: Path, work: Path) -> None:
+    """Take a finished run's files out of the way, freeing their space but not their inodes
+    until the work directory is removed: every file that has no other name (a spool's file
+    linked into a local replica keeps its bytes there) is truncated, and the tree is moved
+    into ``work``'s :data:`RETIRED`. On ext4 without a journal (see :func:`fs_kind`) deleting
+    a run's thousands of files would make each file the next runs create cost more for
+    minutes. Nothing if ``path`` is gone; removed after all if it cannot be moved."""
+    if not path.exists():
+        return
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            f = os.path.join(dirpath, name)
+            with contextlib.suppress(OSError):
+                st = os.lstat(f)
+                if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                    os.truncate(f, 0)
+    into = work / RETIRED
+    try:
+        into.mkdir(exist_ok=True)
+        os.rename(path, into / f"{path.name}-{time.monotonic_ns()}")
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def litestream_version() -> str:

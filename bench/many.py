@@ -450,7 +450,7 @@ def idle(tool: str, work: Path, n: int, seconds: float, s3: Any) -> dict[str, An
         }
     finally:
         run.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        rc.retire(root, work)
 
 
 def big(tool: str, work: Path, n: int, timeout: float, mem_cap: float) -> dict[str, Any]:
@@ -469,8 +469,8 @@ def big(tool: str, work: Path, n: int, timeout: float, mem_cap: float) -> dict[s
         return res
     finally:
         run.stop(120)
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(replica, ignore_errors=True)
+        rc.retire(root, work)
+        rc.retire(replica, work)
 
 
 def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
@@ -522,7 +522,7 @@ def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
         restored = restore_all(tool, run, work, root, replica, rels)
         equal = sum(1 for rel in rels
                     if (root / rel).exists() and digest(root / rel) == expect[rel])
-        shutil.rmtree(kept, ignore_errors=True)
+        rc.retire(kept, work)
         return {"ok": True, "databases": n, "processes": len(run.procs),
                 "commits": len(commits), "matched": len(ls),
                 "lag_by_window": by_window,
@@ -537,8 +537,8 @@ def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
             writer.kill()
             writer.wait()
         run.stop()
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(replica, ignore_errors=True)
+        rc.retire(root, work)
+        rc.retire(replica, work)
 
 
 LOST_COMMITS = 3  # transactions a database gets after its first snapshot (lost phase)
@@ -616,14 +616,14 @@ def lost(tool: str, work: Path, n: int, s3: tuple[Any, Any] | None = None) -> di
             time.sleep(SETTLE)  # Litestream ships once a second
     finally:
         run.stop(120)
-    shutil.rmtree(root)
+    rc.retire(root, work)  # lost: gone from where it was
     url = None if s3 is None else (f"s3://{bucket}/t/{{rel}}?endpoint={s3[1].endpoint}"
                                    "&region=us-east-1&forcePathStyle=true")
     out = restore_all(tool, run, work, root, replica_dir, rels, url,
                       s3[1] if s3 is not None else None)
     equal = sum(1 for rel in rels if (root / rel).exists() and digest(root / rel) == expect[rel])
-    shutil.rmtree(root, ignore_errors=True)
-    shutil.rmtree(replica_dir, ignore_errors=True)
+    rc.retire(root, work)
+    rc.retire(replica_dir, work)
     return {**out, "databases": n, "destination": where, "equal": equal}
 
 
