@@ -431,7 +431,9 @@ def _note_early_stop(signum: int, frame: object) -> None:
 
 
 async def _replicate(cfg: Config, demo_rate: float | None = None) -> int:
+    from .aio import Timed
     from .bootstrap import restore_on_start
+    from .collector import FullCollections
     from .replicator import Replicator
 
     sup = Supervisor(cfg.exec, cfg.shutdown_timeout)
@@ -460,19 +462,28 @@ async def _replicate(cfg: Config, demo_rate: float | None = None) -> int:
     if demo_rate is not None:
         print(_demo_hints(cfg, server.port if server else None, demo_rate), flush=True)
 
+    full_gc = FullCollections()
+    full_gc.start()
+
+    async def collect() -> float:
+        return full_gc.step()
+
     async def run(stop: asyncio.Event) -> None:
         demo = None
         if demo_rate:
             demo = asyncio.create_task(_demo_writer(cfg.dbs[0].path, demo_rate, stop))
+        chore = Timed(collect).start(full_gc.every)
         try:
             await rep.run(stop, sup.skip_final_sync)
         finally:
+            chore.halt()
             if demo is not None:
                 await demo
 
     try:
         code = await sup.run(run)
     finally:
+        full_gc.stop()
         if server is not None:
             server.close()
     log.info("stopped")
