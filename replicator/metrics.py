@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from prometheus_client import CollectorRegistry, Info
+from prometheus_client import CollectorRegistry, GCCollector, Info, ProcessCollector
 from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
@@ -375,6 +375,10 @@ class Metrics:
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
     """Create every metric family on ``registry`` (a new one if None)."""
     r = registry if registry is not None else CollectorRegistry()
+    # the process's own: CPU, resident memory, descriptors (process_*) and the garbage
+    # collector's collections by generation (python_gc_*: see replicator.collector)
+    ProcessCollector(registry=r)
+    GCCollector(registry=r)
     build_info = Info(f"{NAMESPACE}_build", "Build information.", registry=r)
     kinds = typing.get_type_hints(Metrics)
     families: dict[str, Any] = {}

@@ -38,9 +38,24 @@ def _exercise(families: dict[str, tuple[Any, tuple[str, ...]]],
             other.inc(0)
 
 
+PROCESS_FAMILIES = ("process_", "python_gc_")
+
+
 def _text(registry: CollectorRegistry) -> str:
+    """The exposition of the ``replicator_*`` families (the process's own left out)."""
     out = generate_latest(registry).decode()
+    out = "".join(line for line in out.splitlines(keepends=True)
+                  if not re.sub(r"^# (HELP|TYPE) ", "", line).startswith(PROCESS_FAMILIES))
     return re.sub(r"(_created\{[^}]*\}) \S+", r"\1 T", out)
+
+
+def test_the_process_and_its_garbage_collections_are_exposed() -> None:
+    out = generate_latest(create_metrics().registry).decode()
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                 "process_open_fds"):
+        assert re.search(rf"^{name} \d", out, re.M), name
+    for gen in range(3):
+        assert re.search(rf'^python_gc_collections_total{{generation="{gen}"}} \d', out, re.M)
 
 
 def test_families_expose_like_prometheus_client() -> None:
