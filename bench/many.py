@@ -505,10 +505,12 @@ def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
         # opening every parked database again
         t0 = min((t for _, t in commits), default=0.0)
         windows: dict[int, list[float]] = {}
+        by_sec: dict[int, list[float]] = {}
         for (_i, t), lag in zip(commits, lags(commits, watch.events, replica, rels,
                                              keep_none=True), strict=True):
             if lag is not None:
                 windows.setdefault(int((t - t0) // 10), []).append(lag)
+                by_sec.setdefault(int(t - t0), []).append(lag)
         by_window = [{"from_s": 10 * k, "commits": len(v), "p50_ms": 1000 * pct(v, 50),
                       "p99_ms": 1000 * pct(v, 99)} for k, v in sorted(windows.items())]
         machine = busy.done(0.0)
@@ -526,6 +528,9 @@ def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
         return {"ok": True, "databases": n, "processes": len(run.procs),
                 "commits": len(commits), "matched": len(ls),
                 "lag_by_window": by_window,
+                # each second's p50, p99 and max (ms): what recurs, and when
+                "lag_by_second": [[k, round(1000 * pct(v, 50), 1), round(1000 * pct(v, 99), 1),
+                                   round(1000 * max(v), 1)] for k, v in sorted(by_sec.items())],
                 "writer_busy": busy_count,
                 "lag_p50_ms": 1000 * pct(ls, 50), "lag_p99_ms": 1000 * pct(ls, 99),
                 "lag_max_ms": 1000 * max(ls, default=float("nan")),
