@@ -500,14 +500,14 @@ def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
         busy_count = int(Path(f"{out}.busy").read_text())
         commits = [(int(x), float(y)) for x, y in
                    (line.split() for line in out.read_text().splitlines() if line)]
-        ls = lags(commits, watch.events, replica, rels)
+        each = lags(commits, watch.events, replica, rels, keep_none=True)
+        ls = [lag for lag in each if lag is not None]
         # the same lags by when the commit was made (10 s windows): the first one includes
         # opening every parked database again
         t0 = min((t for _, t in commits), default=0.0)
         windows: dict[int, list[float]] = {}
         by_sec: dict[int, list[float]] = {}
-        for (_i, t), lag in zip(commits, lags(commits, watch.events, replica, rels,
-                                             keep_none=True), strict=True):
+        for (_i, t), lag in zip(commits, each, strict=True):
             if lag is not None:
                 windows.setdefault(int((t - t0) // 10), []).append(lag)
                 by_sec.setdefault(int(t - t0), []).append(lag)
