@@ -226,14 +226,18 @@ def _read_upto(f: BinaryIO, n: int) -> bytes:
 
 
 def _open_sources(stack: contextlib.ExitStack, paths: Sequence[str], keys: Sequence[str],
-                  known: Mapping[str, SegmentHeader]) -> list[_Source]:
+                  known: Mapping[str, SegmentHeader],
+                  opened: Mapping[str, BinaryIO] | None = None) -> list[_Source]:
     """Each file's header and size, each file opened once (closed by ``stack``); a header in
-    ``known`` (by key: from the spool's memory, of the very file) is not parsed again."""
+    ``known`` (by key: from the spool's memory, of the very file) is not parsed again. A path
+    in ``opened`` is read from that file (open, at its start) rather than opened again."""
     keep = len(paths) <= KEEP_OPEN
+    opened = opened or {}
     out = []
     for path, key in zip(paths, keys, strict=True):
-        f = stack.enter_context(open(path, "rb", buffering=0)) if keep else \
-            open(path, "rb", buffering=0)
+        f = opened.get(path) or open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
+        if keep:
+            stack.enter_context(f)
         try:
             size = os.fstat(f.fileno()).st_size
             cached = known.get(key)
@@ -733,12 +737,14 @@ class Compactor:
         record stays on a segment's first transaction; pieces of one segment are left alone."""
         workdir = self.workdir or tempfile.gettempdir()
         temps: list[str] = []
+        opened: dict[str, BinaryIO] = {}
         out = []
         try:
-            chain, known = await self._call(self._local_sources, run, workdir, temps)
+            chain, known = await self._call(self._local_sources, run, workdir, temps, opened)
             files = await self._fetch(chain, workdir, temps, res)
             try:
-                pieces = await self._call(write_pieces, run, files, workdir, temps, known)
+                pieces = await self._call(write_pieces, run, files, workdir, temps, known,
+                                          opened)
             except CorruptObjectError as exc:
                 if all(path is None for _, path in chain):
                     raise
@@ -750,7 +756,7 @@ class Compactor:
             for a, b, path, size in pieces:
                 out.append((run[a:b], await self._put(run[a:b], path, size)))
         finally:
-            await self._call(unlink_all, temps)
+            await self._call(_release, opened, temps)
         return out
 
     async def _fetch(self, chain: list[Source], workdir: str, temps: list[str],
@@ -777,12 +783,15 @@ class Compactor:
             await self.client.write_object(info, stream_file(path))
         return dataclasses.replace(info, size=size)
 
-    def _local_sources(self, run: list[ObjectInfo], workdir: str, temps: list[str]
+    def _local_sources(self, run: list[ObjectInfo], workdir: str, temps: list[str],
+                       opened: dict[str, BinaryIO]
                        ) -> tuple[list[Source], dict[str, SegmentHeader]]:
-        """The objects to read for ``run`` (see :func:`choose_sources`), the local ones linked
-        (or copied) into ``workdir`` so that a deletion meanwhile cannot take them away; each
-        file made is appended to ``temps``. With them, the headers of those read from the
-        spool that it still holds in memory (by key). Blocking."""
+        """The objects to read for ``run`` (see :func:`choose_sources`), the local ones kept
+        from a deletion meanwhile (a pruning, a merge that replaced them): opened, each put in
+        ``opened`` by its path, when the merge keeps its files open anyway (up to
+        ``KEEP_OPEN``); else linked (or copied) into ``workdir``, each file made appended to
+        ``temps``. With them, the headers of those read from the spool that it still holds in
+        memory (by key). Blocking."""
         os.makedirs(workdir, exist_ok=True)
         gen, start, end = run[0].generation, run[0].start_txid, run[-1].end_txid
         local: list[tuple[ObjectInfo, str]] = []
@@ -805,19 +814,28 @@ class Compactor:
                 raise CorruptObjectError(f"{run[0].key}: segments to merge are not consecutive")
             out: list[Source] = []
             known: dict[str, SegmentHeader] = {}
+            keep = len(chain) <= KEEP_OPEN
+            for f in opened.values():
+                f.close()  # of a chain chosen before
+            opened.clear()
             for o, path in chain:
                 if path is None:
                     out.append((o, None))
                     continue
-                copy = temp_path(os.path.join(workdir, o.name))
                 try:
-                    link_or_copy(path, copy)
+                    if keep:
+                        # an open file outlives its deletion: no link, nor its removal later
+                        opened[path] = open(path, "rb", buffering=0)  # noqa: SIM115
+                        out.append((o, path))
+                    else:
+                        copy = temp_path(os.path.join(workdir, o.name))
+                        link_or_copy(path, copy)
+                        temps.append(copy)
+                        out.append((o, copy))
                 except FileNotFoundError:
                     # deleted meanwhile (pruned, or replaced by a merge): choose again
                     local = [x for x in local if x[1] != path]
                     break
-                temps.append(copy)
-                out.append((o, copy))
                 if self.spool is not None and path in spooled:
                     header = self.spool.cached_header(o)
                     if isinstance(header, SegmentHeader):
@@ -828,16 +846,18 @@ class Compactor:
 
 def write_pieces(run: list[ObjectInfo], files: list[tuple[ObjectInfo, str]], workdir: str,
                  temps: list[str], known: Mapping[str, SegmentHeader] | None = None,
+                 opened: Mapping[str, BinaryIO] | None = None,
                  ) -> list[tuple[int, int, str, int]]:
     """Write the merges of ``run`` from ``files`` (the objects holding its transactions, in
     order, with their local files), cut before every segment of the run whose first file
     records an unobserved interval; returns (first index, end index, path, size) of each
     piece of more than one segment. Each file made is appended to ``temps``. Each file is
-    opened once (up to ``KEEP_OPEN`` of them) and its header read once, or not at all when
-    ``known`` has it (by key: the header of that very file). Blocking."""
+    opened once (up to ``KEEP_OPEN`` of them; one in ``opened`` is read from there, and closed)
+    and its header read once, or not at all when ``known`` has it (by key: the header of that
+    very file). Blocking."""
     with contextlib.ExitStack() as stack:
         sources = _open_sources(stack, [p for _, p in files], [o.key for o, _ in files],
-                                known or {})
+                                known or {}, opened)
         at = {o.start_txid: i for i, (o, _) in enumerate(files)}
         cuts = [0]
         for i in range(1, len(run)):
@@ -869,6 +889,14 @@ def link_or_copy(src: str, dst: str) -> None:
         raise
     except OSError:
         shutil.copyfile(src, dst)
+
+
+def _release(opened: dict[str, BinaryIO], temps: Iterable[str]) -> None:
+    """Close the files a merge kept open and remove the ones it made."""
+    for f in opened.values():
+        f.close()
+    opened.clear()
+    unlink_all(temps)
 
 
 def unlink_all(paths: Iterable[str]) -> None:

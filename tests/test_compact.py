@@ -1111,6 +1111,80 @@ def test_a_remote_destination_merges_what_a_local_directory_holds_without_readin
     asyncio.run(go())
 
 
+def test_local_sources_deleted_during_a_merge_are_read_from_the_files_it_opened(
+        history: History, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A merge reads a local directory's files through descriptors it opened when it chose
+    them: deleting every one of them before the merge reads its first byte (a pruning, another
+    merge) changes nothing, and nothing is linked, copied or downloaded for them. A file gone
+    before it could be opened is chosen again: its object is read back instead. Either way
+    the result restores every state exactly."""
+    h = history
+    end_s = h.end_ns / 1e9
+    shutil.copytree(h.dest.root, tmp_path / "local")
+    local = FileStorage(str(tmp_path / "local"))
+    real_pieces = compact.write_pieces
+    deleted: list[str] = []
+
+    def delete_then_merge(run: list[ObjectInfo], files: list[tuple[ObjectInfo, str]],
+                          *args: object) -> object:
+        for _, path in files:
+            if path.startswith(local.root):
+                Path(path).unlink()
+                deleted.append(path)
+        return real_pieces(run, files, *args)  # type: ignore[arg-type]
+
+    def no_links(src: str, dst: str) -> None:
+        raise AssertionError(f"{src} linked into {dst}")
+
+    async def go() -> None:
+        monkeypatch.setattr(compact, "write_pieces", delete_then_merge)
+        monkeypatch.setattr(compact, "link_or_copy", no_links)
+        remote = CountedReads()
+        await copy_all(h.dest, remote)
+        comp = Compactor(remote, None, (LEVELS[0],), grace=0,  # type: ignore[arg-type]
+                         local=[local])
+        res = await comp.step(now=end_s + 5)
+        assert res.merged > 0 and res.downloaded == 0 and not remote.reads and deleted
+        await check(remote)
+        # gone before it was opened: the merge chooses again, and reads that one back
+        monkeypatch.setattr(compact, "write_pieces", real_pieces)
+        again = CountedReads()
+        await copy_all(h.dest, again)
+        shutil.rmtree(tmp_path / "local")
+        shutil.copytree(h.dest.root, tmp_path / "local")
+        real_choose = compact.choose_sources
+        vanished: list[str] = []
+
+        def choose_then_delete(run: list[ObjectInfo], where: list[tuple[ObjectInfo, str]]
+                               ) -> object:
+            chain = real_choose(run, where)
+            if not vanished and chain is not None:
+                o, path = chain[1]
+                assert path is not None
+                Path(path).unlink()
+                vanished.append(o.key)
+            return chain
+
+        monkeypatch.setattr(compact, "choose_sources", choose_then_delete)
+        comp = Compactor(again, None, (LEVELS[0],), grace=0,  # type: ignore[arg-type]
+                         local=[local])
+        res = await comp.step(now=end_s + 5)
+        assert res.merged > 0 and res.downloaded == 1 and again.reads == vanished
+        await check(again)
+
+    async def check(dest: CountedReads) -> None:
+        plan = await plan_restore(dest)  # type: ignore[arg-type]
+        assert plan.txid == max(h.times)
+        await apply_plan(dest, plan, str(tmp_path / "out.db"), force=True)  # type: ignore[arg-type]
+        assert content(tmp_path / "out.db") == content(h.app)
+        for t in random.Random(4).sample(sorted(h.times), 5):
+            txid, seqs = await restore_at(dest, tmp_path / "t.db",  # type: ignore[arg-type]
+                                          to_time_ns=h.times[t])
+            assert txid == t and seqs == list(range(1, t + 1))
+
+    asyncio.run(go())
+
+
 def test_merge_sources_prefer_local_copies_then_the_fewest_objects() -> None:
     from replicator.compact import choose_sources
     from replicator.pos import segment_info
