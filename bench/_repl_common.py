@@ -135,8 +135,9 @@ _EVENT = struct.Struct("iIII")
 class DirWatch:
     """Waits for a new *finished* object in one directory.
 
-    ``inotify`` mode: an inotify watch for IN_MOVED_TO (temp file renamed into place) and
-    IN_CLOSE_WRITE (file written under its final name and closed), read with poll(2) in this
+    ``inotify`` mode: an inotify watch for IN_MOVED_TO (temp file renamed into place),
+    IN_CLOSE_WRITE (file written under its final name and closed) and, with ``created_whole``,
+    IN_CREATE (a complete file hard-linked into place), read with poll(2) in this
     thread, so there is no helper thread between the kernel and the timestamp. ``poll`` mode:
     ``os.listdir`` every ~1 ms. Either way a name counts only if ``accept(name)`` is true (temp
     names are rejected) and it was not seen before.
@@ -146,9 +147,12 @@ class DirWatch:
     """
 
     def __init__(self, path: str, accept: Callable[[str], bool], mode: str = "inotify",
-                 stages: dict[str, str] | None = None) -> None:
+                 stages: dict[str, str] | None = None, *, created_whole: bool = False) -> None:
         self.path = path
         self.accept = accept
+        # IN_CREATE of an accepted name marks it finished too (a tool whose names appear only
+        # once complete: a hard link into place reports no IN_CLOSE_WRITE nor IN_MOVED_TO)
+        self.done_mask = _IN_CLOSE_WRITE | _IN_MOVED_TO | (_IN_CREATE if created_whole else 0)
         self.mode = mode
         self.fd = -1
         self.dirs: dict[str | None, str] = {None: path}
@@ -222,7 +226,7 @@ class DirWatch:
                 off += _EVENT.size + length
                 n = os.fsdecode(name)
                 label = self.wds.get(wd)
-                finished = mask & (_IN_CLOSE_WRITE | _IN_MOVED_TO)
+                finished = mask & self.done_mask
                 if not finished or not self.accept(n) or n in self.seen.get(label, set()):
                     continue
                 self.seen.setdefault(label, set()).add(n)
@@ -249,7 +253,7 @@ class DirWatch:
             wd, mask, _cookie, length = _EVENT.unpack_from(buf, off)
             name = os.fsdecode(buf[off + _EVENT.size : off + _EVENT.size + length].rstrip(b"\0"))
             off += _EVENT.size + length
-            if (self.wds.get(wd) is None and mask & (_IN_CLOSE_WRITE | _IN_MOVED_TO)
+            if (self.wds.get(wd) is None and mask & self.done_mask
                     and self.accept(name) and name not in self.seen[None]):
                 self.seen[None].add(name)
                 out.append((now, name))
@@ -419,6 +423,9 @@ class Tool:
 
     key = "tool"
     label = "tool"
+    created_whole = False
+    """A new object's name appears only once the object is complete (renamed or hard-linked
+    into place): its IN_CREATE event marks it finished (see :class:`DirWatch`)."""
 
     def __init__(self, db: Path, replica: Path, work: Path) -> None:
         self.db = db
@@ -546,6 +553,7 @@ class Ours(Tool):
 
     key = "ours"
     label = "replicator (ours)"
+    created_whole = True  # objects are linked (or renamed) into place
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "replicator", "--log-level", "info", "replicate",

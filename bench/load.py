@@ -138,7 +138,7 @@ class Bench(replication.Bench):
     def bursts(self, t: Tool, db: Path, d: Path) -> dict[str, Any]:
         """The bursts beside a running tool: per-burst lag, objects, CPU."""
         times = d / "burst-times"
-        watch = rc.DirWatch(t.object_dir() or "", t.is_object)
+        watch = rc.DirWatch(t.object_dir() or "", t.is_object, created_whole=t.created_whole)
         events: list[tuple[float, str]] = []
         bg = rc.Background()
         s0 = rc.proc_sample(t.pid)

@@ -299,7 +299,9 @@ class TreeWatch:
     """inotify on every directory below a root (new ones added as they appear): the perf_counter
     time of every finished file, by directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, created_whole: bool = False) -> None:
+        # IN_CREATE of a file marks it finished too (see _repl_common.DirWatch)
+        self.done = _IN_CLOSE_WRITE | _IN_MOVED_TO | (_IN_CREATE if created_whole else 0)
         self.libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         self.fd = self.libc.inotify_init1(0o4000 | 0o2000000)
         self.wds: dict[int, str] = {}
@@ -336,7 +338,7 @@ class TreeWatch:
                 if mask & _IN_ISDIR and mask & _IN_CREATE:
                     for top, _dirs, _files in os.walk(path):
                         self._add(top)
-                elif mask & (_IN_CLOSE_WRITE | _IN_MOVED_TO):
+                elif mask & self.done:
                     if name.endswith(".seg") or (name.endswith(".ltx") and "/ltx/0" in d):
                         self.events.append((now, d))
 
@@ -484,7 +486,7 @@ def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
         if not res["ok"]:
             return res
         time.sleep(SETTLE)
-        watch = TreeWatch(replica)
+        watch = TreeWatch(replica, created_whole=split_tool(tool)[0] == "ours")
         out = work / f"commits-{tool}.txt"
         a = facts(run.pids)
         busy = rc.Background()

@@ -172,7 +172,7 @@ class Bench:
                 commit()
                 time.sleep(0.2)
             watch = rc.DirWatch(t.object_dir() or "", t.is_object, self.args.watch,
-                                stages=t.stage_dirs())
+                                stages=t.stage_dirs(), created_whole=t.created_whole)
             lags: list[float] = []
             local: list[float] = []
             multi = timeouts = 0

@@ -566,6 +566,47 @@ def check_replica_file(spool: Spool, root: Path, info: ObjectInfo, linked: bool)
     return src.read_bytes()
 
 
+def test_file_link_over_an_existing_object_replaces_it_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link where the object is already (shipped again after a restart) replaces it through
+    a temp name renamed over it; when that fails, the object there stays as it was and no temp
+    file is left. A new object is linked at its own name (no temp name, no rename)."""
+    spool = Spool(str(tmp_path / "spool"))
+    info = spool_object(spool, snapshot_info(new_generation_id(), 0, int(time.time() * 1000)))
+    storage = FileStorage(str(tmp_path / "replica"))
+    asyncio.run(storage.init())
+    renames: list[str] = []
+    real_replace = os.replace
+
+    def counted_replace(src: str, dst: str) -> None:
+        renames.append(dst)
+        real_replace(src, dst)
+
+    def link(source: str) -> int | None:
+        return asyncio.run(storage.link_object(info, source))
+
+    monkeypatch.setattr(os, "replace", counted_replace)
+    assert link(spool.path(info)) == info.size
+    dst = tmp_path / "replica" / info.key
+    assert os.path.samefile(spool.path(info), dst) and renames == []
+    other = tmp_path / "other"
+    other.write_bytes(Path(spool.path(info)).read_bytes())
+    assert link(str(other)) == info.size
+    assert os.path.samefile(other, dst) and renames == [str(dst)]
+    again = tmp_path / "again"
+    again.write_bytes(b"x")
+
+    def full(src: str, dst: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(StorageError, match="no space left on device"):
+        link(str(again))
+    assert os.path.samefile(other, dst)
+    assert not list((tmp_path / "replica").rglob("*.tmp"))
+
+
 async def test_file_link_error_other_than_unsupported_is_a_storage_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -62,6 +62,25 @@ def _open_read(path: str) -> tuple[int, int, bytes]:
         raise
 
 
+def link_into(source: str, path: str) -> None:
+    """Make ``path`` a hard link to ``source`` (a complete, durable file): a link at ``path``
+    itself when nothing is there (the name appears whole, one directory entry made), else a
+    link at a temp name renamed over what is there. The caller fsyncs the directory."""
+    try:
+        os.link(source, path)
+        return
+    except FileExistsError:
+        pass
+    tmp = temp_path(path)
+    os.link(source, tmp)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 class FileStorage:
     """Objects as files below a root directory."""
 
@@ -232,23 +251,16 @@ class FileStorage:
                 path = self._path(info.key)
                 parent = os.path.dirname(path)
                 dirs[parent] = None
-                tmp = temp_path(path)
                 try:
                     try:
-                        os.link(source, tmp)
+                        link_into(source, path)
                     except FileNotFoundError:
                         # the directory is new (no look first: it is there nearly always)
                         makedirs_durable(parent)
-                        os.link(source, tmp)
+                        link_into(source, path)
                 except OSError as exc:
                     if exc.errno in _NO_LINK:
                         return None
-                    raise
-                try:
-                    os.replace(tmp, path)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
                     raise
                 sizes.append(info.size or os.stat(path).st_size)
             for parent in dirs:
