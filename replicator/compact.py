@@ -737,27 +737,54 @@ class Compactor:
         record stays on a segment's first transaction; pieces of one segment are left alone."""
         workdir = self.workdir or tempfile.gettempdir()
         temps: list[str] = []
-        opened: dict[str, BinaryIO] = {}
         out = []
         try:
-            chain, known = await self._call(self._local_sources, run, workdir, temps, opened)
-            files = await self._fetch(chain, workdir, temps, res)
-            try:
-                pieces = await self._call(write_pieces, run, files, workdir, temps, known,
-                                          opened)
-            except CorruptObjectError as exc:
-                if all(path is None for _, path in chain):
-                    raise
+            chain, known, pieces, damaged = await self._call(self._merge_local, run, workdir,
+                                                             temps)
+            if pieces is None and damaged is None:
+                files = await self._fetch(chain, workdir, temps, res)
+                try:
+                    pieces = await self._call(write_pieces, run, files, workdir, temps, known)
+                except CorruptObjectError as exc:
+                    if all(path is None for _, path in chain):
+                        raise
+                    damaged = exc
+            if damaged is not None:
                 # a damaged local copy never blocks a merge: read the destination's own
                 log.warning("%s: %s; merging from the destination's objects instead",
-                            self.client.url, exc)
+                            self.client.url, damaged)
                 files = await self._fetch([(o, None) for o in run], workdir, temps, res)
                 pieces = await self._call(write_pieces, run, files, workdir, temps)
+            assert pieces is not None
             for a, b, path, size in pieces:
                 out.append((run[a:b], await self._put(run[a:b], path, size)))
         finally:
-            await self._call(_release, opened, temps)
+            await self._call(unlink_all, temps)
         return out
+
+    def _merge_local(self, run: list[ObjectInfo], workdir: str, temps: list[str]
+                     ) -> tuple[list[Source], dict[str, SegmentHeader],
+                                list[tuple[int, int, str, int]] | None,
+                                CorruptObjectError | None]:
+        """The sources of ``run`` (see :meth:`_local_sources`) and, when every one of them is
+        a local file kept open, their merge (see :func:`write_pieces`), written in this call:
+        its files stay open no longer than it (one compaction thread: at most ``KEEP_OPEN``
+        descriptors, however many merges wait for it). Else (a source to download) no merge
+        yet. A damaged local file is returned, not raised. Blocking."""
+        opened: dict[str, BinaryIO] = {}
+        try:
+            chain, known = self._local_sources(run, workdir, temps, opened)
+            if not opened:
+                return chain, known, None, None
+            files = [(o, path) for o, path in chain if path is not None]
+            try:
+                return chain, known, write_pieces(run, files, workdir, temps, known,
+                                                  opened), None
+            except CorruptObjectError as exc:
+                return chain, known, None, exc
+        finally:
+            for f in opened.values():
+                f.close()
 
     async def _fetch(self, chain: list[Source], workdir: str, temps: list[str],
                      res: CompactResult) -> list[tuple[ObjectInfo, str]]:
@@ -787,11 +814,11 @@ class Compactor:
                        opened: dict[str, BinaryIO]
                        ) -> tuple[list[Source], dict[str, SegmentHeader]]:
         """The objects to read for ``run`` (see :func:`choose_sources`), the local ones kept
-        from a deletion meanwhile (a pruning, a merge that replaced them): opened, each put in
-        ``opened`` by its path, when the merge keeps its files open anyway (up to
-        ``KEEP_OPEN``); else linked (or copied) into ``workdir``, each file made appended to
-        ``temps``. With them, the headers of those read from the spool that it still holds in
-        memory (by key). Blocking."""
+        from a deletion meanwhile (a pruning, a merge that replaced them): when every one is
+        local and there are at most ``KEEP_OPEN``, opened, each put in ``opened`` by its path
+        (for :meth:`_merge_local`); else linked (or copied) into ``workdir``, each file made
+        appended to ``temps``. With them, the headers of those read from the spool that it
+        still holds in memory (by key). Blocking."""
         os.makedirs(workdir, exist_ok=True)
         gen, start, end = run[0].generation, run[0].start_txid, run[-1].end_txid
         local: list[tuple[ObjectInfo, str]] = []
@@ -814,7 +841,8 @@ class Compactor:
                 raise CorruptObjectError(f"{run[0].key}: segments to merge are not consecutive")
             out: list[Source] = []
             known: dict[str, SegmentHeader] = {}
-            keep = len(chain) <= KEEP_OPEN
+            # kept open only when the merge is written in the same call (see _merge_local)
+            keep = len(chain) <= KEEP_OPEN and all(path is not None for _, path in chain)
             for f in opened.values():
                 f.close()  # of a chain chosen before
             opened.clear()
@@ -889,14 +917,6 @@ def link_or_copy(src: str, dst: str) -> None:
         raise
     except OSError:
         shutil.copyfile(src, dst)
-
-
-def _release(opened: dict[str, BinaryIO], temps: Iterable[str]) -> None:
-    """Close the files a merge kept open and remove the ones it made."""
-    for f in opened.values():
-        f.close()
-    opened.clear()
-    unlink_all(temps)
 
 
 def unlink_all(paths: Iterable[str]) -> None:

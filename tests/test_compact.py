@@ -1116,13 +1116,15 @@ def test_local_sources_deleted_during_a_merge_are_read_from_the_files_it_opened(
     """A merge reads a local directory's files through descriptors it opened when it chose
     them: deleting every one of them before the merge reads its first byte (a pruning, another
     merge) changes nothing, and nothing is linked, copied or downloaded for them. A file gone
-    before it could be opened is chosen again: its object is read back instead. Either way
-    the result restores every state exactly."""
+    before it could be opened is chosen again: its object is read back instead, and the local
+    files of that merge are linked (kept for the download's time without descriptors held).
+    Either way the result restores every state exactly."""
     h = history
     end_s = h.end_ns / 1e9
     shutil.copytree(h.dest.root, tmp_path / "local")
     local = FileStorage(str(tmp_path / "local"))
     real_pieces = compact.write_pieces
+    real_links = compact.link_or_copy
     deleted: list[str] = []
 
     def delete_then_merge(run: list[ObjectInfo], files: list[tuple[ObjectInfo, str]],
@@ -1166,10 +1168,18 @@ def test_local_sources_deleted_during_a_merge_are_read_from_the_files_it_opened(
             return chain
 
         monkeypatch.setattr(compact, "choose_sources", choose_then_delete)
+        links: list[str] = []
+
+        def counted_links(src: str, dst: str) -> None:
+            links.append(src)
+            real_links(src, dst)
+
+        monkeypatch.setattr(compact, "link_or_copy", counted_links)
         comp = Compactor(again, None, (LEVELS[0],), grace=0,  # type: ignore[arg-type]
                          local=[local])
         res = await comp.step(now=end_s + 5)
         assert res.merged > 0 and res.downloaded == 1 and again.reads == vanished
+        assert links and all(link.startswith(local.root) for link in links)
         await check(again)
 
     async def check(dest: CountedReads) -> None:
