@@ -216,6 +216,18 @@ def content(db: Path) -> list[tuple[int, bytes]]:
         c.close()
 
 
+async def restores_exactly(client: StorageClient, h: History, tmp: Path, seed: int) -> None:
+    """The newest state, and five instants of ``h`` picked with ``seed``, restored from
+    ``client`` exactly as the source had them."""
+    plan = await plan_restore(client)
+    assert plan.txid == max(h.times)
+    await apply_plan(client, plan, str(tmp / "out.db"), force=True)
+    assert content(tmp / "out.db") == content(h.app)
+    for t in random.Random(seed).sample(sorted(h.times), 5):
+        txid, seqs = await restore_at(client, tmp / "t.db", to_time_ns=h.times[t])
+        assert txid == t and seqs == list(range(1, t + 1))
+
+
 @pytest.mark.timeout(900)  # thousands of commits, hundreds of restores; slow on a busy machine
 def test_compaction_bounds_objects_and_keeps_every_instant_exact(
     history: History, tmp_path: Path
@@ -674,13 +686,7 @@ def test_a_step_stops_between_merges_once_the_capture_falls_behind(
         res = await h.replica.compact(now=end_s + 5 * LEVELS[-1])
         assert res is not None and not res.cut_short and res.merged > 1
         assert len(await all_objects(h.dest)) < first
-        plan = await plan_restore(h.dest)
-        assert plan.txid == max(h.times)
-        await apply_plan(h.dest, plan, str(tmp_path / "out.db"))
-        assert content(tmp_path / "out.db") == content(h.app)
-        for t in random.Random(7).sample(sorted(h.times), 5):
-            txid, seqs = await restore_at(h.dest, tmp_path / "t.db", to_time_ns=h.times[t])
-            assert txid == t and seqs == list(range(1, t + 1))
+        await restores_exactly(h.dest, h, tmp_path, seed=7)
 
     asyncio.run(go())
 
@@ -1099,14 +1105,7 @@ def test_a_remote_destination_merges_what_a_local_directory_holds_without_readin
         res = await comp.step(now=end_s + 1000 * LEVELS[-1])
         assert res.merged > 0 and sorted(more.reads) == sorted(o.key for o in gone)
         for dest in (remote, more):
-            plan = await plan_restore(dest)  # type: ignore[arg-type]
-            assert plan.txid == max(h.times)
-            await apply_plan(dest, plan, str(tmp_path / "out.db"), force=True)  # type: ignore[arg-type]
-            assert content(tmp_path / "out.db") == content(h.app)
-            for t in random.Random(3).sample(sorted(h.times), 5):
-                txid, seqs = await restore_at(dest, tmp_path / "t.db",  # type: ignore[arg-type]
-                                              to_time_ns=h.times[t])
-                assert txid == t and seqs == list(range(1, t + 1))
+            await restores_exactly(dest, h, tmp_path, seed=3)  # type: ignore[arg-type]
 
     asyncio.run(go())
 
@@ -1147,7 +1146,7 @@ def test_local_sources_deleted_during_a_merge_are_read_from_the_files_it_opened(
                          local=[local])
         res = await comp.step(now=end_s + 5)
         assert res.merged > 0 and res.downloaded == 0 and not remote.reads and deleted
-        await check(remote)
+        await restores_exactly(remote, h, tmp_path, seed=4)  # type: ignore[arg-type]
         # gone before it was opened: the merge chooses again, and reads that one back
         monkeypatch.setattr(compact, "write_pieces", real_pieces)
         again = CountedReads()
@@ -1180,17 +1179,7 @@ def test_local_sources_deleted_during_a_merge_are_read_from_the_files_it_opened(
         res = await comp.step(now=end_s + 5)
         assert res.merged > 0 and res.downloaded == 1 and again.reads == vanished
         assert links and all(link.startswith(local.root) for link in links)
-        await check(again)
-
-    async def check(dest: CountedReads) -> None:
-        plan = await plan_restore(dest)  # type: ignore[arg-type]
-        assert plan.txid == max(h.times)
-        await apply_plan(dest, plan, str(tmp_path / "out.db"), force=True)  # type: ignore[arg-type]
-        assert content(tmp_path / "out.db") == content(h.app)
-        for t in random.Random(4).sample(sorted(h.times), 5):
-            txid, seqs = await restore_at(dest, tmp_path / "t.db",  # type: ignore[arg-type]
-                                          to_time_ns=h.times[t])
-            assert txid == t and seqs == list(range(1, t + 1))
+        await restores_exactly(again, h, tmp_path, seed=4)  # type: ignore[arg-type]
 
     asyncio.run(go())
 
