@@ -50,6 +50,10 @@ _MAGIC = b"RPLIDX01"
 # magic, generation (16 ascii), txid, page size, pages, device, inode, content hash (16 bytes)
 _HEAD = struct.Struct(">8s16sQIIQQ16s")
 _MASK64 = (1 << 64) - 1
+_PGNO_COMMIT = struct.Struct(">II")  # a frame header's page number and commit size
+SMALL_RUN_FRAMES = 16
+"""A run of at most this many frames is applied in plain Python: a commit of a frame or two
+then costs no array operations (each has a fixed cost that no page amortises)."""
 
 Hashes = npt.NDArray[np.uint64]  # shape (n, 2): the high and low 64 bits of H(p)
 
@@ -178,6 +182,8 @@ class PageIndex:
     def resize(self, pages: int) -> None:
         """A commit left the database with ``pages`` pages: pages past the end are gone; pages
         that come back without having been written since are zeros."""
+        if pages == self.pages == self.high:
+            return  # nothing to cut off or bring back: the usual commit
         self._grow(pages)
         if pages < self.pages:
             self.content ^= self._xor(pages + 1, self.pages)
@@ -204,6 +210,9 @@ class PageIndex:
         if len(mv) % fs:
             raise ValueError("partial WAL frame")
         n = len(mv) // fs
+        if n <= SMALL_RUN_FRAMES:
+            self._apply_few(mv, n)
+            return
         # the page numbers and commit sizes of every frame at once (a frame is a whole number
         # of big-endian words)
         heads = np.frombuffer(mv, dtype=">u4").reshape(n, fs // 4)[:, :2].astype(np.int64)
@@ -223,6 +232,28 @@ class PageIndex:
             off = k * fs + FRAME_HEADER_SIZE
             self.set_page(pgno, mv[off : off + self.page_size])
         self.resize(int(heads[-1, 1]))
+
+    def _apply_few(self, mv: memoryview, n: int) -> None:
+        """:meth:`apply_frames` for a few frames, in plain Python (the same result)."""
+        fs = FRAME_HEADER_SIZE + self.page_size
+        heads = [_PGNO_COMMIT.unpack_from(mv, k * fs) for k in range(n)]
+        if not n or not heads[-1][1]:
+            raise ValueError("WAL frames must end with a commit frame")
+        low = [0] * n  # the smallest database size committed from each frame on
+        smallest = heads[-1][1]
+        for k in range(n - 1, -1, -1):
+            size = heads[k][1]
+            if size and size < smallest:
+                smallest = size
+            low[k] = smallest
+        last = {pgno: k for k, (pgno, _) in enumerate(heads)}  # the last frame of each page
+        self.resize(low[0])
+        for pgno in sorted(last):
+            k = last[pgno]
+            if pgno <= low[k]:
+                off = k * fs + FRAME_HEADER_SIZE
+                self.set_page(pgno, mv[off : off + self.page_size])
+        self.resize(heads[-1][1])
 
     def apply_stream(self, chunks: Iterable[bytes | memoryview]) -> None:
         """Apply a run of whole committed transactions given in chunks cut anywhere."""

@@ -407,10 +407,17 @@ class _BlockCheck:
     reason: str | None
     detail: str | None
     # of the valid frames only
-    pgno: npt.NDArray[np.uint64]
-    commit: npt.NDArray[np.uint64]
-    ck0: npt.NDArray[np.uint64]
-    ck1: npt.NDArray[np.uint64]
+    pgno: list[int]
+    commit: list[int]
+    ck0: list[int]
+    ck1: list[int]
+
+
+_FRAME_HEAD = struct.Struct(">6I")
+SMALL_BLOCK_FRAMES = 16
+"""A block of at most this many frames is checked frame by frame in Python once numpy has
+summed its pages: a commit of a frame or two then costs a few array operations instead of a
+score of them, each with a fixed cost that no page amortises."""
 
 
 def _check_block(
@@ -432,6 +439,9 @@ def _check_block(
     n_words = frame_size(page_size) // 4
     coefs, (p, q, r) = _frame_tables(page_size)
     words = _as_words(data, big_endian, n_frames * n_words).reshape(n_frames, n_words)
+    if n_frames <= SMALL_BLOCK_FRAMES:
+        return _check_small(data, _products(words, coefs).tolist(), page_size, salts, prev,
+                            (p, q, r))
     contrib = _products(words, coefs).astype(np.uint64)
     hdr_view: npt.NDArray[np.uint32] = np.frombuffer(
         data, dtype=_BE_WORDS, count=n_frames * n_words
@@ -459,7 +469,42 @@ def _check_block(
         else:
             reason, detail = "checksum", "checksum mismatch"
     ok = hdr[:n_valid]
-    return _BlockCheck(n_valid, reason, detail, ok[:, 0], ok[:, 1], ok[:, 4], ok[:, 5])
+    return _BlockCheck(n_valid, reason, detail, ok[:, 0].tolist(), ok[:, 1].tolist(),
+                       ok[:, 4].tolist(), ok[:, 5].tolist())
+
+
+def _check_small(
+    data: bytes | memoryview,
+    contrib: list[list[int]],
+    page_size: int,
+    salts: tuple[int, int],
+    prev: tuple[int, int],
+    m: tuple[int, int, int],
+) -> _BlockCheck:
+    """``_check_block``'s verdict on a few frames whose contributions (``contrib``: one pair
+    per frame) are summed: the same rules, frame by frame."""
+    fs = frame_size(page_size)
+    p, q, r = m
+    v0, v1 = prev
+    out = _BlockCheck(0, None, None, [], [], [], [])
+    for i, (c0, c1) in enumerate(contrib):
+        pgno, commit, salt1, salt2, s0, s1 = _FRAME_HEAD.unpack_from(data, i * fs)
+        if salt1 != salts[0] or salt2 != salts[1]:
+            out.reason, out.detail = "salt", "salt mismatch"
+            break
+        if pgno == 0:
+            out.reason, out.detail = "checksum", "page number 0"
+            break
+        if (p * v0 + q * v1 + c0) & _MASK != s0 or (q * v0 + r * v1 + c1) & _MASK != s1:
+            out.reason, out.detail = "checksum", "checksum mismatch"
+            break
+        out.pgno.append(pgno)
+        out.commit.append(commit)
+        out.ck0.append(s0)
+        out.ck1.append(s1)
+        out.n_valid += 1
+        v0, v1 = s0, s1
+    return out
 
 
 # read(first, count): the bytes of `count` frame slots starting `first` frames after the start
@@ -528,13 +573,10 @@ class _Scanner:
             self.frames += [
                 Frame(base + i, pgno, commit, (c0, c1))
                 for i, (pgno, commit, c0, c1) in enumerate(
-                    zip(chk.pgno.tolist(), chk.commit.tolist(), chk.ck0.tolist(),
-                        chk.ck1.tolist(), strict=True)
+                    zip(chk.pgno, chk.commit, chk.ck0, chk.ck1, strict=True)
                 )
             ]
-        import numpy as np
-
-        commits = np.flatnonzero(chk.commit).tolist()
+        commits = [i for i, c in enumerate(chk.commit) if c]
         if self.last_only and commits:
             # only the last transaction is kept: memory stays the same however long the WAL
             first = base + commits[-2] + 1 if len(commits) > 1 else self.txn_first
@@ -543,11 +585,11 @@ class _Scanner:
             self.txn_first = first
             commits = commits[-1:]
         for i in commits:
-            self.txns.append((self.txn_first, base + i, int(chk.commit[i])))
-            self.commit_cks.append((int(chk.ck0[i]), int(chk.ck1[i])))
+            self.txns.append((self.txn_first, base + i, chk.commit[i]))
+            self.commit_cks.append((chk.ck0[i], chk.ck1[i]))
             self.txn_first = base + i + 1
         if chk.n_valid:
-            self.valid_checksum = (int(chk.ck0[-1]), int(chk.ck1[-1]))
+            self.valid_checksum = (chk.ck0[-1], chk.ck1[-1])
         self.examined += chk.n_valid
         if chk.reason is not None:
             self.reason = chk.reason

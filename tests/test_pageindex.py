@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
+from replicator import pageindex
 from replicator.contenthash import content_hash, file_content_hash, page_hash
 from replicator.pageindex import IndexUnusable, PageIndex, SavedIndex
 from replicator.wal import FRAME_HEADER_SIZE
@@ -36,10 +37,13 @@ def frames(writes: list[tuple[int, bytes]], commit: int) -> bytes:
     return out
 
 
-def test_incremental_equals_full_recomputation() -> None:
+@pytest.mark.parametrize("few", [0, 16], ids=["arrays", "a-few-frames-in-python"])
+def test_incremental_equals_full_recomputation(few: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Random batches of transactions that write pages, grow and shrink the database: after
     each, the index's hash is the hash of the pages a restore would hold, frame by frame (pages
-    past a commit's size are gone, pages that come back unwritten are zeros)."""
+    past a commit's size are gone, pages that come back unwritten are zeros). Runs of up to 16
+    frames, applied with numpy or (as a run of a few frames is) in plain Python."""
+    monkeypatch.setattr(pageindex, "SMALL_RUN_FRAMES", few)
     rnd = random.Random(5)
     ix = PageIndex(PS)
     pages: dict[int, bytes] = {}

@@ -12,11 +12,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from replicator import wal as wal_module
 from replicator.errors import WalError
 from replicator.wal import (
     FRAME_HEADER_SIZE,
@@ -523,6 +525,26 @@ def test_foreign_salt_stops_scan(
     assert res.valid_end_index == k - 1
     assert res.transactions == expected_txns(w, frame_offset(k, 512))
     assert all(f.index < k for f in res.frames)
+
+
+@settings(max_examples=150, deadline=None)
+@given(shape=wal_shapes, where=st.none() | st.floats(0, 1, exclude_max=True),
+       xor=st.integers(1, 255), keep=st.booleans())
+def test_a_few_frames_are_judged_as_a_block_of_many_is(
+    shape: dict[str, object], where: float | None, xor: int, keep: bool
+) -> None:
+    """Frame by frame (a small block) and all at once (numpy): the same frames, transactions,
+    checksums and stop, whether the WAL is whole, torn or damaged anywhere."""
+    w = build_wal(**shape)  # type: ignore[arg-type]
+    data = bytearray(w.data)
+    if where is not None and len(data) > WAL_HEADER_SIZE:
+        data[WAL_HEADER_SIZE + int(where * (len(data) - WAL_HEADER_SIZE))] ^= xor
+    results = []
+    for small in (0, 1 << 20):
+        with mock.patch.object(wal_module, "SMALL_BLOCK_FRAMES", small):
+            _, res = scan_file(bytes(data), keep_frames=keep)
+        results.append(res)
+    assert results[0] == results[1]
 
 
 @pytest.mark.parametrize("big_endian", [False, True])
