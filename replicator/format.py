@@ -42,6 +42,9 @@ KIND_DIFF = 4
 TRAILER_MAGIC = b"RPLT"
 DEFAULT_LEVEL = 1
 _PREAMBLE = struct.Struct(">4sHHI")
+_HEADER_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+"""How a header is written: compact, keys sorted (one encoder for every object: ``json.dumps``
+with options builds one a call)."""
 HEADER_START = _PREAMBLE.size  # where an object's header begins
 _TRAILER_SIZE = 4 + 4
 _MAX_HEADER = 64 << 20
@@ -153,7 +156,7 @@ class ObjectWriter:
         """Bytes written to ``f`` so far (the object's size once closed)."""
         if version is None:
             version = DIFF_VERSION if kind == KIND_DIFF else FORMAT_VERSION
-        raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+        raw = _HEADER_JSON.encode(header).encode()
         self._out(_PREAMBLE.pack(MAGIC, version, kind, len(raw)))
         self._out(raw)
         self._hash = _digest()
