@@ -21,7 +21,7 @@ import json
 import struct
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import zstandard
 
@@ -140,6 +140,14 @@ _POOLED = 2  # contexts of each kind kept
 _codecs = _Codecs()
 
 
+class Sink(Protocol):
+    """Where an :class:`ObjectWriter` writes: a binary file, or a :class:`~replicator.fsutil.
+    DurableFile`."""
+
+    def write(self, data: bytes | memoryview, /) -> object:
+        """Append ``data``."""
+
+
 class ObjectWriter:
     """Writes one object to a binary file: header first, then the body as it is given.
 
@@ -148,7 +156,7 @@ class ObjectWriter:
     with). Both read back the same way."""
 
     def __init__(
-        self, f: BinaryIO, kind: int, header: dict[str, Any], level: int | None = DEFAULT_LEVEL,
+        self, f: Sink, kind: int, header: dict[str, Any], level: int | None = DEFAULT_LEVEL,
         version: int | None = None,
     ):
         self._f = f

@@ -10,11 +10,11 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import BinaryIO
 
 TMP_SUFFIX = ".tmp"
 WRITE_BUFFER = 64 << 10
-"""The buffer of a file written by :func:`atomic_writer`."""
+"""The buffer of a file written by :func:`atomic_writer`: smaller writes are gathered up to
+this size; a larger one goes to the kernel as it is."""
 
 
 def stat_or_none(path: str) -> os.stat_result | None:
@@ -132,25 +132,69 @@ def remove_stale_temps(path: str) -> list[str]:
     return removed
 
 
+class DurableFile:
+    """A new file open for writing by :func:`atomic_writer`, on its bare descriptor: writes
+    smaller than ``WRITE_BUFFER`` are copied into one buffer, larger ones written as they
+    are. A capture writes one such file a commit; a buffered file object would cost a
+    ``fstat``, a ``lseek`` and the building of two objects each time."""
+
+    __slots__ = ("fd", "_buf")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buf = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append ``data`` (bytes; a view of bytes); returns its length."""
+        n = len(data)
+        if len(self._buf) + n <= WRITE_BUFFER:
+            self._buf += data
+            return n
+        self.flush()
+        if n < WRITE_BUFFER:
+            self._buf += data
+        else:
+            _write_all(self.fd, data)
+        return n
+
+    def flush(self) -> None:
+        """Hand what is gathered to the kernel."""
+        if self._buf:
+            _write_all(self.fd, self._buf)
+            self._buf = bytearray()
+
+    def fileno(self) -> int:
+        """The descriptor."""
+        return self.fd
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 @contextlib.contextmanager
-def atomic_writer(path: str, parent_exists: bool = False) -> Iterator[BinaryIO]:
-    """Open a temp file beside ``path``; on clean exit fsync it, rename it over ``path`` and
+def atomic_writer(path: str, parent_exists: bool = False) -> Iterator[DurableFile]:
+    """Create a temp file beside ``path``; on clean exit fsync it, rename it over ``path`` and
     fsync the directory. On error the temp file is removed and ``path`` is untouched.
     ``parent_exists``: the caller knows the directory is there (and durable): no look."""
     if not parent_exists:
         makedirs_durable(os.path.dirname(path) or ".")
     tmp = temp_path(path)
-    # a buffer size given: no look whether the file is a terminal
-    f = open(tmp, "xb", buffering=WRITE_BUFFER)  # noqa: SIM115 - closed below on every path
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
+        f = DurableFile(fd)
         yield f
         f.flush()
-        os.fsync(f.fileno())
-        f.close()
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
         os.replace(tmp, path)
         fsync_dir(os.path.dirname(path) or ".")
     except BaseException:
-        f.close()
+        if fd >= 0:
+            os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
