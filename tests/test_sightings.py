@@ -107,3 +107,33 @@ def test_the_sighter_takes_readings_while_a_step_runs(tmp_path: Path, app) -> No
     # after the step no more readings: the next commit is seen at the next step
     assert s.first_seen(salts, now[1]) is None
     s.close()
+
+
+def test_the_sighter_lingers_between_close_steps_then_sleeps_until_the_next(
+    tmp_path: Path, app
+) -> None:
+    s = Sightings(str(tmp_path / "app.db-shm"))
+    first = s.take()
+    assert first is not None
+    salts, end = first[0], first[1]
+    sighter = Sighter(interval=0.01, linger=0.3)
+    started = time.monotonic()
+    for _ in range(60):  # short steps close together: about 6 ms apart
+        with sighter.watching(s):
+            pass
+        time.sleep(0.005)
+    elapsed = time.monotonic() - started
+    # one wake-up an interval at most, not two a step (120)
+    assert sighter.wakeups <= elapsed / sighter.interval + 2
+    # past the linger it waits to be woken: no more wake-ups while no step runs
+    wait_until(lambda: sighter._asleep, 10, what="the sighter waiting to be woken")
+    idle_from = sighter.wakeups
+    time.sleep(0.1)
+    assert sighter.wakeups == idle_from
+    # a step long enough wakes it again, and its readings show the commits made meanwhile
+    with sighter.watching(s):
+        commit(app, 2)
+        wait_until(lambda: s.first_seen(salts, end + 2) is not None, 10,
+                   what="a sighting of the commits")
+    assert sighter.wakeups > idle_from
+    s.close()
