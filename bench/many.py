@@ -175,6 +175,29 @@ def _facts(pid: int) -> dict[str, float]:
             "threads": threads, "fds": fds}
 
 
+def thread_cpu(pids: list[int]) -> dict[str, float]:
+    """CPU seconds (user + system) of a tool's threads by their name in the kernel, numbers
+    dropped (ours names its threads ``repl-worker_3`` and so on; the main thread keeps the
+    process's name)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue  # the thread ended meanwhile
+            name = stat[stat.index("(") + 1:stat.rindex(")")].rstrip("0123456789").rstrip("_")
+            fields = stat[stat.rindex(")") + 2:].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 class Run:
     """One tool over one directory of databases, its process (ours split: its processes) and
     log."""
@@ -488,14 +511,14 @@ def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
         time.sleep(SETTLE)
         watch = TreeWatch(replica, created_whole=split_tool(tool)[0] == "ours")
         out = work / f"commits-{tool}.txt"
-        a = facts(run.pids)
+        a, ta = facts(run.pids), thread_cpu(run.pids)
         busy = rc.Background()
         writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(seconds),
                                    str(out), *rels])
         watch.pump(time.perf_counter() + seconds + 7.0)
         writer.wait(60)
         watch.pump(time.perf_counter() + 3.0)
-        b = facts(run.pids)
+        b, tb = facts(run.pids), thread_cpu(run.pids)
         watch.close()
         if not out.exists():
             return {"ok": False, "why": "the writer failed"}
@@ -537,6 +560,11 @@ def active(tool: str, work: Path, n: int, seconds: float) -> dict[str, Any]:
                 "lag_p50_ms": 1000 * pct(ls, 50), "lag_p99_ms": 1000 * pct(ls, 99),
                 "lag_max_ms": 1000 * max(ls, default=float("nan")),
                 "cpu_pct": 100 * (b["cpu_s"] - a["cpu_s"]) / (seconds + 10),
+                # where it went: CPU milliseconds a commit by thread (threads named alike
+                # summed; one that ended meanwhile is missing)
+                "cpu_ms_per_commit_by_thread": {
+                    k: round(1000 * (v - ta.get(k, 0.0)) / max(1, len(commits)), 3)
+                    for k, v in sorted(tb.items(), key=lambda kv: -kv[1])},
                 "rss_mib": b["rss_mib"], "threads": b["threads"], "machine": machine,
                 "restored_equal": equal, "restore_s": restored["seconds"]}
     finally:

@@ -60,6 +60,7 @@ from .logs import fmt_bytes
 from .metrics import Metrics
 from .notify import FAILING, RECOVERED, Notifier
 from .retry import CHORE_RETRY, ErrorLog
+from .threads import name_os_thread
 
 DEFAULT_INTERVAL = 60.0
 DEFAULT_INTEGRITY_INTERVAL = 24 * 3600.0
@@ -442,7 +443,8 @@ class HealthChecker:
         results: list[CheckResult] = []
         if due:
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="replicator-health")
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="replicator-health",
+                                                    initializer=name_os_thread)
             results = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._run_checks, due, t)
             for c in due:

@@ -28,7 +28,7 @@ from typing import TypeVar
 from .fsutil import stat_or_none
 from .progress import FilesSig, files_sig
 from .report import ProcessSummary
-from .threads import Workers
+from .threads import Workers, name_os_thread
 from .watcher import FileEvents, file_events
 
 T = TypeVar("T")
@@ -110,12 +110,15 @@ class Runtime:
                  uploads: int = DEFAULT_UPLOADS) -> None:
         self.executor = Workers(workers, "replicator-worker")
         self.health = ThreadPoolExecutor(DEFAULT_HEALTH_WORKERS,
-                                         thread_name_prefix="replicator-health")
+                                         thread_name_prefix="replicator-health",
+                                         initializer=name_os_thread)
         """Health checks' pool: a long integrity check never holds a capture worker."""
         self.compaction = ThreadPoolExecutor(COMPACTION_WORKERS,
-                                             thread_name_prefix="replicator-compact")
+                                             thread_name_prefix="replicator-compact",
+                                             initializer=name_os_thread)
         """Compaction's pool: a merge never waits for a capture worker nor holds one."""
-        self.io = ThreadPoolExecutor(IO_WORKERS, thread_name_prefix="replicator-io")
+        self.io = ThreadPoolExecutor(IO_WORKERS, thread_name_prefix="replicator-io",
+                                     initializer=name_os_thread)
         """The loop's default pool once :meth:`adopt` ran (a destination's file work)."""
         self.events: FileEvents = file_events()
         self.snapshots = asyncio.Semaphore(snapshots)

@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .errors import ConfigError, ReplicatorError
 from .fsutil import TMP_SUFFIX
 from .redact import redact, redact_tree
+from .threads import named
 
 if TYPE_CHECKING:
     from .replicator import DatabaseService, Replicator
@@ -215,7 +216,8 @@ async def start_server(addr: str, rep: Replicator) -> MetricsServer:
     except OSError as exc:
         raise ConfigError(f"metrics-addr {addr}: cannot listen: {exc.strerror}") from None
     httpd.daemon_threads = True
-    t = threading.Thread(target=httpd.serve_forever, name="replicator-http", daemon=True)
+    t = threading.Thread(target=named(httpd.serve_forever), name="replicator-http",
+                         daemon=True)
     t.start()
     return MetricsServer(httpd, t)
 
@@ -268,6 +270,7 @@ def start_control_socket(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise ReplicatorError(f"control socket {path}: {exc.strerror or exc}") from None
-    t = threading.Thread(target=httpd.serve_forever, name="replicator-control", daemon=True)
+    t = threading.Thread(target=named(httpd.serve_forever), name="replicator-control",
+                         daemon=True)
     t.start()
     return MetricsServer(httpd, t, path)

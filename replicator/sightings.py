@@ -22,6 +22,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+from .threads import name_os_thread
+
 SIGHT_INTERVAL = 0.004
 """Seconds between readings while a capture step runs."""
 MAX_READINGS = 16384
@@ -185,6 +187,7 @@ class Sighter:
                     self._ended = time.monotonic()
 
     def _run(self) -> None:
+        name_os_thread()
         while True:
             with self._cond:
                 if not self._active and time.monotonic() - self._ended >= self.linger:

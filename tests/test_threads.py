@@ -10,11 +10,14 @@ import gc
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from replicator.threads import Workers, off_loop
+from replicator.runtime import Runtime
+from replicator.sightings import Sighter, Sightings
+from replicator.threads import Workers, off_loop, os_thread_name
 
 
 async def test_results_and_exceptions_reach_the_caller() -> None:
@@ -192,3 +195,47 @@ def test_a_loop_the_pool_served_is_not_kept_alive_by_it() -> None:
 def test_a_pool_needs_a_thread() -> None:
     with pytest.raises(ValueError, match="at least one thread"):
         Workers(0, "t-none")
+
+
+def _kernel_name() -> str:
+    with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+        return f.read().strip()
+
+
+async def test_the_kernel_knows_each_thread_by_its_name() -> None:
+    # what top -H and ps -L show: which part of the process uses the CPU
+    pool = Workers(2, "replicator-worker")
+    try:
+        assert await pool.run(_kernel_name) == "repl-worker_0"
+    finally:
+        pool.shutdown()
+    runtime = Runtime(workers=1)
+    try:
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(runtime.compaction, _kernel_name) == "repl-compact_0"
+        assert await loop.run_in_executor(runtime.io, _kernel_name) == "repl-io_0"
+        assert await runtime.call(_kernel_name) == "repl-worker_0"
+    finally:
+        await runtime.aclose()
+    assert (await off_loop(_kernel_name)).startswith("repl-files_")
+    assert not _kernel_name().startswith("repl-")  # the loop's own thread keeps its name
+
+
+def test_the_sighter_thread_is_named_too(tmp_path: Path) -> None:
+    sighter = Sighter(interval=0.001)
+    with sighter.watching(Sightings(str(tmp_path / "none.db-shm"))):
+        deadline = time.monotonic() + 10
+        while (t := sighter._thread) is None or t.native_id is None:
+            assert time.monotonic() < deadline, "the sighter thread did not start"
+            time.sleep(0.001)
+        comm = Path(f"/proc/self/task/{t.native_id}/comm")
+        while (name := comm.read_text().strip()) != "repl-sighter":
+            assert time.monotonic() < deadline, name
+            time.sleep(0.001)
+
+
+def test_a_kernel_name_fits_its_fifteen_bytes() -> None:
+    assert os_thread_name("replicator-sighter") == "repl-sighter"
+    assert os_thread_name("replicator-compact_0") == "repl-compact_0"
+    assert len(os_thread_name("replicator-a-very-long-thread-name").encode()) == 15
+    assert os_thread_name("Thread-3") == "Thread-3"
