@@ -33,11 +33,6 @@ held up by a snapshot) still stamps its oldest commits from readings of their ti
 about 3 MiB, for a database whose capture is that far behind."""
 SIGHTER_IDLE_EXIT = 10.0
 """The sighter thread ends after this many seconds with no step running (and comes back)."""
-SIGHTER_LINGER = 0.012
-"""Seconds the sighter goes on waking every ``SIGHT_INTERVAL`` after the last step ended, rather
-than waiting to be woken by the next one: steps that follow each other that closely (a busy
-database, or many databases each committing now and then) cost it one wake-up an interval
-however many there are, not two a step."""
 _SHM_HEADER = 136
 
 # (salts as the 8 raw bytes of the WAL header, mxFrame, nBackfill)
@@ -146,18 +141,20 @@ class Sightings:
 
 class Sighter:
     """One thread for the process that takes readings for every database whose capture step is
-    running, every ``interval`` seconds; it runs only while some step does (and ``linger``
-    seconds after, then waits to be woken by the next step; the thread ends after
-    ``SIGHTER_IDLE_EXIT``)."""
+    running, every ``interval`` seconds. It runs only while some step does, or while steps
+    start at least once an interval (a busy database, many databases each committing now and
+    then): then it costs one wake-up an interval however many steps there are, not two a step
+    (woken by the step, then after an interval). Otherwise it waits to be woken by the next
+    step, and the thread ends after ``SIGHTER_IDLE_EXIT``."""
 
-    def __init__(self, interval: float = SIGHT_INTERVAL, linger: float = SIGHTER_LINGER) -> None:
+    def __init__(self, interval: float = SIGHT_INTERVAL) -> None:
         self.interval = interval
-        self.linger = linger
         self._cond = threading.Condition()
         self._active: dict[int, tuple[Sightings, int]] = {}  # id -> (sightings, users)
         self._thread: threading.Thread | None = None
         self._asleep = False  # the thread waits to be woken (not on its interval)
-        self._ended = 0.0  # time.monotonic() when the last step ended
+        self._starts = 0  # steps started so far
+        self._seen = -1  # steps started by the thread's last wake-up
         self.wakeups = 0
         """Times the thread woke: to take readings, or to be told a step started."""
 
@@ -168,13 +165,13 @@ class Sighter:
         with self._cond:
             _, users = self._active.get(key, (sightings, 0))
             self._active[key] = (sightings, users + 1)
+            self._starts += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="replicator-sighter",
                                                 daemon=True)
                 self._thread.start()
             elif self._asleep:
-                self._asleep = False
-                self._cond.notify()  # it waits to be woken only after lingering
+                self._cond.notify()
         try:
             yield
         finally:
@@ -184,20 +181,25 @@ class Sighter:
                     self._active[key] = (sightings, users - 1)
                 else:
                     del self._active[key]
-                    self._ended = time.monotonic()
+
+    def _started(self) -> bool:
+        """Whether a step started since the thread last woke; call with the lock held."""
+        return self._starts != self._seen
 
     def _run(self) -> None:
         name_os_thread()
         while True:
             with self._cond:
-                if not self._active and time.monotonic() - self._ended >= self.linger:
+                if not self._active and not self._started():
+                    # no step runs, and none started since the last wake-up: wait for one
                     self._asleep = True
-                    woken = self._cond.wait_for(lambda: bool(self._active), SIGHTER_IDLE_EXIT)
+                    woken = self._cond.wait_for(self._started, SIGHTER_IDLE_EXIT)
                     self._asleep = False
                     if not woken:
                         self._thread = None
                         return
                     self.wakeups += 1
+                self._seen = self._starts
             time.sleep(self.interval)
             with self._cond:
                 self.wakeups += 1

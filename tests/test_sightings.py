@@ -109,14 +109,14 @@ def test_the_sighter_takes_readings_while_a_step_runs(tmp_path: Path, app) -> No
     s.close()
 
 
-def test_the_sighter_lingers_between_close_steps_then_sleeps_until_the_next(
+def test_the_sighter_keeps_its_interval_while_steps_come_then_sleeps_until_the_next(
     tmp_path: Path, app
 ) -> None:
     s = Sightings(str(tmp_path / "app.db-shm"))
     first = s.take()
     assert first is not None
     salts, end = first[0], first[1]
-    sighter = Sighter(interval=0.01, linger=0.3)
+    sighter = Sighter(interval=0.01)
     started = time.monotonic()
     for _ in range(60):  # short steps close together: about 6 ms apart
         with sighter.watching(s):
@@ -125,11 +125,19 @@ def test_the_sighter_lingers_between_close_steps_then_sleeps_until_the_next(
     elapsed = time.monotonic() - started
     # one wake-up an interval at most, not two a step (120)
     assert sighter.wakeups <= elapsed / sighter.interval + 2
-    # past the linger it waits to be woken: no more wake-ups while no step runs
+    # once an interval passed without a step it waits to be woken: no wake-ups while idle
     wait_until(lambda: sighter._asleep, 10, what="the sighter waiting to be woken")
     idle_from = sighter.wakeups
     time.sleep(0.1)
     assert sighter.wakeups == idle_from
+    # steps further apart than an interval: two wake-ups each at most, as before
+    for _ in range(5):
+        with sighter.watching(s):
+            pass
+        time.sleep(3 * sighter.interval)
+    wait_until(lambda: sighter._asleep, 10, what="the sighter waiting to be woken")
+    assert sighter.wakeups - idle_from <= 2 * 5 + 1
+    idle_from = sighter.wakeups
     # a step long enough wakes it again, and its readings show the commits made meanwhile
     with sighter.watching(s):
         commit(app, 2)
