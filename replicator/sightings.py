@@ -141,37 +141,30 @@ class Sightings:
 
 class Sighter:
     """One thread for the process that takes readings for every database whose capture step is
-    running, every ``interval`` seconds. It runs only while some step does, or while steps
-    start at least once an interval (a busy database, many databases each committing now and
-    then): then it costs one wake-up an interval however many steps there are, not two a step
-    (woken by the step, then after an interval). Otherwise it waits to be woken by the next
-    step, and the thread ends after ``SIGHTER_IDLE_EXIT``."""
+    running, every ``interval`` seconds; it runs only while some step does (and a while after)."""
 
     def __init__(self, interval: float = SIGHT_INTERVAL) -> None:
         self.interval = interval
         self._cond = threading.Condition()
         self._active: dict[int, tuple[Sightings, int]] = {}  # id -> (sightings, users)
         self._thread: threading.Thread | None = None
-        self._asleep = False  # the thread waits to be woken (not on its interval)
-        self._starts = 0  # steps started so far
-        self._seen = -1  # steps started by the thread's last wake-up
         self.wakeups = 0
-        """Times the thread woke: to take readings, or to be told a step started."""
+        """Times the thread woke: to be told a step started, or to take readings."""
 
     @contextlib.contextmanager
     def watching(self, sightings: Sightings) -> Iterator[None]:
         """Take readings of ``sightings`` until the block ends."""
         key = id(sightings)
         with self._cond:
+            idle = not self._active
             _, users = self._active.get(key, (sightings, 0))
             self._active[key] = (sightings, users + 1)
-            self._starts += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="replicator-sighter",
                                                 daemon=True)
                 self._thread.start()
-            elif self._asleep:
-                self._cond.notify()
+            elif idle:
+                self._cond.notify()  # it waits only while nothing is watched
         try:
             yield
         finally:
@@ -182,24 +175,15 @@ class Sighter:
                 else:
                     del self._active[key]
 
-    def _started(self) -> bool:
-        """Whether a step started since the thread last woke; call with the lock held."""
-        return self._starts != self._seen
-
     def _run(self) -> None:
         name_os_thread()
         while True:
             with self._cond:
-                if not self._active and not self._started():
-                    # no step runs, and none started since the last wake-up: wait for one
-                    self._asleep = True
-                    woken = self._cond.wait_for(self._started, SIGHTER_IDLE_EXIT)
-                    self._asleep = False
-                    if not woken:
+                if not self._active:
+                    if not self._cond.wait_for(lambda: bool(self._active), SIGHTER_IDLE_EXIT):
                         self._thread = None
                         return
                     self.wakeups += 1
-                self._seen = self._starts
             time.sleep(self.interval)
             with self._cond:
                 self.wakeups += 1
