@@ -9,11 +9,12 @@ back to watchdog.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from .libc import function, libc
 
 IN_MODIFY = 0x2
 IN_MOVED_FROM = 0x40
@@ -100,12 +101,10 @@ def open_inotify() -> Inotify | None:
     """A new inotify instance, or None where there is none to be had."""
     if not hasattr(os, "uname") or os.uname().sysname != "Linux":
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        init = libc.inotify_init1
-    except (OSError, AttributeError):
+    lib, init = libc(), function("inotify_init1")
+    if lib is None or init is None:
         return None
     fd = int(init(_IN_NONBLOCK | _IN_CLOEXEC))
     if fd < 0:
         return None
-    return Inotify(fd, libc)
+    return Inotify(fd, lib)

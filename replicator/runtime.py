@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import heapq
 import random
 import resource
@@ -26,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from .fsutil import stat_or_none
+from .libc import function
 from .progress import FilesSig, files_sig
 from .report import ProcessSummary
 from .threads import Workers, name_os_thread
@@ -89,10 +88,8 @@ def _malloc_trim() -> Callable[[], object] | None:
     """glibc's ``malloc_trim(0)`` (None elsewhere): it hands the freed parts of the heap back
     to the system, which glibc otherwise keeps (a closed SQLite connection's caches among
     them: without it a thousand parked databases hold hundreds of MiB they no longer use)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    trim = function("malloc_trim")
+    if trim is None:
         return None
     return lambda: trim(0)
 

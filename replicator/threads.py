@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
-import ctypes.util
 import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from .libc import function
 
 T = TypeVar("T")
 
@@ -36,16 +36,7 @@ OS_NAME_PREFIX = "repl-"
 """What a thread's ``replicator-`` prefix becomes in the kernel's name of it (15 bytes)."""
 
 
-def _load_prctl() -> Callable[..., int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn: Callable[..., int] = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    return fn
-
-
-_prctl = _load_prctl()
+_prctl = function("prctl")
 
 
 def os_thread_name(name: str) -> str:
