@@ -163,10 +163,6 @@ class DurableFile:
             _write_all(self.fd, self._buf)
             self._buf = bytearray()
 
-    def fileno(self) -> int:
-        """The descriptor."""
-        return self.fd
-
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
