@@ -49,6 +49,15 @@ class ProcSample:
     hwm: int  # bytes (VmHWM, peak RSS since the process started)
 
 
+def stat_cpu(raw: str) -> tuple[str, float]:
+    """The name and the CPU seconds (user + system) in a ``/proc/.../stat`` line (a process's or
+    a thread's)."""
+    # the command name (field 2) may hold spaces: split after its closing parenthesis
+    end = raw.rindex(")")
+    fields = raw[end + 2 :].split()
+    return raw[raw.index("(") + 1 : end], (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def proc_sample(pid: int) -> ProcSample | None:
     """Read /proc/<pid>/stat and /proc/<pid>/status; None if the process is gone."""
     try:
@@ -58,15 +67,13 @@ def proc_sample(pid: int) -> ProcSample | None:
             status = f.read().decode()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    # the command name (field 2) may hold spaces: split after its closing parenthesis
-    fields = raw[raw.rindex(")") + 2 :].split()
-    utime, stime = int(fields[11]), int(fields[12])
+    cpu = stat_cpu(raw)[1]
     mem = {}
     for line in status.splitlines():
         if line.startswith(("VmRSS:", "VmHWM:")):
             key, val = line.split(":", 1)
             mem[key] = int(val.split()[0]) * 1024
-    return ProcSample((utime + stime) / CLK_TCK, mem.get("VmRSS", 0), mem.get("VmHWM", 0))
+    return ProcSample(cpu, mem.get("VmRSS", 0), mem.get("VmHWM", 0))
 
 
 def sys_busy() -> float:

@@ -180,7 +180,6 @@ def thread_cpu(pids: list[int]) -> dict[str, float]:
     dropped (ours names its threads ``repl-worker_3`` and so on; the main thread keeps the
     process's name)."""
     out: dict[str, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     for pid in pids:
         try:
             tids = os.listdir(f"/proc/{pid}/task")
@@ -192,9 +191,9 @@ def thread_cpu(pids: list[int]) -> dict[str, float]:
                     stat = f.read()
             except OSError:
                 continue  # the thread ended meanwhile
-            name = stat[stat.index("(") + 1:stat.rindex(")")].rstrip("0123456789").rstrip("_")
-            fields = stat[stat.rindex(")") + 2:].split()
-            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+            name, cpu = rc.stat_cpu(stat)
+            name = name.rstrip("0123456789").rstrip("_")
+            out[name] = out.get(name, 0.0) + cpu
     return out
 
 
