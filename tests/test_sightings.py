@@ -86,11 +86,16 @@ def test_forget_drops_earlier_epochs_only(tmp_path: Path, app) -> None:
     s.close()
 
 
-def test_the_sighter_takes_readings_while_a_step_runs(tmp_path: Path, app) -> None:
+def first_reading(tmp_path: Path) -> tuple[Sightings, bytes, int]:
+    """The application's wal-index read once: the sightings, the salts and the committed end."""
     s = Sightings(str(tmp_path / "app.db-shm"))
     first = s.take()
     assert first is not None
-    salts, end = first[0], first[1]
+    return s, first[0], first[1]
+
+
+def test_the_sighter_takes_readings_while_a_step_runs(tmp_path: Path, app) -> None:
+    s, salts, end = first_reading(tmp_path)
     sighter = Sighter(interval=0.001)
     with sighter.watching(s):
         commit(app, 2)
@@ -110,10 +115,7 @@ def test_the_sighter_takes_readings_while_a_step_runs(tmp_path: Path, app) -> No
 
 
 def test_the_sighter_sleeps_between_steps_and_wakes_for_each_one(tmp_path: Path, app) -> None:
-    s = Sightings(str(tmp_path / "app.db-shm"))
-    first = s.take()
-    assert first is not None
-    salts, end = first[0], first[1]
+    s, salts, end = first_reading(tmp_path)
     sighter = Sighter(interval=0.01)
     # short steps, some over before the thread wakes: two wake-ups each at most
     for pause in (0.0, 0.0, 0.005, 0.03, 0.03, 0.0):
