@@ -25,6 +25,8 @@ import os
 import sqlite3
 import sys
 
+from .libc import function
+
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 ARENA_MAX = 2
@@ -43,12 +45,10 @@ def tune_heap() -> list[str]:
     """Apply the settings above the environment does not give; the names of those applied."""
     if not sys.platform.startswith("linux"):
         return []
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = function("mallopt")
+    if mallopt is None:
         return []
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
+    # ctypes passes Python ints as C ints and returns a C int by default: mallopt's signature
     return [env for env, param, value in _SETTINGS
             if env not in os.environ and mallopt(param, value) == 1]
 

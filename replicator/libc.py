@@ -1,10 +1,9 @@
-"""The C library through ctypes, loaded once for the process: file events (inotify), the
-kernel's names of threads, handing freed memory back to the system."""
+"""The C library through ctypes, for the process: file events (inotify), the kernel's names of
+threads, the heap's settings and handing freed memory back to the system."""
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -12,10 +11,11 @@ from typing import Any
 
 @functools.cache
 def libc() -> ctypes.CDLL | None:
-    """The C library (``errno`` kept for ``ctypes.get_errno``), or None where it cannot be
-    loaded."""
+    """The symbols the process has loaded, the C library's among them (``errno`` kept for
+    ``ctypes.get_errno``; no search for the library's file, which costs a subprocess), or None
+    where they cannot be had."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
 

@@ -36,7 +36,6 @@ OS_NAME_PREFIX = "repl-"
 """What a thread's ``replicator-`` prefix becomes in the kernel's name of it (15 bytes)."""
 
 
-_prctl = function("prctl")
 
 
 def os_thread_name(name: str) -> str:
@@ -52,8 +51,9 @@ def name_os_thread() -> None:
     """Give the calling thread its Python name in the kernel too (see :func:`os_thread_name`),
     so that a look at the process's threads shows which part uses the CPU; nothing where the
     system has no ``prctl``. Threads call it first thing (a pool's as its initializer)."""
-    if _prctl is not None:
-        _prctl(_PR_SET_NAME, os_thread_name(threading.current_thread().name).encode(), 0, 0, 0)
+    prctl = function("prctl")
+    if prctl is not None:
+        prctl(_PR_SET_NAME, os_thread_name(threading.current_thread().name).encode(), 0, 0, 0)
 
 
 def named(fn: Callable[[], object]) -> Callable[[], None]:
