@@ -12,12 +12,13 @@ import time
 
 from . import batch
 from .compact import unlink_quiet
+from .errors import ReplicatorError
 from .headers import SegmentHeader
 from .logs import RateLimit
 from .pos import ObjectInfo
 from .spool import Spool
 from .storage.base import StorageClient
-from .storage.file import stream_file
+from .storage.file import FileStorage, stream_file
 from .threads import off_loop
 
 log = logging.getLogger("replicator.replica")
@@ -39,6 +40,9 @@ class Courier:
         self.label = label  # "<db>: replica <name>", for log lines
         self.debug = debug
         self.count_frames = count_frames  # WAL frames are counted only for metrics
+        # a directory on the spool's file system: the capture's worker links what it wrote
+        # (see :meth:`link_now`) until a link is refused (another file system)
+        self.direct = isinstance(client, FileStorage)
 
     async def plan(self, missing: list[ObjectInfo], merge: bool,
                    window: float | None) -> list[batch.Group]:
@@ -65,6 +69,35 @@ class Courier:
         if results is None:
             results = await asyncio.gather(*(self._ship(p, h) for p, h in window))
         return results
+
+    def link_now(self, objs: list[ObjectInfo], generation: str,
+                 after: int) -> list[Shipped] | None:
+        """Link ``objs``, segments just spooled, into the destination in the calling thread (the
+        capture step's worker) if they continue what it holds (``generation`` up to txid
+        ``after``, as the loop found before the step); None when they do not, or the link
+        failed: the destination's next round then ships them, and reports what fails."""
+        if not self.direct or not objs:
+            return None
+        for o in objs:
+            if o.kind != "wal" or o.generation != generation or o.start_txid != after + 1:
+                return None
+            after = o.end_txid
+        assert isinstance(self.client, FileStorage)
+        try:
+            sizes = self.client.link_now([(o, self.spool.path(o)) for o in objs])
+            if sizes is None:
+                self.direct = False
+                return None
+            return [(o, size, self._frames_now(o)) for o, size in zip(objs, sizes, strict=True)]
+        except (OSError, ReplicatorError):
+            return None  # the round reports it
+
+    def _frames_now(self, info: ObjectInfo) -> int:
+        """:meth:`frames` in the calling thread."""
+        if not self.count_frames:
+            return 0
+        header = self.spool.read_header(info)
+        return header.frames if isinstance(header, SegmentHeader) else 0
 
     async def frames(self, info: ObjectInfo) -> int:
         """How many WAL frames a spooled object holds (for metrics; from the spool's memory

@@ -19,7 +19,7 @@ from concurrent.futures import Executor
 from . import batch
 from .aio import Background, Flag, Lock, relay, wait_event
 from .compact import DEFAULT_DELETE_GRACE, Compactor, CompactResult
-from .courier import Courier
+from .courier import Courier, Shipped
 from .errors import ReplicatorError
 from .holdings import Holdings, covered
 from .lease import RELEASE_TIMEOUT, Lease, LeaseError, LeaseLostError
@@ -120,8 +120,9 @@ class Replica:
     __slots__ = (
         "_behind_since", "_bulk", "_busy", "_compact_after", "_compacting", "_errors", "_feed",
         "_hurried", "_lacking", "_maintenance", "_relist", "_retain_again", "_retaining",
-        "_round_at", "batch", "client", "compactor", "courier", "db_name", "failing_since",
-        "fenced", "healthy", "holdings", "last_error", "last_sync", "lease", "limit", "name",
+        "_round", "_round_at", "batch", "client", "compactor", "courier", "db_name",
+        "failing_since", "fenced", "healthy", "holdings", "last_error", "last_sync", "lease",
+        "limit", "name",
         "needs_snapshot", "on_needs_snapshot", "on_shipped", "quiet", "retention", "series",
         "shipped_bytes", "shipped_transactions", "source_behind", "source_bulk", "source_busy",
         "spool", "sync_interval", "wake",
@@ -200,6 +201,8 @@ class Replica:
         next round: to a remote destination as one object per first compaction window, so a
         busy database costs about one upload a window, not one per round trip."""
         self._round_at = -math.inf  # monotonic start of run()'s last round
+        # held by a round of sync(), or lent to a capture step (see lend())
+        self._round = Lock()
         self._hurried = False
 
     def set_levels(self, levels: Iterable[float], grace: float = DEFAULT_DELETE_GRACE, *,
@@ -356,6 +359,10 @@ class Replica:
         not wait for its listing (nor for a compaction step that holds the destination)."""
         if self.fenced is not None:
             return 0
+        async with self._round:
+            return await self._sync(beside)
+
+    async def _sync(self, beside: bool) -> int:
         if not self.healthy:
             await self.init()
         missing = await self._missing()
@@ -375,6 +382,53 @@ class Replica:
             snapshot_shipped = snapshot_shipped or any(i.kind == "snapshot" for i in shipped)
         await self._after_sync(written, snapshot_shipped, beside)
         return written
+
+    async def lend(self, generation: str | None) -> int | None:
+        """Lend this destination to the next capture step, which then links what it writes
+        (see :meth:`Courier.link_now`) in its own worker call: the commit reaches the
+        destination without a round of :meth:`sync` (two hops across the event loop and a
+        thread less). Only a directory that links, up, not paced, and holding everything
+        spooled so far (nothing waits for a round) is lent; returns the txid of
+        ``generation`` the step's segments must continue from, or None (not lent). A lent
+        destination has no round until :meth:`linked` takes it back."""
+        if (generation is None or not self.courier.direct or self.batch or not self.healthy
+                or self.fenced is not None or self.sync_interval > 0 or self.needs_snapshot
+                or self._relist or self.wake.is_set() or self._round.locked()
+                or self.lease.due()):
+            return None
+        after = self.holdings.newest_txid(generation)
+        if after is None:
+            return None
+        await self._round.acquire()  # free: takes it without waiting
+        try:
+            waiting = await self.pending(remote=False)
+        except BaseException:
+            self._round.release()
+            raise
+        if waiting:  # a round ships what waits, in order
+            self._round.release()
+            return None
+        return after
+
+    def linked(self, shipped: list[Shipped] | None) -> bool:
+        """Take back a destination lent to a capture step and record what the step linked
+        into it (None: nothing, its next round ships what the step wrote); whether it did."""
+        self._round.release()
+        if not shipped:
+            return False
+        done = time.time()
+        for info, size, frames in shipped:
+            self.holdings.remember(info.generation, [info.key])
+            if self.compactor is not None:
+                self.compactor.shipped(info)
+            self._count(info, size, frames, done)
+        self._lacks(None)
+        self._after_round(len(shipped))
+        if self.spool.fed_more(self._feed, len(shipped)):
+            self.wake.set()  # spooled beside the step (a snapshot): a round ships it
+        if self.fenced is None:
+            self._compact_beside()
+        return True
 
     async def _missing(self) -> list[ObjectInfo]:
         """What this destination lacks (see :meth:`pending`), with the lag it makes; a
@@ -406,12 +460,16 @@ class Replica:
         self._lacks(nxt)
         return [info for info, _, _ in results]
 
-    async def _after_sync(self, written: int, snapshot_shipped: bool, beside: bool) -> None:
-        """Every group was shipped: the replica is up, and after a snapshot the retention
-        policy is applied (``beside``: in a task of its own)."""
+    def _after_round(self, written: int) -> None:
+        """Everything spooled was shipped: the replica is up."""
         self._synced()
         if written and self.on_shipped is not None:
             self.on_shipped()
+
+    async def _after_sync(self, written: int, snapshot_shipped: bool, beside: bool) -> None:
+        """Every group was shipped: the replica is up, and after a snapshot the retention
+        policy is applied (``beside``: in a task of its own)."""
+        self._after_round(written)
         if snapshot_shipped:
             # only after a new snapshot can anything become unnecessary; an idle database
             # therefore costs no listing requests for retention

@@ -22,6 +22,7 @@ from .affinity import allowed as allowed_cpus
 from .aio import Lock, Outcome, Timed, Wake, bounded, relay, wait_event
 from .compact import due_phase
 from .config import Config, DbConfig
+from .courier import Shipped
 from .db import DEFAULT_TUNING, CaptureResult, Database, Tuning
 from .drill import DRILL_ATTEMPTS, Driller, Point
 from .errors import ReplicatorError, StorageError
@@ -256,7 +257,30 @@ class DatabaseService:
     async def sync(self) -> CaptureResult:
         """Capture once, then wake the shippers if anything new was spooled."""
         started = time.monotonic()
-        res = await self.call(self.db.step)
+        db, generation = self.db, self.db.generation
+        lent: list[tuple[Replica, int]] = []
+        shipped: list[list[Shipped] | None] = []
+        try:
+            for r in self.replicas:
+                if (after := await r.lend(generation)) is not None:
+                    lent.append((r, after))
+            if not lent:
+                res = await self.call(db.step)
+            else:
+                assert generation is not None  # lent only for a generation
+                gen = generation
+
+                def step() -> tuple[CaptureResult, list[list[Shipped] | None]]:
+                    # the replicas' links in the step's own worker call (see Replica.lend)
+                    res = db.step()
+                    return res, [r.courier.link_now(res.objects, gen, after)
+                                 for r, after in lent]
+
+                res, shipped = await self.call(step)
+        except BaseException:
+            for r, _ in lent:
+                r.linked(None)
+            raise
         if res.looked is not None:
             self.runtime.looked(self.cfg.path, res.looked)
         self.last_capture = time.time()
@@ -271,8 +295,11 @@ class DatabaseService:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         self.schedule.captured(res, sizes[0])
+        done = {id(r) for (r, _), links in zip(lent, shipped, strict=True)
+                if r.linked(links)}
         for r in self.replicas:
-            if res.objects or (r.source_behind and not res.more):
+            if ((res.objects and id(r) not in done)
+                    or (r.source_behind and not res.more)):
                 r.wake.set()
             r.source_behind = res.more
         return res

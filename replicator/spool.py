@@ -241,6 +241,12 @@ class Spool:
         with self._lock:
             feed.take()
 
+    def fed_more(self, feed: Feed, count: int) -> bool:
+        """Whether ``feed`` holds more than ``count`` objects since it was last taken from (or
+        broke meanwhile)."""
+        with self._lock:
+            return feed.broken or len(feed.written) > count
+
     def take(self, feed: Feed, since: list[ObjectInfo]) -> list[ObjectInfo] | None:
         """``since`` (objects in shipping order), less those no longer spooled, followed by what
         was written since ``feed`` was last taken from; None if that is not known to be in

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -180,6 +183,7 @@ async def test_a_spool_feed_keeps_shipping_order_or_says_it_cannot(
     s, _ = await shipping(tmp_path)
     feed = s.spool.follow()
     await captured(s, db, 3)
+    assert s.spool.fed_more(feed, 2) and not s.spool.fed_more(feed, 3)
     written = s.spool.take(feed, [])
     assert written is not None and len(written) == 3
     assert written == sorted(written) == s.spool.objects(written[0].generation)[-3:]
@@ -200,11 +204,109 @@ async def test_a_spool_feed_keeps_shipping_order_or_says_it_cannot(
     idle = s.spool.follow()
     await captured(s, db, 3)
     assert len(idle.written) <= 2
+    assert s.spool.fed_more(idle, 3), "broken: more than it holds"
     assert s.spool.take(idle, []) is None
     assert s.spool.take(idle, []) == [], "whole again after a take"
     s.spool.unfollow(idle)
     await captured(s, db, 1)
     assert idle.written == []
+    await s.close(5)
+
+
+def linked_here(r: Replica, spooled: str, info: ObjectInfo) -> bool:
+    """Whether the replica's directory holds ``info`` as a link to the spooled file."""
+    there = Path(r.client.root, *info.key.split("/"))  # type: ignore[attr-defined]
+    return there.exists() and there.stat().st_ino == os.stat(spooled).st_ino
+
+
+async def test_a_caught_up_local_replica_gets_each_commit_in_the_capture_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "app.db"
+    s, r = await shipping(tmp_path)
+    r.wake.clear()  # its round ran: what run() leaves
+    shipped = r.shipped_transactions
+    for _ in range(3):
+        commit(db, 1)
+        res = await s.sync()
+        assert len(res.objects) == 1
+        info = res.objects[0]
+        assert linked_here(r, s.spool.path(info), info)
+        assert r.holdings.holds(info) and not r.wake.is_set(), "no round needed"
+        assert r.lag == 0 and r.healthy
+    assert r.shipped_transactions == shipped + 3
+    assert await r.sync() == 0 and await r.pending() == []
+
+    # an object waits for a round (its wake-up not handled yet): the next one goes in order
+    commit(db, 1)
+    r.wake.set()
+    first = (await s.sync()).objects[0]
+    r.wake.clear()
+    commit(db, 1)
+    second = (await s.sync()).objects[0]
+    assert r.wake.is_set() and not r.holdings.holds(first) and not r.holdings.holds(second)
+    assert await r.sync() == 2
+    r.wake.clear()
+
+    # a link that fails is left to the round, which reports what fails
+    real = r.client.link_now  # type: ignore[attr-defined]
+    calls = 0
+
+    def once(items: list[tuple[ObjectInfo, str]]) -> list[int] | None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError(errno.EIO, "injected")
+        return real(items)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(r.client, "link_now", once)
+    commit(db, 1)
+    info = (await s.sync()).objects[0]
+    assert r.wake.is_set() and not r.holdings.holds(info) and not r._round.locked()
+    assert await r.sync() == 1 and r.holdings.holds(info) and calls == 2
+    r.wake.clear()
+
+    # a step that fails gives the replica back
+    def broken() -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(s.db, "step", broken)
+    with pytest.raises(OSError):
+        await s.sync()
+    assert not r._round.locked()
+    monkeypatch.undo()
+    await s.close(5)
+    out = tmp_path / "out.db"
+    from util import restore, seqs
+
+    restore(str(tmp_path / "replica"), out)
+    assert seqs(out) == seqs(db)
+
+
+async def test_a_round_waits_for_the_capture_step_its_replica_is_lent_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "app.db"
+    s, r = await shipping(tmp_path)
+    r.wake.clear()
+    go = threading.Event()
+    step = s.db.step
+
+    def held() -> object:
+        go.wait(30)
+        return step()
+
+    monkeypatch.setattr(s.db, "step", held)
+    commit(db, 1)
+    capture = asyncio.ensure_future(s.sync())
+    await until(lambda: r._round.locked(), "the replica is lent")
+    rnd = asyncio.ensure_future(r.sync())
+    await asyncio.sleep(0.2)
+    assert not rnd.done(), "a round waits while the step may link"
+    go.set()
+    res = await capture
+    assert await rnd == 0, "the step linked it: nothing left for the round"
+    assert r.holdings.holds(res.objects[0])
     await s.close(5)
 
 

@@ -240,35 +240,36 @@ class FileStorage:
         sizes = await self.link_objects([(info, source)])
         return sizes[0] if sizes is not None else None
 
+    def link_now(self, items: Sequence[tuple[ObjectInfo, str]]) -> list[int] | None:
+        """:meth:`link_objects` in the calling thread (a worker's: it blocks), raising
+        :class:`OSError`."""
+        dirs: dict[str, None] = {}
+        sizes = []
+        for info, source in items:
+            path = self._path(info.key)
+            parent = os.path.dirname(path)
+            dirs[parent] = None
+            try:
+                try:
+                    link_into(source, path)
+                except FileNotFoundError:
+                    # the directory is new (no look first: it is there nearly always)
+                    makedirs_durable(parent)
+                    link_into(source, path)
+            except OSError as exc:
+                if exc.errno in _NO_LINK:
+                    return None
+                raise
+            sizes.append(info.size or os.stat(path).st_size)
+        for parent in dirs:
+            fsync_dir(parent)
+        return sizes
+
     async def link_objects(self, items: Sequence[tuple[ObjectInfo, str]]) -> list[int] | None:
         """:meth:`link_object` for several objects in one worker call, each directory fsynced
         once after all its links (an object whose link is not yet durable is not reported)."""
-
-        def link_all() -> list[int] | None:
-            dirs: dict[str, None] = {}
-            sizes = []
-            for info, source in items:
-                path = self._path(info.key)
-                parent = os.path.dirname(path)
-                dirs[parent] = None
-                try:
-                    try:
-                        link_into(source, path)
-                    except FileNotFoundError:
-                        # the directory is new (no look first: it is there nearly always)
-                        makedirs_durable(parent)
-                        link_into(source, path)
-                except OSError as exc:
-                    if exc.errno in _NO_LINK:
-                        return None
-                    raise
-                sizes.append(info.size or os.stat(path).st_size)
-            for parent in dirs:
-                fsync_dir(parent)
-            return sizes
-
         try:
-            return await off_loop(link_all)
+            return await off_loop(self.link_now, items)
         except OSError as exc:
             more = f" and {len(items) - 1} more" if len(items) > 1 else ""
             raise self._error(f"cannot write {items[0][0].key}{more}", exc) from None
