@@ -418,10 +418,7 @@ class Replica:
             return False
         done = time.time()
         for info, size, frames in shipped:
-            self.holdings.remember(info.generation, [info.key])
-            if self.compactor is not None:
-                self.compactor.shipped(info)
-            self._count(info, size, frames, done)
+            self._shipped(info, [], size, frames, done)
         self._lacks(None)
         self._after_round(len(shipped))
         if self.spool.fed_more(self._feed, len(shipped)):
@@ -453,10 +450,7 @@ class Replica:
         results = await self.courier.send(window, self.batch)
         done = time.time()
         for (parts, _), (info, size, frames) in zip(window, results, strict=True):
-            self.holdings.remember(info.generation, [info.key, *(p.key for p in parts)])
-            if self.compactor is not None:
-                self.compactor.shipped(info)
-            self._count(info, size, frames, done)
+            self._shipped(info, parts, size, frames, done)
         self._lacks(nxt)
         return [info for info, _, _ in results]
 
@@ -493,8 +487,14 @@ class Replica:
 
         self._retaining.start(retain())
 
-    def _count(self, info: ObjectInfo, size: int, frames: int, done: float) -> None:
-        """Counters and metrics for one object written at ``done``."""
+    def _shipped(self, info: ObjectInfo, parts: list[ObjectInfo], size: int, frames: int,
+                 done: float) -> None:
+        """Record one object written at ``done`` (holding ``parts``, the spooled objects merged
+        into it, if any): what the destination holds, compaction's view, counters and
+        metrics."""
+        self.holdings.remember(info.generation, [info.key, *(p.key for p in parts)])
+        if self.compactor is not None:
+            self.compactor.shipped(info)
         self.shipped_bytes += size
         if info.kind == "wal":
             self.shipped_transactions += info.end_txid - info.start_txid + 1

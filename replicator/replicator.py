@@ -295,10 +295,9 @@ class DatabaseService:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         self.schedule.captured(res, sizes[0])
-        done = {id(r) for (r, _), links in zip(lent, shipped, strict=True)
-                if r.linked(links)}
+        done = {r for (r, _), links in zip(lent, shipped, strict=True) if r.linked(links)}
         for r in self.replicas:
-            if ((res.objects and id(r) not in done)
+            if ((res.objects and r not in done)
                     or (r.source_behind and not res.more)):
                 r.wake.set()
             r.source_behind = res.more
