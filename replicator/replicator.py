@@ -83,7 +83,8 @@ class DatabaseService:
     # slots: past 29 attributes an instance's dictionary is no longer shared-key and costs
     # about 1.6 KB, not 0.4 (one per database, a thousand parked databases)
     __slots__ = (
-        "_counted", "_errors", "_lock", "_open", "_others_seen", "_own_runtime", "_parked_sig",
+        "_counted", "_errors", "_lock", "_looked", "_open", "_others_seen", "_own_runtime",
+        "_parked_sig",
         "_release_tried", "_tasks", "_watcher", "cfg", "db", "driller", "follower",
         "following", "health", "last_capture", "last_commit", "maintainer", "metrics",
         "notices", "notifier", "park_after", "parked", "pruning", "replicas", "report",
@@ -114,6 +115,7 @@ class DatabaseService:
         self._release_tried: tuple[float, int] | None = None
         self._open = False  # counted in the runtime's open databases
         self.wake = Wake()
+        self._looked: FilesSig | None = None  # the files as the last step found all captured
         self._others_seen = 0  # the wake-up's count of non-file wake-ups at the last look
         self.pruning = PruneSchedule(self.prune_spool, PRUNE_EVERY, lambda: self.following)
         self.replicas = [
@@ -282,6 +284,7 @@ class DatabaseService:
                 r.linked(None)
             raise
         if res.looked is not None:
+            self._looked = res.looked
             self.runtime.looked(self.cfg.path, res.looked)
         self.last_capture = time.time()
         self.follower.looked(res)
@@ -413,7 +416,7 @@ class DatabaseService:
         ``monitor-interval``; the loop's own jittered timer only looks whether a snapshot is due."""
         self._watcher = Watcher(self.cfg.path, self.wake, self.runtime.events)
         self._watcher.start()
-        self.runtime.watch(self.cfg.path, self.wake, self.cfg.monitor_interval)
+        self.runtime.watch(self.cfg.path, self.wake, self.cfg.monitor_interval, self._looked)
         backstop = self.runtime.backstop(DEFAULT_BACKSTOP)
         shippers = [asyncio.create_task(r.run(stop, backstop)) for r in self.replicas]
         # timed chores hold a loop timer, not a task, while they wait (see Timed)

@@ -191,10 +191,16 @@ class Runtime:
 
     # ------------------------------------------------------------------ backstop ticker
 
-    def watch(self, path: str, wake: asyncio.Event, interval: float) -> None:
+    def watch(self, path: str, wake: asyncio.Event, interval: float,
+              since: FilesSig | None = None) -> None:
         """Set ``wake`` within about ``interval`` seconds of any change to ``path`` or its
-        ``-wal`` that no file event reported."""
+        ``-wal`` that no file event reported since ``since``, the files as the capture last
+        found everything captured (see :meth:`looked`; a commit between that look and the
+        watch has no file event). Without it the backstop's first look wakes the capture
+        once: it cannot tell what changed before it."""
         self._watched[path] = (wake, interval)
+        if since is not None:
+            self._sigs[path] = since
         self._set_due(path, time.monotonic() + random.uniform(0, interval))
         self._min_interval = min(i for _, i in self._watched.values())
         if self._ticker is None or self._ticker.done():
@@ -231,13 +237,14 @@ class Runtime:
         return due
 
     def _changed(self, paths: list[str]) -> list[str]:
-        """Which of ``paths`` changed since they were last looked at (blocking)."""
+        """Which of ``paths`` (still watched) changed since they were last looked at, or may
+        have: a path watched with no look known yet wakes its capture once (blocking)."""
         out = []
         for p in paths:
             sig = signature(p)
-            if self._sigs.get(p, sig) != sig:
-                out.append(p)
             if p in self._watched:
+                if self._sigs.get(p) != sig:
+                    out.append(p)
                 self._sigs[p] = sig
         return out
 

@@ -698,6 +698,28 @@ async def test_while_following_commits_are_stamped_when_seen_between_looks(
         await s.close(10)
 
 
+async def test_a_commit_between_opening_and_watching_wakes_the_backstop(
+        tmp_path: Path) -> None:
+    """A commit after the opening's step and before the file watch starts has no file event:
+    the backstop compares the files with how that step saw them (when it found everything
+    captured), or wakes the capture at its first look; it never takes such a commit for the
+    state it starts from."""
+    db = tmp_path / "app.db"
+    init_db(str(db))
+    s = service(tmp_path, snapshot_interval=3600)
+    await s.open()
+    commit(db, 1)
+    s.wake.clear()
+    try:
+        s.runtime.watch(s.cfg.path, s.wake, 0.01, s._looked)
+        await asyncio.wait_for(s.wake.wait(), 10)
+        res = await s.sync()
+        assert res.transactions == 1
+    finally:
+        s.runtime.unwatch(s.cfg.path)
+        await s.close(5)
+
+
 async def test_the_backstop_wakes_for_changes_since_the_capture_looked_only(
         tmp_path: Path) -> None:
     """The stat backstop compares the files with how the last step that captured everything
