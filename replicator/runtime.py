@@ -241,11 +241,12 @@ class Runtime:
         have: a path watched with no look known yet wakes its capture once (blocking)."""
         out = []
         for p in paths:
+            if p not in self._watched:
+                continue  # unwatched meanwhile: no need to look
             sig = signature(p)
-            if p in self._watched:
-                if self._sigs.get(p) != sig:
-                    out.append(p)
-                self._sigs[p] = sig
+            if self._sigs.get(p) != sig:
+                out.append(p)
+            self._sigs[p] = sig
         return out
 
     async def tick(self) -> int:
