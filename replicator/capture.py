@@ -38,6 +38,10 @@ log = logging.getLogger("replicator.db")
 COPY_CHUNK_FRAMES = 256
 ROTATE_WAIT = 0.02
 ROTATE_POLL = 0.0002
+ROTATE_GRACE = 0.001
+"""Seconds a rotation that finds the WAL wholly backfilled, or reset with no commit of the new
+epoch in the wal-index yet, still waits for that commit before it pins again (see
+Capture.rotate)."""
 ROTATE_TAIL = 1 << 20
 """Bytes of frames the application may append past the captured end while a rotation has the
 pin released, without a reset, when that is more than half the frames captured in the epoch:
@@ -394,10 +398,18 @@ class Capture(Part):
            captured, still pinned: while a pin is held no reset can happen.
         2. Unpinned, the replicator only watches the wal-index, with nothing in between that can
            block (no checkpoint, no spool write). The application's next autocheckpoint
-           backfills the rest and its next write resets the WAL. As soon as the WAL was reset,
-           or is wholly backfilled (a pin taken then reads the database file alone and lets the
-           reset through at exactly that frame), or after ``ROTATE_WAIT``, it pins again on the
-           other connection. It also pins again as soon as the application has appended more
+           backfills the rest and its next write resets the WAL. As soon as the WAL was reset
+           and the new epoch's first commit is in the wal-index, or ``ROTATE_GRACE`` after the
+           WAL was first seen reset or wholly backfilled (a pin taken on a wholly backfilled
+           WAL reads the database file alone and lets the reset through at exactly that
+           frame), or after ``ROTATE_WAIT``, it pins again on the other connection. (Waiting
+           that moment for a busy writer's commit lands the pin off read mark 0; a pin that
+           may hold read mark 0 needs a handover of its own at the next step, see
+           ``Handles.leave_mark0``, and each read transaction begun beside a busy writer is a
+           small risk to a writer without a busy timeout: see the README. The moment is far
+           too short for a new epoch to reach the captured end of the old one, at least
+           ``checkpoint_pages`` frames in.)
+           It also pins again as soon as the application has appended more
            than half the frames captured in the epoch (at least ``ROTATE_TAIL`` bytes) past the
            captured end without a reset (its checkpoints did not complete: another reader
            holds the backfill back, say): those frames are the old epoch's tail, which must be
@@ -428,17 +440,24 @@ class Capture(Part):
         h.unpin()
         deadline = time.monotonic() + ROTATE_WAIT
         reset: WalHeader | None = None
-        while time.monotonic() < deadline:
+        settling: float | None = None  # when the WAL was first seen reset or wholly backfilled
+        while (now := time.monotonic()) < deadline:
             hdr = read_wal_header(fd) if fd is not None else None
             if hdr is None or fd is None:
                 break
+            shm = h.read_shm()
             if hdr.salts != old_salts:
                 reset = hdr
+                if shm is not None and shm[0] == salt_bytes(hdr.salts) and shm[1] > shm[2]:
+                    break  # the new epoch's first commit is in: a pin now is off read mark 0
+            elif shm is not None and shm[0] == salt_bytes(old_salts) and shm[1] > tail_max:
                 break
-            shm = h.read_shm()
-            if shm is not None and (shm[1] == shm[2] or (
-                shm[0] == salt_bytes(old_salts) and shm[1] > tail_max
-            )):
+            elif shm is None or shm[1] != shm[2]:
+                time.sleep(ROTATE_POLL)
+                continue
+            if settling is None:
+                settling = now
+            elif now - settling >= ROTATE_GRACE:
                 break
             time.sleep(ROTATE_POLL)
         h.pin(other)

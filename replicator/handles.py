@@ -32,6 +32,16 @@ def file_sig(fd: int) -> tuple[int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _short_of_backfill(before: WalIndex | None, after: WalIndex | None) -> bool:
+    """Whether the WAL was never wholly backfilled between two reads of the wal-index (a read
+    transaction begun in between then took a read mark other than 0): the same epoch at both,
+    and nBackfill at the second below mxFrame at the first. Within an epoch both only grow, so
+    nBackfill stayed below mxFrame throughout."""
+    return before is not None and after is not None and (
+        before[0] == after[0] and after[2] < before[1]
+    )
+
+
 class Handles:
     """The connections and files of one database, and the pin. Blocking: one worker thread."""
 
@@ -172,13 +182,17 @@ class Handles:
                 time.sleep(PIN_RETRY)
 
     def pin(self, idx: int) -> None:
-        """Hold the pin on connection ``idx`` (with no other pin held, it may take read mark 0)."""
+        """Hold the pin on connection ``idx``. With no other pin held, it may take read mark 0,
+        unless the wal-index read around its begin proves otherwise (see ``_short_of_backfill``;
+        then no handover has to move it, see ``leave_mark0``)."""
+        before = self.read_shm()
         self.begin_read(self.conns[idx])
+        after = self.read_shm()
         self.active = idx
         self.pinned = True
         self.pins += 1
-        self.mark0 = True
-        self._began(self.read_shm())
+        self.mark0 = not _short_of_backfill(before, after)
+        self._began(after)
 
     def unpin(self) -> None:
         """Release the pin."""

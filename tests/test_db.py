@@ -914,6 +914,69 @@ def test_a_pin_on_read_mark_0_moves_off_once_the_new_epoch_has_frames(
     assert restored_dump(tmp_path) == dump(app)
 
 
+@pytest.mark.parametrize("pending", [False, True])
+def test_a_rotation_beside_a_busy_writer_pins_the_new_epoch_off_read_mark_0(
+    tmp_path: Path, app, pending: bool
+) -> None:
+    """A busy writer resets the WAL the moment a rotation releases the pin. The rotation waits
+    for the new epoch's first commit to reach the wal-index and pins then: the pin is proven
+    off read mark 0, so no handover has to move it at the next step (each read transaction
+    begun beside a busy writer is a risk to a writer without a busy timeout). With that commit
+    still pending (a transaction spilling frames into the new epoch), the rotation pins after
+    ``ROTATE_GRACE`` as before, maybe on read mark 0, and the next step moves it. Either way
+    every commit is captured, without a catch-up."""
+    d = open_db(tmp_path, checkpoint_pages=16)
+    d.step()
+    commit(app, 20, payload=500)  # past checkpoint_pages: the next step rotates
+    other = sqlite3.connect(tmp_path / "app.db", isolation_level=None)
+    other.execute("PRAGMA cache_size=4")  # spills its frames long before it commits
+    unpins: list[int] = []
+    unpin, handover = d.handles.unpin, d.handles.handover
+    handovers: list[int] = []
+
+    def unpinned() -> None:
+        # the rotation's checkpoint backfilled the WAL wholly: the first write resets it
+        unpin()
+        unpins.append(1)
+        if len(unpins) == 1:
+            if pending:
+                other.execute("BEGIN")
+                for i in range(10):
+                    other.execute("INSERT INTO data(k, payload) VALUES (?, ?)", (i, b"P" * 3000))
+            else:
+                commit(app, 1, payload=500)
+
+    def counted() -> None:
+        handovers.append(1)
+        handover()
+
+    d.handles.unpin = unpinned  # type: ignore[method-assign]
+    res = d.step()
+    assert unpins, "no rotation released the pin"
+    fd = os.open(tmp_path / "app.db-wal", os.O_RDONLY)
+    wal = read_wal_header(fd)
+    os.close(fd)
+    assert wal is not None and d.pos is not None and d.pos.salts == wal.salts  # reset, proven
+    assert res.catch_up is None
+    if not pending:
+        assert not d.handles.mark0
+    else:
+        shm = d.handles.read_shm()
+        assert shm is not None and shm[1] == 0  # the transaction is not in the wal-index yet
+        other.execute("COMMIT")
+    commit(app, 3, payload=500)
+    d.checkpoint_pages = 10_000  # no second rotation
+    d.handles.handover = counted  # type: ignore[method-assign]
+    res = d.step()
+    assert res.catch_up is None
+    assert len(handovers) == (1 if pending else 0)
+    assert not d.handles.mark0
+    other.close()
+    d.close()
+    assert len(generations(tmp_path)) == 1
+    assert restored_dump(tmp_path) == dump(app)
+
+
 def _idle_after_rotation(tmp_path: Path, app, wait: bool = True) -> Database:
     """A database that rotated with the application idle (its pin on read mark 0), then (with
     ``wait``) idle for over a second: its pin is releasable."""
