@@ -1099,3 +1099,22 @@ def test_spool_header_cache_is_bounded_by_transactions(
     assert [spool.read_header(o) for o in segs] == [fresh.read_header(o) for o in segs]
     d.close()
     assert restored_dump(tmp_path) == dump(app)
+
+
+@pytest.mark.parametrize(("before", "after", "proven"), [
+    ((b"S1", 10, 4), (b"S1", 12, 9), True),  # backfill stayed below the first mxFrame
+    ((b"S1", 10, 4), (b"S1", 12, 10), False),  # may have reached it: wholly backfilled then
+    ((b"S1", 0, 0), (b"S1", 0, 0), False),  # an empty epoch is wholly backfilled
+    ((b"S1", 10, 4), (b"S2", 3, 0), False),  # reset in between
+    (None, (b"S1", 12, 9), False),
+    ((b"S1", 10, 4), None, False),
+])
+def test_a_pin_is_proven_off_read_mark_0_only_when_backfill_stayed_short(
+    before: tuple[bytes, int, int] | None, after: tuple[bytes, int, int] | None, proven: bool
+) -> None:
+    """A read transaction takes read mark 0 only if it begins while the WAL is wholly
+    backfilled: the wal-index read just before and just after it proves it did not only when
+    both show the same epoch and nBackfill after stayed below mxFrame before."""
+    from replicator.handles import _short_of_backfill
+
+    assert _short_of_backfill(before, after) is proven
