@@ -41,7 +41,7 @@ ROTATE_POLL = 0.0002
 ROTATE_GRACE = 0.001
 """Seconds a rotation that finds the WAL wholly backfilled, or reset with no commit of the new
 epoch in the wal-index yet, still waits for that commit before it pins again (see
-Capture.rotate)."""
+Capture.rotate): at most a microsecond per frame captured in the epoch."""
 ROTATE_TAIL = 1 << 20
 """Bytes of frames the application may append past the captured end while a rotation has the
 pin released, without a reset, when that is more than half the frames captured in the epoch:
@@ -406,9 +406,10 @@ class Capture(Part):
            that moment for a busy writer's commit lands the pin off read mark 0; a pin that
            may hold read mark 0 needs a handover of its own at the next step, see
            ``Handles.leave_mark0``, and each read transaction begun beside a busy writer is a
-           small risk to a writer without a busy timeout: see the README. The moment is far
-           too short for a new epoch to reach the captured end of the old one, at least
-           ``checkpoint_pages`` frames in.)
+           small risk to a writer without a busy timeout: see the README. The moment is at
+           most a microsecond per frame captured in the epoch: to reach the old epoch's
+           captured end meanwhile, a new epoch would have to be written at a frame a
+           microsecond, 4 GiB/s with 4 KiB pages.)
            It also pins again as soon as the application has appended more
            than half the frames captured in the epoch (at least ``ROTATE_TAIL`` bytes) past the
            captured end without a reset (its checkpoints did not complete: another reader
@@ -439,6 +440,7 @@ class Capture(Part):
         tail_max = p.pos.frame + max(p.pos.frame // 2, ROTATE_TAIL // frame_size(p.page_size))
         h.unpin()
         deadline = time.monotonic() + ROTATE_WAIT
+        grace = min(ROTATE_GRACE, p.pos.frame * 1e-6)
         reset: WalHeader | None = None
         settling: float | None = None  # when the WAL was first seen reset or wholly backfilled
         while (now := time.monotonic()) < deadline:
@@ -457,7 +459,7 @@ class Capture(Part):
                 continue
             if settling is None:
                 settling = now
-            elif now - settling >= ROTATE_GRACE:
+            if now + ROTATE_POLL > settling + grace:  # another poll would outlast the grace
                 break
             time.sleep(ROTATE_POLL)
         h.pin(other)

@@ -914,20 +914,26 @@ def test_a_pin_on_read_mark_0_moves_off_once_the_new_epoch_has_frames(
     assert restored_dump(tmp_path) == dump(app)
 
 
+@pytest.mark.parametrize("pages", [16, 1000])
 @pytest.mark.parametrize("pending", [False, True])
 def test_a_rotation_beside_a_busy_writer_pins_the_new_epoch_off_read_mark_0(
-    tmp_path: Path, app, pending: bool
+    tmp_path: Path, app, monkeypatch: pytest.MonkeyPatch, pending: bool, pages: int
 ) -> None:
     """A busy writer resets the WAL the moment a rotation releases the pin. The rotation waits
     for the new epoch's first commit to reach the wal-index and pins then: the pin is proven
     off read mark 0, so no handover has to move it at the next step (each read transaction
     begun beside a busy writer is a risk to a writer without a busy timeout). With that commit
     still pending (a transaction spilling frames into the new epoch), the rotation pins after
-    ``ROTATE_GRACE`` as before, maybe on read mark 0, and the next step moves it. Either way
-    every commit is captured, without a catch-up."""
-    d = open_db(tmp_path, checkpoint_pages=16)
+    ``ROTATE_GRACE`` (at once in an epoch of a few frames), maybe on read mark 0, and the next
+    step moves it. Either way every commit is captured, without a catch-up."""
+    import types
+
+    from replicator import capture
+
+    d = open_db(tmp_path, checkpoint_pages=pages)
     d.step()
-    commit(app, 20, payload=500)  # past checkpoint_pages: the next step rotates
+    # past checkpoint_pages: the next step rotates
+    commit(app, 20 if pages < 100 else 150, payload=500 if pages < 100 else 30000)
     other = sqlite3.connect(tmp_path / "app.db", isolation_level=None)
     other.execute("PRAGMA cache_size=4")  # spills its frames long before it commits
     unpins: list[int] = []
@@ -950,9 +956,20 @@ def test_a_rotation_beside_a_busy_writer_pins_the_new_epoch_off_read_mark_0(
         handovers.append(1)
         handover()
 
+    polls: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        polls.append(seconds)
+        time.sleep(seconds)
+
     d.handles.unpin = unpinned  # type: ignore[method-assign]
+    monkeypatch.setattr(capture, "time", types.SimpleNamespace(
+        monotonic=time.monotonic, sleep=sleep))
     res = d.step()
+    monkeypatch.undo()
     assert unpins, "no rotation released the pin"
+    # waited for the pending commit only where the epoch is long enough for it to be safe
+    assert (len(polls) >= 2) == (pending and pages >= 1000)
     fd = os.open(tmp_path / "app.db-wal", os.O_RDONLY)
     wal = read_wal_header(fd)
     os.close(fd)
