@@ -969,7 +969,7 @@ def test_a_rotation_beside_a_busy_writer_pins_the_new_epoch_off_read_mark_0(
     monkeypatch.undo()
     assert unpins, "no rotation released the pin"
     # waited for the pending commit only where the epoch is long enough for it to be safe
-    assert (len(polls) >= 2) == (pending and pages >= 1000)
+    assert bool(polls) == (pending and pages >= 1000)
     fd = os.open(tmp_path / "app.db-wal", os.O_RDONLY)
     wal = read_wal_header(fd)
     os.close(fd)
