@@ -452,15 +452,15 @@ class Capture(Part):
                 reset = hdr
                 if shm is not None and shm[0] == salt_bytes(hdr.salts) and shm[1] > shm[2]:
                     break  # the new epoch's first commit is in: a pin now is off read mark 0
+                settles = True
             elif shm is not None and shm[0] == salt_bytes(old_salts) and shm[1] > tail_max:
                 break
-            elif shm is None or shm[1] != shm[2]:
-                time.sleep(ROTATE_POLL)
-                continue
-            if settling is None:
-                settling = now
-            if now + ROTATE_POLL > settling + grace:  # another poll would outlast the grace
-                break
+            else:
+                settles = shm is not None and shm[1] == shm[2]
+            if settles:
+                settling = now if settling is None else settling
+                if now + ROTATE_POLL > settling + grace:  # another poll would outlast the grace
+                    break
             time.sleep(ROTATE_POLL)
         h.pin(other)
         if reset is not None and fd is not None:
