@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -34,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _repl_common as rc  # noqa: E402
+from replication import machine_facts  # noqa: E402
 
 START = "<!-- busy:start -->"
 END = "<!-- busy:end -->"
@@ -58,13 +56,6 @@ while True:
         if c.in_transaction:
             c.execute("COMMIT")
 """
-
-
-def machine() -> str:
-    """The machine and versions, one sentence."""
-    return (f"Machine: {os.cpu_count()} CPUs, Linux {platform.release()}, Python "
-            f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}, Litestream "
-            f"{rc.litestream_version()}.")
 
 
 def one_run(arm: str, work: Path, seconds: float, gap: float) -> dict[str, Any]:
@@ -96,12 +87,16 @@ def one_run(arm: str, work: Path, seconds: float, gap: float) -> dict[str, Any]:
 
 
 def report(raw: dict[str, Any]) -> str:
+    m = raw["machine"]
     lines = [
         "## A writer without a busy timeout (`bench/busy.py`)", "",
-        f"Run {raw['when']}: {raw['runs']} runs per arm, each a writer committing one-row "
+        f"Run {m['date_utc']}: {raw['runs']} runs per arm, each a writer committing one-row "
         f"transactions flat out for {raw['seconds']:g} s (no busy timeout) on a fresh database "
         "beside the arm; arms interleaved. The plain reader begins a read transaction every "
-        f"{raw['reader_gap'] * 1000:g} ms. {raw['machine']}", "",
+        f"{raw['reader_gap'] * 1000:g} ms. Machine: {m['nproc']} CPUs ({m['cpu']}), Linux "
+        f"{m['kernel']}, Python {m['python']}, SQLite {m['sqlite']}, Litestream "
+        f"{m['litestream']}, replicator at {m['replicator_commit']}"
+        f"{' + uncommitted changes' if m['replicator_dirty'] else ''}; {m['work_fs']}.", "",
         "| writer beside | runs with SQLITE_BUSY | SQLITE_BUSY in all | commits a run (median) |",
         "|---|---|---|---|"]
     for arm in ARMS:
@@ -135,6 +130,8 @@ def main() -> int:
         rc.interrupt_on_sigterm()
         rc.compile_tree()
         base = Path(args.workdir or tempfile.gettempdir()) / "bench-busy"
+        base.mkdir(parents=True, exist_ok=True)
+        machine = machine_facts(base)
         results: list[dict[str, Any]] = []
         try:
             for i in range(runs):
@@ -146,10 +143,8 @@ def main() -> int:
         finally:
             if not args.keep:
                 shutil.rmtree(base, ignore_errors=True)
-        raw = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": runs,
-               "seconds": args.seconds, "reader_gap": args.reader_gap,
-               "machine": machine(),
-               "results": results}
+        raw = {"machine": machine, "runs": runs, "seconds": args.seconds,
+               "reader_gap": args.reader_gap, "results": results}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(raw, indent=1))
     rc.write_section(Path(args.out), START, END, report(raw))
