@@ -27,7 +27,7 @@ from .contenthash import CATCHUP_PGNO_SIZE, page_hash
 from .dbstate import DbState
 from .headers import DiffHeader
 from .pageindex import Hashes, PageIndex
-from .pos import ObjectInfo, diff_info
+from .pos import ObjectInfo, WalPos, diff_info
 from .spool import Spool
 
 log = logging.getLogger("replicator.diffsnap")
@@ -87,11 +87,12 @@ def _body(state: DbState, index: PageIndex, pgnos: list[int]) -> Iterator[bytes]
 
 def write_diff(
     spool: Spool, state: DbState, index: PageIndex, base: DiffBase, txid: int,
-    max_fraction: float = DEFAULT_DIFF_MAX,
+    position: WalPos | None, max_fraction: float = DEFAULT_DIFF_MAX,
 ) -> ObjectInfo | None:
     """Write the differential snapshot of ``state`` (the captured state after ``txid``, which
-    ``index`` describes) over ``base``. None if it would hold more than ``max_fraction`` of the
-    pages (take a full snapshot instead), or if the state moved under the read (try later)."""
+    ``index`` describes, recorded at ``position``) over ``base``. None if it would hold more
+    than ``max_fraction`` of the pages (take a full snapshot instead), or if the state moved
+    under the read (try later)."""
     if state.pages != index.pages or state.page_size != index.page_size:
         return None
     pgnos = changed_pages(base, index)
@@ -102,7 +103,7 @@ def write_diff(
         generation=base.generation, txid=txid, base_txid=base.txid,
         base_content_hash=base.content, ts_ns=observed, page_size=state.page_size,
         pages=state.pages, big_endian=state.hdr.big_endian if state.hdr else False,
-        position=state.pos, changed=len(pgnos), content_hash=index.content,
+        position=position, changed=len(pgnos), content_hash=index.content,
     )
     info = diff_info(base.generation, txid, base.txid, observed // 1_000_000)
     try:

@@ -103,6 +103,16 @@ class Progress:
     # what differential snapshots compare against: the last full snapshot taken here
     diff_base: DiffBase | None = None
 
+    def position_of(self, pos: WalPos | None) -> WalPos | None:
+        """The position to record for a state read at ``pos`` inside this generation (an
+        interval or differential snapshot): the next object's ``prev`` must equal it. At the
+        header of an epoch none of whose frames was captured yet (a reset just proven), that is
+        still the end of the last object, which stands for the same state."""
+        if (pos is not None and pos == self.pos and pos.frame == 0
+                and self.last_end is not None):
+            return self.last_end
+        return pos
+
 
 @dataclass(frozen=True)
 class Shared:

@@ -732,9 +732,13 @@ def _check_key(seg: ObjectInfo, header: SegmentHeader, ap: _Applier) -> None:
 
 def _check_link(seg: ObjectInfo, part: SegmentPart, ap: _Applier) -> WalPos:
     """The start of a part (a whole segment, or one WAL epoch of a compacted one), which must
-    continue from where the previous one ended."""
+    continue from where the previous one ended. A snapshot may stand at the header of an epoch
+    none of whose frames it holds (earlier writers recorded that position rather than the end
+    of the previous epoch): the segment opening that epoch continues it, its start proving the
+    same salts and header checksum."""
     prev, start = part.prev, part.start
-    if prev != ap.end:
+    opens = ap.end is not None and ap.end.frame == 0 and start == ap.end
+    if prev != ap.end and not opens:
         raise CorruptObjectError(
             f"{seg.key}: does not continue from the previous object (broken chain)"
         )

@@ -103,7 +103,9 @@ class Snapshots(Part):
             header = SnapshotHeader(
                 generation=gen, txid=txid, ts_ns=observed, page_size=state.page_size,
                 pages=state.pages, big_endian=state.hdr.big_endian if state.hdr else False,
-                position=state.pos, reason=lineage.reason, db=self.name,
+                position=(p.position_of(state.pos) if lineage.reason == Reason.INTERVAL
+                          else state.pos),
+                reason=lineage.reason, db=self.name,
                 previous_generation=lineage.generation, previous_txid=lineage.txid,
                 previous_confirmed_ns=lineage.confirmed_ns, content_hash=expect,
             )
@@ -147,7 +149,8 @@ class Snapshots(Part):
         state = self.read_state(p.pos)
         if state.pos != p.pos:
             return None
-        info = write_diff(self.spool, state, ix, base, p.txid, max_fraction)
+        info = write_diff(self.spool, state, ix, base, p.txid, p.position_of(state.pos),
+                          max_fraction)
         if info is not None:
             p.last_snapshot_txid = p.txid
         return info

@@ -18,7 +18,8 @@ from writer import init_db
 
 from replicator.db import Database, Tuning
 from replicator.errors import DatabaseError
-from replicator.headers import SegmentHeader
+from replicator.format import read_header
+from replicator.headers import SegmentHeader, header_from_json
 from replicator.rescue import rescue
 from replicator.restore import apply_plan, plan_restore
 from replicator.spool import Spool
@@ -990,6 +991,68 @@ def test_a_rotation_beside_a_busy_writer_pins_the_new_epoch_off_read_mark_0(
     assert not d.handles.mark0
     other.close()
     d.close()
+    assert len(generations(tmp_path)) == 1
+    assert restored_dump(tmp_path) == dump(app)
+
+
+@pytest.mark.parametrize("restart", [False, True])
+@pytest.mark.parametrize("older_writer", [False, True])
+@pytest.mark.parametrize("kind", ["snapshot", "diff"])
+def test_a_snapshot_at_the_header_of_a_new_epoch_restores(
+    tmp_path: Path, app, kind: str, older_writer: bool, restart: bool,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rotation proves a reset while the application's next transaction is still spilling
+    frames into the new epoch: the capture stands at that epoch's header, none of its frames
+    captured. A snapshot (full or differential) taken then records the end of the previous
+    epoch, which the next segment continues; a replica whose snapshot recorded the header's
+    position instead (earlier writers) restores all the same."""
+    from replicator import progress
+
+    if older_writer:
+        monkeypatch.setattr(progress.Progress, "position_of", lambda self, pos: pos)
+    d = open_db(tmp_path, checkpoint_pages=16)
+    d.step()
+    commit(app, 20, payload=500)  # past checkpoint_pages: the next step rotates
+    other = sqlite3.connect(tmp_path / "app.db", isolation_level=None)
+    other.execute("PRAGMA cache_size=4")  # spills its frames long before it commits
+    unpin = d.handles.unpin
+
+    def unpinned() -> None:
+        unpin()
+        if not other.in_transaction:
+            other.execute("BEGIN")  # the first write resets the wholly backfilled WAL
+            for i in range(10):
+                other.execute("INSERT INTO data(k, payload) VALUES (?, ?)", (i, b"P" * 3000))
+
+    d.handles.unpin = unpinned  # type: ignore[method-assign]
+    d.step()
+    d.handles.unpin = unpin  # type: ignore[method-assign]
+    assert other.in_transaction, "no rotation released the pin"
+    assert d.pos is not None and d.pos.frame == 0  # at the new epoch's header
+    at, ended = d.pos, d.progress.last_end
+    assert ended is not None and ended.salts != at.salts
+    taken = d.snapshot() if kind == "snapshot" else d.diff_snapshot(max_fraction=1.0)
+    assert taken is not None
+    other.execute("COMMIT")
+    commit(app, 3, payload=500)
+    if restart:  # from the snapshot, the newest object: the epoch it stands at moved on
+        d.close()
+        d = open_db(tmp_path, checkpoint_pages=16)
+    res = d.step()
+    assert (res.catch_up is not None) == (restart and not older_writer)
+    other.close()
+    d.close()
+
+    async def plan_and_header() -> tuple[Any, Any]:
+        client = Spool(str(tmp_path / "spool")).storage
+        plan = await plan_restore(client)
+        return plan, header_from_json(await read_header(client.read_object(taken), taken.key),
+                                      taken.key)
+
+    plan, header = asyncio.run(plan_and_header())
+    assert taken in (plan.snapshot, plan.diff)  # the restore starts from it
+    assert header.position == (at if older_writer else ended)  # type: ignore[union-attr]
     assert len(generations(tmp_path)) == 1
     assert restored_dump(tmp_path) == dump(app)
 

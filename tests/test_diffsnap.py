@@ -235,7 +235,8 @@ def test_a_diff_of_a_moved_state_is_not_written(tmp_path: Path) -> None:
         lying.set_page(2, bytes(4096))  # the index says page 2 is zeros
         state = db.snapshots.read_state(db.pos)
         before = spool.objects(db.generation or "")
-        assert write_diff(spool, state, lying, db.progress.diff_base, db.txid, 1.0) is None
+        assert write_diff(spool, state, lying, db.progress.diff_base, db.txid, state.pos,
+                      1.0) is None
         assert spool.objects(db.generation or "") == before
         assert db.diff_snapshot(max_fraction=0.0) is None  # too many pages: take a full one
         assert db.diff_snapshot(max_fraction=1.0) is not None
