@@ -915,6 +915,21 @@ def test_a_pin_on_read_mark_0_moves_off_once_the_new_epoch_has_frames(
     assert restored_dump(tmp_path) == dump(app)
 
 
+def _spiller(tmp_path: Path) -> sqlite3.Connection:
+    """A connection whose transactions spill their frames into the WAL long before they
+    commit."""
+    conn = sqlite3.connect(tmp_path / "app.db", isolation_level=None)
+    conn.execute("PRAGMA cache_size=4")
+    return conn
+
+
+def _spill(conn: sqlite3.Connection) -> None:
+    """Begin a transaction on ``conn`` (a ``_spiller``) that writes frames, and leave it open."""
+    conn.execute("BEGIN")
+    for i in range(10):
+        conn.execute("INSERT INTO data(k, payload) VALUES (?, ?)", (i, b"P" * 3000))
+
+
 @pytest.mark.parametrize("pages", [16, 1000])
 @pytest.mark.parametrize("pending", [False, True])
 def test_a_rotation_beside_a_busy_writer_pins_the_new_epoch_off_read_mark_0(
@@ -935,8 +950,7 @@ def test_a_rotation_beside_a_busy_writer_pins_the_new_epoch_off_read_mark_0(
     d.step()
     # past checkpoint_pages: the next step rotates
     commit(app, 20 if pages < 100 else 150, payload=500 if pages < 100 else 30000)
-    other = sqlite3.connect(tmp_path / "app.db", isolation_level=None)
-    other.execute("PRAGMA cache_size=4")  # spills its frames long before it commits
+    other = _spiller(tmp_path)
     unpins: list[int] = []
     unpin, handover = d.handles.unpin, d.handles.handover
     handovers: list[int] = []
@@ -947,9 +961,7 @@ def test_a_rotation_beside_a_busy_writer_pins_the_new_epoch_off_read_mark_0(
         unpins.append(1)
         if len(unpins) == 1:
             if pending:
-                other.execute("BEGIN")
-                for i in range(10):
-                    other.execute("INSERT INTO data(k, payload) VALUES (?, ?)", (i, b"P" * 3000))
+                _spill(other)
             else:
                 commit(app, 1, payload=500)
 
@@ -1014,16 +1026,13 @@ def test_a_snapshot_at_the_header_of_a_new_epoch_restores(
     d = open_db(tmp_path, checkpoint_pages=16)
     d.step()
     commit(app, 20, payload=500)  # past checkpoint_pages: the next step rotates
-    other = sqlite3.connect(tmp_path / "app.db", isolation_level=None)
-    other.execute("PRAGMA cache_size=4")  # spills its frames long before it commits
+    other = _spiller(tmp_path)
     unpin = d.handles.unpin
 
     def unpinned() -> None:
         unpin()
         if not other.in_transaction:
-            other.execute("BEGIN")  # the first write resets the wholly backfilled WAL
-            for i in range(10):
-                other.execute("INSERT INTO data(k, payload) VALUES (?, ?)", (i, b"P" * 3000))
+            _spill(other)  # its first write resets the wholly backfilled WAL
 
     d.handles.unpin = unpinned  # type: ignore[method-assign]
     d.step()
